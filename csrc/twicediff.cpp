@@ -1,0 +1,28 @@
+// twicediff._C: every native op's schema, in one TORCH_LIBRARY block, and the Python module.
+//
+// The kernels live in cpu/<op>.cpp (TORCH_LIBRARY_IMPL(twicediff, CPU, m)) and cuda/<op>.cu
+// (TORCH_LIBRARY_IMPL(twicediff, CUDA, m)); a CPU-only build leaves the .cu files out and the
+// dispatcher routes. Python wrappers, fake (meta) kernels and autograd formulas are in
+// python/twicediff/_ops.py; a pure-torch reference of every op is in python/twicediff/_reference.py.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+TORCH_LIBRARY(twicediff, m) {
+  // ---- parameter-space ops (csrc/{cpu,cuda}/pack.*, blockwise.*) ----------------------------
+  // out[row_offset : row_offset + B, col_k : col_k + n_k] = blocks[k].reshape(B, n_k), where
+  // blocks[k] is [B, *shape_k], n_k = numel(shape_k), col_k = sum_{j<k} n_j and out is [N, P].
+  m.def("pack_into(Tensor[] blocks, Tensor(a!) out, int row_offset) -> ()");
+  // The inverse: outs[k].reshape(B, n_k) = rows[:, col_k : col_k + n_k], rows [B, P].
+  m.def("unpack_into(Tensor rows, Tensor(a!)[] outs) -> ()");
+}
+
+// The module only carries the registrations above (loaded for its side effects) and a few
+// facts about how it was compiled.
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "twicediff native ops; use them through torch.ops.twicediff or twicediff._ops";
+#ifdef TWICEDIFF_WITH_CUDA
+  mod.attr("cuda_kernels") = true;
+#else
+  mod.attr("cuda_kernels") = false;
+#endif
+}

@@ -1,0 +1,16 @@
+"""twicediff: second-order information of a model's loss for PyTorch.
+
+Gradients, Hessians, batched Hessian-vector products, inverse-HVP solvers and influence functions,
+with the API of pyDVL 0.7's ``pydvl.influence`` on native CPU/CUDA kernels.
+"""
+from ._build import build_info  # noqa: F401  (loads the native ops first, with a clear error)
+from .twice_differentiable import (  # noqa: F401
+    DataLoaderType,
+    InverseHvpResult,
+    ModelType,
+    TensorType,
+    TensorUtilities,
+    TwiceDifferentiable,
+)
+
+__version__ = "0.1.0"
