@@ -14,6 +14,10 @@ TORCH_LIBRARY(twicediff, m) {
   m.def("pack_into(Tensor[] blocks, Tensor(a!) out, int row_offset) -> ()");
   // The inverse: outs[k].reshape(B, n_k) = rows[:, col_k : col_k + n_k], rows [B, P].
   m.def("unpack_into(Tensor rows, Tensor(a!)[] outs) -> ()");
+
+  // ---- HVP engine ops (csrc/{cpu,cuda}/mlp_hvp.*) --------------------------------------------
+
+  // ---- solver ops (csrc/{cpu,cuda}/solver_step.*) --------------------------------------------
 }
 
 // The module only carries the registrations above (loaded for its side effects) and a few
