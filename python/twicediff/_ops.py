@@ -21,13 +21,15 @@ _ops = torch.ops.twicediff
 
 
 def _tensor_list(op: str, name: str, value) -> List[torch.Tensor]:
-    """``value`` as a list of tensors, or a TypeError naming ``name`` (a lone tensor is refused: it
-    would silently be iterated over its first dimension)."""
+    """``value`` as a non-empty list of tensors, or a TypeError / ValueError naming ``name`` (a lone
+    tensor is refused: it would silently be iterated over its first dimension)."""
     if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
         raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(value).__name__}")
     for k, t in enumerate(value):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name}[{k}] must be a tensor, got {type(t).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"{op}: {name} must hold at least one tensor, got an empty list")
     return list(value)
 
 
