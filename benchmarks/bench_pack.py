@@ -160,6 +160,7 @@ def main() -> None:
         "",
         f"- machine: {machine(device)}",
         f"- torch {torch.__version__}, threads {torch.get_num_threads()}, twicediff commit {commit()}",
+        f"- load average at start (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
         f"- K = {args.blocks} blocks (MLP-like weights and biases), float32, N x P = {numel:.0e}, "
         f"median of {args.rounds} interleaved rounds",
         f"- command: `PYTHONPATH=python python benchmarks/bench_pack.py --device {args.device} "
