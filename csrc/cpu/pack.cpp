@@ -8,11 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <cstring>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include "pack_common.h"
 
@@ -21,33 +17,6 @@ namespace {
 
 // Below this many bytes per thread a copy is not worth waking threads for.
 constexpr int64_t kGrainBytes = 256 * 1024;
-// Copies larger than this (about a server's last-level cache) write with non-temporal stores.
-constexpr int64_t kStreamingBytes = 16 << 20;
-
-// memcpy with non-temporal stores: the destination lines bypass the caches and are not read for
-// ownership first, which saves a third of the memory traffic of a copy much larger than the cache.
-// The caller issues the store fence (_mm_sfence) once its copies are done.
-void copy_streaming(char* dst, const char* src, int64_t len) {
-#if defined(__SSE2__)
-  const int64_t head = std::min<int64_t>(len, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
-  std::memcpy(dst, src, head);
-  dst += head;
-  src += head;
-  len -= head;
-  for (; len >= 64; len -= 64, dst += 64, src += 64) {
-    const __m128i x0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-    const __m128i x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
-    const __m128i x2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
-    const __m128i x3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst), x0);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), x1);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), x2);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), x3);
-  }
-#endif
-  std::memcpy(dst, src, len);
-}
-
 void copy_rows(at::TensorList blocks, const at::Tensor& mat, const PackLayout& lay, int64_t row_offset,
                bool to_matrix) {
   const int64_t B = lay.rows;
@@ -59,7 +28,6 @@ void copy_rows(at::TensorList blocks, const at::Tensor& mat, const PackLayout& l
   std::vector<char*> data(K);
   for (int64_t k = 0; k < K; ++k) data[k] = static_cast<char*>(blocks[k].data_ptr());
 
-  const bool streaming = B * P * elem >= kStreamingBytes;
   at::parallel_for(0, B * P, std::max<int64_t>(1, kGrainBytes / elem), [&](int64_t begin, int64_t end) {
     int64_t b = begin / P, c = begin % P;
     // The block holding column c: the last k with col_k <= c (skips empty blocks at column c).
@@ -69,10 +37,8 @@ void copy_rows(at::TensorList blocks, const at::Tensor& mat, const PackLayout& l
       const int64_t len = std::min(lay.numel[k] - in_block, end - pos);
       char* row = base + b * ld + c * elem;
       char* blk = data[k] + (b * lay.numel[k] + in_block) * elem;
-      char* dst = to_matrix ? row : blk;
-      const char* src = to_matrix ? blk : row;
-      if (streaming) copy_streaming(dst, src, len * elem);
-      else std::memcpy(dst, src, len * elem);
+      if (to_matrix) std::memcpy(row, blk, len * elem);
+      else std::memcpy(blk, row, len * elem);
       pos += len;
       c += len;
       if (c == P) {
@@ -84,9 +50,6 @@ void copy_rows(at::TensorList blocks, const at::Tensor& mat, const PackLayout& l
       }
       while (k < K && lay.numel[k] == 0) ++k;  // empty blocks hold no column
     }
-#if defined(__SSE2__)
-    if (streaming) _mm_sfence();  // make the streamed stores visible before the task ends
-#endif
   });
 }
 
