@@ -40,19 +40,21 @@ def _tensor(op: str, name: str, value) -> torch.Tensor:
     return value
 
 
-def _no_grad_through(op: str, named: Sequence[tuple]) -> None:
-    """The in-place ops are not differentiable: refuse, rather than silently drop, a graph."""
+def _not_tracked(op: str, named: Sequence[tuple]) -> None:
+    """The in-place ops write values outside autograd: refuse a destination that is part of a graph
+    (its graph would silently go stale), as torch refuses in-place writes into such leaves."""
     if torch.is_grad_enabled():
         for name, t in named:
             if t.requires_grad:
-                raise ValueError(f"{op}: {name} requires grad, but {op} writes in place and is not "
-                                 f"differentiable; use twicediff._ops.pack / plain views, or pass detached tensors")
+                raise ValueError(f"{op}: {name} requires grad, but {op} writes into it outside autograd; "
+                                 f"pass a tensor that does not require grad")
 
 
 def pack_into(blocks: Sequence[torch.Tensor], out: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
     """Write ``blocks[k]`` ([B, *shape_k]) into ``out[row_offset:row_offset+B, col_k:col_k+n_k]``
     of the preallocated ``out`` ([N, P], P = sum_k n_k) in one launch; returns ``out``.
-    Not differentiable (it writes into ``out``); see :func:`pack` for the differentiable form."""
+    Copies values only: ``out`` gets no autograd graph (blocks that require grad are read as
+    detached); see :func:`pack` for the differentiable form."""
     blocks = _tensor_list("pack_into", "blocks", blocks)
     _tensor("pack_into", "out", out)
     if isinstance(row_offset, bool):
@@ -61,17 +63,17 @@ def pack_into(blocks: Sequence[torch.Tensor], out: torch.Tensor, row_offset: int
         row_offset = operator.index(row_offset)
     except TypeError:
         raise TypeError(f"pack_into: row_offset must be an int, got {type(row_offset).__name__}") from None
-    _no_grad_through("pack_into", [("out", out)] + _named("blocks", blocks))
+    _not_tracked("pack_into", [("out", out)])
     _ops.pack_into(blocks, out, row_offset)
     return out
 
 
 def unpack_into(rows: torch.Tensor, outs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """The inverse of :func:`pack_into`: ``outs[k]`` ([B, *shape_k]) = ``rows[:, col_k:col_k+n_k]``
-    for ``rows`` of shape [B, P]; returns ``outs``. Not differentiable (it writes into ``outs``)."""
+    for ``rows`` of shape [B, P]; returns ``outs``. Copies values only (no autograd graph)."""
     outs = _tensor_list("unpack_into", "outs", outs)
     _tensor("unpack_into", "rows", rows)
-    _no_grad_through("unpack_into", [("rows", rows)] + _named("outs", outs))
+    _not_tracked("unpack_into", _named("outs", outs))
     _ops.unpack_into(rows, outs)
     return outs
 
