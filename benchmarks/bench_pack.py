@@ -135,11 +135,14 @@ def machine(device: torch.device) -> str:
 
 
 def commit() -> str:
+    """The git commit of the twicediff under test (the imported package, not this script)."""
+    where = Path(_ops.__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=where).stdout.strip()
     except OSError:
-        return "unknown"
+        sha = ""
+    return sha or f"unknown (no git checkout at {where})"
 
 
 def main() -> None:
@@ -149,6 +152,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=20, help="K, parameter blocks")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--test-rows", type=int, default=100, help="V, rows of b in blockwise_contract")
+    ap.add_argument("--no-contract", action="store_true",
+                    help="pack / unpack only (also runs against builds that predate blockwise_contract)")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -164,7 +169,8 @@ def main() -> None:
         f"- K = {args.blocks} blocks (MLP-like weights and biases), float32, N x P = {numel:.0e}, "
         f"median of {args.rounds} interleaved rounds",
         f"- command: `PYTHONPATH=python python benchmarks/bench_pack.py --device {args.device} "
-        f"--numel {args.numel:g} --blocks {args.blocks} --rounds {args.rounds}`",
+        f"--numel {args.numel:g} --blocks {args.blocks} --rounds {args.rounds}"
+        f"{' --no-contract' if args.no_contract else ''}`",
         "",
         "## pack_into and unpack_into (ms; ratio = baseline / twicediff, > 1 means twicediff is faster)",
         "",
@@ -179,14 +185,14 @@ def main() -> None:
             f"{t['cat_out'] / t['pack_into']:.2f} | {t['copy_loop'] / t['pack_into']:.2f} | "
             f"{ms['unpack_into']:.1f} | {ms['copy_back_loop']:.1f} | {t['copy_back_loop'] / t['unpack_into']:.2f} |")
         print(lines[-1], flush=True)
-    lines += [
+    lines += [] if args.no_contract else [
         "",
         f"## blockwise_contract, C [N, V={args.test_rows}] (ms; ratio = baseline / blockwise_contract)",
         "",
         "| N | P | blockwise_contract | matmul on packed | packing A and B | matmul / blockwise | (pack + matmul) / blockwise |",
         "|---|---|---|---|---|---|---|",
     ]
-    for rows, width in cases[:2]:
+    for rows, width in [] if args.no_contract else cases[:2]:
         t = bench_contract(rows, width, args.blocks, args.test_rows, args.rounds, device)
         ms = {k: v * 1e3 for k, v in t.items()}
         lines.append(
