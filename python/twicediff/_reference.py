@@ -80,8 +80,9 @@ def mlp_hvp(x: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tenso
         return h
 
     def objective(z: torch.Tensor) -> torch.Tensor:
-        if loss == "mse":
-            return F.mse_loss(z, target, reduction=reduction)
+        if loss == "mse":  # written out: F.mse_loss's double backward trips torch.func on [N, 1] outputs
+            squares = (z - target) ** 2
+            return squares.mean() if reduction == "mean" else squares.sum()
         if loss == "cross_entropy":
             return F.cross_entropy(z, target, reduction=reduction)
         if loss == "bce_with_logits":
