@@ -271,10 +271,10 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 //   loss_forward(z [N,C], target, plan, p, g)          p: softmax / sigmoid of z (CE / BCE), g = dL/dz (may be undefined)
 //   loss_curvature(rz [N,D,C], z, p, plan, rg, D)       rg[n,d] = H_loss(n) rz[n,d]
 //   backward_activation(gh, s1, s2, ga, s2gh)          ga = s1 gh; s2gh = s2 gh (s2gh may be undefined)
-//   rforward_activation(ra [N,D,out], vb [D,out] or undefined, s1 or undefined, rh, D)
-//                                                       ra += vb (each row n); rh = s1 ra
-//   rbackward_activation(rg [N,D,out], s1, s2gh or undefined, ra, D)
-//                                                       rg = s1 rg + s2gh ra   (in place)
+//   rforward_activation(ra [N,D,out], s1, rh, D)       rh = s1 ra (rh may be ra itself)
+//   rbackward_activation(rg [N,D,out], s1, s2gh or undefined, ra, D, bias_out or undefined)
+//                                                       rg = s1 rg + s2gh ra (in place), then
+//                                                       bias_out[d, o] = sum_n rg[n, d, o]
 //   column_sums(m [N, D*out], out [D, out] (any strides), D)  out[d, o] = sum_n m[n, d*out + o]
 template <class Kernels>
 at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& target_in, at::TensorList weights_in,
@@ -346,16 +346,33 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     return v.narrow(1, lay.weight_col, lay.out * lay.in).view({D, lay.out, lay.in});
   };
 
-  // R-forward: R(a_l) = h_{l-1} V_l^T + R(h_{l-1}) W_l^T + Vb_l, R(h_l) = f_l'(a_l) R(a_l).
+  // R-forward: R(a_l) = h_{l-1} V_l^T + R(h_{l-1}) W_l^T + Vb_l, R(h_l) = f_l'(a_l) R(a_l). With a
+  // bias the first GEMM carries Vb_l too: [h_{l-1}, 1] [N, in+1] x [V_l, Vb_l]^T [in+1, D*out].
   for (int64_t l = 0; l < L; ++l) {
     const Layer& lay = plan.layers[l];
-    const at::Tensor vw = weight_dirs(lay).contiguous().view({D * lay.out, lay.in});
-    at::Tensor ra = at::mm(H[l], vw.t());  // [N, D*out]
-    if (l > 0) ra.view({N * D, lay.out}).addmm_(RH[l].view({N * D, lay.in}), W[l].t());
-    const at::Tensor vb = lay.bias_col >= 0 ? v.narrow(1, lay.bias_col, lay.out) : at::Tensor();
+    const int64_t in = lay.in, out = lay.out;
+    at::Tensor ra;
+    if (lay.bias_col >= 0) {
+      at::Tensor vaug = at::empty({D, out, in + 1}, opts);
+      vaug.narrow(2, 0, in).copy_(weight_dirs(lay));
+      vaug.select(2, in).copy_(v.narrow(1, lay.bias_col, out));
+      at::Tensor haug = at::empty({N, in + 1}, opts);
+      haug.narrow(1, 0, in).copy_(H[l]);
+      haug.select(1, in).fill_(1);
+      ra = at::mm(haug, vaug.view({D * out, in + 1}).t());  // [N, D*out]
+    } else {
+      ra = at::mm(H[l], weight_dirs(lay).contiguous().view({D * out, in}).t());
+    }
+    if (l > 0) ra.view({N * D, out}).addmm_(RH[l].view({N * D, in}), W[l].t());
+    if (!S1[l].defined()) {
+      RA[l] = RH[l + 1] = ra;
+      continue;
+    }
+    // Hessian mode keeps R(a_l) for the f'' term of the R-backward; Gauss-Newton scales in place.
+    const bool keep = hessian && S2GH[l].defined();
     RA[l] = ra;
-    RH[l + 1] = S1[l].defined() ? at::empty_like(ra) : ra;
-    Kernels::rforward_activation(ra, vb, S1[l], RH[l + 1], D);
+    RH[l + 1] = keep ? at::empty_like(ra) : ra;
+    Kernels::rforward_activation(ra, S1[l], RH[l + 1], D);
   }
 
   // Loss curvature: R(g_z) = H_loss R(z).
@@ -366,7 +383,10 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
   for (int64_t l = L - 1; l >= 0; --l) {
     const Layer& lay = plan.layers[l];
     const int64_t in = lay.in, out = lay.out;
-    if (S1[l].defined()) Kernels::rbackward_activation(rg, S1[l], S2GH[l], RA[l], D);  // rg = R(g_a_l) now
+    // rg becomes R(g_a_l); R(g_b_l)[d] = sum_n R(g_a_l)[n, d] is taken in the same pass.
+    const at::Tensor bias_dst = lay.bias_col >= 0 ? result.narrow(1, lay.bias_col, out) : at::Tensor();
+    if (S1[l].defined()) Kernels::rbackward_activation(rg, S1[l], S2GH[l], RA[l], D, bias_dst);
+    else if (bias_dst.defined()) Kernels::column_sums(rg, bias_dst, D);
     // R(g_W_l)[d] = R(g_a_l)[:, d]^T h_{l-1}  (+ g_a_l^T R(h_{l-1})[:, d] in Hessian mode)
     at::Tensor gw = at::mm(rg.view({N, D * out}).t(), H[l]).view({D, out, in});
     at::Tensor dst = result.narrow(1, lay.weight_col, out * in).view({D, out, in});
@@ -376,7 +396,6 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     } else {
       dst.copy_(gw);
     }
-    if (lay.bias_col >= 0) Kernels::column_sums(rg.view({N, D * out}), result.narrow(1, lay.bias_col, out), D);
     if (l == 0) break;
     // R(g_h_{l-1}) = R(g_a_l) W_l  (+ g_a_l V_l in Hessian mode)
     at::Tensor rgh = at::mm(rg.view({N * D, out}), W[l]);

@@ -20,6 +20,27 @@ constexpr int64_t kGrain = 16384;  // elements per task below which threads are 
 // Rows of `width` elements per task so that a task holds about kGrain elements.
 inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(width, 1)); }
 
+// Runs body(n_begin, n_end, acc) over slices of the N rows of an [N, cols] matrix, one slice per
+// thread, each with its own zeroed accumulator row acc [cols]; then, when `sums` is given,
+// sums[d, o] = sum over slices of acc[d*W + o] (sums [D, W] with any strides). Rows are walked in
+// memory order, so a pass over the matrix can also reduce it over N without a second pass.
+template <typename scalar_t, typename F>
+void for_row_slices(int64_t N, int64_t cols, int64_t W, scalar_t* sums, int64_t ss0, int64_t ss1, const F& body) {
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                 N * cols / std::max<int64_t>(kGrain, 1)));
+  std::vector<scalar_t> acc(sums ? slices * cols : 0, scalar_t(0));
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      body(t * N / slices, (t + 1) * N / slices, sums ? acc.data() + t * cols : nullptr);
+  });
+  if (!sums) return;
+  for (int64_t j = 0; j < cols; ++j) {
+    scalar_t total = 0;
+    for (int64_t t = 0; t < slices; ++t) total += acc[t * cols + j];
+    sums[(j / W) * ss0 + (j % W) * ss1] = total;
+  }
+}
+
 struct CpuKernels {
   static void forward_activation(const at::Tensor& a, const ActivationChain& chain, at::Tensor& h, at::Tensor& s1,
                                  at::Tensor& s2) {
@@ -122,53 +143,51 @@ struct CpuKernels {
     });
   }
 
-  static void rforward_activation(at::Tensor& ra, const at::Tensor& vb, const at::Tensor& s1, at::Tensor& rh,
-                                  int64_t D) {
-    const int64_t rows = ra.size(0) * D, W = ra.size(1) / std::max<int64_t>(D, 1);
-    if (!vb.defined() && !s1.defined()) return;
+  static void rforward_activation(const at::Tensor& ra, const at::Tensor& s1, at::Tensor& rh, int64_t D) {
+    const int64_t rows = ra.size(0) * D, W = ra.size(1) / D;
     AT_DISPATCH_FLOATING_TYPES(ra.scalar_type(), "mlp_hvp_rforward_activation", [&] {
-      scalar_t* __restrict__ pa = ra.mutable_data_ptr<scalar_t>();
-      scalar_t* __restrict__ ph = rh.mutable_data_ptr<scalar_t>();
-      const scalar_t* pb = vb.defined() ? vb.const_data_ptr<scalar_t>() : nullptr;
-      const int64_t ldb = vb.defined() ? vb.stride(0) : 0;
-      const scalar_t* p1 = s1.defined() ? s1.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* pa = ra.const_data_ptr<scalar_t>();  // may alias rh (in place)
+      scalar_t* ph = rh.mutable_data_ptr<scalar_t>();
+      const scalar_t* __restrict__ p1 = s1.const_data_ptr<scalar_t>();
       at::parallel_for(0, rows, row_grain(W), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
-          const int64_t n = row / D, d = row % D;
-          scalar_t* __restrict__ a = pa + row * W;
-          if (pb) {
-            const scalar_t* __restrict__ b = pb + d * ldb;
-            for (int64_t o = 0; o < W; ++o) a[o] += b[o];
-          }
-          if (p1) {
-            const scalar_t* __restrict__ s = p1 + n * W;
-            scalar_t* __restrict__ h = ph + row * W;
-            for (int64_t o = 0; o < W; ++o) h[o] = s[o] * a[o];
-          }
+          const scalar_t* __restrict__ s = p1 + (row / D) * W;
+          const scalar_t* a = pa + row * W;
+          scalar_t* h = ph + row * W;
+          for (int64_t o = 0; o < W; ++o) h[o] = s[o] * a[o];
         }
       });
     });
   }
 
+  // rg = s1 rg + s2gh ra over [N, D*W]; with bias_out, also bias_out[d, o] = sum_n rg[n, d*W + o]
+  // in the same pass.
   static void rbackward_activation(at::Tensor& rg, const at::Tensor& s1, const at::Tensor& s2gh, const at::Tensor& ra,
-                                   int64_t D) {
-    const int64_t rows = rg.size(0) * D, W = rg.numel() / std::max<int64_t>(rows, 1);
+                                   int64_t D, const at::Tensor& bias_out) {
+    const int64_t N = rg.size(0), cols = rg.size(1), W = cols / D;
     AT_DISPATCH_FLOATING_TYPES(rg.scalar_type(), "mlp_hvp_rbackward_activation", [&] {
-      scalar_t* __restrict__ pg = rg.mutable_data_ptr<scalar_t>();
-      const scalar_t* __restrict__ p1 = s1.const_data_ptr<scalar_t>();
-      const scalar_t* __restrict__ pq = s2gh.defined() ? s2gh.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* __restrict__ pa = ra.const_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, row_grain(W), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t n = row / D;
-          scalar_t* __restrict__ g = pg + row * W;
+      scalar_t* pg = rg.mutable_data_ptr<scalar_t>();
+      const scalar_t* p1 = s1.const_data_ptr<scalar_t>();
+      const scalar_t* pq = s2gh.defined() ? s2gh.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* pa = ra.const_data_ptr<scalar_t>();
+      scalar_t* pb = bias_out.defined() ? bias_out.mutable_data_ptr<scalar_t>() : nullptr;
+      for_row_slices<scalar_t>(N, cols, W, pb, pb ? bias_out.stride(0) : 0, pb ? bias_out.stride(1) : 0,
+                               [&](int64_t n0, int64_t n1, scalar_t* acc) {
+        for (int64_t n = n0; n < n1; ++n) {
           const scalar_t* __restrict__ s = p1 + n * W;
-          if (pq) {
-            const scalar_t* __restrict__ q = pq + n * W;
-            const scalar_t* __restrict__ a = pa + row * W;
-            for (int64_t o = 0; o < W; ++o) g[o] = s[o] * g[o] + q[o] * a[o];
-          } else {
-            for (int64_t o = 0; o < W; ++o) g[o] = s[o] * g[o];
+          const scalar_t* __restrict__ q = pq ? pq + n * W : nullptr;
+          for (int64_t d = 0; d < D; ++d) {
+            scalar_t* __restrict__ g = pg + n * cols + d * W;
+            const scalar_t* __restrict__ a = pa + n * cols + d * W;
+            if (q) {
+              for (int64_t o = 0; o < W; ++o) g[o] = s[o] * g[o] + q[o] * a[o];
+            } else {
+              for (int64_t o = 0; o < W; ++o) g[o] = s[o] * g[o];
+            }
+            if (acc) {
+              scalar_t* __restrict__ c = acc + d * W;
+              for (int64_t o = 0; o < W; ++o) c[o] += g[o];
+            }
           }
         }
       });
@@ -176,26 +195,14 @@ struct CpuKernels {
   }
 
   static void column_sums(const at::Tensor& m, const at::Tensor& out, int64_t D) {
-    const int64_t N = m.size(0), cols = m.size(1), W = cols / std::max<int64_t>(D, 1);
+    const int64_t N = m.size(0), cols = m.size(1), W = cols / D;
     AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "mlp_hvp_column_sums", [&] {
       const scalar_t* pm = m.const_data_ptr<scalar_t>();
-      scalar_t* po = out.mutable_data_ptr<scalar_t>();
-      const int64_t so0 = out.stride(0), so1 = out.stride(1);
-      constexpr int64_t kBlock = 256;  // columns summed together: an accumulator row that stays in L1
-      at::parallel_for(0, (cols + kBlock - 1) / kBlock, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * kBlock, 1)),
-                       [&](int64_t begin, int64_t end) {
-        scalar_t acc[kBlock];
-        for (int64_t blk = begin; blk < end; ++blk) {
-          const int64_t j0 = blk * kBlock, width = std::min(kBlock, cols - j0);
-          std::fill(acc, acc + width, scalar_t(0));
-          for (int64_t n = 0; n < N; ++n) {
-            const scalar_t* __restrict__ r = pm + n * cols + j0;
-            for (int64_t j = 0; j < width; ++j) acc[j] += r[j];
-          }
-          for (int64_t j = 0; j < width; ++j) {
-            const int64_t col = j0 + j;
-            po[(col / W) * so0 + (col % W) * so1] = acc[j];
-          }
+      for_row_slices<scalar_t>(N, cols, W, out.mutable_data_ptr<scalar_t>(), out.stride(0), out.stride(1),
+                               [&](int64_t n0, int64_t n1, scalar_t* acc) {
+        for (int64_t n = n0; n < n1; ++n) {
+          const scalar_t* __restrict__ r = pm + n * cols;
+          for (int64_t j = 0; j < cols; ++j) acc[j] += r[j];
         }
       });
     });

@@ -115,20 +115,14 @@ __global__ void backward_activation_kernel(const T* __restrict__ gh, const T* __
   }
 }
 
-// ra [N, D, W] += vb[d] (row stride ldb); rh = s1[n] * ra.
+// rh [N, D, W] = s1[n] * ra (rh may be ra).
 template <typename T>
-__global__ void rforward_activation_kernel(T* __restrict__ ra, const T* __restrict__ vb, int64_t ldb,
-                                           const T* __restrict__ s1, T* __restrict__ rh, int64_t total, int64_t D,
+__global__ void rforward_activation_kernel(const T* ra, const T* __restrict__ s1, T* rh, int64_t total, int64_t D,
                                            int64_t W) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t o = i % W, row = i / W, d = row % D, n = row / D;
-    T a = ra[i];
-    if (vb) {
-      a += vb[d * ldb + o];
-      ra[i] = a;
-    }
-    if (s1) rh[i] = s1[n * W + o] * a;
+    const int64_t o = i % W, n = i / (W * D);
+    rh[i] = s1[n * W + o] * ra[i];
   }
 }
 
@@ -147,13 +141,13 @@ __global__ void rbackward_activation_kernel(T* __restrict__ rg, const T* __restr
 }
 
 // out[d, o] = sum_n m[n, d*W + o]: one thread per column, coalesced over columns.
-template <typename T, typename Acc>
+template <typename T>
 __global__ void column_sums_kernel(const T* __restrict__ m, T* __restrict__ out, int64_t so0, int64_t so1, int64_t N,
                                    int64_t cols, int64_t W) {
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < cols; j += int64_t(gridDim.x) * blockDim.x) {
-    Acc acc = 0;
-    for (int64_t n = 0; n < N; ++n) acc += static_cast<Acc>(m[n * cols + j]);
-    out[(j / W) * so0 + (j % W) * so1] = static_cast<T>(acc);
+    T acc = 0;
+    for (int64_t n = 0; n < N; ++n) acc += m[n * cols + j];
+    out[(j / W) * so0 + (j % W) * so1] = acc;
   }
 }
 
@@ -212,22 +206,19 @@ struct CudaKernels {
     });
   }
 
-  static void rforward_activation(at::Tensor& ra, const at::Tensor& vb, const at::Tensor& s1, at::Tensor& rh,
-                                  int64_t D) {
+  static void rforward_activation(const at::Tensor& ra, const at::Tensor& s1, at::Tensor& rh, int64_t D) {
     const int64_t total = ra.numel();
-    if (total == 0 || (!vb.defined() && !s1.defined())) return;
+    if (total == 0) return;
     const int64_t W = ra.size(1) / D;
     AT_DISPATCH_FLOATING_TYPES(ra.scalar_type(), "mlp_hvp_rforward_activation", [&] {
       rforward_activation_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream()>>>(
-          ra.mutable_data_ptr<scalar_t>(), vb.defined() ? vb.const_data_ptr<scalar_t>() : nullptr,
-          vb.defined() ? vb.stride(0) : 0, s1.defined() ? s1.const_data_ptr<scalar_t>() : nullptr,
-          rh.mutable_data_ptr<scalar_t>(), total, D, W);
+          ra.const_data_ptr<scalar_t>(), s1.const_data_ptr<scalar_t>(), rh.mutable_data_ptr<scalar_t>(), total, D, W);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
   static void rbackward_activation(at::Tensor& rg, const at::Tensor& s1, const at::Tensor& s2gh, const at::Tensor& ra,
-                                   int64_t D) {
+                                   int64_t D, const at::Tensor& bias_out) {
     const int64_t total = rg.numel();
     if (total == 0) return;
     const int64_t W = rg.size(1) / D;
@@ -237,14 +228,14 @@ struct CudaKernels {
           s2gh.defined() ? s2gh.const_data_ptr<scalar_t>() : nullptr, ra.const_data_ptr<scalar_t>(), total, D, W);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    if (bias_out.defined()) column_sums(rg, bias_out, D);
   }
 
   static void column_sums(const at::Tensor& m, const at::Tensor& out, int64_t D) {
     const int64_t N = m.size(0), cols = m.size(1);
     if (cols == 0) return;
     AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "mlp_hvp_column_sums", [&] {
-      using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-      column_sums_kernel<scalar_t, acc_t><<<blocks_for(cols), kThreads, 0, stream()>>>(
+      column_sums_kernel<scalar_t><<<blocks_for(cols), kThreads, 0, stream()>>>(
           m.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), out.stride(0), out.stride(1), N, cols,
           cols / D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
