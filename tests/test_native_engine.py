@@ -367,3 +367,22 @@ def test_op_bad_arguments_name_them():
         op(activations=[[("softplus", 0.0, 20.0)]])
     with pytest.raises(ValueError, match="zero rows"):
         op(x=torch.randn(0, 3), target=torch.randn(0, 2))
+
+
+# ---- through TorchTwiceDifferentiable: the engines against each other ------------------------------
+
+@pytest.mark.parametrize("mode", ["hessian", "gauss_newton"])
+def test_native_engine_agrees_with_func_and_autograd_engines(mode):
+    from twicediff.torch import TorchTwiceDifferentiable
+
+    torch.manual_seed(0)
+    frozen = nn.Conv1d(1, 2, 3).requires_grad_(False)
+    model = nn.Sequential(frozen, nn.Flatten(), nn.Linear(8, 6), nn.SiLU(), nn.Linear(6, 3)).double().eval()
+    td = TorchTwiceDifferentiable(model, nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(4)
+    x, y = make_batch("cross_entropy", 7, True, 3, gen)
+    v = torch.randn(9, td.num_params, generator=gen, dtype=torch.float64)
+    native = td.hvp(x, y, v, mode=mode, engine="native")
+    for engine in ("func", "autograd"):
+        torch.testing.assert_close(native, td.hvp(x, y, v, mode=mode, engine=engine), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(td.hvp(x, y, v[2], mode=mode, engine="native"), native[2], rtol=1e-12, atol=1e-13)
