@@ -14,6 +14,7 @@ Usage: python benchmarks/bench_native_hvp.py [--d 64] [--rounds 15] [--threads 2
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -138,7 +139,8 @@ def main():
         f"# Native HVP engine, model (a): MLP 64-128-128-10 Tanh, cross-entropy, N={args.n}, D={D}, float32",
         "",
         f"machine: {platform.processor() or platform.machine()}, {args.threads} threads; torch {torch.__version__}; "
-        f"commit {commit}; medians of {args.rounds} interleaved rounds; {args.clock} clock",
+        f"commit {commit}; medians of {args.rounds} interleaved rounds; {args.clock} clock; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         "",
         "| method | ms per call (D dirs) | ms per HVP | HVP cost in plain gradients | native speed-up |",
         "|---|---|---|---|---|",
