@@ -118,6 +118,9 @@ def test_deep_chains_nested_passthrough_and_module_losses():
                                    rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(engine.hvp(x, y, v, "gauss_newton"),
                                    v @ explicit_gauss_newton(model, loss_fn, x, y), rtol=1e-9, atol=1e-11)
+        # N = 1 and C = 1: squeeze makes both the output and the target 0-d
+        torch.testing.assert_close(engine.hvp(x[:1], y[:1], v), v @ explicit_hessian(model, loss_fn, x[:1], y[:1]),
+                                   rtol=1e-9, atol=1e-11)
 
 
 def test_cross_entropy_module_and_ignored_targets():
