@@ -42,9 +42,10 @@ else:
         return F.cross_entropy(functional_call(model, ps, (x,)), y)
     H = hessian(f)(w0)
 elapsed = time.perf_counter() - t0
-sym = ((H - H.T).norm() / H.norm()).item()
-print(json.dumps({"method": method, "P": H.shape[0], "seconds": elapsed, "asym": sym,
-                  "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the check below
+sym = max(((H[i:i + 1024] - H[:, i:i + 1024].T).norm() / H[i:i + 1024].norm()).item()
+          for i in range(0, H.shape[0], 1024))
+print(json.dumps({"method": method, "P": H.shape[0], "seconds": elapsed, "asym": sym, "peak_gb": peak_gb}))
 """
 
 
@@ -65,7 +66,7 @@ def main():
     if args.with_baseline:
         rows.append(run("torch.func.hessian", args.threads))
     lines = [_common.header("Explicit Hessian, MLP 64-128-128-10 Tanh CE, N = 512", args.threads), "",
-             "| method | P | time (s) | peak RSS (GB) | ‖H−Hᵀ‖/‖H‖ |", "|---|---|---|---|---|"]
+             "| method | P | time (s) | peak RSS (GB) | max row-block ‖H−Hᵀ‖/‖H‖ |", "|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | | {r['error']} | | |")
