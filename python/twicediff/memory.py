@@ -1,0 +1,102 @@
+"""The library-wide memory budget: how many bytes one chunk of work may take.
+
+Everything that chunks work — ``hessian`` (columns), ``mvp`` / ``hvp`` (directions), the solvers
+(right-hand sides) and influence (samples) — sizes its chunks with :func:`chunk_size` against this
+budget, so peak memory stays near the budget plus the results the caller asked for.
+
+The default is half of the memory that is free on the device when the work starts (CUDA: free
+device memory; CPU: ``MemAvailable``). Set a fixed budget with :func:`set_memory_budget` or, for a
+block of code, with the :func:`memory_budget` context manager::
+
+    with twicediff.memory_budget(256 * 2**20):   # 256 MiB per chunk
+        H = model.hessian(x, y)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional, Union
+
+import torch
+
+__all__ = ["MemoryBudgetError", "chunk_size", "get_memory_budget", "memory_budget", "set_memory_budget"]
+
+_budget: Optional[int] = None
+_DEFAULT_FRACTION = 0.5
+
+
+class MemoryBudgetError(MemoryError):
+    """Raised when even the smallest chunk of a computation does not fit the memory budget."""
+
+
+def _validate(nbytes: Optional[int]) -> Optional[int]:
+    if nbytes is None:
+        return None
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)):
+        raise TypeError(f"memory budget: nbytes must be an int number of bytes or None, got {type(nbytes).__name__}")
+    if not nbytes > 0:
+        raise ValueError(f"memory budget: nbytes must be > 0 bytes, got {nbytes}")
+    return int(nbytes)
+
+
+def set_memory_budget(nbytes: Optional[int]) -> None:
+    """Fix the budget to ``nbytes`` bytes per chunk; ``None`` restores the default (half the free
+    memory of the device the work runs on)."""
+    global _budget
+    _budget = _validate(nbytes)
+
+
+@contextlib.contextmanager
+def memory_budget(nbytes: Optional[int]) -> Iterator[None]:
+    """Context manager: the budget is ``nbytes`` inside the block, and what it was after it."""
+    global _budget
+    previous = _budget
+    _budget = _validate(nbytes)
+    try:
+        yield
+    finally:
+        _budget = previous
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def get_memory_budget(device: Union[torch.device, str, None] = None) -> int:
+    """The budget in bytes for work on ``device`` (default CPU): the fixed one if set, else half
+    of the device's free memory now."""
+    if _budget is not None:
+        return _budget
+    return int(_DEFAULT_FRACTION * _free_bytes(torch.device(device or "cpu")))
+
+
+def chunk_size(total: int, bytes_per_item: int, device: Union[torch.device, str, None] = None, *,
+               fixed_bytes: int = 0, what: str = "items") -> int:
+    """How many of ``total`` items (directions, columns, samples) one chunk may hold when each
+    costs ``bytes_per_item`` and the chunk has ``fixed_bytes`` of overhead. At least 1 and at most
+    ``total`` (``total`` = 0 gives 0).
+
+    Raises:
+        MemoryBudgetError: when not even one item fits, naming the setting to change.
+    """
+    if total <= 0:
+        return 0
+    budget = get_memory_budget(device)
+    room = budget - int(fixed_bytes)
+    n = room // max(int(bytes_per_item), 1)
+    if n < 1:
+        raise MemoryBudgetError(
+            f"one chunk of {what} needs about {int(bytes_per_item) + int(fixed_bytes):,} bytes but the "
+            f"memory budget is {budget:,} bytes; raise it with twicediff.set_memory_budget(nbytes) "
+            f"(or the twicediff.memory_budget context manager), or reduce the batch size")
+    return int(min(total, n))

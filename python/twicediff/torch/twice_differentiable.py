@@ -1,0 +1,242 @@
+"""TorchTwiceDifferentiable: a torch model and loss, with gradients, Hessians and batched
+Hessian-vector products of the loss with respect to the parameters that require grad."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..memory import chunk_size
+from ..progress import progress_bar
+from ..twice_differentiable import TwiceDifferentiable
+from . import hvp as _hvp
+
+__all__ = ["TorchTwiceDifferentiable"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("hessian", "gauss_newton")
+ENGINES = ("auto", "native", "func", "autograd")
+
+
+class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
+    r"""Wraps a ``torch.nn.Module`` and a loss \(L(\hat y, y)\).
+
+    The loss of a batch is ``loss(torch.squeeze(model(x)), torch.squeeze(y))`` (pyDVL 0.7's
+    convention) and derivatives are taken with respect to the parameters that require grad, in
+    ``model.parameters()`` order, flattened into one vector of P elements.
+
+    Args:
+        model: the model; its parameters that require grad are differentiated.
+        loss: a differentiable scalar loss mapping (prediction, target) to a 0-d tensor.
+
+    Attributes:
+        model, loss, device and dtype (of the first parameter).
+    """
+
+    def __init__(self, model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"TorchTwiceDifferentiable: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss):
+            raise TypeError(f"TorchTwiceDifferentiable: loss must be callable (prediction, target) -> scalar, "
+                            f"got {type(loss).__name__}")
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError(f"TorchTwiceDifferentiable: model {type(model).__name__} has no parameters")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"TorchTwiceDifferentiable: model {type(model).__name__} has no parameter that "
+                             "requires grad; there is nothing to differentiate")
+        if model.training:
+            logger.warning("Passed model not in evaluation mode. This can create several issues in influence "
+                           "computation, e.g. due to batch normalization. Please call model.eval() before "
+                           "computing influences.")
+        self.model = model
+        self.loss = loss
+        self.device = first.device
+        self.dtype = first.dtype
+
+    @classmethod
+    def tensor_type(cls):
+        return torch.Tensor
+
+    @property
+    def parameters(self) -> List[torch.Tensor]:
+        """All model parameters that require differentiating."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def num_params(self) -> int:
+        """P, the number of elements of the parameters that require grad."""
+        return sum(p.numel() for p in self.parameters)
+
+    # ---- data --------------------------------------------------------------------------------
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if x.dim() > 0 and y.dim() > 0 and x.shape[0] != y.shape[0]:
+            raise ValueError(f"{where}: x and y must hold the same number of points (first dimension), got "
+                             f"x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}")
+        if x.is_floating_point() and x.dtype != self.dtype:
+            raise TypeError(f"{where}: x has dtype {x.dtype} but the model's parameters are {self.dtype}; "
+                            f"convert one of them (x.to({self.dtype}) or model.to(...))")
+        return x.to(self.device), y.to(self.device)
+
+    def _check_v(self, v: torch.Tensor, where: str) -> torch.Tensor:
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{where}: v must be a torch.Tensor, got {type(v).__name__}")
+        P = self.num_params
+        if v.dim() not in (1, 2) or v.shape[-1] != P:
+            raise ValueError(f"{where}: v must be [P] or [D, P] with P = {P} (the model's number of "
+                             f"trainable parameters), got shape {tuple(v.shape)}")
+        if v.dtype != self.dtype:
+            raise TypeError(f"{where}: v has dtype {v.dtype} but the model's parameters are {self.dtype}")
+        return v.to(self.device)
+
+    # ---- first and second derivatives -------------------------------------------------------
+    def grad(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        r"""∇θ L(x, y) as a flat [P] vector.
+
+        With ``create_graph=True`` the result keeps its graph for a second differentiation (see
+        :meth:`mvp`), and an ``x`` that does not require grad is made to (in place, as pyDVL does),
+        so that mixed products ∇x∇θ L can be taken with ``backprop_on=x``.
+        """
+        x, y = self._to_device(x, y, "grad")
+        if create_graph and not x.requires_grad:
+            x = x.requires_grad_(True)
+        value = _hvp.squeezed_loss(self.loss, self.model(x), y)
+        grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    def hessian(self, x: torch.Tensor, y: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+        r"""The explicit Hessian ∇²θ L(x, y), [P, P].
+
+        Assembled from batched Hessian-vector products on column chunks sized by the memory budget
+        (:mod:`twicediff.memory`), so that memory is P² plus one chunk.
+        """
+        x, y = self._to_device(x, y, "hessian")
+        P = self.num_params
+        H = torch.empty(P, P, dtype=self.dtype, device=self.device)
+        elem = H.element_size()
+        # A chunk of c columns holds the c unit directions, their products and the engine's work.
+        per_column = 2 * P * elem + self._bytes_per_direction(x)
+        step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
+                   chunk_size(P, per_column, self.device, what="Hessian columns"))
+        for start in progress_bar(range(0, P, step), progress, desc="hessian", unit="chunk"):
+            stop = min(P, start + step)
+            eye = torch.zeros(stop - start, P, dtype=self.dtype, device=self.device)
+            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
+            # H is symmetric: the products H e_j are its rows as well as its columns.
+            H[start:stop] = self.hvp(x, y, eye)
+        return H
+
+    @staticmethod
+    def mvp(grad_xy: torch.Tensor, v: torch.Tensor,
+            backprop_on: Union[torch.Tensor, Sequence[torch.Tensor]], *, progress: bool = False) -> torch.Tensor:
+        r"""Second derivatives along directions: ``out[d] = ∂(v[d] · grad_xy) / ∂backprop_on``.
+
+        Args:
+            grad_xy: [P] gradient with its graph, typically ``grad(x, y, create_graph=True)``.
+            v: [D, P] directions, or [P] for one (the output is then [1, M]).
+            backprop_on: the parameters (→ Hessian-vector products) or an input x (→ mixed
+                products ∇x∇θ L), a tensor or a list of tensors with M elements in all.
+            progress: show a bar over the chunks of directions.
+
+        Returns:
+            [D, M], detached. Directions go through batched backward passes in chunks sized by
+            the memory budget, or one by one where that is faster (see ``hvp.use_batched_backward``).
+        """
+        return _hvp.batched_mvp(grad_xy, v, backprop_on, progress=progress)
+
+    def hvp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *, mode: str = "hessian",
+            engine: str = "auto", progress: bool = False) -> torch.Tensor:
+        r"""H(x, y) v for v [D, P] (→ [D, P]) or [P] (→ [P]), H the Hessian of the loss on (x, y).
+
+        Args:
+            mode: ``"hessian"`` (exact) or ``"gauss_newton"`` (the generalized Gauss-Newton matrix
+                JᵀH_ℓJ, J the Jacobian of the model output, H_ℓ the Hessian of the loss in it).
+            engine: ``"native"`` (twicediff's fused R-operator kernels, for Sequential stacks of
+                Linear layers and elementwise activations under MSE / cross-entropy / BCE-with-logits,
+                optionally behind a frozen prefix), ``"func"`` (torch.func forward-over-reverse,
+                vmapped over chunks of directions), ``"autograd"`` (double backward), or
+                ``"auto"``: native when the model qualifies, else func, else autograd.
+            progress: show a bar over the chunks of directions.
+        """
+        if mode not in MODES:
+            raise ValueError(f"hvp: mode must be one of {MODES}, got {mode!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"hvp: engine must be one of {ENGINES}, got {engine!r}")
+        x, y = self._to_device(x, y, "hvp")
+        v = self._check_v(v, "hvp")
+        one = v.dim() == 1
+        V = v.unsqueeze(0) if one else v
+        compute, per_direction = self._engine(engine, x)
+        D = V.shape[0]
+        out = torch.empty_like(V)
+        step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
+                   chunk_size(D, per_direction, self.device, what="hvp directions"))
+        for start in progress_bar(range(0, D, step), progress, desc="hvp", unit="chunk"):
+            out[start:start + step] = compute(x, y, V[start:start + step], mode)
+        return out[0] if one else out
+
+    # ---- engines -----------------------------------------------------------------------------
+    def _engine(self, engine: str, x: torch.Tensor):
+        """(compute(x, y, v, mode) -> [D, P], bytes one direction needs)."""
+        if engine in ("auto", "native"):
+            try:  # TRANSITIONAL until the native engine lands; lead removes this
+                from .native_engine import build_native_engine
+            except ImportError:
+                build_native_engine = lambda m, l: (None, "the native engine is not built yet")
+            native, reason = build_native_engine(self.model, self.loss)
+            if native is not None:
+                return native.hvp, native.bytes_per_direction(x.shape[0])
+            if engine == "native":
+                raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
+        per_direction = self._bytes_per_direction(x)
+        if engine == "autograd":
+            return (lambda x, y, v, mode: _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)), per_direction
+        if engine == "func":
+            return (lambda x, y, v, mode: _hvp.func_hvp(self.model, self.loss, x, y, v, mode)), per_direction
+
+        def func_else_autograd(x, y, v, mode):
+            try:
+                return _hvp.func_hvp(self.model, self.loss, x, y, v, mode)
+            except (RuntimeError, NotImplementedError) as exc:  # an op without a torch.func rule
+                logger.info("hvp: torch.func engine failed (%s); using autograd", exc)
+                return _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)
+
+        return func_else_autograd, per_direction
+
+    def _bytes_per_direction(self, x: torch.Tensor) -> int:
+        """Estimate for the generic engines: a direction carries tangents of every activation
+        (forward) and cotangents (backward), about 6 copies of the activations, plus 3 copies of
+        the parameters."""
+        elem = torch.finfo(self.dtype).bits // 8
+        return elem * (3 * self.num_params + 6 * _activation_numel(self.model, x))
+
+
+_activation_cache: dict = {}
+
+
+def _activation_numel(model: nn.Module, x: torch.Tensor) -> int:
+    """Elements of all leaf-module outputs for a batch shaped like x (one no_grad forward pass,
+    cached by model identity and input shape)."""
+    key = (id(model), tuple(x.shape), x.dtype, x.device)
+    hit = _activation_cache.get(key)
+    if hit is not None:
+        return hit
+    total = [x.numel()]
+    hooks = [m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + (o.numel() if isinstance(o, torch.Tensor) else 0)))
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(_activation_cache) > 256:
+        _activation_cache.clear()
+    _activation_cache[key] = total[0]
+    return total[0]
