@@ -39,7 +39,9 @@ read -r torch_version base_python < <("$PYTHON" -c \
 venv=${SMOKE_VENV:-$tmp/venv}
 if [ ! -x "$venv/bin/python" ]; then
   "$base_python" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q "torch==${torch_version%%+*}" numpy tqdm
+  # (this machine's pip configuration names index folders that may be absent: drop those warnings)
+  "$venv/bin/python" -m pip install -q "torch==${torch_version%%+*}" numpy tqdm 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 fi
 got=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
 if [ "$got" != "$torch_version" ]; then

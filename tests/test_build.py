@@ -166,3 +166,81 @@ def test_import_with_the_record_but_no_module_says_it_could_not_be_loaded(packag
     last = proc.stderr.strip().splitlines()[-1]
     assert "twicediff._C could not be loaded although it was built for torch" in last, proc.stderr
     assert "pip install --no-build-isolation" in last
+
+
+# ---- the wheel's local version tag (scripts/tag_wheel.py) ---------------------------------------
+
+
+def _load_tag_wheel():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "tag_wheel.py")
+    spec = importlib.util.spec_from_file_location("tag_wheel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_untagged_wheel(path, build_config):
+    import zipfile
+    files = {
+        "twicediff/__init__.py": "x = 1\n",
+        "twicediff/_C.cpython-311-x86_64-linux-gnu.so": "stands for the compiled module",
+        "twicediff-0.1.0.dist-info/METADATA": ("Metadata-Version: 2.1\nName: twicediff\nVersion: 0.1.0\n"
+                                               "Requires-Dist: torch>=2.11\nRequires-Dist: numpy\n"),
+        "twicediff-0.1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nTag: cp311-cp311-linux_x86_64\n",
+        "twicediff-0.1.0.dist-info/RECORD": "stale\n",
+    }
+    if build_config is not None:
+        files["twicediff/_build_config.py"] = build_config
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return files
+
+
+@pytest.mark.parametrize("record, tag", [
+    ('TORCH_VERSION = "2.14.1+cu130"\nCUDA_VERSION = \'13.0\'\nCUDA_KERNELS = True\n', "pt2141cu130"),
+    ('TORCH_VERSION = "2.11.0+cu130"\nCUDA_VERSION = None\nCUDA_KERNELS = False\n', "pt2110cpu"),
+])
+def test_tag_wheel_names_torch_and_cuda_and_rewrites_metadata_and_record(tmp_path, record, tag):
+    import base64
+    import hashlib
+    import zipfile
+    tag_wheel = _load_tag_wheel()
+    src = tmp_path / "twicediff-0.1.0-cp311-cp311-linux_x86_64.whl"
+    files = _write_untagged_wheel(src, record)
+    out = tag_wheel.tag_wheel(str(src), str(tmp_path / "out"))
+    assert os.path.basename(out) == f"twicediff-0.1.0+{tag}-cp311-cp311-linux_x86_64.whl"
+    info = f"twicediff-0.1.0+{tag}.dist-info/"
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        assert not any(n.startswith("twicediff-0.1.0.dist-info/") for n in names)
+        metadata = z.read(info + "METADATA").decode()
+        assert f"\nVersion: 0.1.0+{tag}\n" in metadata
+        series = "2.14" if tag.startswith("pt214") else "2.11"
+        assert f"Requires-Dist: torch=={series}.*\n" in metadata and "Requires-Dist: numpy" in metadata
+        for name, text in files.items():
+            if "dist-info" not in name:
+                assert z.read(name) == text.encode()
+        record_lines = z.read(info + "RECORD").decode().splitlines()
+        assert sorted(line.split(",")[0] for line in record_lines) == sorted(names)
+        for line in record_lines:
+            name, digest, size = line.split(",")
+            if name == info + "RECORD":
+                assert digest == size == ""
+                continue
+            data = z.read(name)
+            expect = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert digest == f"sha256={expect}" and int(size) == len(data), name
+
+
+def test_tag_wheel_refuses_a_wheel_without_a_build_record_or_already_tagged(tmp_path):
+    tag_wheel = _load_tag_wheel()
+    src = tmp_path / "twicediff-0.1.0-cp311-cp311-linux_x86_64.whl"
+    _write_untagged_wheel(src, None)
+    with pytest.raises(ValueError, match="holds no twicediff/_build_config.py"):
+        tag_wheel.tag_wheel(str(src), str(tmp_path / "out"))
+    tagged = tmp_path / "twicediff-0.1.0+pt2141cpu-cp311-cp311-linux_x86_64.whl"
+    tagged.write_bytes(src.read_bytes())
+    with pytest.raises(ValueError, match=r"without a local version tag, got version '0.1.0\+pt2141cpu'"):
+        tag_wheel.tag_wheel(str(tagged), str(tmp_path / "out"))
