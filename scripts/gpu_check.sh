@@ -22,6 +22,7 @@
 #   PYTHON=python3              the interpreter with torch
 #   GPU_CHECK_BUDGET_S=470      seconds for the whole run
 #   GPU_CHECK_ARCHS=90-real     architectures to compile (default: the GPU's compute capability)
+#   GPU_CHECK_COMMIT=abc1234    the commit to name in the summary when the tree has no .git
 #   CAP_BUILD=240 CAP_TESTS=180 CAP_BENCH=75 (each benchmark) CAP_MEMCHECK=150   step caps, seconds
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +57,7 @@ timed() {
 
 summary() {
   local commit
-  commit=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git)")
+  commit=${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git; set GPU_CHECK_COMMIT)")}
   {
     echo "# twicediff GPU check"
     echo
@@ -106,14 +107,15 @@ rc=0 took=0
 timed tests "$(cap_for "${CAP_TESTS:-180}")" "$OUTDIR/tests.log" \
   "$PY" -m pytest tests -q -p no:cacheprovider --durations=10 --junitxml="$OUTDIR/tests.xml"
 counts=$("$PY" - "$OUTDIR/tests.xml" <<'EOF' 2>/dev/null
-import sys, xml.etree.ElementTree as ET
+import re, sys, xml.etree.ElementTree as ET
 cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
 def outcome(c):
     for tag in ("failure", "error", "skipped"):
         if c.find(tag) is not None:
             return tag
     return "passed"
-on_cuda = [c for c in cases if "cuda" in c.get("name", "")]
+# the device fixture's parameter id: test_x[cuda], test_x[cuda-float64], test_x[float64-cuda]
+on_cuda = [c for c in cases if re.search(r"\[(.*-)?cuda(-.*)?\]$", c.get("name", ""))]
 all_ = {k: sum(outcome(c) == k for c in cases) for k in ("passed", "failure", "error", "skipped")}
 cuda = {k: sum(outcome(c) == k for c in on_cuda) for k in ("passed", "failure", "error", "skipped")}
 print(f"{all_['passed']} passed, {all_['failure']} failed, {all_['error']} errors, {all_['skipped']} "
@@ -172,6 +174,7 @@ else
     case $rc in
       0) row memcheck ok "$took" "$errs; $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUTDIR/memcheck.log" | tail -n 1)" ;;
       86) row memcheck "FAILED (memory errors)" "$took" "$errs; see memcheck.log" ;;
+      5) row memcheck skipped "$took" "no test of tests/test_ops_*.py has a cuda case" ;;
       124|137) row memcheck TIMEOUT "$took" "partial: $errs" ;;
       *) row memcheck "FAILED (exit $rc)" "$took" "$errs; $(tail -n 1 "$OUTDIR/memcheck.log")" ;;
     esac

@@ -201,7 +201,7 @@ def _write_untagged_wheel(path, build_config):
 @pytest.mark.parametrize("record, tag", [
     ('TORCH_VERSION = "2.14.1+cu130"\nCUDA_VERSION = \'13.0\'\nCUDA_KERNELS = True\n', "pt2141cu130"),
     ('TORCH_VERSION = "2.11.0+cu130"\nCUDA_VERSION = None\nCUDA_KERNELS = False\n', "pt2110cpu"),
-])
+], ids=["cu130", "cpu"])
 def test_tag_wheel_names_torch_and_cuda_and_rewrites_metadata_and_record(tmp_path, record, tag):
     import base64
     import hashlib
