@@ -86,7 +86,7 @@ if [ $? -ne 0 ]; then
   summary
   exit 2
 fi
-ARCHS=${GPU_CHECK_ARCHS:-${gpu}-real}
+ARCHS=${GPU_CHECK_ARCHS:-$(echo "$gpu" | tail -n 1)-real}
 
 # ---- 1. build ------------------------------------------------------------------------------------
 timed build "$(cap_for "${CAP_BUILD:-240}")" "$OUTDIR/build.log" \
