@@ -15,8 +15,9 @@
 #   5. memcheck  compute-sanitizer --tool memcheck over the cuda cases of tests/test_ops_*.py, if
 #                time remains and the machine lets compute-sanitizer run (a refusal is recorded)
 # Everything goes to one folder, $OUT if set, else ./gpu_check_out: summary.md (the table printed
-# last, with the machine, torch, CUDA, commit and build_info), build.log, tests.log, tests.xml,
-# bench_mvp.log, bench_pack.log, memcheck.log. The exit status is 0 when no step failed (skipped
+# last, with the machine, torch, CUDA, commit and build_info), build.log, tests.log, bench_mvp.log,
+# bench_pack.log, memcheck.log, and bench_mvp.md / bench_pack.md (the benchmarks' markdown tables,
+# when a benchmark takes --out): 8 files at most. The exit status is 0 when no step failed (skipped
 # steps do not fail the run), 1 otherwise, 2 when there is no usable GPU.
 #
 #   PYTHON=python3              the interpreter with torch
@@ -104,9 +105,10 @@ export PYTHONPATH=$PWD/python
 
 # ---- 2. tests ------------------------------------------------------------------------------------
 rc=0 took=0
+junit=$(mktemp /tmp/twicediff-gpu-check-junit.XXXXXX.xml)
 timed tests "$(cap_for "${CAP_TESTS:-180}")" "$OUTDIR/tests.log" \
-  "$PY" -m pytest tests -q -p no:cacheprovider --durations=10 --junitxml="$OUTDIR/tests.xml"
-counts=$("$PY" - "$OUTDIR/tests.xml" <<'EOF' 2>/dev/null
+  "$PY" -m pytest tests -q -p no:cacheprovider --durations=10 --junitxml="$junit"
+counts=$("$PY" - "$junit" <<'EOF' 2>/dev/null
 import re, sys, xml.etree.ElementTree as ET
 cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
 def outcome(c):
@@ -123,6 +125,7 @@ print(f"{all_['passed']} passed, {all_['failure']} failed, {all_['error']} error
       f"{cuda['skipped']} skipped")
 EOF
 )
+rm -f "$junit"
 case $rc in
   0) row tests ok "$took" "${counts:-see tests.log}" ;;
   124|137) row tests TIMEOUT "$took" "${counts:-see tests.log}" ;;
@@ -138,9 +141,11 @@ for bench in mvp pack; do
   fi
   cap=$(cap_for "${CAP_BENCH:-75}")
   if [ "$cap" -lt 20 ]; then row "bench_$bench" skipped 0 "no time left"; continue; fi
-  timed "bench_$bench" "$cap" "$OUTDIR/bench_$bench.log" "$PY" "$script" --device cuda
+  out=() table="bench_$bench.log"
+  if grep -q -- '"--out"' "$script"; then out=(--out "$OUTDIR/bench_$bench.md"); table="bench_$bench.md"; fi
+  timed "bench_$bench" "$cap" "$OUTDIR/bench_$bench.log" "$PY" "$script" --device cuda "${out[@]}"
   case $rc in
-    0) row "bench_$bench" ok "$took" "table in bench_$bench.log" ;;
+    0) row "bench_$bench" ok "$took" "table in $table" ;;
     124|137) row "bench_$bench" TIMEOUT "$took" "partial output in bench_$bench.log" ;;
     *) row "bench_$bench" "FAILED (exit $rc)" "$took" "$(tail -n 1 "$OUTDIR/bench_$bench.log")" ;;
   esac
