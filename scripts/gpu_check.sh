@@ -12,7 +12,8 @@
 #   2. tests     pytest on tests/ (the device-parametrized tests run on cuda as well as cpu)
 #   3. bench_mvp benchmarks/bench_mvp.py --device cuda   (when the script exists)
 #   4. bench_pack benchmarks/bench_pack.py --device cuda (when the script exists)
-#   5. memcheck  compute-sanitizer --tool memcheck over the cuda cases of tests/test_ops_*.py, if
+#   5. memcheck  compute-sanitizer --tool memcheck over the cuda cases of the native-op tests
+#                (tests/test_ops_*.py, tests/test_native_engine.py), if
 #                time remains and the machine lets compute-sanitizer run (a refusal is recorded)
 # Everything goes to one folder, $OUT if set, else ./gpu_check_out: summary.md (the table printed
 # last, with the machine, torch, CUDA, commit and build_info), build.log, tests.log, bench_mvp.log,
@@ -152,10 +153,13 @@ for bench in mvp pack; do
 done
 
 # ---- 5. compute-sanitizer memcheck over the native-op tests --------------------------------------
-op_tests=(tests/test_ops_*.py)
+op_tests=(tests/test_ops_*.py tests/test_native_engine.py)
 cap=$(cap_for "${CAP_MEMCHECK:-150}")
-if [ ! -e "${op_tests[0]}" ]; then
-  row memcheck skipped 0 "no tests/test_ops_*.py"
+existing=()
+for t in "${op_tests[@]}"; do [ -e "$t" ] && existing+=("$t"); done
+op_tests=("${existing[@]}")
+if [ "${#op_tests[@]}" -eq 0 ]; then
+  row memcheck skipped 0 "no native-op tests (tests/test_ops_*.py, tests/test_native_engine.py)"
 elif ! command -v compute-sanitizer >/dev/null 2>&1; then
   row memcheck skipped 0 "compute-sanitizer is not on PATH"
 elif [ "$cap" -lt 60 ]; then
@@ -179,7 +183,7 @@ else
     case $rc in
       0) row memcheck ok "$took" "$errs; $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUTDIR/memcheck.log" | tail -n 1)" ;;
       86) row memcheck "FAILED (memory errors)" "$took" "$errs; see memcheck.log" ;;
-      5) row memcheck skipped "$took" "no test of tests/test_ops_*.py has a cuda case" ;;
+      5) row memcheck skipped "$took" "no native-op test has a cuda case" ;;
       124|137) row memcheck TIMEOUT "$took" "partial: $errs" ;;
       *) row memcheck "FAILED (exit $rc)" "$took" "$errs; $(tail -n 1 "$OUTDIR/memcheck.log")" ;;
     esac
