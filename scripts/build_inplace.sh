@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 BUILD=${BUILD_DIR:-build/inplace}
+mkdir -p "$BUILD"
 extra=()
 [ "${TWICEDIFF_NO_CUDA:-0}" = 1 ] && extra+=(-DTWICEDIFF_ENABLE_CUDA=OFF)
 cmake_bin=$("$PY" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))' 2>/dev/null || echo cmake)

@@ -15,7 +15,7 @@ _REBUILD = (
     "Rebuild twicediff against the torch you run: "
     "`pip install --no-build-isolation --force-reinstall --no-deps .` in the source tree "
     "(or `scripts/build_inplace.sh` for a development build), or install the wheel built for "
-    "this torch (see README, 'Wheels for CUDA targets')."
+    "this torch (see docs/building.md, 'Wheels for CUDA targets')."
 )
 
 
