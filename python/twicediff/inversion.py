@@ -8,7 +8,7 @@ Solvers register themselves on import (the torch ones in :mod:`twicediff.torch.s
 """
 from __future__ import annotations
 
-import functools
+import warnings
 from enum import Enum
 from typing import Any, Callable, Dict, Tuple, Type
 
@@ -37,9 +37,11 @@ class InversionRegistry:
         """Decorator registering ``func(model, training_data, b, hessian_perturbation, **kwargs)``
         for ``(model_type, inversion_method)``.
 
+        A second registration for the same pair replaces the first; without ``overwrite=True`` it
+        also warns (pyDVL 0.7.1's behaviour).
+
         Raises:
             TypeError: model_type is not a class or inversion_method not an InversionMethod.
-            ValueError: a function is already registered for that pair and ``overwrite`` is False.
         """
         if not isinstance(model_type, type):
             raise TypeError(f"InversionRegistry.register: model_type must be a class, got {model_type!r}")
@@ -50,9 +52,10 @@ class InversionRegistry:
 
         def decorator(func: Callable[..., InverseHvpResult]) -> Callable[..., InverseHvpResult]:
             if not overwrite and key in cls.registry:
-                raise ValueError(f"InversionRegistry.register: a function is already registered for model type "
-                                 f"{model_type.__name__} and inversion method {inversion_method.value!r} "
-                                 f"({cls.registry[key].__qualname__}); pass overwrite=True to replace it")
+                warnings.warn(f"InversionRegistry.register: a function is already registered for model type "
+                              f"{model_type.__name__} and inversion method {inversion_method.value!r} "
+                              f"({cls.registry[key].__qualname__}); replacing it with {func.__qualname__}. "
+                              f"Pass overwrite=True to replace it without this warning", stacklevel=2)
             cls.registry[key] = func
             return func
 

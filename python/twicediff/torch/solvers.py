@@ -150,7 +150,7 @@ def _block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tenso
 
     All iterates and scalars are float64; ``apply_rows`` ([D, P] → [D, P]) is called once per
     iteration on the active rows only. Row i stops when ‖r_i‖ ≤ max(rtol·‖b_i‖, atol) (r the
-    recursively updated residual) or when A is found not positive definite along its direction.
+    recursively updated residual), or when it breaks down (pᵀAp = 0 or not finite).
 
     Returns:
         X [N, P] float64 and per-row ``niter`` (int64), ``optimal`` (bool), ``gamma`` (‖r‖², float64).
@@ -174,23 +174,28 @@ def _block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tenso
     Z = precondition(R) if precondition is not None else R
     rz = (R * Z).sum(1) if precondition is not None else gamma[active]
     Pd = Z.clone()
+    negative_curvature = False
     bar = progress_bar(range(maxiter), progress, desc="cg", unit="it")
     for _ in bar:
         if active.numel() == 0:
             break
         AP = apply_rows(Pd)
         pAp = (Pd * AP).sum(1)
-        curvature_ok = pAp > 0
+        # CG needs pᵀAp ≠ 0; it keeps going through negative curvature (as scipy's and pyDVL's do)
+        # and converges on non-singular indefinite systems when it does not break down.
+        curvature_ok = (pAp != 0) & torch.isfinite(pAp)
+        negative_curvature |= bool((pAp < 0).any())
         alpha = torch.where(curvature_ok, rz / torch.where(curvature_ok, pAp, 1.0), 0.0)
         g = _ops.cg_step(X, R, Pd, AP, alpha)
         niter[active] += 1
         final_gamma[active] = g
-        done = (g <= stop[active]) | ~curvature_ok | ~torch.isfinite(g)
-        optimal[active] = g <= stop[active]
+        converged = g <= stop[active]
+        optimal[active] = converged
+        done = converged | ~curvature_ok | ~torch.isfinite(g)
         if bool(done.any()):
             if not bool(curvature_ok.all()):
-                logger.warning("cg: %d system(s) stopped because H + λI is not positive definite along their "
-                               "search direction; increase hessian_perturbation", int((~curvature_ok).sum()))
+                logger.warning("cg: %d system(s) broke down (pᵀ(H + λI)p = 0 or not finite); increase "
+                               "hessian_perturbation", int((~curvature_ok).sum()))
             out[active[done]] = X[done]
             keep = torch.nonzero(~done).flatten()
             active = active[keep]
@@ -209,6 +214,9 @@ def _block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tenso
             bar.set_postfix(active=int(active.numel()))
     if active.numel():
         out[active] = X
+    if negative_curvature:
+        logger.warning("cg: H + λI has negative curvature along some search directions (it is not positive "
+                       "definite); CG may converge slowly or not at all: consider a larger hessian_perturbation")
     return out, {"niter": niter, "optimal": optimal, "gamma": final_gamma}
 
 
