@@ -7,6 +7,7 @@ model_hessian_low_rank (scipy eigsh, default ncv) for the top eigenpairs of H + 
 their results to OUTPUT.pt for bench_solvers.py to compare.
 """
 import json
+import os
 import sys
 import time
 
@@ -20,7 +21,8 @@ from pydvl.influence.torch.torch_differentiable import model_hessian_low_rank
 
 
 def main(inputs_path: str, output_path: str) -> None:
-    torch.set_num_threads(int(torch.get_num_threads()))
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     data = torch.load(inputs_path)
     model = nn.Sequential(*[eval(m) for m in data["layers"]])  # noqa: S307 (our own layer list)
     model.load_state_dict(data["state_dict"])

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 
 from .. import _ops
+from ..memory import chunk_size
 from ..inversion import InversionMethod, InversionRegistry
 from ..progress import progress_bar
 from ..twice_differentiable import InverseHvpResult
@@ -220,6 +221,90 @@ def _block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tenso
     return out, {"niter": niter, "optimal": optimal, "gamma": final_gamma}
 
 
+def _shared_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor, X0: torch.Tensor, *,
+                      rtol: float, atol: float, maxiter: int, progress: bool = False
+                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    r"""Block CG in its Galerkin form: every row i gets the x_i in x0_i + K with A x_i − b_i ⟂ K,
+    K the block Krylov space spanned by all rows' residuals, K = span{R0, A R0, A² R0, ...}.
+
+    For symmetric positive definite A this is O'Leary's block CG (each x_i minimizes the A-norm
+    error over the shared space, far larger than its own Krylov space). It is computed with an
+    orthonormal basis Q of K kept with A Q (full reorthogonalization; dependent directions are
+    dropped, so rank deficiency cannot break it down): T = Q A Qᵀ, y_i = T⁻¹ Q r0_i, and the true
+    residual r_i = r0_i − (A Q)ᵀ y_i needs no extra product. Each iteration adds the residuals of
+    the unconverged rows to K with one call of ``apply_rows``; converged rows cost nothing more.
+    When the basis would outgrow the memory budget the method restarts from the current iterates.
+
+    Returns as :func:`_block_cg` (gamma is the true ‖r_i‖²; niter the iteration where row i stopped).
+    """
+    N, P = B.shape
+    dev = B.device
+    f64 = torch.float64
+    Bd = B.to(f64)
+    X = X0.to(f64).clone()
+    R0 = Bd - apply_rows(X) if bool((X != 0).any()) else Bd.clone()
+    gamma = R0.square().sum(1)
+    stop = torch.clamp(rtol ** 2 * Bd.square().sum(1), min=atol ** 2)
+    niter = torch.zeros(N, dtype=torch.int64, device=dev)
+    optimal = gamma <= stop
+    active = torch.nonzero(~optimal).flatten()
+    max_basis = max(N, chunk_size(10 ** 9, 2 * P * 8, dev, fixed_bytes=4 * N * P * 8, what="Krylov basis vectors"))
+    Q = AQ = T = C = None
+    new = R0[active]
+    bar = progress_bar(range(maxiter), progress, desc="cg", unit="it")
+    for it in bar:
+        if active.numel() == 0:
+            break
+        basis = Q if Q is not None else torch.zeros(0, P, dtype=f64, device=dev)
+        fresh = _orthonormalize(new, basis)
+        if fresh.shape[0] == 0:
+            break  # K is invariant: the Galerkin solutions are final
+        A_fresh = apply_rows(fresh).to(f64)
+        if Q is None:
+            Q, AQ, T = fresh, A_fresh, fresh @ A_fresh.T
+            C = fresh @ R0.T  # Q r0 for every row, [m, N]
+        else:
+            top = torch.cat([T, Q @ A_fresh.T], 1)
+            T = torch.cat([top, torch.cat([fresh @ AQ.T, fresh @ A_fresh.T], 1)], 0)
+            Q, AQ = torch.cat([Q, fresh]), torch.cat([AQ, A_fresh])
+            C = torch.cat([C, fresh @ R0.T], 0)
+        Y = _galerkin_solve(0.5 * (T + T.T), C[:, active])
+        R = R0[active] - Y.T @ AQ
+        g = R.square().sum(1)
+        niter[active] = it + 1
+        converged = g <= stop[active]
+        gamma[active] = g
+        optimal[active] = converged
+        if bool(converged.any()):
+            done = active[converged]
+            X[done] += Y[:, converged].T @ Q
+        if progress:
+            bar.set_postfix(active=int((~converged).sum()), basis=int(Q.shape[0]))
+        keep = ~converged
+        new = R[keep]
+        active = active[keep]
+        if Q.shape[0] + new.shape[0] > max_basis and active.numel():  # restart from the current iterates
+            X[active] += Y[:, keep].T @ Q
+            R0[active] = new
+            Q = AQ = T = C = None
+    if active.numel() and Q is not None:
+        coef = _galerkin_solve(0.5 * (T + T.T), C[:, active])
+        X[active] += coef.T @ Q
+    return X, {"niter": niter, "optimal": optimal, "gamma": gamma}
+
+
+def _galerkin_solve(T: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """T⁻¹ C for the symmetric projected matrix T (Cholesky when positive definite, else LU, else
+    least squares when singular)."""
+    L, status = torch.linalg.cholesky_ex(T)
+    if int(status) == 0:
+        return torch.cholesky_solve(C, L)
+    Y, status = torch.linalg.solve_ex(T, C)
+    if int(status) == 0 and bool(torch.isfinite(Y).all()):
+        return Y
+    return torch.linalg.lstsq(T, C).solution
+
+
 def _cg_info(stats: Dict[str, torch.Tensor]) -> Dict[str, Dict]:
     niter, optimal, gamma = (stats[k].tolist() for k in ("niter", "optimal", "gamma"))
     return {f"batch_{i}": {"niter": int(niter[i]), "optimal": bool(optimal[i]), "gamma": float(gamma[i])}
@@ -284,13 +369,18 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
                    hessian_perturbation: float = 0.0, *, x0: Optional[torch.Tensor] = None, rtol: float = 1e-7,
                    atol: float = 1e-7, maxiter: Optional[int] = None, progress: bool = False,
                    preconditioner: Optional[str] = None, preconditioner_rank: int = 32,
-                   hutchinson_samples: int = 32, mode: str = "hessian") -> InverseHvpResult:
+                   hutchinson_samples: int = 32, block_krylov: bool = True, mode: str = "hessian"
+                   ) -> InverseHvpResult:
     r"""Conjugate gradients for (H + λI) x_i = b_i, all rows of b ([N, P]) at once.
 
-    Each iteration applies H + λI to the search directions of every still-active row in one pass
+    Each iteration applies H + λI to one block of vectors of the still-active rows in one pass
     over the data (:meth:`HessianOperator.apply_rows`); a row stops when
-    ‖(H + λI) x_i − b_i‖ ≤ max(rtol·‖b_i‖, atol) (recursive residual) and costs nothing more.
-    Iterates and scalars are float64 whatever the model's dtype.
+    ‖(H + λI) x_i − b_i‖ ≤ max(rtol·‖b_i‖, atol) and costs nothing more. Iterates and scalars are
+    float64 whatever the model's dtype.
+
+    With ``block_krylov=True`` (default, no preconditioner) the rows share one block Krylov space
+    (block CG in Galerkin form, see ``_shared_krylov_cg``; the residual checked is the true one);
+    otherwise each row runs its own CG recurrence (fused native updates), optionally preconditioned.
 
     Args:
         x0: initial guess, [P] (for every row) or [N, P]; default b (as pyDVL).
@@ -300,6 +390,7 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
         preconditioner: None, ``"jacobi"`` (Hutchinson estimate of diag(H + λI) from
             ``hutchinson_samples`` probes) or ``"nystrom"`` (randomized Nyström of rank
             ``preconditioner_rank``); each costs one extra pass.
+        block_krylov: share one Krylov space among the rows (fewer products when N > 1).
         mode: ``"hessian"`` or ``"gauss_newton"`` (see :func:`hessian_operator`).
 
     Returns:
@@ -326,9 +417,12 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
             logger.warning("%s: H + λI is not positive definite on the Nyström sketch; running without "
                            "preconditioner (increase hessian_perturbation)", where)
             used = None
-    X, stats = _block_cg(op.apply_rows, B, X0, rtol=rtol, atol=atol,
-                         maxiter=10 * model.num_params if maxiter is None else maxiter,
-                         precondition=precondition, progress=progress)
+    maxiter = 10 * model.num_params if maxiter is None else maxiter
+    if block_krylov and precondition is None:
+        X, stats = _shared_krylov_cg(op.apply_rows, B, X0, rtol=rtol, atol=atol, maxiter=maxiter, progress=progress)
+    else:
+        X, stats = _block_cg(op.apply_rows, B, X0, rtol=rtol, atol=atol, maxiter=maxiter, precondition=precondition,
+                             progress=progress)
     X = X.to(model.dtype)
     info = _cg_info(stats)
     info.update(num_passes=op.num_passes, preconditioner=used)
