@@ -80,6 +80,7 @@ def test_direct_cg_arnoldi_match_closed_form_least_squares():
 
 @pytest.mark.parametrize("method, kwargs, tol", [
     ("cg", dict(rtol=1e-10, atol=0.0), 1e-7),
+    ("cg", dict(rtol=1e-10, atol=0.0, block_krylov=False), 1e-7),
     ("cg", dict(rtol=1e-10, atol=0.0, preconditioner="jacobi"), 1e-7),
     ("cg", dict(rtol=1e-10, atol=0.0, preconditioner="nystrom", preconditioner_rank=8), 1e-7),
     ("lissa", dict(maxiter=300, scale=2.0, rtol=1e-11), 1e-7),  # one batch: deterministic steps
@@ -119,12 +120,14 @@ def test_float32_model_matches_float64_direct():
 # ---- CG behaviour ------------------------------------------------------------------------------
 
 
-def test_cg_stops_each_column_on_its_own():
+@pytest.mark.parametrize("block_krylov", [True, False])
+def test_cg_stops_each_column_on_its_own(block_krylov):
     model, loader, H = linear_regression()
     lam = 0.01
     evals, evecs = torch.linalg.eigh(H + lam * torch.eye(4, dtype=torch.float64))
     b = torch.stack([evecs[:, 0], torch.zeros(4, dtype=torch.float64), rhs(1, 4)[0]])
-    res = solve_batch_cg(model, loader, b, lam, x0=torch.zeros(4, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    res = solve_batch_cg(model, loader, b, lam, x0=torch.zeros(4, dtype=torch.float64), rtol=1e-10, atol=1e-12,
+                         block_krylov=block_krylov)
     niter = [res.info[f"batch_{i}"]["niter"] for i in range(3)]
     assert niter[0] == 1 and niter[1] == 0 and niter[2] > 1  # an eigenvector takes one step; 0 takes none
     # one pass per iteration of the longest column, no pass for the zero start
@@ -135,14 +138,15 @@ def test_cg_stops_each_column_on_its_own():
         assert float(r.norm()) <= max(1e-10 * float(b[i].norm()), 1e-12) * 10
 
 
-def test_cg_honours_x0_and_maxiter():
+@pytest.mark.parametrize("block_krylov", [True, False])
+def test_cg_honours_x0_and_maxiter(block_krylov):
     model, loader, H = linear_regression()
     b = rhs(2, 4)
     exact = torch.linalg.solve(H + 0.1 * torch.eye(4, dtype=torch.float64), b.T).T
-    res = solve_batch_cg(model, loader, b, 0.1, x0=exact, rtol=1e-8, atol=1e-10)
+    res = solve_batch_cg(model, loader, b, 0.1, x0=exact, rtol=1e-8, atol=1e-10, block_krylov=block_krylov)
     assert [res.info[f"batch_{i}"]["niter"] for i in range(2)] == [0, 0]
     torch.testing.assert_close(res.x, exact)
-    capped = solve_batch_cg(model, loader, b, 0.1, maxiter=1, rtol=1e-14, atol=0.0)
+    capped = solve_batch_cg(model, loader, b, 0.1, maxiter=1, rtol=1e-14, atol=0.0, block_krylov=block_krylov)
     assert all(capped.info[f"batch_{i}"]["niter"] == 1 and not capped.info[f"batch_{i}"]["optimal"]
                for i in range(2))
 
@@ -160,7 +164,7 @@ def test_solve_cg_single_system_with_callable():
 def test_nystrom_preconditioner_cuts_iterations_on_ill_conditioned_problem():
     model, loader, H = linear_regression(n=40)
     b = rhs(2, 4)
-    plain = solve_batch_cg(model, loader, b, 1e-4, rtol=1e-10, atol=0.0)
+    plain = solve_batch_cg(model, loader, b, 1e-4, rtol=1e-10, atol=0.0, block_krylov=False)
     nys = solve_batch_cg(model, loader, b, 1e-4, rtol=1e-10, atol=0.0, preconditioner="nystrom",
                          preconditioner_rank=3)
     assert nys.info["preconditioner"] == "nystrom"
