@@ -33,6 +33,14 @@ TORCH_LIBRARY(twicediff, m) {
         "bool gauss_newton) -> Tensor");
 
   // ---- solver ops (csrc/{cpu,cuda}/solver_step.*) --------------------------------------------
+  // Blocks are [D, P], one row per right-hand side; alpha, beta are float64 [D]; norms are float64.
+  // CG update: x += alpha[:, None] * p; r -= alpha[:, None] * Ap; returns ||r[d]||^2 per row.
+  m.def("cg_step(Tensor(a!) x, Tensor(b!) r, Tensor p, Tensor Ap, Tensor alpha) -> Tensor");
+  // CG direction: p = z + beta[:, None] * p.
+  m.def("cg_direction(Tensor(a!) p, Tensor z, Tensor beta) -> ()");
+  // LiSSA: h' = b + (1 - dampen) h - (Hh + hessian_perturbation h) / scale, written into h; returns
+  // per row max_j |h'-h|/|h'| and sum_j |h'-h|/|h'| (0/0 taken as 0), both NaN where h' is not finite.
+  m.def("lissa_step(Tensor(a!) h, Tensor b, Tensor Hh, float dampen, float scale, float hessian_perturbation) -> (Tensor, Tensor)");
 }
 
 // The module only carries the registrations above (loaded for its side effects) and a few

@@ -16,3 +16,5 @@ from .twice_differentiable import (  # noqa: F401
 __version__ = "0.1.0"
 from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget  # noqa: F401
 from .torch import TorchTensorUtilities, TorchTwiceDifferentiable  # noqa: F401
+# ---- inverse-HVP solvers ----
+from .inversion import InversionMethod, InversionRegistry, solve_hvp  # noqa: F401,E402

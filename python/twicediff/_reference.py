@@ -129,3 +129,30 @@ def mlp_hvp(x: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tenso
 
 
 # ---- solver ops ---------------------------------------------------------------------------------
+
+
+def cg_step(x: torch.Tensor, r: torch.Tensor, p: torch.Tensor, Ap: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x += alpha[:, None] p; r -= alpha[:, None] Ap; returns (r ** 2).sum(1) in float64."""
+    a = alpha.to(x.dtype)[:, None]
+    x.add_(a * p)
+    r.sub_(a * Ap)
+    return r.double().square().sum(1)
+
+
+def cg_direction(p: torch.Tensor, z: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """p = z + beta[:, None] p."""
+    return p.copy_(z + beta.to(p.dtype)[:, None] * p)
+
+
+def lissa_step(h: torch.Tensor, b: torch.Tensor, Hh: torch.Tensor, dampen: float, scale: float,
+               hessian_perturbation: float):
+    """h' = b + (1 - dampen - λ/scale) h - Hh/scale into h; per-row max and sum of |h'-h|/|h'|
+    (0/0 = 0), NaN in rows where h' is not finite."""
+    old = h.clone()
+    h.copy_(b + (1.0 - dampen - hessian_perturbation / scale) * old - Hh / scale)
+    delta = (h.double() - old.double()).abs()
+    rel = torch.where(delta == 0, torch.zeros_like(delta), delta / h.double().abs())
+    finite = torch.isfinite(h).all(1)
+    nan = torch.full((h.shape[0],), float("nan"), dtype=torch.float64, device=h.device)
+    max_rel = rel.amax(1) if h.shape[1] else rel.new_zeros(h.shape[0])
+    return torch.where(finite, max_rel, nan), torch.where(finite, rel.sum(1), nan)

@@ -1,0 +1,190 @@
+"""Inverse-HVP solvers: twicediff's block CG and Lanczos against pyDVL 0.7.1 on one problem.
+
+Problem (issue 8): MLP 64-64-10 with Tanh (P = 4,810) at its seeded default initialization,
+cross-entropy, 1,000 random training points in a loader of batch size 250, λ = 0.1, 64 right-hand
+sides = per-sample gradients of 64 random test points; CG with rtol 1e-6, atol 1e-10; the top 10
+eigenpairs of H + λI with tol 1e-6.
+
+Compared, on the same inputs (saved to a .pt file that pyDVL's runner loads):
+  - twicediff.torch.solve_batch_cg (all right-hand sides at once) vs pyDVL's
+    solve_hvp(InversionMethod.Cg, ...) (one right-hand side at a time), run in pyDVL's own venv
+    (benchmarks/.venv-pydvl, see setup_pydvl_venv.sh) by pydvl_solvers_runner.py;
+  - twicediff.torch.model_hessian_low_rank (Lanczos in torch) vs pyDVL's model_hessian_low_rank
+    (scipy eigsh, default ncv) and vs scipy eigsh on twicediff's own operator (hessian_operator(...)
+    .to_scipy(): same products, so this isolates the eigen solver).
+Rounds interleave the contenders; the table reports medians and ratios of medians.
+
+Usage: PYTHONPATH=python python benchmarks/bench_solvers.py [--rounds 3] [--out benchmarks/results/solvers_cpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAYERS = ["nn.Linear(64, 64)", "nn.Tanh()", "nn.Linear(64, 10)"]
+
+
+def make_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    x_train = torch.randn(1000, 64, generator=g)
+    y_train = torch.randint(0, 10, (1000,), generator=g)
+    x_test = torch.randn(64, 64, generator=g)
+    y_test = torch.randint(0, 10, (64,), generator=g)
+    return model, x_train, y_train, x_test, y_test
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pydvl-python", default=os.path.join(HERE, ".venv-pydvl", "bin", "python"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "solvers_cpu.md"))
+    ap.add_argument("--block-size", type=int, default=4, help="Lanczos block size")
+    ap.add_argument("--preconditioner", default=None, choices=[None, "jacobi", "nystrom"])
+    ap.add_argument("--per-column", action="store_true", help="CG: one Krylov space per column (no block Krylov)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both contenders")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+    from twicediff.torch import TorchTwiceDifferentiable, hessian_operator, model_hessian_low_rank, solve_batch_cg
+    from scipy.sparse.linalg import eigsh
+
+    model, x_train, y_train, x_test, y_test = make_problem()
+    td = TorchTwiceDifferentiable(model, nn.functional.cross_entropy)
+    P = td.num_params
+    b = torch.stack([td.grad(x_test[i:i + 1], y_test[i:i + 1]) for i in range(64)])
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=250)
+    cfg = dict(hessian_perturbation=0.1, rtol=1e-6, atol=1e-10, rank=10, eig_tol=1e-6, batch_size=250)
+
+    tmp = tempfile.mkdtemp(prefix="bench_solvers_")
+    inputs = os.path.join(tmp, "inputs.pt")
+    torch.save(dict(layers=LAYERS, state_dict=model.state_dict(), x_train=x_train, y_train=y_train, b=b, **cfg),
+               inputs)
+
+    def run_pydvl():
+        out = os.path.join(tmp, "pydvl_out.pt")
+        proc = subprocess.run([args.pydvl_python, os.path.join(HERE, "pydvl_solvers_runner.py"), inputs, out],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            sys.exit(f"pyDVL runner failed:\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(out)
+
+    def run_cg():
+        t = time.perf_counter()
+        res = solve_batch_cg(td, loader, b, cfg["hessian_perturbation"], rtol=cfg["rtol"], atol=cfg["atol"],
+                             preconditioner=args.preconditioner, block_krylov=not args.per_column)
+        return time.perf_counter() - t, res
+
+    def run_lanczos():
+        t = time.perf_counter()
+        lr = model_hessian_low_rank(td, loader, cfg["hessian_perturbation"], rank_estimate=cfg["rank"],
+                                    tol=cfg["eig_tol"], block_size=args.block_size)
+        return time.perf_counter() - t, lr
+
+    def run_eigsh_on_operator():
+        op = hessian_operator(td, loader, hessian_perturbation=cfg["hessian_perturbation"])
+        t = time.perf_counter()
+        vals = eigsh(op.to_scipy(), k=cfg["rank"], tol=cfg["eig_tol"], return_eigenvectors=False)
+        return time.perf_counter() - t, torch.as_tensor(sorted(vals)), op.num_passes
+
+    td.hvp(x_train[:250], y_train[:250], b[:2])  # warm-up (engine selection, allocator)
+    times = {k: [] for k in ("pydvl_cg", "td_cg", "pydvl_eigsh", "scipy_eigsh_td_op", "td_lanczos")}
+    for r in range(args.rounds):
+        meta, pyd = run_pydvl()
+        times["pydvl_cg"].append(meta["cg_s"])
+        times["pydvl_eigsh"].append(meta["eig_s"])
+        s, cg = run_cg()
+        times["td_cg"].append(s)
+        s, lr = run_lanczos()
+        times["td_lanczos"].append(s)
+        s, eig_op, eigsh_passes = run_eigsh_on_operator()
+        times["scipy_eigsh_td_op"].append(s)
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    N = b.shape[0]
+    optimal = [cg.info[f"batch_{i}"]["optimal"] for i in range(N)]
+    niter = [cg.info[f"batch_{i}"]["niter"] for i in range(N)]
+    op64 = hessian_operator(td, loader, hessian_perturbation=cfg["hessian_perturbation"])
+    true_res = ((op64.apply_rows(cg.x.double()) - b.double()).norm(dim=1) / b.double().norm(dim=1)).max().item()
+    col_rel = ((cg.x.double() - pyd["cg_x"].double()).norm(dim=1) / pyd["cg_x"].double().norm(dim=1))
+    eig_rel_pydvl = ((lr.eigen_vals.double() - pyd["eigen_vals"].double()).abs()
+                     / pyd["eigen_vals"].double().abs()).max().item()
+    eig_rel_op = ((lr.eigen_vals.double() - eig_op.double()).abs() / eig_op.double().abs()).max().item()
+    checks = {
+        "every twicediff CG column converged": all(optimal),
+        "every pyDVL CG column converged": all(meta["cg_optimal"]),
+        "CG solutions equal pyDVL's to 1e-4 relative (per column)": float(col_rel.max()) < 1e-4,
+        "Lanczos eigenvalues equal pyDVL/eigsh's to 1e-4 relative": eig_rel_pydvl < 1e-4,
+        "Lanczos eigenvalues equal eigsh on the same operator to 1e-4 relative": eig_rel_op < 1e-4,
+    }
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=HERE).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    lines = [
+        "# Inverse-HVP solvers on CPU: twicediff vs pyDVL 0.7.1",
+        "",
+        f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"load average at start {os.getloadavg()[0]:.1f}",
+        f"- torch {torch.__version__}, python {platform.python_version()}, commit {commit}{' (dirty)' if dirty else ''}",
+        f"- command: `PYTHONPATH=python python benchmarks/bench_solvers.py --rounds {args.rounds} "
+        f"--block-size {args.block_size}" + (f" --preconditioner {args.preconditioner}" if args.preconditioner else "")
+        + (" --per-column" if args.per_column else "") + (f" --threads {args.threads}" if args.threads else "")
+        + "`",
+        f"- problem: MLP 64-64-10 Tanh (P = {P}), cross-entropy, 1,000 training points in batches of 250, "
+        f"λ = 0.1, {N} right-hand sides (per-sample test gradients), CG rtol 1e-6 atol 1e-10; top-10 "
+        "eigenpairs of H + λI, tol 1e-6",
+        f"- medians of {args.rounds} interleaved rounds (seconds); ratio = baseline median / twicediff median",
+        "",
+        "| task | baseline | baseline s | twicediff | twicediff s | ratio |",
+        "|---|---|---:|---|---:|---:|",
+        f"| CG, {N} right-hand sides | pyDVL solve_hvp(Cg) | {med['pydvl_cg']:.2f} | solve_batch_cg "
+        f"(block, {cg.info['num_passes']} passes) | {med['td_cg']:.2f} | {med['pydvl_cg'] / med['td_cg']:.1f}× |",
+        f"| top-10 eigenpairs | pyDVL model_hessian_low_rank (eigsh) | {med['pydvl_eigsh']:.2f} | "
+        f"Lanczos (block {args.block_size}) | {med['td_lanczos']:.2f} | "
+        f"{med['pydvl_eigsh'] / med['td_lanczos']:.1f}× |",
+        f"| top-10 eigenpairs | scipy eigsh on twicediff's operator ({eigsh_passes} products) | "
+        f"{med['scipy_eigsh_td_op']:.2f} | Lanczos (block {args.block_size}) | {med['td_lanczos']:.2f} | "
+        f"{med['scipy_eigsh_td_op'] / med['td_lanczos']:.1f}× |",
+        "",
+        f"CG iterations per column: twicediff {min(niter)}–{max(niter)}, pyDVL {min(meta['cg_niter'])}–"
+        f"{max(meta['cg_niter'])}. Largest true relative residual ‖(H+λI)x−b‖/‖b‖ of twicediff's solutions "
+        f"(products in the model's float32): {true_res:.2e}. Largest per-column relative difference from "
+        f"pyDVL's solutions: {float(col_rel.max()):.2e}. Largest relative eigenvalue difference: vs pyDVL "
+        f"{eig_rel_pydvl:.2e}, vs eigsh on the same operator {eig_rel_op:.2e}.",
+        "",
+        "| check | |",
+        "|---|---|",
+        *[f"| {k} | {'yes' if v else 'NO'} |" for k, v in checks.items()],
+        "",
+        "All times per round: " + "; ".join(f"{k}: " + ", ".join(f"{x:.2f}" for x in v) for k, v in times.items()),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+r"""The curvature of a model's mean training loss as a linear operator, A = H + λI (or G + λI with
+G the generalized Gauss-Newton matrix), applied to blocks of vectors with one pass over the data.
+
+H is the Hessian of the mean loss over all N training points: the batch Hessians weighted by batch
+size, \(H = \sum_b (n_b / N) H_b\), each \(H_b\) the Hessian of the batch's loss as in
+:meth:`TorchTwiceDifferentiable.grad`. Every product goes through the batched
+:meth:`TorchTwiceDifferentiable.hvp` (the native engine when the model qualifies), so a block of D
+vectors costs one pass over the loader, not D. This is the one place that averages batch products:
+the solvers in :mod:`twicediff.torch.solvers` use it, and ``to_scipy()`` hands it to scipy.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..progress import progress_bar
+from .twice_differentiable import MODES, TorchTwiceDifferentiable
+
+__all__ = ["HessianOperator", "hessian_operator"]
+
+
+class HessianOperator:
+    r"""A = H + λI on P-dimensional vectors; H the (Gauss-Newton) Hessian of the mean training loss.
+
+    Attributes:
+        model, training_data, hessian_perturbation (λ), mode, shape (P, P), dtype, device.
+        num_points: N, the number of training points seen by the last pass (None before any).
+        num_passes: how many passes over the data this operator has made.
+    """
+
+    def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, *,
+                 hessian_perturbation: float = 0.0, mode: str = "hessian", progress: bool = False):
+        if not isinstance(model, TorchTwiceDifferentiable):
+            raise TypeError(f"hessian_operator: model must be a TorchTwiceDifferentiable, got {type(model).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"hessian_operator: mode must be one of {MODES}, got {mode!r}")
+        check_training_data(training_data, "hessian_operator")
+        lam = float(hessian_perturbation)
+        if not np.isfinite(lam):
+            raise ValueError(f"hessian_operator: hessian_perturbation must be a finite number, got {hessian_perturbation!r}")
+        self.model = model
+        self.training_data = training_data
+        self.hessian_perturbation = lam
+        self.mode = mode
+        self.progress = progress
+        P = model.num_params
+        self.shape: Tuple[int, int] = (P, P)
+        self.dtype = model.dtype
+        self.device = model.device
+        self.num_points: Optional[int] = None
+        self.num_passes = 0
+
+    def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
+        r"""A applied to each row of V: [D, P] → [D, P], \(\sum_b (n_b/N) H_b V_d + λ V_d\).
+
+        One pass over the data for all D rows. V may have any floating dtype: the products are taken
+        in the model's dtype and returned in V's dtype (on the model's device).
+        """
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] != self.shape[0]:
+            got = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+            raise ValueError(f"HessianOperator.apply_rows: V must be [D, P] with P = {self.shape[0]}, got {got}")
+        out_dtype = V.dtype
+        V = V.to(self.device)
+        Vm = V.to(self.dtype)
+        acc = torch.zeros(V.shape, dtype=out_dtype, device=self.device)
+        if V.shape[0] == 0:
+            return acc
+        total = 0
+        for x, y in progress_bar(self.training_data, self.progress, desc="hvp pass", unit="batch"):
+            n = int(x.shape[0]) if x.dim() > 0 else 1
+            acc.add_(self.model.hvp(x, y, Vm, mode=self.mode).to(out_dtype), alpha=n)
+            total += n
+        if total == 0:
+            raise ValueError("HessianOperator: training_data yielded no points; the Hessian of the mean loss "
+                             "needs at least one batch")
+        self.num_points = total
+        self.num_passes += 1
+        acc.div_(total)
+        if self.hessian_perturbation:
+            acc.add_(V, alpha=self.hessian_perturbation)
+        return acc
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """A v for v [P] → [P]."""
+        if not isinstance(v, torch.Tensor) or v.shape != (self.shape[0],):
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"HessianOperator.matvec: v must be [P] = [{self.shape[0]}], got {got}")
+        return self.apply_rows(v.unsqueeze(0))[0]
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        """A X for X [P, K] → [P, K] (one pass over the data for all K columns)."""
+        if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.shape[0] != self.shape[0]:
+            got = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
+            raise ValueError(f"HessianOperator.matmat: X must be [P, K] with P = {self.shape[0]}, got {got}")
+        return self.apply_rows(X.T).T
+
+    def to_scipy(self):
+        """A as a ``scipy.sparse.linalg.LinearOperator`` (matvec, matmat, rmatvec: A is symmetric) on
+        numpy arrays, computed in the model's dtype on its device and returned as numpy arrays."""
+        from scipy.sparse.linalg import LinearOperator
+
+        np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+
+        def rows(X: np.ndarray) -> np.ndarray:
+            V = torch.as_tensor(np.ascontiguousarray(X), device=self.device).to(self.dtype)
+            return self.apply_rows(V).cpu().numpy()
+
+        def mv(v):
+            return rows(np.asarray(v).reshape(1, -1))[0]
+
+        def mm(X):
+            return rows(np.asarray(X).T).T
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np_dtype)
+
+
+def check_training_data(training_data, where: str) -> None:
+    """ValueError / TypeError for a loader that is None, not iterable, or has length 0."""
+    if training_data is None or not hasattr(training_data, "__iter__"):
+        raise TypeError(f"{where}: training_data must be an iterable of (x, y) batches (e.g. a DataLoader), "
+                        f"got {type(training_data).__name__}")
+    try:
+        n = len(training_data)
+    except TypeError:
+        return
+    if n == 0:
+        raise ValueError(f"{where}: training_data must not be empty (a loader of (x, y) batches), got 0 batches")
+
+
+def hessian_operator(model: TorchTwiceDifferentiable, training_data: Iterable, *, hessian_perturbation: float = 0.0,
+                     mode: str = "hessian", progress: bool = False) -> HessianOperator:
+    r"""A = H + λI for H the Hessian (``mode="hessian"``) or Gauss-Newton matrix (``"gauss_newton"``)
+    of the model's mean loss over ``training_data``; see :class:`HessianOperator`.
+
+    ``matvec`` ([P] → [P]) and ``matmat`` ([P, K] → [P, K]) take torch tensors, one pass over the
+    data per call; ``to_scipy()`` gives a ``scipy.sparse.linalg.LinearOperator`` for scipy's cg,
+    minres, eigsh, ...
+    """
+    return HessianOperator(model, training_data, hessian_perturbation=hessian_perturbation, mode=mode,
+                           progress=progress)
