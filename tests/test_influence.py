@@ -142,40 +142,118 @@ def test_per_sample_handles_an_empty_block():
 # ---- linear least squares: closed forms -----------------------------------------------------------
 
 
-def least_squares_problem(N=12, d=3, seed=2):
-    torch.manual_seed(seed)
-    module = nn.Linear(d, 1).double().eval()
-    x = torch.randn(N, d, dtype=F64)
-    y = torch.randn(N, 1, dtype=F64)
-    return module, x, y
+class LeastSquares:
+    """ℓ(z) = (w·x + b − y)² for nn.Linear(d, 1) and MSE, in closed form (θ = [w; b]):
+    ∇θℓ = 2r[x; 1] with r = w·x + b − y, H = (2/N) Σ [x; 1][x; 1]ᵀ, and for a factor f = [f_w; f_b]
+    ∇x(f·∇θℓ) = 2w(f_w·x + f_b) + 2r f_w."""
 
+    def __init__(self, N=12, d=3, seed=2):
+        torch.manual_seed(seed)
+        self.module = nn.Linear(d, 1).double().eval()
+        self.model = twicediff.TorchTwiceDifferentiable(self.module, nn.functional.mse_loss)
+        self.x, self.y = torch.randn(N, d, dtype=F64), torch.randn(N, 1, dtype=F64)
+        self.test_x, self.test_y = self.x[:4] + 0.1, self.y[:4]
+        self.w, self.b = self.module.weight.detach()[0], self.module.bias.detach()[0]
+        A = self.augmented(self.x)
+        self.H = 2 * A.T @ A / N
 
-def least_squares_closed_form(module, x, y, test_x, test_y, lam):
-    """ℓ(z) = (w·x + b − y)²: ∇θℓ = 2r[x; 1], H = (2/N) Σ [x; 1][x; 1]ᵀ, ∇x(f·∇θℓ) = 2w(f_w·x + f_b) + 2r f_w."""
-    w, b = module.weight.detach()[0], module.bias.detach()[0]
-    A = torch.cat([x, torch.ones(x.shape[0], 1, dtype=F64)], 1)
-    H = 2 * A.T @ A / x.shape[0]
-    r_test = test_x @ w + b - test_y[:, 0]
-    g_test = 2 * r_test[:, None] * torch.cat([test_x, torch.ones(test_x.shape[0], 1, dtype=F64)], 1)
-    factors = torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=F64), g_test.T).T
-    r = x @ w + b - y[:, 0]
-    g = 2 * r[:, None] * A
-    up = factors @ g.T
-    fw, fb = factors[:, :-1], factors[:, -1]
-    pert = 2 * w[None, None, :] * (fw @ x.T + fb[:, None])[:, :, None] + 2 * r[None, :, None] * fw[:, None, :]
-    return factors, up, pert
+    @staticmethod
+    def augmented(x):
+        return torch.cat([x, torch.ones(x.shape[0], 1, dtype=F64)], 1)
+
+    def grads(self, x, y):
+        return 2 * (x @ self.w + self.b - y[:, 0])[:, None] * self.augmented(x)
+
+    def factors(self, lam, rank=None):
+        """(H + λI)⁻¹ g_t, or with only the top ``rank`` eigenpairs of H + λI (what Arnoldi inverts)."""
+        evals, evecs = torch.linalg.eigh(self.H + lam * torch.eye(self.H.shape[0], dtype=F64))
+        if rank is not None:
+            evals, evecs = evals[-rank:], evecs[:, -rank:]
+        return self.grads(self.test_x, self.test_y) @ evecs @ torch.diag(1 / evals) @ evecs.T
+
+    def up(self, factors):
+        return factors @ self.grads(self.x, self.y).T
+
+    def pert(self, factors):
+        fw, fb = factors[:, :-1], factors[:, -1]
+        r = self.x @ self.w + self.b - self.y[:, 0]
+        return (2 * self.w[None, None, :] * (fw @ self.x.T + fb[:, None])[:, :, None]
+                + 2 * r[None, :, None] * fw[:, None, :])
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
 def test_least_squares_up_and_perturbation_match_the_closed_form(lam):
-    module, x, y = least_squares_problem()
-    model = twicediff.TorchTwiceDifferentiable(module, nn.functional.mse_loss)
-    test_x, test_y = x[:4] + 0.1, y[:4]
-    factors, up, pert = least_squares_closed_form(module, x, y, test_x, test_y, lam)
-    torch.testing.assert_close(reference_factors(module, nn.functional.mse_loss, x, y, test_x, test_y, lam), factors)
-    torch.testing.assert_close(inf.compute_influences_up(model, loader(x, y, 5), factors), up, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(inf.compute_influences_pert(model, loader(x, y, 5), factors), pert,
+    ls = LeastSquares()
+    factors = ls.factors(lam)
+    torch.testing.assert_close(reference_factors(ls.module, nn.functional.mse_loss, ls.x, ls.y, ls.test_x, ls.test_y,
+                                                 lam), factors)
+    data = loader(ls.x, ls.y, 5)
+    torch.testing.assert_close(inf.compute_influences_up(ls.model, data, factors), ls.up(factors),
                                rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inf.compute_influences_pert(ls.model, data, factors), ls.pert(factors),
+                               rtol=1e-12, atol=1e-12)
+
+
+# Each inversion method with options that make it converge on the least-squares problem (P = 4), the
+# loader batch it is run with, the factors it should reach, and a tolerance that fits it.
+METHODS = {
+    "direct": ({}, 5, None, 1e-10),
+    "cg": ({"maxiter": 50, "rtol": 1e-13, "atol": 1e-14}, 5, None, 1e-8),
+    # one batch: LiSSA's batch Hessians are then exact; contraction 1 − λ_min/scale per step
+    "lissa": ({"maxiter": 20000, "scale": 10.0, "rtol": 1e-14}, 12, None, 1e-5),
+    # the top 3 of the 4 eigenpairs of H + λI
+    "arnoldi": ({"rank_estimate": 3}, 5, 3, 1e-6),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compute_influences_matches_least_squares_closed_form_for_every_inversion_method(method):
+    kwargs, batch, rank, tol = METHODS[method]
+    lam = 0.5
+    ls = LeastSquares()
+    train, test = loader(ls.x, ls.y, batch), loader(ls.test_x, ls.test_y, 3)
+    expected = ls.factors(lam, rank)
+    factors, _ = inf.compute_influence_factors(ls.model, train, test, method, hessian_perturbation=lam, **kwargs)
+    torch.testing.assert_close(factors, expected, rtol=tol, atol=tol)
+    up = twicediff.compute_influences(ls.model, train, test_data=test, inversion_method=method,
+                                      hessian_regularization=lam, **kwargs)
+    torch.testing.assert_close(up, ls.up(expected), rtol=tol, atol=tol)
+    pert = twicediff.compute_influences(ls.model, train, test_data=test, input_data=loader(ls.x, ls.y, 7),
+                                        inversion_method=method, influence_type="perturbation",
+                                        hessian_regularization=lam, progress=True, **kwargs)
+    torch.testing.assert_close(pert, ls.pert(expected), rtol=tol, atol=tol)
+
+
+def test_compute_influences_defaults_test_and_input_data_to_the_training_data():
+    ls = LeastSquares()
+    train = loader(ls.x, ls.y, 5)
+    full = twicediff.compute_influences(ls.model, train, hessian_regularization=0.5)
+    g = ls.grads(ls.x, ls.y)
+    expected = g @ torch.linalg.solve(ls.H + 0.5 * torch.eye(4, dtype=F64), g.T)
+    torch.testing.assert_close(full, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["direct", "cg"])
+def test_self_influence_is_the_diagonal_of_the_full_matrix(method):
+    kwargs = METHODS[method][0]
+    module, model, x, y, _ = mlp_problem(N=11)
+    train = loader(x, y, 4)
+    full = twicediff.compute_influences(model, train, inversion_method=method, hessian_regularization=0.1, **kwargs)
+    assert full.shape == (11, 11)
+    self_inf = twicediff.compute_self_influences(model, train, inversion_method=method, hessian_regularization=0.1,
+                                                 progress=True, **kwargs)
+    torch.testing.assert_close(self_inf, torch.diagonal(full), rtol=1e-8, atol=1e-10)
+
+
+def test_self_influence_under_a_small_budget_solves_in_several_blocks():
+    ls = LeastSquares()
+    train = loader(ls.x, ls.y, 5)
+    g = ls.grads(ls.x, ls.y)
+    expected = torch.einsum("ip,ip->i", g, torch.linalg.solve(ls.H + 0.5 * torch.eye(4, dtype=F64), g.T).T)
+    # 8 buffered rows of P = 4 (6·P·8 bytes a row): the 12 points are solved as 8 + 4
+    with twicediff.memory_budget(8 * 6 * 4 * 8):
+        self_inf = twicediff.compute_self_influences(ls.model, train, hessian_regularization=0.5)
+    torch.testing.assert_close(self_inf, expected, rtol=1e-10, atol=1e-12)
 
 
 # ---- MLP against the slow reference; streaming ------------------------------------------------------
@@ -257,6 +335,8 @@ def test_bad_inputs_raise_clear_errors():
         inf.compute_influences_up(model, loader(x.float(), y, 4), factors)
     with pytest.raises(ValueError, match="influence_type must be one of \\['up', 'perturbation'\\], got 'down'"):
         inf.compute_influences(model, data, influence_type="down")
+    with pytest.raises(ValueError, match="inversion_method must be one of .*got 'newton'"):
+        inf.compute_influences(model, data, inversion_method="newton")
 
 
 def test_perturbation_needs_floating_inputs():

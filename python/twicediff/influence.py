@@ -22,6 +22,7 @@ Batches are moved to the model's device and results stay there.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from enum import Enum
 from typing import Any, Iterator, List, Optional, Tuple
@@ -30,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import _ops
-from .inversion import InversionMethod, solve_hvp
+from .inversion import InversionMethod, InversionRegistry, solve_hvp
 from .memory import chunk_size, get_memory_budget
 from .progress import progress_bar
 from .torch.per_sample import bytes_per_sample, per_sample_grads, per_sample_mixed_products
@@ -153,6 +154,15 @@ def _gradient_matrix(model: TorchTwiceDifferentiable, data: Any, where: str, nam
     return TorchTensorUtilities.cat_gen(blocks, (n, model.num_params), model)
 
 
+def _solver_options(model: TorchTwiceDifferentiable, inversion_method: Any, progress: bool, kwargs: dict) -> dict:
+    """The options for :func:`solve_hvp`: ``kwargs``, plus ``progress`` when the solver registered
+    for the method takes it. Checks the method before any work is done."""
+    solver = InversionRegistry.get(type(model), inversion_method)
+    if progress and "progress" in inspect.signature(solver).parameters:
+        return {**kwargs, "progress": progress}
+    return kwargs
+
+
 def _as_influence_type(influence_type: Any) -> InfluenceType:
     try:
         return InfluenceType(influence_type)
@@ -176,16 +186,17 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
         test_data: (x, y) batches of the test points z_t.
         inversion_method: how to solve (see :func:`twicediff.inversion.solve_hvp`).
         hessian_perturbation: λ ≥ 0.
-        progress: show a bar over the test batches.
+        progress: show bars over the test batches and, when the solver takes ``progress``, its own.
         kwargs: options of the inversion method.
 
     Returns:
         InverseHvpResult: x [N_test, P] (on the model's device) and the solver's info.
     """
     model = _check_model(model, "compute_influence_factors")
+    options = _solver_options(model, inversion_method, progress, kwargs)
     rhs = _gradient_matrix(model, test_data, "compute_influence_factors", "test_data", progress)
     return solve_hvp(inversion_method, model, training_data, rhs, hessian_perturbation=hessian_perturbation,
-                     **kwargs)
+                     **options)
 
 
 def compute_influences_up(model: TorchTwiceDifferentiable, input_data: DataLoaderType,
@@ -304,11 +315,12 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
         training_data: (x, y) batches: the points, and the mean loss whose Hessian is H.
         inversion_method: Direct, Cg, Lissa or Arnoldi.
         hessian_regularization: λ ≥ 0.
-        progress: show a bar over the training batches.
+        progress: show bars over the training batches and, when the solver takes ``progress``, its own.
         kwargs: options of the inversion method.
     """
     where = "compute_self_influences"
     model = _check_model(model, where)
+    options = _solver_options(model, inversion_method, progress, kwargs)
     P = model.num_params
     elem = torch.finfo(model.dtype).bits // 8
     n = _num_points(training_data)
@@ -320,7 +332,7 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     def flush(filled: int) -> None:
         g = buffer[:filled]
         x = solve_hvp(inversion_method, model, training_data, g, hessian_perturbation=hessian_regularization,
-                      **kwargs).x
+                      **options).x
         results.append(torch.einsum("ip,ip->i", g, x.to(g.dtype)))
 
     filled = 0
