@@ -294,6 +294,13 @@ def test_streamed_and_unstreamed_up_influence_agree_and_chunks_follow_the_budget
     torch.testing.assert_close(streamed, whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pert_small_chunks, inf.compute_influences_pert(model, data, factors),
                                rtol=1e-12, atol=1e-12)
+    # non-contiguous factors and inputs
+    factors_t = factors.T.contiguous().T
+    x_t = x.T.contiguous().T
+    assert not factors_t.is_contiguous() and not x_t.is_contiguous()
+    with twicediff.memory_budget(8 * (3 * P + 6 * 20) * 3):
+        torch.testing.assert_close(inf.compute_influences_up(model, [(x_t, y)], factors_t), whole,
+                                   rtol=1e-12, atol=1e-12)
     # data whose size cannot be known up front streams as well: a list of batches and a generator
     batches = [(x[:7], y[:7]), (x[7:], y[7:])]
     torch.testing.assert_close(inf.compute_influences_up(model, batches, factors), whole, rtol=1e-12, atol=1e-12)
