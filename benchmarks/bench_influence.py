@@ -83,7 +83,7 @@ def end_to_end(reps: int, pydvl_python: str, threads: int) -> list:
         path = os.path.join(tmp, "inputs.pt")
         torch.save(inputs, path)
         for method in SOLVER_OPTIONS:
-            ours, theirs = [], []
+            ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
             twicediff_influences({**inputs, "train_x": inputs["train_x"][:16], "test_x": inputs["test_x"][:2],
                                   "train_y": inputs["train_y"][:16], "test_y": inputs["test_y"][:2]}, method)  # warm-up
             for _ in range(reps):  # interleaved: pyDVL, then twicediff
@@ -92,12 +92,16 @@ def end_to_end(reps: int, pydvl_python: str, threads: int) -> list:
                                       check=True, capture_output=True, text=True)
                 info = json.loads(proc.stdout.strip().splitlines()[-1])
                 theirs.append(info["seconds"])
-                start = time.perf_counter()
+                theirs_cpu.append(info["cpu_seconds"])
+                start, start_cpu = time.perf_counter(), time.process_time()
                 values = twicediff_influences(inputs, method)
                 ours.append(time.perf_counter() - start)
+                ours_cpu.append(time.process_time() - start_cpu)
             pydvl_values = torch.load(out)
             rows.append({"method": method, "pydvl_s": statistics.median(theirs), "twicediff_s": statistics.median(ours),
                          "speedup": statistics.median(theirs) / statistics.median(ours),
+                         "pydvl_cpu_s": statistics.median(theirs_cpu), "twicediff_cpu_s": statistics.median(ours_cpu),
+                         "cpu_speedup": statistics.median(theirs_cpu) / statistics.median(ours_cpu),
                          "vs_pydvl": relative_error(values, pydvl_values),
                          "twicediff_vs_f64": relative_error(values, reference),
                          "pydvl_vs_f64": relative_error(pydvl_values, reference),
@@ -167,14 +171,17 @@ def write_table(path: str, e2e: list, scale: list, threads: int) -> None:
         f"MLP 64-64-10 Tanh (P = 4,810) at its seeded default init, cross-entropy, {N_TRAIN} random training points "
         f"(loader batch {BATCH}), {N_TEST} random test points, λ = {LAM}, float32. Both sides run the same inputs; "
         f"median of {e2e[0]['reps'] if e2e else 0} interleaved runs each (pyDVL timed inside its own process after a "
-        "warm-up, twicediff likewise). Errors are max |a − b| / max |b|; f64 is twicediff Direct in float64.",
+        "warm-up, twicediff likewise). CPU is the process CPU time of the timed run (all threads), less sensitive to "
+        "other jobs than wall time. Errors are max |a − b| / max |b|; f64 is twicediff Direct in float64.",
         "",
-        "| inversion | pyDVL 0.7.1 (s) | twicediff (s) | speedup | twicediff vs pyDVL | twicediff vs f64 | pyDVL vs f64 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| inversion | pyDVL 0.7.1 wall (s) | twicediff wall (s) | speedup (wall) | pyDVL CPU (s) | twicediff CPU (s) "
+        "| speedup (CPU) | twicediff vs pyDVL | twicediff vs f64 | pyDVL vs f64 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in e2e:
         lines.append(f"| {r['method']}{' (maxiter 100)' if r['method'] == 'cg' else ''} | {r['pydvl_s']:.3f} | "
-                     f"{r['twicediff_s']:.3f} | {r['speedup']:.1f}× | {r['vs_pydvl']:.1e} | "
+                     f"{r['twicediff_s']:.3f} | {r['speedup']:.1f}× | {r['pydvl_cpu_s']:.2f} | {r['twicediff_cpu_s']:.2f} | "
+                     f"{r['cpu_speedup']:.1f}× | {r['vs_pydvl']:.1e} | "
                      f"{r['twicediff_vs_f64']:.1e} | {r['pydvl_vs_f64']:.1e} |")
     lines += [
         "",
