@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=os.path.join(HERE, "results", "influence_cpu.md"))
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--scaling-child", nargs=2, metavar=("N", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -221,10 +222,10 @@ def main() -> None:
         scaling_child(int(args.scaling_child[0]), args.scaling_child[1], args.threads)
         return
     pydvl_python = os.environ.get("PYDVL_PYTHON", os.path.join(HERE, ".venv-pydvl", "bin", "python"))
-    if not os.path.exists(pydvl_python):
+    if not args.skip_end_to_end and not os.path.exists(pydvl_python):
         sys.exit(f"bench_influence: no pyDVL interpreter at {pydvl_python}; run benchmarks/setup_pydvl_venv.sh "
                  "or set PYDVL_PYTHON")
-    e2e = end_to_end(args.reps, pydvl_python, args.threads)
+    e2e = [] if args.skip_end_to_end else end_to_end(args.reps, pydvl_python, args.threads)
     scale = [] if args.skip_scaling else scaling(args.threads)
     write_table(args.out, e2e, scale, args.threads)
 
