@@ -307,8 +307,10 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     the diagonal of ``compute_influences(model, training_data)`` without forming the [N, N]
     matrix. Large values flag points the model fits poorly, e.g. mislabeled ones.
 
-    The gradients are packed into a buffer of as many rows as the memory budget allows, solved for
-    in one call of the inversion method per full buffer, and dotted row by row with the solutions.
+    The per-sample gradients are gathered in blocks of as many rows as the memory budget allows;
+    each block is packed into a [rows, P] matrix, solved for in one call of the inversion method
+    (Direct thus builds the Hessian once per block: one block unless the budget is small) and
+    dotted row by row with its solutions.
 
     Args:
         model: the model and loss.
@@ -324,28 +326,29 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     P = model.num_params
     elem = torch.finfo(model.dtype).bits // 8
     n = _num_points(training_data)
-    # A buffered row holds its gradient, its solution and about 4 more rows of solver work.
+    # A row of a block holds its gradient (twice while it is packed), its solution and about 3 more
+    # rows of solver work.
     rows = chunk_size(n if n is not None else 2 ** 62, 6 * P * elem, model.device, what="self-influence rows")
-    buffer = torch.empty(rows, P, dtype=model.dtype, device=model.device)
     results: List[torch.Tensor] = []
+    pending: List[List[torch.Tensor]] = []
+    filled = 0
 
-    def flush(filled: int) -> None:
-        g = buffer[:filled]
+    def flush() -> None:
+        g = TorchTensorUtilities.cat_gen(pending, (filled, P), model)
         x = solve_hvp(inversion_method, model, training_data, g, hessian_perturbation=hessian_regularization,
                       **options).x
         results.append(torch.einsum("ip,ip->i", g, x.to(g.dtype)))
 
-    filled = 0
     for blocks in _gradient_blocks(model, training_data, where, "training_data", progress):
         B, start = blocks[0].shape[0], 0
         while start < B:
             take = min(B - start, rows - filled)
-            _ops.pack_into([b[start:start + take] for b in blocks], buffer, filled)
+            pending.append([b[start:start + take] for b in blocks])
             filled += take
             start += take
             if filled == rows:
-                flush(filled)
-                filled = 0
+                flush()
+                pending, filled = [], 0
     if filled:
-        flush(filled)
+        flush()
     return torch.cat(results)
