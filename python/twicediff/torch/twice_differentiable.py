@@ -12,6 +12,7 @@ from ..memory import chunk_size
 from ..progress import progress_bar
 from ..twice_differentiable import TwiceDifferentiable
 from . import hvp as _hvp
+from .native_engine import build_native_engine
 
 __all__ = ["TorchTwiceDifferentiable"]
 
@@ -173,7 +174,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         v = self._check_v(v, "hvp")
         one = v.dim() == 1
         V = v.unsqueeze(0) if one else v
-        compute, per_direction = self._engine(engine, x)
+        compute, per_direction = self._engine(engine, x, y)
         D = V.shape[0]
         out = torch.empty_like(V)
         step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
@@ -183,16 +184,14 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         return out[0] if one else out
 
     # ---- engines -----------------------------------------------------------------------------
-    def _engine(self, engine: str, x: torch.Tensor):
+    def _engine(self, engine: str, x: torch.Tensor, y: torch.Tensor):
         """(compute(x, y, v, mode) -> [D, P], bytes one direction needs)."""
         if engine in ("auto", "native"):
-            try:  # TRANSITIONAL until the native engine lands; lead removes this
-                from .native_engine import build_native_engine
-            except ImportError:
-                build_native_engine = lambda m, l: (None, "the native engine is not built yet")
             native, reason = build_native_engine(self.model, self.loss)
             if native is not None:
-                return native.hvp, native.bytes_per_direction(x.shape[0])
+                reason = native.unsupported_input_reason(x, y)
+                if not reason:
+                    return native.hvp, native.bytes_per_direction(x.shape[0])
             if engine == "native":
                 raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
         per_direction = self._bytes_per_direction(x)
