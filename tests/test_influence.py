@@ -215,10 +215,10 @@ def test_compute_influences_matches_least_squares_closed_form_for_every_inversio
     expected = ls.factors(lam, rank)
     factors, _ = inf.compute_influence_factors(ls.model, train, test, method, hessian_perturbation=lam, **kwargs)
     torch.testing.assert_close(factors, expected, rtol=tol, atol=tol)
-    up = twicediff.compute_influences(ls.model, train, test_data=test, inversion_method=method,
+    up = inf.compute_influences(ls.model, train, test_data=test, inversion_method=method,
                                       hessian_regularization=lam, **kwargs)
     torch.testing.assert_close(up, ls.up(expected), rtol=tol, atol=tol)
-    pert = twicediff.compute_influences(ls.model, train, test_data=test, input_data=loader(ls.x, ls.y, 7),
+    pert = inf.compute_influences(ls.model, train, test_data=test, input_data=loader(ls.x, ls.y, 7),
                                         inversion_method=method, influence_type="perturbation",
                                         hessian_regularization=lam, progress=True, **kwargs)
     torch.testing.assert_close(pert, ls.pert(expected), rtol=tol, atol=tol)
@@ -227,7 +227,7 @@ def test_compute_influences_matches_least_squares_closed_form_for_every_inversio
 def test_compute_influences_defaults_test_and_input_data_to_the_training_data():
     ls = LeastSquares()
     train = loader(ls.x, ls.y, 5)
-    full = twicediff.compute_influences(ls.model, train, hessian_regularization=0.5)
+    full = inf.compute_influences(ls.model, train, hessian_regularization=0.5)
     g = ls.grads(ls.x, ls.y)
     expected = g @ torch.linalg.solve(ls.H + 0.5 * torch.eye(4, dtype=F64), g.T)
     torch.testing.assert_close(full, expected, rtol=1e-10, atol=1e-10)
@@ -237,10 +237,10 @@ def test_compute_influences_defaults_test_and_input_data_to_the_training_data():
 def test_self_influence_is_the_diagonal_of_the_full_matrix(method):
     kwargs = METHODS[method][0]
     module, model, x, y, _ = mlp_problem(N=11)
-    train = loader(x, y, 4)
-    full = twicediff.compute_influences(model, train, inversion_method=method, hessian_regularization=0.1, **kwargs)
+    train = loader(x, y, 11)  # one batch: a pass over the data is one product
+    full = inf.compute_influences(model, train, inversion_method=method, hessian_regularization=0.1, **kwargs)
     assert full.shape == (11, 11)
-    self_inf = twicediff.compute_self_influences(model, train, inversion_method=method, hessian_regularization=0.1,
+    self_inf = inf.compute_self_influences(model, train, inversion_method=method, hessian_regularization=0.1,
                                                  progress=True, **kwargs)
     torch.testing.assert_close(self_inf, torch.diagonal(full), rtol=1e-8, atol=1e-10)
 
@@ -252,7 +252,7 @@ def test_self_influence_under_a_small_budget_solves_in_several_blocks():
     expected = torch.einsum("ip,ip->i", g, torch.linalg.solve(ls.H + 0.5 * torch.eye(4, dtype=F64), g.T).T)
     # 8 buffered rows of P = 4 (6·P·8 bytes a row): the 12 points are solved as 8 + 4
     with twicediff.memory_budget(8 * 6 * 4 * 8):
-        self_inf = twicediff.compute_self_influences(ls.model, train, hessian_regularization=0.5)
+        self_inf = inf.compute_self_influences(ls.model, train, hessian_regularization=0.5)
     torch.testing.assert_close(self_inf, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -370,3 +370,9 @@ def test_device_results_match_the_cpu(device):
     assert up.device.type == device.type and pert.device.type == device.type
     torch.testing.assert_close(up.cpu(), up_cpu, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(pert.cpu(), pert_cpu, rtol=1e-10, atol=1e-12)
+
+
+def test_influence_api_is_exported_at_the_top_level():
+    for name in inf.__all__:
+        assert getattr(twicediff, name) is getattr(inf, name)
+    assert inf.InfluenceType("up") is inf.InfluenceType.Up and inf.InfluenceType.Perturbation == "perturbation"
