@@ -7,7 +7,7 @@
    same inputs (a .pt file); the repetitions of both sides are interleaved and the medians compared.
    Values are compared with pyDVL's and with a float64 Direct reference.
 2. Scaling of ``compute_influences_up`` in N_input ∈ {1e3, 1e4, 1e5} (64 factors, same model): time
-   and peak resident memory (ru_maxrss), each case in a fresh subprocess, with the default memory
+   and peak resident memory (VmHWM), each case in a fresh subprocess, with the default memory
    budget (gradients packed into one [N_input, P] matrix while it fits) and with a 64 MiB budget
    (streamed: [N_input, P] never held).
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -110,8 +109,15 @@ def end_to_end(reps: int, pydvl_python: str, threads: int) -> list:
     return rows
 
 
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now; VmHWM: peak resident), in MiB.
+    VmHWM starts afresh at exec, unlike ru_maxrss, which a child inherits from its parent."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
 def scaling_child(n: int, budget: str, threads: int) -> None:
-    """One scaling case, in its own process: prints {seconds, max_rss_mib, input_mib}."""
+    """One scaling case, in its own process: prints {seconds, rss_before_mib, peak_rss_mib, input_mib}."""
     torch.set_num_threads(threads)
     inputs = make_inputs(threads)
     model = wrapped_model(inputs)
@@ -122,11 +128,12 @@ def scaling_child(n: int, budget: str, threads: int) -> None:
     compute_influences_up(model, DataLoader(TensorDataset(x[:BATCH], y[:BATCH]), batch_size=BATCH), factors)
     if budget == "stream":
         twicediff.set_memory_budget(STREAM_BUDGET)
+    rss_before = _status_mib("VmRSS")
     start = time.perf_counter()
     scores = compute_influences_up(model, data, factors)
     seconds = time.perf_counter() - start
     assert scores.shape == (N_TEST, n)
-    print(json.dumps({"seconds": seconds, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"seconds": seconds, "rss_before_mib": rss_before, "peak_rss_mib": _status_mib("VmHWM"),
                       "input_mib": (x.numel() * 4 + y.numel() * 8) / 2 ** 20}))
 
 
@@ -172,7 +179,9 @@ def write_table(path: str, e2e: list, scale: list, threads: int) -> None:
         f"(loader batch {BATCH}), {N_TEST} random test points, λ = {LAM}, float32. Both sides run the same inputs; "
         f"median of {e2e[0]['reps'] if e2e else 0} interleaved runs each (pyDVL timed inside its own process after a "
         "warm-up, twicediff likewise). CPU is the process CPU time of the timed run (all threads), less sensitive to "
-        "other jobs than wall time. Errors are max |a − b| / max |b|; f64 is twicediff Direct in float64.",
+        "other jobs than wall time. Errors are max |a − b| / max |b|; f64 is twicediff Direct in float64. A large "
+        "error against f64 means the solver did not converge (e.g. CG within maxiter on an H + λI that is not "
+        "positive definite); agreement between the two libraries is then not expected.",
         "",
         "| inversion | pyDVL 0.7.1 wall (s) | twicediff wall (s) | speedup (wall) | pyDVL CPU (s) | twicediff CPU (s) "
         "| speedup (CPU) | twicediff vs pyDVL | twicediff vs f64 | pyDVL vs f64 |",
@@ -190,17 +199,20 @@ def write_table(path: str, e2e: list, scale: list, threads: int) -> None:
         f"Same model, {N_TEST} factors (random), loader batch {BATCH}; each case in a fresh process. `default`: the "
         "default memory budget (half the free memory), under which the input gradients are packed into one "
         f"[N_input, P] matrix; `stream`: a {STREAM_BUDGET // 2 ** 20} MiB budget, under which scores are computed "
-        "block by block and [N_input, P] is never held. Peak RSS is the whole process (torch included); the "
-        "input tensors themselves are listed. Time ratio: time / (time at N = 1e3) of the same budget, "
+        "block by block and [N_input, P] is never held. RSS before: resident memory of the process (torch, model, "
+        "inputs, factors) just before the timed call; peak: the process's peak resident memory (VmHWM); growth = "
+        "peak − before. Time ratio: time / (time at N = 1e3) of the same budget, "
         "to compare with N / 1e3.",
         "",
-        "| budget | N_input | time (s) | time ratio (N/1e3) | µs / point | peak RSS (MiB) | inputs (MiB) | [N, P] f32 (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| budget | N_input | time (s) | time ratio (N/1e3) | µs / point | RSS before (MiB) | peak RSS (MiB) "
+        "| growth (MiB) | inputs (MiB) | [N, P] f32 (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {r["budget"]: r["seconds"] for r in scale if r["n"] == 1_000}
     for r in scale:
         lines.append(f"| {r['budget']} | {r['n']:,} | {r['seconds']:.3f} | {r['seconds'] / base[r['budget']]:.1f} "
-                     f"({r['n'] // 1000}) | {1e6 * r['seconds'] / r['n']:.1f} | {r['max_rss_mib']:.0f} | "
+                     f"({r['n'] // 1000}) | {1e6 * r['seconds'] / r['n']:.1f} | {r['rss_before_mib']:.0f} | "
+                     f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_mib']:.0f} | "
                      f"{r['input_mib']:.1f} | {r['n'] * 4810 * 4 / 2 ** 20:.0f} |")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
