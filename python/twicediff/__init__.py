@@ -16,3 +16,12 @@ from .twice_differentiable import (  # noqa: F401
 __version__ = "0.1.0"
 from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget  # noqa: F401
 from .torch import TorchTensorUtilities, TorchTwiceDifferentiable  # noqa: F401
+# ---- influence functions ----
+from .influence import (  # noqa: F401,E402
+    InfluenceType,
+    compute_influence_factors,
+    compute_influences,
+    compute_influences_pert,
+    compute_influences_up,
+    compute_self_influences,
+)
