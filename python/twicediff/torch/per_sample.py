@@ -11,8 +11,9 @@ of one: ``ℓ(x_i, y_i) = loss(squeeze(model(x_i[None])), squeeze(y_i[None]))``.
   x_i for j ≠ i; T backward passes over the block instead of T·B over single points.
 - :func:`bytes_per_sample` — the memory estimate the callers chunk blocks with.
 
-Where torch.func cannot run the model (an op without a vmap rule), both fall back to one autograd
-pass per sample, as pyDVL 0.7 computes them, and log it once.
+Where torch.func cannot run the model (an op without a vmap rule), both fall back to one forward
+pass per sample through plain autograd (gradients: also one backward per sample, as pyDVL 0.7
+computes them), and log it once per function.
 """
 from __future__ import annotations
 
