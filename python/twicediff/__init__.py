@@ -4,6 +4,17 @@ Gradients, Hessians, batched Hessian-vector products, inverse-HVP solvers and in
 with the API of pyDVL 0.7's ``pydvl.influence`` on native CPU/CUDA kernels.
 """
 from ._build import build_info  # noqa: F401  (loads the native ops first, with a clear error)
+from .influence import (  # noqa: F401
+    InfluenceType,
+    compute_influence_factors,
+    compute_influences,
+    compute_influences_pert,
+    compute_influences_up,
+    compute_self_influences,
+)
+from .inversion import InversionMethod, InversionRegistry, solve_hvp  # noqa: F401
+from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget  # noqa: F401
+from .torch import TorchTensorUtilities, TorchTwiceDifferentiable  # noqa: F401
 from .twice_differentiable import (  # noqa: F401
     DataLoaderType,
     InverseHvpResult,
@@ -14,7 +25,3 @@ from .twice_differentiable import (  # noqa: F401
 )
 
 __version__ = "0.1.0"
-from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget  # noqa: F401
-from .torch import TorchTensorUtilities, TorchTwiceDifferentiable  # noqa: F401
-# ---- inverse-HVP solvers ----
-from .inversion import InversionMethod, InversionRegistry, solve_hvp  # noqa: F401,E402

@@ -1,0 +1,354 @@
+r"""Influence functions (Koh & Liang, 2017) with pyDVL 0.7's names and values
+(``pydvl.influence.general``), computed block by block.
+
+For a model with parameters θ, the loss ℓ of one point (a batch of one, output and target squeezed as
+in :meth:`TorchTwiceDifferentiable.grad`), H the Hessian of the mean training loss and λ ≥ 0:
+
+- influence factors of test points z_t: ``factors[t] = (H + λI)⁻¹ ∇θℓ(z_t)``, [N_test, P];
+- up-weighting influence: ``result[t, i] = factors[t] · ∇θℓ(z_i)``, [N_test, N_input];
+- perturbation influence: ``result[t, i] = factors[t] · ∇x∇θℓ(z_i)``, [N_test, N_input, *x_i.shape];
+- self-influence: ``result[i] = ∇θℓ(z_i) · (H + λI)⁻¹ ∇θℓ(z_i)``, [N].
+
+No sign flip: these are the values pyDVL 0.7 returns (a positive up-weighting value means that
+up-weighting z_i lowers the loss on z_t).
+
+How: per-sample gradients of a block of samples in one vmapped pass
+(:mod:`twicediff.torch.per_sample`), packed into preallocated [N, P] memory by the native pack op
+where a matrix is needed (test gradients, the right-hand sides of the solve). Up-weighting scores are
+streamed when the input gradients [N_input, P] do not fit the memory budget
+(:mod:`twicediff.memory`): each block of per-sample gradients is contracted with the factors block by
+block over the parameters and dropped. Perturbation influences are mixed products of whole blocks.
+Batches are moved to the model's device and results stay there.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from enum import Enum
+from typing import Any, Iterator, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import _ops
+from .inversion import InversionMethod, InversionRegistry, solve_hvp
+from .memory import chunk_size, get_memory_budget
+from .progress import progress_bar
+from .torch.per_sample import bytes_per_sample, per_sample_grads, per_sample_mixed_products
+from .torch.tensor_utilities import TorchTensorUtilities
+from .torch.twice_differentiable import TorchTwiceDifferentiable
+from .twice_differentiable import DataLoaderType, InverseHvpResult
+
+__all__ = [
+    "InfluenceType",
+    "compute_influence_factors",
+    "compute_influences",
+    "compute_influences_pert",
+    "compute_influences_up",
+    "compute_self_influences",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class InfluenceType(str, Enum):
+    """Which influence to compute: of up-weighting a point, or of perturbing its input."""
+
+    Up = "up"
+    Perturbation = "perturbation"
+
+
+# ---- checks and data ------------------------------------------------------------------------------
+
+
+def _check_model(model: Any, where: str) -> TorchTwiceDifferentiable:
+    if not isinstance(model, TorchTwiceDifferentiable):
+        raise TypeError(f"{where}: model must be a twicediff.TorchTwiceDifferentiable, got {type(model).__name__}")
+    return model
+
+
+def _check_factors(model: TorchTwiceDifferentiable, factors: Any, where: str) -> torch.Tensor:
+    if not isinstance(factors, torch.Tensor):
+        raise TypeError(f"{where}: influence_factors must be a torch.Tensor [N_test, P], got {type(factors).__name__}")
+    P = model.num_params
+    if factors.dim() != 2 or factors.shape[1] != P:
+        raise ValueError(f"{where}: influence_factors must be [N_test, P] with P = {P} (the model's number of "
+                         f"trainable parameters), got shape {tuple(factors.shape)}")
+    if factors.dtype != model.dtype:
+        raise TypeError(f"{where}: influence_factors have dtype {factors.dtype} but the model's parameters are "
+                        f"{model.dtype}")
+    return factors.to(model.device)
+
+
+def _num_points(data: Any) -> Optional[int]:
+    """The number of points ``data`` yields, when it can be known without iterating it: a
+    DataLoader over a sized sampler, or a list/tuple of (x, y) batches; else None."""
+    if isinstance(data, DataLoader):
+        if data.batch_size is None:
+            return None
+        try:
+            n = len(data.sampler)
+        except TypeError:  # an iterable-style dataset
+            return None
+        return n - n % data.batch_size if data.drop_last else n
+    if isinstance(data, (list, tuple)):
+        try:
+            return sum(int(batch[0].shape[0]) for batch in data)
+        except (TypeError, IndexError, AttributeError):
+            return None  # malformed; _batches names the problem
+    return None
+
+
+def _batches(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
+             ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The (x, y) batches of ``data`` on the model's device, checked; a bar over batches when
+    ``progress``. Raises once the data is exhausted if it held no point."""
+    if isinstance(data, (torch.Tensor, str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{where}: {name} must be an iterable of (x, y) batches, e.g. a torch DataLoader, "
+                        f"got {type(data).__name__}")
+    total = len(data) if hasattr(data, "__len__") else None
+    points = 0
+    for i, batch in enumerate(progress_bar(data, progress, desc=f"{where}: {name}", total=total, unit="batch")):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"{where}: {name} must yield (x, y) pairs of tensors; batch {i} is a "
+                            f"{type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else ""))
+        x, y = model._to_device(batch[0], batch[1], where)
+        if x.dim() == 0:
+            raise ValueError(f"{where}: {name} batch {i} has a 0-d x; x must be [B, *x_i.shape]")
+        points += x.shape[0]
+        yield x, y
+    if points == 0:
+        raise ValueError(f"{where}: {name} holds no points (an empty loader); it needs at least one")
+
+
+def _chunks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool,
+            directions: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of ``data`` cut into chunks of samples that fit the memory budget for
+    :func:`per_sample_grads` (``directions=0``) or :func:`per_sample_mixed_products` with T
+    directions."""
+    for x, y in _batches(model, data, where, name, progress):
+        B = x.shape[0]
+        if B == 0:
+            continue
+        step = chunk_size(B, bytes_per_sample(model, x, directions), model.device, what=f"{name} samples")
+        for start in range(0, B, step):
+            yield x[start:start + step], y[start:start + step]
+
+
+def _gradient_blocks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
+                     ) -> Iterator[List[torch.Tensor]]:
+    """Per-sample gradients of ``data`` as per-parameter blocks [B, *shape_k], chunk by chunk."""
+    for x, y in _chunks(model, data, where, name, progress):
+        yield per_sample_grads(model, x, y)
+
+
+def _gradient_matrix(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
+                     ) -> torch.Tensor:
+    """[N, P]: row i is ∇θℓ(z_i) for the points of ``data`` in order, packed into preallocated
+    memory (when N can be known up front; else the blocks are gathered first)."""
+    blocks = _gradient_blocks(model, data, where, name, progress)
+    n = _num_points(data)
+    if n is None:
+        blocks = list(blocks)
+        n = sum(b[0].shape[0] for b in blocks)
+    return TorchTensorUtilities.cat_gen(blocks, (n, model.num_params), model)
+
+
+def _solver_options(model: TorchTwiceDifferentiable, inversion_method: Any, progress: bool, kwargs: dict) -> dict:
+    """The options for :func:`solve_hvp`: ``kwargs``, plus ``progress`` when the solver registered
+    for the method takes it. Checks the method before any work is done."""
+    solver = InversionRegistry.get(type(model), inversion_method)
+    if progress and "progress" in inspect.signature(solver).parameters:
+        return {**kwargs, "progress": progress}
+    return kwargs
+
+
+def _as_influence_type(influence_type: Any) -> InfluenceType:
+    try:
+        return InfluenceType(influence_type)
+    except ValueError:
+        raise ValueError(f"compute_influences: influence_type must be one of {[t.value for t in InfluenceType]}, "
+                         f"got {influence_type!r}") from None
+
+
+# ---- the pyDVL 0.7 functions ------------------------------------------------------------------------
+
+
+def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: DataLoaderType,
+                              test_data: DataLoaderType, inversion_method: InversionMethod, *,
+                              hessian_perturbation: float = 0.0, progress: bool = False,
+                              **kwargs: Any) -> InverseHvpResult:
+    r"""Influence factors of the test points: ``x[t] = (H + λI)⁻¹ ∇θℓ(z_t)``, [N_test, P].
+
+    Args:
+        model: the model and loss.
+        training_data: (x, y) batches whose mean loss has the Hessian H.
+        test_data: (x, y) batches of the test points z_t.
+        inversion_method: how to solve (see :func:`twicediff.inversion.solve_hvp`).
+        hessian_perturbation: λ ≥ 0.
+        progress: show bars over the test batches and, when the solver takes ``progress``, its own.
+        kwargs: options of the inversion method.
+
+    Returns:
+        InverseHvpResult: x [N_test, P] (on the model's device) and the solver's info.
+    """
+    model = _check_model(model, "compute_influence_factors")
+    options = _solver_options(model, inversion_method, progress, kwargs)
+    rhs = _gradient_matrix(model, test_data, "compute_influence_factors", "test_data", progress)
+    return solve_hvp(inversion_method, model, training_data, rhs, hessian_perturbation=hessian_perturbation,
+                     **options)
+
+
+def compute_influences_up(model: TorchTwiceDifferentiable, input_data: DataLoaderType,
+                          influence_factors: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    r"""Up-weighting influences ``result[t, i] = influence_factors[t] · ∇θℓ(z_i)``, [N_test, N_input].
+
+    When the input gradients [N_input, P] fit the memory budget they are packed and contracted in
+    one GEMM; otherwise (or when N_input cannot be known up front) each block of per-sample
+    gradients is contracted with the factors parameter block by parameter block and dropped, so that
+    memory stays flat in N_input.
+
+    Args:
+        model: the model and loss.
+        input_data: (x, y) batches of the points z_i whose influence is computed.
+        influence_factors: [N_test, P], e.g. from :func:`compute_influence_factors`.
+        progress: show a bar over the input batches.
+    """
+    where = "compute_influences_up"
+    model = _check_model(model, where)
+    factors = _check_factors(model, influence_factors, where)
+    n = _num_points(input_data)
+    P = model.num_params
+    elem = factors.element_size()
+    if n is not None and n * P * elem <= get_memory_budget(model.device):
+        gradients = TorchTensorUtilities.cat_gen(_gradient_blocks(model, input_data, where, "input_data", progress),
+                                                 (n, P), model)
+        return factors @ gradients.T
+    logger.info("%s: streaming the input gradients (N_input = %s, P = %d)", where, n, P)
+    factor_blocks = _ops.unpack_into(factors, [factors.new_empty(factors.shape[0], *p.shape)
+                                               for p in model.parameters])
+    scores = [_ops.blockwise_contract(factor_blocks, blocks)
+              for blocks in _gradient_blocks(model, input_data, where, "input_data", progress)]
+    return torch.cat(scores, dim=1)
+
+
+def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoaderType,
+                            influence_factors: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    r"""Perturbation influences ``result[t, i] = influence_factors[t] · ∇x∇θℓ(z_i)``,
+    [N_test, N_input, *x_i.shape]: how the loss on z_t moves when the input x_i is perturbed.
+
+    Each block of samples costs N_test backward passes over the block (not N_test per sample).
+
+    Args:
+        model: the model and loss.
+        input_data: (x, y) batches of the points z_i; x must be floating point.
+        influence_factors: [N_test, P], e.g. from :func:`compute_influence_factors`.
+        progress: show a bar over the input batches.
+    """
+    where = "compute_influences_pert"
+    model = _check_model(model, where)
+    factors = _check_factors(model, influence_factors, where)
+    T = factors.shape[0]
+    parts = []
+    for x, y in _chunks(model, input_data, where, "input_data", progress, directions=max(T, 1)):
+        if not x.is_floating_point():
+            raise TypeError(f"{where}: perturbation influence differentiates in x, which must be floating point; "
+                            f"input_data yields x of dtype {x.dtype}")
+        parts.append(per_sample_mixed_products(model, x, y, factors))
+    return torch.cat(parts, dim=1)
+
+
+_INFLUENCE_FUNCTIONS = {
+    InfluenceType.Up: compute_influences_up,
+    InfluenceType.Perturbation: compute_influences_pert,
+}
+
+
+def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_data: DataLoaderType, *,
+                       test_data: Optional[DataLoaderType] = None, input_data: Optional[DataLoaderType] = None,
+                       inversion_method: InversionMethod = InversionMethod.Direct,
+                       influence_type: InfluenceType = InfluenceType.Up, hessian_regularization: float = 0.0,
+                       progress: bool = False, **kwargs: Any) -> torch.Tensor:
+    r"""Influence of each input point z_i on the loss at each test point z_t.
+
+    Computes the factors ``(H + λI)⁻¹ ∇θℓ(z_t)`` of the test points (H from ``training_data``), then
+    :func:`compute_influences_up` ([N_test, N_input]) or :func:`compute_influences_pert`
+    ([N_test, N_input, *x_i.shape]) over ``input_data``.
+
+    Args:
+        differentiable_model: the model and loss.
+        training_data: (x, y) batches whose mean loss has the Hessian H.
+        test_data: the test points; ``training_data`` when None.
+        input_data: the points whose influence is computed; ``training_data`` when None.
+        inversion_method: Direct, Cg, Lissa or Arnoldi.
+        influence_type: ``"up"`` or ``"perturbation"``.
+        hessian_regularization: λ ≥ 0.
+        progress: show progress bars.
+        kwargs: options of the inversion method.
+    """
+    model = _check_model(differentiable_model, "compute_influences")
+    kind = _as_influence_type(influence_type)
+    test_data = training_data if test_data is None else test_data
+    input_data = training_data if input_data is None else input_data
+    factors, _ = compute_influence_factors(model, training_data, test_data, inversion_method,
+                                           hessian_perturbation=hessian_regularization, progress=progress,
+                                           **kwargs)
+    return _INFLUENCE_FUNCTIONS[kind](model, input_data, factors, progress=progress)
+
+
+# ---- beyond pyDVL 0.7 -----------------------------------------------------------------------------
+
+
+def compute_self_influences(model: TorchTwiceDifferentiable, training_data: DataLoaderType, *,
+                            inversion_method: InversionMethod = InversionMethod.Direct,
+                            hessian_regularization: float = 0.0, progress: bool = False,
+                            **kwargs: Any) -> torch.Tensor:
+    r"""Self-influence of every training point, ``result[i] = ∇θℓ(z_i) · (H + λI)⁻¹ ∇θℓ(z_i)``, [N]:
+    the diagonal of ``compute_influences(model, training_data)`` without forming the [N, N]
+    matrix. Large values flag points the model fits poorly, e.g. mislabeled ones.
+
+    The per-sample gradients are gathered in blocks of as many rows as the memory budget allows;
+    each block is packed into a [rows, P] matrix, solved for in one call of the inversion method
+    (Direct thus builds the Hessian once per block: one block unless the budget is small) and
+    dotted row by row with its solutions.
+
+    Args:
+        model: the model and loss.
+        training_data: (x, y) batches: the points, and the mean loss whose Hessian is H.
+        inversion_method: Direct, Cg, Lissa or Arnoldi.
+        hessian_regularization: λ ≥ 0.
+        progress: show bars over the training batches and, when the solver takes ``progress``, its own.
+        kwargs: options of the inversion method.
+    """
+    where = "compute_self_influences"
+    model = _check_model(model, where)
+    options = _solver_options(model, inversion_method, progress, kwargs)
+    P = model.num_params
+    elem = torch.finfo(model.dtype).bits // 8
+    n = _num_points(training_data)
+    # A row of a block holds its gradient (twice while it is packed), its solution and about 3 more
+    # rows of solver work.
+    rows = chunk_size(n if n is not None else 2 ** 62, 6 * P * elem, model.device, what="self-influence rows")
+    results: List[torch.Tensor] = []
+    pending: List[List[torch.Tensor]] = []
+    filled = 0
+
+    def flush() -> None:
+        g = TorchTensorUtilities.cat_gen(pending, (filled, P), model)
+        x = solve_hvp(inversion_method, model, training_data, g, hessian_perturbation=hessian_regularization,
+                      **options).x
+        results.append(torch.einsum("ip,ip->i", g, x.to(g.dtype)))
+
+    for blocks in _gradient_blocks(model, training_data, where, "training_data", progress):
+        B, start = blocks[0].shape[0], 0
+        while start < B:
+            take = min(B - start, rows - filled)
+            pending.append([b[start:start + take] for b in blocks])
+            filled += take
+            start += take
+            if filled == rows:
+                flush()
+                pending, filled = [], 0
+    if filled:
+        flush()
+    return torch.cat(results)
