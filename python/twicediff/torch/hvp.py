@@ -11,6 +11,7 @@ Hessian of the loss with respect to that output.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -29,6 +30,11 @@ TensorOrTensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 # memory keeps growing; the memory budget may make chunks smaller still.
 MAX_DIRECTIONS_PER_CHUNK = 128
 _warned_no_batching_rule = False
+# torch keeps forward-mode AD levels in one process-wide stack (torch/csrc/autograd/forward_grad.cpp),
+# so two threads inside torch.func.jvp at once enter and leave each other's levels: measured here as
+# "no level exists" errors, internal asserts and, worst, silently wrong products (tests/test_threads.py).
+# Forward-mode work is therefore serialized across threads.
+_FORWARD_AD_LOCK = threading.Lock()
 
 
 def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -207,7 +213,15 @@ def _directions_as_params(v: torch.Tensor, names: List[str], params: Dict[str, t
 def func_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
              mode: str = "hessian") -> torch.Tensor:
     """H v (or the Gauss-Newton JᵀH_ℓJ v) for v [D, P] by torch.func forward-over-reverse,
-    vmapped over the D directions; returns [D, P] in the layout of ``grad``."""
+    vmapped over the D directions; returns [D, P] in the layout of ``grad``.
+
+    Calls from several threads take turns (:data:`_FORWARD_AD_LOCK`)."""
+    with _FORWARD_AD_LOCK:
+        return _func_hvp_unlocked(model, loss, x, y, v, mode)
+
+
+def _func_hvp_unlocked(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+                       mode: str) -> torch.Tensor:
     from torch.func import functional_call, grad, jvp, vjp, vmap
 
     names, params, fixed = _split_params(model)
