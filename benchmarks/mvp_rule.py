@@ -24,6 +24,20 @@ MODELS = {  # name: (layer widths, N)
 DIRECTIONS = (1, 2, 4, 16, 64)
 
 
+def summary(ratios) -> str:
+    """The rule's justification from {D: [batched / loop per model]}."""
+    text = "batched / loop over the models: " + "; ".join(
+        f"D = {D}: {min(r):.2f} to {max(r):.2f}" for D, r in sorted(ratios.items())) + ". "
+    many = [r for D, rs in ratios.items() if D >= 2 for r in rs]
+    one = ratios.get(1, [])
+    text += (f"Rule (`use_batched_backward`): a chunk of one direction takes a plain backward pass "
+             f"(the vmapped one costs up to {max(one, default=float('nan')):.2f}× as much there), chunks of "
+             f"two or more take one vmapped pass (never slower than the loop here: at most "
+             f"{max(many, default=float('nan')):.2f}×). On CUDA the loop launches every kernel D times at "
+             "sizes that leave the GPU idle, so the same rule holds there by a wider margin.")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -40,6 +54,7 @@ def main() -> None:
              "| model | P | D | loop ms | batched ms | batched / loop | func fwd-over-rev ms | plain grad ms |",
              "|---|---|---|---|---|---|---|---|"]
     torch.manual_seed(0)
+    ratios = {}
     for name, (widths, N) in MODELS.items():
         model, loss, x, y = make_mlp(widths, torch.nn.Tanh, N, "ce")
         params = [p for p in model.parameters()]
@@ -59,9 +74,11 @@ def main() -> None:
                 "func": lambda: _hvp.func_hvp(model, loss, x, y, v),
                 "grad": plain_grad,
             }, args.repeats)
+            ratios.setdefault(D, []).append(med["batched"] / med["loop"])
             lines.append(f"| {name} | {P} | {D} | {med['loop'] * 1e3:.2f} | {med['batched'] * 1e3:.2f} | "
                          f"{med['batched'] / med['loop']:.2f} | {med['func'] * 1e3:.2f} | {med['grad'] * 1e3:.2f} |")
             print(lines[-1], flush=True)
+    lines += ["", summary(ratios)]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("wrote", args.out)

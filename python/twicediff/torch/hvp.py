@@ -76,11 +76,12 @@ def use_batched_backward(num_directions: int) -> bool:
     """The mvp rule: a chunk of ``num_directions`` ≥ ``MIN_BATCHED_DIRECTIONS`` goes through one
     vmapped (``is_grads_batched``) backward pass, a single direction through a plain one.
 
-    The same on CPU and CUDA. Measured on a 2-thread CPU for MLPs of 0.9k, 26k and 400k parameters
-    (benchmarks/results/mvp_rule.md, ``benchmarks/mvp_rule.py``): the vmapped pass costs 1.1 to 2.3
-    loop iterations at D = 1 (the batching layer's overhead with nothing to batch) and is 2 to 25×
-    faster than the loop from D = 16 on, because each of its GEMMs covers all directions. On CUDA
-    the loop is worse still: it launches every kernel D times at sizes too small to fill the GPU.
+    The same on CPU and CUDA. Measured on a 2-thread CPU for Tanh MLPs of 0.9k, 26k and 400k
+    parameters (benchmarks/results/mvp_rule.md, from ``benchmarks/mvp_rule.py``): at D = 1 the
+    vmapped pass costs 0.7 to 2.1 loop iterations (the batching layer's overhead with nothing to
+    batch); from D = 2 on it took 0.69 to 0.93 of the loop's time, and at D = 64 0.14 to 0.40,
+    because each of its GEMMs covers all directions. On CUDA the loop is worse still: it launches
+    every kernel D times at sizes too small to fill the GPU.
     """
     return num_directions >= MIN_BATCHED_DIRECTIONS
 
