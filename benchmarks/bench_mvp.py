@@ -53,7 +53,7 @@ def main() -> None:
               "its growth during the call" + (" (GPU: max_memory_allocated)" if device_kind == "cuda" else "")
               + ". `auto@268435456`: the auto engine under a 256 MiB memory budget.", ""]
     with open(out, "w") as f:
-        f.write("\n".join(header) + bench.format_table(rows) + "\n")
+        f.write("\n".join(header) + "\n" + bench.format_table(rows) + "\n")
     base = os.path.splitext(out)[0]
     bench.plot(rows, base + ".png")
     bench.to_json(rows, base + ".json")
