@@ -14,8 +14,23 @@ TORCH_LIBRARY(twicediff, m) {
   m.def("pack_into(Tensor[] blocks, Tensor(a!) out, int row_offset) -> ()");
   // The inverse: outs[k].reshape(B, n_k) = rows[:, col_k : col_k + n_k], rows [B, P].
   m.def("unpack_into(Tensor rows, Tensor(a!)[] outs) -> ()");
+  // The functional pack: a fresh [B, P] matrix, row b = cat_k(blocks[k][b].flatten()).
+  m.def("pack(Tensor[] blocks) -> Tensor");
+  // C[T, V] = sum_k a[k].reshape(T, n_k) @ b[k].reshape(V, n_k)^T, a[k] [T, *shape_k], b[k] [V, *shape_k].
+  m.def("blockwise_contract(Tensor[] a, Tensor[] b) -> Tensor");
+  // z[D] = sum_k <v[k][d], g[k]>, v[k] [D, *shape_k], g[k] [*shape_k].
+  m.def("blockwise_dot(Tensor[] v, Tensor[] g) -> Tensor");
 
   // ---- HVP engine ops (csrc/{cpu,cuda}/mlp_hvp.*) --------------------------------------------
+  // out [D, P] = H v_d (or the Gauss-Newton J^T H_loss J v_d) for each row v_d of directions [D, P],
+  // H the Hessian of loss(f(x), target) in the MLP's flat parameters (W_0, b_0, W_1, b_1, ...; W_l
+  // [out, in] row-major, b_l absent where biases[l] is None). f: a_l = h_{l-1} W_l^T + b_l, h_l =
+  // act chain l (activation_counts[l] codes, 2 params each) of a_l, h_{-1} = x [N, in]; z = h_last.
+  // loss: 0 MSE (target [N, C]), 1 cross-entropy (class indices [N]), 2 BCE with logits ([N, C]);
+  // reduction: 0 mean, 1 sum. Not differentiable. Codes: csrc/mlp_hvp_common.h.
+  m.def("mlp_hvp(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, Tensor directions, "
+        "int[] activation_counts, int[] activation_codes, float[] activation_params, int loss, int reduction, "
+        "bool gauss_newton) -> Tensor");
 
   // ---- solver ops (csrc/{cpu,cuda}/solver_step.*) --------------------------------------------
 }
