@@ -101,14 +101,32 @@ def test_chunked_mvp_identical(device, monkeypatch):
     assert _rel(chunked, whole) <= 1e-12
 
 
-@pytest.mark.parametrize("engine", ["func", "autograd"])
+def _count_chunks(monkeypatch, td):
+    """Count the engine calls of ``td`` (one per chunk of directions); returns the list."""
+    calls = []
+    real_engine = td._engine
+
+    def counting_engine(engine, x):
+        compute, per_direction = real_engine(engine, x)
+
+        def counted(*args):
+            calls.append(1)
+            return compute(*args)
+        return counted, per_direction
+
+    monkeypatch.setattr(td, "_engine", counting_engine)
+    return calls
+
+
+@pytest.mark.parametrize("engine", ["native", "func", "autograd"])
 @pytest.mark.parametrize("mode", ["hessian", "gauss_newton"])
 def test_chunked_hvp_identical(device, engine, mode, monkeypatch):
     td, x, y = _model(device)
     v = torch.randn(20, td.num_params, dtype=torch.float64, device=device)
     whole = td.hvp(x, y, v, engine=engine, mode=mode)
-    calls = _count_calls(monkeypatch, _hvp, f"{engine}_hvp")
-    with memory_budget(4 * td._bytes_per_direction(x)):
+    per_direction = td._engine(engine, x)[1]
+    calls = _count_chunks(monkeypatch, td)
+    with memory_budget(4 * per_direction):
         chunked = td.hvp(x, y, v, engine=engine, mode=mode)
     assert len(calls) == 5
     assert _rel(chunked, whole) <= 1e-12
@@ -117,7 +135,7 @@ def test_chunked_hvp_identical(device, engine, mode, monkeypatch):
 def test_chunked_hessian_identical(device, monkeypatch):
     td, x, y = _model(device)
     whole = td.hessian(x, y)
-    calls = _count_calls(monkeypatch, _hvp, "func_hvp")
+    calls = _count_chunks(monkeypatch, td)
     P = td.num_params
     with memory_budget(10 * (2 * P * 8 + td._bytes_per_direction(x))):
         chunked = td.hessian(x, y)
@@ -133,7 +151,7 @@ def test_too_small_budget_raises_naming_the_setting(device):
     with memory_budget(100):
         with pytest.raises(MemoryBudgetError, match=r"mvp directions.*memory budget is 100 bytes.*set_memory_budget"):
             td.mvp(g, v, td.parameters)
-        for engine in ("func", "autograd"):
+        for engine in ("native", "func", "autograd"):
             with pytest.raises(MemoryBudgetError, match=r"hvp directions.*set_memory_budget"):
                 td.hvp(x, y, v, engine=engine)
         with pytest.raises(MemoryBudgetError, match=r"Hessian columns.*set_memory_budget"):
@@ -145,7 +163,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
     from torch import nn
     torch.set_num_threads(1)
     from twicediff import TorchTwiceDifferentiable, memory_budget
-    from twicediff.bench import make_mlp, peak_rss_bytes
+    from twicediff.bench import make_mlp, peak_rss_bytes, reset_peak_rss
     torch.manual_seed(0)
     model, loss, x, y = make_mlp([32, 256, 256, 10], nn.Tanh, 512)
     td = TorchTwiceDifferentiable(model, loss)
@@ -154,15 +172,14 @@ _PEAK_SCRIPT = textwrap.dedent("""
     def extra_bytes(D, budget, kind):
         v = torch.randn(D, P)
         g = td.grad(x, y, create_graph=True) if kind == "mvp" else None
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set to the current one
+        reset_peak_rss()
         base = peak_rss_bytes()
         with memory_budget(budget):
             td.mvp(g, v, td.parameters) if kind == "mvp" else td.hvp(x, y, v, engine=kind)
         return peak_rss_bytes() - base
 
     out = {"out_bytes": 32 * P * 4}
-    for kind in ("func", "autograd", "mvp"):
+    for kind in ("native", "func", "autograd", "mvp"):
         extra_bytes(2, None, kind)  # warm-up
         out[kind] = {"budget": extra_bytes(32, BUDGET, kind), "free": extra_bytes(32, None, kind)}
     print(json.dumps(out))
@@ -171,7 +188,8 @@ _PEAK_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
 def test_peak_memory_stays_near_the_budget():
-    """In a fresh process (large tensors mmapped so that freed memory leaves the resident set):
+    """In a fresh process (large tensors mmapped so that freed memory leaves the resident set), for
+    every engine and mvp:
     32 directions under a 32 MiB budget grow the resident set by at most the budget plus the
     [32, P] result, while without the budget they take several times more."""
     budget = 32 * 2**20
@@ -182,6 +200,6 @@ def test_peak_memory_stays_near_the_budget():
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    for kind in ("func", "autograd", "mvp"):
+    for kind in ("native", "func", "autograd", "mvp"):
         assert res[kind]["budget"] <= budget + res["out_bytes"], (kind, res)
         assert res[kind]["free"] > 2 * res[kind]["budget"], (kind, res)

@@ -15,8 +15,8 @@ Methods timed for D directions on the same batch (one call computes all D produc
   target (peak at D = 64 within 1.5× of D = 1; throughput within 20% of unchunked ``auto``).
 
 Times are medians of interleaved repeats in one process (all methods of one D take turns), so the
-ratios hold on a busy machine. Peak memory: on CPU each configuration runs once more in a fresh
-subprocess that reports its peak resident set (``peak_mb``, see :func:`peak_rss_bytes`) and its growth over the set-up (``extra_mb``); on
+ratios hold on a busy machine. Peak memory: on CPU each configuration runs twice more (warm-up, then
+measured) in a fresh subprocess that reports its peak resident set (``peak_mb``, see :func:`peak_rss_bytes`) and its growth over the set-up (``extra_mb``); on
 CUDA ``torch.cuda.max_memory_allocated`` around one call.
 
 API (used by ``python -m twicediff bench`` and ``benchmarks/bench_mvp.py``): :data:`PRESETS`,
@@ -253,15 +253,29 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Make the peak resident set the current one (Linux ``/proc/self/clear_refs``); False where
+    that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def measure_peak(preset: str, device: str, method: str, D: int, threads: Optional[int]) -> Dict[str, float]:
-    """Peak memory of one call of ``method`` at D directions, in MiB. CPU: in this process (meant to
-    be a fresh subprocess, see :func:`_peak_in_subprocess`), :func:`peak_rss_bytes` after the set-up
-    and after the call. CUDA: ``max_memory_allocated`` during the call."""
+    """Peak memory of one call of ``method`` at D directions, in MiB, after one warm-up call (so that
+    one-time costs — torch.func's decompositions, lazy imports — do not count). CPU: in this process
+    (meant to be a fresh subprocess, see :func:`_peak_in_subprocess`), :func:`peak_rss_bytes` after
+    the warm-up (the peak reset to the resident set where Linux allows) and after the call.
+    CUDA: ``max_memory_allocated`` during the call."""
     if threads:
         torch.set_num_threads(threads)
     td, x, y = _setup(preset, device)
     v = _directions(td, D, x)
     call = _method_call(method, td, x, y, v)
+    call()
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -271,6 +285,7 @@ def measure_peak(preset: str, device: str, method: str, D: int, threads: Optiona
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
         return {"peak_mb": peak / 2**20, "extra_mb": (peak - base) / 2**20}
+    reset_peak_rss()
     before = peak_rss_bytes()
     call()
     after = peak_rss_bytes()
