@@ -119,8 +119,8 @@ def batched_mvp(grad_xy: torch.Tensor, v: torch.Tensor, backprop_on: TensorOrTen
     """``out[d] = ∂(v[d] · grad_xy) / ∂backprop_on`` for v [D, P] (or [P], one direction).
 
     The D directions are taken in chunks sized by the memory budget (:mod:`twicediff.memory`; one
-    direction is estimated at P + M elements of input and output plus the tensors saved in
-    grad_xy's graph, which its backward pass mirrors), at most ``MAX_DIRECTIONS_PER_CHUNK``; each
+    direction is estimated at 2 (P + M) elements for the direction, the result and their
+    intermediates, plus the tensors saved in grad_xy's graph, which its backward pass mirrors), at most ``MAX_DIRECTIONS_PER_CHUNK``; each
     chunk goes through one vmapped backward pass, or a plain one per direction as
     :func:`use_batched_backward` decides. When the vmapped pass fails (an op in the graph without
     a batching rule, e.g. a custom ``autograd.Function`` whose backward leaves torch), a warning is
