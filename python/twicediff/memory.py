@@ -10,6 +10,11 @@ block of code, with the :func:`memory_budget` context manager::
 
     with twicediff.memory_budget(256 * 2**20):   # 256 MiB per chunk
         H = model.hessian(x, y)
+
+The setting is process-wide: a ``memory_budget`` block in one thread applies to work in the
+others while it lasts (chunking changes memory and speed, never results). When not even one item
+(one direction, one column) fits, :class:`MemoryBudgetError` (a ``MemoryError``) says how many
+bytes it needs and names the setting.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ Hessian of the loss with respect to that output.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -29,6 +30,11 @@ TensorOrTensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 # memory keeps growing; the memory budget may make chunks smaller still.
 MAX_DIRECTIONS_PER_CHUNK = 128
 _warned_no_batching_rule = False
+# torch keeps forward-mode AD levels in one process-wide stack (torch/csrc/autograd/forward_grad.cpp),
+# so two threads inside torch.func.jvp at once enter and leave each other's levels: measured here as
+# "no level exists" errors, internal asserts and, worst, silently wrong products (tests/test_threads.py).
+# Forward-mode work is therefore serialized across threads.
+_FORWARD_AD_LOCK = threading.Lock()
 
 
 def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -45,32 +51,80 @@ def _flat(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> torc
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(tensors, like)])
 
 
-def _mvp_loop(grad_xy: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor]) -> torch.Tensor:
-    z = v @ grad_xy
-    rows = [_flat(torch.autograd.grad(z[d], inputs, retain_graph=True, allow_unused=True), inputs)
-            for d in range(v.shape[0])]
-    return torch.stack(rows)
+def _mvp_loop(grad_xy: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor], out: torch.Tensor) -> None:
+    """One backward pass per direction (pyDVL 0.7's method): ``out[d] = ∂(v[d] · grad_xy)/∂inputs``."""
+    for d in range(v.shape[0]):
+        _ops.pack_into([(g if g is not None else torch.zeros_like(p)).unsqueeze(0) for g, p in zip(
+            torch.autograd.grad(grad_xy, inputs, grad_outputs=v[d], retain_graph=True, allow_unused=True),
+            inputs)], out, d)
 
 
-def _mvp_batched(grad_xy: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor]) -> torch.Tensor:
-    # One backward pass vmapped over the D directions: d/dθ (v[d] · g) for all d at once.
+def _mvp_batched(grad_xy: torch.Tensor, v: torch.Tensor, inputs: List[torch.Tensor], out: torch.Tensor) -> None:
+    """One backward pass vmapped over the D directions (``is_grads_batched``): all rows of ``out``."""
     grads = torch.autograd.grad(grad_xy, inputs, grad_outputs=v, retain_graph=True,
                                 is_grads_batched=True, allow_unused=True)
     D = v.shape[0]
-    return torch.cat([(g if g is not None else torch.zeros(D, *p.shape, dtype=p.dtype, device=p.device))
-                      .reshape(D, -1) for g, p in zip(grads, inputs)], dim=1)
+    _ops.pack_into([g if g is not None else torch.zeros(D, *p.shape, dtype=p.dtype, device=p.device)
+                    for g, p in zip(grads, inputs)], out, 0)
 
 
-def use_batched_backward(device: torch.device) -> bool:
-    """The rule for mvp: vmapped (``is_grads_batched``) backward passes on CUDA, where they fill
-    the GPU; the per-direction loop on CPU, where the batched pass was measured slower than the
-    loop (see benchmarks/results/mvp_rule.md)."""
-    return device.type == "cuda"
+# Fewest directions for which one vmapped backward pass beats a loop of plain ones.
+MIN_BATCHED_DIRECTIONS = 2
+
+
+def use_batched_backward(num_directions: int) -> bool:
+    """The mvp rule: a chunk of ``num_directions`` ≥ ``MIN_BATCHED_DIRECTIONS`` goes through one
+    vmapped (``is_grads_batched``) backward pass, a single direction through a plain one.
+
+    The same on CPU and CUDA. Measured on a 2-thread CPU for Tanh MLPs of 0.9k, 26k and 400k
+    parameters (benchmarks/results/mvp_rule.md, from ``benchmarks/mvp_rule.py``): at D = 1 the
+    vmapped pass costs 0.7 to 2.1 loop iterations (the batching layer's overhead with nothing to
+    batch); from D = 2 on it took 0.69 to 0.93 of the loop's time, and at D = 64 0.14 to 0.40,
+    because each of its GEMMs covers all directions. On CUDA the loop is worse still: it launches
+    every kernel D times at sizes too small to fill the GPU.
+    """
+    return num_directions >= MIN_BATCHED_DIRECTIONS
+
+
+def _graph_saved_numel(root: torch.Tensor) -> int:
+    """Elements of the distinct tensors saved in ``root``'s autograd graph (activations and
+    operands the backward pass reads): per direction a backward pass through that graph creates
+    intermediate gradients of about that total size."""
+    seen_nodes, seen_tensors, total = set(), set(), 0
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                saved = getattr(node, name)
+            except RuntimeError:  # freed, or not a tensor that can be unpacked
+                continue
+            for t in saved if isinstance(saved, (tuple, list)) else (saved,):
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+                    if key not in seen_tensors:
+                        seen_tensors.add(key)
+                        total += t.numel()
+        stack.extend(f for f, _ in node.next_functions)
+    return total
 
 
 def batched_mvp(grad_xy: torch.Tensor, v: torch.Tensor, backprop_on: TensorOrTensors, *,
                 progress: bool = False) -> torch.Tensor:
     """``out[d] = ∂(v[d] · grad_xy) / ∂backprop_on`` for v [D, P] (or [P], one direction).
+
+    The D directions are taken in chunks sized by the memory budget (:mod:`twicediff.memory`; one
+    direction is estimated at 2 (P + M) elements for the direction, the result and their
+    intermediates, plus the tensors saved in grad_xy's graph, which its backward pass mirrors), at most ``MAX_DIRECTIONS_PER_CHUNK``; each
+    chunk goes through one vmapped backward pass, or a plain one per direction as
+    :func:`use_batched_backward` decides. When the vmapped pass fails (an op in the graph without
+    a batching rule, e.g. a custom ``autograd.Function`` whose backward leaves torch), a warning is
+    issued once per process and the directions go one by one from then on in this call.
 
     Args:
         grad_xy: [P] first derivative with a graph (``create_graph=True``).
@@ -80,6 +134,9 @@ def batched_mvp(grad_xy: torch.Tensor, v: torch.Tensor, backprop_on: TensorOrTen
 
     Returns:
         [D, M], detached.
+
+    Raises:
+        MemoryBudgetError: when one direction does not fit the budget.
     """
     global _warned_no_batching_rule
     if not isinstance(grad_xy, torch.Tensor):
@@ -107,30 +164,28 @@ def batched_mvp(grad_xy: torch.Tensor, v: torch.Tensor, backprop_on: TensorOrTen
                              "it is not part of grad_xy's graph")
     M = sum(t.numel() for t in inputs)
     D = v.shape[0]
-    elem = grad_xy.element_size()
     out = torch.empty(D, M, dtype=grad_xy.dtype, device=grad_xy.device)
-    batched = use_batched_backward(grad_xy.device)
-    # Per direction a batched backward holds about one copy of the graph's intermediate
-    # gradients; 4 (P + M) elements is the estimate used.
-    step = min(MAX_DIRECTIONS_PER_CHUNK,
-               chunk_size(D, 4 * (grad_xy.numel() + M) * elem, grad_xy.device, what="mvp directions"))
-    if not batched:
-        step = D  # the loop holds one direction at a time whatever the chunk
+    if D == 0:
+        return out
+    per_direction = grad_xy.element_size() * (2 * (grad_xy.numel() + M) + _graph_saved_numel(grad_xy))
+    step = min(MAX_DIRECTIONS_PER_CHUNK, chunk_size(D, per_direction, grad_xy.device, what="mvp directions"))
+    batching_works = True
     for start in progress_bar(range(0, D, step), progress, desc="mvp", unit="chunk"):
-        vc = v[start:start + step]
-        if batched:
+        vc, oc = v[start:start + step], out[start:start + step]
+        if batching_works and use_batched_backward(vc.shape[0]):
             try:
-                out[start:start + step] = _mvp_batched(grad_xy, vc, inputs)
+                _mvp_batched(grad_xy, vc, inputs, oc)
                 continue
             except RuntimeError as exc:
-                if "batching rule" not in str(exc) and "vmap" not in str(exc):
+                if isinstance(exc, torch.OutOfMemoryError):
                     raise
+                batching_works = False
                 if not _warned_no_batching_rule:
-                    warnings.warn(f"mvp: an op in the graph has no vmap batching rule ({exc}); "
-                                  "falling back to one backward pass per direction", RuntimeWarning)
                     _warned_no_batching_rule = True
-                batched = False
-        out[start:start + step] = _mvp_loop(grad_xy, vc, inputs)
+                    warnings.warn(f"mvp: the vmapped backward pass failed ({exc}); an op in the graph has "
+                                  "probably no vmap batching rule, so directions go one backward pass "
+                                  "each (slower)", RuntimeWarning, stacklevel=3)
+        _mvp_loop(grad_xy, vc, inputs, oc)
     return out.detach()
 
 
@@ -159,7 +214,15 @@ def _directions_as_params(v: torch.Tensor, names: List[str], params: Dict[str, t
 def func_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
              mode: str = "hessian") -> torch.Tensor:
     """H v (or the Gauss-Newton JᵀH_ℓJ v) for v [D, P] by torch.func forward-over-reverse,
-    vmapped over the D directions; returns [D, P] in the layout of ``grad``."""
+    vmapped over the D directions; returns [D, P] in the layout of ``grad``.
+
+    Calls from several threads take turns (:data:`_FORWARD_AD_LOCK`)."""
+    with _FORWARD_AD_LOCK:
+        return _func_hvp_unlocked(model, loss, x, y, v, mode)
+
+
+def _func_hvp_unlocked(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+                       mode: str) -> torch.Tensor:
     from torch.func import functional_call, grad, jvp, vjp, vmap
 
     names, params, fixed = _split_params(model)

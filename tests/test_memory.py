@@ -1,0 +1,205 @@
+"""The library-wide memory budget: the setting, chunked results identical to unchunked ones, a
+clear error when one chunk cannot fit, and peak memory kept near the budget."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twicediff
+from twicediff import MemoryBudgetError, TorchTwiceDifferentiable, get_memory_budget, memory_budget, set_memory_budget
+from twicediff.memory import _free_bytes, chunk_size
+from twicediff.torch import hvp as _hvp
+
+
+@pytest.fixture(autouse=True)
+def default_budget():
+    set_memory_budget(None)
+    yield
+    set_memory_budget(None)
+
+
+def _model(device, n=17):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4)).to(device=device, dtype=torch.float64).eval()
+    x = torch.randn(n, 6, dtype=torch.float64, device=device)
+    y = torch.randint(0, 4, (n,), device=device)
+    return TorchTwiceDifferentiable(model, F.cross_entropy), x, y
+
+
+def test_setting_and_context_manager():
+    assert twicediff.MemoryBudgetError is MemoryBudgetError and issubclass(MemoryBudgetError, MemoryError)
+    set_memory_budget(10_000)
+    assert get_memory_budget() == 10_000
+    with memory_budget(2_000):
+        assert get_memory_budget() == 2_000
+        with memory_budget(None):
+            assert get_memory_budget() > 10_000  # the default, from free memory
+        assert get_memory_budget() == 2_000
+    assert get_memory_budget() == 10_000
+    with pytest.raises(KeyError):
+        with memory_budget(3_000):
+            raise KeyError("inside")
+    assert get_memory_budget() == 10_000
+
+
+def test_default_is_half_the_free_memory_of_the_device(device):
+    free = _free_bytes(device)
+    budget = get_memory_budget(device)
+    assert 0.3 * free <= budget <= 0.7 * free  # half of free memory, which moves a little meanwhile
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-5, ValueError), ("1GB", TypeError), (True, TypeError)])
+def test_bad_budget(bad, error):
+    with pytest.raises(error, match=rf"nbytes must be .*got {bad!r}|nbytes must be .*got {type(bad).__name__}"):
+        set_memory_budget(bad)
+    with pytest.raises(error, match="nbytes"):
+        with memory_budget(bad):
+            pass
+
+
+def test_chunk_size():
+    with memory_budget(1_000):
+        assert chunk_size(100, 100, fixed_bytes=50) == 9
+        assert chunk_size(5, 100) == 5
+        assert chunk_size(0, 10**12) == 0
+        with pytest.raises(MemoryBudgetError, match=r"1,001 bytes.*1,000 bytes.*set_memory_budget"):
+            chunk_size(3, 1_001, what="things")
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_chunked_mvp_identical(device, monkeypatch):
+    td, x, y = _model(device)
+    g = td.grad(x, y, create_graph=True)
+    v = torch.randn(20, td.num_params, dtype=torch.float64, device=device)
+    whole = td.mvp(g, v, td.parameters)
+    calls = _count_calls(monkeypatch, _hvp, "_mvp_batched")
+    per_direction = 8 * (2 * 2 * td.num_params + _hvp._graph_saved_numel(g))
+    with memory_budget(3 * per_direction):
+        chunked = td.mvp(g, v, td.parameters)
+    assert len(calls) == 7  # 20 directions in chunks of 3
+    assert _rel(chunked, whole) <= 1e-12
+
+
+def _count_chunks(monkeypatch, td):
+    """Count the engine calls of ``td`` (one per chunk of directions); returns the list."""
+    calls = []
+    real_engine = td._engine
+
+    def counting_engine(engine, x):
+        compute, per_direction = real_engine(engine, x)
+
+        def counted(*args):
+            calls.append(1)
+            return compute(*args)
+        return counted, per_direction
+
+    monkeypatch.setattr(td, "_engine", counting_engine)
+    return calls
+
+
+@pytest.mark.parametrize("engine", ["native", "func", "autograd"])
+@pytest.mark.parametrize("mode", ["hessian", "gauss_newton"])
+def test_chunked_hvp_identical(device, engine, mode, monkeypatch):
+    td, x, y = _model(device)
+    v = torch.randn(20, td.num_params, dtype=torch.float64, device=device)
+    whole = td.hvp(x, y, v, engine=engine, mode=mode)
+    per_direction = td._engine(engine, x)[1]
+    calls = _count_chunks(monkeypatch, td)
+    with memory_budget(4 * per_direction):
+        chunked = td.hvp(x, y, v, engine=engine, mode=mode)
+    assert len(calls) == 5
+    assert _rel(chunked, whole) <= 1e-12
+
+
+def test_chunked_hessian_identical(device, monkeypatch):
+    td, x, y = _model(device)
+    whole = td.hessian(x, y)
+    calls = _count_chunks(monkeypatch, td)
+    P = td.num_params
+    with memory_budget(10 * (2 * P * 8 + td._bytes_per_direction(x))):
+        chunked = td.hessian(x, y)
+    assert len(calls) == -(-P // 10)
+    assert _rel(chunked, whole) <= 1e-12
+    torch.testing.assert_close(whole, whole.T, rtol=1e-12, atol=1e-14)
+
+
+def test_too_small_budget_raises_naming_the_setting(device):
+    td, x, y = _model(device)
+    g = td.grad(x, y, create_graph=True)
+    v = torch.randn(3, td.num_params, dtype=torch.float64, device=device)
+    with memory_budget(100):
+        with pytest.raises(MemoryBudgetError, match=r"mvp directions.*memory budget is 100 bytes.*set_memory_budget"):
+            td.mvp(g, v, td.parameters)
+        for engine in ("native", "func", "autograd"):
+            with pytest.raises(MemoryBudgetError, match=r"hvp directions.*set_memory_budget"):
+                td.hvp(x, y, v, engine=engine)
+        with pytest.raises(MemoryBudgetError, match=r"Hessian columns.*set_memory_budget"):
+            td.hessian(x, y)
+
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from torch import nn
+    torch.set_num_threads(1)
+    from twicediff import TorchTwiceDifferentiable, memory_budget
+    from twicediff.bench import make_mlp, peak_rss_bytes, reset_peak_rss
+    torch.manual_seed(0)
+    model, loss, x, y = make_mlp([32, 256, 256, 10], nn.Tanh, 512)
+    td = TorchTwiceDifferentiable(model, loss)
+    P = td.num_params
+
+    def extra_bytes(D, budget, kind):
+        v = torch.randn(D, P)
+        g = td.grad(x, y, create_graph=True) if kind == "mvp" else None
+        reset_peak_rss()
+        base = peak_rss_bytes()
+        with memory_budget(budget):
+            td.mvp(g, v, td.parameters) if kind == "mvp" else td.hvp(x, y, v, engine=kind)
+        return peak_rss_bytes() - base
+
+    out = {"out_bytes": 32 * P * 4}
+    for kind in ("native", "func", "autograd", "mvp"):
+        extra_bytes(2, None, kind)  # warm-up
+        out[kind] = {"budget": extra_bytes(32, BUDGET, kind), "free": extra_bytes(32, None, kind)}
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_peak_memory_stays_near_the_budget():
+    """In a fresh process (large tensors mmapped so that freed memory leaves the resident set), for
+    every engine and mvp:
+    32 directions under a 32 MiB budget grow the resident set by at most the budget plus the
+    [32, P] result, while without the budget they take several times more."""
+    budget = 32 * 2**20
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(twicediff.__file__)),
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT.replace("BUDGET", str(budget))],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kind in ("native", "func", "autograd", "mvp"):
+        assert res[kind]["budget"] <= budget + res["out_bytes"], (kind, res)
+        assert res[kind]["free"] > 2 * res[kind]["budget"], (kind, res)
