@@ -184,15 +184,18 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(exc))
     result = demo.run_demo(config)
     print(demo.format_report(result))
+    stem = os.path.join(_output_dir(args.output), f"demo_seed{args.seed}")
+    with open(stem + ".json", "w") as f:
+        json.dump(demo.summary(result), f, indent=2)
+    print(f"\nsaved {stem}.json: the figures above")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         print("twicediff demo: matplotlib is not installed, so no PNG was written "
               "(pip install 'twicediff[plot]')", file=sys.stderr)
         return 0
-    path = os.path.join(_output_dir(args.output), f"demo_seed{args.seed}.png")
-    demo.plot_demo(result, path)
-    print(f"\nsaved {path}: the most harmful training images and the score distributions")
+    demo.plot_demo(result, stem + ".png")
+    print(f"saved {stem}.png: the most harmful training images and the score distributions")
     return 0
 
 

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .progress import progress_bar
 
 __all__ = ["NUM_IMAGES", "DemoConfig", "DemoResult", "flip_labels", "format_report", "load_digits", "plot_demo",
-           "precision_at_k", "roc_auc", "run_demo"]
+           "precision_at_k", "roc_auc", "run_demo", "summary"]
 
 DIGITS_FILE = "digits.csv.gz"
 NUM_IMAGES = 1797
@@ -282,6 +282,15 @@ def run_demo(config: Optional[DemoConfig] = None) -> DemoResult:
         flipped=flipped, harm=harm_np, self_influence=self_np, metrics=metrics, timings=timings,
         train_accuracy=_accuracy(model, x_train, y_train), test_accuracy=_accuracy(model, x_test, y_test),
         final_grad_norm=grad_norm, num_params=differentiable.num_params)
+
+
+def summary(result: DemoResult) -> Dict[str, object]:
+    """The findings as plain JSON-ready data: configuration, metrics, timings (seconds), accuracies."""
+    config = {f.name: getattr(result.config, f.name) for f in dataclasses.fields(result.config)}
+    config["dtype"] = str(result.config.dtype).replace("torch.", "")
+    return {"config": config, "num_params": result.num_params, "num_flipped": result.k,
+            "metrics": result.metrics, "timings": result.timings, "train_accuracy": result.train_accuracy,
+            "test_accuracy": result.test_accuracy, "final_grad_norm": result.final_grad_norm}
 
 
 def format_report(result: DemoResult) -> str:
