@@ -170,16 +170,25 @@ def func_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor,
     tangents = _directions_as_params(v, names, params)
     if mode == "hessian":
         grad_fn = grad(lambda p: squeezed_loss(loss, output_of(p), y))
-        blocks = vmap(lambda t: jvp(grad_fn, (params,), (t,))[1])(tangents)
+        try:
+            blocks = vmap(lambda t: jvp(grad_fn, (params,), (t,))[1])(tangents)
+        except RuntimeError as exc:
+            # Some forward-mode formulas in torch are broken (torch 2.14: F.mse_loss with mean
+            # reduction raises "ZeroTensors are immutable"); reverse-over-reverse is exact too.
+            if "ZeroTensor" not in str(exc):
+                raise
+            _, pullback_grad = vjp(grad_fn, params)
+            blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
     else:
         z, pullback = vjp(output_of, params)
         z = z.detach()
-        loss_grad_fn = grad(lambda o: squeezed_loss(loss, o, y))
+        # H_ℓ is symmetric, so H_ℓ u is the pullback of u through ∇_z ℓ (reverse-over-reverse in
+        # the small output space; avoids forward-mode loss formulas, see above).
+        _, loss_hessian = vjp(grad(lambda o: squeezed_loss(loss, o, y)), z)
 
         def ggn_one(t):
             jt = jvp(output_of, (params,), (t,))[1]
-            hjt = jvp(loss_grad_fn, (z,), (jt,))[1]
-            return pullback(hjt)[0]
+            return pullback(loss_hessian(jt)[0])[0]
 
         blocks = vmap(ggn_one)(tangents)
     out = torch.empty_like(v)
