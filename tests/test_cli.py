@@ -69,6 +69,7 @@ def test_demo_help_explains_lambda(capsys):
     (("bench", "--directions", "1,x"), ("--directions", "'x'")),
     (("bench", "--repeats", "0"), ("--repeats", "0")),
     (("info", "--threads", "0"), ("--threads", "0")),
+    (("info", "--seed", "1"), ("unrecognized arguments: --seed",)),
 ])
 def test_bad_arguments_exit_2_with_usage(capsys, args, fragments):
     assert_usage_error(twicediff_main(capsys, *args), *fragments)
@@ -80,7 +81,15 @@ def test_bad_argument_through_the_console_exits_2():
 
 @pytest.mark.skipif(_GPU, reason="a GPU is present, so --device cuda is valid")
 def test_cuda_without_gpu_is_a_usage_error(capsys):
-    assert_usage_error(twicediff_main(capsys, "info", "--device", "cuda"), "--device", "cuda", "--device cpu")
+    assert_usage_error(twicediff_main(capsys, "demo", "--device", "cuda"), "--device", "cuda", "--device cpu")
+
+
+def test_output_that_is_a_file_is_a_usage_error(capsys, tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("")
+    assert_usage_error(twicediff_main(capsys, "demo", "--output", str(target)), "--output", "is a file")
+    assert_usage_error(twicediff_main(capsys, "bench", "--output", str(target / "below")), "--output",
+                       "cannot write under")
 
 
 def test_info_text_and_json():

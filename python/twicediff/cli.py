@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to compute; cuda needs a GPU and a CUDA build (default: cpu)")
     common.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
                         help="progress bars on long steps (default: on when stderr is a terminal)")
-    common.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: torch's own choice)")
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=_positive_int, default=None,
+                         help="torch CPU threads (default: torch's own choice)")
 
     parser = argparse.ArgumentParser(
         prog="twicediff", description="twicediff: second-order information of a PyTorch model's loss.")
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="{demo,bench,info}", required=True)
 
     p = commands.add_parser(
-        "demo", parents=[common], help="find flipped labels in the shipped digits with influence functions",
+        "demo", parents=[common, threads], help="find flipped labels in the shipped digits with influence functions",
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = demo.DemoConfig()
     p.add_argument("--quick", action="store_true",
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_run_demo, parser=p)
 
     p = commands.add_parser(
-        "bench", parents=[common], help="benchmark batched Hessian-vector products for a preset",
+        "bench", parents=[common, threads], help="benchmark batched Hessian-vector products for a preset",
         description="Hessian-vector products per second of twicediff's engines and the baselines "
                     "(the per-direction autograd loop and torch.func forward-over-reverse) for one "
                     "preset model on the chosen device, from twicediff.bench.")
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_run_bench, parser=p)
 
     p = commands.add_parser(
-        "info", parents=[common], help="build and device facts",
+        "info", parents=[threads], help="build and device facts",
         description="What twicediff's native extension was built against, and this machine's devices, "
                     "threads and memory budget.")
     p.add_argument("--json", action="store_true", help="print the facts as JSON instead of text")
@@ -161,6 +162,17 @@ def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
     if not info["cuda_kernels"]:
         parser.error("argument --device: cuda was asked for but this twicediff was built without CUDA "
                      "kernels; rebuild it with a CUDA toolkit (see docs/building.md) or use --device cpu")
+
+
+def _check_output(parser: argparse.ArgumentParser, path: str) -> None:
+    """Fail before the work, not after it, when --output cannot be a folder."""
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"argument --output: expected a folder, got {path!r}, which is a file")
+    if existing and not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+        parser.error(f"argument --output: cannot write under {existing!r} (for the folder {path!r})")
 
 
 def _output_dir(path: str) -> str:
@@ -288,7 +300,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m twicediff`` and the ``twicediff`` console script; returns the exit
     status (0 success, 2 bad arguments)."""
     args = build_parser().parse_args(argv)
-    _check_device(args.parser, args.device)
+    if args.command != "info":
+        _check_device(args.parser, args.device)
+        _check_output(args.parser, args.output)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return int(args.handler(args, args.parser))
