@@ -332,13 +332,20 @@ def plot_demo(result: DemoResult, path: str, n_images: int = 16) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    columns = 8
-    rows = -(-n_images // columns)
-    fig = plt.figure(figsize=(12, 3.0 + 1.55 * rows))
-    grid = fig.add_gridspec(rows + 2, columns, height_ratios=[1] * rows + [0.05, 2.2], hspace=0.45)
     top = np.argsort(-result.harm, kind="mergesort")[:n_images]
+    columns = 8
+    rows = -(-len(top) // columns)
+    fig = plt.figure(figsize=(12, 1.5 * rows + 3.6), layout="constrained")
+    images_part, scores_part = fig.subfigures(2, 1, height_ratios=[1.5 * rows + 0.3, 3.3])
+    n_bad = int(result.flipped[top].sum())
+    images_part.suptitle(f"the {len(top)} most harmful training images by validation influence: "
+                         f"{n_bad} of them have a flipped label (red)", fontsize=11)
+    image_axes = images_part.subplots(rows, columns, squeeze=False).reshape(-1)
+    for ax in image_axes:
+        ax.set_axis_off()
     for slot, i in enumerate(top):
-        ax = fig.add_subplot(grid[slot // columns, slot % columns])
+        ax = image_axes[slot]
+        ax.set_axis_on()
         ax.imshow(result.images[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -348,15 +355,11 @@ def plot_demo(result: DemoResult, path: str, n_images: int = 16) -> None:
         for spine in ax.spines.values():
             spine.set_edgecolor("red" if bad else "gray")
             spine.set_linewidth(2.5 if bad else 0.5)
-    n_bad = int(result.flipped[top].sum())
-    fig.text(0.5, 1 - 0.35 / (3.0 + 1.55 * rows), f"{n_images} most harmful training images by validation "
-             f"influence: {n_bad} of them flipped (red)", ha="center", fontsize=11)
     panels = (("validation harm", result.harm, "harm to validation loss (-mean Up influence)", False),
               ("self-influence", result.self_influence, "log10 self-influence", True))
-    for j, (key, scores, label, log) in enumerate(panels):
-        ax = fig.add_subplot(grid[rows + 1, j * columns // 2:(j + 1) * columns // 2])
+    for ax, (key, scores, label, log) in zip(scores_part.subplots(1, 2), panels):
         values = np.log10(np.maximum(scores, np.finfo(np.float64).tiny)) if log else scores
-        bins = np.linspace(values.min(), values.max(), 41)
+        bins = np.histogram_bin_edges(values, bins=40)
         # Densities, so that the 10% flipped points are as visible as the clean ones.
         ax.hist(values[~result.flipped], bins=bins, density=True, alpha=0.6, color="tab:blue",
                 label=f"clean ({int((~result.flipped).sum())})")
