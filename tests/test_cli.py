@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import twicediff
 
@@ -135,16 +136,28 @@ def test_demo_default_run_finds_the_flipped_labels(tmp_path):
 def test_demo_quick_with_options_and_progress(tmp_path):
     pytest.importorskip("twicediff.influence", reason="TRANSITIONAL until twicediff.influence lands; lead removes")
     out = tmp_path / "nested" / "dir"
-    result = twicediff_cli("demo", "--quick", "--seed", "3", "--dtype", "float64", "--regularization", "0.05",
-                           "--output", str(out), "--progress", "--threads", "1")
+    result = twicediff_cli("demo", "--quick", "--seed", "3", "--regularization", "0.05", "--output", str(out),
+                           "--progress", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert "train (L-BFGS)" in result.stderr  # the progress bar
     saved = json.loads((out / "demo_seed3.json").read_text())
     assert saved["config"]["n_train"] == 400 and saved["config"]["n_val"] == 100
-    assert saved["config"]["dtype"] == "float64" and saved["config"]["regularization"] == 0.05
+    assert saved["config"]["regularization"] == 0.05 and saved["config"]["seed"] == 3
     assert saved["num_flipped"] == 40
-    assert "(UCI 8x8, seed 3, cpu, float64)" in result.stdout
+    assert "(UCI 8x8, seed 3, cpu, float32)" in result.stdout
     assert (out / "demo_seed3.png").stat().st_size > 10_000
+
+
+def test_demo_arguments_make_the_config():
+    from twicediff import cli
+
+    parser = cli.build_parser()
+    config = cli.demo_config(parser.parse_args(["demo", "--dtype", "float64", "--n-val", "50", "--quick",
+                                                "--flip-fraction", "0.2", "--weight-decay", "0", "--no-progress"]))
+    assert (config.dtype, config.n_train, config.n_val) == (torch.float64, 400, 50)
+    assert (config.flip_fraction, config.weight_decay, config.progress) == (0.2, 0.0, False)
+    default = cli.demo_config(parser.parse_args(["demo"]))
+    assert (default.n_train, default.n_val, default.regularization, default.dtype) == (1200, 300, 0.03, torch.float32)
 
 
 def test_bench_prints_table_and_writes_files(tmp_path):

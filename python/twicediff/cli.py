@@ -15,11 +15,14 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["build_parser", "main"]
+if TYPE_CHECKING:
+    from .demo import DemoConfig
+
+__all__ = ["build_parser", "demo_config", "device_facts", "main"]
 
 
 # ---- argument types: a bad value becomes argparse's usage error (exit status 2) -------------------
@@ -181,15 +184,22 @@ def _output_dir(path: str) -> str:
 
 
 # ---- subcommands ---------------------------------------------------------------------------------
-def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from . import demo
+def demo_config(args: argparse.Namespace) -> "DemoConfig":
+    """The :class:`twicediff.demo.DemoConfig` that ``demo``'s parsed arguments ask for."""
+    from .demo import DemoConfig
 
     quick = {"n_train": 400, "n_val": 100} if args.quick else {}
     sizes = {name: getattr(args, name) if getattr(args, name) is not None else quick.get(name, default)
-             for name, default in (("n_train", demo.DemoConfig.n_train), ("n_val", demo.DemoConfig.n_val))}
-    config = demo.DemoConfig(flip_fraction=args.flip_fraction, regularization=args.regularization,
-                             weight_decay=args.weight_decay, seed=args.seed, device=args.device,
-                             dtype=getattr(torch, args.dtype), progress=args.progress, **sizes)
+             for name, default in (("n_train", DemoConfig.n_train), ("n_val", DemoConfig.n_val))}
+    return DemoConfig(flip_fraction=args.flip_fraction, regularization=args.regularization,
+                      weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+                      dtype=getattr(torch, args.dtype), progress=args.progress, **sizes)
+
+
+def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import demo
+
+    config = demo_config(args)
     try:
         config.validate(demo.NUM_IMAGES)
     except ValueError as exc:
