@@ -14,6 +14,12 @@ TORCH_LIBRARY(twicediff, m) {
   m.def("pack_into(Tensor[] blocks, Tensor(a!) out, int row_offset) -> ()");
   // The inverse: outs[k].reshape(B, n_k) = rows[:, col_k : col_k + n_k], rows [B, P].
   m.def("unpack_into(Tensor rows, Tensor(a!)[] outs) -> ()");
+  // The functional pack: a fresh [B, P] matrix, row b = cat_k(blocks[k][b].flatten()).
+  m.def("pack(Tensor[] blocks) -> Tensor");
+  // C[T, V] = sum_k a[k].reshape(T, n_k) @ b[k].reshape(V, n_k)^T, a[k] [T, *shape_k], b[k] [V, *shape_k].
+  m.def("blockwise_contract(Tensor[] a, Tensor[] b) -> Tensor");
+  // z[D] = sum_k <v[k][d], g[k]>, v[k] [D, *shape_k], g[k] [*shape_k].
+  m.def("blockwise_dot(Tensor[] v, Tensor[] g) -> Tensor");
 
   // ---- HVP engine ops (csrc/{cpu,cuda}/mlp_hvp.*) --------------------------------------------
 

@@ -1,6 +1,11 @@
-// CUDA kernels of pack_into / unpack_into: one launch copies every (block, row) segment of a list
-// of up to kMaxTensors parameter blocks, described by a metadata struct passed as a kernel
-// argument; longer lists take more launches. Copies move raw elements of the dtype's width.
+// CUDA kernels of pack / pack_into / unpack_into: one launch copies every block of a list of up to
+// kMaxTensors parameter blocks, described by a metadata struct passed as a kernel argument; longer
+// lists take more launches. Copies move raw units: 16-byte vectors when a block's source and
+// destination rows are all 16-byte aligned, else elements of the dtype's width.
+//
+// Block k is the contiguous [B, u_k] array of units (u_k units per row), flattened; each CUDA block
+// copies kChunk consecutive units of it, so rows of any length (5 units or 5 million) keep every
+// thread busy, and the CUDA blocks of all tensors are numbered one after the other.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,20 +21,44 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kPerThread = 4;
-constexpr int64_t kChunk = kThreads * kPerThread;  // elements one CUDA block copies
-// 8 KB of metadata: well inside the 32,764-byte kernel-argument limit of CUDA >= 12.1 on sm_70+.
+constexpr int64_t kChunk = kThreads * kPerThread;  // units one CUDA block copies
+constexpr int64_t kMaxCtas = (int64_t{1} << 31) - 1;  // grid x limit
+// ~7 KB of metadata: well inside the 32,764-byte kernel-argument limit of CUDA >= 12.1 on sm_70+.
 constexpr int kMaxTensors = 160;
 
 struct PackMeta {
   char* block[kMaxTensors];            // block k's data ([B, n_k], contiguous)
-  int64_t numel[kMaxTensors];          // n_k
-  int64_t column[kMaxTensors];         // col_k
+  int64_t units[kMaxTensors];          // u_k, units per row (16-byte vectors or elements)
+  int64_t column[kMaxTensors];         // byte offset of block k in a packed row
   int64_t first_cta[kMaxTensors + 1];  // prefix sum of CUDA blocks per tensor
+  bool vec[kMaxTensors];               // units are 16-byte vectors
   int count;
 };
 
+// Copies units [start, stop) of the flattened [B, u] block between the block and its rows.
+template <typename U, bool kToMatrix>
+__device__ __forceinline__ void copy_units(char* block, char* rows, int64_t ld_bytes, int64_t u, int64_t start,
+                                           int64_t stop) {
+  int64_t j = start + threadIdx.x;
+  if (j >= stop) return;
+  int64_t b = j / u, i = j - b * u;
+  const int64_t step_b = kThreads / u, step_i = kThreads % u;  // advance (b, i) by kThreads units
+  U* blk = reinterpret_cast<U*>(block);
+  for (; j < stop; j += kThreads) {
+    U* row = reinterpret_cast<U*>(rows + b * ld_bytes);
+    if (kToMatrix) row[i] = blk[j];
+    else blk[j] = row[i];
+    b += step_b;
+    i += step_i;
+    if (i >= u) {
+      i -= u;
+      ++b;
+    }
+  }
+}
+
 template <typename T, bool kToMatrix>
-__global__ void pack_kernel(PackMeta meta, T* __restrict__ mat, int64_t ld, int64_t row_offset) {
+__global__ void pack_kernel(PackMeta meta, char* mat, int64_t ld_bytes, int64_t rows) {
   const int64_t cta = blockIdx.x;
   // Which tensor this CUDA block serves: the last k with first_cta[k] <= cta.
   int lo = 0, hi = meta.count - 1;
@@ -37,49 +66,51 @@ __global__ void pack_kernel(PackMeta meta, T* __restrict__ mat, int64_t ld, int6
     const int mid = (lo + hi + 1) / 2;
     if (meta.first_cta[mid] <= cta) lo = mid; else hi = mid - 1;
   }
-  const int64_t n = meta.numel[lo];
-  const int64_t chunks_per_row = (n + kChunk - 1) / kChunk;
-  const int64_t local = cta - meta.first_cta[lo];
-  const int64_t b = local / chunks_per_row;
-  const int64_t start = (local % chunks_per_row) * kChunk;
-  const int64_t stop = min(n, start + kChunk);
-  T* blk = reinterpret_cast<T*>(meta.block[lo]) + b * n;
-  T* row = mat + (row_offset + b) * ld + meta.column[lo];
-  for (int64_t i = start + threadIdx.x; i < stop; i += kThreads) {
-    if (kToMatrix) row[i] = blk[i];
-    else blk[i] = row[i];
-  }
+  const int64_t u = meta.units[lo];
+  const int64_t start = (cta - meta.first_cta[lo]) * kChunk;
+  const int64_t stop = min(rows * u, start + kChunk);
+  char* dst = mat + meta.column[lo];
+  if (meta.vec[lo]) copy_units<uint4, kToMatrix>(meta.block[lo], dst, ld_bytes, u, start, stop);
+  else copy_units<T, kToMatrix>(meta.block[lo], dst, ld_bytes, u, start, stop);
 }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T>
 void launch_all(at::TensorList blocks, const at::Tensor& mat, const PackLayout& lay, int64_t row_offset,
                 bool to_matrix) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  T* mat_ptr = static_cast<T*>(mat.data_ptr());
+  constexpr int64_t elem = sizeof(T);
+  const int64_t ld_bytes = mat.stride(0) * elem;
+  char* rows = static_cast<char*>(mat.data_ptr()) + row_offset * ld_bytes;  // row b of this call at rows + b * ld
+  const bool rows_aligned = aligned16(rows) && (lay.rows == 1 || ld_bytes % 16 == 0);
   PackMeta meta;
   meta.count = 0;
   int64_t ctas = 0;
   auto flush = [&]() {
     if (meta.count == 0) return;
     meta.first_cta[meta.count] = ctas;
-    if (ctas > 0) {
-      if (to_matrix) pack_kernel<T, true><<<ctas, kThreads, 0, stream>>>(meta, mat_ptr, mat.stride(0), row_offset);
-      else pack_kernel<T, false><<<ctas, kThreads, 0, stream>>>(meta, mat_ptr, mat.stride(0), row_offset);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    if (to_matrix) pack_kernel<T, true><<<ctas, kThreads, 0, stream>>>(meta, rows, ld_bytes, lay.rows);
+    else pack_kernel<T, false><<<ctas, kThreads, 0, stream>>>(meta, rows, ld_bytes, lay.rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     meta.count = 0;
     ctas = 0;
   };
   for (size_t k = 0; k < blocks.size(); ++k) {
     const int64_t n = lay.numel[k];
     if (n == 0) continue;  // empty blocks need no work
-    const int64_t need = lay.rows * ((n + kChunk - 1) / kChunk);
-    TORCH_CHECK(need < (int64_t{1} << 31) - 1, "pack: block ", k, " is too large for one launch");
-    if (meta.count == kMaxTensors || ctas + need >= (int64_t{1} << 31) - 1) flush();
-    meta.block[meta.count] = static_cast<char*>(blocks[k].data_ptr());
-    meta.numel[meta.count] = n;
-    meta.column[meta.count] = lay.column[k];
+    char* data = static_cast<char*>(blocks[k].data_ptr());
+    const int64_t col_bytes = lay.column[k] * elem;
+    const bool vec = elem < 16 && rows_aligned && aligned16(data) && (n * elem) % 16 == 0 && col_bytes % 16 == 0;
+    const int64_t u = vec ? n * elem / 16 : n;
+    const int64_t need = (lay.rows * u + kChunk - 1) / kChunk;
+    TORCH_CHECK(need < kMaxCtas, "pack: block ", k, " (", lay.rows, " x ", n, " elements) is too large for one launch");
+    if (meta.count == kMaxTensors || ctas + need >= kMaxCtas) flush();
+    meta.block[meta.count] = data;
+    meta.units[meta.count] = u;
+    meta.column[meta.count] = col_bytes;
     meta.first_cta[meta.count] = ctas;
+    meta.vec[meta.count] = vec;
     ++meta.count;
     ctas += need;
   }
@@ -93,35 +124,42 @@ void copy_rows(at::TensorList blocks, const at::Tensor& mat, const PackLayout& l
     case 2: launch_all<uint16_t>(blocks, mat, lay, row_offset, to_matrix); break;
     case 4: launch_all<uint32_t>(blocks, mat, lay, row_offset, to_matrix); break;
     case 8: launch_all<uint64_t>(blocks, mat, lay, row_offset, to_matrix); break;
-    case 16: launch_all<ulonglong2>(blocks, mat, lay, row_offset, to_matrix); break;
+    case 16: launch_all<uint4>(blocks, mat, lay, row_offset, to_matrix); break;
     default: TORCH_CHECK_TYPE(false, "pack: unsupported element size ", mat.element_size());
   }
 }
 
 void pack_into_cuda(at::TensorList blocks, const at::Tensor& out, int64_t row_offset) {
-  const PackLayout lay = pack_layout("pack_into", blocks, "blocks", out, "out", row_offset);
+  const PackLayout lay = block_layout("pack_into", blocks, "blocks");
+  check_matrix("pack_into", lay, blocks, "blocks", out, "out", row_offset);
   if (lay.rows == 0 || out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  if (lay.fast) copy_rows(blocks, out, lay, row_offset, /*to_matrix=*/true);
+  if (rows_copyable(lay, out)) copy_rows(blocks, out, lay, row_offset, /*to_matrix=*/true);
   else pack_copy_strided(blocks, out, lay, row_offset, /*to_matrix=*/true);
 }
 
+at::Tensor pack_cuda(at::TensorList blocks) {
+  const PackLayout lay = block_layout("pack", blocks, "blocks");
+  const c10::cuda::CUDAGuard guard(blocks[0].device());
+  at::Tensor out = at::empty({lay.rows, lay.width}, blocks[0].options());
+  if (out.numel() == 0) return out;
+  if (lay.contiguous) copy_rows(blocks, out, lay, 0, /*to_matrix=*/true);
+  else pack_copy_strided(blocks, out, lay, 0, /*to_matrix=*/true);
+  return out;
+}
+
 void unpack_into_cuda(const at::Tensor& rows, at::TensorList outs) {
-  const PackLayout lay = pack_layout("unpack_into", outs, "outs", rows, "rows", 0);
-  TORCH_CHECK_VALUE(lay.rows == rows.size(0), "unpack_into: outs have B = ", lay.rows,
-                    " rows but rows has ", rows.size(0), " (shape ", shape_str(rows), ")");
-  for (size_t k = 0; k < outs.size(); ++k)
-    TORCH_CHECK_VALUE(at::has_internal_overlap(outs[k]) != at::MemOverlap::Yes, "unpack_into: outs[", k,
-                      "] must not have overlapping memory (an expanded view)");
+  const PackLayout lay = unpack_layout(rows, outs);
   if (lay.rows == 0 || rows.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(rows.device());
-  if (lay.fast) copy_rows(outs, rows, lay, 0, /*to_matrix=*/false);
+  if (rows_copyable(lay, rows)) copy_rows(outs, rows, lay, 0, /*to_matrix=*/false);
   else pack_copy_strided(outs, rows, lay, 0, /*to_matrix=*/false);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(twicediff, CUDA, m) {
+  m.impl("pack", &pack_cuda);
   m.impl("pack_into", &pack_into_cuda);
   m.impl("unpack_into", &unpack_into_cuda);
 }

@@ -6,6 +6,7 @@ tests compare against.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Sequence
 
 import torch
@@ -15,32 +16,197 @@ from . import _build  # noqa: F401  (loads twicediff._C, which registers the ops
 _ops = torch.ops.twicediff
 
 # ---- parameter-space ops ------------------------------------------------------------------------
+# A parameter list is K blocks; "rows" of a block are its leading dimension, and n_k = numel of one
+# row of block k. Packed, a row of the blocks is one row of a [B, P] matrix, P = sum_k n_k, block k at
+# columns [col_k, col_k + n_k), col_k = sum_{j<k} n_j.
+
+
+def _tensor_list(op: str, name: str, value) -> List[torch.Tensor]:
+    """``value`` as a non-empty list of tensors, or a TypeError / ValueError naming ``name`` (a lone
+    tensor is refused: it would silently be iterated over its first dimension)."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(value).__name__}")
+    for k, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name}[{k}] must be a tensor, got {type(t).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"{op}: {name} must hold at least one tensor, got an empty list")
+    return list(value)
+
+
+def _tensor(op: str, name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
+    return value
+
+
+def _no_grad_through(op: str, named: Sequence[tuple]) -> None:
+    """The in-place ops are not differentiable: refuse, rather than silently drop, a graph."""
+    if torch.is_grad_enabled():
+        for name, t in named:
+            if t.requires_grad:
+                raise ValueError(f"{op}: {name} requires grad, but {op} writes in place and is not "
+                                 f"differentiable; use twicediff._ops.pack / plain views, or pass detached tensors")
 
 
 def pack_into(blocks: Sequence[torch.Tensor], out: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
     """Write ``blocks[k]`` ([B, *shape_k]) into ``out[row_offset:row_offset+B, col_k:col_k+n_k]``
     of the preallocated ``out`` ([N, P], P = sum_k n_k) in one launch; returns ``out``.
-    Not differentiable (it writes into ``out``)."""
-    _ops.pack_into(list(blocks), out, int(row_offset))
+    Not differentiable (it writes into ``out``); see :func:`pack` for the differentiable form."""
+    blocks = _tensor_list("pack_into", "blocks", blocks)
+    _tensor("pack_into", "out", out)
+    if isinstance(row_offset, bool):
+        raise TypeError("pack_into: row_offset must be an int, got bool")
+    try:
+        row_offset = operator.index(row_offset)
+    except TypeError:
+        raise TypeError(f"pack_into: row_offset must be an int, got {type(row_offset).__name__}") from None
+    _no_grad_through("pack_into", [("out", out)] + _named("blocks", blocks))
+    _ops.pack_into(blocks, out, row_offset)
     return out
 
 
 def unpack_into(rows: torch.Tensor, outs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """The inverse of :func:`pack_into`: ``outs[k]`` ([B, *shape_k]) = ``rows[:, col_k:col_k+n_k]``
-    for ``rows`` of shape [B, P]; returns ``outs``."""
-    outs = list(outs)
+    for ``rows`` of shape [B, P]; returns ``outs``. Not differentiable (it writes into ``outs``)."""
+    outs = _tensor_list("unpack_into", "outs", outs)
+    _tensor("unpack_into", "rows", rows)
+    _no_grad_through("unpack_into", [("rows", rows)] + _named("outs", outs))
     _ops.unpack_into(rows, outs)
     return outs
 
 
+def pack(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The packed rows of ``blocks[k]`` ([B, *shape_k]) as a fresh [B, P] matrix,
+    ``out[b] = cat_k(blocks[k][b].flatten())`` (what ``torch.cat([x.reshape(B, -1) for x in
+    blocks], 1)`` gives, in one pass). Differentiable: the gradient of block k is
+    ``grad[:, col_k:col_k+n_k].reshape(blocks[k].shape)``."""
+    return _ops.pack(_tensor_list("pack", "blocks", blocks))
+
+
+def blockwise_contract(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """C [T, V] = sum_k a[k].reshape(T, n_k) @ b[k].reshape(V, n_k)^T for a[k] [T, *shape_k] and
+    b[k] [V, *shape_k]: ``einsum("ta,va->tv", pack(a), pack(b))`` without packing (one GEMM per
+    block). Differentiable in a and b."""
+    return _ops.blockwise_contract(_tensor_list("blockwise_contract", "a", a),
+                                   _tensor_list("blockwise_contract", "b", b))
+
+
+def blockwise_dot(v: Sequence[torch.Tensor], g: Sequence[torch.Tensor]) -> torch.Tensor:
+    """z [D] = sum_k <v[k][d], g[k]> for v[k] [D, *shape_k] and g[k] [*shape_k]: the D directions
+    dotted with one parameter-shaped vector (one GEMV per block). Differentiable in v and g, twice
+    (the backward is made of differentiable torch ops)."""
+    return _ops.blockwise_dot(_tensor_list("blockwise_dot", "v", v), _tensor_list("blockwise_dot", "g", g))
+
+
+def _check_one_device(op: str, named: Sequence[tuple]) -> None:
+    """Fake kernels: every (name, tensor) on the device of the first, else a ValueError naming it."""
+    first_name, first = named[0]
+    for name, t in named:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                             f"they must be on the same device")
+
+
+def _named(name: str, tensors: Sequence[torch.Tensor]) -> List[tuple]:
+    return [(f"{name}[{k}]", t) for k, t in enumerate(tensors)]
+
+
+def _row_width(op: str, name: str, blocks: Sequence[torch.Tensor]) -> tuple:
+    """(B, P) of the blocks [B, *shape_k], as the native checks see it."""
+    if len(blocks) == 0:
+        raise ValueError(f"{op}: {name} must hold at least one tensor, got an empty list")
+    for k, t in enumerate(blocks):
+        if t.dim() == 0 or t.shape[0] != blocks[0].shape[0]:
+            raise ValueError(f"{op}: every tensor in {name} must have the same leading size B; {name}[0] has "
+                             f"shape {list(blocks[0].shape)} but {name}[{k}] has shape {list(t.shape)}")
+    return blocks[0].shape[0], sum(t.shape[1:].numel() for t in blocks)
+
+
 @torch.library.register_fake("twicediff::pack_into")
 def _pack_into_fake(blocks, out, row_offset):
+    _check_one_device("pack_into", [("out", out)] + _named("blocks", blocks))
     return None
 
 
 @torch.library.register_fake("twicediff::unpack_into")
 def _unpack_into_fake(rows, outs):
+    _check_one_device("unpack_into", [("rows", rows)] + _named("outs", outs))
     return None
+
+
+@torch.library.register_fake("twicediff::pack")
+def _pack_fake(blocks):
+    _check_one_device("pack", _named("blocks", blocks))
+    rows, width = _row_width("pack", "blocks", blocks)
+    return blocks[0].new_empty((rows, width))
+
+
+def _pack_setup(ctx, inputs, output):
+    ctx.shapes = [t.shape for t in inputs[0]]
+
+
+def _pack_backward(ctx, grad):
+    widths = [s[1:].numel() for s in ctx.shapes]
+    return [piece.reshape(s) for piece, s in zip(grad.split(widths, dim=1), ctx.shapes)]
+
+
+torch.library.register_autograd("twicediff::pack", _pack_backward, setup_context=_pack_setup)
+
+
+@torch.library.register_fake("twicediff::blockwise_contract")
+def _blockwise_contract_fake(a, b):
+    _check_one_device("blockwise_contract", _named("a", a) + _named("b", b))
+    if len(a) == 0 or len(a) != len(b):
+        raise ValueError(f"blockwise_contract: a and b must hold the same number (>= 1) of blocks, "
+                         f"got {len(a)} and {len(b)}")
+    return a[0].new_empty((a[0].shape[0], b[0].shape[0]))
+
+
+def _pairs_setup(ctx, inputs, output):
+    lhs, rhs = inputs
+    ctx.num_blocks = len(lhs)
+    ctx.save_for_backward(*lhs, *rhs)
+
+
+def _blockwise_contract_backward(ctx, grad):
+    # dC/da[k] = grad @ b[k] (rows V), dC/db[k] = grad^T @ a[k] (rows T), both reshaped to the block.
+    saved = ctx.saved_tensors
+    a, b = saved[:ctx.num_blocks], saved[ctx.num_blocks:]
+    need_a, need_b = ctx.needs_input_grad
+    grad_a = [(grad @ bk.reshape(bk.shape[0], bk.shape[1:].numel())).reshape(ak.shape) if need else None
+              for ak, bk, need in zip(a, b, need_a)]
+    grad_b = [(grad.mT @ ak.reshape(ak.shape[0], ak.shape[1:].numel())).reshape(bk.shape) if need else None
+              for ak, bk, need in zip(a, b, need_b)]
+    return grad_a, grad_b
+
+
+torch.library.register_autograd("twicediff::blockwise_contract", _blockwise_contract_backward,
+                                setup_context=_pairs_setup)
+
+
+@torch.library.register_fake("twicediff::blockwise_dot")
+def _blockwise_dot_fake(v, g):
+    _check_one_device("blockwise_dot", _named("v", v) + _named("g", g))
+    if len(v) == 0 or len(v) != len(g):
+        raise ValueError(f"blockwise_dot: v and g must hold the same number (>= 1) of blocks, "
+                         f"got {len(v)} and {len(g)}")
+    return v[0].new_empty((v[0].shape[0],))
+
+
+def _blockwise_dot_backward(ctx, grad):
+    # dz/dv[k][d] = grad[d] * g[k]; dz/dg[k] = sum_d grad[d] * v[k][d].
+    saved = ctx.saved_tensors
+    v, g = saved[:ctx.num_blocks], saved[ctx.num_blocks:]
+    need_v, need_g = ctx.needs_input_grad
+    grad_v = [torch.outer(grad, gk.reshape(-1)).reshape(vk.shape) if need else None
+              for vk, gk, need in zip(v, g, need_v)]
+    grad_g = [(grad @ vk.reshape(vk.shape[0], gk.numel())).reshape(gk.shape) if need else None
+              for vk, gk, need in zip(v, g, need_g)]
+    return grad_v, grad_g
+
+
+torch.library.register_autograd("twicediff::blockwise_dot", _blockwise_dot_backward, setup_context=_pairs_setup)
 
 
 # ---- HVP engine ops -----------------------------------------------------------------------------

@@ -13,10 +13,8 @@ import torch
 
 
 def pack_into(blocks: Sequence[torch.Tensor], out: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
-    """out[row_offset:row_offset+B] = cat_k(blocks[k].reshape(B, -1)) along columns."""
-    rows = blocks[0].shape[0]
-    flat = [b.reshape(rows, -1) for b in blocks]
-    out[row_offset:row_offset + rows] = torch.cat(flat, dim=1)
+    """out[row_offset:row_offset+B] = pack(blocks)."""
+    out[row_offset:row_offset + blocks[0].shape[0]] = pack(blocks)
     return out
 
 
@@ -24,10 +22,26 @@ def unpack_into(rows: torch.Tensor, outs: Sequence[torch.Tensor]) -> List[torch.
     """outs[k] = rows[:, col_k:col_k+n_k].reshape(outs[k].shape)."""
     col = 0
     for o in outs:
-        n = o[0].numel() if o.shape[0] else o.numel()
+        n = o.shape[1:].numel()
         o.copy_(rows[:, col:col + n].reshape(o.shape))
         col += n
     return list(outs)
+
+
+def pack(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B, P] = cat_k(blocks[k].reshape(B, n_k)) along columns."""
+    rows = blocks[0].shape[0]
+    return torch.cat([b.reshape(rows, b.shape[1:].numel()) for b in blocks], dim=1)
+
+
+def blockwise_contract(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """C [T, V] = pack(a) @ pack(b)^T = sum_k a[k].reshape(T, n_k) @ b[k].reshape(V, n_k)^T."""
+    return pack(a) @ pack(b).mT
+
+
+def blockwise_dot(v: Sequence[torch.Tensor], g: Sequence[torch.Tensor]) -> torch.Tensor:
+    """z [D] = pack(v) @ cat_k(g[k].flatten()) = sum_k <v[k][d], g[k]>."""
+    return pack(v) @ torch.cat([gk.reshape(-1) for gk in g])
 
 
 # ---- HVP engine ops -----------------------------------------------------------------------------
