@@ -172,6 +172,39 @@ def test_bench_prints_table_and_writes_files(tmp_path):
     assert (tmp_path / "bench_a_cpu.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_unknown_preset_is_a_usage_error(capsys):
-    pytest.importorskip("twicediff.bench", reason="TRANSITIONAL until twicediff.bench lands; lead removes")
-    assert_usage_error(twicediff_main(capsys, "bench", "--preset", "zz"), "--preset", "'zz'")
+def test_bench_passes_the_options_to_the_benchmark_and_writes_its_files(capsys, tmp_path, monkeypatch):
+    """The bench subcommand's wiring against twicediff.bench's contract (run, format_table, plot,
+    to_json, PRESETS), with a recording double in its place."""
+    import types
+
+    calls = {}
+    double = types.ModuleType("twicediff.bench")
+    double.PRESETS = {"a": "MLP 64-128-128-10", "b": "MLP 512-1024-1024-100"}
+
+    def run(**kwargs):
+        calls["run"] = kwargs
+        return [{"engine": "native", "D": 4, "hvp_per_s": 1.0}]
+
+    double.run = run
+    double.format_table = lambda rows: f"TABLE of {len(rows)} rows"
+    double.plot = lambda rows, path: open(path, "wb").write(b"\x89PNG fake")
+    double.to_json = lambda rows, path: open(path, "w").write(json.dumps(rows))
+    monkeypatch.setitem(sys.modules, "twicediff.bench", double)
+    monkeypatch.setattr(twicediff, "bench", double, raising=False)
+
+    result = twicediff_main(capsys, "bench", "--preset", "b", "--directions", "1,4", "--engines", "native,func",
+                            "--repeats", "3", "--threads", "1", "--no-progress", "--plot", "--json",
+                            "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert calls["run"] == {"preset": "b", "device": "cpu", "directions": (1, 4), "engines": ["native", "func"],
+                            "threads": 1, "repeats": 3, "progress": False}
+    assert result.stdout.startswith("TABLE of 1 rows")
+    assert json.loads((tmp_path / "bench_b_cpu.json").read_text())[0]["engine"] == "native"
+    assert (tmp_path / "bench_b_cpu.png").exists()
+
+    calls.clear()
+    result = twicediff_main(capsys, "bench", "--no-progress", "--output", str(tmp_path / "none"))
+    assert result.returncode == 0 and calls["run"] == {"preset": "a", "device": "cpu", "engines": None,
+                                                       "threads": None, "progress": False}
+    assert not (tmp_path / "none").exists()  # nothing asked to be written
+    assert_usage_error(twicediff_main(capsys, "bench", "--preset", "zz"), "--preset", "a, b", "'zz'")
