@@ -304,7 +304,7 @@ def format_report(result: DemoResult) -> str:
         f"trained to |grad| = {result.final_grad_norm:.1e}",
         f"accuracy: {100 * result.train_accuracy:.1f}% on the noisy training labels, "
         f"{100 * result.test_accuracy:.1f}% on {n_test} held-out test images",
-        f"Hessian damping lambda = {c.regularization:g}: H + lambda*I is positive definite only for lambda > the "
+        f"Hessian damping lambda = {c.regularization:g}: H + lambda*I is positive definite only for lambda above about the "
         f"weight decay ({c.weight_decay:g});",
         "  0.01-0.1 finds the flips; 0.001 drops the validation AUC to 0.56-0.78 (`python -m twicediff demo --help`)",
         "",
