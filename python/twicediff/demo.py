@@ -25,10 +25,11 @@ H + weight_decay·I, is positive semi-definite. Influence uses H, the Hessian of
 its smallest eigenvalues sit near -weight_decay (about 600 of the 2,410 are negative here, the lowest
 at -0.00995, seed 0). H + λI is positive definite only for λ above about weight_decay; for λ well
 below it, H + λI is indefinite with eigenvalues near zero, and its inverse is dominated by those
-flat and negative directions, which carry noise rather than the data: with λ = 0.001 the validation-harm AUC drops to 0.56–0.78 on seeds 0–2 (0.5 is chance). With λ
-between 0.01 and 0.1 it is 0.94–0.99 and the self-influence AUC about 0.99–0.998 (self-influence is
-less sensitive: it still reaches 0.97–0.99 at λ = 0.001). λ = 0.03 sits in the middle of the good
-range; ``--regularization`` changes it.
+flat and negative directions, which carry noise rather than the data: with λ = 0.001 the
+validation-harm AUC drops to 0.56–0.78 on seeds 0–2 (0.5 is chance). With λ between 0.01 and 0.1
+it is 0.94–0.99 and the self-influence AUC about 0.99–0.998 (self-influence is less sensitive: it
+still reaches 0.97–0.99 at λ = 0.001). λ = 0.03 sits in the middle of the good range;
+``--regularization`` changes it.
 """
 from __future__ import annotations
 
@@ -304,8 +305,8 @@ def format_report(result: DemoResult) -> str:
         f"trained to |grad| = {result.final_grad_norm:.1e}",
         f"accuracy: {100 * result.train_accuracy:.1f}% on the noisy training labels, "
         f"{100 * result.test_accuracy:.1f}% on {n_test} held-out test images",
-        f"Hessian damping lambda = {c.regularization:g}: H + lambda*I is positive definite only for lambda above about the "
-        f"weight decay ({c.weight_decay:g});",
+        f"Hessian damping lambda = {c.regularization:g}: H + lambda*I is positive definite only for lambda "
+        f"above about the weight decay ({c.weight_decay:g});",
         "  0.01-0.1 finds the flips; 0.001 drops the validation AUC to 0.56-0.78 (`python -m twicediff demo --help`)",
         "",
         f"{'ranking of training points':<44} {'ROC AUC':>8} {'precision@' + str(result.k):>14}",
