@@ -169,6 +169,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         if engine not in ENGINES:
             raise ValueError(f"hvp: engine must be one of {ENGINES}, got {engine!r}")
         x, y = self._to_device(x, y, "hvp")
+        x, y = x.detach(), y.detach()  # products are not differentiated further
         v = self._check_v(v, "hvp")
         one = v.dim() == 1
         V = v.unsqueeze(0) if one else v
