@@ -22,6 +22,15 @@ TORCH_LIBRARY(twicediff, m) {
   m.def("blockwise_dot(Tensor[] v, Tensor[] g) -> Tensor");
 
   // ---- HVP engine ops (csrc/{cpu,cuda}/mlp_hvp.*) --------------------------------------------
+  // out [D, P] = H v_d (or the Gauss-Newton J^T H_loss J v_d) for each row v_d of directions [D, P],
+  // H the Hessian of loss(f(x), target) in the MLP's flat parameters (W_0, b_0, W_1, b_1, ...; W_l
+  // [out, in] row-major, b_l absent where biases[l] is None). f: a_l = h_{l-1} W_l^T + b_l, h_l =
+  // act chain l (activation_counts[l] codes, 2 params each) of a_l, h_{-1} = x [N, in]; z = h_last.
+  // loss: 0 MSE (target [N, C]), 1 cross-entropy (class indices [N]), 2 BCE with logits ([N, C]);
+  // reduction: 0 mean, 1 sum. Not differentiable. Codes: csrc/mlp_hvp_common.h.
+  m.def("mlp_hvp(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, Tensor directions, "
+        "int[] activation_counts, int[] activation_codes, float[] activation_params, int loss, int reduction, "
+        "bool gauss_newton) -> Tensor");
 
   // ---- solver ops (csrc/{cpu,cuda}/solver_step.*) --------------------------------------------
 }

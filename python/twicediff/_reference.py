@@ -47,4 +47,85 @@ def blockwise_dot(v: Sequence[torch.Tensor], g: Sequence[torch.Tensor]) -> torch
 # ---- HVP engine ops -----------------------------------------------------------------------------
 
 
+def _mlp_activation(a: torch.Tensor, name: str, p0: float, p1: float) -> torch.Tensor:
+    import torch.nn.functional as F
+    if name == "relu":
+        return F.relu(a)
+    if name == "leaky_relu":
+        return F.leaky_relu(a, p0)
+    if name == "tanh":
+        return torch.tanh(a)
+    if name == "sigmoid":
+        return torch.sigmoid(a)
+    if name == "gelu":
+        return F.gelu(a)
+    if name == "gelu_tanh":
+        return F.gelu(a, approximate="tanh")
+    if name == "silu":
+        return F.silu(a)
+    if name == "softplus":
+        return F.softplus(a, beta=p0, threshold=p1)
+    raise ValueError(f"mlp_hvp: unknown activation {name!r}")
+
+
+def mlp_hvp(x: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tensor],
+            biases: Sequence[torch.Tensor | None], directions: torch.Tensor,
+            activations: Sequence[Sequence[tuple]], loss: str, reduction: str = "mean",
+            gauss_newton: bool = False) -> torch.Tensor:
+    """directions [D, P] -> [D, P]: rows H v_d (or JᵀH_ℓJ v_d), by torch.func forward-over-reverse
+    on the MLP written with torch ops (see ``twicediff._ops.mlp_hvp`` for the model and layout)."""
+    import torch.nn.functional as F
+    from torch.func import grad, jvp, vjp, vmap
+
+    weights = [w.detach() for w in weights]
+    biases = [None if b is None else b.detach() for b in biases]
+    x, target, directions = x.detach(), target.detach(), directions.detach()
+    params = tuple(t for wb in zip(weights, biases) for t in wb if t is not None)
+    sizes = [p.numel() for p in params]
+
+    def network(*flat_params: torch.Tensor) -> torch.Tensor:
+        parts = iter(flat_params)
+        h = x
+        for b, chain in zip(biases, activations):
+            w = next(parts)
+            h = h @ w.t() + next(parts) if b is not None else h @ w.t()
+            for name, p0, p1 in chain:
+                h = _mlp_activation(h, name, p0, p1)
+        return h
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        if loss == "mse":  # written out: F.mse_loss's double backward trips torch.func on [N, 1] outputs
+            squares = (z - target) ** 2
+            return squares.mean() if reduction == "mean" else squares.sum()
+        if loss == "cross_entropy":
+            return F.cross_entropy(z, target, reduction=reduction)
+        if loss == "bce_with_logits":
+            return F.binary_cross_entropy_with_logits(z, target, reduction=reduction)
+        raise ValueError(f"mlp_hvp: unknown loss {loss!r}")
+
+    def split(v: torch.Tensor) -> tuple:
+        return tuple(part.view(p.shape) for part, p in zip(torch.split(v, sizes), params))
+
+    def flatten(parts) -> torch.Tensor:
+        return torch.cat([part.reshape(-1) for part in parts])
+
+    if directions.shape[0] == 0:
+        return directions.new_zeros(directions.shape)
+    if gauss_newton:
+        z, pullback = vjp(network, *params)
+
+        def ggn_product(v: torch.Tensor) -> torch.Tensor:
+            _, jv = jvp(network, params, split(v))
+            _, hjv = jvp(grad(objective), (z,), (jv,))
+            return flatten(pullback(hjv))
+        return vmap(ggn_product)(directions)
+
+    def loss_gradient(*ps: torch.Tensor) -> tuple:
+        return grad(lambda *q: objective(network(*q)), argnums=tuple(range(len(ps))))(*ps)
+
+    def hessian_product(v: torch.Tensor) -> torch.Tensor:
+        return flatten(jvp(loss_gradient, params, split(v))[1])
+    return vmap(hessian_product)(directions)
+
+
 # ---- solver ops ---------------------------------------------------------------------------------

@@ -1,0 +1,226 @@
+// CPU kernels of mlp_hvp: the elementwise passes of the R-operator (see mlp_hvp_common.h for the
+// driver and the layout), as parallel loops over contiguous rows; GEMMs go through ATen (MKL).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "mlp_hvp_common.h"
+
+namespace twicediff {
+namespace mlp_hvp {
+namespace {
+
+constexpr int64_t kGrain = 16384;  // elements per task below which threads are not woken
+
+// Rows of `width` elements per task so that a task holds about kGrain elements.
+inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(width, 1)); }
+
+// Runs body(n_begin, n_end, acc) over slices of the N rows of an [N, cols] matrix, one slice per
+// thread, each with its own zeroed accumulator row acc [cols]; then, when `sums` is given,
+// sums[d, o] = sum over slices of acc[d*W + o] (sums [D, W] with any strides). Rows are walked in
+// memory order, so a pass over the matrix can also reduce it over N without a second pass.
+template <typename scalar_t, typename F>
+void for_row_slices(int64_t N, int64_t cols, int64_t W, scalar_t* sums, int64_t ss0, int64_t ss1, const F& body) {
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                 N * cols / std::max<int64_t>(kGrain, 1)));
+  std::vector<scalar_t> acc(sums ? slices * cols : 0, scalar_t(0));
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      body(t * N / slices, (t + 1) * N / slices, sums ? acc.data() + t * cols : nullptr);
+  });
+  if (!sums) return;
+  for (int64_t j = 0; j < cols; ++j) {
+    scalar_t total = 0;
+    for (int64_t t = 0; t < slices; ++t) total += acc[t * cols + j];
+    sums[(j / W) * ss0 + (j % W) * ss1] = total;
+  }
+}
+
+struct CpuKernels {
+  static void forward_activation(const at::Tensor& a, const ActivationChain& chain, at::Tensor& h, at::Tensor& s1,
+                                 at::Tensor& s2) {
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mlp_hvp_forward_activation", [&] {
+      const scalar_t* pa = a.const_data_ptr<scalar_t>();
+      scalar_t* ph = h.mutable_data_ptr<scalar_t>();
+      scalar_t* p1 = s1.mutable_data_ptr<scalar_t>();
+      scalar_t* p2 = s2.defined() ? s2.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, a.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          scalar_t y, d1, d2;
+          chain_derivatives<scalar_t>(chain, pa[i], y, d1, d2);
+          ph[i] = y;
+          p1[i] = d1;
+          if (p2) p2[i] = d2;
+        }
+      });
+    });
+  }
+
+  static void loss_forward(const at::Tensor& z, const at::Tensor& target, const Plan& plan, at::Tensor& prob,
+                           at::Tensor& g) {
+    const int64_t N = z.size(0), C = z.size(1);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_hvp_loss_forward", [&] {
+      const scalar_t* pz = z.const_data_ptr<scalar_t>();
+      scalar_t* pp = prob.defined() ? prob.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* pg = g.defined() ? g.mutable_data_ptr<scalar_t>() : nullptr;
+      const scalar_t scale = static_cast<scalar_t>(plan.scale);
+      at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const scalar_t* zr = pz + n * C;
+          if (plan.loss == kCrossEntropy) {
+            scalar_t m = zr[0];
+            for (int64_t c = 1; c < C; ++c) m = std::max(m, zr[c]);
+            scalar_t sum = 0;
+            for (int64_t c = 0; c < C; ++c) sum += (pp[n * C + c] = std::exp(zr[c] - m));
+            const scalar_t inv = scalar_t(1) / sum;
+            for (int64_t c = 0; c < C; ++c) pp[n * C + c] *= inv;
+            if (pg) {
+              const int64_t t = target.const_data_ptr<int64_t>()[n];
+              for (int64_t c = 0; c < C; ++c) pg[n * C + c] = scale * (pp[n * C + c] - scalar_t(c == t));
+            }
+          } else {
+            const scalar_t* yr = target.const_data_ptr<scalar_t>() + n * C;
+            for (int64_t c = 0; c < C; ++c) {
+              if (plan.loss == kBCEWithLogits) {
+                const scalar_t s = scalar_t(1) / (scalar_t(1) + std::exp(-zr[c]));
+                pp[n * C + c] = s;
+                if (pg) pg[n * C + c] = scale * (s - yr[c]);
+              } else if (pg) {
+                pg[n * C + c] = scale * (zr[c] - yr[c]);
+              }
+            }
+          }
+        }
+      });
+    });
+  }
+
+  static void loss_curvature(const at::Tensor& rz, const at::Tensor& z, const at::Tensor& prob, const Plan& plan,
+                             at::Tensor& rg, int64_t D) {
+    const int64_t N = z.size(0), C = z.size(1);
+    AT_DISPATCH_FLOATING_TYPES(rz.scalar_type(), "mlp_hvp_loss_curvature", [&] {
+      const scalar_t* pr = rz.const_data_ptr<scalar_t>();
+      const scalar_t* pp = prob.defined() ? prob.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* po = rg.mutable_data_ptr<scalar_t>();
+      const scalar_t scale = static_cast<scalar_t>(plan.scale);
+      at::parallel_for(0, N * D, row_grain(C), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const scalar_t* r = pr + row * C;
+          scalar_t* o = po + row * C;
+          const scalar_t* p = pp ? pp + (row / D) * C : nullptr;
+          if (plan.loss == kCrossEntropy) {  // (diag(p) - p p^T) r
+            scalar_t pr_dot = 0;
+            for (int64_t c = 0; c < C; ++c) pr_dot += p[c] * r[c];
+            for (int64_t c = 0; c < C; ++c) o[c] = scale * p[c] * (r[c] - pr_dot);
+          } else if (plan.loss == kBCEWithLogits) {  // p (1 - p) r
+            for (int64_t c = 0; c < C; ++c) o[c] = scale * p[c] * (scalar_t(1) - p[c]) * r[c];
+          } else {  // MSE: 2/M r
+            for (int64_t c = 0; c < C; ++c) o[c] = scale * r[c];
+          }
+        }
+      });
+    });
+  }
+
+  static void backward_activation(const at::Tensor& gh, const at::Tensor& s1, const at::Tensor& s2, at::Tensor& ga,
+                                  at::Tensor& s2gh) {
+    AT_DISPATCH_FLOATING_TYPES(gh.scalar_type(), "mlp_hvp_backward_activation", [&] {
+      const scalar_t* pg = gh.const_data_ptr<scalar_t>();
+      const scalar_t* p1 = s1.const_data_ptr<scalar_t>();
+      const scalar_t* p2 = s2.defined() ? s2.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* pa = ga.mutable_data_ptr<scalar_t>();
+      scalar_t* pq = s2gh.defined() ? s2gh.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, gh.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) pa[i] = p1[i] * pg[i];
+        if (p2 && pq)
+          for (int64_t i = begin; i < end; ++i) pq[i] = p2[i] * pg[i];
+      });
+    });
+  }
+
+  static void rforward_activation(const at::Tensor& ra, const at::Tensor& s1, at::Tensor& rh, int64_t D) {
+    const int64_t rows = ra.size(0) * D, W = ra.size(1) / D;
+    AT_DISPATCH_FLOATING_TYPES(ra.scalar_type(), "mlp_hvp_rforward_activation", [&] {
+      const scalar_t* pa = ra.const_data_ptr<scalar_t>();  // may alias rh (in place)
+      scalar_t* ph = rh.mutable_data_ptr<scalar_t>();
+      const scalar_t* __restrict__ p1 = s1.const_data_ptr<scalar_t>();
+      at::parallel_for(0, rows, row_grain(W), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const scalar_t* __restrict__ s = p1 + (row / D) * W;
+          const scalar_t* a = pa + row * W;
+          scalar_t* h = ph + row * W;
+          for (int64_t o = 0; o < W; ++o) h[o] = s[o] * a[o];
+        }
+      });
+    });
+  }
+
+  // rg = s1 rg + s2gh ra over [N, D*W]; with bias_out, also bias_out[d, o] = sum_n rg[n, d*W + o]
+  // in the same pass.
+  static void rbackward_activation(at::Tensor& rg, const at::Tensor& s1, const at::Tensor& s2gh, const at::Tensor& ra,
+                                   int64_t D, const at::Tensor& bias_out) {
+    const int64_t N = rg.size(0), cols = rg.size(1), W = cols / D;
+    AT_DISPATCH_FLOATING_TYPES(rg.scalar_type(), "mlp_hvp_rbackward_activation", [&] {
+      scalar_t* pg = rg.mutable_data_ptr<scalar_t>();
+      const scalar_t* p1 = s1.const_data_ptr<scalar_t>();
+      const scalar_t* pq = s2gh.defined() ? s2gh.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* pa = ra.const_data_ptr<scalar_t>();
+      scalar_t* pb = bias_out.defined() ? bias_out.mutable_data_ptr<scalar_t>() : nullptr;
+      for_row_slices<scalar_t>(N, cols, W, pb, pb ? bias_out.stride(0) : 0, pb ? bias_out.stride(1) : 0,
+                               [&](int64_t n0, int64_t n1, scalar_t* acc) {
+        for (int64_t n = n0; n < n1; ++n) {
+          const scalar_t* __restrict__ s = p1 + n * W;
+          const scalar_t* __restrict__ q = pq ? pq + n * W : nullptr;
+          for (int64_t d = 0; d < D; ++d) {
+            scalar_t* __restrict__ g = pg + n * cols + d * W;
+            const scalar_t* __restrict__ a = pa + n * cols + d * W;
+            if (q) {
+              for (int64_t o = 0; o < W; ++o) g[o] = s[o] * g[o] + q[o] * a[o];
+            } else {
+              for (int64_t o = 0; o < W; ++o) g[o] = s[o] * g[o];
+            }
+            if (acc) {
+              scalar_t* __restrict__ c = acc + d * W;
+              for (int64_t o = 0; o < W; ++o) c[o] += g[o];
+            }
+          }
+        }
+      });
+    });
+  }
+
+  static void column_sums(const at::Tensor& m, const at::Tensor& out, int64_t D) {
+    const int64_t N = m.size(0), cols = m.size(1), W = cols / D;
+    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "mlp_hvp_column_sums", [&] {
+      const scalar_t* pm = m.const_data_ptr<scalar_t>();
+      for_row_slices<scalar_t>(N, cols, W, out.mutable_data_ptr<scalar_t>(), out.stride(0), out.stride(1),
+                               [&](int64_t n0, int64_t n1, scalar_t* acc) {
+        for (int64_t n = n0; n < n1; ++n) {
+          const scalar_t* __restrict__ r = pm + n * cols;
+          for (int64_t j = 0; j < cols; ++j) acc[j] += r[j];
+        }
+      });
+    });
+  }
+};
+
+at::Tensor mlp_hvp_cpu(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                       const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& directions,
+                       at::IntArrayRef activation_counts, at::IntArrayRef activation_codes,
+                       at::ArrayRef<double> activation_params, int64_t loss, int64_t reduction, bool gauss_newton) {
+  const Plan plan = make_plan(x, target, weights, biases, directions, activation_counts, activation_codes,
+                              activation_params, loss, reduction, gauss_newton);
+  return run<CpuKernels>(plan, x, target, weights, biases, directions);
+}
+
+}  // namespace
+}  // namespace mlp_hvp
+
+TORCH_LIBRARY_IMPL(twicediff, CPU, m) { m.impl("mlp_hvp", &mlp_hvp::mlp_hvp_cpu); }
+
+}  // namespace twicediff
