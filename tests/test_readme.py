@@ -52,3 +52,13 @@ def test_readme_python_blocks_run():
     assert "torch.Size([10, 200])" in printed
     assert "False" not in printed, printed  # every check the README prints is True
     assert printed.count("True") == 2
+
+
+def test_readme_relative_links_exist():
+    with open(README) as f:
+        text = f.read()
+    targets = {t for t in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in t}
+    # TRANSITIONAL until docs/building.md lands from infra; lead removes
+    targets.discard("docs/building.md")
+    missing = sorted(t for t in targets if not os.path.exists(os.path.join(ROOT, t)))
+    assert targets and not missing, f"README links to missing paths: {missing}"
