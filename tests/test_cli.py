@@ -165,7 +165,7 @@ def test_bench_prints_table_and_writes_files(tmp_path):
     from twicediff import bench
 
     result = twicediff_cli("bench", "--preset", "a", "--directions", "1,4", "--repeats", "1", "--plot", "--json",
-                           "--output", str(tmp_path), "--no-progress")
+                           "--output", str(tmp_path), "--no-progress", "--no-memory")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "bench_a_cpu.json").read_text())
     assert rows and result.stdout.startswith(bench.format_table(rows).splitlines()[0])
@@ -180,6 +180,7 @@ def test_bench_passes_the_options_to_the_benchmark_and_writes_its_files(capsys, 
     calls = {}
     double = types.ModuleType("twicediff.bench")
     double.PRESETS = {"a": "MLP 64-128-128-10", "b": "MLP 512-1024-1024-100"}
+    double.ENGINES = ("native", "func", "autograd")
 
     def run(**kwargs):
         calls["run"] = kwargs
@@ -193,11 +194,11 @@ def test_bench_passes_the_options_to_the_benchmark_and_writes_its_files(capsys, 
     monkeypatch.setattr(twicediff, "bench", double, raising=False)
 
     result = twicediff_main(capsys, "bench", "--preset", "b", "--directions", "1,4", "--engines", "native,func",
-                            "--repeats", "3", "--threads", "1", "--no-progress", "--plot", "--json",
+                            "--repeats", "3", "--threads", "1", "--no-progress", "--no-memory", "--plot", "--json",
                             "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert calls["run"] == {"preset": "b", "device": "cpu", "directions": (1, 4), "engines": ["native", "func"],
-                            "threads": 1, "repeats": 3, "progress": False}
+                            "threads": 1, "repeats": 3, "progress": False, "memory": False}
     assert result.stdout.startswith("TABLE of 1 rows")
     assert json.loads((tmp_path / "bench_b_cpu.json").read_text())[0]["engine"] == "native"
     assert (tmp_path / "bench_b_cpu.png").exists()
@@ -205,6 +206,7 @@ def test_bench_passes_the_options_to_the_benchmark_and_writes_its_files(capsys, 
     calls.clear()
     result = twicediff_main(capsys, "bench", "--no-progress", "--output", str(tmp_path / "none"))
     assert result.returncode == 0 and calls["run"] == {"preset": "a", "device": "cpu", "engines": None,
-                                                       "threads": None, "progress": False}
+                                                       "threads": None, "progress": False, "memory": True}
     assert not (tmp_path / "none").exists()  # nothing asked to be written
     assert_usage_error(twicediff_main(capsys, "bench", "--preset", "zz"), "--preset", "a, b", "'zz'")
+    assert_usage_error(twicediff_main(capsys, "bench", "--engines", "native,magic"), "--engines", "magic")

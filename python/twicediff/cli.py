@@ -138,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--directions", type=_int_list, default=None, metavar="D1,D2,...",
                    help="numbers of directions D (default: the benchmark's, 1,16,64,256)")
     p.add_argument("--engines", type=_name_list, default=None, metavar="E1,E2,...",
-                   help="engines and baselines to time (default: all)")
+                   help="twicediff engines to time, among native, func, autograd (default: all); the "
+                        "baselines are always timed")
     p.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (default: the benchmark's)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure peak memory (CPU: a fresh subprocess per row; default: on)")
     p.add_argument("--plot", action="store_true", help="also save a PNG plot under --output")
     p.add_argument("--json", action="store_true", help="also save the rows as JSON under --output")
     p.set_defaults(handler=_run_bench, parser=p)
@@ -226,12 +229,16 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     if args.preset not in bench.PRESETS:
         parser.error(f"argument --preset: expected one of {', '.join(sorted(bench.PRESETS))}, got {args.preset!r}")
+    unknown = sorted(set(args.engines or ()) - set(bench.ENGINES))
+    if unknown:
+        parser.error(f"argument --engines: expected names among {', '.join(bench.ENGINES)}, got {', '.join(unknown)}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("argument --plot: needs matplotlib (pip install 'twicediff[plot]')")
-    options: Dict[str, Any] = {"engines": args.engines, "threads": args.threads, "progress": args.progress}
+    options: Dict[str, Any] = {"engines": args.engines, "threads": args.threads, "progress": args.progress,
+                               "memory": args.memory}
     if args.directions is not None:
         options["directions"] = tuple(args.directions)
     if args.repeats is not None:
