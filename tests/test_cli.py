@@ -93,12 +93,16 @@ def test_output_that_is_a_file_is_a_usage_error(capsys, tmp_path):
                        "cannot write under")
 
 
-def test_info_text_and_json():
+def test_info_text_and_json(capsys):
     result = twicediff_cli("info")
     assert result.returncode == 0, result.stderr
     for fragment in ("twicediff " + twicediff.__version__, "cuda_kernels", "torch threads", "memory budget"):
         assert fragment in result.stdout
-    result = twicediff_cli("info", "--json", "--threads", "1")
+    threads = torch.get_num_threads()
+    try:
+        result = twicediff_main(capsys, "info", "--json", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout)
     assert facts["build"] == json.loads(json.dumps(twicediff.build_info()))
