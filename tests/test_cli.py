@@ -133,6 +133,7 @@ def test_demo_default_run_finds_the_flipped_labels(tmp_path):
     assert auc_val >= 0.9, result.stdout
     assert auc_self >= 0.95, result.stdout
     assert set(saved["timings"]) >= {"train MLP (L-BFGS)", "validation influence (Up)", "self-influence"}
+    assert saved["threads"] == 1
     png = tmp_path / "demo_seed0.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -141,14 +142,14 @@ def test_demo_quick_with_options_and_progress(tmp_path):
     pytest.importorskip("twicediff.influence", reason="TRANSITIONAL until twicediff.influence lands; lead removes")
     out = tmp_path / "nested" / "dir"
     result = twicediff_cli("demo", "--quick", "--seed", "3", "--regularization", "0.05", "--output", str(out),
-                           "--progress", "--threads", "1")
+                           "--progress")
     assert result.returncode == 0, result.stderr
     assert "train (L-BFGS)" in result.stderr  # the progress bar
     saved = json.loads((out / "demo_seed3.json").read_text())
     assert saved["config"]["n_train"] == 400 and saved["config"]["n_val"] == 100
     assert saved["config"]["regularization"] == 0.05 and saved["config"]["seed"] == 3
     assert saved["num_flipped"] == 40
-    assert "(UCI 8x8, seed 3, cpu, float32)" in result.stdout
+    assert "(UCI 8x8, seed 3, cpu, float32, 1 CPU thread)" in result.stdout
     assert (out / "demo_seed3.png").stat().st_size > 10_000
 
 

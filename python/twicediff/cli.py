@@ -99,9 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to compute; cuda needs a GPU and a CUDA build (default: cpu)")
     common.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
                         help="progress bars on long steps (default: on when stderr is a terminal)")
-    threads = argparse.ArgumentParser(add_help=False)
-    threads.add_argument("--threads", type=_positive_int, default=None,
-                         help="torch CPU threads (default: torch's own choice)")
 
     parser = argparse.ArgumentParser(
         prog="twicediff", description="twicediff: second-order information of a PyTorch model's loss.")
@@ -109,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="{demo,bench,info}", required=True)
 
     p = commands.add_parser(
-        "demo", parents=[common, threads], help="find flipped labels in the shipped digits with influence functions",
+        "demo", parents=[common], help="find flipped labels in the shipped digits with influence functions",
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = demo.DemoConfig()
     p.add_argument("--quick", action="store_true",
@@ -126,10 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight decay of the training objective (default: {defaults.weight_decay})")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating-point type of model and data (default: float32)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default: 1: the demo's matrices are small, so more threads gain "
+                        "little, and one thread does not stall when other processes share the cores)")
     p.set_defaults(handler=_run_demo, parser=p)
 
     p = commands.add_parser(
-        "bench", parents=[common, threads], help="benchmark batched Hessian-vector products for a preset",
+        "bench", parents=[common], help="benchmark batched Hessian-vector products for a preset",
         description="Hessian-vector products per second of twicediff's engines and the baselines "
                     "(the per-direction autograd loop and torch.func forward-over-reverse) for one "
                     "preset model on the chosen device, from twicediff.bench.")
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="twicediff engines to time, among native, func, autograd (default: all); the "
                         "baselines are always timed")
     p.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (default: the benchmark's)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure peak memory (CPU: a fresh subprocess per row; default: on)")
     p.add_argument("--plot", action="store_true", help="also save a PNG plot under --output")
@@ -148,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_run_bench, parser=p)
 
     p = commands.add_parser(
-        "info", parents=[threads], help="build and device facts",
+        "info", help="build and device facts",
         description="What twicediff's native extension was built against, and this machine's devices, "
                     "threads and memory budget.")
     p.add_argument("--json", action="store_true", help="print the facts as JSON instead of text")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads to report on (default: torch's own choice)")
     p.set_defaults(handler=_run_info, parser=p)
     return parser
 

@@ -174,6 +174,7 @@ class DemoResult:
     test_accuracy: float        # on held-out images with true labels
     final_grad_norm: float      # ‖∇(objective)‖ at the end of training
     num_params: int
+    threads: int                # torch CPU threads it ran with
 
     @property
     def k(self) -> int:
@@ -282,7 +283,7 @@ def run_demo(config: Optional[DemoConfig] = None) -> DemoResult:
         config=config, images=images[train_idx], given_labels=given, true_labels=labels[train_idx],
         flipped=flipped, harm=harm_np, self_influence=self_np, metrics=metrics, timings=timings,
         train_accuracy=_accuracy(model, x_train, y_train), test_accuracy=_accuracy(model, x_test, y_test),
-        final_grad_norm=grad_norm, num_params=differentiable.num_params)
+        final_grad_norm=grad_norm, num_params=differentiable.num_params, threads=torch.get_num_threads())
 
 
 def summary(result: DemoResult) -> Dict[str, object]:
@@ -291,7 +292,8 @@ def summary(result: DemoResult) -> Dict[str, object]:
     config["dtype"] = str(result.config.dtype).replace("torch.", "")
     return {"config": config, "num_params": result.num_params, "num_flipped": result.k,
             "metrics": result.metrics, "timings": result.timings, "train_accuracy": result.train_accuracy,
-            "test_accuracy": result.test_accuracy, "final_grad_norm": result.final_grad_norm}
+            "test_accuracy": result.test_accuracy, "final_grad_norm": result.final_grad_norm,
+            "threads": result.threads}
 
 
 def format_report(result: DemoResult) -> str:
@@ -300,7 +302,8 @@ def format_report(result: DemoResult) -> str:
     n_test = NUM_IMAGES - c.n_train - c.n_val
     lines = [
         f"twicediff demo: finding {result.k} flipped labels among {c.n_train} training digits "
-        f"(UCI 8x8, seed {c.seed}, {c.device}, {str(c.dtype).replace('torch.', '')})",
+        f"(UCI 8x8, seed {c.seed}, {c.device}, {str(c.dtype).replace('torch.', '')}, "
+        f"{result.threads} CPU thread{'s' if result.threads > 1 else ''})",
         f"model: MLP 64-{c.hidden}-10 Tanh, P = {result.num_params:,} parameters, weight decay {c.weight_decay:g}; "
         f"trained to |grad| = {result.final_grad_norm:.1e}",
         f"accuracy: {100 * result.train_accuracy:.1f}% on the noisy training labels, "
