@@ -1,4 +1,5 @@
-"""The command line through subprocess, as a user runs it: exit codes, output, files written."""
+"""The command line: through subprocess as a user runs it (exit codes, output, files written), and
+in-process through cli.main for the many argument cases (fast)."""
 import json
 import os
 import re
@@ -45,6 +46,23 @@ def test_help_lists_the_subcommands():
     assert result.returncode == 0, result.stderr
     for command in ("demo", "bench", "info"):
         assert command in result.stdout
+
+
+def test_console_script_is_cli_main():
+    import importlib
+    import shutil
+
+    from twicediff import cli
+
+    pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    with open(pyproject) as f:
+        declared = re.search(r'^twicediff = "([\w.]+):(\w+)"$', f.read(), flags=re.M)
+    assert declared, "pyproject.toml declares no twicediff console script"
+    assert getattr(importlib.import_module(declared.group(1)), declared.group(2)) is cli.main
+    script = shutil.which("twicediff", path=os.path.dirname(sys.executable))
+    if script:  # installed (as by scripts/setup.sh): the script itself runs
+        result = subprocess.run([script, "--version"], capture_output=True, text=True, env=_ENV, timeout=120)
+        assert result.returncode == 0 and result.stdout.strip() == f"twicediff {twicediff.__version__}"
 
 
 def test_demo_help_explains_lambda(capsys):
