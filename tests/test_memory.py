@@ -106,8 +106,8 @@ def _count_chunks(monkeypatch, td):
     calls = []
     real_engine = td._engine
 
-    def counting_engine(engine, x):
-        compute, per_direction = real_engine(engine, x)
+    def counting_engine(engine, x, y):
+        compute, per_direction = real_engine(engine, x, y)
 
         def counted(*args):
             calls.append(1)
@@ -124,7 +124,7 @@ def test_chunked_hvp_identical(device, engine, mode, monkeypatch):
     td, x, y = _model(device)
     v = torch.randn(20, td.num_params, dtype=torch.float64, device=device)
     whole = td.hvp(x, y, v, engine=engine, mode=mode)
-    per_direction = td._engine(engine, x)[1]
+    per_direction = td._engine(engine, x, y)[1]
     calls = _count_chunks(monkeypatch, td)
     with memory_budget(4 * per_direction):
         chunked = td.hvp(x, y, v, engine=engine, mode=mode)
