@@ -138,7 +138,6 @@ def _demo_metrics(stdout):
 
 def test_demo_default_run_finds_the_flipped_labels(tmp_path):
     """The README's first command, at its defaults (the one full demo run of the suite)."""
-    pytest.importorskip("twicediff.influence", reason="TRANSITIONAL until twicediff.influence lands; lead removes")
     result = twicediff_cli("demo", "--output", str(tmp_path), "--no-progress")
     assert result.returncode == 0, result.stderr
     printed = _demo_metrics(result.stdout)
@@ -157,7 +156,6 @@ def test_demo_default_run_finds_the_flipped_labels(tmp_path):
 
 
 def test_demo_quick_with_options_and_progress(tmp_path):
-    pytest.importorskip("twicediff.influence", reason="TRANSITIONAL until twicediff.influence lands; lead removes")
     out = tmp_path / "nested" / "dir"
     result = twicediff_cli("demo", "--quick", "--seed", "3", "--regularization", "0.05", "--output", str(out),
                            "--progress")
@@ -184,7 +182,6 @@ def test_demo_arguments_make_the_config():
 
 
 def test_bench_prints_table_and_writes_files(tmp_path):
-    pytest.importorskip("twicediff.bench", reason="TRANSITIONAL until twicediff.bench lands; lead removes")
     from twicediff import bench
 
     result = twicediff_cli("bench", "--preset", "a", "--directions", "1,4", "--repeats", "1", "--plot", "--json",

@@ -5,8 +5,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 import twicediff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,8 +43,6 @@ def test_readme_python_blocks_run():
         [os.path.dirname(os.path.dirname(twicediff.__file__))] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     result = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(blocks), capture_output=True,
                             text=True, env=env, timeout=300)
-    if result.returncode and re.search(r"No module named 'twicediff\.(influence|inversion)'", result.stderr):
-        pytest.skip("TRANSITIONAL until twicediff.influence and twicediff.inversion land; lead removes")
     assert result.returncode == 0, result.stdout + result.stderr
     printed = result.stdout
     assert "torch.Size([10, 200])" in printed
@@ -58,7 +54,5 @@ def test_readme_relative_links_exist():
     with open(README) as f:
         text = f.read()
     targets = {t for t in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in t}
-    # TRANSITIONAL until docs/building.md lands from infra; lead removes
-    targets.discard("docs/building.md")
     missing = sorted(t for t in targets if not os.path.exists(os.path.join(ROOT, t)))
     assert targets and not missing, f"README links to missing paths: {missing}"
