@@ -1,0 +1,115 @@
+"""Property-based fuzzing of every parameter-space and solver-step op against its pure-torch
+reference (hypothesis, derandomized so CI is reproducible): random shapes including empty blocks and
+long parameter lists, non-contiguous views, dtype mixes and wrong devices (the meta device stands in
+for a second device without a GPU). Valid inputs must match the reference; invalid ones may only
+raise TypeError or ValueError."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from twicediff import _ops, _reference
+
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+DTYPES = [torch.float32, torch.float64]
+
+
+def _shapes(max_blocks):
+    block = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
+    return st.lists(block, min_size=1, max_size=max_blocks)
+
+
+def _tensor(shape, dtype, strided, seed):
+    g = torch.Generator().manual_seed(seed)
+    if strided and len(shape) >= 1:
+        # A non-contiguous view with the same values layout: every other element of a wider tensor.
+        wide = torch.randn((*shape[:-1], 2 * shape[-1]), generator=g, dtype=torch.float64).to(dtype)
+        return wide[..., ::2]
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype)
+
+
+@FUZZ
+@given(shapes=_shapes(12), rows=st.integers(0, 5), extra_rows=st.integers(0, 3), dtype=st.sampled_from(DTYPES),
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_pack_unpack_match_reference(shapes, rows, extra_rows, dtype, strided, seed):
+    blocks = [_tensor((rows, *s), dtype, strided, seed + k) for k, s in enumerate(shapes)]
+    P = sum(torch.Size(s).numel() for s in shapes)
+    offset = extra_rows // 2
+    out = torch.full((rows + extra_rows, P), -7.0, dtype=dtype)
+    ref = out.clone()
+    _ops.pack_into(blocks, out, offset)
+    _reference.pack_into(blocks, ref, offset)
+    assert torch.equal(out, ref)
+    assert torch.equal(_ops.pack(blocks), _reference.pack_into(blocks, torch.empty(rows, P, dtype=dtype)))
+    outs = [torch.full((rows, *s), 3.0, dtype=dtype) for s in shapes]
+    refs = [o.clone() for o in outs]
+    _ops.unpack_into(out[offset:offset + rows], outs)
+    _reference.unpack_into(out[offset:offset + rows], refs)
+    assert all(torch.equal(a, b) for a, b in zip(outs, refs))
+
+
+@FUZZ
+@given(shapes=_shapes(300), rows=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_long_parameter_lists(shapes, rows, seed):
+    blocks = [_tensor((rows, *s), torch.float32, False, seed + k) for k, s in enumerate(shapes)]
+    P = sum(torch.Size(s).numel() for s in shapes)
+    out = torch.empty(rows, P)
+    assert torch.equal(_ops.pack_into(blocks, out, 0), _reference.pack_into(blocks, torch.empty(rows, P), 0))
+
+
+@FUZZ
+@given(shapes=_shapes(8), T=st.integers(0, 4), V=st.integers(0, 4), dtype=st.sampled_from(DTYPES),
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_blockwise_contract_and_dot_match_reference(shapes, T, V, dtype, strided, seed):
+    a = [_tensor((T, *s), dtype, strided, seed + k) for k, s in enumerate(shapes)]
+    b = [_tensor((V, *s), dtype, not strided, seed + 100 + k) for k, s in enumerate(shapes)]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_ops.blockwise_contract(a, b), _reference.blockwise_contract(a, b), **tol)
+    g = [_tensor(s, dtype, False, seed + 200 + k) for k, s in enumerate(shapes)]
+    torch.testing.assert_close(_ops.blockwise_dot(a, g), _reference.blockwise_dot(a, g), **tol)
+
+
+@FUZZ
+@given(D=st.integers(0, 5), P=st.integers(0, 40), dtype=st.sampled_from(DTYPES), strided=st.booleans(),
+       seed=st.integers(0, 2**16), dampen=st.floats(0, 0.5), scale=st.floats(1, 50), lam=st.floats(0, 1))
+def test_solver_steps_match_reference(D, P, dtype, strided, seed, dampen, scale, lam):
+    x, r, p, Ap, z, h, b, Hh = (_tensor((D, P), dtype, strided and i % 2 == 0, seed + i) for i in range(8))
+    alpha, beta = torch.rand(D, dtype=torch.float64), torch.rand(D, dtype=torch.float64)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    x2, r2 = x.clone(), r.clone()
+    torch.testing.assert_close(_ops.cg_step(x, r, p, Ap, alpha), _reference.cg_step(x2, r2, p, Ap, alpha), **tol)
+    torch.testing.assert_close((x, r), (x2, r2), **tol)
+    p2 = p.clone()
+    _ops.cg_direction(p, z, beta)
+    _reference.cg_direction(p2, z, beta)
+    torch.testing.assert_close(p, p2, **tol)
+    h2 = h.clone()
+    torch.testing.assert_close(_ops.lissa_step(h, b, Hh, dampen, scale, lam),
+                               _reference.lissa_step(h2, b, Hh, dampen, scale, lam), **tol)
+    torch.testing.assert_close(h, h2, **tol)
+
+
+@FUZZ
+@given(shapes=_shapes(4).filter(lambda s: all(torch.Size(x).numel() for x in s)), rows=st.integers(1, 3),
+       bad=st.sampled_from(["dtype", "device", "width", "rows"]))
+def test_invalid_inputs_raise_clear_errors(shapes, rows, bad):
+    blocks = [torch.randn(rows, *s) for s in shapes]
+    P = sum(torch.Size(s).numel() for s in shapes)
+    out = torch.empty(rows, P)
+    if bad == "dtype":
+        blocks[-1] = blocks[-1].double()
+    elif bad == "device":
+        blocks[-1] = blocks[-1].to("meta")
+    elif bad == "width":
+        out = torch.empty(rows, P + 1)
+    else:
+        out = torch.empty(rows - 1, P)
+    with pytest.raises((TypeError, ValueError)):
+        _ops.pack_into(blocks, out, 0)
+    # The blockwise ops get the same mixed list against a clean one (or a shorter list).
+    clean = [torch.randn(rows, *s) for s in shapes]
+    with pytest.raises((TypeError, ValueError)):
+        _ops.blockwise_contract(clean, blocks if bad in ("dtype", "device") else blocks[:-1])
+    with pytest.raises((TypeError, ValueError)):
+        _ops.blockwise_dot(blocks if bad in ("dtype", "device") else blocks[:-1], [c[0] for c in clean])
