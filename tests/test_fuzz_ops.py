@@ -84,10 +84,16 @@ def test_solver_steps_match_reference(D, P, dtype, strided, seed, dampen, scale,
     _ops.cg_direction(p, z, beta)
     _reference.cg_direction(p2, z, beta)
     torch.testing.assert_close(p, p2, **tol)
-    h2 = h.clone()
-    torch.testing.assert_close(_ops.lissa_step(h, b, Hh, dampen, scale, lam),
-                               _reference.lissa_step(h2, b, Hh, dampen, scale, lam), **tol)
+    old, h2 = h.clone(), h.clone()
+    max_rel, sum_rel = _ops.lissa_step(h, b, Hh, dampen, scale, lam)
+    _reference.lissa_step(h2, b, Hh, dampen, scale, lam)
     torch.testing.assert_close(h, h2, **tol)
+    # The per-row statistics |h' - h| / |h'| are ill-conditioned where h' nearly cancels, so they
+    # are checked against the kernel's own h' (one rounding of h' apart from the reference's).
+    delta = (h.double() - old.double()).abs()
+    rel = torch.where(delta == 0, torch.zeros_like(delta), delta / h.double().abs())
+    torch.testing.assert_close(max_rel, rel.amax(1) if P else rel.new_zeros(D), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(sum_rel, rel.sum(1), rtol=1e-6, atol=1e-12)
 
 
 @FUZZ
