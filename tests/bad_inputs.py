@@ -1,0 +1,150 @@
+"""The catalogue of bad inputs tried at twicediff's public boundary, and what each gets.
+
+tests/test_bad_inputs.py checks every case; ``python tests/bad_inputs.py --write docs/bad_inputs.md``
+regenerates the table in the docs from the same cases (with the messages the library gives now).
+"""
+import argparse
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import twicediff
+from twicediff import _ops
+from twicediff.influence import compute_influences
+from twicediff.inversion import solve_hvp
+from twicediff.torch import TorchTensorUtilities, TorchTwiceDifferentiable, hessian_operator
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return TorchTwiceDifferentiable(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval(),
+                                    F.cross_entropy)
+
+
+def _data(n=8):
+    return torch.randn(n, 3), torch.randint(0, 2, (n,))
+
+
+def _loader(n=8):
+    return DataLoader(TensorDataset(*_data(n)), batch_size=4)
+
+
+def _lissa_diverges():
+    m = _mlp()
+    solve_hvp("lissa", m, _loader(), torch.randn(2, m.num_params), scale=1e-4, maxiter=200)
+
+
+def _native_on(model, loss):
+    x = torch.randn(2, 1, 4, 4) if isinstance(model[0], nn.Conv2d) else torch.randn(2, 3)
+    TorchTwiceDifferentiable(model.eval(), loss).hvp(x, torch.randint(0, 2, (2,)), torch.randn(
+        sum(p.numel() for p in model.parameters())), engine="native")
+
+
+def _tiny_budget():
+    m = _mlp()
+    with twicediff.memory_budget(16):
+        m.hvp(*_data(), torch.randn(4, m.num_params))
+
+
+# (where, bad input, call, expected exception classes, words the message must contain)
+CASES = [
+    ("TorchTwiceDifferentiable", "model is not an nn.Module",
+     lambda: TorchTwiceDifferentiable("net", F.mse_loss), TypeError, ["model", "nn.Module", "str"]),
+    ("TorchTwiceDifferentiable", "no parameter requires grad",
+     lambda: TorchTwiceDifferentiable(nn.Linear(2, 1).requires_grad_(False), F.mse_loss), ValueError,
+     ["no parameter that requires grad"]),
+    ("grad", "x and y of different lengths",
+     lambda: _mlp().grad(torch.randn(5, 3), torch.zeros(4, dtype=torch.long)), ValueError, ["x", "y", "(5, 3)", "(4,)"]),
+    ("grad", "x of another dtype than the model",
+     lambda: _mlp().grad(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long)), TypeError,
+     ["x", "float64", "float32"]),
+    ("hvp", "v of the wrong width",
+     lambda: _mlp().hvp(*_data(), torch.randn(2, 5)), ValueError, ["v", "P = 26", "(2, 5)"]),
+    ("hvp", "v of another dtype",
+     lambda: _mlp().hvp(*_data(), torch.randn(26, dtype=torch.float64)), TypeError, ["v", "float64"]),
+    ("hvp", "unknown mode",
+     lambda: _mlp().hvp(*_data(), torch.randn(26), mode="newton"), ValueError, ["mode", "newton"]),
+    ("hvp", "engine='native' on a conv model",
+     lambda: _native_on(nn.Sequential(nn.Conv2d(1, 1, 3), nn.Flatten(), nn.Linear(4, 2)), F.cross_entropy),
+     ValueError, ["native", "Conv2d"]),
+    ("hvp", "engine='native' with a loss option it cannot take",
+     lambda: _native_on(nn.Sequential(nn.Linear(3, 2)), functools.partial(F.cross_entropy, label_smoothing=0.1)),
+     ValueError, ["native", "label_smoothing"]),
+    ("mvp", "grad_xy without a graph",
+     lambda: TorchTwiceDifferentiable.mvp(torch.randn(26), torch.randn(26), _mlp().parameters), ValueError,
+     ["grad_xy", "create_graph=True"]),
+    ("mvp", "backprop_on not part of the graph",
+     lambda: (lambda m: m.mvp(m.grad(*_data(), create_graph=True), torch.randn(26), torch.randn(3)))(_mlp()),
+     ValueError, ["backprop_on", "does not require grad"]),
+    ("hessian / hvp", "memory budget too small for one direction",
+     _tiny_budget, MemoryError, ["memory budget", "set_memory_budget"]),
+    ("set_memory_budget", "a negative budget",
+     lambda: twicediff.set_memory_budget(-1), ValueError, ["nbytes", "> 0", "-1"]),
+    ("solve_hvp", "unknown inversion method",
+     lambda: solve_hvp("newton", _mlp(), _loader(), torch.randn(1, 26)), ValueError, ["newton"]),
+    ("solve_hvp", "b of the wrong width",
+     lambda: solve_hvp("cg", _mlp(), _loader(), torch.randn(2, 7)), ValueError, ["b", "P = 26", "(2, 7)"]),
+    ("solve_hvp", "an empty training loader",
+     lambda: solve_hvp("direct", _mlp(), [], torch.randn(1, 26)), ValueError, ["empty"]),
+    ("solve_hvp (LiSSA)", "iterates that become non-finite",
+     _lissa_diverges, RuntimeError, ["scale", "dampen"]),
+    ("hessian_operator", "unknown mode",
+     lambda: hessian_operator(_mlp(), _loader(), mode="fisher"), ValueError, ["mode", "fisher"]),
+    ("compute_influences", "an empty test loader",
+     lambda: compute_influences(_mlp(), _loader(), test_data=[], hessian_regularization=0.1), ValueError, ["empty"]),
+    ("compute_influences", "unknown influence type",
+     lambda: compute_influences(_mlp(), _loader(), influence_type="sideways", hessian_regularization=0.1),
+     ValueError, ["sideways"]),
+    ("cat_gen", "blocks that overflow the result",
+     lambda: TorchTensorUtilities.cat_gen(iter([torch.zeros(3, 2)] * 2), (5, 2), _mlp()), ValueError, ["overflows"]),
+    ("pack_into", "a block of another dtype",
+     lambda: _ops.pack_into([torch.zeros(2, 3), torch.zeros(2, 2, dtype=torch.float64)], torch.empty(2, 5)),
+     TypeError, ["blocks[1]", "Double", "Float"]),
+    ("pack_into", "a block on another device",
+     lambda: _ops.pack_into([torch.zeros(2, 3), torch.zeros(2, 2, device="meta")], torch.empty(2, 5)),
+     ValueError, ["blocks[1]", "meta", "cpu"]),
+    ("pack_into", "blocks wider than the matrix",
+     lambda: _ops.pack_into([torch.zeros(2, 3), torch.zeros(2, 4)], torch.empty(2, 5)), ValueError, ["P = 5"]),
+    ("pack_into", "a non-tensor",
+     lambda: _ops.pack_into([torch.zeros(2, 3), [1.0, 2.0]], torch.empty(2, 5)), TypeError, ["blocks"]),
+    ("blockwise_contract", "lists of different lengths",
+     lambda: _ops.blockwise_contract([torch.zeros(2, 3)], [torch.zeros(2, 3)] * 2), ValueError, ["a", "b"]),
+    ("cg_step", "blocks of different shapes",
+     lambda: _ops.cg_step(*(torch.zeros(2, 3) for _ in range(3)), torch.zeros(2, 4), torch.zeros(2, dtype=torch.float64)),
+     ValueError, ["Ap", "shape"]),
+]
+
+
+def outcome(call):
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 — the point is to record what is raised
+        return type(exc), str(exc).splitlines()[0]
+    return None, ""
+
+
+def table() -> str:
+    lines = ["# Bad inputs and what they get", "",
+             "Every case below is run by `tests/test_bad_inputs.py`; regenerate this page with",
+             "`python tests/bad_inputs.py --write docs/bad_inputs.md`. Nothing crashes or hangs: each case",
+             "raises a Python exception whose message names the argument, what was expected and what was given.",
+             "", "| where | bad input | exception | message |", "|---|---|---|---|"]
+    for where, what, call, _, _ in CASES:
+        exc, msg = outcome(call)
+        name = exc.__name__ if exc else "(nothing raised)"
+        lines.append(f"| `{where}` | {what} | {name} | {msg.replace('|', '/')[:300]} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="print or write the bad-input table")
+    ap.add_argument("--write", help="path of the markdown file to write")
+    args = ap.parse_args()
+    text = table()
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(text)
+    print(text)
