@@ -119,3 +119,30 @@ def test_invalid_inputs_raise_clear_errors(shapes, rows, bad):
         _ops.blockwise_contract(clean, blocks if bad in ("dtype", "device") else blocks[:-1])
     with pytest.raises((TypeError, ValueError)):
         _ops.blockwise_dot(blocks if bad in ("dtype", "device") else blocks[:-1], [c[0] for c in clean])
+
+
+_ACTIVATION = st.sampled_from([("relu", 0, 0), ("leaky_relu", 0.2, 0), ("tanh", 0, 0), ("sigmoid", 0, 0),
+                               ("gelu", 0, 0), ("gelu_tanh", 0, 0), ("silu", 0, 0), ("softplus", 1.5, 3.0)])
+
+
+@FUZZ
+@given(data=st.data(), layers=st.integers(1, 3), n=st.integers(0, 5), d=st.integers(0, 4),
+       loss=st.sampled_from(["mse", "cross_entropy", "bce_with_logits"]), gauss_newton=st.booleans(),
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_mlp_hvp_matches_reference(data, layers, n, d, loss, gauss_newton, strided, seed):
+    from test_native_engine import _op_case
+
+    widths = data.draw(st.lists(st.integers(1, 5), min_size=layers + 1, max_size=layers + 1))
+    biases = data.draw(st.lists(st.booleans(), min_size=layers, max_size=layers))
+    chains = data.draw(st.lists(st.lists(_ACTIVATION, max_size=2), min_size=layers, max_size=layers))
+    chains[-1] = []  # the output layer gives the logits
+    reduction = "sum" if n == 0 else data.draw(st.sampled_from(["mean", "sum"]))
+    x, t, ws, bs, v = _op_case("cpu", torch.float64, n, d, widths, biases, chains, loss,
+                               torch.Generator().manual_seed(seed))
+    if strided:  # non-contiguous views holding the same values
+        x = torch.cat([x, x], 1)[:, ::2] if x.shape[1] == 1 else x.t().contiguous().t()
+        v = v.t().contiguous().t()
+        ws = [w.t().contiguous().t() for w in ws]
+    got = _ops.mlp_hvp(x, t, ws, bs, v, chains, loss, reduction, gauss_newton)
+    want = _reference.mlp_hvp(x, t, ws, bs, v, chains, loss, reduction, gauss_newton)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
