@@ -98,7 +98,7 @@ def test_solver_steps_match_reference(D, P, dtype, strided, seed, dampen, scale,
 
 @FUZZ
 @given(shapes=_shapes(4).filter(lambda s: all(torch.Size(x).numel() for x in s)), rows=st.integers(1, 3),
-       bad=st.sampled_from(["dtype", "device", "width", "rows"]))
+       bad=st.sampled_from(["dtype", "device", "width", "rows", "overlap"]))
 def test_invalid_inputs_raise_clear_errors(shapes, rows, bad):
     blocks = [torch.randn(rows, *s) for s in shapes]
     P = sum(torch.Size(s).numel() for s in shapes)
@@ -109,10 +109,17 @@ def test_invalid_inputs_raise_clear_errors(shapes, rows, bad):
         blocks[-1] = blocks[-1].to("meta")
     elif bad == "width":
         out = torch.empty(rows, P + 1)
-    else:
+    elif bad == "rows":
         out = torch.empty(rows - 1, P)
+    else:  # an expanded (self-overlapping) destination; reading from overlapping views is fine
+        out = torch.empty(1, P).expand(rows + 1, P)
+        blocks = [b.expand(rows + 1, *b.shape[1:]) if b.shape[0] == 1 else torch.cat([b, b[:1]]) for b in blocks]
     with pytest.raises((TypeError, ValueError)):
         _ops.pack_into(blocks, out, 0)
+    if bad == "overlap":
+        ref = _reference.pack_into(blocks, torch.empty(rows + 1, P), 0)
+        assert torch.equal(_ops.pack_into(blocks, torch.empty(rows + 1, P), 0), ref)
+        return
     # The blockwise ops get the same mixed list against a clean one (or a shorter list).
     clean = [torch.randn(rows, *s) for s in shapes]
     with pytest.raises((TypeError, ValueError)):
