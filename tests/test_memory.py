@@ -203,3 +203,49 @@ def test_peak_memory_stays_near_the_budget():
     for kind in ("native", "func", "autograd", "mvp"):
         assert res[kind]["budget"] <= budget + res["out_bytes"], (kind, res)
         assert res[kind]["free"] > 2 * res[kind]["budget"], (kind, res)
+
+
+def _loader(x, y, batch=6):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def _small_feasible_budget(td, x, y):
+    """A budget that holds a few directions or columns at a time, so everything is chunked."""
+    P = td.num_params
+    per = max(td._engine("auto", x, y)[1], td._bytes_per_direction(x) + 2 * P * 8, 3 * P * 8)
+    return 4 * per
+
+
+@pytest.mark.parametrize("method, kwargs", [("direct", {}), ("cg", {"rtol": 1e-10, "atol": 1e-12}),
+                                            ("lissa", {"maxiter": 30, "scale": 50.0}),
+                                            ("arnoldi", {"rank_estimate": 5})])
+def test_solvers_chunked_identical_and_too_small_budget_raises(method, kwargs):
+    from twicediff.inversion import solve_hvp
+
+    td, x, y = _model("cpu")
+    b = torch.randn(12, td.num_params, dtype=torch.float64)
+    torch.manual_seed(1)  # LiSSA draws its batches at random
+    whole = solve_hvp(method, td, _loader(x, y), b, hessian_perturbation=0.5, **kwargs).x
+    with memory_budget(_small_feasible_budget(td, x, y)):
+        torch.manual_seed(1)
+        chunked = solve_hvp(method, td, _loader(x, y), b, hessian_perturbation=0.5, **kwargs).x
+    # The products agree to rounding (≤ 1e-12, tested above); iterations can amplify that rounding.
+    assert _rel(chunked, whole) <= (1e-12 if method == "direct" else 1e-8)
+    with memory_budget(64), pytest.raises(MemoryBudgetError, match="set_memory_budget"):
+        solve_hvp(method, td, _loader(x, y), b, hessian_perturbation=0.5, **kwargs)
+
+
+def test_influence_chunked_identical_and_too_small_budget_raises():
+    from twicediff.influence import compute_influences, compute_self_influences
+
+    td, x, y = _model("cpu")
+    loader = _loader(x, y)
+    up = compute_influences(td, loader, hessian_regularization=0.5)
+    self_inf = compute_self_influences(td, loader, hessian_regularization=0.5)
+    with memory_budget(_small_feasible_budget(td, x, y)):
+        assert _rel(compute_influences(td, loader, hessian_regularization=0.5), up) <= 1e-12
+        assert _rel(compute_self_influences(td, loader, hessian_regularization=0.5), self_inf) <= 1e-12
+    with memory_budget(64), pytest.raises(MemoryBudgetError, match="set_memory_budget"):
+        compute_influences(td, loader, hessian_regularization=0.5)
