@@ -57,17 +57,10 @@ def _check_model(model, where: str) -> None:
 
 
 def _check_rhs(model: TorchTwiceDifferentiable, b, where: str, name: str = "b") -> Tuple[torch.Tensor, bool]:
-    """b as [N, P] on the model's device, and whether it was one [P] vector."""
-    if not isinstance(b, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(b).__name__}")
-    P = model.num_params
-    if b.dim() not in (1, 2) or b.shape[-1] != P:
-        raise ValueError(f"{where}: {name} must be [N, P] (one right-hand side per row) or [P] with P = {P} "
-                         f"(the model's number of trainable parameters), got shape {tuple(b.shape)}")
-    if b.dtype != model.dtype:
-        raise TypeError(f"{where}: {name} has dtype {b.dtype} but the model's parameters are {model.dtype}")
+    """b as [N, P] (one right-hand side per row) on the model's device, and whether it was one [P]."""
+    b = model.check_vectors(b, where, name=name, rows="N")
     one = b.dim() == 1
-    return (b.unsqueeze(0) if one else b).to(model.device), one
+    return (b.unsqueeze(0) if one else b), one
 
 
 def _check_nonnegative(value, name: str, where: str) -> float:

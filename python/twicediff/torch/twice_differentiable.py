@@ -85,15 +85,17 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                             f"convert one of them (x.to({self.dtype}) or model.to(...))")
         return x.to(self.device), y.to(self.device)
 
-    def _check_v(self, v: torch.Tensor, where: str) -> torch.Tensor:
+    def check_vectors(self, v: torch.Tensor, where: str, name: str = "v", rows: str = "D") -> torch.Tensor:
+        """``v`` as [P] or [rows, P] vectors in parameter space, on the model's device; a TypeError or
+        ValueError naming ``where`` and ``name`` otherwise (wrong type, width or dtype)."""
         if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{where}: v must be a torch.Tensor, got {type(v).__name__}")
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(v).__name__}")
         P = self.num_params
         if v.dim() not in (1, 2) or v.shape[-1] != P:
-            raise ValueError(f"{where}: v must be [P] or [D, P] with P = {P} (the model's number of "
+            raise ValueError(f"{where}: {name} must be [{rows}, P] or [P] with P = {P} (the model's number of "
                              f"trainable parameters), got shape {tuple(v.shape)}")
         if v.dtype != self.dtype:
-            raise TypeError(f"{where}: v has dtype {v.dtype} but the model's parameters are {self.dtype}")
+            raise TypeError(f"{where}: {name} has dtype {v.dtype} but the model's parameters are {self.dtype}")
         return v.to(self.device)
 
     # ---- first and second derivatives -------------------------------------------------------
@@ -171,7 +173,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             raise ValueError(f"hvp: engine must be one of {ENGINES}, got {engine!r}")
         x, y = self._to_device(x, y, "hvp")
         x, y = x.detach(), y.detach()  # products are not differentiated further
-        v = self._check_v(v, "hvp")
+        v = self.check_vectors(v, "hvp")
         one = v.dim() == 1
         V = v.unsqueeze(0) if one else v
         compute, per_direction = self._engine(engine, x, y)
