@@ -130,8 +130,9 @@ def test_cg_stops_each_column_on_its_own(block_krylov):
                          block_krylov=block_krylov)
     niter = [res.info[f"batch_{i}"]["niter"] for i in range(3)]
     assert niter[0] == 1 and niter[1] == 0 and niter[2] > 1  # an eigenvector takes one step; 0 takes none
-    # one pass per iteration of the longest column, no pass for the zero start
-    assert res.info["num_passes"] == max(niter)
+    # one pass per iteration of the longest column, no pass for the zero start; block CG checks the
+    # rule on the true residual with one more pass
+    assert res.info["num_passes"] == max(niter) + (1 if block_krylov else 0)
     for i in range(3):
         assert res.info[f"batch_{i}"]["optimal"]
         r = (H + lam * torch.eye(4, dtype=torch.float64)) @ res.x[i] - b[i]
@@ -149,6 +150,44 @@ def test_cg_honours_x0_and_maxiter(block_krylov):
     capped = solve_batch_cg(model, loader, b, 0.1, maxiter=1, rtol=1e-14, atol=0.0, block_krylov=block_krylov)
     assert all(capped.info[f"batch_{i}"]["niter"] == 1 and not capped.info[f"batch_{i}"]["optimal"]
                for i in range(2))
+
+
+def test_block_cg_converges_on_indefinite_system_and_dependent_rows():
+    """H + λI indefinite but non-singular; b with a repeated row, a zero row and a row that is a
+    combination of two others: the shared block loses rank and must drop directions, not break."""
+    model, loader = tanh_classifier()
+    lam = 0.05
+    b = rhs(4, 31)
+    b = torch.cat([b, b[:1], torch.zeros(1, 31, dtype=torch.float64), (b[1] - 2 * b[2])[None]])
+    direct = solve_linear(model, loader, b, lam)
+    A = direct.info["hessian"] + lam * torch.eye(31, dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(A)
+    assert ev[0] < 0 < ev[-1] and float(ev.abs().min()) > 1e-4  # indefinite, non-singular
+    res = solve_batch_cg(model, loader, b, lam, rtol=1e-10, atol=1e-12, x0=torch.zeros(31, dtype=torch.float64))
+    for i in range(b.shape[0]):
+        info = res.info[f"batch_{i}"]
+        assert info["optimal"]
+        r = A @ res.x[i] - b[i]
+        assert float(r.norm()) <= max(1e-10 * float(b[i].norm()), 1e-12) * 10
+        assert info["gamma"] == pytest.approx(float(r.norm()) ** 2, rel=1e-3, abs=1e-24)  # the true residual
+    assert rel(res.x[:4], direct.x[:4]) < 1e-8
+    torch.testing.assert_close(res.x[4], res.x[0])
+
+
+def test_cg_products_in_float64_meet_the_rule_for_a_float32_model():
+    m32, l32 = tanh_classifier(torch.float32, batch_size=24)
+    m64, l64 = tanh_classifier(torch.float64, batch_size=24)
+    b = rhs(3, 31)
+    lam = 0.05
+    A = solve_linear(m64, l64, b, lam).info["hessian"] + lam * torch.eye(31, dtype=torch.float64)
+    res = solve_batch_cg(m32, l32, b.float(), lam, rtol=1e-9, atol=0.0)  # product_dtype float64 (default)
+    assert res.x.dtype == torch.float32 and all(res.info[f"batch_{i}"]["optimal"] for i in range(3))
+    assert next(m32.model.parameters()).dtype == torch.float32  # the model itself is not converted
+    # the float64 solution meets the rule; what is returned is it rounded to float32
+    assert ((A @ res.x.double().T - b.T).norm(dim=0) / b.norm(dim=1)).max() < 1e-6
+    in_f32 = solve_batch_cg(m32, l32, b.float(), lam, rtol=1e-9, atol=0.0, product_dtype=None)
+    assert not all(in_f32.info[f"batch_{i}"]["optimal"] for i in range(3))  # float32 products cannot resolve 1e-9
+    assert rel(in_f32.x.double(), res.x.double()) < 1e-3
 
 
 def test_solve_cg_single_system_with_callable():

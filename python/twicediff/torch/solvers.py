@@ -24,7 +24,6 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 
 from .. import _ops
-from ..memory import chunk_size
 from ..inversion import InversionMethod, InversionRegistry
 from ..progress import progress_bar
 from ..twice_differentiable import InverseHvpResult
@@ -45,6 +44,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECONDITIONERS = (None, "jacobi", "nystrom")
+STAGNATION_STEPS = 50
 EIGEN_SOLVERS = ("lanczos", "arpack")
 
 
@@ -214,88 +214,120 @@ def _block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tenso
     return out, {"niter": niter, "optimal": optimal, "gamma": final_gamma}
 
 
-def _shared_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor, X0: torch.Tensor, *,
-                      rtol: float, atol: float, maxiter: int, progress: bool = False
-                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    r"""Block CG in its Galerkin form: every row i gets the x_i in x0_i + K with A x_i − b_i ⟂ K,
-    K the block Krylov space spanned by all rows' residuals, K = span{R0, A R0, A² R0, ...}.
+def _orthonormal_rows(W: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (as rows) of the row space of W, rank-revealing: directions whose
+    singular value is below 1e-12 of the largest are dropped (float64)."""
+    if W.shape[0] == 0:
+        return W
+    _, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    if not float(S[0]) > 0:
+        return W[:0]
+    return Vh[S > 1e-12 * S[0]]
 
-    For symmetric positive definite A this is O'Leary's block CG (each x_i minimizes the A-norm
-    error over the shared space, far larger than its own Krylov space). It is computed with an
-    orthonormal basis Q of K kept with A Q (full reorthogonalization; dependent directions are
-    dropped, so rank deficiency cannot break it down): T = Q A Qᵀ, y_i = T⁻¹ Q r0_i, and the true
-    residual r_i = r0_i − (A Q)ᵀ y_i needs no extra product. Each iteration adds the residuals of
-    the unconverged rows to K with one call of ``apply_rows``; converged rows cost nothing more.
-    When the basis would outgrow the memory budget the method restarts from the current iterates.
 
-    Returns as :func:`_block_cg` (gamma is the true ‖r_i‖²; niter the iteration where row i stopped).
+def _small_solve(M: torch.Tensor, C: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """M⁻¹ C for the small symmetric M = Pᵀ A P, and whether M was positive definite (Cholesky;
+    else LU; else least squares when M is singular)."""
+    L, status = torch.linalg.cholesky_ex(M)
+    if int(status) == 0:
+        return torch.cholesky_solve(C, L), True
+    Y, status = torch.linalg.solve_ex(M, C)
+    if int(status) == 0 and bool(torch.isfinite(Y).all()):
+        return Y, False
+    return torch.linalg.lstsq(M, C).solution, False
+
+
+def _block_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor, X0: torch.Tensor, *,
+                     rtol: float, atol: float, maxiter: int,
+                     precondition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                     progress: bool = False, max_rounds: int = 5) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    r"""Breakdown-free block CG (after Ji and Li, 2017) on the N systems A x_i = b_i at once.
+
+    The rows share one search block, kept orthonormal and rank-revealing:
+    α = (PᵀAP)⁻¹PᵀR, X += αᵀP, R −= αᵀ(AP), β = −(PᵀAP)⁻¹(AP)ᵀZ, P = orth(Z + βᵀP) with
+    Z = M⁻¹R (or R). After k steps every row has its solution from the k-step *block* Krylov space
+    of all rows' residuals, so right-hand sides that share curvature (per-sample gradients of one
+    model) converge together in far fewer products than one CG each. Directions that become
+    linearly dependent are dropped instead of breaking the recurrence down, and a row whose
+    recursive residual meets the rule leaves the block, so it costs nothing more.
+
+    The rule is then checked on the true residual b − A x (one more product): a row that misses
+    it — the recursive residual drifts from the true one in finite precision — runs another
+    round from its current x (iterative refinement), at most ``max_rounds`` rounds, while the
+    true residual still falls. A round also ends when the block's residual has not halved in
+    ``STAGNATION_STEPS`` steps (products too inexact for the rule). ``maxiter`` caps the block
+    steps over all rounds.
+
+    Returns:
+        X [N, P] float64 and per-row ``niter`` (block steps the row took part in), ``optimal``
+        (the rule holds for the true residual), ``gamma`` (true ‖r_i‖²).
     """
     N, P = B.shape
     dev = B.device
-    f64 = torch.float64
-    Bd = B.to(f64)
-    X = X0.to(f64).clone()
-    R0 = Bd - apply_rows(X) if bool((X != 0).any()) else Bd.clone()
-    gamma = R0.square().sum(1)
+    Bd = B.to(torch.float64)
+    X = X0.to(torch.float64).clone()
+    R = Bd - apply_rows(X).to(torch.float64) if bool((X != 0).any()) else Bd.clone()
+    gamma = R.square().sum(1)
     stop = torch.clamp(rtol ** 2 * Bd.square().sum(1), min=atol ** 2)
     niter = torch.zeros(N, dtype=torch.int64, device=dev)
-    optimal = gamma <= stop
-    active = torch.nonzero(~optimal).flatten()
-    max_basis = max(N, chunk_size(10 ** 9, 2 * P * 8, dev, fixed_bytes=4 * N * P * 8, what="Krylov basis vectors"))
-    Q = AQ = T = C = None
-    new = R0[active]
-    bar = progress_bar(range(maxiter), progress, desc="cg", unit="it")
-    for it in bar:
-        if active.numel() == 0:
+    indefinite = False
+    stalled = torch.zeros(N, dtype=torch.bool, device=dev)
+    steps = 0
+    bar = progress_bar(range(maxiter), progress, desc="block cg", unit="step")
+    tick = iter(bar)
+    for _ in range(max_rounds):
+        todo = torch.nonzero((gamma > stop) & ~stalled).flatten()
+        if todo.numel() == 0 or steps >= maxiter:
             break
-        basis = Q if Q is not None else torch.zeros(0, P, dtype=f64, device=dev)
-        fresh = _orthonormalize(new, basis)
-        if fresh.shape[0] == 0:
-            break  # K is invariant: the Galerkin solutions are final
-        A_fresh = apply_rows(fresh).to(f64)
-        if Q is None:
-            Q, AQ, T = fresh, A_fresh, fresh @ A_fresh.T
-            C = fresh @ R0.T  # Q r0 for every row, [m, N]
-        else:
-            top = torch.cat([T, Q @ A_fresh.T], 1)
-            T = torch.cat([top, torch.cat([fresh @ AQ.T, fresh @ A_fresh.T], 1)], 0)
-            Q, AQ = torch.cat([Q, fresh]), torch.cat([AQ, A_fresh])
-            C = torch.cat([C, fresh @ R0.T], 0)
-        Y = _galerkin_solve(0.5 * (T + T.T), C[:, active])
-        R = R0[active] - Y.T @ AQ
-        g = R.square().sum(1)
-        niter[active] = it + 1
-        converged = g <= stop[active]
-        gamma[active] = g
-        optimal[active] = converged
-        if bool(converged.any()):
-            done = active[converged]
-            X[done] += Y[:, converged].T @ Q
-        if progress:
-            bar.set_postfix(active=int((~converged).sum()), basis=int(Q.shape[0]))
-        keep = ~converged
-        new = R[keep]
-        active = active[keep]
-        if Q.shape[0] + new.shape[0] > max_basis and active.numel():  # restart from the current iterates
-            X[active] += Y[:, keep].T @ Q
-            R0[active] = new
-            Q = AQ = T = C = None
-    if active.numel() and Q is not None:
-        coef = _galerkin_solve(0.5 * (T + T.T), C[:, active])
-        X[active] += coef.T @ Q
-    return X, {"niter": niter, "optimal": optimal, "gamma": gamma}
-
-
-def _galerkin_solve(T: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """T⁻¹ C for the symmetric projected matrix T (Cholesky when positive definite, else LU, else
-    least squares when singular)."""
-    L, status = torch.linalg.cholesky_ex(T)
-    if int(status) == 0:
-        return torch.cholesky_solve(C, L)
-    Y, status = torch.linalg.solve_ex(T, C)
-    if int(status) == 0 and bool(torch.isfinite(Y).all()):
-        return Y
-    return torch.linalg.lstsq(T, C).solution
+        active, Xa, Ra = todo, X[todo], R[todo]
+        X_before = Xa.clone()
+        Pm = _orthonormal_rows(precondition(Ra) if precondition is not None else Ra)
+        mark, mark_step = float(Ra.square().sum()), steps
+        while active.numel() and Pm.shape[0] and steps < maxiter:
+            AP = apply_rows(Pm).to(torch.float64)
+            steps += 1
+            next(tick, None)
+            PAP = Pm @ AP.T
+            PAP = 0.5 * (PAP + PAP.T)
+            alpha, pd = _small_solve(PAP, Pm @ Ra.T)
+            indefinite |= not pd
+            Xa += alpha.T @ Pm
+            Ra -= alpha.T @ AP
+            niter[active] += 1
+            done = Ra.square().sum(1) <= stop[active]
+            if bool(done.any()):
+                X[active[done]] = Xa[done]
+                keep = ~done
+                active, Xa, Ra = active[keep], Xa[keep], Ra[keep]
+                if active.numel() == 0:
+                    break
+            if steps - mark_step >= STAGNATION_STEPS:  # ‖R‖ must halve every so many steps
+                now = float(Ra.square().sum())
+                if now > 0.25 * mark:
+                    break
+                mark, mark_step = now, steps
+            Z = precondition(Ra) if precondition is not None else Ra
+            beta, _ = _small_solve(PAP, AP @ Z.T)
+            Pm = _orthonormal_rows(Z - beta.T @ Pm)
+            if progress:
+                bar.set_postfix(active=int(active.numel()))
+        if active.numel():
+            X[active] = Xa
+        # the rule on the true residual of every row this round worked on
+        R_true = Bd[todo] - apply_rows(X[todo]).to(torch.float64)
+        g_true = R_true.square().sum(1)
+        stalled[todo] = g_true > 0.25 * gamma[todo]  # another round must at least halve ‖r‖
+        worse = g_true > gamma[todo]  # keep the better iterate of the row
+        X[todo[worse]] = X_before[worse]
+        better = todo[~worse]
+        R[better], gamma[better] = R_true[~worse], g_true[~worse]
+    if progress:
+        bar.close()
+    if indefinite:
+        logger.warning("cg: H + λI is not positive definite on the search directions (it is indefinite); "
+                       "block CG still converges when no row breaks down, but consider a larger "
+                       "hessian_perturbation")
+    return X, {"niter": niter, "optimal": gamma <= stop, "gamma": gamma}
 
 
 def _cg_info(stats: Dict[str, torch.Tensor]) -> Dict[str, Dict]:
@@ -362,8 +394,8 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
                    hessian_perturbation: float = 0.0, *, x0: Optional[torch.Tensor] = None, rtol: float = 1e-7,
                    atol: float = 1e-7, maxiter: Optional[int] = None, progress: bool = False,
                    preconditioner: Optional[str] = None, preconditioner_rank: int = 32,
-                   hutchinson_samples: int = 32, block_krylov: bool = True, mode: str = "hessian"
-                   ) -> InverseHvpResult:
+                   hutchinson_samples: int = 32, block_krylov: bool = True, mode: str = "hessian",
+                   product_dtype: Optional[torch.dtype] = torch.float64) -> InverseHvpResult:
     r"""Conjugate gradients for (H + λI) x_i = b_i, all rows of b ([N, P]) at once.
 
     Each iteration applies H + λI to one block of vectors of the still-active rows in one pass
@@ -371,20 +403,27 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
     ‖(H + λI) x_i − b_i‖ ≤ max(rtol·‖b_i‖, atol) and costs nothing more. Iterates and scalars are
     float64 whatever the model's dtype.
 
-    With ``block_krylov=True`` (default, no preconditioner) the rows share one block Krylov space
-    (block CG in Galerkin form, see ``_shared_krylov_cg``; the residual checked is the true one);
-    otherwise each row runs its own CG recurrence (fused native updates), optionally preconditioned.
+    With ``block_krylov=True`` (default) the rows share one search block (breakdown-free block CG,
+    see ``_block_krylov_cg``): k steps give every row the best solution from the block Krylov
+    space of all rows' residuals, so N related right-hand sides converge in a few times fewer
+    products than N separate CGs, also on mildly indefinite H + λI; ``optimal`` is then judged on
+    the true residual. With ``block_krylov=False`` each row runs its own CG recurrence (fused native
+    updates; ``optimal`` judged on the recursive residual, as pyDVL does).
 
     Args:
         x0: initial guess, [P] (for every row) or [N, P]; default b (as pyDVL).
         rtol, atol: the stopping rule above.
-        maxiter: iterations per row; default 10·P.
+        maxiter: iterations per row (block steps for block_krylov); default 10·P.
         progress: a bar over iterations with the number of active rows.
         preconditioner: None, ``"jacobi"`` (Hutchinson estimate of diag(H + λI) from
             ``hutchinson_samples`` probes) or ``"nystrom"`` (randomized Nyström of rank
             ``preconditioner_rank``); each costs one extra pass.
         block_krylov: share one Krylov space among the rows (fewer products when N > 1).
         mode: ``"hessian"`` or ``"gauss_newton"`` (see :func:`hessian_operator`).
+        product_dtype: the dtype of the Hessian products. float64 (default) runs them on a float64
+            copy of the model when it is float32 or lower: about twice the cost on a CPU, but the
+            rule can then be met — float32 products carry errors near 1e-7·‖A‖·‖x‖, which for an
+            ill-conditioned H + λI exceed rtol·‖b‖ at rtol 1e-6. None computes in the model's dtype.
 
     Returns:
         InverseHvpResult: x of b's shape (model dtype); info ``batch_{i}`` → ``{"niter", "optimal",
@@ -398,7 +437,9 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"{where}: preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
     lam = _check_nonnegative(hessian_perturbation, "hessian_perturbation", where)
-    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode)
+    if product_dtype is not None and not (isinstance(product_dtype, torch.dtype) and product_dtype.is_floating_point):
+        raise TypeError(f"{where}: product_dtype must be None or a floating torch.dtype, got {product_dtype!r}")
+    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode, dtype=product_dtype)
     X0 = _initial_guess(x0, B, model, where, "x0")
     precondition = None
     used = preconditioner
@@ -411,8 +452,9 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
                            "preconditioner (increase hessian_perturbation)", where)
             used = None
     maxiter = 10 * model.num_params if maxiter is None else maxiter
-    if block_krylov and precondition is None:
-        X, stats = _shared_krylov_cg(op.apply_rows, B, X0, rtol=rtol, atol=atol, maxiter=maxiter, progress=progress)
+    if block_krylov:
+        X, stats = _block_krylov_cg(op.apply_rows, B, X0, rtol=rtol, atol=atol, maxiter=maxiter,
+                                    precondition=precondition, progress=progress)
     else:
         X, stats = _block_cg(op.apply_rows, B, X0, rtol=rtol, atol=atol, maxiter=maxiter, precondition=precondition,
                              progress=progress)
@@ -628,7 +670,7 @@ def _lanczos_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], 
         return (torch.zeros(0, dtype=torch.float64, device=device),
                 torch.zeros(P, 0, dtype=torch.float64, device=device))
     bs = max(1, min(int(block_size), k))
-    m_max = krylov_dimension if krylov_dimension is not None else max(2 * k + 1, 20)
+    m_max = krylov_dimension if krylov_dimension is not None else max(4 * k, 20)
     m_max = min(P, max(int(m_max), k + bs))
     tol = tol if tol > 0 else torch.finfo(torch.float64).eps
     max_iter = 10 * P if max_iter is None else int(max_iter)
@@ -730,7 +772,8 @@ def lanzcos_low_rank_hessian_approx(hessian_vp: Callable[[torch.Tensor], torch.T
 
     Args:
         matrix_shape: (P, P).
-        krylov_dimension: largest basis (Lanczos) or ARPACK's ncv; default max(2·rank + 1, 20).
+        krylov_dimension: largest basis (Lanczos; default max(4·rank, 20)) or ARPACK's ncv (default
+            scipy's, max(2·rank + 1, 20)).
         tol: a pair has converged when ‖A v − θ v‖ ≤ tol·|θ|.
         max_iter: Lanczos: most products with A (default 10·P); ARPACK: its maxiter.
         device: where the products and (Lanczos) the eigen computation run (default CPU).
@@ -761,13 +804,15 @@ def lanzcos_low_rank_hessian_approx(hessian_vp: Callable[[torch.Tensor], torch.T
 def model_hessian_low_rank(model: TorchTwiceDifferentiable, training_data: Iterable, hessian_perturbation: float = 0.0,
                            rank_estimate: int = 10, krylov_dimension: Optional[int] = None, tol: float = 1e-6,
                            max_iter: Optional[int] = None, eigen_computation_on_gpu: bool = False, *,
-                           eigen_solver: str = "lanczos", block_size: int = 1, mode: str = "hessian",
+                           eigen_solver: str = "lanczos", block_size: int = 4, mode: str = "hessian",
                            progress: bool = False) -> LowRankProductRepresentation:
     r"""The ``rank_estimate`` eigenpairs largest in |θ| of H + λI, H the Hessian of the model's mean
     training loss, as V D Vᵀ (values and vectors in the model's dtype, on its device).
 
-    Each product with H + λI is one pass over the data for a block of ``block_size`` vectors (see
-    :func:`lanzcos_low_rank_hessian_approx` for the other arguments).
+    Each product with H + λI is one pass over the data for a block of ``block_size`` vectors: the
+    default 4 needs about half the passes of single-vector Lanczos for each pass costing little
+    more (``benchmarks/results/solvers_cpu.md``); see :func:`lanzcos_low_rank_hessian_approx` for
+    the other arguments.
     """
     where = "model_hessian_low_rank"
     _check_model(model, where)
@@ -783,7 +828,7 @@ def solve_arnoldi(model: TorchTwiceDifferentiable, training_data: Iterable, b: t
                   hessian_perturbation: float = 0.0, *, rank_estimate: int = 10, krylov_dimension: Optional[int] = None,
                   low_rank_representation: Optional[LowRankProductRepresentation] = None, tol: float = 1e-6,
                   max_iter: Optional[int] = None, eigen_computation_on_gpu: bool = False,
-                  eigen_solver: str = "lanczos", block_size: int = 1, progress: bool = False) -> InverseHvpResult:
+                  eigen_solver: str = "lanczos", block_size: int = 4, progress: bool = False) -> InverseHvpResult:
     r"""x = V D⁻¹ Vᵀ b, V D Vᵀ the ``rank_estimate`` eigenpairs of H + λI largest in |θ|
     (:func:`model_hessian_low_rank`), or the given ``low_rank_representation`` (then the other
     arguments of the eigen computation are ignored; it is moved to b's device).

@@ -2,6 +2,7 @@
 Hessian-vector products of the loss with respect to the parameters that require grad."""
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -61,6 +62,15 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
     @classmethod
     def tensor_type(cls):
         return torch.Tensor
+
+    def with_dtype(self, dtype: torch.dtype) -> "TorchTwiceDifferentiable":
+        """The same model and loss computing in ``dtype``: self when its parameters already are,
+        else a deep copy of the model cast to ``dtype`` (which parameters require grad is kept)."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"with_dtype: dtype must be a floating torch.dtype, got {dtype!r}")
+        if dtype == self.dtype:
+            return self
+        return TorchTwiceDifferentiable(copy.deepcopy(self.model).to(dtype), self.loss)
 
     @property
     def parameters(self) -> List[torch.Tensor]:
