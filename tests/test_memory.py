@@ -132,16 +132,30 @@ def test_chunked_hvp_identical(device, engine, mode, monkeypatch):
     assert _rel(chunked, whole) <= 1e-12
 
 
+def _generic(td):
+    """The same model under a loss the native engine does not recognise (the generic column path)."""
+    return TorchTwiceDifferentiable(td.model, lambda out, target: F.cross_entropy(out, target))
+
+
 def test_chunked_hessian_identical(device, monkeypatch):
     td, x, y = _model(device)
-    whole = td.hessian(x, y)
-    calls = _count_chunks(monkeypatch, td)
+    whole = td.hessian(x, y)  # native model: assembled blockwise
+    generic = _generic(td)
+    calls = _count_chunks(monkeypatch, generic)
     P = td.num_params
-    with memory_budget(10 * (2 * P * 8 + td._bytes_per_direction(x))):
-        chunked = td.hessian(x, y)
+    with memory_budget(10 * (2 * P * 8 + generic._bytes_per_direction(x))):
+        chunked = generic.hessian(x, y)
     assert len(calls) == -(-P // 10)
     assert _rel(chunked, whole) <= 1e-12
     torch.testing.assert_close(whole, whole.T, rtol=1e-12, atol=1e-14)
+    from twicediff.torch import hessian_assembly
+    rows = []
+    real = hessian_assembly._assemble_rows
+    monkeypatch.setattr(hessian_assembly, "_assemble_rows", lambda *a: (rows.append(a[2].shape[0]), real(*a)))
+    with memory_budget(20_000):
+        assembled = td.hessian(x, y)
+    assert len(rows) > 1 and sum(rows) == x.shape[0]
+    assert _rel(assembled, whole) <= 1e-12
 
 
 def test_too_small_budget_raises_naming_the_setting(device):
@@ -154,8 +168,10 @@ def test_too_small_budget_raises_naming_the_setting(device):
         for engine in ("native", "func", "autograd"):
             with pytest.raises(MemoryBudgetError, match=r"hvp directions.*set_memory_budget"):
                 td.hvp(x, y, v, engine=engine)
-        with pytest.raises(MemoryBudgetError, match=r"Hessian columns.*set_memory_budget"):
+        with pytest.raises(MemoryBudgetError, match=r"Hessian assembly rows.*set_memory_budget"):
             td.hessian(x, y)
+        with pytest.raises(MemoryBudgetError, match=r"Hessian columns.*set_memory_budget"):
+            _generic(td).hessian(x, y)
 
 
 _PEAK_SCRIPT = textwrap.dedent("""

@@ -13,6 +13,7 @@ from ..memory import chunk_size
 from ..progress import progress_bar
 from ..twice_differentiable import TwiceDifferentiable
 from . import hvp as _hvp
+from .hessian_assembly import assemble_hessian
 from .native_engine import build_native_engine
 
 __all__ = ["TorchTwiceDifferentiable"]
@@ -124,17 +125,34 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         return torch.cat([g.reshape(-1) for g in grads])
 
     def hessian(self, x: torch.Tensor, y: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
-        r"""The explicit Hessian ∇²θ L(x, y), [P, P].
+        r"""The explicit Hessian ∇²θ L(x, y), [P, P] (see :meth:`add_hessian_`)."""
+        P = self.num_params
+        out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
+        return self.add_hessian_(x, y, out, progress=progress)
 
-        Assembled from batched Hessian-vector products on column chunks sized by the memory budget
-        (:mod:`twicediff.memory`), so that memory is P² plus one chunk.
+    def add_hessian_(self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,
+                     progress: bool = False) -> torch.Tensor:
+        r"""``out += alpha · ∇²θ L(x, y)`` in place and returned; ``out`` [P, P] in the model's dtype
+        and on its device (so that the Hessian of a mean over batches needs no P² temporary each).
+
+        For a model the native engine takes, assembled block by block from per-sample curvature
+        (:func:`twicediff.torch.hessian_assembly.assemble_hessian`, several times fewer flops than P
+        products); otherwise from batched Hessian-vector products on column chunks. Either way the
+        work is sized by the memory budget (:mod:`twicediff.memory`): memory is P² plus one chunk.
         """
         x, y = self._to_device(x, y, "hessian")
         P = self.num_params
-        H = torch.empty(P, P, dtype=self.dtype, device=self.device)
-        elem = H.element_size()
+        if not isinstance(out, torch.Tensor) or out.shape != (P, P) or out.dtype != self.dtype \
+                or out.device != self.device:
+            got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) \
+                else type(out).__name__
+            raise ValueError(f"add_hessian_: out must be [P, P] = [{P}, {P}] {self.dtype} on {self.device}, "
+                             f"got {got}")
+        native, _ = build_native_engine(self.model, self.loss)
+        if native is not None and not native.unsupported_input_reason(x, y):
+            return assemble_hessian(native, x, y, out, alpha=alpha)
         # A chunk of c columns holds the c unit directions, their products and the engine's work.
-        per_column = 2 * P * elem + self._bytes_per_direction(x)
+        per_column = 2 * P * out.element_size() + self._bytes_per_direction(x)
         step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
                    chunk_size(P, per_column, self.device, what="Hessian columns"))
         for start in progress_bar(range(0, P, step), progress, desc="hessian", unit="chunk"):
@@ -142,8 +160,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             eye = torch.zeros(stop - start, P, dtype=self.dtype, device=self.device)
             eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
             # H is symmetric: the products H e_j are its rows as well as its columns.
-            H[start:stop] = self.hvp(x, y, eye)
-        return H
+            out[start:stop].add_(self.hvp(x, y, eye), alpha=alpha)
+        return out
 
     @staticmethod
     def mvp(grad_xy: torch.Tensor, v: torch.Tensor,
