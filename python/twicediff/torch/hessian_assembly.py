@@ -190,7 +190,8 @@ def _assemble_rows(engine: NativeHvpEngine, places: List[_Place], h0: torch.Tens
         tri[tj, ti] = torch.arange(tj.numel(), device=h0.device)
         tri[ti, tj] = tri[tj, ti]
         hh = ht[m][:, tj] * ht[m][:, ti]  # [n, im(im+1)/2]
-        ca = _rows_per_chunk(dm * im * im, dm, elem, cap)
+        # at least 8 chunks of rows a, so that skipping b < a0 saves close to half the GEMM
+        ca = min(_rows_per_chunk(dm * im * im, dm, elem, cap), -(-dm // 8))
         for a0 in range(0, dm, ca):
             a1 = min(dm, a0 + ca)
             T = (G[m][:, a0:a1, a0:].reshape(n, -1).T @ hh).reshape(a1 - a0, dm - a0, -1)
