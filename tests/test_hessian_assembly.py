@@ -116,3 +116,14 @@ def test_twice_differentiable_hessian_uses_assembly_and_matches_columns():
     yc = torch.randint(0, 3, (5,), generator=gen)
     torch.testing.assert_close(TorchTwiceDifferentiable(conv, F.cross_entropy).hessian(xc, yc),
                                explicit_hessian(conv, F.cross_entropy, xc, yc), rtol=1e-9, atol=1e-11)
+
+
+def test_hessian_method_columns_and_bad_method():
+    gen = torch.Generator().manual_seed(2)
+    model = _deep()
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    torch.testing.assert_close(td.hessian(x, y, method="columns"), td.hessian(x, y), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="method must be one of.*'blocks'"):
+        td.hessian(x, y, method="blocks")

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("hessian", "gauss_newton")
 ENGINES = ("auto", "native", "func", "autograd")
+HESSIAN_METHODS = ("auto", "columns")
 
 
 class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
@@ -124,22 +125,27 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
         return torch.cat([g.reshape(-1) for g in grads])
 
-    def hessian(self, x: torch.Tensor, y: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    def hessian(self, x: torch.Tensor, y: torch.Tensor, *, method: str = "auto",
+                progress: bool = False) -> torch.Tensor:
         r"""The explicit Hessian ∇²θ L(x, y), [P, P] (see :meth:`add_hessian_`)."""
         P = self.num_params
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
-        return self.add_hessian_(x, y, out, progress=progress)
+        return self.add_hessian_(x, y, out, method=method, progress=progress)
 
     def add_hessian_(self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,
-                     progress: bool = False) -> torch.Tensor:
+                     method: str = "auto", progress: bool = False) -> torch.Tensor:
         r"""``out += alpha · ∇²θ L(x, y)`` in place and returned; ``out`` [P, P] in the model's dtype
         and on its device (so that the Hessian of a mean over batches needs no P² temporary each).
 
-        For a model the native engine takes, assembled block by block from per-sample curvature
-        (:func:`twicediff.torch.hessian_assembly.assemble_hessian`, several times fewer flops than P
-        products); otherwise from batched Hessian-vector products on column chunks. Either way the
-        work is sized by the memory budget (:mod:`twicediff.memory`): memory is P² plus one chunk.
+        ``method="auto"``: for a model the native engine takes, assembled block by block from
+        per-sample curvature (:func:`twicediff.torch.hessian_assembly.assemble_hessian`, several
+        times fewer flops than P products), otherwise as with ``"columns"``: from batched
+        Hessian-vector products (:meth:`hvp`, engine ``"auto"``) on chunks of unit vectors.
+        Either way the work is sized by the memory budget (:mod:`twicediff.memory`): memory is P²
+        plus one chunk.
         """
+        if method not in HESSIAN_METHODS:
+            raise ValueError(f"hessian: method must be one of {HESSIAN_METHODS}, got {method!r}")
         x, y = self._to_device(x, y, "hessian")
         P = self.num_params
         if not isinstance(out, torch.Tensor) or out.shape != (P, P) or out.dtype != self.dtype \
@@ -148,7 +154,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 else type(out).__name__
             raise ValueError(f"add_hessian_: out must be [P, P] = [{P}, {P}] {self.dtype} on {self.device}, "
                              f"got {got}")
-        native, _ = build_native_engine(self.model, self.loss)
+        native = build_native_engine(self.model, self.loss)[0] if method == "auto" else None
         if native is not None and not native.unsupported_input_reason(x, y):
             return assemble_hessian(native, x, y, out, alpha=alpha)
         # A chunk of c columns holds the c unit directions, their products and the engine's work.
