@@ -1,7 +1,6 @@
 """The blockwise Hessian / Gauss-Newton assembly (twicediff.torch.hessian_assembly) against the
 float64 explicit references, over the native engine's activations, losses, reductions, biases and
 frozen prefixes, deeper stacks (non-adjacent layer blocks), and chunking of rows and blocks."""
-import functools
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from twicediff.torch.hessian_assembly import assemble_hessian
 from twicediff.torch.native_engine import build_native_engine
 
 from hessian_reference import explicit_gauss_newton, explicit_hessian
-from test_native_engine import ACTIVATIONS, CLASSES, LOSSES, make_batch, make_model
+from test_native_engine import CLASSES, LOSSES, make_batch, make_model, native_config, over_native_configs
 
 
 def _assembled(model, loss_fn, x, y, gauss_newton=False):
@@ -24,17 +23,9 @@ def _assembled(model, loss_fn, x, y, gauss_newton=False):
     return assemble_hessian(engine, x, y, torch.zeros(P, P, dtype=torch.float64), gauss_newton=gauss_newton)
 
 
-@pytest.mark.parametrize("prefix", [False, True], ids=["plain", "prefix"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@over_native_configs
 def test_assembled_hessian_matches_explicit(activation, loss, reduction, bias, prefix):
-    gen = torch.Generator().manual_seed(hash(("asm", activation, loss, reduction, bias, prefix)) % 2**31)
-    classes = CLASSES[loss]
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    model = make_model(activation, bias, prefix, classes)
-    loss_fn = functools.partial(LOSSES[loss], reduction=reduction)
+    model, loss_fn, gen, classes = native_config(activation, loss, reduction, bias, prefix, salt="assembly")
     for n in (1, 6):
         x, y = make_batch(loss, n, prefix, classes, gen)
         torch.testing.assert_close(_assembled(model, loss_fn, x, y), explicit_hessian(model, loss_fn, x, y),

@@ -2,6 +2,7 @@
 exact products against float64 explicit Hessians / Gauss-Newton matrices, the op against its
 pure-torch twin, opcheck, declines with reasons, and bad input."""
 import functools
+import zlib
 
 import pytest
 import torch
@@ -57,17 +58,28 @@ def make_batch(loss: str, n: int, prefix: bool, classes: int, gen: torch.Generat
     return x, y
 
 
-@pytest.mark.parametrize("prefix", [False, True], ids=["plain", "prefix"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_hvp_matches_explicit_hessian(activation, loss, reduction, bias, prefix):
-    gen = torch.Generator().manual_seed(hash((activation, loss, reduction, bias, prefix)) % 2**31)
+def over_native_configs(test):
+    """Parametrizes ``test`` over every activation × loss × reduction × bias or none × frozen
+    prefix or none (arguments activation, loss, reduction, bias, prefix)."""
+    for name, values, ids in [("activation", list(ACTIVATIONS), None), ("loss", list(LOSSES), None),
+                              ("reduction", ["mean", "sum"], None), ("bias", [True, False], ["bias", "nobias"]),
+                              ("prefix", [False, True], ["plain", "prefix"])]:
+        test = pytest.mark.parametrize(name, values, ids=ids)(test)
+    return test
+
+
+def native_config(activation, loss, reduction, bias, prefix, salt=""):
+    """(model, loss_fn, generator, classes) for one configuration, seeded reproducibly from it."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((salt, activation, loss, reduction, bias, prefix)).encode()))
     classes = CLASSES[loss]
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     model = make_model(activation, bias, prefix, classes)
-    loss_fn = functools.partial(LOSSES[loss], reduction=reduction)
+    return model, functools.partial(LOSSES[loss], reduction=reduction), gen, classes
+
+
+@over_native_configs
+def test_hvp_matches_explicit_hessian(activation, loss, reduction, bias, prefix):
+    model, loss_fn, gen, classes = native_config(activation, loss, reduction, bias, prefix)
     engine, reason = build_native_engine(model, loss_fn)
     assert engine is not None, reason
     for n in (1, 6):
