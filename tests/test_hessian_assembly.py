@@ -118,3 +118,19 @@ def test_hessian_method_columns_and_bad_method():
     torch.testing.assert_close(td.hessian(x, y, method="columns"), td.hessian(x, y), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="method must be one of.*'blocks'"):
         td.hessian(x, y, method="blocks")
+
+
+def test_assembly_on_device_matches_cpu_reference(device):
+    """On every available device (CUDA when a GPU is present): float64 against the explicit CPU
+    reference, float32 against float64."""
+    gen = torch.Generator().manual_seed(6)
+    model = _deep()
+    x = torch.randn(11, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (11,), generator=gen)
+    want = explicit_hessian(model, F.cross_entropy, x, y)
+    on = model.to(device)
+    got = TorchTwiceDifferentiable(on, F.cross_entropy).hessian(x.to(device), y.to(device))
+    assert got.device.type == device.type
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-11)
+    got32 = TorchTwiceDifferentiable(on.float(), F.cross_entropy).hessian(x.float().to(device), y.to(device))
+    torch.testing.assert_close(got32.cpu().double(), want, rtol=1e-4, atol=1e-5)
