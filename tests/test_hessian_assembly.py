@@ -1,6 +1,7 @@
 """The blockwise Hessian / Gauss-Newton assembly (twicediff.torch.hessian_assembly) against the
 float64 explicit references, over the native engine's activations, losses, reductions, biases and
 frozen prefixes, deeper stacks (non-adjacent layer blocks), and chunking of rows and blocks."""
+import functools
 
 import pytest
 import torch
@@ -134,3 +135,14 @@ def test_assembly_on_device_matches_cpu_reference(device):
     torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-11)
     got32 = TorchTwiceDifferentiable(on.float(), F.cross_entropy).hessian(x.float().to(device), y.to(device))
     torch.testing.assert_close(got32.cpu().double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_native_unsupported_reason_names_what_is_not_native():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    assert TorchTwiceDifferentiable(_deep(), F.cross_entropy).native_unsupported_reason(x, y) == ""
+    smoothed = functools.partial(F.cross_entropy, label_smoothing=0.1)
+    assert "label_smoothing" in TorchTwiceDifferentiable(_deep(), smoothed).native_unsupported_reason(x, y)
+    conv = nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2), nn.Flatten(), nn.Linear(4, 3)).double()
+    assert "Conv1d" in TorchTwiceDifferentiable(conv, F.cross_entropy).native_unsupported_reason(x, y)

@@ -192,14 +192,6 @@ def _plain_grad(model, loss, x, y):
     return torch.autograd.grad(squeezed_loss(loss, model(x), y), params)
 
 
-def _native_qualifies(td, x, y) -> bool:
-    try:
-        td._engine("native", x, y)
-        return True
-    except ValueError:
-        return False
-
-
 def _method_call(method: str, td, x, y, v) -> Callable[[], object]:
     """A no-argument callable computing the products of ``method`` for directions v [D, P]."""
     model, loss = td.model, td.loss
@@ -339,7 +331,7 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = (1, 
         raise ValueError(f"bench: directions must be positive integers, got {directions}")
     td, x, y = _setup(preset, device)
     dev = x.device
-    if "native" in engines and not _native_qualifies(td, x, y):
+    if "native" in engines and td.native_unsupported_reason(x, y):
         engines.remove("native")
     rows: List[dict] = []
     for D in progress_bar(directions, progress, desc=f"bench {preset}", unit="D"):

@@ -154,8 +154,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 else type(out).__name__
             raise ValueError(f"add_hessian_: out must be [P, P] = [{P}, {P}] {self.dtype} on {self.device}, "
                              f"got {got}")
-        native = build_native_engine(self.model, self.loss)[0] if method == "auto" else None
-        if native is not None and not native.unsupported_input_reason(x, y):
+        native = self._native_engine(x, y)[0] if method == "auto" else None
+        if native is not None:
             return assemble_hessian(native, x, y, out, alpha=alpha)
         # A chunk of c columns holds the c unit directions, their products and the engine's work.
         per_column = 2 * P * out.element_size() + self._bytes_per_direction(x)
@@ -220,14 +220,25 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         return out[0] if one else out
 
     # ---- engines -----------------------------------------------------------------------------
+    def native_unsupported_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
+        """"" when the native engine (fused HVP kernels, blockwise Hessian assembly) takes this model,
+        loss and batch; otherwise why not, naming the module, loss option or input it cannot take."""
+        x, y = self._to_device(x, y, "native_unsupported_reason")
+        return self._native_engine(x, y)[1]
+
+    def _native_engine(self, x: torch.Tensor, y: torch.Tensor):
+        """(the native engine, "") for this model, loss and batch, or (None, the reason)."""
+        native, reason = build_native_engine(self.model, self.loss)
+        if native is not None:
+            reason = native.unsupported_input_reason(x, y)
+        return (None, reason) if reason else (native, "")
+
     def _engine(self, engine: str, x: torch.Tensor, y: torch.Tensor):
         """(compute(x, y, v, mode) -> [D, P], bytes one direction needs)."""
         if engine in ("auto", "native"):
-            native, reason = build_native_engine(self.model, self.loss)
+            native, reason = self._native_engine(x, y)
             if native is not None:
-                reason = native.unsupported_input_reason(x, y)
-                if not reason:
-                    return native.hvp, native.bytes_per_direction(x.shape[0])
+                return native.hvp, native.bytes_per_direction(x.shape[0])
             if engine == "native":
                 raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
         per_direction = self._bytes_per_direction(x)
