@@ -146,3 +146,18 @@ def test_native_unsupported_reason_names_what_is_not_native():
     assert "label_smoothing" in TorchTwiceDifferentiable(_deep(), smoothed).native_unsupported_reason(x, y)
     conv = nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2), nn.Flatten(), nn.Linear(4, 3)).double()
     assert "Conv1d" in TorchTwiceDifferentiable(conv, F.cross_entropy).native_unsupported_reason(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_assembly_on_cuda_accumulates_in_float32(dtype):
+    gen = torch.Generator().manual_seed(9)
+    model = _deep()
+    x = torch.randn(32, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,), generator=gen)
+    want = explicit_hessian(model, F.cross_entropy, x, y)
+    half = model.to("cuda", dtype)
+    got = TorchTwiceDifferentiable(half, F.cross_entropy).hessian(x.to("cuda", dtype), y.cuda())
+    assert got.dtype == dtype
+    # the parameters themselves are rounded to half precision: compare at that resolution
+    assert float((got.double().cpu() - want).abs().max() / want.abs().max()) < (2e-2 if dtype == torch.bfloat16 else 4e-3)

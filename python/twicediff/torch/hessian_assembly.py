@@ -25,7 +25,7 @@ BCE-with-logits with mean or sum reduction (the losses the native engine takes),
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,12 @@ def assemble_hessian(engine: NativeHvpEngine, x: torch.Tensor, y: torch.Tensor, 
     h0, target = engine._prepare(x, y)
     lins = engine.linears
     dtype, device = lins[0].weight.dtype, lins[0].weight.device
+    # float16 / bfloat16 (CUDA) models: the products are taken in float32 and added into out
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    weights = [(lin.weight.to(work), None if lin.bias is None else lin.bias.to(work)) for lin in lins]
+    h0 = h0.to(work)
+    if target.is_floating_point():
+        target = target.to(work)
     N = h0.shape[0]
     places, offset = [], 0
     for lin in lins:
@@ -142,24 +148,25 @@ def assemble_hessian(engine: NativeHvpEngine, x: torch.Tensor, y: torch.Tensor, 
     step = chunk_size(max(N, 1), per_row, device, fixed_bytes=2 * cap, what="Hessian assembly rows")
     with torch.no_grad():
         for start in range(0, N, step):
-            _assemble_rows(engine, places, h0[start:start + step], target[start:start + step], N, out, alpha,
-                           gauss_newton, cap)
+            _assemble_rows(engine, weights, places, h0[start:start + step], target[start:start + step], N, out,
+                           alpha, gauss_newton, cap)
     return out
 
 
-def _assemble_rows(engine: NativeHvpEngine, places: List[_Place], h0: torch.Tensor, target: torch.Tensor,
+def _assemble_rows(engine: NativeHvpEngine, weights: List[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+                   places: List[_Place], h0: torch.Tensor, target: torch.Tensor,
                    n_total: int, out: torch.Tensor, alpha: float, gauss_newton: bool, cap: int) -> None:
-    lins, chains = engine.linears, engine.chains
-    L = len(lins)
+    chains = engine.chains
+    L = len(weights)
     n = h0.shape[0]
     elem = h0.element_size()
     ones = torch.ones(n, 1, dtype=h0.dtype, device=h0.device)
     # forward: h̃_{l-1} (with the constant 1) and σ', σ'' of each layer's chain
     ht, d1, d2 = [], [], []
     h = h0
-    for lin, chain in zip(lins, chains):
+    for (weight, bias), chain in zip(weights, chains):
         ht.append(torch.cat([h, ones], 1))
-        h, s1, s2 = _chain_derivatives(F.linear(h, lin.weight, lin.bias), chain)
+        h, s1, s2 = _chain_derivatives(F.linear(h, weight, bias), chain)
         d1.append(s1)
         d2.append(s2)
     g_h, G_h = _loss_derivatives(h, target, engine.loss_kind, engine.reduction, n_total)
@@ -172,14 +179,14 @@ def _assemble_rows(engine: NativeHvpEngine, places: List[_Place], h0: torch.Tens
         if not gauss_newton:
             G[l] = G[l] + torch.diag_embed(d2[l] * g_h)
         if l:
-            W = lins[l].weight
+            W = weights[l][0]
             g_h, G_h = g[l] @ W, W.T @ G[l] @ W
     # J[(m, l)] = ∂z_m/∂z_l for m > l, [n, d_m, d_l]
     J: Dict[Tuple[int, int], torch.Tensor] = {}
     for l in range(L):
         for m in range(l + 1, L):
             inner = d1[m - 1][:, :, None] * J[(m - 1, l)] if m - 1 > l else torch.diag_embed(d1[l])
-            J[(m, l)] = lins[m].weight @ inner
+            J[(m, l)] = weights[m][0] @ inner
     for m in range(L):
         pm = places[m]
         dm, im = pm.out, pm.inn + 1
@@ -216,7 +223,8 @@ def _assemble_rows(engine: NativeHvpEngine, places: List[_Place], h0: torch.Tens
                 if not gauss_newton:  # + Σ_n g_m[a] (∂h_{m-1}/∂z_l)[j, b] h̃_l[i], j < in_m
                     if adjacent:
                         T2 = (g[m][:, a0:a1].T @ gd).reshape(a1 - a0, dl, il)
-                        B[:, torch.arange(dl), torch.arange(dl), :] += T2
+                        diag = torch.arange(dl, device=B.device)
+                        B[:, diag, diag, :] += T2
                     else:
                         gM = (g[m][:, a0:a1, None, None] * M[:, None]).reshape(n, -1)  # [n, (a, j, b)]
                         B[:, :im - 1] += (gM.T @ ht[l]).reshape(a1 - a0, im - 1, dl, il)
