@@ -116,7 +116,8 @@ def solve_linear(model: TorchTwiceDifferentiable, training_data: Iterable, b: to
     if total == 0:
         raise ValueError(f"{where}: training_data yielded no points")
     hessian.div_(total)
-    matrix = hessian + lam * torch.eye(P, dtype=model.dtype, device=model.device)
+    matrix = hessian.clone()
+    matrix.diagonal().add_(lam)
     L, status = torch.linalg.cholesky_ex(matrix)
     if int(status) == 0:
         x = torch.cholesky_solve(B.T, L).T
