@@ -202,7 +202,7 @@ def _assemble_rows(engine: NativeHvpEngine, weights: List[Tuple[torch.Tensor, Op
         for a0 in range(0, dm, ca):
             a1 = min(dm, a0 + ca)
             T = (G[m][:, a0:a1, a0:].reshape(n, -1).T @ hh).reshape(a1 - a0, dm - a0, -1)
-            B = T[:, :, tri].permute(0, 2, 1, 3)  # [a, j, b, i]
+            B = T.index_select(2, tri.reshape(-1)).view(a1 - a0, dm - a0, im, im).permute(0, 2, 1, 3)  # [a, j, b, i]
             _add_block(out, B, pm, pm, a0, a0, alpha)
             if a1 < dm:  # the mirror image of the columns b ≥ a1: out[(b, i), (a, j)]
                 _add_block(out, B[:, :, a1 - a0:].permute(2, 3, 0, 1), pm, pm, a1, a0, alpha)
