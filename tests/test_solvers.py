@@ -106,6 +106,47 @@ def test_direct_falls_back_to_general_solve_when_not_positive_definite():
     torch.testing.assert_close(A @ res.x.T, b.T, rtol=1e-8, atol=1e-8)
 
 
+def test_cholesky_then_lu_on_a_matrix_positive_definite_only_in_its_leading_block(monkeypatch):
+    """[[M1, C], [Cᵀ, −M2]] with M1, M2 positive definite: Cholesky covers the leading blocks up
+    to the first that is indefinite, LU the Schur complement of the rest."""
+    from twicediff.torch import solvers
+
+    monkeypatch.setattr(solvers, "CHOLESKY_BLOCK", 8)
+    g = torch.Generator().manual_seed(0)
+    M1 = torch.randn(24, 24, generator=g, dtype=torch.float64)
+    M2 = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    C = 0.1 * torch.randn(24, 7, generator=g, dtype=torch.float64)
+    A = torch.cat([torch.cat([M1 @ M1.T + torch.eye(24, dtype=torch.float64), C], 1),
+                   torch.cat([C.T, -(M2 @ M2.T) - torch.eye(7, dtype=torch.float64)], 1)])
+    B = torch.randn(31, 3, generator=g, dtype=torch.float64)
+    X, k = solvers._cholesky_then_lu(A, B)
+    assert k == 24
+    torch.testing.assert_close(X, torch.linalg.solve(A, B), rtol=1e-10, atol=1e-12)
+    X, k = solvers._cholesky_then_lu(A[:24, :24], B[:24])  # positive definite: Cholesky alone
+    assert k == 24
+    torch.testing.assert_close(X, torch.linalg.solve(A[:24, :24], B[:24]), rtol=1e-10, atol=1e-12)
+    singular = A.clone()
+    singular[24:, :] = 0
+    singular[:, 24:] = 0
+    assert solvers._cholesky_then_lu(singular, B)[0] is None  # S singular: the caller falls back
+
+
+def test_direct_reports_the_positive_definite_block(monkeypatch):
+    from twicediff.torch import solvers
+
+    monkeypatch.setattr(solvers, "CHOLESKY_BLOCK", 4)
+    model, loader = tanh_classifier()
+    b = rhs(2, 31)
+    res = solve_linear(model, loader, b, 0.01)
+    A = res.info["hessian"] + 0.01 * torch.eye(31, dtype=torch.float64)
+    k = res.info["positive_definite_block"]
+    assert 0 <= k < 31 and k % 4 == 0
+    assert res.info["solver"] == ("lu" if k == 0 else "cholesky+lu")
+    torch.testing.assert_close(A @ res.x.T, b.T, rtol=1e-8, atol=1e-8)
+    pd = solve_linear(model, loader, b, 5.0)
+    assert pd.info["solver"] == "cholesky" and pd.info["positive_definite_block"] == 31
+
+
 def test_float32_model_matches_float64_direct():
     m32, l32 = tanh_classifier(torch.float32, batch_size=24)
     m64, l64 = tanh_classifier(torch.float64, batch_size=24)
