@@ -215,6 +215,23 @@ def test_block_cg_converges_on_indefinite_system_and_dependent_rows():
     torch.testing.assert_close(res.x[4], res.x[0])
 
 
+def test_block_cg_more_right_hand_sides_than_parameters_and_groups_under_the_budget():
+    """N = 50 > P = 31: the search block is capped at rank P, one or two steps solve everything; a
+    budget for about two rows at a time splits the rows into groups solved as blocks of their own."""
+    model, loader = tanh_classifier()
+    b = rhs(50, 31)
+    direct = solve_linear(model, loader, b, 1.0)
+    res = solve_batch_cg(model, loader, b, 1.0, rtol=1e-10, atol=0.0)
+    assert all(res.info[f"batch_{i}"]["optimal"] for i in range(50))
+    assert max(res.info[f"batch_{i}"]["niter"] for i in range(50)) <= 3
+    assert rel(res.x, direct.x) < 1e-8
+    with twicediff.memory_budget(2 * 7 * 31 * 8 + 7 * 31 * 8 // 2):
+        grouped = solve_batch_cg(model, loader, b, 1.0, rtol=1e-10, atol=0.0)
+    assert all(grouped.info[f"batch_{i}"]["optimal"] for i in range(50))
+    assert rel(grouped.x, direct.x) < 1e-8
+    assert grouped.info["num_passes"] > res.info["num_passes"]  # 25 blocks of 2 instead of one of 50
+
+
 def test_cg_products_in_float64_meet_the_rule_for_a_float32_model():
     m32, l32 = tanh_classifier(torch.float32, batch_size=24)
     m64, l64 = tanh_classifier(torch.float64, batch_size=24)

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 
 from .. import _ops
+from ..memory import chunk_size
 from ..inversion import InversionMethod, InversionRegistry
 from ..progress import progress_bar
 from ..twice_differentiable import InverseHvpResult
@@ -508,13 +509,16 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
                            "preconditioner (increase hessian_perturbation)", where)
             used = None
     maxiter = 10 * model.num_params if maxiter is None else maxiter
-    if block_krylov:
-        X, stats = _block_krylov_cg(op.apply_rows, B, X0, rtol=rtol, atol=atol, maxiter=maxiter,
-                                    precondition=precondition, progress=progress)
-    else:
-        X, stats = _block_cg(op.apply_rows, B, X0, rtol=rtol, atol=atol, maxiter=maxiter, precondition=precondition,
-                             progress=progress)
-    X = X.to(model.dtype)
+    solver = _block_krylov_cg if block_krylov else _block_cg
+    # The iteration holds about seven float64 [rows, P] blocks (x, r, the true residual or z, the
+    # search block, its product, a copy of x); right-hand sides that do not fit the memory budget
+    # together are solved in groups, each a block of its own.
+    N = B.shape[0]
+    group = chunk_size(N, 7 * model.num_params * 8, model.device, what="CG right-hand sides")
+    parts = [solver(op.apply_rows, B[s:s + group], X0[s:s + group], rtol=rtol, atol=atol, maxiter=maxiter,
+                    precondition=precondition, progress=progress) for s in range(0, N, group)]
+    X = torch.cat([x for x, _ in parts]).to(model.dtype)
+    stats = {key: torch.cat([st[key] for _, st in parts]) for key in ("niter", "optimal", "gamma")}
     info = _cg_info(stats)
     info.update(num_passes=op.num_passes, preconditioner=used)
     return InverseHvpResult(x=X[0] if one else X, info=info)
