@@ -161,3 +161,35 @@ def test_half_precision_assembly_on_cuda_accumulates_in_float32(dtype):
     assert got.dtype == dtype
     # the parameters themselves are rounded to half precision: compare at that resolution
     assert float((got.double().cpu() - want).abs().max() / want.abs().max()) < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+
+
+def test_ignored_targets_and_loss_modules():
+    """Cross-entropy rows with ignore_index do not count (the mean is over the others); loss given
+    as nn modules with mean and sum reductions."""
+    gen = torch.Generator().manual_seed(12)
+    model = _deep()
+    x = torch.randn(10, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=gen)
+    y[[1, 4, 7]] = -100
+    for loss in (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum"), F.cross_entropy):
+        torch.testing.assert_close(_assembled(model, loss, x, y), explicit_hessian(model, loss, x, y),
+                                   rtol=1e-9, atol=1e-11)
+    yr = torch.randn(10, 3, generator=gen, dtype=torch.float64)
+    for loss in (nn.MSELoss(reduction="sum"), nn.BCEWithLogitsLoss()):
+        target = yr.sigmoid() if isinstance(loss, nn.BCEWithLogitsLoss) else yr
+        torch.testing.assert_close(_assembled(model, loss, x, target), explicit_hessian(model, loss, x, target),
+                                   rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_bare_linear_model_with_one_output(n):
+    """A bare nn.Linear with a single output (squeezed to [N], or to a scalar when N = 1)."""
+    gen = torch.Generator().manual_seed(13)
+    torch.manual_seed(1)
+    model = nn.Linear(3, 1).double()
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(n, generator=gen, dtype=torch.float64)
+    for loss in (F.mse_loss, F.binary_cross_entropy_with_logits):
+        target = y.sigmoid() if loss is F.binary_cross_entropy_with_logits else y
+        torch.testing.assert_close(_assembled(model, loss, x, target), explicit_hessian(model, loss, x, target),
+                                   rtol=1e-9, atol=1e-11)
