@@ -21,7 +21,8 @@ def _assembled(model, loss_fn, x, y, gauss_newton=False):
     engine, reason = build_native_engine(model, loss_fn)
     assert engine is not None, reason
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return assemble_hessian(engine, x, y, torch.zeros(P, P, dtype=torch.float64), gauss_newton=gauss_newton)
+    return assemble_hessian(engine, engine.prepare(x, y), torch.zeros(P, P, dtype=torch.float64),
+                            gauss_newton=gauss_newton)
 
 
 @over_native_configs
@@ -193,3 +194,28 @@ def test_bare_linear_model_with_one_output(n):
         target = y.sigmoid() if loss is F.binary_cross_entropy_with_logits else y
         torch.testing.assert_close(_assembled(model, loss, x, target), explicit_hessian(model, loss, x, target),
                                    rtol=1e-9, atol=1e-11)
+
+
+def test_frozen_prefix_runs_once_per_call_whatever_the_chunks():
+    """The native paths prepare the batch (frozen prefix, no_grad) once: hvp over many chunks of
+    directions and the assembled Hessian each run the prefix a single time."""
+    torch.manual_seed(0)
+    prefix = nn.Linear(5, 6).double().requires_grad_(False)
+    runs = []
+    prefix.register_forward_hook(lambda m, i, o: runs.append(1))
+    model = nn.Sequential(prefix, nn.Tanh(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    assert td.native_unsupported_reason(x, y) == ""
+    runs.clear()
+    v = torch.randn(40, td.num_params, dtype=torch.float64, generator=gen)
+    with twicediff.memory_budget(3 * 8 * (4 * 8 * 7 + 5 * td.num_params)):  # about 3 directions a chunk
+        got = td.hvp(x, y, v)
+    assert len(runs) == 1
+    runs.clear()
+    H = td.hessian(x, y)
+    assert len(runs) == 1
+    torch.testing.assert_close(got, v @ H, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(H, explicit_hessian(model, F.cross_entropy, x, y), rtol=1e-9, atol=1e-11)

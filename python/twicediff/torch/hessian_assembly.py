@@ -120,13 +120,13 @@ def _rows_per_chunk(per_row_elems: int, total: int, elem: int, cap_bytes: int) -
     return max(1, min(total, cap_bytes // max(1, per_row_elems * elem)))
 
 
-def assemble_hessian(engine: NativeHvpEngine, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, *,
+def assemble_hessian(engine: NativeHvpEngine, prepared: Tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, *,
                      alpha: float = 1.0, gauss_newton: bool = False) -> torch.Tensor:
-    r"""out += alpha · ∂²L/∂θ² (or the Gauss-Newton matrix) of the engine's model and loss on the
-    batch (x, y), [P, P], assembled blockwise (see the module docstring). Rows of the batch go in
-    chunks within the memory budget and the temporaries of each block are cut to about 64 MiB;
-    ``out`` must be [P, P] in the parameters' dtype and device."""
-    h0, target = engine._prepare(x, y)
+    r"""out += alpha · ∂²L/∂θ² (or the Gauss-Newton matrix) of the engine's model and loss on a
+    batch given as ``engine.prepare(x, y)``, [P, P], assembled blockwise (see the module
+    docstring). Rows of the batch go in chunks within the memory budget and the temporaries of each
+    block are cut to about 64 MiB; ``out`` must be [P, P] in the parameters' dtype and device."""
+    h0, target = prepared
     lins = engine.linears
     dtype, device = lins[0].weight.dtype, lins[0].weight.device
     # float16 / bfloat16 (CUDA) models: the products are taken in float32 and added into out

@@ -177,7 +177,7 @@ class NativeHvpEngine:
     def unsupported_input_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
         """"" when :meth:`hvp` can take (x, y) as they are shaped, else why not."""
         try:
-            self._prepare(x, y)
+            self.prepare(x, y)
         except ValueError as exc:
             return str(exc)
         return ""
@@ -186,6 +186,12 @@ class NativeHvpEngine:
         """v [D, P] -> [D, P]: rows H v_d with H = ∂²L/∂θ² of ``L = loss(squeeze(model(x)),
         squeeze(y))`` (``mode="hessian"``), or the generalized Gauss-Newton JᵀH_ℓJ v_d
         (``mode="gauss_newton"``, J = ∂model(x)/∂θ, H_ℓ = ∂²loss/∂output²). Detached."""
+        return self.hvp_prepared(self.prepare(x, y), v, mode)
+
+    def hvp_prepared(self, prepared: Tuple[torch.Tensor, torch.Tensor], v: torch.Tensor,
+                     mode: str = "hessian") -> torch.Tensor:
+        """:meth:`hvp` on the output of :meth:`prepare`, so that the frozen prefix runs once for
+        all chunks of directions."""
         if mode not in MODES:
             raise ValueError(f"NativeHvpEngine.hvp: mode must be one of {MODES}, got {mode!r}")
         weight = self.linears[0].weight
@@ -195,13 +201,15 @@ class NativeHvpEngine:
         if v.dtype != weight.dtype or v.device != weight.device:
             raise TypeError(f"NativeHvpEngine.hvp: v must be {weight.dtype} on {weight.device} like the "
                             f"parameters, got {v.dtype} on {v.device}")
-        features, target = self._prepare(x, y)
+        features, target = prepared
         return _ops.mlp_hvp(features, target, [lin.weight for lin in self.linears],
                             [lin.bias for lin in self.linears], v, self.chains, self.loss_kind, self.reduction,
                             gauss_newton=mode == "gauss_newton")
 
-    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(features [N, in], target) in the op's form, after pyDVL's squeeze convention."""
+    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(features [N, in], target) in the op's form, after pyDVL's squeeze convention: the
+        frozen prefix applied to x, rows with an ignored target dropped. ValueError or TypeError
+        when the engine cannot take (x, y)."""
         where = "NativeHvpEngine.hvp"
         active = [name for name, m in self.model.named_modules() if _is_active_dropout(m)]
         if active:

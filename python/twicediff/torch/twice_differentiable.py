@@ -154,9 +154,9 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 else type(out).__name__
             raise ValueError(f"add_hessian_: out must be [P, P] = [{P}, {P}] {self.dtype} on {self.device}, "
                              f"got {got}")
-        native = self._native_engine(x, y)[0] if method == "auto" else None
+        native, prepared, _ = self._native_engine(x, y) if method == "auto" else (None, None, "")
         if native is not None:
-            return assemble_hessian(native, x, y, out, alpha=alpha)
+            return assemble_hessian(native, prepared, out, alpha=alpha)
         # A chunk of c columns holds the c unit directions, their products and the engine's work.
         per_column = 2 * P * out.element_size() + self._bytes_per_direction(x)
         step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
@@ -224,21 +224,27 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         """"" when the native engine (fused HVP kernels, blockwise Hessian assembly) takes this model,
         loss and batch; otherwise why not, naming the module, loss option or input it cannot take."""
         x, y = self._to_device(x, y, "native_unsupported_reason")
-        return self._native_engine(x, y)[1]
+        return self._native_engine(x, y)[2]
 
     def _native_engine(self, x: torch.Tensor, y: torch.Tensor):
-        """(the native engine, "") for this model, loss and batch, or (None, the reason)."""
+        """(the native engine, its prepared batch, "") for this model, loss and batch (the frozen
+        prefix run once), or (None, None, the reason)."""
         native, reason = build_native_engine(self.model, self.loss)
-        if native is not None:
-            reason = native.unsupported_input_reason(x, y)
-        return (None, reason) if reason else (native, "")
+        if native is None:
+            return None, None, reason
+        try:
+            return native, native.prepare(x, y), ""
+        except ValueError as exc:
+            return None, None, str(exc)
 
     def _engine(self, engine: str, x: torch.Tensor, y: torch.Tensor):
         """(compute(x, y, v, mode) -> [D, P], bytes one direction needs)."""
         if engine in ("auto", "native"):
-            native, reason = self._native_engine(x, y)
+            native, prepared, reason = self._native_engine(x, y)
             if native is not None:
-                return native.hvp, native.bytes_per_direction(x.shape[0])
+                # the chunks of directions share the batch prepared here (x, y are those given)
+                return (lambda x_, y_, v, mode: native.hvp_prepared(prepared, v, mode)), \
+                    native.bytes_per_direction(x.shape[0])
             if engine == "native":
                 raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
         per_direction = self._bytes_per_direction(x)
