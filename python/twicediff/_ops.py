@@ -156,12 +156,17 @@ def _pack_backward(ctx, grad):
 torch.library.register_autograd("twicediff::pack", _pack_backward, setup_context=_pack_setup)
 
 
+def _check_block_pairs(op: str, first: str, a, second: str, b) -> None:
+    """One device for all blocks, and the two lists of the same length (>= 1)."""
+    _check_one_device(op, _named(first, a) + _named(second, b))
+    if len(a) == 0 or len(a) != len(b):
+        raise ValueError(f"{op}: {first} and {second} must hold the same number (>= 1) of blocks, "
+                         f"got {len(a)} and {len(b)}")
+
+
 @torch.library.register_fake("twicediff::blockwise_contract")
 def _blockwise_contract_fake(a, b):
-    _check_one_device("blockwise_contract", _named("a", a) + _named("b", b))
-    if len(a) == 0 or len(a) != len(b):
-        raise ValueError(f"blockwise_contract: a and b must hold the same number (>= 1) of blocks, "
-                         f"got {len(a)} and {len(b)}")
+    _check_block_pairs("blockwise_contract", "a", a, "b", b)
     return a[0].new_empty((a[0].shape[0], b[0].shape[0]))
 
 
@@ -189,10 +194,7 @@ torch.library.register_autograd("twicediff::blockwise_contract", _blockwise_cont
 
 @torch.library.register_fake("twicediff::blockwise_dot")
 def _blockwise_dot_fake(v, g):
-    _check_one_device("blockwise_dot", _named("v", v) + _named("g", g))
-    if len(v) == 0 or len(v) != len(g):
-        raise ValueError(f"blockwise_dot: v and g must hold the same number (>= 1) of blocks, "
-                         f"got {len(v)} and {len(g)}")
+    _check_block_pairs("blockwise_dot", "v", v, "g", g)
     return v[0].new_empty((v[0].shape[0],))
 
 
