@@ -8,6 +8,9 @@ Methods, timed interleaved (one call each per round, medians over rounds):
   grad     one plain gradient (autograd.grad of the mean loss, no create_graph)
   gemms    the GEMMs the native engine runs, alone (torch.mm / addmm_ on the same shapes):
            the floor of the native engine's algorithm on this BLAS
+  peak     one square 2048^3 GEMM: what this BLAS reaches at best with these threads, in the same
+           rounds; every method's rate is given as GFLOP/s of exact-HVP work (hvp_flops) and as a
+           fraction of it, so that a target ratio can be checked against what the hardware allows
 
 Usage: python benchmarks/bench_native_hvp.py [--d 64] [--rounds 15] [--threads 2] [--out FILE.md]
 """
@@ -33,6 +36,18 @@ GRAD_REPEATS = 10
 
 def model_a() -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10)).eval()
+
+
+def hvp_flops(model: nn.Sequential, n: int) -> int:
+    """FLOPs of one exact HVP by the R-operator: per Linear layer and row, R(a) = h V^T + R(h) W^T
+    and R(g_W) = R(g_a)^T h + g_a^T R(h), R(g_h) = R(g_a) W + g_a V — six GEMM terms of in*out
+    multiply-adds; the first layer has two (R(h_0) = 0 and no R(g_h_0))."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    macs = sum((2 if i == 0 else 6) * lin.in_features * lin.out_features for i, lin in enumerate(linears))
+    return 2 * n * macs
+
+
+PEAK_SIZE = 2048
 
 
 def make_methods(model, x, y, V):
@@ -91,7 +106,12 @@ def make_methods(model, x, y, V):
                 rgh.view(N, D * inp).addmm_(ga[l], Vp[l])
                 rg = rgh.view(N, D * inp)
 
-    return {"native": native, "loop": loop, "func": func, "grad": plain_gradient, "gemms": gemms}
+    square = torch.randn(PEAK_SIZE, PEAK_SIZE)
+
+    def peak():
+        return square @ square
+
+    return {"native": native, "loop": loop, "func": func, "grad": plain_gradient, "gemms": gemms, "peak": peak}
 
 
 def main():
@@ -142,16 +162,27 @@ def main():
         f"commit {commit}; medians of {args.rounds} interleaved rounds; {args.clock} clock; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         "",
-        "| method | ms per call (D dirs) | ms per HVP | HVP cost in plain gradients | native speed-up |",
-        "|---|---|---|---|---|",
+        f"Exact-HVP work: {hvp_flops(model, args.n) / 1e6:.1f} MFLOP per direction. GFLOP/s: that work per "
+        f"second of the method; % peak: against a {PEAK_SIZE}^3 sgemm timed in the same rounds "
+        f"({2 * PEAK_SIZE ** 3 / med['peak'] / 1e9:.0f} GFLOP/s).",
+        "",
+        "| method | ms per call (D dirs) | ms per HVP | HVP cost in plain gradients | native speed-up | GFLOP/s | % peak |",
+        "|---|---|---|---|---|---|---|",
     ]
     g = med["grad"]
+    flops = hvp_flops(model, args.n)
+    peak_rate = 2 * PEAK_SIZE ** 3 / med["peak"]
     for k in ("native", "loop", "func", "gemms"):
         per = med[k] / D
-        lines.append(f"| {k} | {med[k] * 1e3:.2f} | {per * 1e3:.3f} | {per / g:.2f} | {med[k] / med['native']:.2f}x |")
-    lines.append(f"| grad (one plain gradient) | {g * 1e3:.3f} | | 1.00 | |")
+        rate = flops / per
+        lines.append(f"| {k} | {med[k] * 1e3:.2f} | {per * 1e3:.3f} | {per / g:.2f} | {med[k] / med['native']:.2f}x "
+                     f"| {rate / 1e9:.0f} | {100 * rate / peak_rate:.0f}% |")
+    lines.append(f"| grad (one plain gradient) | {g * 1e3:.3f} | | 1.00 | | | |")
     lines.append("")
     lines.append(f"native / gemms-alone time: {med['native'] / med['gemms']:.2f}")
+    loop_rate = flops / (med["loop"] / D)
+    lines.append(f"3x the loop needs {3 * loop_rate / 1e9:.0f} GFLOP/s of exact-HVP work, "
+                 f"{100 * 3 * loop_rate / peak_rate:.0f}% of the sgemm peak.")
     text = "\n".join(lines)
     print(text)
     if args.out:

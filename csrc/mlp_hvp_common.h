@@ -276,6 +276,9 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 //                                                       rg = s1 rg + s2gh ra (in place), then
 //                                                       bias_out[d, o] = sum_n rg[n, d, o]
 //   column_sums(m [N, D*out], out [D, out] (any strides), D)  out[d, o] = sum_n m[n, d*out + o]
+//   weight_grad_input_major(dtype)                     true: take R(g_W) as h^T R(g_a) [in, D*out] and
+//                                                       transpose it while writing; false: as
+//                                                       R(g_a)^T h [D*out, in] (the BLAS's faster form)
 template <class Kernels>
 at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& target_in, at::TensorList weights_in,
                const c10::List<std::optional<at::Tensor>>& biases_in, const at::Tensor& directions_in) {
@@ -388,7 +391,9 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     if (S1[l].defined()) Kernels::rbackward_activation(rg, S1[l], S2GH[l], RA[l], D, bias_dst);
     else if (bias_dst.defined()) Kernels::column_sums(rg, bias_dst, D);
     // R(g_W_l)[d] = R(g_a_l)[:, d]^T h_{l-1}  (+ g_a_l^T R(h_{l-1})[:, d] in Hessian mode)
-    at::Tensor gw = at::mm(rg.view({N, D * out}).t(), H[l]).view({D, out, in});
+    at::Tensor gw = Kernels::weight_grad_input_major(dtype)
+                        ? at::mm(H[l].t(), rg.view({N, D * out})).view({in, D, out}).permute({1, 2, 0})
+                        : at::mm(rg.view({N, D * out}).t(), H[l]).view({D, out, in});
     at::Tensor dst = result.narrow(1, lay.weight_col, out * in).view({D, out, in});
     if (hessian && l > 0) {
       at::Tensor second = at::mm(GA[l].t(), RH[l].view({N, D * in})).view({out, D, in}).permute({1, 0, 2});

@@ -352,6 +352,33 @@ def test_operator_matmat_and_scipy_cg_eigsh_agree_with_native():
     np.testing.assert_allclose(np.sort(vals), lz.eigen_vals.numpy(), rtol=1e-8)
 
 
+def test_operator_keeps_small_data_and_rereads_large_data():
+    model, loader = tanh_classifier(batch_size=7)
+    V = rhs(3, 31)
+    want = hessian_operator(model, loader).apply_rows(V)
+    # A one-shot iterable (a generator) serves every pass once its batches are kept.
+    op = hessian_operator(model, (batch for batch in loader))
+    assert not op.cached
+    first = op.apply_rows(V)
+    assert op.cached and op.num_passes == 1
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(op.apply_rows(V), want, rtol=0, atol=0)
+    # Batches over a quarter of the budget are read from the loader on every pass, same results
+    # (to rounding: the small budget also splits the directions into chunks).
+    with twicediff.memory_budget(3000):  # a quarter of it is under the 768 bytes of x and y
+        op = hessian_operator(model, loader)
+        torch.testing.assert_close(op.apply_rows(V), want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(op.apply_rows(V), want, rtol=1e-12, atol=1e-14)
+    assert not op.cached and op.num_passes == 2
+
+
+def test_operator_caches_batches_in_the_product_dtype():
+    model, loader = tanh_classifier(dtype=torch.float32)
+    op = hessian_operator(model, loader, dtype=torch.float64)
+    op.apply_rows(rhs(1, 31))
+    assert op.cached and all(x.dtype == torch.float64 and y.dtype == torch.int64 for x, y in op._batches)
+
+
 def test_gauss_newton_operator_equals_hessian_for_linear_model():
     model, loader, H = linear_regression()
     V = rhs(3, 4)

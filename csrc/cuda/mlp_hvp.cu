@@ -153,6 +153,8 @@ __global__ void column_sums_kernel(const T* __restrict__ m, T* __restrict__ out,
 
 struct CudaKernels {
   static cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+  // cuBLAS takes either operand transposed at no cost; the transposing write would be extra traffic.
+  static bool weight_grad_input_major(at::ScalarType) { return false; }
 
   static void forward_activation(const at::Tensor& a, const ActivationChain& chain, at::Tensor& h, at::Tensor& s1,
                                  at::Tensor& s2) {

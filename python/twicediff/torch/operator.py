@@ -7,14 +7,20 @@ size, \(H = \sum_b (n_b / N) H_b\), each \(H_b\) the Hessian of the batch's loss
 :meth:`TorchTwiceDifferentiable.hvp` (the native engine when the model qualifies), so a block of D
 vectors costs one pass over the loader, not D. This is the one place that averages batch products:
 the solvers in :mod:`twicediff.torch.solvers` use it, and ``to_scipy()`` hands it to scipy.
+
+The first pass keeps the batches (on the model's device, floating tensors in the product dtype)
+while they take at most a quarter of the memory budget, and later passes read them from there:
+an iterative solver makes tens of passes, and re-reading a DataLoader of small samples costs
+about as much as the products themselves. Larger data is read from the loader on every pass.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..memory import get_memory_budget
 from ..progress import progress_bar
 from .twice_differentiable import MODES, TorchTwiceDifferentiable
 
@@ -35,6 +41,8 @@ class HessianOperator:
         device.
         num_points: N, the number of training points seen by the last pass (None before any).
         num_passes: how many passes over the data this operator has made.
+        cached: whether the batches are held in memory (decided by the first pass; see the module
+            docstring). The data must then not change between passes.
     """
 
     def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, *,
@@ -61,6 +69,8 @@ class HessianOperator:
         self.device = self.model.device
         self.num_points: Optional[int] = None
         self.num_passes = 0
+        self.cached = False
+        self._batches: List[Tuple[object, object]] = []
 
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         r"""A applied to each row of V: [D, P] → [D, P], \(\sum_b (n_b/N) H_b V_d + λ V_d\).
@@ -78,9 +88,8 @@ class HessianOperator:
         if V.shape[0] == 0:
             return acc
         total = 0
-        for x, y in progress_bar(self.training_data, self.progress, desc="hvp pass", unit="batch"):
+        for x, y in progress_bar(self._pass(), self.progress, desc="hvp pass", unit="batch"):
             n = int(x.shape[0]) if x.dim() > 0 else 1
-            x, y = (t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, y))
             acc.add_(self.model.hvp(x, y, Vm, mode=self.mode).to(out_dtype), alpha=n)
             total += n
         if total == 0:
@@ -92,6 +101,33 @@ class HessianOperator:
         if self.hessian_perturbation:
             acc.add_(V, alpha=self.hessian_perturbation)
         return acc
+
+    def _pass(self) -> Iterator[Tuple[torch.Tensor, object]]:
+        """The batches of one pass, in the product dtype on the model's device: from the cache,
+        or from the loader (filling the cache on the first pass while the batches fit)."""
+        if self.cached:
+            yield from self._batches
+            return
+        first = self.num_passes == 0 and not self._batches
+        room = get_memory_budget(self.device) // 4 if first else 0
+        kept: List[Tuple[object, object]] = []
+        for batch in self.training_data:
+            x, y = (self._moved(t) for t in batch)
+            if first:
+                room -= sum(t.numel() * t.element_size() for t in (x, y) if isinstance(t, torch.Tensor))
+                if room >= 0:
+                    kept.append((x, y))
+                else:
+                    first, kept = False, []
+            yield x, y
+        if first:
+            self._batches, self.cached = kept, bool(kept)
+
+    def _moved(self, t):
+        """A batch tensor on the model's device, in the product dtype when it is floating."""
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """A v for v [P] → [P]."""

@@ -272,14 +272,17 @@ def _block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tenso
 
 
 def _orthonormal_rows(W: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis (as rows) of the row space of W, rank-revealing: directions whose
-    singular value is below 1e-12 of the largest are dropped (float64)."""
+    """An orthonormal basis (as rows) of the row space of W [k, P], rank-revealing: directions whose
+    singular value is below 1e-12 of the largest are dropped (float64). Householder QR of Wᵀ, then
+    the SVD of the small [k, k] factor R: the singular values of W to the same accuracy as an SVD
+    of W itself, in about half the time for k ≪ P."""
     if W.shape[0] == 0:
         return W
-    _, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    Q, R = torch.linalg.qr(W.T)
+    U, S, _ = torch.linalg.svd(R)
     if not float(S[0]) > 0:
         return W[:0]
-    return Vh[S > 1e-12 * S[0]]
+    return (Q @ U[:, S > 1e-12 * S[0]]).T
 
 
 def _small_solve(M: torch.Tensor, C: torch.Tensor) -> Tuple[torch.Tensor, bool]:

@@ -1,0 +1,84 @@
+"""Which form of the weight-gradient GEMM the native HVP engine should use on this BLAS.
+
+R(g_W) of a layer, for all D directions, can be taken as R(g_a)^T h ([D*out, N] x [N, in], written
+straight into the [D, out, in] result) or as h^T R(g_a) ([in, N] x [N, D*out], then transposed while
+it is written). The engine picks one per dtype on the CPU (``CpuKernels::weight_grad_input_major``
+in csrc/cpu/mlp_hvp.cpp); this script times both, with the write, at the shapes of issue 3's model (a)
+(float32, N = 512) and of the influence benchmark's MLP (float64, N = 250 per batch and 1,000).
+
+    python benchmarks/bench_gemm_orientation.py [--threads 1 2] [--out benchmarks/results/native_hvp_orientation.md]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from _common import header
+
+# (label, dtype, N rows, D directions, in, out)
+SHAPES = [
+    ("influence MLP layer 1, batch 250", torch.float64, 250, 64, 64, 64),
+    ("influence MLP layer 1, N = 1000", torch.float64, 1000, 64, 64, 64),
+    ("model (a) layer 1", torch.float32, 512, 64, 64, 128),
+    ("model (a) layer 2", torch.float32, 512, 64, 128, 128),
+    ("model (a) layer 3", torch.float32, 512, 64, 128, 10),
+]
+
+
+def once_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for label, dtype, N, D, inp, out in SHAPES:
+            h = torch.randn(N, inp, dtype=dtype)
+            rg = torch.randn(N, D * out, dtype=dtype)
+            result = torch.empty(D, out * inp + 100, dtype=dtype)  # the layer's block of a wider result
+            dst = result.narrow(1, 0, out * inp).view(D, out, inp)
+            direct = lambda: dst.copy_(torch.mm(rg.t(), h).view(D, out, inp))
+            transposed = lambda: dst.copy_(torch.mm(h.t(), rg).view(inp, D, out).permute(1, 2, 0))
+            torch.testing.assert_close(direct().clone(), transposed().clone())
+            for _ in range(2):  # warm-up
+                direct(), transposed()
+            a, b = [], []
+            for _ in range(args.rounds):  # interleaved
+                a.append(once_ms(direct))
+                b.append(once_ms(transposed))
+            ta, tb = statistics.median(a), statistics.median(b)
+            gflop = 2 * N * D * inp * out / 1e9
+            rows.append(f"| {threads} | {label} | {str(dtype).replace('torch.', '')} | {ta:.2f} ({gflop / ta * 1e3:.0f}) "
+                        f"| {tb:.2f} ({gflop / tb * 1e3:.0f}) | {ta / tb:.2f} |")
+    text = "\n".join([
+        header("Weight-gradient GEMM: R(g_a)^T h against h^T R(g_a) with a transposing write", max(args.threads)),
+        "",
+        f"Command: `python benchmarks/bench_gemm_orientation.py --threads {' '.join(map(str, args.threads))}`; "
+        f"medians of {args.rounds} interleaved rounds, ms (GFLOP/s), each including the write into the result.",
+        "",
+        "| threads | shape | dtype | R(g_a)^T h | h^T R(g_a), transposed | ratio |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "ratio > 1: the transposed form is faster. The engine takes it for float64 on the CPU and the direct",
+        "form otherwise (CpuKernels::weight_grad_input_major); rerun this after a BLAS or CPU change.",
+    ])
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
