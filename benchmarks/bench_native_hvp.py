@@ -6,7 +6,7 @@ Methods, timed interleaved (one call each per round, medians over rounds):
   loop     pyDVL 0.7's mvp: grad with create_graph, then one autograd.grad per direction
   func     torch.func vmap(jvp(grad(L))) over the D directions at once
   grad     one plain gradient (autograd.grad of the mean loss, no create_graph)
-  gemms    the GEMMs the native engine runs, alone (torch.mm / addmm_ on the same shapes):
+  gemms    twicediff.bench.native_gemms: the GEMMs the native engine runs, alone (same shapes):
            the floor of the native engine's algorithm on this BLAS
   peak     one square 2048^3 GEMM: what this BLAS reaches at best with these threads, in the same
            rounds; every method's rate is given as GFLOP/s of exact-HVP work (hvp_flops) and as a
@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from twicediff import TorchTwiceDifferentiable
+from twicediff.bench import native_gemms
 from twicediff.torch.native_engine import build_native_engine
 
 
@@ -44,6 +46,14 @@ def hvp_flops(model: nn.Sequential, n: int) -> int:
     multiply-adds; the first layer has two (R(h_0) = 0 and no R(g_h_0))."""
     linears = [m for m in model if isinstance(m, nn.Linear)]
     macs = sum((2 if i == 0 else 6) * lin.in_features * lin.out_features for i, lin in enumerate(linears))
+    return 2 * n * macs
+
+
+def gradient_flops(model: nn.Sequential, n: int) -> int:
+    """FLOPs of one plain gradient's GEMMs: forward h W^T and weight gradient g^T h of every layer,
+    input gradient g W of every layer but the first."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    macs = sum((2 if i == 0 else 3) * lin.in_features * lin.out_features for i, lin in enumerate(linears))
     return 2 * n * macs
 
 
@@ -81,30 +91,8 @@ def make_methods(model, x, y, V):
     def plain_gradient():
         return torch.autograd.grad(loss_of(model(x)), params)
 
-    # The native engine's GEMMs (Hessian mode, 3 layers, bias), on buffers of the same shapes.
-    N, D = x.shape[0], V.shape[0]
-    Ws = [m.weight.detach() for m in model if isinstance(m, nn.Linear)]
-    hs = [x] + [torch.randn(N, w.shape[0]) for w in Ws[:-1]]
-    Vc = [torch.randn(D * w.shape[0], w.shape[1]) for w in Ws]
-    Vp = [torch.randn(w.shape[0], D * w.shape[1]) for w in Ws]
-    ga = [torch.randn(N, w.shape[0]) for w in Ws]
-
-    def gemms():
-        rh = None
-        for l, W in enumerate(Ws):
-            ra = torch.mm(hs[l], Vc[l].t())
-            if l > 0:
-                ra.view(N * D, -1).addmm_(rh.view(N * D, -1), W.t())
-            rh = ra
-        rg = torch.randn(N, D * Ws[-1].shape[0])
-        for l in range(len(Ws) - 1, -1, -1):
-            out, inp = Ws[l].shape
-            torch.mm(rg.view(N, D * out).t(), hs[l])
-            if l > 0:
-                torch.mm(ga[l].t(), torch.empty(N, D * inp))
-                rgh = torch.mm(rg.view(N * D, out), Ws[l])
-                rgh.view(N, D * inp).addmm_(ga[l], Vp[l])
-                rg = rgh.view(N, D * inp)
+    # The native engine's GEMMs alone, on buffers of the same shapes (twicediff.bench.native_gemms).
+    gemms = native_gemms(TorchTwiceDifferentiable(model, F.cross_entropy), x, y, V)
 
     square = torch.randn(PEAK_SIZE, PEAK_SIZE)
 
@@ -183,6 +171,14 @@ def main():
     loop_rate = flops / (med["loop"] / D)
     lines.append(f"3x the loop needs {3 * loop_rate / 1e9:.0f} GFLOP/s of exact-HVP work, "
                  f"{100 * 3 * loop_rate / peak_rate:.0f}% of the sgemm peak.")
+    func_rate = flops / (med["func"] / D)
+    lines.append(f"2x torch.func needs {2 * func_rate / 1e9:.0f} GFLOP/s, {100 * 2 * func_rate / peak_rate:.0f}% of the peak.")
+    grad_flops = gradient_flops(model, args.n)
+    need = flops / (0.8 * g)
+    lines.append(f"One HVP in at most 0.8 plain gradients needs {need / 1e9:.0f} GFLOP/s, {100 * need / peak_rate:.0f}% of "
+                 f"the peak: an exact HVP is {flops / grad_flops:.2f}x a plain gradient's GEMM work "
+                 f"({grad_flops / 1e6:.1f} MFLOP), and the plain gradient ran at "
+                 f"{grad_flops / g / 1e9:.0f} GFLOP/s ({100 * grad_flops / g / peak_rate:.0f}% of the peak).")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -20,12 +20,12 @@ def test_run_rows_table_plot_json(tiny_preset, tmp_path):
     rows = bench.run(tiny_preset, directions=(1, 2, bench.BUDGET_DIRECTIONS), repeats=1, memory=False)
     methods = {(r["D"], r["method"]) for r in rows}
     for D in (1, 2, bench.BUDGET_DIRECTIONS):
-        assert {(D, m) for m in ("func", "autograd", "loop", "vmap_jvp_grad", "grad")} <= methods
+        assert {(D, m) for m in ("native", "native_gemms", "func", "autograd", "loop", "vmap_jvp_grad", "grad")} <= methods
     assert (bench.BUDGET_DIRECTIONS, f"auto@{bench.BUDGET_BYTES}") in methods and (2, "auto") not in methods
     for r in rows:
         if r["method"] == "loop":
             assert r["vs_loop"] == pytest.approx(1.0)
-        if r["method"] == "grad":
+        if r["method"] in ("grad", "native_gemms"):
             assert r["hvps_per_s"] is None
         else:
             assert r["hvps_per_s"] > 0 and r["hvp_in_grads"] > 0
@@ -35,6 +35,32 @@ def test_run_rows_table_plot_json(tiny_preset, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bench.to_json(rows, str(tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text()) == rows
+
+
+def test_native_row_states_its_overhead_over_its_gemms(tiny_preset):
+    rows = bench.run(tiny_preset, directions=(3,), engines=["native"], repeats=1, memory=False)
+    by = {r["method"]: r for r in rows}
+    assert by["native"]["note"].endswith("× its GEMMs alone")
+    ratio = float(by["native"]["note"].split("×")[0])
+    assert ratio == pytest.approx(by["native"]["seconds"] / by["native_gemms"]["seconds"], rel=0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_gemms_replays_any_native_stack(dtype):
+    # a frozen prefix, a bias-free layer and two activations: the shapes the replay must follow
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6, bias=False), nn.Tanh(), nn.Linear(6, 4))
+    model = model.to(dtype).eval()
+    model[0].requires_grad_(False)
+    td = TorchTwiceDifferentiable(model, nn.functional.cross_entropy)
+    x, y = torch.randn(9, 5, dtype=dtype), torch.randint(0, 4, (9,))
+    v = torch.randn(300, td.num_params, dtype=dtype)  # more than one chunk of directions
+    bench._method_call("native_gemms", td, x, y, v)()
+
+
+def test_native_gemms_needs_a_native_model():
+    td = TorchTwiceDifferentiable(nn.Sequential(nn.Conv1d(1, 1, 1), nn.Flatten()), nn.functional.mse_loss)
+    with pytest.raises(ValueError, match="native_gemms needs a model the native engine takes"):
+        bench._method_call("native_gemms", td, torch.randn(2, 1, 3), torch.randn(2, 3), torch.randn(1, 2))
 
 
 def test_methods_compute_the_same_products(tiny_preset):

@@ -12,7 +12,11 @@ Methods timed for D directions on the same batch (one call computes all D produc
 - ``grad``: one plain gradient (``autograd.grad`` of the same mean loss, all trainable parameters,
   no ``create_graph``) — the unit of ``hvp_in_grads`` = (seconds per HVP) / (seconds per gradient);
 - ``auto@budget``: the ``auto`` engine under ``twicediff.memory_budget(budget)``, for the chunking
-  target (peak at D = 64 within 1.5× of D = 1; throughput within 20% of unchunked ``auto``).
+  target (peak at D = 64 within 1.5× of D = 1; throughput within 20% of unchunked ``auto``);
+- ``native_gemms`` (when the native engine takes the model): the frozen prefix and the GEMMs the
+  native op runs for the same D, chunked alike, on buffers of the same shapes and nothing else —
+  the floor of the engine's algorithm on this BLAS; ``native / native_gemms`` is the overhead of
+  everything else (the fused elementwise kernels, copies, the launch and dispatch costs).
 
 Times are medians of interleaved repeats in one process (all methods of one D take turns), so the
 ratios hold on a busy machine. Peak memory: on CPU each configuration runs twice more (warm-up, then
@@ -40,7 +44,7 @@ from torch import nn
 from .memory import memory_budget
 from .progress import progress_bar
 
-__all__ = ["PRESETS", "format_table", "plot", "run", "to_json"]
+__all__ = ["PRESETS", "format_table", "native_gemms", "plot", "run", "to_json"]
 
 ENGINES = ("native", "func", "autograd")
 BASELINES = ("loop", "vmap_jvp_grad")
@@ -192,6 +196,76 @@ def _plain_grad(model, loss, x, y):
     return torch.autograd.grad(squeezed_loss(loss, model(x), y), params)
 
 
+def native_gemms(td, x, y, v) -> Callable[[], object]:
+    """The GEMMs of ``td.hvp(x, y, v, engine="native")`` (Hessian mode) alone, in the order and
+    shapes of the driver in csrc/mlp_hvp_common.h, chunked over directions as ``hvp`` chunks them;
+    the frozen prefix runs first, as in the engine."""
+    from .memory import chunk_size
+    from .torch.hvp import MAX_DIRECTIONS_PER_CHUNK
+    from .torch.native_engine import build_native_engine
+
+    engine, reason = build_native_engine(td.model, td.loss)
+    if engine is None:
+        raise ValueError(f"bench: native_gemms needs a model the native engine takes: {reason}")
+    n = engine.prepare(x, y)[0].shape[0]
+    step = min(MAX_DIRECTIONS_PER_CHUNK, chunk_size(v.shape[0], engine.bytes_per_direction(n), x.device,
+                                                     what="hvp directions"))
+    Ws = [lin.weight.detach() for lin in engine.linears]
+    opts = dict(dtype=Ws[0].dtype, device=Ws[0].device)
+    # CpuKernels::weight_grad_input_major: float64 on the CPU takes h^T R(g_a), the rest R(g_a)^T h.
+    input_major = Ws[0].dtype == torch.float64 and Ws[0].device.type == "cpu"
+    with_bias = [lin.bias is not None for lin in engine.linears]
+
+    def buffers(D: int) -> dict:
+        """The GEMMs' inputs that the driver builds by copies (direction blocks, augmented rows,
+        R-quantities), made once: only the GEMMs and their outputs are timed."""
+        out_last = Ws[-1].shape[0]
+        return {
+            "ga": [torch.randn(n, W.shape[0], **opts) for W in Ws],
+            "haug": [torch.randn(n, W.shape[1] + with_bias[l], **opts) for l, W in enumerate(Ws)],
+            "vaug": [torch.randn(D * W.shape[0], W.shape[1] + with_bias[l], **opts) for l, W in enumerate(Ws)],
+            "rh": [torch.randn(n, D * W.shape[1], **opts) for W in Ws],
+            "vt": [torch.randn(W.shape[0], D * W.shape[1], **opts) for W in Ws],
+            "rg": torch.randn(n, D * out_last, **opts),
+        }
+
+    sizes = sorted({min(step, v.shape[0] - start) for start in range(0, v.shape[0], step)})
+    made = {D: buffers(D) for D in sizes}
+
+    def chunk(D: int) -> None:
+        b = made[D]
+        h = [engine.prepare(x, y)[0]]
+        for W in Ws:  # forward
+            h.append(torch.mm(h[-1], W.t()))
+        for l in range(len(Ws) - 1, 0, -1):  # plain backward
+            torch.mm(b["ga"][l], Ws[l])
+        for l, W in enumerate(Ws):  # R-forward
+            out, inp = W.shape
+            ra = torch.mm(b["haug"][l], b["vaug"][l].t())
+            if l > 0:
+                ra.view(n * D, out).addmm_(b["rh"][l].view(n * D, inp), W.t())
+        rg = b["rg"]
+        for l in range(len(Ws) - 1, -1, -1):  # R-backward
+            out, inp = Ws[l].shape
+            if input_major:
+                torch.mm(h[l].t(), rg)
+            else:
+                torch.mm(rg.t(), h[l])
+            if l == 0:
+                break
+            torch.mm(b["ga"][l].t(), b["rh"][l])
+            rgh = torch.mm(rg.view(n * D, out), Ws[l])
+            rgh.view(n, D * inp).addmm_(b["ga"][l], b["vt"][l])
+            rg = rgh.view(n, D * inp)
+
+    def run_chunks() -> None:
+        with torch.no_grad():
+            for start in range(0, v.shape[0], step):
+                chunk(min(step, v.shape[0] - start))
+
+    return run_chunks
+
+
 def _method_call(method: str, td, x, y, v) -> Callable[[], object]:
     """A no-argument callable computing the products of ``method`` for directions v [D, P]."""
     model, loss = td.model, td.loss
@@ -211,6 +285,8 @@ def _method_call(method: str, td, x, y, v) -> Callable[[], object]:
         return lambda: _loop_mvp(model, loss, x, y, vl)
     if method == "vmap_jvp_grad":
         return lambda: _vmap_jvp_grad(model, loss, x, y, v)
+    if method == "native_gemms":
+        return native_gemms(td, x, y, v)
     raise ValueError(f"bench: unknown method {method!r}")
 
 
@@ -309,7 +385,7 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = (1, 
         engines: subset of ``("native", "func", "autograd")`` (default all; ``native`` is left out
             when the model does not qualify). The baselines ``loop`` and ``vmap_jvp_grad``, the
             plain gradient and, when 64 or 1 is among ``directions``, the 256 MiB budget run of
-            ``auto`` are always measured.
+            ``auto`` are always measured; with ``native``, its GEMMs alone (``native_gemms``).
         threads: ``torch.set_num_threads`` for the run (CPU; default: leave as is).
         repeats: interleaved rounds per D (medians are reported).
         progress: a bar over the values of D.
@@ -336,7 +412,7 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = (1, 
     rows: List[dict] = []
     for D in progress_bar(directions, progress, desc=f"bench {preset}", unit="D"):
         v = _directions(td, D, x)
-        methods = engines + list(BASELINES)
+        methods = engines + list(BASELINES) + (["native_gemms"] if "native" in engines else [])
         if D in (1, BUDGET_DIRECTIONS):
             methods += ["auto", f"auto@{BUDGET_BYTES}"]
         fns = {m: _method_call(m, td, x, y, v) for m in methods}
@@ -346,7 +422,7 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = (1, 
         for m in methods + ["grad"]:
             row = {"preset": preset, "device": str(dev), "threads": threads, "D": D, "method": m,
                    "seconds": med[m], "peak_mb": None, "extra_mb": None, "note": ""}
-            if m == "grad":
+            if m in ("grad", "native_gemms"):
                 row.update(hvps_per_s=None, hvp_in_grads=None, vs_loop=None, vs_vmap_jvp_grad=None)
             else:
                 row.update(hvps_per_s=1.0 / per_hvp[m], hvp_in_grads=per_hvp[m] / med["grad"],
@@ -356,7 +432,11 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = (1, 
                 row["note"] = f"timed on {LOOP_MAX_DIRECTIONS} directions (linear in D)"
             if m.startswith("auto@"):
                 row["note"] = f"memory budget {BUDGET_BYTES // 2**20} MiB"
-            if memory and m != "grad":
+            if m == "native":
+                row["note"] = f"{med['native'] / med['native_gemms']:.2f}× its GEMMs alone"
+            if m == "native_gemms":
+                row["note"] = "the native op's GEMMs (and frozen prefix) alone, no products"
+            if memory and m not in ("grad", "native_gemms"):
                 row.update(_peak_in_subprocess(preset, m, D, threads) if dev.type == "cpu"
                            else measure_peak(preset, str(dev), m, D, None))
             rows.append(row)
