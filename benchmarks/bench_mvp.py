@@ -32,10 +32,6 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     device_kind = torch.device(args.device).type
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"mvp_{device_kind}.md")
-    rows = []
-    for preset in presets:
-        rows += bench.run(preset, args.device, directions, threads=args.threads, repeats=repeats,
-                          progress=True, memory=not args.no_memory)
     machine = (torch.cuda.get_device_name(torch.device(args.device)) if device_kind == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     command = ("PYTHONPATH=python python benchmarks/bench_mvp.py " + " ".join(f"--preset {p}" for p in presets)
@@ -52,11 +48,15 @@ def main() -> None:
               "Peak / extra MiB: resident set of a fresh process running the configuration once, and "
               "its growth during the call" + (" (GPU: max_memory_allocated)" if device_kind == "cuda" else "")
               + ". `auto@268435456`: the auto engine under a 256 MiB memory budget.", ""]
-    with open(out, "w") as f:
-        f.write("\n".join(header) + "\n" + bench.format_table(rows) + "\n")
-    base = os.path.splitext(out)[0]
-    bench.plot(rows, base + ".png")
-    bench.to_json(rows, base + ".json")
+    rows = []
+    for preset in presets:  # the files are rewritten after each preset, so a cut-off run keeps the finished ones
+        rows += bench.run(preset, args.device, directions, threads=args.threads, repeats=repeats,
+                          progress=True, memory=not args.no_memory)
+        with open(out, "w") as f:
+            f.write("\n".join(header) + "\n" + bench.format_table(rows) + "\n")
+        base = os.path.splitext(out)[0]
+        bench.plot(rows, base + ".png")
+        bench.to_json(rows, base + ".json")
     print(bench.format_table(rows))
     print("wrote", out, base + ".png", base + ".json")
 

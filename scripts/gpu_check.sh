@@ -10,7 +10,8 @@
 #   1. build     in place without build isolation (scripts/build_inplace.sh, CUDA required, the
 #                local GPU's architecture only)
 #   2. tests     pytest on tests/ (the device-parametrized tests run on cuda as well as cpu)
-#   3. bench_mvp benchmarks/bench_mvp.py --device cuda   (when the script exists)
+#   3. bench_mvp benchmarks/bench_mvp.py --device cuda --preset a --preset c (issue 3's GPU targets:
+#                (a) against the loop and torch.func at D = 256, (c) against its GEMMs alone)
 #   4. bench_pack benchmarks/bench_pack.py --device cuda (when the script exists)
 #   5. memcheck  compute-sanitizer --tool memcheck over the cuda cases of the native-op tests
 #                (tests/test_ops_*.py, tests/test_native_engine.py), if
@@ -25,7 +26,7 @@
 #   GPU_CHECK_BUDGET_S=470      seconds for the whole run
 #   GPU_CHECK_ARCHS=90-real     architectures to compile (default: the GPU's compute capability)
 #   GPU_CHECK_COMMIT=abc1234    the commit to name in the summary when the tree has no .git
-#   CAP_BUILD=240 CAP_TESTS=180 CAP_BENCH=75 (each benchmark) CAP_MEMCHECK=150   step caps, seconds
+#   CAP_BUILD=240 CAP_TESTS=180 CAP_BENCH=150 (mvp) / 75 (pack) CAP_MEMCHECK=150   step caps, seconds
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -140,11 +141,13 @@ for bench in mvp pack; do
     row "bench_$bench" skipped 0 "$script does not exist"
     continue
   fi
-  cap=$(cap_for "${CAP_BENCH:-75}")
+  cap=$(cap_for "${CAP_BENCH:-$([ "$bench" = mvp ] && echo 150 || echo 75)}")
   if [ "$cap" -lt 20 ]; then row "bench_$bench" skipped 0 "no time left"; continue; fi
   out=() table="bench_$bench.log"
   if grep -q -- '"--out"' "$script"; then out=(--out "$OUTDIR/bench_$bench.md"); table="bench_$bench.md"; fi
-  timed "bench_$bench" "$cap" "$OUTDIR/bench_$bench.log" "$PY" "$script" --device cuda "${out[@]}"
+  extra=()
+  [ "$bench" = mvp ] && extra=(--preset a --preset c)
+  timed "bench_$bench" "$cap" "$OUTDIR/bench_$bench.log" "$PY" "$script" --device cuda "${extra[@]}" "${out[@]}"
   case $rc in
     0) row "bench_$bench" ok "$took" "table in $table" ;;
     124|137) row "bench_$bench" TIMEOUT "$took" "partial output in bench_$bench.log" ;;
