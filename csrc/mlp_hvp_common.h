@@ -14,6 +14,8 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+#include "scratch.h"
+
 #include <cmath>
 #include <string>
 #include <vector>
@@ -276,6 +278,7 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 //                                                       rg = s1 rg + s2gh ra (in place), then
 //                                                       bias_out[d, o] = sum_n rg[n, d, o]
 //   column_sums(m [N, D*out], out [D, out] (any strides), D)  out[d, o] = sum_n m[n, d*out + o]
+//   kCacheScratch                                     keep the scratch buffer between calls (scratch.h)
 //   weight_grad_input_major(dtype)                     true: take R(g_W) as h^T R(g_a) [in, D*out] and
 //                                                       transpose it while writing; false: as
 //                                                       R(g_a)^T h [D*out, in] (the BLAS's faster form)
@@ -304,6 +307,14 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     if (b.has_value() && b->defined()) B[l] = b->to(dtype);
   }
   const bool hessian = !plan.gauss_newton;
+  // Every [N, D*width] or [D, layer] intermediate comes from one scratch buffer (scratch.h).
+  scratch::Arena arena(x_in.device(), Kernels::kCacheScratch);
+  auto take = [&](at::IntArrayRef shape) { return arena.take(shape, dtype); };
+  auto mm = [&](at::IntArrayRef shape, const at::Tensor& a, const at::Tensor& b) {  // a b into scratch
+    at::Tensor out = take(shape);
+    at::mm_out(out, a, b);
+    return out;
+  };
 
   // Forward pass: h_l = f_l(a_l), a_l = h_{l-1} W_l^T + b_l; keep f', f'' at a_l.
   std::vector<at::Tensor> H(L + 1), S1(L), S2(L), RA(L), RH(L + 1);
@@ -356,15 +367,17 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     const int64_t in = lay.in, out = lay.out;
     at::Tensor ra;
     if (lay.bias_col >= 0) {
-      at::Tensor vaug = at::empty({D, out, in + 1}, opts);
+      at::Tensor vaug = take({D, out, in + 1});
       vaug.narrow(2, 0, in).copy_(weight_dirs(lay));
       vaug.select(2, in).copy_(v.narrow(1, lay.bias_col, out));
-      at::Tensor haug = at::empty({N, in + 1}, opts);
+      at::Tensor haug = take({N, in + 1});
       haug.narrow(1, 0, in).copy_(H[l]);
       haug.select(1, in).fill_(1);
-      ra = at::mm(haug, vaug.view({D * out, in + 1}).t());  // [N, D*out]
+      ra = mm({N, D * out}, haug, vaug.view({D * out, in + 1}).t());
     } else {
-      ra = at::mm(H[l], weight_dirs(lay).contiguous().view({D * out, in}).t());
+      at::Tensor vl = take({D, out, in});
+      vl.copy_(weight_dirs(lay));
+      ra = mm({N, D * out}, H[l], vl.view({D * out, in}).t());
     }
     if (l > 0) ra.view({N * D, out}).addmm_(RH[l].view({N * D, in}), W[l].t());
     if (!S1[l].defined()) {
@@ -374,12 +387,12 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     // Hessian mode keeps R(a_l) for the f'' term of the R-backward; Gauss-Newton scales in place.
     const bool keep = hessian && S2GH[l].defined();
     RA[l] = ra;
-    RH[l + 1] = keep ? at::empty_like(ra) : ra;
+    RH[l + 1] = keep ? take({N, D * out}) : ra;
     Kernels::rforward_activation(ra, S1[l], RH[l + 1], D);
   }
 
   // Loss curvature: R(g_z) = H_loss R(z).
-  at::Tensor rg = at::empty_like(RH[L]);
+  at::Tensor rg = take({N, RH[L].size(1)});
   Kernels::loss_curvature(RH[L], z, prob, plan, rg, D);
 
   // R-backward, last layer first.
@@ -392,21 +405,24 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     else if (bias_dst.defined()) Kernels::column_sums(rg, bias_dst, D);
     // R(g_W_l)[d] = R(g_a_l)[:, d]^T h_{l-1}  (+ g_a_l^T R(h_{l-1})[:, d] in Hessian mode)
     at::Tensor gw = Kernels::weight_grad_input_major(dtype)
-                        ? at::mm(H[l].t(), rg.view({N, D * out})).view({in, D, out}).permute({1, 2, 0})
-                        : at::mm(rg.view({N, D * out}).t(), H[l]).view({D, out, in});
+                        ? mm({in, D * out}, H[l].t(), rg.view({N, D * out}))
+                              .view({in, D, out}).permute({1, 2, 0})
+                        : mm({D * out, in}, rg.view({N, D * out}).t(), H[l]).view({D, out, in});
     at::Tensor dst = result.narrow(1, lay.weight_col, out * in).view({D, out, in});
     if (hessian && l > 0) {
-      at::Tensor second = at::mm(GA[l].t(), RH[l].view({N, D * in})).view({out, D, in}).permute({1, 0, 2});
+      at::Tensor second = mm({out, D * in}, GA[l].t(), RH[l].view({N, D * in}))
+                              .view({out, D, in}).permute({1, 0, 2});
       at::add_out(dst, gw, second);
     } else {
       dst.copy_(gw);
     }
     if (l == 0) break;
     // R(g_h_{l-1}) = R(g_a_l) W_l  (+ g_a_l V_l in Hessian mode)
-    at::Tensor rgh = at::mm(rg.view({N * D, out}), W[l]);
+    at::Tensor rgh = mm({N * D, in}, rg.view({N * D, out}), W[l]);
     if (hessian) {
-      const at::Tensor vt = weight_dirs(lay).permute({1, 0, 2}).contiguous().view({out, D * in});
-      rgh.view({N, D * in}).addmm_(GA[l], vt);
+      at::Tensor vt = take({out, D, in});
+      vt.copy_(weight_dirs(lay).permute({1, 0, 2}));
+      rgh.view({N, D * in}).addmm_(GA[l], vt.view({out, D * in}));
     }
     rg = rgh.view({N, D * in});
   }

@@ -7,6 +7,8 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include "scratch.h"
+
 TORCH_LIBRARY(twicediff, m) {
   // ---- parameter-space ops (csrc/{cpu,cuda}/pack.*, blockwise.*) ----------------------------
   // out[row_offset : row_offset + B, col_k : col_k + n_k] = blocks[k].reshape(B, n_k), where
@@ -43,10 +45,14 @@ TORCH_LIBRARY(twicediff, m) {
   m.def("lissa_step(Tensor(a!) h, Tensor b, Tensor Hh, float dampen, float scale, float hessian_perturbation) -> (Tensor, Tensor)");
 }
 
-// The module only carries the registrations above (loaded for its side effects) and a few
-// facts about how it was compiled.
+// The module carries the registrations above (loaded for its side effects), a few facts about how
+// it was compiled, and the CPU scratch cache of the native ops (csrc/scratch.h).
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "twicediff native ops; use them through torch.ops.twicediff or twicediff._ops";
+  mod.def("scratch_bytes", &twicediff::scratch::cached_bytes,
+          "Bytes of CPU scratch the native ops keep between calls (0 when none).");
+  mod.def("release_scratch", &twicediff::scratch::release,
+          "Free the CPU scratch the native ops keep between calls.");
 #ifdef TWICEDIFF_WITH_CUDA
   mod.attr("cuda_kernels") = true;
 #else

@@ -265,3 +265,29 @@ def test_influence_chunked_identical_and_too_small_budget_raises():
         assert _rel(compute_self_influences(td, loader, hessian_regularization=0.5), self_inf) <= 1e-12
     with memory_budget(64), pytest.raises(MemoryBudgetError, match="set_memory_budget"):
         compute_influences(td, loader, hessian_regularization=0.5)
+
+
+def test_native_scratch_is_kept_reused_and_released():
+    """The CPU native op keeps its intermediates' buffer between calls; reusing it (also after it
+    grew, or shrank for a smaller call) changes no result, and releasing it frees it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4)).eval()
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+    small, large = torch.randn(3, td.num_params), torch.randn(50, td.num_params)
+    twicediff.release_native_scratch()
+    assert twicediff.native_scratch_bytes() == 0
+    want_small = td.hvp(x, y, small, engine="native")  # no buffer yet: blocks from the allocator
+    assert twicediff.native_scratch_bytes() == 0  # ... and the size is learnt for the next call
+    assert torch.equal(td.hvp(x, y, small, engine="native"), want_small)
+    held = twicediff.native_scratch_bytes()
+    assert held > 0
+    want_large = td.hvp(x, y, large, engine="native")  # outgrows it: the next call gets a larger one
+    td.hvp(x, y, large, engine="native")
+    assert twicediff.native_scratch_bytes() > held
+    for _ in range(2):
+        assert torch.equal(td.hvp(x, y, large, engine="native"), want_large)
+        assert torch.equal(td.hvp(x, y, small, engine="native"), want_small)
+    twicediff.release_native_scratch()
+    assert twicediff.native_scratch_bytes() == 0
+    assert torch.equal(td.hvp(x, y, small, engine="native"), want_small)

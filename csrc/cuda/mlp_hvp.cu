@@ -153,6 +153,8 @@ __global__ void column_sums_kernel(const T* __restrict__ m, T* __restrict__ out,
 
 struct CudaKernels {
   static cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+  // CUDA's caching allocator already reuses the blocks.
+  static constexpr bool kCacheScratch = false;
   // cuBLAS takes either operand transposed at no cost; the transposing write would be extra traffic.
   static bool weight_grad_input_major(at::ScalarType) { return false; }
 

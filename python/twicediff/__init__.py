@@ -13,7 +13,14 @@ from .influence import (  # noqa: F401
     compute_self_influences,
 )
 from .inversion import InversionMethod, InversionRegistry, solve_hvp  # noqa: F401
-from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget  # noqa: F401
+from .memory import (  # noqa: F401
+    MemoryBudgetError,
+    get_memory_budget,
+    memory_budget,
+    native_scratch_bytes,
+    release_native_scratch,
+    set_memory_budget,
+)
 from .torch import TorchTensorUtilities, TorchTwiceDifferentiable  # noqa: F401
 from .twice_differentiable import (  # noqa: F401
     DataLoaderType,
