@@ -219,3 +219,49 @@ def test_frozen_prefix_runs_once_per_call_whatever_the_chunks():
     assert len(runs) == 1
     torch.testing.assert_close(got, v @ H, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(H, explicit_hessian(model, F.cross_entropy, x, y), rtol=1e-9, atol=1e-11)
+
+
+def _batch_by_batch(td, batches):
+    """Σ_b (n_b / N) H_b, each H_b from Hessian-vector products of unit vectors (no assembly)."""
+    P = td.num_params
+    out = torch.zeros(P, P, dtype=torch.float64)
+    total = 0
+    for x, y in batches:
+        td.add_hessian_(x, y, out, alpha=x.shape[0], method="columns")
+        total += x.shape[0]
+    return out / total
+
+
+@pytest.mark.parametrize("loss, reduction", [("cross_entropy", "mean"), ("mse", "sum"), ("bce", "mean")])
+def test_mean_hessian_assembles_uneven_batches_together(loss, reduction, monkeypatch):
+    torch.manual_seed(3)
+    classes = CLASSES[loss]
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, classes)).double().eval()
+    fn = F.cross_entropy if loss == "cross_entropy" else LOSSES[loss]
+    td = TorchTwiceDifferentiable(model, functools.partial(fn, reduction=reduction))
+    gen = torch.Generator().manual_seed(4)
+    batches = [make_batch(loss, n, False, classes, gen) for n in (9, 9, 9, 3)]
+    if loss == "cross_entropy":  # ignored targets change a batch's mean, not its weight n_b / N
+        batches[1][1][:2] = -100
+    want = _batch_by_batch(td, batches)
+    from twicediff.torch import twice_differentiable
+    groups = []
+    real = twice_differentiable.assemble_hessian_batches
+    monkeypatch.setattr(twice_differentiable, "assemble_hessian_batches",
+                        lambda engine, group, out: (groups.append(len(group)), real(engine, group, out))[1])
+    torch.testing.assert_close(td.mean_hessian(batches), want, rtol=1e-10, atol=1e-12)
+    assert groups == [4]
+    groups.clear()
+    with twicediff.memory_budget(7700):  # an eighth of it holds two batches of 9 rows, not three
+        torch.testing.assert_close(td.mean_hessian(batches), want, rtol=1e-10, atol=1e-12)
+    assert len(groups) > 1 and sum(groups) == 4
+
+
+def test_mean_hessian_of_a_model_the_native_engine_does_not_take():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    batches = [(torch.randn(n, 1, 3, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (5, 2)]
+    torch.testing.assert_close(td.mean_hessian(batches), _batch_by_batch(td, batches), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="mean_hessian: training_data yielded no points"):
+        td.mean_hessian([])

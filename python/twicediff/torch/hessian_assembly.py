@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..memory import chunk_size, get_memory_budget
 from .native_engine import NativeHvpEngine
 
-__all__ = ["assemble_hessian"]
+__all__ = ["assemble_hessian", "assemble_hessian_batches"]
 
 _ACTIVATIONS: Dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
     "relu": lambda z, p0, p1: F.relu(z),
@@ -63,27 +63,31 @@ def _chain_derivatives(z: torch.Tensor, chain: List[tuple]) -> Tuple[torch.Tenso
     return h.detach(), d1.detach(), (torch.zeros_like(z) if d2 is None else d2.detach())
 
 
-def _loss_derivatives(out: torch.Tensor, target: torch.Tensor, kind: str, reduction: str, n_total: int
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(g [n, C], G [n, C, C]): gradient and per-row Hessian of the batch loss in the model output,
-    for the rows ``out`` of a batch of ``n_total`` rows (the mean's denominator)."""
+def _loss_derivatives(out: torch.Tensor, target: torch.Tensor, kind: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(g [n, C], G [n, C, C]): gradient and Hessian of each row's loss term in the model output
+    (the summed loss; :func:`_reduction_scale` gives the mean's factor)."""
     n, C = out.shape
     if kind == "cross_entropy":
         p = torch.softmax(out, dim=1)
         g = p.clone()
         g[torch.arange(n, device=out.device), target] -= 1
         G = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-        scale = 1.0 / n_total if reduction == "mean" else 1.0
     elif kind == "mse":
         g = 2 * (out - target)
         G = 2 * torch.eye(C, dtype=out.dtype, device=out.device).expand(n, C, C).clone()
-        scale = 1.0 / (n_total * C) if reduction == "mean" else 1.0
     else:  # bce_with_logits
         s = torch.sigmoid(out)
         g = s - target
         G = torch.diag_embed(s * (1 - s))
-        scale = 1.0 / (n_total * C) if reduction == "mean" else 1.0
-    return g * scale, G * scale
+    return g, G
+
+
+def _reduction_scale(engine: NativeHvpEngine, rows: int) -> float:
+    """The factor of the summed per-row terms in the loss of a batch of ``rows`` rows: 1 / rows for
+    a mean cross-entropy, 1 / (rows · C) for a mean MSE or BCE, 1 for a sum."""
+    if engine.reduction != "mean":
+        return 1.0
+    return 1.0 / rows if engine.loss_kind == "cross_entropy" else 1.0 / (rows * engine.linears[-1].out_features)
 
 
 class _Place:
@@ -97,8 +101,8 @@ class _Place:
         self.size = self.out * self.inn + (self.out if self.bias else 0)
 
 
-def _add_block(out: torch.Tensor, B: torch.Tensor, pm: _Place, pl: _Place, a0: int, b0: int, alpha: float) -> None:
-    """out[(a, j), (b, i)] += alpha·B[a - a0, j, b - b0, i] for the rows a ∈ [a0, a0 + B.shape[0]) of layer
+def _add_block(out: torch.Tensor, B: torch.Tensor, pm: _Place, pl: _Place, a0: int, b0: int) -> None:
+    """out[(a, j), (b, i)] += B[a - a0, j, b - b0, i] for the rows a ∈ [a0, a0 + B.shape[0]) of layer
     m's W̃ (j ∈ [0, in_m], in_m being the bias) and the columns b ∈ [b0, b0 + B.shape[2]) of layer l's."""
     ca, cb = B.shape[0], B.shape[2]
     im, il = pm.inn, pl.inn
@@ -106,13 +110,13 @@ def _add_block(out: torch.Tensor, B: torch.Tensor, pm: _Place, pl: _Place, a0: i
     Wl = slice(pl.w + b0 * il, pl.w + (b0 + cb) * il)
     Bm = slice(pm.b + a0, pm.b + a0 + ca)
     Bl = slice(pl.b + b0, pl.b + b0 + cb)
-    out[Wm, Wl].view(ca, im, cb, il).add_(B[:, :im, :, :il], alpha=alpha)
+    out[Wm, Wl].view(ca, im, cb, il).add_(B[:, :im, :, :il])
     if pl.bias:
-        out[Wm, Bl].view(ca, im, cb).add_(B[:, :im, :, il], alpha=alpha)
+        out[Wm, Bl].view(ca, im, cb).add_(B[:, :im, :, il])
     if pm.bias:
-        out[Bm, Wl].view(ca, cb, il).add_(B[:, im, :, :il], alpha=alpha)
+        out[Bm, Wl].view(ca, cb, il).add_(B[:, im, :, :il])
         if pl.bias:
-            out[Bm, Bl].add_(B[:, im, :, il], alpha=alpha)
+            out[Bm, Bl].add_(B[:, im, :, il])
 
 
 def _rows_per_chunk(per_row_elems: int, total: int, elem: int, cap_bytes: int) -> int:
@@ -126,13 +130,29 @@ def assemble_hessian(engine: NativeHvpEngine, prepared: Tuple[torch.Tensor, torc
     batch given as ``engine.prepare(x, y)``, [P, P], assembled blockwise (see the module
     docstring). Rows of the batch go in chunks within the memory budget and the temporaries of each
     block are cut to about 64 MiB; ``out`` must be [P, P] in the parameters' dtype and device."""
-    h0, target = prepared
+    return assemble_hessian_batches(engine, [(prepared, alpha)], out, gauss_newton=gauss_newton)
+
+
+def assemble_hessian_batches(engine: NativeHvpEngine, batches: List[Tuple[Tuple[torch.Tensor, torch.Tensor], float]],
+                             out: torch.Tensor, *, gauss_newton: bool = False) -> torch.Tensor:
+    r"""out += Σ_b alpha_b · ∂²L_b/∂θ² for batches given as ``[(engine.prepare(x_b, y_b), alpha_b)]``,
+    each L_b the loss of its batch (its own mean): every block is summed over the rows of all
+    batches at once, each row's loss derivatives weighted by alpha_b times its batch's reduction
+    factor. One call for many small batches passes over ``out`` once per block instead of once per
+    batch and block."""
+    if not batches:
+        return out
+    h0 = torch.cat([p[0] for p, _ in batches])
+    target = torch.cat([p[1] for p, _ in batches])
+    row_scale = torch.cat([torch.full((p[0].shape[0],), float(a) * _reduction_scale(engine, p[0].shape[0]),
+                                      dtype=torch.float64, device=h0.device) for p, a in batches])
     lins = engine.linears
     dtype, device = lins[0].weight.dtype, lins[0].weight.device
     # float16 / bfloat16 (CUDA) models: the products are taken in float32 and added into out
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     weights = [(lin.weight.to(work), None if lin.bias is None else lin.bias.to(work)) for lin in lins]
     h0 = h0.to(work)
+    row_scale = row_scale.to(work)
     if target.is_floating_point():
         target = target.to(work)
     N = h0.shape[0]
@@ -149,14 +169,14 @@ def assemble_hessian(engine: NativeHvpEngine, prepared: Tuple[torch.Tensor, torc
     step = chunk_size(max(N, 1), per_row, device, fixed_bytes=2 * cap, what="Hessian assembly rows")
     with torch.no_grad():
         for start in range(0, N, step):
-            _assemble_rows(engine, weights, places, h0[start:start + step], target[start:start + step], N, out,
-                           alpha, gauss_newton, cap)
+            _assemble_rows(engine, weights, places, h0[start:start + step], target[start:start + step],
+                           row_scale[start:start + step], out, gauss_newton, cap)
     return out
 
 
 def _assemble_rows(engine: NativeHvpEngine, weights: List[Tuple[torch.Tensor, Optional[torch.Tensor]]],
-                   places: List[_Place], h0: torch.Tensor, target: torch.Tensor,
-                   n_total: int, out: torch.Tensor, alpha: float, gauss_newton: bool, cap: int) -> None:
+                   places: List[_Place], h0: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor,
+                   out: torch.Tensor, gauss_newton: bool, cap: int) -> None:
     chains = engine.chains
     L = len(weights)
     n = h0.shape[0]
@@ -170,7 +190,8 @@ def _assemble_rows(engine: NativeHvpEngine, weights: List[Tuple[torch.Tensor, Op
         h, s1, s2 = _chain_derivatives(F.linear(h, weight, bias), chain)
         d1.append(s1)
         d2.append(s2)
-    g_h, G_h = _loss_derivatives(h, target, engine.loss_kind, engine.reduction, n_total)
+    g_h, G_h = _loss_derivatives(h, target, engine.loss_kind)
+    g_h, G_h = g_h * row_scale[:, None], G_h * row_scale[:, None, None]
     # backward: g_l = ∂ℓ/∂z_l and G_l = ∂²ℓ/∂z_l² (list index l - 1)
     g: List[torch.Tensor] = [None] * L
     G: List[torch.Tensor] = [None] * L
@@ -204,9 +225,9 @@ def _assemble_rows(engine: NativeHvpEngine, weights: List[Tuple[torch.Tensor, Op
             a1 = min(dm, a0 + ca)
             T = (G[m][:, a0:a1, a0:].reshape(n, -1).T @ hh).reshape(a1 - a0, dm - a0, -1)
             B = T.index_select(2, tri.reshape(-1)).view(a1 - a0, dm - a0, im, im).permute(0, 2, 1, 3)  # [a, j, b, i]
-            _add_block(out, B, pm, pm, a0, a0, alpha)
+            _add_block(out, B, pm, pm, a0, a0)
             if a1 < dm:  # the mirror image of the columns b ≥ a1: out[(b, i), (a, j)]
-                _add_block(out, B[:, :, a1 - a0:].permute(2, 3, 0, 1), pm, pm, a1, a0, alpha)
+                _add_block(out, B[:, :, a1 - a0:].permute(2, 3, 0, 1), pm, pm, a1, a0)
         for l in range(m):
             pl = places[l]
             dl, il = pl.out, pl.inn + 1
@@ -229,5 +250,5 @@ def _assemble_rows(engine: NativeHvpEngine, weights: List[Tuple[torch.Tensor, Op
                     else:
                         gM = (g[m][:, a0:a1, None, None] * M[:, None]).reshape(n, -1)  # [n, (a, j, b)]
                         B[:, :im - 1] += (gM.T @ ht[l]).reshape(a1 - a0, im - 1, dl, il)
-                _add_block(out, B, pm, pl, a0, 0, alpha)
-                _add_block(out, B.permute(2, 3, 0, 1), pl, pm, 0, a0, alpha)
+                _add_block(out, B, pm, pl, a0, 0)
+                _add_block(out, B.permute(2, 3, 0, 1), pl, pm, 0, a0)

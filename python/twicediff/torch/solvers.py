@@ -90,7 +90,7 @@ def _initial_guess(x0: Optional[torch.Tensor], B: torch.Tensor, model, where: st
 def solve_linear(model: TorchTwiceDifferentiable, training_data: Iterable, b: torch.Tensor,
                  hessian_perturbation: float = 0.0, *, progress: bool = False) -> InverseHvpResult:
     r"""x = (H + λI)⁻¹ b with the explicit Hessian H = Σ_b (n_b/N) H_b ([P, P], one pass over the
-    data, each batch Hessian built in column chunks within the memory budget).
+    data, :meth:`TorchTwiceDifferentiable.mean_hessian`).
 
     Solved by Cholesky; when H + λI is not positive definite, by Cholesky of its positive definite
     leading block and LU of the Schur complement of the rest (``_cholesky_then_lu``), or by a
@@ -110,15 +110,7 @@ def solve_linear(model: TorchTwiceDifferentiable, training_data: Iterable, b: to
     B, one = _check_rhs(model, b, where)
     lam = _check_nonnegative(hessian_perturbation, "hessian_perturbation", where)
     P = model.num_params
-    hessian = torch.zeros(P, P, dtype=model.dtype, device=model.device)
-    total = 0
-    for x, y in progress_bar(training_data, progress, desc="hessian", unit="batch"):
-        n = int(x.shape[0]) if x.dim() > 0 else 1
-        model.add_hessian_(x, y, hessian, alpha=n)
-        total += n
-    if total == 0:
-        raise ValueError(f"{where}: training_data yielded no points")
-    hessian.div_(total)
+    hessian = model.mean_hessian(training_data, progress=progress)
     matrix = hessian.clone()
     matrix.diagonal().add_(lam)
     x, k = _cholesky_then_lu(matrix, B.T)

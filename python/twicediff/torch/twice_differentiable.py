@@ -9,11 +9,11 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..memory import chunk_size
+from ..memory import chunk_size, get_memory_budget
 from ..progress import progress_bar
 from ..twice_differentiable import TwiceDifferentiable
 from . import hvp as _hvp
-from .hessian_assembly import assemble_hessian
+from .hessian_assembly import assemble_hessian, assemble_hessian_batches
 from .native_engine import build_native_engine
 
 __all__ = ["TorchTwiceDifferentiable"]
@@ -168,6 +168,51 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             # H is symmetric: the products H e_j are its rows as well as its columns.
             out[start:stop].add_(self.hvp(x, y, eye), alpha=alpha)
         return out
+
+    def mean_hessian(self, training_data, *, progress: bool = False) -> torch.Tensor:
+        r"""The Hessian of the mean loss over the batches of ``training_data``,
+        \(H = \sum_b (n_b / N) 
+abla^2_	heta L(x_b, y_b)\), [P, P].
+
+        For a model the native engine takes, the batches are prepared (frozen prefix applied) and
+        assembled together, a group at a time (:func:`~twicediff.torch.hessian_assembly.assemble_hessian_batches`:
+        one pass over the P² result per block for the whole group, instead of one per batch); the
+        group is cut where its prepared rows would exceed an eighth of the memory budget. Other
+        models go batch by batch through :meth:`add_hessian_`.
+
+        Raises:
+            ValueError: ``training_data`` yields no points.
+        """
+        P = self.num_params
+        out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
+        room = get_memory_budget(self.device) // 8
+        group: List[Tuple[Tuple[torch.Tensor, torch.Tensor], float]] = []
+        held, total, engine = 0, 0, None
+
+        def flush():
+            nonlocal group, held
+            if group:
+                assemble_hessian_batches(engine, group, out)
+            group, held = [], 0
+
+        for x, y in progress_bar(training_data, progress, desc="hessian", unit="batch"):
+            x, y = self._to_device(x, y, "mean_hessian")
+            n = int(x.shape[0]) if x.dim() > 0 else 1
+            total += n
+            native, prepared, _ = self._native_engine(x, y)
+            if native is None:
+                self.add_hessian_(x, y, out, alpha=n)
+                continue
+            engine = native
+            size = sum(t.numel() * t.element_size() for t in prepared)
+            if group and held + size > room:
+                flush()
+            group.append((prepared, float(n)))
+            held += size
+        flush()
+        if total == 0:
+            raise ValueError("mean_hessian: training_data yielded no points")
+        return out.div_(total)
 
     @staticmethod
     def mvp(grad_xy: torch.Tensor, v: torch.Tensor,
