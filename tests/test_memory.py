@@ -107,12 +107,12 @@ def _count_chunks(monkeypatch, td):
     real_engine = td._engine
 
     def counting_engine(engine, x, y):
-        compute, per_direction = real_engine(engine, x, y)
+        compute, per_direction, held = real_engine(engine, x, y)
 
         def counted(*args):
             calls.append(1)
             return compute(*args)
-        return counted, per_direction
+        return counted, per_direction, held
 
     monkeypatch.setattr(td, "_engine", counting_engine)
     return calls

@@ -372,11 +372,41 @@ def test_operator_keeps_small_data_and_rereads_large_data():
     assert not op.cached and op.num_passes == 2
 
 
-def test_operator_caches_batches_in_the_product_dtype():
+def test_operator_caches_prepared_batches_in_the_product_dtype():
     model, loader = tanh_classifier(dtype=torch.float32)
     op = hessian_operator(model, loader, dtype=torch.float64)
-    op.apply_rows(rhs(1, 31))
-    assert op.cached and all(x.dtype == torch.float64 and y.dtype == torch.int64 for x, y in op._batches)
+    V = rhs(2, 31)
+    got = op.apply_rows(V)
+    assert op.cached and [n for n, _ in op._products] == [10, 10, 4]
+    assert all(p.nbytes == n * (3 * 8 + 8) for n, p in op._products)  # float64 rows of 3, int64 targets
+    want = hessian_operator(model.with_dtype(torch.float64), loader).apply_rows(V)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(op.apply_rows(V), want, rtol=0, atol=0)
+
+
+class _CountingTanh(nn.Module):
+    calls = 0
+
+    def forward(self, x):
+        _CountingTanh.calls += 1
+        return torch.tanh(x)
+
+
+def test_operator_runs_a_frozen_prefix_once_per_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _CountingTanh(), nn.Linear(4, 3)).double().eval()
+    model[0].requires_grad_(False)
+    td = TorchTwiceDifferentiable(model, nn.functional.cross_entropy)
+    assert td.native_unsupported_reason(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1])) == ""
+    x, y = torch.randn(24, 3, dtype=torch.float64), torch.randint(0, 3, (24,))
+    op = hessian_operator(td, _loader(x, y, 10))
+    V = rhs(3, td.num_params)
+    _CountingTanh.calls = 0
+    first = op.apply_rows(V)
+    assert _CountingTanh.calls == 3
+    torch.testing.assert_close(op.apply_rows(V), first, rtol=0, atol=0)
+    assert _CountingTanh.calls == 3
+
 
 
 def test_gauss_newton_operator_equals_hessian_for_linear_model():

@@ -8,10 +8,12 @@ size, \(H = \sum_b (n_b / N) H_b\), each \(H_b\) the Hessian of the batch's loss
 vectors costs one pass over the loader, not D. This is the one place that averages batch products:
 the solvers in :mod:`twicediff.torch.solvers` use it, and ``to_scipy()`` hands it to scipy.
 
-The first pass keeps the batches (on the model's device, floating tensors in the product dtype)
-while they take at most a quarter of the memory budget, and later passes read them from there:
-an iterative solver makes tens of passes, and re-reading a DataLoader of small samples costs
-about as much as the products themselves. Larger data is read from the loader on every pass.
+The first pass keeps each batch's product function (:meth:`TorchTwiceDifferentiable.hvp_function`:
+the batch on the model's device in the product dtype, the engine chosen, a native model's frozen
+prefix already applied) while the batches take at most a quarter of the memory budget, and later
+passes use those: an iterative solver makes tens of passes, and re-reading a DataLoader of small
+samples, or re-running a large frozen feature extractor, costs about as much as the products
+themselves. Larger data is read from the loader on every pass.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 
 from ..memory import get_memory_budget
 from ..progress import progress_bar
-from .twice_differentiable import MODES, TorchTwiceDifferentiable
+from .twice_differentiable import MODES, BoundHvp, TorchTwiceDifferentiable
 
 __all__ = ["HessianOperator", "hessian_operator"]
 
@@ -42,7 +44,7 @@ class HessianOperator:
         num_points: N, the number of training points seen by the last pass (None before any).
         num_passes: how many passes over the data this operator has made.
         cached: whether the batches are held in memory (decided by the first pass; see the module
-            docstring). The data must then not change between passes.
+            docstring). The data and the frozen prefix's weights must then not change between passes.
     """
 
     def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, *,
@@ -70,7 +72,7 @@ class HessianOperator:
         self.num_points: Optional[int] = None
         self.num_passes = 0
         self.cached = False
-        self._batches: List[Tuple[object, object]] = []
+        self._products: List[Tuple[int, BoundHvp]] = []
 
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         r"""A applied to each row of V: [D, P] → [D, P], \(\sum_b (n_b/N) H_b V_d + λ V_d\).
@@ -88,9 +90,8 @@ class HessianOperator:
         if V.shape[0] == 0:
             return acc
         total = 0
-        for x, y in progress_bar(self._pass(), self.progress, desc="hvp pass", unit="batch"):
-            n = int(x.shape[0]) if x.dim() > 0 else 1
-            acc.add_(self.model.hvp(x, y, Vm, mode=self.mode).to(out_dtype), alpha=n)
+        for n, product in progress_bar(self._pass(), self.progress, desc="hvp pass", unit="batch"):
+            acc.add_(product(Vm).to(out_dtype), alpha=n)
             total += n
         if total == 0:
             raise ValueError("HessianOperator: training_data yielded no points; the Hessian of the mean loss "
@@ -102,26 +103,28 @@ class HessianOperator:
             acc.add_(V, alpha=self.hessian_perturbation)
         return acc
 
-    def _pass(self) -> Iterator[Tuple[torch.Tensor, object]]:
-        """The batches of one pass, in the product dtype on the model's device: from the cache,
-        or from the loader (filling the cache on the first pass while the batches fit)."""
+    def _pass(self) -> Iterator[Tuple[int, BoundHvp]]:
+        """(n, V ↦ H_b V) of each batch of one pass: from the cache, or from the loader (filling the
+        cache on the first pass while the batches fit)."""
         if self.cached:
-            yield from self._batches
+            yield from self._products
             return
-        first = self.num_passes == 0 and not self._batches
+        first = self.num_passes == 0 and not self._products
         room = get_memory_budget(self.device) // 4 if first else 0
-        kept: List[Tuple[object, object]] = []
+        kept: List[Tuple[int, BoundHvp]] = []
         for batch in self.training_data:
             x, y = (self._moved(t) for t in batch)
+            n = int(x.shape[0]) if x.dim() > 0 else 1
+            product = self.model.hvp_function(x, y, mode=self.mode)
             if first:
-                room -= sum(t.numel() * t.element_size() for t in (x, y) if isinstance(t, torch.Tensor))
+                room -= product.nbytes
                 if room >= 0:
-                    kept.append((x, y))
+                    kept.append((n, product))
                 else:
                     first, kept = False, []
-            yield x, y
+            yield n, product
         if first:
-            self._batches, self.cached = kept, bool(kept)
+            self._products, self.cached = kept, bool(kept)
 
     def _moved(self, t):
         """A batch tensor on the model's device, in the product dtype when it is floating."""

@@ -16,7 +16,7 @@ from . import hvp as _hvp
 from .hessian_assembly import assemble_hessian, assemble_hessian_batches
 from .native_engine import build_native_engine
 
-__all__ = ["TorchTwiceDifferentiable"]
+__all__ = ["BoundHvp", "TorchTwiceDifferentiable"]
 
 logger = logging.getLogger(__name__)
 
@@ -246,23 +246,24 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
                 ``"auto"``: native when the model qualifies, else func, else autograd.
             progress: show a bar over the chunks of directions.
         """
+        v = self.check_vectors(v, "hvp")
+        product = self.hvp_function(x, y, mode=mode, engine=engine, progress=progress)
+        return product(v.unsqueeze(0))[0] if v.dim() == 1 else product(v)
+
+    def hvp_function(self, x: torch.Tensor, y: torch.Tensor, *, mode: str = "hessian", engine: str = "auto",
+                     progress: bool = False) -> "BoundHvp":
+        r"""``V ↦ H(x, y) V`` for V [D, P] in the model's dtype (→ [D, P]): :meth:`hvp` with the engine
+        chosen and the batch prepared once (for the native engine, the frozen prefix applied), for
+        many products on one batch. The trainable parameters are read at each call; the batch (or
+        the prefix's output) is held until the function is dropped (``nbytes``)."""
         if mode not in MODES:
             raise ValueError(f"hvp: mode must be one of {MODES}, got {mode!r}")
         if engine not in ENGINES:
             raise ValueError(f"hvp: engine must be one of {ENGINES}, got {engine!r}")
         x, y = self._to_device(x, y, "hvp")
         x, y = x.detach(), y.detach()  # products are not differentiated further
-        v = self.check_vectors(v, "hvp")
-        one = v.dim() == 1
-        V = v.unsqueeze(0) if one else v
-        compute, per_direction = self._engine(engine, x, y)
-        D = V.shape[0]
-        out = torch.empty_like(V)
-        step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
-                   chunk_size(D, per_direction, self.device, what="hvp directions"))
-        for start in progress_bar(range(0, D, step), progress, desc="hvp", unit="chunk"):
-            out[start:start + step] = compute(x, y, V[start:start + step], mode)
-        return out[0] if one else out
+        compute, per_direction, nbytes = self._engine(engine, x, y)
+        return BoundHvp(lambda v: compute(x, y, v, mode), per_direction, nbytes, self.device, progress)
 
     # ---- engines -----------------------------------------------------------------------------
     def native_unsupported_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
@@ -283,20 +284,21 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
             return None, None, str(exc)
 
     def _engine(self, engine: str, x: torch.Tensor, y: torch.Tensor):
-        """(compute(x, y, v, mode) -> [D, P], bytes one direction needs)."""
+        """(compute(x, y, v, mode) -> [D, P], bytes one direction needs, bytes of batch data held)."""
+        held = sum(t.numel() * t.element_size() for t in (x, y))
         if engine in ("auto", "native"):
             native, prepared, reason = self._native_engine(x, y)
             if native is not None:
                 # the chunks of directions share the batch prepared here (x, y are those given)
                 return (lambda x_, y_, v, mode: native.hvp_prepared(prepared, v, mode)), \
-                    native.bytes_per_direction(x.shape[0])
+                    native.bytes_per_direction(x.shape[0]), sum(t.numel() * t.element_size() for t in prepared)
             if engine == "native":
                 raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
         per_direction = self._bytes_per_direction(x)
         if engine == "autograd":
-            return (lambda x, y, v, mode: _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)), per_direction
+            return (lambda x, y, v, mode: _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)), per_direction, held
         if engine == "func":
-            return (lambda x, y, v, mode: _hvp.func_hvp(self.model, self.loss, x, y, v, mode)), per_direction
+            return (lambda x, y, v, mode: _hvp.func_hvp(self.model, self.loss, x, y, v, mode)), per_direction, held
 
         def func_else_autograd(x, y, v, mode):
             try:
@@ -305,7 +307,7 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
                 logger.info("hvp: torch.func engine failed (%s); using autograd", exc)
                 return _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)
 
-        return func_else_autograd, per_direction
+        return func_else_autograd, per_direction, held
 
     def _bytes_per_direction(self, x: torch.Tensor) -> int:
         """Estimate for the generic engines: a direction carries tangents of every activation
@@ -338,3 +340,32 @@ def _activation_numel(model: nn.Module, x: torch.Tensor) -> int:
         _activation_cache.clear()
     _activation_cache[key] = total[0]
     return total[0]
+
+
+class BoundHvp:
+    """``V ↦ H V`` on one batch (:meth:`TorchTwiceDifferentiable.hvp_function`): V [D, P] goes
+    through the engine in chunks of directions sized by the memory budget.
+
+    Attributes:
+        bytes_per_direction: the engine's working memory for one direction.
+        nbytes: bytes of batch data the function holds (x and y, or the native engine's prepared rows).
+    """
+
+    def __init__(self, compute: Callable[[torch.Tensor], torch.Tensor], bytes_per_direction: int, nbytes: int,
+                 device: torch.device, progress: bool = False):
+        self._compute = compute
+        self.bytes_per_direction = int(bytes_per_direction)
+        self.nbytes = int(nbytes)
+        self._device = device
+        self._progress = progress
+
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        D = V.shape[0]
+        out = torch.empty_like(V)
+        if D == 0:
+            return out
+        step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
+                   chunk_size(D, self.bytes_per_direction, self._device, what="hvp directions"))
+        for start in progress_bar(range(0, D, step), self._progress, desc="hvp", unit="chunk"):
+            out[start:start + step] = self._compute(V[start:start + step])
+        return out
