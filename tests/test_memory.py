@@ -107,12 +107,12 @@ def _count_chunks(monkeypatch, td):
     real_engine = td._engine
 
     def counting_engine(engine, x, y):
-        compute, per_direction, held = real_engine(engine, x, y)
+        compute, *rest = real_engine(engine, x, y)
 
         def counted(*args):
             calls.append(1)
             return compute(*args)
-        return counted, per_direction, held
+        return (counted, *rest)
 
     monkeypatch.setattr(td, "_engine", counting_engine)
     return calls
@@ -291,3 +291,17 @@ def test_native_scratch_is_kept_reused_and_released():
     twicediff.release_native_scratch()
     assert twicediff.native_scratch_bytes() == 0
     assert torch.equal(td.hvp(x, y, small, engine="native"), want_small)
+
+
+@pytest.mark.parametrize("engine", ["func", "autograd"])
+def test_generic_engines_keep_chunks_near_their_working_set_cap(engine, monkeypatch):
+    td, x, y = _model("cpu")
+    v = torch.randn(10, td.num_params, dtype=torch.float64)
+    whole = td.hvp(x, y, v, engine=engine)
+    monkeypatch.setattr(_hvp, "GENERIC_CHUNK_BYTES", 3 * td._bytes_per_direction(x))
+    calls = _count_chunks(monkeypatch, td)
+    assert _rel(td.hvp(x, y, v, engine=engine), whole) <= 1e-12
+    assert len(calls) == 4  # 10 directions in chunks of 3, whatever the (large) budget
+    calls.clear()
+    td.hvp(x, y, v, engine="native")  # the native engine is not capped
+    assert len(calls) == 1

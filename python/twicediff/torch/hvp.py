@@ -29,6 +29,11 @@ TensorOrTensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 # Directions per chunk above which bigger chunks stop paying off (GEMMs are already large) while
 # memory keeps growing; the memory budget may make chunks smaller still.
 MAX_DIRECTIONS_PER_CHUNK = 128
+# The generic engines (torch.func, autograd) slow down when one chunk's working memory grows past a
+# few hundred MiB, well before any memory budget binds: vmapped convolutions and attention then
+# stream large fresh intermediates (the small CNN of benchmarks/results/func_chunks_cpu.md is 2.3x
+# slower at 64 directions in one chunk than at 8-16). Their chunks are kept near this size.
+GENERIC_CHUNK_BYTES = 256 * 2**20
 _warned_no_batching_rule = False
 # torch keeps forward-mode AD levels in one process-wide stack (torch/csrc/autograd/forward_grad.cpp),
 # so two threads inside torch.func.jvp at once enter and leave each other's levels: measured here as

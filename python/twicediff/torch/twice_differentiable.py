@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -262,8 +262,9 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
             raise ValueError(f"hvp: engine must be one of {ENGINES}, got {engine!r}")
         x, y = self._to_device(x, y, "hvp")
         x, y = x.detach(), y.detach()  # products are not differentiated further
-        compute, per_direction, nbytes = self._engine(engine, x, y)
-        return BoundHvp(lambda v: compute(x, y, v, mode), per_direction, nbytes, self.device, progress)
+        compute, per_direction, nbytes, most = self._engine(engine, x, y)
+        return BoundHvp(lambda v: compute(x, y, v, mode), per_direction, nbytes, self.device, progress,
+                        max_directions=most)
 
     # ---- engines -----------------------------------------------------------------------------
     def native_unsupported_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
@@ -284,21 +285,26 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
             return None, None, str(exc)
 
     def _engine(self, engine: str, x: torch.Tensor, y: torch.Tensor):
-        """(compute(x, y, v, mode) -> [D, P], bytes one direction needs, bytes of batch data held)."""
+        """(compute(x, y, v, mode) -> [D, P], bytes one direction needs, bytes of batch data held, most
+        directions per chunk: ``MAX_DIRECTIONS_PER_CHUNK`` for the native engine, about
+        ``GENERIC_CHUNK_BYTES`` of working memory for the others)."""
         held = sum(t.numel() * t.element_size() for t in (x, y))
         if engine in ("auto", "native"):
             native, prepared, reason = self._native_engine(x, y)
             if native is not None:
                 # the chunks of directions share the batch prepared here (x, y are those given)
                 return (lambda x_, y_, v, mode: native.hvp_prepared(prepared, v, mode)), \
-                    native.bytes_per_direction(x.shape[0]), sum(t.numel() * t.element_size() for t in prepared)
+                    native.bytes_per_direction(x.shape[0]), sum(t.numel() * t.element_size() for t in prepared), \
+                    _hvp.MAX_DIRECTIONS_PER_CHUNK
             if engine == "native":
                 raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
         per_direction = self._bytes_per_direction(x)
+        most = max(1, min(_hvp.MAX_DIRECTIONS_PER_CHUNK, _hvp.GENERIC_CHUNK_BYTES // max(per_direction, 1)))
         if engine == "autograd":
-            return (lambda x, y, v, mode: _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)), per_direction, held
+            return (lambda x, y, v, mode: _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)), per_direction, \
+                held, most
         if engine == "func":
-            return (lambda x, y, v, mode: _hvp.func_hvp(self.model, self.loss, x, y, v, mode)), per_direction, held
+            return (lambda x, y, v, mode: _hvp.func_hvp(self.model, self.loss, x, y, v, mode)), per_direction, held, most
 
         def func_else_autograd(x, y, v, mode):
             try:
@@ -307,7 +313,7 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
                 logger.info("hvp: torch.func engine failed (%s); using autograd", exc)
                 return _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)
 
-        return func_else_autograd, per_direction, held
+        return func_else_autograd, per_direction, held, most
 
     def _bytes_per_direction(self, x: torch.Tensor) -> int:
         """Estimate for the generic engines: a direction carries tangents of every activation
@@ -348,12 +354,14 @@ class BoundHvp:
 
     Attributes:
         bytes_per_direction: the engine's working memory for one direction.
+        max_directions: the most directions in one chunk, whatever the budget.
         nbytes: bytes of batch data the function holds (x and y, or the native engine's prepared rows).
     """
 
     def __init__(self, compute: Callable[[torch.Tensor], torch.Tensor], bytes_per_direction: int, nbytes: int,
-                 device: torch.device, progress: bool = False):
+                 device: torch.device, progress: bool = False, max_directions: int = _hvp.MAX_DIRECTIONS_PER_CHUNK):
         self._compute = compute
+        self.max_directions = int(max_directions)
         self.bytes_per_direction = int(bytes_per_direction)
         self.nbytes = int(nbytes)
         self._device = device
@@ -364,8 +372,7 @@ class BoundHvp:
         out = torch.empty_like(V)
         if D == 0:
             return out
-        step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
-                   chunk_size(D, self.bytes_per_direction, self._device, what="hvp directions"))
+        step = min(self.max_directions, chunk_size(D, self.bytes_per_direction, self._device, what="hvp directions"))
         for start in progress_bar(range(0, D, step), self._progress, desc="hvp", unit="chunk"):
             out[start:start + step] = self._compute(V[start:start + step])
         return out

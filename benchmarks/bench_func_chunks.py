@@ -1,0 +1,82 @@
+"""How the generic HVP engines' speed depends on the number of directions per chunk.
+
+``hvp(engine="func")`` on D = 64 directions with the chunk size forced to 4 ... 64, for the small CNN
+and transformer block (presets d_cnn, d_transformer of twicediff.bench) and model (a); the
+per-direction loop (pyDVL 0.7's method) as the baseline. It is the evidence for
+``twicediff.torch.hvp.GENERIC_CHUNK_BYTES``, the working memory the generic engines' chunks are kept
+near (the estimated bytes per direction are in the table).
+
+    PYTHONPATH=python python benchmarks/bench_func_chunks.py [--threads 2] [--out benchmarks/results/func_chunks_cpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from _common import header
+from twicediff import bench
+from twicediff.torch import hvp as _hvp
+
+CHUNKS = (4, 8, 16, 32, 64)
+PRESETS = ("d_cnn", "d_transformer", "a")
+D = 64
+
+
+def median_ms(fn, rounds: int) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    default_cap = _hvp.GENERIC_CHUNK_BYTES
+    for preset in PRESETS:
+        td, x, y = bench._setup(preset, "cpu")
+        v = bench._directions(td, D, x)
+        per = td._bytes_per_direction(x)
+        times = {}
+        for chunk in CHUNKS:
+            _hvp.GENERIC_CHUNK_BYTES = chunk * per  # exactly `chunk` directions per chunk
+            times[chunk] = median_ms(lambda: td.hvp(x, y, v, engine="func"), args.rounds)
+        _hvp.GENERIC_CHUNK_BYTES = default_cap
+        loop = bench._method_call("loop", td, x, y, v)  # times LOOP_MAX_DIRECTIONS directions
+        loop_ms = median_ms(loop, args.rounds) * D / min(D, bench.LOOP_MAX_DIRECTIONS)
+        default_chunk = max(1, min(_hvp.MAX_DIRECTIONS_PER_CHUNK, default_cap // per))
+        rows.append(f"| {preset} | {per / 2**20:.1f} | " + " | ".join(f"{times[c]:.0f}" for c in CHUNKS)
+                    + f" | {loop_ms:.0f} | {default_chunk} |")
+    text = "\n".join([
+        header(f"hvp(engine='func') at D = {D} against directions per chunk", args.threads),
+        "",
+        f"Command: `PYTHONPATH=python python benchmarks/bench_func_chunks.py --threads {args.threads}`; ms per call, "
+        f"medians of {args.rounds} rounds; loop: the per-direction loop, timed on "
+        f"{bench.LOOP_MAX_DIRECTIONS} directions and scaled to {D}.",
+        "",
+        "| preset | MiB per direction (estimate) | " + " | ".join(f"{c} per chunk" for c in CHUNKS)
+        + " | loop | default chunk |",
+        "|---|---|" + "---|" * len(CHUNKS) + "---|---|",
+        *rows,
+        "",
+        f"default chunk: directions per chunk under GENERIC_CHUNK_BYTES = {default_cap // 2**20} MiB.",
+    ])
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
