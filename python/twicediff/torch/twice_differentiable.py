@@ -183,6 +183,9 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
         Raises:
             ValueError: ``training_data`` yields no points.
         """
+        from .operator import check_training_data  # the operator module imports this one
+
+        check_training_data(training_data, "mean_hessian")
         P = self.num_params
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
         room = get_memory_budget(self.device) // 8
@@ -263,8 +266,16 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
         x, y = self._to_device(x, y, "hvp")
         x, y = x.detach(), y.detach()  # products are not differentiated further
         compute, per_direction, nbytes, most = self._engine(engine, x, y)
+
+        def checked(V: torch.Tensor) -> torch.Tensor:
+            V = self.check_vectors(V, "hvp_function", "V")
+            if V.dim() != 2:
+                raise ValueError(f"hvp_function: V must be [D, P] with P = {self.num_params}, got shape "
+                                 f"{tuple(V.shape)}")
+            return V
+
         return BoundHvp(lambda v: compute(x, y, v, mode), per_direction, nbytes, self.device, progress,
-                        max_directions=most)
+                        max_directions=most, check=checked)
 
     # ---- engines -----------------------------------------------------------------------------
     def native_unsupported_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
@@ -359,8 +370,10 @@ class BoundHvp:
     """
 
     def __init__(self, compute: Callable[[torch.Tensor], torch.Tensor], bytes_per_direction: int, nbytes: int,
-                 device: torch.device, progress: bool = False, max_directions: int = _hvp.MAX_DIRECTIONS_PER_CHUNK):
+                 device: torch.device, progress: bool = False, max_directions: int = _hvp.MAX_DIRECTIONS_PER_CHUNK,
+                 check: Callable[[torch.Tensor], torch.Tensor] = lambda V: V):
         self._compute = compute
+        self._check = check
         self.max_directions = int(max_directions)
         self.bytes_per_direction = int(bytes_per_direction)
         self.nbytes = int(nbytes)
@@ -368,6 +381,7 @@ class BoundHvp:
         self._progress = progress
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        V = self._check(V)
         D = V.shape[0]
         out = torch.empty_like(V)
         if D == 0:
