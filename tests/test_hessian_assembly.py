@@ -263,5 +263,7 @@ def test_mean_hessian_of_a_model_the_native_engine_does_not_take():
     td = TorchTwiceDifferentiable(model, F.cross_entropy)
     batches = [(torch.randn(n, 1, 3, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (5, 2)]
     torch.testing.assert_close(td.mean_hessian(batches), _batch_by_batch(td, batches), rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="mean_hessian: training_data yielded no points"):
+    with pytest.raises(ValueError, match="mean_hessian: training_data must not be empty"):
         td.mean_hessian([])
+    with pytest.raises(ValueError, match="mean_hessian: training_data yielded no points"):
+        td.mean_hessian(iter([]))  # no length to check up front
