@@ -27,3 +27,11 @@ def header(title: str, threads: int) -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"## {title}\n\nmachine: {machine()} ({torch.get_num_threads()} torch threads available, "
             f"{threads} used); GPU: {gpu}; torch {torch.__version__}; commit {commit()}")
+
+
+def emit(text: str, out: str = "") -> None:
+    """Print a result table and, when ``out`` names a file, write it there too."""
+    print(text)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")

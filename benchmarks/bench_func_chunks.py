@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from _common import header
+from _common import emit, header
 from twicediff import bench
 from twicediff.torch import hvp as _hvp
 
@@ -72,10 +72,7 @@ def main() -> None:
         "",
         f"default chunk: directions per chunk under GENERIC_CHUNK_BYTES = {default_cap // 2**20} MiB.",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

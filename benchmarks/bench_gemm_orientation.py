@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from _common import header
+from _common import emit, header
 
 # (label, dtype, N rows, D directions, in, out)
 SHAPES = [
@@ -74,10 +74,7 @@ def main() -> None:
         "ratio > 1: the transposed form is faster. The engine takes it for float64 on the CPU and the direct",
         "form otherwise (CpuKernels::weight_grad_input_major); rerun this after a BLAS or CPU change.",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from _common import emit
 from twicediff import TorchTwiceDifferentiable
 from twicediff.bench import native_gemms
 from twicediff.torch.native_engine import build_native_engine
@@ -180,10 +181,7 @@ def main():
                  f"({grad_flops / 1e6:.1f} MFLOP), and the plain gradient ran at "
                  f"{grad_flops / g / 1e9:.0f} GFLOP/s ({100 * grad_flops / g / peak_rate:.0f}% of the peak).")
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":
