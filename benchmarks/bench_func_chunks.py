@@ -49,13 +49,15 @@ def main() -> None:
         v = bench._directions(td, D, x)
         per = td._bytes_per_direction(x)
         times = {}
+        floor = _hvp.MIN_GENERIC_DIRECTIONS
+        _hvp.MIN_GENERIC_DIRECTIONS = 1
         for chunk in CHUNKS:
             _hvp.GENERIC_CHUNK_BYTES = chunk * per  # exactly `chunk` directions per chunk
             times[chunk] = median_ms(lambda: td.hvp(x, y, v, engine="func"), args.rounds)
-        _hvp.GENERIC_CHUNK_BYTES = default_cap
+        _hvp.GENERIC_CHUNK_BYTES, _hvp.MIN_GENERIC_DIRECTIONS = default_cap, floor
         loop = bench._method_call("loop", td, x, y, v)  # times LOOP_MAX_DIRECTIONS directions
         loop_ms = median_ms(loop, args.rounds) * D / min(D, bench.LOOP_MAX_DIRECTIONS)
-        default_chunk = max(1, min(_hvp.MAX_DIRECTIONS_PER_CHUNK, default_cap // per))
+        default_chunk = _hvp.generic_directions_per_chunk(per)
         rows.append(f"| {preset} | {per / 2**20:.1f} | " + " | ".join(f"{times[c]:.0f}" for c in CHUNKS)
                     + f" | {loop_ms:.0f} | {default_chunk} |")
     text = "\n".join([
@@ -70,7 +72,8 @@ def main() -> None:
         "|---|---|" + "---|" * len(CHUNKS) + "---|---|",
         *rows,
         "",
-        f"default chunk: directions per chunk under GENERIC_CHUNK_BYTES = {default_cap // 2**20} MiB.",
+        f"default chunk: directions per chunk under GENERIC_CHUNK_BYTES = {default_cap // 2**20} MiB, at least "
+        f"MIN_GENERIC_DIRECTIONS = {_hvp.MIN_GENERIC_DIRECTIONS} (twicediff.torch.hvp.generic_directions_per_chunk).",
     ])
     emit(text, args.out)
 

@@ -299,9 +299,26 @@ def test_generic_engines_keep_chunks_near_their_working_set_cap(engine, monkeypa
     v = torch.randn(10, td.num_params, dtype=torch.float64)
     whole = td.hvp(x, y, v, engine=engine)
     monkeypatch.setattr(_hvp, "GENERIC_CHUNK_BYTES", 3 * td._bytes_per_direction(x))
+    monkeypatch.setattr(_hvp, "MIN_GENERIC_DIRECTIONS", 2)
     calls = _count_chunks(monkeypatch, td)
     assert _rel(td.hvp(x, y, v, engine=engine), whole) <= 1e-12
     assert len(calls) == 4  # 10 directions in chunks of 3, whatever the (large) budget
     calls.clear()
     td.hvp(x, y, v, engine="native")  # the native engine is not capped
     assert len(calls) == 1
+
+
+def test_generic_chunks_hold_a_floor_of_directions(monkeypatch):
+    """A direction over the working-set cap still shares its chunk with MIN_GENERIC_DIRECTIONS - 1
+    others (each chunk repeats the primal pass), unless the memory budget forbids it."""
+    td, x, y = _model("cpu")
+    v = torch.randn(10, td.num_params, dtype=torch.float64)
+    monkeypatch.setattr(_hvp, "GENERIC_CHUNK_BYTES", 1)
+    monkeypatch.setattr(_hvp, "MIN_GENERIC_DIRECTIONS", 4)
+    calls = _count_chunks(monkeypatch, td)
+    td.hvp(x, y, v, engine="func")
+    assert len(calls) == 3  # 10 directions in chunks of 4
+    calls.clear()
+    with memory_budget(2 * td._bytes_per_direction(x)):
+        td.hvp(x, y, v, engine="func")
+    assert len(calls) == 5  # the budget holds 2

@@ -32,8 +32,21 @@ MAX_DIRECTIONS_PER_CHUNK = 128
 # The generic engines (torch.func, autograd) slow down when one chunk's working memory grows past a
 # few hundred MiB, well before any memory budget binds: vmapped convolutions and attention then
 # stream large fresh intermediates (the small CNN of benchmarks/results/func_chunks_cpu.md is 2.3x
-# slower at 64 directions in one chunk than at 8-16). Their chunks are kept near this size.
+# slower at 64 directions in one chunk than at 8-16). Their chunks are kept near this size...
 GENERIC_CHUNK_BYTES = 256 * 2**20
+# ... but hold at least this many directions (the budget permitting): every chunk recomputes the
+# primal forward and backward pass, which on a large model costs as much as a direction's tangents
+# (preset c of twicediff.bench, a 4096 -> 1000 head: 16 one-direction chunks took 2.5x one chunk
+# of 16; benchmarks/results/mvp_cpu_preset_c.md).
+MIN_GENERIC_DIRECTIONS = 16
+
+
+def generic_directions_per_chunk(bytes_per_direction: int) -> int:
+    """The most directions one chunk of the generic engines takes (before the memory budget):
+    about ``GENERIC_CHUNK_BYTES`` of working memory, within [MIN_GENERIC_DIRECTIONS,
+    MAX_DIRECTIONS_PER_CHUNK]."""
+    fit = GENERIC_CHUNK_BYTES // max(int(bytes_per_direction), 1)
+    return max(MIN_GENERIC_DIRECTIONS, min(MAX_DIRECTIONS_PER_CHUNK, fit))
 _warned_no_batching_rule = False
 # torch keeps forward-mode AD levels in one process-wide stack (torch/csrc/autograd/forward_grad.cpp),
 # so two threads inside torch.func.jvp at once enter and leave each other's levels: measured here as

@@ -298,7 +298,8 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
     def _engine(self, engine: str, x: torch.Tensor, y: torch.Tensor):
         """(compute(x, y, v, mode) -> [D, P], bytes one direction needs, bytes of batch data held, most
         directions per chunk: ``MAX_DIRECTIONS_PER_CHUNK`` for the native engine, about
-        ``GENERIC_CHUNK_BYTES`` of working memory for the others)."""
+        ``GENERIC_CHUNK_BYTES`` of working memory but at least ``MIN_GENERIC_DIRECTIONS`` for the
+        others; the memory budget may cut chunks further)."""
         held = sum(t.numel() * t.element_size() for t in (x, y))
         if engine in ("auto", "native"):
             native, prepared, reason = self._native_engine(x, y)
@@ -310,7 +311,7 @@ abla^2_	heta L(x_b, y_b)\), [P, P].
             if engine == "native":
                 raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
         per_direction = self._bytes_per_direction(x)
-        most = max(1, min(_hvp.MAX_DIRECTIONS_PER_CHUNK, _hvp.GENERIC_CHUNK_BYTES // max(per_direction, 1)))
+        most = _hvp.generic_directions_per_chunk(per_direction)
         if engine == "autograd":
             return (lambda x, y, v, mode: _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)), per_direction, \
                 held, most
