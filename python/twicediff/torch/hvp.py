@@ -47,6 +47,8 @@ def generic_directions_per_chunk(bytes_per_direction: int) -> int:
     MAX_DIRECTIONS_PER_CHUNK]."""
     fit = GENERIC_CHUNK_BYTES // max(int(bytes_per_direction), 1)
     return max(MIN_GENERIC_DIRECTIONS, min(MAX_DIRECTIONS_PER_CHUNK, fit))
+
+
 _warned_no_batching_rule = False
 # torch keeps forward-mode AD levels in one process-wide stack (torch/csrc/autograd/forward_grad.cpp),
 # so two threads inside torch.func.jvp at once enter and leave each other's levels: measured here as
