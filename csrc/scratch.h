@@ -27,7 +27,7 @@ constexpr int64_t kCacheCap = int64_t(1) << 30;    // the most bytes kept betwee
 struct Cache {
   std::mutex mutex;
   at::Tensor buffer;     // uint8 [bytes] on the CPU, or undefined
-  int64_t wanted = 0;    // bytes the last call needed
+  int64_t wanted = 0;    // the most bytes one call has needed since the last release()
 };
 
 inline Cache& cache() {
