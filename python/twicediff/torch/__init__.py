@@ -1,8 +1,8 @@
 """The torch implementation: TorchTwiceDifferentiable, TorchTensorUtilities, inverse-HVP solvers."""
 from .tensor_utilities import TorchTensorUtilities  # noqa: F401
-from .twice_differentiable import TorchTwiceDifferentiable  # noqa: F401
+from .twice_differentiable import BoundHvp, TorchTwiceDifferentiable  # noqa: F401
 
-__all__ = ["TorchTensorUtilities", "TorchTwiceDifferentiable"]
+__all__ = ["BoundHvp", "TorchTensorUtilities", "TorchTwiceDifferentiable"]
 
 # ---- inverse-HVP solvers (importing registers them with twicediff.InversionRegistry) ----------
 from .operator import HessianOperator, hessian_operator  # noqa: E402,F401
