@@ -1,6 +1,9 @@
 """What every benchmark result table starts with: machine, torch version, commit, threads."""
+import argparse
 import platform
+import statistics
 import subprocess
+import time
 
 import torch
 
@@ -35,3 +38,25 @@ def emit(text: str, out: str = "") -> None:
     if out:
         with open(out, "w") as fh:
             fh.write(text + "\n")
+
+
+def median_ms(fn, rounds: int) -> float:
+    """Milliseconds per call of ``fn``: one warm-up call, then the median of ``rounds`` calls."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def bench_args(doc: str, rounds: int) -> argparse.Namespace:
+    """--threads (default 2, applied to torch), --rounds and --out (a markdown path, or print only)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args

@@ -10,13 +10,10 @@ near (the estimated bytes per direction are in the table).
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 
 import torch
 
-from _common import emit, header
+from _common import bench_args, emit, header, median_ms
 from twicediff import bench
 from twicediff.torch import hvp as _hvp
 
@@ -25,23 +22,8 @@ PRESETS = ("d_cnn", "d_transformer", "a")
 D = 64
 
 
-def median_ms(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args(__doc__, rounds=5)
     rows = []
     default_cap = _hvp.GENERIC_CHUNK_BYTES
     for preset in PRESETS:

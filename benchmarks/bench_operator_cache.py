@@ -12,38 +12,20 @@ takes a pass's directions in one chunk.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _common import emit, header
+from _common import bench_args, emit, header, median_ms
 import twicediff
 from twicediff.torch import hessian_operator
 
 ROWS, BATCH, DIRECTIONS = 2000, 250, 16
 
 
-def pass_ms(op, V, rounds: int) -> float:
-    op.apply_rows(V)  # the first pass (fills the cache when it can)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        op.apply_rows(V)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args(__doc__, rounds=9)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10)).eval()
     for module in list(model)[:4]:
@@ -53,13 +35,13 @@ def main() -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
     V = torch.randn(DIRECTIONS, td.num_params)
     kept = hessian_operator(td, loader)
-    kept_ms = pass_ms(kept, V, args.rounds)
+    kept_ms = median_ms(lambda: kept.apply_rows(V), args.rounds)  # the warm-up pass fills the cache
     # A quarter of this budget holds half the prefix's output, so nothing is kept; it still holds
     # all 16 directions of a pass in one chunk (about 0.45 MB each here).
     features = ROWS * 2048 * 4
     with twicediff.memory_budget(2 * features):
         reread = hessian_operator(td, loader)
-        reread_ms = pass_ms(reread, V, args.rounds)
+        reread_ms = median_ms(lambda: reread.apply_rows(V), args.rounds)
         per_direction = td.hvp_function(x[:BATCH], y[:BATCH]).bytes_per_direction
         assert 2 * features // per_direction >= DIRECTIONS
     assert kept.cached and not reread.cached
