@@ -171,8 +171,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
 
     def mean_hessian(self, training_data, *, progress: bool = False) -> torch.Tensor:
         r"""The Hessian of the mean loss over the batches of ``training_data``,
-        \(H = \sum_b (n_b / N) 
-abla^2_	heta L(x_b, y_b)\), [P, P].
+        \(H = \sum_b (n_b / N) \nabla^2_\theta L(x_b, y_b)\), [P, P].
 
         For a model the native engine takes, the batches are prepared (frozen prefix applied) and
         assembled together, a group at a time (:func:`~twicediff.torch.hessian_assembly.assemble_hessian_batches`:
