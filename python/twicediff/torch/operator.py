@@ -71,7 +71,6 @@ class HessianOperator:
         self.device = self.model.device
         self.num_points: Optional[int] = None
         self.num_passes = 0
-        self.cached = False
         self._products: List[Tuple[int, BoundHvp]] = []
 
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
@@ -106,10 +105,10 @@ class HessianOperator:
     def _pass(self) -> Iterator[Tuple[int, BoundHvp]]:
         """(n, V ↦ H_b V) of each batch of one pass: from the cache, or from the loader (filling the
         cache on the first pass while the batches fit)."""
-        if self.cached:
+        if self._products:
             yield from self._products
             return
-        first = self.num_passes == 0 and not self._products
+        first = self.num_passes == 0
         room = get_memory_budget(self.device) // 4 if first else 0
         kept: List[Tuple[int, BoundHvp]] = []
         for batch in self.training_data:
@@ -124,13 +123,18 @@ class HessianOperator:
                     first, kept = False, []
             yield n, product
         if first:
-            self._products, self.cached = kept, bool(kept)
+            self._products = kept
 
     def _moved(self, t):
         """A batch tensor on the model's device, in the product dtype when it is floating."""
         if not isinstance(t, torch.Tensor):
             return t
         return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the batches' product functions are kept (see the module docstring)."""
+        return bool(self._products)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """A v for v [P] → [P]."""

@@ -299,7 +299,6 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         directions per chunk: ``MAX_DIRECTIONS_PER_CHUNK`` for the native engine, about
         ``GENERIC_CHUNK_BYTES`` of working memory but at least ``MIN_GENERIC_DIRECTIONS`` for the
         others; the memory budget may cut chunks further)."""
-        held = sum(t.numel() * t.element_size() for t in (x, y))
         if engine in ("auto", "native"):
             native, prepared, reason = self._native_engine(x, y)
             if native is not None:
@@ -311,6 +310,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
         per_direction = self._bytes_per_direction(x)
         most = _hvp.generic_directions_per_chunk(per_direction)
+        held = sum(t.numel() * t.element_size() for t in (x, y))
         if engine == "autograd":
             return (lambda x, y, v, mode: _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)), per_direction, \
                 held, most
