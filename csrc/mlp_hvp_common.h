@@ -12,10 +12,12 @@
 //   R(g_h_{l-1})    = R(g_a_l) [N*D, out] x W_l  +  g_a_l [N, out] x V_l [out, D*in]
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
 
 #include "scratch.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -282,78 +284,88 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 //   weight_grad_input_major(dtype)                     true: take R(g_W) as h^T R(g_a) [in, D*out] and
 //                                                       transpose it while writing; false: as
 //                                                       R(g_a)^T h [D*out, in] (the BLAS's faster form)
+//   direction_parts(D)                                 into how many parts to split the D directions,
+//                                                       each part's R-passes run by one thread at once
+//                                                       (1: one R-pass over all D, the BLAS threaded)
+
+// What the R-passes of every direction share: the forward pass and, in Hessian mode, the plain
+// backward pass of the loss.
+struct Forward {
+  std::vector<at::Tensor> W;      // weights in the working dtype
+  std::vector<at::Tensor> H;      // H[0] = x, H[l+1] = f_l(a_l)
+  std::vector<at::Tensor> S1, S2; // f_l'(a_l), f_l''(a_l) (undefined without activation / curvature)
+  std::vector<at::Tensor> GA;     // g_a_l = dL/da_l (Hessian mode)
+  std::vector<at::Tensor> S2GH;   // f_l''(a_l) g_h_l (Hessian mode, curved layers)
+  at::Tensor prob;                // softmax / sigmoid of the output (CE / BCE)
+};
+
 template <class Kernels>
-at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& target_in, at::TensorList weights_in,
-               const c10::List<std::optional<at::Tensor>>& biases_in, const at::Tensor& directions_in) {
-  const auto in_dtype = x_in.scalar_type();
-  // float16 / bfloat16: every step runs (and accumulates) in float32; the result is cast back.
-  const auto dtype = (in_dtype == at::kHalf || in_dtype == at::kBFloat16) ? at::kFloat : in_dtype;
-  const auto opts = x_in.options().dtype(dtype);
-  const int64_t N = plan.n, D = plan.d, P = plan.p;
+Forward forward_pass(const Plan& plan, const at::Tensor& x, const at::Tensor& target, at::TensorList weights_in,
+                     const c10::List<std::optional<at::Tensor>>& biases_in, at::ScalarType dtype) {
   const int64_t L = static_cast<int64_t>(plan.layers.size());
-
-  at::Tensor result = at::empty({D, P}, opts);
-  if (D == 0 || P == 0) return result.to(in_dtype);
-  if (N == 0) return result.zero_().to(in_dtype);
-
-  const at::Tensor x = x_in.to(dtype).contiguous();
-  const at::Tensor v = directions_in.to(dtype).contiguous();
-  const at::Tensor target = plan.loss == kCrossEntropy ? target_in.to(at::kLong).contiguous()
-                                                       : target_in.to(dtype).contiguous();
-  std::vector<at::Tensor> W(L), B(L);
-  for (int64_t l = 0; l < L; ++l) {
-    W[l] = weights_in[l].to(dtype);
-    const std::optional<at::Tensor> b = biases_in.get(l);
-    if (b.has_value() && b->defined()) B[l] = b->to(dtype);
-  }
   const bool hessian = !plan.gauss_newton;
-  // Every [N, D*width] or [D, layer] intermediate comes from one scratch buffer (scratch.h).
-  scratch::Arena arena(x_in.device(), Kernels::kCacheScratch);
+  Forward f;
+  f.W.resize(L);
+  f.H.resize(L + 1);
+  f.S1.resize(L);
+  f.S2.resize(L);
+  f.GA.resize(L);
+  f.S2GH.resize(L);
+  // h_l = f_l(a_l), a_l = h_{l-1} W_l^T + b_l; keep f', f'' at a_l.
+  f.H[0] = x;
+  for (int64_t l = 0; l < L; ++l) {
+    const Layer& lay = plan.layers[l];
+    f.W[l] = weights_in[l].to(dtype);
+    const std::optional<at::Tensor> b = biases_in.get(l);
+    at::Tensor a = b.has_value() && b->defined() ? at::addmm(b->to(dtype), f.H[l], f.W[l].t())
+                                                 : at::mm(f.H[l], f.W[l].t());
+    if (lay.chain.count == 0) {
+      f.H[l + 1] = a;
+      continue;
+    }
+    f.H[l + 1] = at::empty_like(a);
+    f.S1[l] = at::empty_like(a);
+    if (hessian && lay.curved) f.S2[l] = at::empty_like(a);
+    Kernels::forward_activation(a, lay.chain, f.H[l + 1], f.S1[l], f.S2[l]);
+  }
+  // Loss: p (softmax / sigmoid of z) for the curvature; g = dL/dz for the Hessian's second-order terms.
+  const at::Tensor& z = f.H[L];
+  f.prob = plan.loss == kMSE ? at::Tensor() : at::empty_like(z);
+  at::Tensor gz = hessian ? at::empty_like(z) : at::Tensor();
+  Kernels::loss_forward(z, target, plan, f.prob, gz);
+  // Plain backward (Hessian mode): g_a_l = f_l'(a_l) g_h_l and s2gh_l = f_l''(a_l) g_h_l.
+  if (hessian) {
+    at::Tensor gh = gz;
+    for (int64_t l = L - 1; l >= 0; --l) {
+      if (f.S1[l].defined()) {
+        f.GA[l] = at::empty_like(gh);
+        if (f.S2[l].defined()) f.S2GH[l] = at::empty_like(gh);
+        Kernels::backward_activation(gh, f.S1[l], f.S2[l], f.GA[l], f.S2GH[l]);
+      } else {
+        f.GA[l] = gh;
+      }
+      if (l > 0) gh = at::mm(f.GA[l], f.W[l]);
+    }
+  }
+  return f;
+}
+
+// The R-forward and R-backward passes of the directions v [D, P] (contiguous rows), written into
+// result [D, P] (rows of a contiguous [*, P]); every intermediate comes from `arena`.
+template <class Kernels>
+void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tensor result, scratch::Arena& arena) {
+  const auto dtype = v.scalar_type();
+  const int64_t N = plan.n, D = v.size(0);
+  const int64_t L = static_cast<int64_t>(plan.layers.size());
+  const bool hessian = !plan.gauss_newton;
+  const auto& W = f.W;
+  const auto& H = f.H;
   auto take = [&](at::IntArrayRef shape) { return arena.take(shape, dtype); };
   auto mm = [&](at::IntArrayRef shape, const at::Tensor& a, const at::Tensor& b) {  // a b into scratch
     at::Tensor out = take(shape);
     at::mm_out(out, a, b);
     return out;
   };
-
-  // Forward pass: h_l = f_l(a_l), a_l = h_{l-1} W_l^T + b_l; keep f', f'' at a_l.
-  std::vector<at::Tensor> H(L + 1), S1(L), S2(L), RA(L), RH(L + 1);
-  H[0] = x;
-  for (int64_t l = 0; l < L; ++l) {
-    const Layer& lay = plan.layers[l];
-    at::Tensor a = B[l].defined() ? at::addmm(B[l], H[l], W[l].t()) : at::mm(H[l], W[l].t());
-    if (lay.chain.count == 0) {
-      H[l + 1] = a;
-      continue;
-    }
-    H[l + 1] = at::empty_like(a);
-    S1[l] = at::empty_like(a);
-    if (hessian && lay.curved) S2[l] = at::empty_like(a);
-    Kernels::forward_activation(a, lay.chain, H[l + 1], S1[l], S2[l]);
-  }
-
-  // Loss: p (softmax / sigmoid of z) for the curvature; g = dL/dz for the Hessian's second-order terms.
-  const at::Tensor& z = H[L];
-  at::Tensor prob = plan.loss == kMSE ? at::Tensor() : at::empty_like(z);
-  at::Tensor gz = hessian ? at::empty_like(z) : at::Tensor();
-  Kernels::loss_forward(z, target, plan, prob, gz);
-
-  // Plain backward (Hessian mode): g_a_l = f_l'(a_l) g_h_l and s2gh_l = f_l''(a_l) g_h_l.
-  std::vector<at::Tensor> GA(L), S2GH(L);
-  if (hessian) {
-    at::Tensor gh = gz;
-    for (int64_t l = L - 1; l >= 0; --l) {
-      if (S1[l].defined()) {
-        GA[l] = at::empty_like(gh);
-        if (S2[l].defined()) S2GH[l] = at::empty_like(gh);
-        Kernels::backward_activation(gh, S1[l], S2[l], GA[l], S2GH[l]);
-      } else {
-        GA[l] = gh;
-      }
-      if (l > 0) gh = at::mm(GA[l], W[l]);
-    }
-  }
-
   // The directions of layer l: V_l as [D*out, in] (row-major [D, out, in]) and, for the second-order
   // term of R(g_h_{l-1}), as [out, D*in].
   auto weight_dirs = [&](const Layer& lay) {
@@ -362,6 +374,7 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
 
   // R-forward: R(a_l) = h_{l-1} V_l^T + R(h_{l-1}) W_l^T + Vb_l, R(h_l) = f_l'(a_l) R(a_l). With a
   // bias the first GEMM carries Vb_l too: [h_{l-1}, 1] [N, in+1] x [V_l, Vb_l]^T [in+1, D*out].
+  std::vector<at::Tensor> RA(L), RH(L + 1);
   for (int64_t l = 0; l < L; ++l) {
     const Layer& lay = plan.layers[l];
     const int64_t in = lay.in, out = lay.out;
@@ -380,20 +393,20 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
       ra = mm({N, D * out}, H[l], vl.view({D * out, in}).t());
     }
     if (l > 0) ra.view({N * D, out}).addmm_(RH[l].view({N * D, in}), W[l].t());
-    if (!S1[l].defined()) {
+    if (!f.S1[l].defined()) {
       RA[l] = RH[l + 1] = ra;
       continue;
     }
     // Hessian mode keeps R(a_l) for the f'' term of the R-backward; Gauss-Newton scales in place.
-    const bool keep = hessian && S2GH[l].defined();
+    const bool keep = hessian && f.S2GH[l].defined();
     RA[l] = ra;
     RH[l + 1] = keep ? take({N, D * out}) : ra;
-    Kernels::rforward_activation(ra, S1[l], RH[l + 1], D);
+    Kernels::rforward_activation(ra, f.S1[l], RH[l + 1], D);
   }
 
   // Loss curvature: R(g_z) = H_loss R(z).
   at::Tensor rg = take({N, RH[L].size(1)});
-  Kernels::loss_curvature(RH[L], z, prob, plan, rg, D);
+  Kernels::loss_curvature(RH[L], H[L], f.prob, plan, rg, D);
 
   // R-backward, last layer first.
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -401,7 +414,7 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     const int64_t in = lay.in, out = lay.out;
     // rg becomes R(g_a_l); R(g_b_l)[d] = sum_n R(g_a_l)[n, d] is taken in the same pass.
     const at::Tensor bias_dst = lay.bias_col >= 0 ? result.narrow(1, lay.bias_col, out) : at::Tensor();
-    if (S1[l].defined()) Kernels::rbackward_activation(rg, S1[l], S2GH[l], RA[l], D, bias_dst);
+    if (f.S1[l].defined()) Kernels::rbackward_activation(rg, f.S1[l], f.S2GH[l], RA[l], D, bias_dst);
     else if (bias_dst.defined()) Kernels::column_sums(rg, bias_dst, D);
     // R(g_W_l)[d] = R(g_a_l)[:, d]^T h_{l-1}  (+ g_a_l^T R(h_{l-1})[:, d] in Hessian mode)
     at::Tensor gw = Kernels::weight_grad_input_major(dtype)
@@ -410,7 +423,7 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
                         : mm({D * out, in}, rg.view({N, D * out}).t(), H[l]).view({D, out, in});
     at::Tensor dst = result.narrow(1, lay.weight_col, out * in).view({D, out, in});
     if (hessian && l > 0) {
-      at::Tensor second = mm({out, D * in}, GA[l].t(), RH[l].view({N, D * in}))
+      at::Tensor second = mm({out, D * in}, f.GA[l].t(), RH[l].view({N, D * in}))
                               .view({out, D, in}).permute({1, 0, 2});
       at::add_out(dst, gw, second);
     } else {
@@ -422,9 +435,45 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     if (hessian) {
       at::Tensor vt = take({out, D, in});
       vt.copy_(weight_dirs(lay).permute({1, 0, 2}));
-      rgh.view({N, D * in}).addmm_(GA[l], vt.view({out, D * in}));
+      rgh.view({N, D * in}).addmm_(f.GA[l], vt.view({out, D * in}));
     }
     rg = rgh.view({N, D * in});
+  }
+}
+
+template <class Kernels>
+at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& target_in, at::TensorList weights_in,
+               const c10::List<std::optional<at::Tensor>>& biases_in, const at::Tensor& directions_in) {
+  const auto in_dtype = x_in.scalar_type();
+  // float16 / bfloat16: every step runs (and accumulates) in float32; the result is cast back.
+  const auto dtype = (in_dtype == at::kHalf || in_dtype == at::kBFloat16) ? at::kFloat : in_dtype;
+  const auto opts = x_in.options().dtype(dtype);
+  const int64_t N = plan.n, D = plan.d, P = plan.p;
+
+  at::Tensor result = at::empty({D, P}, opts);
+  if (D == 0 || P == 0) return result.to(in_dtype);
+  if (N == 0) return result.zero_().to(in_dtype);
+
+  const at::Tensor x = x_in.to(dtype).contiguous();
+  const at::Tensor v = directions_in.to(dtype).contiguous();
+  const at::Tensor target = plan.loss == kCrossEntropy ? target_in.to(at::kLong).contiguous()
+                                                       : target_in.to(dtype).contiguous();
+  const Forward f = forward_pass<Kernels>(plan, x, target, weights_in, biases_in, dtype);
+
+  // The directions' R-passes are independent: split into parts, each part runs on one thread with
+  // its own scratch slot (scratch.h) and writes its own rows of the result.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Kernels::direction_parts(D), D));
+  if (parts == 1) {
+    scratch::Arena arena(x_in.device(), Kernels::kCacheScratch);
+    r_passes<Kernels>(plan, f, v, result, arena);
+  } else {
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t d0 = t * D / parts, d1 = (t + 1) * D / parts;
+        scratch::Arena arena(x_in.device(), Kernels::kCacheScratch, t);
+        r_passes<Kernels>(plan, f, v.narrow(0, d0, d1 - d0), result.narrow(0, d0, d1 - d0), arena);
+      }
+    });
   }
   return in_dtype == dtype ? result : result.to(in_dtype);
 }

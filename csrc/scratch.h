@@ -7,27 +7,35 @@
 // aligned), and on the CPU that buffer is cached for the next call, up to kCacheCap bytes - the
 // role CUDA's caching allocator plays on the GPU, where the Arena just calls at::empty.
 //
-// One buffer is cached process-wide and lent to one call at a time: a call that finds it taken (a
-// concurrent call in another thread) gets a buffer of its own. A call that needs more than the
-// cached buffer holds takes the overflow from at::empty, and the next call starts with a buffer of
-// the size this one needed. release() drops the cached buffer (twicediff.release_native_scratch()).
+// The cache holds one buffer per slot. A call that splits its directions across threads gives each
+// thread's Arena its own slot (slot t for part t), so that every part finds its buffer again on the
+// next call. A slot's buffer is lent to one Arena at a time: an Arena that finds it taken (a
+// concurrent call in another thread) gets a buffer of its own. An Arena that needs more than its
+// buffer holds takes the overflow from at::empty, and the next one in that slot starts with a buffer
+// of the size it needed. release() drops every cached buffer (twicediff.release_native_scratch()).
 #pragma once
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 namespace twicediff {
 namespace scratch {
 
 constexpr int64_t kAlign = 64;                     // bytes; every block starts on a cache line
-constexpr int64_t kCacheCap = int64_t(1) << 30;    // the most bytes kept between calls
+constexpr int64_t kCacheCap = int64_t(1) << 30;    // the most bytes kept between calls, all slots together
+constexpr int kSlots = 64;                         // slot numbers are taken modulo this
+
+struct Slot {
+  at::Tensor buffer;     // uint8 [bytes] on the CPU, or undefined
+  int64_t wanted = 0;    // the most bytes one Arena of this slot has needed since the last release()
+};
 
 struct Cache {
   std::mutex mutex;
-  at::Tensor buffer;     // uint8 [bytes] on the CPU, or undefined
-  int64_t wanted = 0;    // the most bytes one call has needed since the last release()
+  Slot slots[kSlots];
 };
 
 inline Cache& cache() {
@@ -35,31 +43,41 @@ inline Cache& cache() {
   return c;
 }
 
-// Bytes held between calls (0 when nothing is cached).
-inline int64_t cached_bytes() {
-  std::lock_guard<std::mutex> lock(cache().mutex);
-  return cache().buffer.defined() ? cache().buffer.numel() : 0;
+// Bytes held between calls, all slots together (0 when nothing is cached). Call with the mutex held.
+inline int64_t held_bytes_locked() {
+  int64_t total = 0;
+  for (const Slot& s : cache().slots) total += s.buffer.defined() ? s.buffer.numel() : 0;
+  return total;
 }
 
-// Drops the cached buffer (calls in flight keep theirs until they end).
-inline void release() {
-  at::Tensor dropped;
+inline int64_t cached_bytes() {
   std::lock_guard<std::mutex> lock(cache().mutex);
-  std::swap(dropped, cache().buffer);
-  cache().wanted = 0;
+  return held_bytes_locked();
+}
+
+// Drops the cached buffers (calls in flight keep theirs until they end).
+inline void release() {
+  std::vector<at::Tensor> dropped;
+  std::lock_guard<std::mutex> lock(cache().mutex);
+  for (Slot& s : cache().slots) {
+    dropped.push_back(std::move(s.buffer));
+    s.buffer = at::Tensor();
+    s.wanted = 0;
+  }
 }
 
 class Arena {
  public:
-  // cached: take the buffer from, and give it back to, the process-wide cache (the CPU); else every
-  // block comes from at::empty on `device`.
-  Arena(c10::Device device, bool cached) : device_(device), cached_(cached) {
+  // cached: take the buffer from, and give it back to, slot `slot` of the process-wide cache (the
+  // CPU); else every block comes from at::empty on `device`.
+  Arena(c10::Device device, bool cached, int64_t slot = 0)
+      : device_(device), cached_(cached), slot_(static_cast<int>(slot % kSlots)) {
     if (!cached_) return;
     int64_t wanted = 0;
     {
       std::lock_guard<std::mutex> lock(cache().mutex);
-      std::swap(buffer_, cache().buffer);
-      wanted = cache().wanted;
+      std::swap(buffer_, cache().slots[slot_].buffer);
+      wanted = cache().slots[slot_].wanted;
     }
     if (wanted <= kCacheCap && (!buffer_.defined() || buffer_.numel() < wanted)) {
       buffer_ = at::Tensor();  // free the small one before taking the larger
@@ -73,10 +91,12 @@ class Arena {
   ~Arena() {
     if (!cached_) return;
     std::lock_guard<std::mutex> lock(cache().mutex);
-    cache().wanted = std::max(cache().wanted, used_);
-    if (buffer_.defined() && buffer_.numel() <= kCacheCap &&
-        (!cache().buffer.defined() || cache().buffer.numel() < buffer_.numel()))
-      std::swap(buffer_, cache().buffer);
+    Slot& s = cache().slots[slot_];
+    s.wanted = std::max(s.wanted, used_);
+    const int64_t held = s.buffer.defined() ? s.buffer.numel() : 0;
+    if (buffer_.defined() && buffer_.numel() > held &&
+        held_bytes_locked() - held + buffer_.numel() <= kCacheCap)
+      std::swap(buffer_, s.buffer);
   }
 
   // An uninitialised contiguous tensor of `shape` and `dtype`, valid until the Arena ends.
@@ -94,6 +114,7 @@ class Arena {
  private:
   c10::Device device_;
   bool cached_;
+  int slot_;
   at::Tensor buffer_;
   int64_t used_ = 0;  // bytes handed out so far, as if all came from the buffer
 };

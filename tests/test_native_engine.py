@@ -229,6 +229,25 @@ def test_op_matches_reference(device, case, gauss_newton):
     torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("gauss_newton", [False, True], ids=["hessian", "ggn"])
+def test_op_directions_split_across_threads(gauss_newton):
+    """On the CPU the op splits the D directions into one part per thread (sizes differing by one
+    at most, fewer parts where they would be uneven); every split gives the reference's answer."""
+    n, _, widths, biases, chains, loss = OP_CASES["mlp"]
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3, 5):
+            torch.set_num_threads(t)
+            for d in (1, 2, 3, 5, 7, 13, 64):
+                args = _op_case("cpu", torch.float64, n, d, widths, biases, chains, loss,
+                                torch.Generator().manual_seed(d))
+                got = _ops.mlp_hvp(*args, chains, loss, "mean", gauss_newton)
+                want = _reference.mlp_hvp(*args, chains, loss, "mean", gauss_newton)
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m: f"{t} threads, D={d}: {m}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_op_non_contiguous_inputs(device):
     gen = torch.Generator().manual_seed(5)
     n, d, widths, biases, chains, loss = OP_CASES["mlp"]

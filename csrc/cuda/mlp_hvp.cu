@@ -157,6 +157,8 @@ struct CudaKernels {
   static constexpr bool kCacheScratch = false;
   // cuBLAS takes either operand transposed at no cost; the transposing write would be extra traffic.
   static bool weight_grad_input_major(at::ScalarType) { return false; }
+  // One R-pass over all directions: the GPU runs each GEMM across its whole width.
+  static int64_t direction_parts(int64_t) { return 1; }
 
   static void forward_activation(const at::Tensor& a, const ActivationChain& chain, at::Tensor& h, at::Tensor& s1,
                                  at::Tensor& s2) {

@@ -199,7 +199,12 @@ def _plain_grad(model, loss, x, y):
 def native_gemms(td, x, y, v) -> Callable[[], object]:
     """The GEMMs of ``td.hvp(x, y, v, engine="native")`` (Hessian mode) alone, in the order and
     shapes of the driver in csrc/mlp_hvp_common.h, chunked over directions as ``hvp`` chunks them;
-    the frozen prefix runs first, as in the engine."""
+    the frozen prefix runs first, as in the engine.
+
+    Each chunk's GEMMs run as one R-pass over all its directions, with the BLAS's own threading:
+    what the op does on a GPU and with one CPU thread. With several CPU threads the op instead
+    splits the directions into one part per thread (``CpuKernels::direction_parts``), so there it
+    can be faster than this replay."""
     from .memory import chunk_size
     from .torch.hvp import MAX_DIRECTIONS_PER_CHUNK
     from .torch.native_engine import build_native_engine
