@@ -229,6 +229,28 @@ def test_op_matches_reference(device, case, gauss_newton):
     torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("chain", [[("tanh", 0, 0)], [("gelu_tanh", 0, 0)], [("softplus", 1.0, 20.0)],
+                                   [("softplus", 2.0, 1.0)], [("softplus", 0.5, 30.0)]],
+                         ids=["tanh", "gelu_tanh", "softplus", "softplus_b2_t1", "softplus_b05_t30"])
+def test_op_lone_activations_over_wide_preactivations(device, chain):
+    """A lone Tanh, tanh-GELU or Softplus has its own vectorised CPU path; pre-activations from -60
+    to 60 reach saturation, Softplus's threshold and exp(-|z|) far below float32's epsilon."""
+    gen = torch.Generator().manual_seed(3)
+    x, t, ws, bs, v = _op_case(device, torch.float64, 11, 4, [5, 9, 3], [True, True], [chain, []],
+                               "cross_entropy", gen)
+    x = x * 20
+    want = _reference.mlp_hvp(x, t, ws, bs, v, [chain, []], "cross_entropy", "mean")
+    a = x @ ws[0].T + bs[0]
+    assert float(a.min()) < -30 and float(a.max()) > 30
+    torch.testing.assert_close(_ops.mlp_hvp(x, t, ws, bs, v, [chain, []], "cross_entropy", "mean"), want,
+                               rtol=1e-9, atol=1e-11)
+    # float32: 1 - tanh(a)^2 cancels for large |a| on every path (scalar or vectorised), so the
+    # error is bounded against the largest entry, not entrywise
+    got32 = _ops.mlp_hvp(x.float(), t, [w.float() for w in ws], [b.float() for b in bs], v.float(), [chain, []],
+                         "cross_entropy", "mean")
+    assert float((got32.double() - want).abs().max() / want.abs().max()) < 1e-4
+
+
 @pytest.mark.parametrize("gauss_newton", [False, True], ids=["hessian", "ggn"])
 def test_op_directions_split_across_threads(gauss_newton):
     """On the CPU the op splits the D directions into one part per thread (sizes differing by one
