@@ -258,6 +258,10 @@ def mlp_hvp(x: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tenso
     Returns ``directions @ H`` as [D, P] for ``directions`` [D, P], H = ∂²L/∂θ² (or, with
     ``gauss_newton``, the generalized Gauss-Newton matrix JᵀH_ℓJ, J = ∂z/∂θ, H_ℓ = ∂²L/∂z²).
     Not differentiable: the inputs are detached.
+
+    On the CPU the D directions are split into one part per thread (``torch.get_num_threads()``),
+    each part's GEMMs single-threaded; on CUDA one pass covers all D. Results agree to rounding
+    whatever the thread count, not bit for bit across thread counts.
     """
     counts, codes, params = encode_mlp_activations(activations)
     return _ops.mlp_hvp(x.detach(), target.detach(), [w.detach() for w in weights],
