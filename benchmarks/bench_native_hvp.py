@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import time
 
@@ -30,7 +29,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from _common import emit
 from twicediff import TorchTwiceDifferentiable
-from twicediff.bench import native_gemms
+from twicediff.bench import interleaved_medians, native_gemms
 from twicediff.torch.native_engine import build_native_engine
 
 
@@ -125,20 +124,8 @@ def main():
     for name in ("native", "func"):
         err = (methods[name]() - ref).abs().max().item() / ref.abs().max().item()
         assert err < 1e-4, f"{name} disagrees with the loop: relative error {err:.2e}"
-    times = {k: [] for k in methods}
-    for _ in range(2):  # warm-up
-        for f in methods.values():
-            f()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    # A plain gradient is short: time GRAD_REPEATS back to back per round and keep their mean.
-    repeats = {k: (GRAD_REPEATS if k == "grad" else 1) for k in methods}
-    for _ in range(args.rounds):
-        for k, f in methods.items():
-            t0 = clock()
-            for _ in range(repeats[k]):
-                f()
-            times[k].append((clock() - t0) / repeats[k])
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(methods, args.rounds, calls={"grad": GRAD_REPEATS}, clock=clock)
     D = args.d
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

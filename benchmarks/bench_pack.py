@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import List
 
 import torch
 
 from twicediff import _ops
+from twicediff.bench import interleaved_medians
 
 
 def block_shapes(width: int, num_blocks: int) -> List[tuple]:
@@ -44,28 +43,6 @@ def block_shapes(width: int, num_blocks: int) -> List[tuple]:
         shapes.append((1,))
     assert sum(torch.Size(s).numel() for s in shapes) == width and len(shapes) == num_blocks
     return shapes
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def interleaved_medians(methods: Dict[str, Callable[[], object]], rounds: int, device: torch.device) -> Dict[str, float]:
-    """Median seconds per method; one warm-up call each, then `rounds` rounds of one call each."""
-    for fn in methods.values():
-        fn()
-    times: Dict[str, List[float]] = {name: [] for name in methods}
-    for r in range(rounds):
-        names = list(methods) if r % 2 == 0 else list(reversed(methods))  # no fixed order bias
-        for name in names:
-            times[name].append(timed(methods[name], device))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_pack(rows: int, width: int, num_blocks: int, rounds: int, device: torch.device) -> dict:

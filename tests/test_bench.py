@@ -85,3 +85,14 @@ def test_bad_arguments():
         bench.run("a", engines=["fast"])
     with pytest.raises(ValueError, match="directions must be positive"):
         bench.run("a", directions=(0,))
+
+
+def test_interleaved_medians_alternates_order_and_repeats_short_calls():
+    """Every function is warmed up once, then timed once per round, the order reversed every
+    other round; ``calls`` runs one back to back per timing; the clock is the caller's."""
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    ticks = iter(range(10 ** 6))
+    med = bench.interleaved_medians(fns, 3, calls={"b": 4}, clock=lambda: float(next(ticks)))
+    assert log == ["a", "b", "c"] + ["a"] + ["b"] * 4 + ["c"] + ["c"] + ["b"] * 4 + ["a"] + ["a"] + ["b"] * 4 + ["c"]
+    assert med == {"a": 1.0, "b": 0.25, "c": 1.0}  # one tick per timing, over the calls it covered

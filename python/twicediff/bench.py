@@ -44,13 +44,14 @@ from torch import nn
 from .memory import memory_budget
 from .progress import progress_bar
 
-__all__ = ["PRESETS", "format_table", "native_gemms", "plot", "run", "to_json"]
+__all__ = ["PRESETS", "format_table", "interleaved_medians", "native_gemms", "plot", "run", "to_json"]
 
 ENGINES = ("native", "func", "autograd")
 BASELINES = ("loop", "vmap_jvp_grad")
 LOOP_MAX_DIRECTIONS = 16
 BUDGET_BYTES = 256 * 2**20
 BUDGET_DIRECTIONS = 64
+GRAD_CALLS = 10  # plain gradients timed back to back per round (a millisecond or two each)
 
 
 class _TinyTransformer(nn.Module):
@@ -143,20 +144,28 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int,
-                        device: torch.device = torch.device("cpu")) -> Dict[str, float]:
+                        device: torch.device = torch.device("cpu"), *, calls: Optional[Dict[str, int]] = None,
+                        clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
     """Median seconds per call of each function: one warm-up call each, then ``repeats`` rounds in
-    which every function runs once, in turn (so load changes hit all of them alike)."""
+    which every function is timed once, in turn (so load changes hit all of them alike), the order
+    reversed every other round (so none always follows the same neighbour). ``calls[name]`` runs
+    that function so many times back to back per timing and keeps the mean: for calls of a
+    millisecond or two, which one preemption would otherwise dominate. ``clock``: wall time by
+    default; ``time.process_time`` gives the process's CPU time over all threads."""
+    calls = calls or {}
     for f in fns.values():
         f()
     _sync(device)
     times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    for r in range(repeats):
+        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            n = max(1, int(calls.get(k, 1)))
             _sync(device)
-            t0 = time.perf_counter()
-            f()
+            t0 = clock()
+            for _ in range(n):
+                fns[k]()
             _sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append((clock() - t0) / n)
     return {k: statistics.median(t) for k, t in times.items()}
 
 
@@ -422,7 +431,7 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = (1, 
             methods += ["auto", f"auto@{BUDGET_BYTES}"]
         fns = {m: _method_call(m, td, x, y, v) for m in methods}
         fns["grad"] = lambda: _plain_grad(td.model, td.loss, x, y)
-        med = interleaved_medians(fns, repeats, dev)
+        med = interleaved_medians(fns, repeats, dev, calls={"grad": GRAD_CALLS})
         per_hvp = {m: med[m] / (min(D, LOOP_MAX_DIRECTIONS) if m == "loop" else D) for m in methods}
         for m in methods + ["grad"]:
             row = {"preset": preset, "device": str(dev), "threads": threads, "D": D, "method": m,
