@@ -20,13 +20,16 @@ def test_run_rows_table_plot_json(tiny_preset, tmp_path):
     rows = bench.run(tiny_preset, directions=(1, 2, bench.BUDGET_DIRECTIONS), repeats=1, memory=False)
     methods = {(r["D"], r["method"]) for r in rows}
     for D in (1, 2, bench.BUDGET_DIRECTIONS):
-        assert {(D, m) for m in ("native", "native_gemms", "func", "autograd", "loop", "vmap_jvp_grad", "grad")} <= methods
+        assert {(D, m) for m in ("native", "native_gemms", "func", "autograd", "loop", "vmap_jvp_grad", "grad",
+                                 "grad_warm")} <= methods
     assert (bench.BUDGET_DIRECTIONS, f"auto@{bench.BUDGET_BYTES}") in methods and (2, "auto") not in methods
     for r in rows:
         if r["method"] == "loop":
             assert r["vs_loop"] == pytest.approx(1.0)
-        if r["method"] in ("grad", "native_gemms"):
+        if r["method"] in ("grad", "grad_warm", "native_gemms"):
             assert r["hvps_per_s"] is None
+            if r["method"] == "grad_warm":
+                assert f"{bench.GRAD_CALLS} back to back" in r["note"] and "HVP costs" in r["note"]
         else:
             assert r["hvps_per_s"] > 0 and r["hvp_in_grads"] > 0
     table = bench.format_table(rows)
