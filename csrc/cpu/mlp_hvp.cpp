@@ -76,7 +76,7 @@ struct CpuKernels {
         const scalar_t one = 1, half = 0.5, k = M_SQRT2 * M_2_SQRTPI * 0.5, c = 0.044715;
         if (!gelu) {
           at::tanh_out(h, a);
-        } else {  // h = tanh(u), u = k (a + c a^3), for now
+        } else {  // h holds tanh(u), u = k (a + c a^3), until the loop below writes the value
           at::parallel_for(0, a.numel(), kGrain, [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) ph[i] = k * (pa[i] + c * pa[i] * pa[i] * pa[i]);
           });
