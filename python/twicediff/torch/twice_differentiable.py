@@ -383,10 +383,12 @@ class BoundHvp:
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         V = self._check(V)
         D = V.shape[0]
-        out = torch.empty_like(V)
         if D == 0:
-            return out
+            return torch.empty_like(V)
         step = min(self.max_directions, chunk_size(D, self.bytes_per_direction, self._device, what="hvp directions"))
+        if step >= D and not self._progress:  # one chunk: the engine's own result, without a copy
+            return self._compute(V)
+        out = torch.empty_like(V)
         for start in progress_bar(range(0, D, step), self._progress, desc="hvp", unit="chunk"):
             out[start:start + step] = self._compute(V[start:start + step])
         return out
