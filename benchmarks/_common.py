@@ -1,35 +1,15 @@
 """What every benchmark result table starts with: machine, torch version, commit, threads."""
 import argparse
-import platform
-import statistics
-import subprocess
-import time
 
 import torch
 
-
-def machine() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from twicediff.bench import git_commit, interleaved_medians, machine
 
 
 def header(title: str, threads: int) -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"## {title}\n\nmachine: {machine()} ({torch.get_num_threads()} torch threads available, "
-            f"{threads} used); GPU: {gpu}; torch {torch.__version__}; commit {commit()}")
+            f"{threads} used); GPU: {gpu}; torch {torch.__version__}; commit {git_commit()}")
 
 
 def emit(text: str, out: str = "") -> None:
@@ -42,13 +22,7 @@ def emit(text: str, out: str = "") -> None:
 
 def median_ms(fn, rounds: int) -> float:
     """Milliseconds per call of ``fn``: one warm-up call, then the median of ``rounds`` calls."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * interleaved_medians({"fn": fn}, rounds)["fn"]
 
 
 def bench_args(doc: str, rounds: int) -> argparse.Namespace:

@@ -11,7 +11,6 @@ near (the estimated bytes per direction are in the table).
 from __future__ import annotations
 
 
-import torch
 
 from _common import bench_args, emit, header, median_ms
 from twicediff import bench

@@ -11,12 +11,11 @@ in csrc/cpu/mlp_hvp.cpp); this script times both, with the write, at the shapes 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from _common import emit, header
+from twicediff.bench import interleaved_medians
 
 # (label, dtype, N rows, D directions, in, out)
 SHAPES = [
@@ -26,12 +25,6 @@ SHAPES = [
     ("model (a) layer 2", torch.float32, 512, 64, 128, 128),
     ("model (a) layer 3", torch.float32, 512, 64, 128, 10),
 ]
-
-
-def once_ms(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -51,13 +44,8 @@ def main() -> None:
             direct = lambda: dst.copy_(torch.mm(rg.t(), h).view(D, out, inp))
             transposed = lambda: dst.copy_(torch.mm(h.t(), rg).view(inp, D, out).permute(1, 2, 0))
             torch.testing.assert_close(direct().clone(), transposed().clone())
-            for _ in range(2):  # warm-up
-                direct(), transposed()
-            a, b = [], []
-            for _ in range(args.rounds):  # interleaved
-                a.append(once_ms(direct))
-                b.append(once_ms(transposed))
-            ta, tb = statistics.median(a), statistics.median(b)
+            med = interleaved_medians({"direct": direct, "transposed": transposed}, args.rounds)
+            ta, tb = 1e3 * med["direct"], 1e3 * med["transposed"]
             gflop = 2 * N * D * inp * out / 1e9
             rows.append(f"| {threads} | {label} | {str(dtype).replace('torch.', '')} | {ta:.2f} ({gflop / ta * 1e3:.0f}) "
                         f"| {tb:.2f} ({gflop / tb * 1e3:.0f}) | {ta / tb:.2f} |")

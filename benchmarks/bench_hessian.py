@@ -11,11 +11,8 @@ torch.func.hessian needs the dense Jacobian of the gradient at once; it is run o
 """
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
-import time
 
 import _common
 

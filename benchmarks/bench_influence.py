@@ -36,6 +36,7 @@ sys.path.insert(0, HERE)
 from pydvl_influence_runner import build_mlp  # noqa: E402
 
 import twicediff  # noqa: E402
+from twicediff.bench import git_commit, machine  # noqa: E402
 from twicediff.influence import compute_influences, compute_influences_up  # noqa: E402
 
 N_TRAIN, N_TEST, BATCH, LAM, SEED = 1000, 64, 250, 0.1, 0
@@ -148,29 +149,12 @@ def scaling(threads: int) -> list:
     return rows
 
 
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
-
-
-def commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return git("rev-parse", "--short", "HEAD") + dirty
-
-
 def write_table(path: str, e2e: list, scale: list, threads: int) -> None:
     lines = [
         "# Influence functions on CPU: twicediff against pyDVL 0.7.1",
         "",
-        f"- Machine: {machine()}; torch.set_num_threads({threads}); shared with other jobs while measured.",
-        f"- torch {torch.__version__}, pyDVL {e2e[0]['pydvl_version'] if e2e else '-'}, twicediff commit {commit()}",
+        f"- Machine: {machine()}, {platform.system()} {platform.release()}; torch.set_num_threads({threads}); shared with other jobs while measured.",
+        f"- torch {torch.__version__}, pyDVL {e2e[0]['pydvl_version'] if e2e else '-'}, twicediff commit {git_commit()}",
         "- Command: `python benchmarks/bench_influence.py` (pyDVL from `benchmarks/.venv-pydvl`)",
         "",
         "## End to end: `compute_influences`, Up",

@@ -6,7 +6,6 @@ budget check. A thin entry over ``twicediff.bench``; writes a markdown table, a 
 """
 import argparse
 import os
-import platform
 
 import torch
 
@@ -33,7 +32,7 @@ def main() -> None:
     device_kind = torch.device(args.device).type
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"mvp_{device_kind}.md")
     machine = (torch.cuda.get_device_name(torch.device(args.device)) if device_kind == "cuda"
-               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+               else bench.machine())
     command = ("PYTHONPATH=python python benchmarks/bench_mvp.py " + " ".join(f"--preset {p}" for p in presets)
                + f" --device {args.device} --threads {args.threads}" + (" --quick" if args.quick else
                f" --directions {' '.join(map(str, directions))} --repeats {repeats}")

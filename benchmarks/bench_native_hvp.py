@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import time
 
 import torch
@@ -29,7 +27,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from _common import emit
 from twicediff import TorchTwiceDifferentiable
-from twicediff.bench import interleaved_medians, native_gemms
+from twicediff.bench import git_commit, interleaved_medians, machine, native_gemms
 from twicediff.torch.native_engine import build_native_engine
 
 
@@ -127,15 +125,11 @@ def main():
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     med = interleaved_medians(methods, args.rounds, calls={"grad": GRAD_REPEATS}, clock=clock)
     D = args.d
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
     lines = [
         f"# Native HVP engine, model (a): MLP 64-128-128-10 Tanh, cross-entropy, N={args.n}, D={D}, float32",
         "",
-        f"machine: {platform.processor() or platform.machine()}, {args.threads} threads; torch {torch.__version__}; "
-        f"commit {commit}; medians of {args.rounds} interleaved rounds; {args.clock} clock; "
+        f"machine: {machine()}, {args.threads} threads; torch {torch.__version__}; "
+        f"commit {git_commit()}; medians of {args.rounds} interleaved rounds; {args.clock} clock; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         "",
         f"Exact-HVP work: {hvp_flops(model, args.n) / 1e6:.1f} MFLOP per direction. GFLOP/s: that work per "

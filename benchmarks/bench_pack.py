@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import List
 
 import torch
 
 from twicediff import _ops
-from twicediff.bench import interleaved_medians
+from twicediff.bench import git_commit, interleaved_medians, machine
 
 
 def block_shapes(width: int, num_blocks: int) -> List[tuple]:
@@ -100,26 +98,8 @@ def bench_contract(rows: int, width: int, num_blocks: int, test_rows: int, round
     return t
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} logical cores"
-
-
-def commit() -> str:
-    """The git commit of the twicediff under test (the imported package, not this script)."""
-    where = Path(_ops.__file__).parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=where).stdout.strip()
-    except OSError:
-        sha = ""
-    return sha or f"unknown (no git checkout at {where})"
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
 
 
 def main() -> None:
@@ -140,8 +120,8 @@ def main() -> None:
     lines = [
         f"# pack / unpack / blockwise_contract on {device.type.upper()}",
         "",
-        f"- machine: {machine(device)}",
-        f"- torch {torch.__version__}, threads {torch.get_num_threads()}, twicediff commit {commit()}",
+        f"- machine: {device_name(device)}",
+        f"- torch {torch.__version__}, threads {torch.get_num_threads()}, twicediff commit {git_commit()}",
         f"- load average at start (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
         f"- K = {args.blocks} blocks (MLP-like weights and biases), float32, N x P = {numel:.0e}, "
         f"median of {args.rounds} interleaved rounds",

@@ -65,6 +65,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
+    from twicediff.bench import git_commit, machine
     from twicediff.torch import (TorchTwiceDifferentiable, hessian_operator, model_hessian_low_rank, solve_batch_cg,
                                  solve_linear)
     from scipy.sparse.linalg import eigsh
@@ -185,18 +186,12 @@ def main() -> None:
         "Lanczos eigenvalues equal eigsh on the same operator to 1e-4 relative": eig_rel_op < 1e-4,
     }
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=HERE).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     lines = [
         "# Inverse-HVP solvers on CPU: twicediff vs pyDVL 0.7.1",
         "",
-        f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"- machine: {machine()}, torch threads {torch.get_num_threads()}, "
         f"load average at start {os.getloadavg()[0]:.1f}",
-        f"- torch {torch.__version__}, python {platform.python_version()}, commit {commit}{' (dirty)' if dirty else ''}",
+        f"- torch {torch.__version__}, python {platform.python_version()}, commit {git_commit()}",
         f"- command: `PYTHONPATH=python python benchmarks/bench_solvers.py --rounds {args.rounds} "
         f"--block-size {args.block_size}" + (f" --preconditioner {args.preconditioner}" if args.preconditioner else "")
         + (" --per-column" if args.per_column else "") + (" --float32-products" if args.float32_products else "")

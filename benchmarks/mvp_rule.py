@@ -7,13 +7,10 @@ Medians of interleaved repeats in one process; writes benchmarks/results/mvp_rul
 """
 import argparse
 import os
-import platform
-import subprocess
-import sys
 
 import torch
 
-from twicediff.bench import git_commit, interleaved_medians, make_mlp
+from twicediff.bench import git_commit, interleaved_medians, machine, make_mlp
 from twicediff.torch import hvp as _hvp
 
 MODELS = {  # name: (layer widths, N)
@@ -46,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lines = ["# The mvp rule: per-direction loop vs one vmapped backward pass", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
+             f"Machine: {machine()} (shared), "
              f"torch {torch.__version__}, {args.threads} threads, commit {git_commit()}, float32, "
              f"Tanh MLPs under cross-entropy; medians of {args.repeats} interleaved repeats.", "",
              "Command: `PYTHONPATH=python python benchmarks/mvp_rule.py "

@@ -99,3 +99,9 @@ def test_interleaved_medians_alternates_order_and_repeats_short_calls():
     med = bench.interleaved_medians(fns, 3, calls={"b": 4}, clock=lambda: float(next(ticks)))
     assert log == ["a", "b", "c"] + ["a"] + ["b"] * 4 + ["c"] + ["c"] + ["b"] * 4 + ["a"] + ["a"] + ["b"] * 4 + ["c"]
     assert med == {"a": 1.0, "b": 0.25, "c": 1.0}  # one tick per timing, over the calls it covered
+
+
+def test_machine_and_commit_name_what_the_tables_state():
+    assert bench.machine().endswith("logical CPUs")
+    sha = bench.git_commit()
+    assert sha == "unknown" or sha.split()[0].isalnum()

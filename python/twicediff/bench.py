@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,8 @@ from torch import nn
 from .memory import memory_budget
 from .progress import progress_bar
 
-__all__ = ["PRESETS", "format_table", "interleaved_medians", "native_gemms", "plot", "run", "to_json"]
+__all__ = ["PRESETS", "format_table", "git_commit", "interleaved_medians", "machine", "native_gemms", "plot", "run",
+           "to_json"]
 
 ENGINES = ("native", "func", "autograd")
 BASELINES = ("loop", "vmap_jvp_grad")
@@ -133,12 +135,28 @@ PRESETS: Dict[str, Tuple[str, Callable]] = {
 
 
 def git_commit() -> str:
-    """Short commit of the working tree this module lies in ("unknown" outside git)."""
+    """Short commit of the working tree this module lies in, marked "(with uncommitted changes)" when
+    tracked files differ from it ("unknown" outside git): the commit every result table names."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=os.path.dirname(__file__), capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no") if sha else ""
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (sha + (" (with uncommitted changes)" if dirty else "")) if sha else "unknown"
+
+
+def machine() -> str:
+    """The CPU's model name and logical CPU count, as the result tables state the machine."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs"
 
 
 def _sync(device: torch.device) -> None:
