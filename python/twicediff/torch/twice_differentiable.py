@@ -273,7 +273,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                                  f"{tuple(V.shape)}")
             return V
 
-        return BoundHvp(lambda v: compute(x, y, v, mode), per_direction, nbytes, self.device, progress,
+        return BoundHvp(lambda v: compute(v, mode), per_direction, nbytes, self.device, progress,
                         max_directions=most, check=checked)
 
     # ---- engines -----------------------------------------------------------------------------
@@ -295,15 +295,15 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             return None, None, str(exc)
 
     def _engine(self, engine: str, x: torch.Tensor, y: torch.Tensor):
-        """(compute(x, y, v, mode) -> [D, P], bytes one direction needs, bytes of batch data held, most
-        directions per chunk: ``MAX_DIRECTIONS_PER_CHUNK`` for the native engine, about
+        """(compute(v, mode) -> [D, P] on the batch (x, y), bytes one direction needs, bytes of batch data
+        held, most directions per chunk: ``MAX_DIRECTIONS_PER_CHUNK`` for the native engine, about
         ``GENERIC_CHUNK_BYTES`` of working memory but at least ``MIN_GENERIC_DIRECTIONS`` for the
         others; the memory budget may cut chunks further)."""
         if engine in ("auto", "native"):
             native, prepared, reason = self._native_engine(x, y)
             if native is not None:
-                # the chunks of directions share the batch prepared here (x, y are those given)
-                return (lambda x_, y_, v, mode: native.hvp_prepared(prepared, v, mode)), \
+                # the chunks of directions share the batch prepared here
+                return (lambda v, mode: native.hvp_prepared(prepared, v, mode)), \
                     native.bytes_per_direction(x.shape[0]), sum(t.numel() * t.element_size() for t in prepared), \
                     _hvp.MAX_DIRECTIONS_PER_CHUNK
             if engine == "native":
@@ -312,12 +312,11 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         most = _hvp.generic_directions_per_chunk(per_direction)
         held = sum(t.numel() * t.element_size() for t in (x, y))
         if engine == "autograd":
-            return (lambda x, y, v, mode: _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)), per_direction, \
-                held, most
+            return (lambda v, mode: _hvp.autograd_hvp(self.model, self.loss, x, y, v, mode)), per_direction, held, most
         if engine == "func":
-            return (lambda x, y, v, mode: _hvp.func_hvp(self.model, self.loss, x, y, v, mode)), per_direction, held, most
+            return (lambda v, mode: _hvp.func_hvp(self.model, self.loss, x, y, v, mode)), per_direction, held, most
 
-        def func_else_autograd(x, y, v, mode):
+        def func_else_autograd(v, mode):
             try:
                 return _hvp.func_hvp(self.model, self.loss, x, y, v, mode)
             except (RuntimeError, NotImplementedError) as exc:  # an op without a torch.func rule
