@@ -3,7 +3,8 @@
 //
 // This header holds what both devices share: the activation maths (host/device functions), the
 // argument checks, and the driver that runs Pearlmutter's R-operator for all D directions at once.
-// The driver calls ATen for every GEMM and a device's `Kernels` policy for everything elementwise.
+// The driver leaves every GEMM and everything elementwise to a device's `Kernels` policy (its GEMMs:
+// ATen's on CUDA; on the CPU oneDNN's for float32, see cpu/gemm.cpp).
 //
 // Layout. Every R-quantity is stored row-major as [N, D, width]: row n, direction d. With that
 // layout each GEMM of a layer covers all D directions:
@@ -280,6 +281,7 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 //                                                       rg = s1 rg + s2gh ra (in place), then
 //                                                       bias_out[d, o] = sum_n rg[n, d, o]
 //   column_sums(m [N, D*out], out [D, out] (any strides), D)  out[d, o] = sum_n m[n, d*out + o]
+//   gemm(out, a, b, beta)                              out = beta out + a b (out contiguous; beta 0: not read)
 //   kCacheScratch                                     keep the scratch buffer between calls (scratch.h)
 //   weight_grad_input_major(dtype)                     true: take R(g_W) as h^T R(g_a) [in, D*out] and
 //                                                       transpose it while writing; false: as
@@ -317,8 +319,10 @@ Forward forward_pass(const Plan& plan, const at::Tensor& x, const at::Tensor& ta
     const Layer& lay = plan.layers[l];
     f.W[l] = weights_in[l].to(dtype);
     const std::optional<at::Tensor> b = biases_in.get(l);
-    at::Tensor a = b.has_value() && b->defined() ? at::addmm(b->to(dtype), f.H[l], f.W[l].t())
-                                                 : at::mm(f.H[l], f.W[l].t());
+    const bool with_bias = b.has_value() && b->defined();
+    at::Tensor a = at::empty({plan.n, lay.out}, f.W[l].options());
+    if (with_bias) a.copy_(b->to(dtype).expand({plan.n, lay.out}));
+    Kernels::gemm(a, f.H[l], f.W[l].t(), with_bias ? 1.0 : 0.0);
     if (lay.chain.count == 0) {
       f.H[l + 1] = a;
       continue;
@@ -344,7 +348,10 @@ Forward forward_pass(const Plan& plan, const at::Tensor& x, const at::Tensor& ta
       } else {
         f.GA[l] = gh;
       }
-      if (l > 0) gh = at::mm(f.GA[l], f.W[l]);
+      if (l > 0) {
+        gh = at::empty({plan.n, f.W[l].size(1)}, f.W[l].options());
+        Kernels::gemm(gh, f.GA[l], f.W[l], 0.0);
+      }
     }
   }
   return f;
@@ -363,7 +370,7 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
   auto take = [&](at::IntArrayRef shape) { return arena.take(shape, dtype); };
   auto mm = [&](at::IntArrayRef shape, const at::Tensor& a, const at::Tensor& b) {  // a b into scratch
     at::Tensor out = take(shape);
-    at::mm_out(out, a, b);
+    Kernels::gemm(out, a, b, 0.0);
     return out;
   };
   // The directions of layer l: V_l as [D*out, in] (row-major [D, out, in]) and, for the second-order
@@ -392,7 +399,7 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
       vl.copy_(weight_dirs(lay));
       ra = mm({N, D * out}, H[l], vl.view({D * out, in}).t());
     }
-    if (l > 0) ra.view({N * D, out}).addmm_(RH[l].view({N * D, in}), W[l].t());
+    if (l > 0) Kernels::gemm(ra.view({N * D, out}), RH[l].view({N * D, in}), W[l].t(), 1.0);
     if (!f.S1[l].defined()) {
       RA[l] = RH[l + 1] = ra;
       continue;
@@ -435,7 +442,7 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
     if (hessian) {
       at::Tensor vt = take({out, D, in});
       vt.copy_(weight_dirs(lay).permute({1, 0, 2}));
-      rgh.view({N, D * in}).addmm_(f.GA[l], vt.view({out, D * in}));
+      Kernels::gemm(rgh.view({N, D * in}), f.GA[l], vt.view({out, D * in}), 1.0);
     }
     rg = rgh.view({N, D * in});
   }

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include "cpu/gemm.h"
 #include "scratch.h"
 
 TORCH_LIBRARY(twicediff, m) {
@@ -34,6 +35,12 @@ TORCH_LIBRARY(twicediff, m) {
         "int[] activation_counts, int[] activation_codes, float[] activation_params, int loss, int reduction, "
         "bool gauss_newton) -> Tensor");
 
+  // ---- GEMM (csrc/{cpu,cuda}/gemm.*) ---------------------------------------------------------------
+  // out = beta * out + a @ b, in place, for a [M, K], b [K, N], out [M, N] (beta = 0: out is not
+  // read). The CPU takes float32 through torch's oneDNN where it can (cpu/gemm.cpp), the rest
+  // through ATen. Not differentiable.
+  m.def("gemm_(Tensor(a!) out, Tensor a, Tensor b, float beta) -> ()");
+
   // ---- solver ops (csrc/{cpu,cuda}/solver_step.*) --------------------------------------------
   // Blocks are [D, P], one row per right-hand side; alpha, beta are float64 [D]; norms are float64.
   // CG update: x += alpha[:, None] * p; r -= alpha[:, None] * Ap; returns ||r[d]||^2 per row.
@@ -53,6 +60,8 @@ PYBIND11_MODULE(_C, mod) {
           "Bytes of CPU scratch the native ops keep between calls (0 when none).");
   mod.def("release_scratch", &twicediff::scratch::release,
           "Free the CPU scratch the native ops keep between calls.");
+  mod.def("cpu_gemm", &twicediff::cpu::gemm_backend,
+          "Which library takes the native ops' float32 GEMMs on the CPU now: 'onednn' or 'blas'.");
 #ifdef TWICEDIFF_WITH_CUDA
   mod.attr("cuda_kernels") = true;
 #else

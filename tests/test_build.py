@@ -26,6 +26,7 @@ BUILD_INFO_TYPES = {
     "gpu_available": bool,
     "nvcc": (str, type(None)),
     "sanitize": (str, type(None)),
+    "cpu_gemm": str,
 }
 
 
@@ -36,6 +37,7 @@ def test_build_info_keys_and_types():
         assert isinstance(info[key], types), (key, info[key])
     assert all(re.fullmatch(r"sm_\d+", a) for a in info["cuda_archs"]), info["cuda_archs"]
     assert info["torch_runtime"] == torch.__version__
+    assert info["cpu_gemm"] in ("onednn", "blas")
 
 
 def test_build_info_agrees_with_the_record_and_the_module():

@@ -196,7 +196,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 
     out = {"out_bytes": 32 * P * 4}
     for kind in ("native", "func", "autograd", "mvp"):
-        extra_bytes(2, None, kind)  # warm-up
+        extra_bytes(32, BUDGET, kind)  # warm-up: the same call, so one-off costs are not counted
         out[kind] = {"budget": extra_bytes(32, BUDGET, kind), "free": extra_bytes(32, None, kind)}
     print(json.dumps(out))
 """)
@@ -207,7 +207,9 @@ def test_peak_memory_stays_near_the_budget():
     """In a fresh process (large tensors mmapped so that freed memory leaves the resident set), for
     every engine and mvp:
     32 directions under a 32 MiB budget grow the resident set by at most the budget plus the
-    [32, P] result, while without the budget they take several times more."""
+    [32, P] result, while without the budget they take several times more. The budgeted call is
+    made once before it is measured: the first call with new GEMM shapes also leaves oneDNN's
+    generated kernels behind (a few MB, kept for the next call; see twicediff.memory)."""
     budget = 32 * 2**20
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(twicediff.__file__)),

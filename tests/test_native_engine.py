@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import twicediff
 from twicediff import _ops, _reference
+from twicediff._build import _C
 from twicediff.torch.native_engine import build_native_engine
 
 from hessian_reference import explicit_gauss_newton, explicit_hessian
@@ -268,6 +270,40 @@ def test_op_directions_split_across_threads(gauss_newton):
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m: f"{t} threads, D={d}: {m}")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", ["auto", "blas"])
+def test_op_cpu_gemm_backends(monkeypatch, backend):
+    """float32 GEMMs on the CPU go to oneDNN where torch carries it (TWICEDIFF_CPU_GEMM unset or
+    "auto"), to ATen's BLAS with "blas"; either way the op matches its float64 twin, on shapes that
+    leave tails in every blocked dimension, on one thread and split across threads."""
+    monkeypatch.setenv("TWICEDIFF_CPU_GEMM", backend)
+    expect = "onednn" if backend == "auto" and torch.backends.mkldnn.is_available() else "blas"
+    assert _C.cpu_gemm() == expect and twicediff.build_info()["cpu_gemm"] == expect
+    chains = [[("tanh", 0, 0)], [("gelu", 0, 0)], []]
+    threads = torch.get_num_threads()
+    try:
+        for t, (n, d) in ((1, (37, 5)), (2, (37, 5)), (2, (130, 19))):
+            torch.set_num_threads(t)
+            args = _op_case("cpu", torch.float64, n, d, [33, 70, 17, 9], [True, False, True], chains,
+                            "cross_entropy", torch.Generator().manual_seed(n + d))
+            want = _reference.mlp_hvp(*args, chains, "cross_entropy", "mean")
+            args32 = [[w.float() if w is not None else None for w in a] if isinstance(a, list)
+                      else (a.float() if a.is_floating_point() else a) for a in args]
+            got = _ops.mlp_hvp(*args32, chains, "cross_entropy", "mean")
+            assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5, (t, n, d)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_op_cpu_gemm_bad_setting(monkeypatch):
+    monkeypatch.setenv("TWICEDIFF_CPU_GEMM", "mkl")
+    args = _op_case("cpu", torch.float64, *OP_CASES["mlp"][:3], OP_CASES["mlp"][3], OP_CASES["mlp"][4],
+                    "cross_entropy", torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="TWICEDIFF_CPU_GEMM must be 'auto' or 'blas', got 'mkl'"):
+        _ops.mlp_hvp(*args, OP_CASES["mlp"][4], "cross_entropy", "mean")
+    with pytest.raises(ValueError, match="TWICEDIFF_CPU_GEMM"):
+        _C.cpu_gemm()
 
 
 def test_op_non_contiguous_inputs(device):

@@ -1,5 +1,5 @@
 // CPU kernels of mlp_hvp: the elementwise passes of the R-operator (see mlp_hvp_common.h for the
-// driver and the layout), as parallel loops over contiguous rows; GEMMs go through ATen (MKL).
+// driver and the layout), as parallel loops over contiguous rows; GEMMs go through cpu/gemm.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "mlp_hvp_common.h"
 
 namespace twicediff {
@@ -58,6 +59,10 @@ struct CpuKernels {
     int64_t parts = std::min<int64_t>(at::get_num_threads(), D);
     while (parts > 1 && 4 * ((D + parts - 1) / parts) * parts > 5 * D) --parts;
     return std::max<int64_t>(parts, 1);
+  }
+
+  static void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+    cpu::gemm(out, a, b, beta);
   }
 
   static void forward_activation(const at::Tensor& a, const ActivationChain& chain, at::Tensor& h, at::Tensor& s1,

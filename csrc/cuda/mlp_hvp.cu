@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "gemm_common.h"
 #include "mlp_hvp_common.h"
 
 namespace twicediff {
@@ -159,6 +160,10 @@ struct CudaKernels {
   static bool weight_grad_input_major(at::ScalarType) { return false; }
   // One R-pass over all directions: the GPU runs each GEMM across its whole width.
   static int64_t direction_parts(int64_t) { return 1; }
+  // cuBLAS through ATen.
+  static void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+    aten_gemm(out, a, b, beta);
+  }
 
   static void forward_activation(const at::Tensor& a, const ActivationChain& chain, at::Tensor& h, at::Tensor& s1,
                                  at::Tensor& s2) {
@@ -253,9 +258,11 @@ at::Tensor mlp_hvp_cuda(const at::Tensor& x, const at::Tensor& target, at::Tenso
                         const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& directions,
                         at::IntArrayRef activation_counts, at::IntArrayRef activation_codes,
                         at::ArrayRef<double> activation_params, int64_t loss, int64_t reduction, bool gauss_newton) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  // The checks first: with x on the CPU and another argument on a GPU the dispatcher still comes
+  // here, and the guard would fail on x's device with a message that names no argument.
   const Plan plan = make_plan(x, target, weights, biases, directions, activation_counts, activation_codes,
                               activation_params, loss, reduction, gauss_newton);
+  const c10::cuda::CUDAGuard guard(x.device());
   return run<CudaKernels>(plan, x, target, weights, biases, directions);
 }
 

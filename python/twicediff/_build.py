@@ -64,7 +64,10 @@ def build_info() -> Dict[str, Any]:
 
     Keys: ``torch`` (version built against), ``torch_runtime`` (version running), ``cuda`` (CUDA
     version of the build, or None), ``cuda_archs`` (list of ``sm_XY``), ``cuda_kernels`` (CUDA
-    kernels compiled in), ``gpu_available`` (a CUDA device is usable now), ``nvcc``, ``sanitize``.
+    kernels compiled in), ``gpu_available`` (a CUDA device is usable now), ``nvcc``, ``sanitize``,
+    ``cpu_gemm`` (which library takes the native ops' float32 GEMMs on the CPU: ``"onednn"``, torch's
+    bundled oneDNN, or ``"blas"``, ATen's; environment variable ``TWICEDIFF_CPU_GEMM=blas`` forces
+    the latter).
     """
     return {
         "torch": _config.TORCH_VERSION,
@@ -75,4 +78,5 @@ def build_info() -> Dict[str, Any]:
         "gpu_available": bool(_C.cuda_kernels) and torch.cuda.is_available(),
         "nvcc": _config.NVCC_VERSION,
         "sanitize": _config.SANITIZE,
+        "cpu_gemm": _C.cpu_gemm(),
     }

@@ -128,6 +128,16 @@ def mlp_hvp(x: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tenso
     return vmap(hessian_product)(directions)
 
 
+# ---- GEMM ---------------------------------------------------------------------------------------
+
+
+def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
+    """out = beta * out + a @ b in place (beta = 0: out is not read); returns out."""
+    product = a @ b
+    out.copy_(product if beta == 0 else torch.add(product, out, alpha=beta))
+    return out
+
+
 # ---- solver ops ---------------------------------------------------------------------------------
 
 

@@ -21,6 +21,16 @@ intermediates of one call, up to 1 GiB) between calls, as CUDA's caching allocat
 fresh large blocks from the CPU allocator are faulted in and zeroed page by page on every call,
 about a fifth of the call's time on small MLPs. :func:`native_scratch_bytes` says how much is held
 and :func:`release_native_scratch` frees it.
+
+Their float32 GEMMs go through torch's bundled oneDNN (``build_info()["cpu_gemm"]``), which keeps
+the kernels it generates for each new GEMM shape in two process-wide caches, ideep's
+(``LRU_CACHE_CAPACITY``, default 1024 entries) and oneDNN's (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
+default 1024). One call of the native op costs a few MB of them the first time its shapes (batch
+rows, directions per thread, layer widths) occur, and nothing again while they repeat, as they do
+across the passes of a solver. Calls with ever new shapes grow them, up to a few hundred MB
+(371 MiB after 64 different row and direction counts on model (a) of issue 3). Lower the two
+capacities (environment variables read when torch starts), or send the GEMMs to ATen's BLAS with
+``TWICEDIFF_CPU_GEMM=blas`` at about half the float32 speed on AVX-512 CPUs.
 """
 from __future__ import annotations
 

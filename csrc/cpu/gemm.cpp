@@ -1,0 +1,92 @@
+// GEMMs of the CPU kernels.
+//
+// On x86 CPUs that are not Intel's, MKL runs its AVX2 code path even where the CPU has AVX-512: on
+// the AMD EPYC (Zen 5) development box its sgemm reaches about 107 GFLOP/s a core on square
+// matrices and 90-105 on the native HVP's shapes, where oneDNN's AVX-512 kernels reach 220-250 on
+// the same shapes, at full float32 precision (benchmarks/results/cpu_gemm.md). torch links oneDNN
+// (as "mkldnn") on x86 and aarch64 and exports at::native::mkldnn_matmul (out = beta out + alpha a b,
+// a and b contiguous or transposed) without shipping its header. It is looked up once at run
+// time, so a torch without it, or with another signature, keeps ATen's GEMM instead of failing to
+// load. float64 has no oneDNN kernel and always goes to ATen. torch's own lower-precision switch
+// for oneDNN (torch.backends.mkldnn.matmul.fp32_precision = "bf16" or "tf32") applies to these
+// GEMMs too; it is off by default.
+//
+// TWICEDIFF_CPU_GEMM=blas (read at every GEMM, so a process can switch) sends every GEMM to ATen;
+// "auto" or unset takes oneDNN where it can.
+#include "cpu/gemm.h"
+
+#include <ATen/Context.h>
+#include <c10/util/Exception.h>
+#include <dlfcn.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "gemm_common.h"
+
+namespace twicediff {
+namespace cpu {
+namespace {
+
+using MatmulFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+
+// at::native::mkldnn_matmul(const Tensor&, const Tensor&, const Tensor&, float, float)
+constexpr const char* kMatmulSymbol = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
+
+MatmulFn lookup() {
+  if (!at::hasMKLDNN()) return nullptr;
+  void* fn = dlsym(RTLD_DEFAULT, kMatmulSymbol);
+  if (fn == nullptr) {
+    // torch's libraries may have been loaded into a local namespace; ask libtorch_cpu itself.
+    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) fn = dlsym(lib, kMatmulSymbol);
+  }
+  return reinterpret_cast<MatmulFn>(fn);
+}
+
+std::atomic<bool> refused{false};  // oneDNN rejected a float32 GEMM once: ATen from then on
+
+bool blas_forced() {
+  const char* env = std::getenv("TWICEDIFF_CPU_GEMM");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(env, "blas") == 0, "TWICEDIFF_CPU_GEMM must be 'auto' or 'blas', got '", env, "'");
+  return true;
+}
+
+MatmulFn onednn_matmul() {
+  static const MatmulFn fn = lookup();
+  if (blas_forced() || fn == nullptr || refused.load(std::memory_order_relaxed)) return nullptr;
+  return fn;
+}
+
+}  // namespace
+
+void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+  const MatmulFn fn = onednn_matmul();  // checks TWICEDIFF_CPU_GEMM whatever the dtype
+  if (fn != nullptr && out.scalar_type() == at::kFloat && out.is_contiguous() && a.numel() > 0 && b.numel() > 0) {
+    try {
+      fn(a, b, out, static_cast<float>(beta), 1.0f);
+      return;
+    } catch (const c10::Error&) {  // its argument checks run before it writes out
+      refused.store(true, std::memory_order_relaxed);
+    }
+  }
+  aten_gemm(out, a, b, beta);
+}
+
+std::string gemm_backend() { return onednn_matmul() != nullptr ? "onednn" : "blas"; }
+
+namespace {
+
+void gemm_op_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+  check_gemm_args("gemm_", out, a, b);
+  gemm(out, a, b, beta);
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(twicediff, CPU, m) { m.impl("gemm_", &cpu::gemm_op_cpu); }
+
+}  // namespace twicediff
