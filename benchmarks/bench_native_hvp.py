@@ -3,14 +3,18 @@ cross-entropy, N = 512, float32, D directions (default 64), CPU threads fixed (d
 
 Methods, timed interleaved (one call each per round, medians over rounds):
   native   twicediff's engine: NativeHvpEngine.hvp(x, y, V), one op call for all D
+  native_blas  the same with its GEMMs sent to ATen's BLAS (TWICEDIFF_CPU_GEMM=blas) instead of
+           torch's oneDNN (when build_info()["cpu_gemm"] is "onednn")
   loop     pyDVL 0.7's mvp: grad with create_graph, then one autograd.grad per direction
   func     torch.func vmap(jvp(grad(L))) over the D directions at once
   grad     one plain gradient (autograd.grad of the mean loss, no create_graph)
-  gemms    twicediff.bench.native_gemms: the GEMMs the native engine runs, alone (same shapes):
-           the floor of the native engine's algorithm on this BLAS
-  peak     one square 2048^3 GEMM: what this BLAS reaches at best with these threads, in the same
-           rounds; every method's rate is given as GFLOP/s of exact-HVP work (hvp_flops) and as a
-           fraction of it, so that a target ratio can be checked against what the hardware allows
+  gemms    twicediff.bench.native_gemms: the GEMMs the native engine runs, alone (same shapes,
+           through the op's own GEMM): the floor of the native engine's algorithm
+  peak     one square 2048^3 sgemm, what the fastest GEMM reaches with these threads, in the same
+           rounds: torch.mm (ATen's BLAS, which the baselines use) and twicediff's gemm_ op
+           (oneDNN where the op uses it), the faster of the two; every method's rate is given as
+           GFLOP/s of exact-HVP work (hvp_flops) and as a fraction of it, so that a target ratio
+           can be checked against what the hardware allows
 
 Usage: python benchmarks/bench_native_hvp.py [--d 64] [--rounds 15] [--threads 2] [--out FILE.md]
 """
@@ -27,7 +31,8 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from _common import emit
 from twicediff import TorchTwiceDifferentiable
-from twicediff.bench import git_commit, interleaved_medians, machine, native_gemms
+from twicediff import _build, _ops
+from twicediff.bench import cpu_gemm, git_commit, interleaved_medians, machine, native_gemms
 from twicediff.torch.native_engine import build_native_engine
 
 
@@ -70,6 +75,10 @@ def make_methods(model, x, y, V):
     def native():
         return engine.hvp(x, y, V)
 
+    def native_blas():
+        with cpu_gemm("blas"):
+            return engine.hvp(x, y, V)
+
     def loop():
         g = torch.autograd.grad(loss_of(model(x)), params, create_graph=True)
         flat = torch.cat([t.reshape(-1) for t in g])
@@ -93,11 +102,14 @@ def make_methods(model, x, y, V):
     gemms = native_gemms(TorchTwiceDifferentiable(model, F.cross_entropy), x, y, V)
 
     square = torch.randn(PEAK_SIZE, PEAK_SIZE)
+    product = torch.empty(PEAK_SIZE, PEAK_SIZE)
 
-    def peak():
-        return square @ square
-
-    return {"native": native, "loop": loop, "func": func, "grad": plain_gradient, "gemms": gemms, "peak": peak}
+    methods = {"native": native, "loop": loop, "func": func, "grad": plain_gradient, "gemms": gemms,
+               "peak_blas": lambda: torch.mm(square, square, out=product)}
+    if _build._C.cpu_gemm() == "onednn":
+        methods["native_blas"] = native_blas
+        methods["peak_op"] = lambda: _ops.gemm_(product, square, square)
+    return methods
 
 
 def main():
@@ -119,12 +131,16 @@ def main():
     methods = make_methods(model, x, y, V)
     # Correctness of what is timed: the three HVP methods agree.
     ref = methods["loop"]()
-    for name in ("native", "func"):
+    for name in [m for m in ("native", "native_blas", "func") if m in methods]:
         err = (methods[name]() - ref).abs().max().item() / ref.abs().max().item()
         assert err < 1e-4, f"{name} disagrees with the loop: relative error {err:.2e}"
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     med = interleaved_medians(methods, args.rounds, calls={"grad": GRAD_REPEATS}, clock=clock)
     D = args.d
+    peak = min(med[k] for k in ("peak_blas", "peak_op") if k in med)
+    peaks = " and ".join(f"torch.mm {2 * PEAK_SIZE ** 3 / med['peak_blas'] / 1e9:.0f}" if k == "peak_blas" else
+                         f"gemm_ {2 * PEAK_SIZE ** 3 / med['peak_op'] / 1e9:.0f}" for k in ("peak_blas", "peak_op")
+                         if k in med)
     lines = [
         f"# Native HVP engine, model (a): MLP 64-128-128-10 Tanh, cross-entropy, N={args.n}, D={D}, float32",
         "",
@@ -133,16 +149,17 @@ def main():
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         "",
         f"Exact-HVP work: {hvp_flops(model, args.n) / 1e6:.1f} MFLOP per direction. GFLOP/s: that work per "
-        f"second of the method; % peak: against a {PEAK_SIZE}^3 sgemm timed in the same rounds "
-        f"({2 * PEAK_SIZE ** 3 / med['peak'] / 1e9:.0f} GFLOP/s).",
+        f"second of the method; % peak: against a {PEAK_SIZE}^3 sgemm timed in the same rounds, the faster "
+        f"of {peaks} ({2 * PEAK_SIZE ** 3 / peak / 1e9:.0f} GFLOP/s). Native op's float32 CPU GEMMs: "
+        f"{_build._C.cpu_gemm()}.",
         "",
         "| method | ms per call (D dirs) | ms per HVP | HVP cost in plain gradients | native speed-up | GFLOP/s | % peak |",
         "|---|---|---|---|---|---|---|",
     ]
     g = med["grad"]
     flops = hvp_flops(model, args.n)
-    peak_rate = 2 * PEAK_SIZE ** 3 / med["peak"]
-    for k in ("native", "loop", "func", "gemms"):
+    peak_rate = 2 * PEAK_SIZE ** 3 / peak
+    for k in [m for m in ("native", "native_blas", "loop", "func", "gemms") if m in med]:
         per = med[k] / D
         rate = flops / per
         lines.append(f"| {k} | {med[k] * 1e3:.2f} | {per * 1e3:.3f} | {per / g:.2f} | {med[k] / med['native']:.2f}x "

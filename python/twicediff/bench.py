@@ -18,8 +18,10 @@ Methods timed for D directions on the same batch (one call computes all D produc
   target (peak at D = 64 within 1.5× of D = 1; throughput within 20% of unchunked ``auto``);
 - ``native_gemms`` (when the native engine takes the model): the frozen prefix and the GEMMs the
   native op runs for the same D, chunked alike, on buffers of the same shapes and nothing else —
-  the floor of the engine's algorithm on this BLAS; ``native / native_gemms`` is the overhead of
-  everything else (the fused elementwise kernels, copies, the launch and dispatch costs).
+  the floor of the engine's algorithm on this GEMM library; ``native / native_gemms`` is the
+  overhead of everything else (the fused elementwise kernels, copies, the launch and dispatch costs);
+- ``native_blas`` (CPU, when the native op's float32 GEMMs go to oneDNN): the native engine with
+  its GEMMs sent to ATen's BLAS instead (``TWICEDIFF_CPU_GEMM=blas``), what oneDNN brings.
 
 Times are medians of interleaved repeats in one process (all methods of one D take turns, the order
 reversed every other round), so the ratios hold on a busy machine. Peak memory: on CPU each configuration runs twice more (warm-up, then
@@ -31,6 +33,7 @@ API (used by ``python -m twicediff bench`` and ``benchmarks/bench_mvp.py``): :da
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,16 +42,17 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _build, _ops
 from .memory import memory_budget
 from .progress import progress_bar
 
-__all__ = ["PRESETS", "format_table", "git_commit", "interleaved_medians", "machine", "native_gemms", "plot", "run",
+__all__ = ["PRESETS", "cpu_gemm", "format_table", "git_commit", "interleaved_medians", "machine", "native_gemms", "plot", "run",
            "to_json"]
 
 ENGINES = ("native", "func", "autograd")
@@ -231,7 +235,9 @@ def native_gemms(td, x, y, v) -> Callable[[], object]:
     shapes of the driver in csrc/mlp_hvp_common.h, chunked over directions as ``hvp`` chunks them;
     the frozen prefix runs first, as in the engine.
 
-    Each chunk's GEMMs run as one R-pass over all its directions, with the BLAS's own threading:
+    The GEMMs go through the op's own GEMM (:func:`twicediff._ops.gemm_`: oneDNN or the BLAS, as
+    ``build_info()["cpu_gemm"]`` says). Each chunk's GEMMs run as one R-pass over all its
+    directions, with the GEMM library's own threading:
     what the op does on a GPU and with one CPU thread. With several CPU threads the op instead
     splits the directions into one part per thread (``CpuKernels::direction_parts``), so there it
     can be faster than this replay."""
@@ -253,7 +259,7 @@ def native_gemms(td, x, y, v) -> Callable[[], object]:
 
     def buffers(D: int) -> dict:
         """The GEMMs' inputs that the driver builds by copies (direction blocks, augmented rows,
-        R-quantities), made once: only the GEMMs and their outputs are timed."""
+        R-quantities), made once: only the GEMMs are timed."""
         out_last = Ws[-1].shape[0]
         return {
             "ga": [torch.randn(n, W.shape[0], **opts) for W in Ws],
@@ -267,30 +273,40 @@ def native_gemms(td, x, y, v) -> Callable[[], object]:
     sizes = sorted({min(step, v.shape[0] - start) for start in range(0, v.shape[0], step)})
     made = {D: buffers(D) for D in sizes}
 
+    outs: Dict[tuple, torch.Tensor] = {}
+
+    def mm(site: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a b through the op's own GEMM, into an output kept per call site and shape (the op takes
+        its outputs from a scratch buffer kept between calls)."""
+        key = (site, a.shape[0], b.shape[1])
+        if key not in outs:
+            outs[key] = torch.empty(a.shape[0], b.shape[1], **opts)
+        return _ops.gemm_(outs[key], a, b)
+
     def chunk(D: int) -> None:
         b = made[D]
         h = [engine.prepare(x, y)[0]]
-        for W in Ws:  # forward
-            h.append(torch.mm(h[-1], W.t()))
+        for l, W in enumerate(Ws):  # forward
+            h.append(mm(f"a{l}", h[-1], W.t()))
         for l in range(len(Ws) - 1, 0, -1):  # plain backward
-            torch.mm(b["ga"][l], Ws[l])
+            mm(f"gh{l}", b["ga"][l], Ws[l])
         for l, W in enumerate(Ws):  # R-forward
             out, inp = W.shape
-            ra = torch.mm(b["haug"][l], b["vaug"][l].t())
+            ra = mm(f"ra{l}", b["haug"][l], b["vaug"][l].t())
             if l > 0:
-                ra.view(n * D, out).addmm_(b["rh"][l].view(n * D, inp), W.t())
+                _ops.gemm_(ra.view(n * D, out), b["rh"][l].view(n * D, inp), W.t(), 1.0)
         rg = b["rg"]
         for l in range(len(Ws) - 1, -1, -1):  # R-backward
             out, inp = Ws[l].shape
             if input_major:
-                torch.mm(h[l].t(), rg)
+                mm(f"gw{l}", h[l].t(), rg)
             else:
-                torch.mm(rg.t(), h[l])
+                mm(f"gw{l}", rg.t(), h[l])
             if l == 0:
                 break
-            torch.mm(b["ga"][l].t(), b["rh"][l])
-            rgh = torch.mm(rg.view(n * D, out), Ws[l])
-            rgh.view(n, D * inp).addmm_(b["ga"][l], b["vt"][l])
+            mm(f"second{l}", b["ga"][l].t(), b["rh"][l])
+            rgh = mm(f"rgh{l}", rg.view(n * D, out), Ws[l])
+            _ops.gemm_(rgh.view(n, D * inp), b["ga"][l], b["vt"][l], 1.0)
             rg = rgh.view(n, D * inp)
 
     def run_chunks() -> None:
@@ -299,6 +315,21 @@ def native_gemms(td, x, y, v) -> Callable[[], object]:
                 chunk(min(step, v.shape[0] - start))
 
     return run_chunks
+
+
+@contextlib.contextmanager
+def cpu_gemm(backend: str) -> Iterator[None]:
+    """Within the block, the native ops' CPU GEMMs go to ``backend`` (``"auto"``: oneDNN where
+    possible; ``"blas"``: ATen's), through the ``TWICEDIFF_CPU_GEMM`` environment variable."""
+    old = os.environ.get("TWICEDIFF_CPU_GEMM")
+    os.environ["TWICEDIFF_CPU_GEMM"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TWICEDIFF_CPU_GEMM"]
+        else:
+            os.environ["TWICEDIFF_CPU_GEMM"] = old
 
 
 def _method_call(method: str, td, x, y, v) -> Callable[[], object]:
@@ -322,6 +353,11 @@ def _method_call(method: str, td, x, y, v) -> Callable[[], object]:
         return lambda: _vmap_jvp_grad(model, loss, x, y, v)
     if method == "native_gemms":
         return native_gemms(td, x, y, v)
+    if method == "native_blas":
+        def native_on_blas():
+            with cpu_gemm("blas"):
+                return td.hvp(x, y, v, engine="native")
+        return native_on_blas
     raise ValueError(f"bench: unknown method {method!r}")
 
 
@@ -448,6 +484,8 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = (1, 
     for D in progress_bar(directions, progress, desc=f"bench {preset}", unit="D"):
         v = _directions(td, D, x)
         methods = engines + list(BASELINES) + (["native_gemms"] if "native" in engines else [])
+        if "native" in engines and dev.type == "cpu" and _build._C.cpu_gemm() == "onednn":
+            methods.append("native_blas")
         if D in (1, BUDGET_DIRECTIONS):
             methods += ["auto", f"auto@{BUDGET_BYTES}"]
         fns = {m: _method_call(m, td, x, y, v) for m in methods}
@@ -474,6 +512,9 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = (1, 
                 row["note"] = f"{med['native'] / med['native_gemms']:.2f}× its GEMMs alone"
             if m == "native_gemms":
                 row["note"] = "the native op's GEMMs (and frozen prefix) alone, no products"
+            if m == "native_blas":
+                row["note"] = (f"native with ATen's BLAS GEMMs instead of oneDNN's: "
+                               f"{med['native_blas'] / med['native']:.2f}× native's time")
             if m == "grad_warm":
                 row["note"] = f"{GRAD_CALLS} back to back per round"
                 if engines:
