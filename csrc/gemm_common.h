@@ -1,4 +1,4 @@
-// The gemm_ op (out = beta out + a b) and the GEMMs of the native kernels: argument checks shared
+// The gemm_ op (out = beta out + alpha a b) and the GEMMs of the native kernels: argument checks shared
 // by the CPU (cpu/gemm.cpp) and CUDA (cuda/gemm.cu) kernels, and ATen's GEMM, which CUDA always
 // takes and the CPU takes where oneDNN does not (see cpu/gemm.cpp).
 #pragma once
@@ -35,11 +35,11 @@ inline void check_gemm_args(const char* op, const at::Tensor& out, const at::Ten
                     out.strides());
 }
 
-// out = beta out + a b through ATen (beta = 0: out is not read).
-inline void aten_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+// out = beta out + alpha a b through ATen (beta = 0: out is not read).
+inline void aten_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha = 1.0) {
   at::Tensor dst = out;  // the same tensor: ATen's out= and in-place forms take it by non-const reference
-  if (beta == 0.0) at::mm_out(dst, a, b);
-  else dst.addmm_(a, b, beta, 1.0);
+  if (beta == 0.0 && alpha == 1.0) at::mm_out(dst, a, b);
+  else dst.addmm_(a, b, beta, alpha);  // beta = 0: ATen does not read dst either
 }
 
 }  // namespace twicediff

@@ -36,10 +36,10 @@ TORCH_LIBRARY(twicediff, m) {
         "bool gauss_newton) -> Tensor");
 
   // ---- GEMM (csrc/{cpu,cuda}/gemm.*) ---------------------------------------------------------------
-  // out = beta * out + a @ b, in place, for a [M, K], b [K, N], out [M, N] (beta = 0: out is not
-  // read). The CPU takes float32 through torch's oneDNN where it can (cpu/gemm.cpp), the rest
+  // out = beta * out + alpha * a @ b, in place, for a [M, K], b [K, N], out [M, N] (beta = 0: out is
+  // not read). The CPU takes float32 through torch's oneDNN where it can (cpu/gemm.cpp), the rest
   // through ATen. Not differentiable.
-  m.def("gemm_(Tensor(a!) out, Tensor a, Tensor b, float beta) -> ()");
+  m.def("gemm_(Tensor(a!) out, Tensor a, Tensor b, float beta, float alpha) -> ()");
 
   // ---- solver ops (csrc/{cpu,cuda}/solver_step.*) --------------------------------------------
   // Blocks are [D, P], one row per right-hand side; alpha, beta are float64 [D]; norms are float64.

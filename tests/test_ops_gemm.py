@@ -1,11 +1,11 @@
-"""The gemm_ op (out = beta out + a b) against its pure-torch twin, per device, and its argument checks."""
+"""The gemm_ op (out = beta out + alpha a b) against its pure-torch twin, per device, and its argument checks."""
 import pytest
 import torch
 
 from twicediff import _ops, _reference
 
 SHAPES = [(1, 1, 1), (37, 33, 70), (130, 65, 300), (5, 1, 9), (0, 4, 3), (4, 0, 3), (4, 3, 0), (257, 129, 17)]
-LAYOUTS = ["plain", "a_t", "b_t", "both_t", "strided", "out_t"]
+LAYOUTS = ["plain", "a_t", "b_t", "both_t", "strided", "out_t", "out_block"]
 
 
 def _case(device, dtype, m, k, n, layout, gen):
@@ -25,13 +25,17 @@ def _case(device, dtype, m, k, n, layout, gen):
         b = cast(torch.stack([b64, b64], dim=2).reshape(k, 2 * n))[:, ::2]
     if layout == "out_t":
         out = cast(o64.t().contiguous()).t()
+    if layout == "out_block":  # rows of a wider, taller matrix (as a trailing-update block)
+        big = torch.zeros(m + 3, n + 5, dtype=dtype, device=device)
+        out = big[1:m + 1, 2:n + 2]
+        out.copy_(o64)
     return a, b, out, (a.double().cpu().clone(), b.double().cpu().clone(), out.double().cpu().clone())
 
 
 @pytest.mark.parametrize("backend", ["auto", "blas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("beta", [0.0, 1.0, -0.5])
-def test_gemm_matches_reference(device, monkeypatch, backend, dtype, beta):
+@pytest.mark.parametrize("beta, alpha", [(0.0, 1.0), (1.0, 1.0), (-0.5, 2.0), (1.0, -1.0), (0.0, -0.5)])
+def test_gemm_matches_reference(device, monkeypatch, backend, dtype, beta, alpha):
     """Every shape and layout, against the float64 twin; float32 to 1e-5 of the largest entry (the
     oneDNN and BLAS kernels sum in different orders)."""
     monkeypatch.setenv("TWICEDIFF_CPU_GEMM", backend)
@@ -39,9 +43,9 @@ def test_gemm_matches_reference(device, monkeypatch, backend, dtype, beta):
     for m, k, n in SHAPES:
         for layout in LAYOUTS:
             a, b, out, (a64, b64, o64) = _case(device, dtype, m, k, n, layout, gen)
-            got = _ops.gemm_(out, a, b, beta)
+            got = _ops.gemm_(out, a, b, beta, alpha)
             assert got is out
-            want = _reference.gemm_(o64, a64, b64, beta)
+            want = _reference.gemm_(o64, a64, b64, beta, alpha)
             scale = max(float(want.abs().max()) if want.numel() else 0.0, 1.0)
             err = float((out.double().cpu() - want).abs().max()) if want.numel() else 0.0
             tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -62,7 +66,7 @@ def test_gemm_beta_zero_ignores_out(device):
 def test_gemm_opcheck(device):
     for dtype in (torch.float32, torch.float64):
         args = (torch.randn(6, 4, dtype=dtype, device=device), torch.randn(6, 5, dtype=dtype, device=device),
-                torch.randn(5, 4, dtype=dtype, device=device), 0.5)
+                torch.randn(5, 4, dtype=dtype, device=device), 0.5, -2.0)
         torch.library.opcheck(torch.ops.twicediff.gemm_.default, args)
 
 
@@ -92,6 +96,8 @@ def test_gemm_bad_arguments_name_them(device):
         _ops.gemm_(f(3, 4).requires_grad_(), f(3, 5), f(5, 4))
     with pytest.raises(TypeError, match="beta must be a number"):
         _ops.gemm_(f(3, 4), f(3, 5), f(5, 4), beta="1")
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        _ops.gemm_(f(3, 4), f(3, 5), f(5, 4), alpha=None)
     with pytest.raises(TypeError, match="a must be a tensor"):
         _ops.gemm_(f(3, 4), [[1.0]], f(5, 4))
     if device.type == "cuda":

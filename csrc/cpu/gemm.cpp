@@ -4,8 +4,9 @@
 // the AMD EPYC (Zen 5) development box its sgemm reaches about 107 GFLOP/s a core on square
 // matrices and 90-105 on the native HVP's shapes, where oneDNN's AVX-512 kernels reach 220-250 on
 // the same shapes, at full float32 precision (benchmarks/results/cpu_gemm.md). torch links oneDNN
-// (as "mkldnn") on x86 and aarch64 and exports at::native::mkldnn_matmul (out = beta out + alpha a b,
-// a and b contiguous or transposed) without shipping its header. It is looked up once at run
+// (as "mkldnn") on x86 and aarch64 and exports at::native::mkldnn_matmul (out = beta out + alpha a b;
+// a and b contiguous or transposed, else copied; out row-major with any row stride) without
+// shipping its header. It is looked up once at run
 // time, so a torch without it, or with another signature, keeps ATen's GEMM instead of failing to
 // load. float64 has no oneDNN kernel and always goes to ATen. torch's own lower-precision switch
 // for oneDNN (torch.backends.mkldnn.matmul.fp32_precision = "bf16" or "tf32") applies to these
@@ -20,6 +21,7 @@
 #include <dlfcn.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -32,7 +34,7 @@ namespace {
 
 using MatmulFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
 
-// at::native::mkldnn_matmul(const Tensor&, const Tensor&, const Tensor&, float, float)
+// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = beta result + alpha mat1 mat2
 constexpr const char* kMatmulSymbol = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
 
 MatmulFn lookup() {
@@ -60,28 +62,33 @@ MatmulFn onednn_matmul() {
   return fn;
 }
 
+// oneDNN writes a row-major out with any row stride (a block of a larger matrix), not other layouts.
+bool rows_with_stride(const at::Tensor& t) {
+  return t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(t.size(1), 1);
+}
+
 }  // namespace
 
-void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
   const MatmulFn fn = onednn_matmul();  // checks TWICEDIFF_CPU_GEMM whatever the dtype
-  if (fn != nullptr && out.scalar_type() == at::kFloat && out.is_contiguous() && a.numel() > 0 && b.numel() > 0) {
+  if (fn != nullptr && out.scalar_type() == at::kFloat && rows_with_stride(out) && a.numel() > 0 && b.numel() > 0) {
     try {
-      fn(a, b, out, static_cast<float>(beta), 1.0f);
+      fn(a, b, out, static_cast<float>(beta), static_cast<float>(alpha));
       return;
     } catch (const c10::Error&) {  // its argument checks run before it writes out
       refused.store(true, std::memory_order_relaxed);
     }
   }
-  aten_gemm(out, a, b, beta);
+  aten_gemm(out, a, b, beta, alpha);
 }
 
 std::string gemm_backend() { return onednn_matmul() != nullptr ? "onednn" : "blas"; }
 
 namespace {
 
-void gemm_op_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+void gemm_op_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
   check_gemm_args("gemm_", out, a, b);
-  gemm(out, a, b, beta);
+  gemm(out, a, b, beta, alpha);
 }
 
 }  // namespace

@@ -8,9 +8,9 @@
 namespace twicediff {
 namespace cpu {
 
-// out = beta * out + a b for 2-d a [M, K], b [K, N] and a contiguous out [M, N] of their dtype
-// (beta = 0: out's contents are not read).
-void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta);
+// out = beta * out + alpha * a b for 2-d a [M, K], b [K, N] and out [M, N] of their dtype (beta = 0:
+// out's contents are not read).
+void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha = 1.0);
 
 // Which library takes float32 GEMMs in this process now: "onednn" or "blas".
 std::string gemm_backend();

@@ -9,10 +9,10 @@
 namespace twicediff {
 namespace {
 
-void gemm_op_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+void gemm_op_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
   check_gemm_args("gemm_", out, a, b);  // one device for all three before the guard takes it
   const c10::cuda::CUDAGuard guard(out.device());
-  aten_gemm(out, a, b, beta);
+  aten_gemm(out, a, b, beta, alpha);
 }
 
 }  // namespace

@@ -280,8 +280,8 @@ def _mlp_hvp_fake(x, target, weights, biases, directions, activation_counts, act
 # ---- GEMM ---------------------------------------------------------------------------------------
 
 
-def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
-    """``out = beta * out + a @ b`` in place for a [M, K], b [K, N], out [M, N] of one floating dtype
+def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0, alpha: float = 1.0) -> torch.Tensor:
+    """``out = beta * out + alpha * a @ b`` in place for a [M, K], b [K, N], out [M, N] of one floating dtype
     and device; returns out. ``beta = 0``: out's contents are not read (NaN there does not spread).
 
     The GEMM the native kernels use: on the CPU, float32 goes through torch's bundled oneDNN where it
@@ -290,15 +290,16 @@ def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0
     for name, t in (("out", out), ("a", a), ("b", b)):
         _tensor("gemm_", name, t)
     _not_tracked("gemm_", [("out", out)])
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"gemm_: beta must be a number, got {type(beta).__name__}")
+    for name, value in (("beta", beta), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"gemm_: {name} must be a number, got {type(value).__name__}")
     with torch.no_grad():
-        _ops.gemm_(out, a, b, float(beta))
+        _ops.gemm_(out, a, b, float(beta), float(alpha))
     return out
 
 
 @torch.library.register_fake("twicediff::gemm_")
-def _gemm_fake(out, a, b, beta):
+def _gemm_fake(out, a, b, beta, alpha):
     return None
 
 

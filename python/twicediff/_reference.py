@@ -131,9 +131,9 @@ def mlp_hvp(x: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tenso
 # ---- GEMM ---------------------------------------------------------------------------------------
 
 
-def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
-    """out = beta * out + a @ b in place (beta = 0: out is not read); returns out."""
-    product = a @ b
+def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0, alpha: float = 1.0) -> torch.Tensor:
+    """out = beta * out + alpha * a @ b in place (beta = 0: out is not read); returns out."""
+    product = alpha * (a @ b)
     out.copy_(product if beta == 0 else torch.add(product, out, alpha=beta))
     return out
 

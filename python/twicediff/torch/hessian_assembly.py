@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import _ops
 from ..memory import chunk_size, get_memory_budget
 from .native_engine import NativeHvpEngine
 
@@ -99,6 +100,11 @@ class _Place:
         self.b = offset + self.out * self.inn
         self.bias = lin.bias is not None
         self.size = self.out * self.inn + (self.out if self.bias else 0)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b through the native GEMM (on the CPU, oneDNN for float32: about twice MKL's speed)."""
+    return _ops.gemm_(torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device), a, b)
 
 
 def _add_block(out: torch.Tensor, B: torch.Tensor, pm: _Place, pl: _Place, a0: int, b0: int) -> None:
@@ -223,7 +229,7 @@ def _assemble_rows(engine: NativeHvpEngine, weights: List[Tuple[torch.Tensor, Op
         ca = min(_rows_per_chunk(dm * im * im, dm, elem, cap), -(-dm // 8))
         for a0 in range(0, dm, ca):
             a1 = min(dm, a0 + ca)
-            T = (G[m][:, a0:a1, a0:].reshape(n, -1).T @ hh).reshape(a1 - a0, dm - a0, -1)
+            T = _mm(G[m][:, a0:a1, a0:].reshape(n, -1).T, hh).reshape(a1 - a0, dm - a0, -1)
             B = T.index_select(2, tri.reshape(-1)).view(a1 - a0, dm - a0, im, im).permute(0, 2, 1, 3)  # [a, j, b, i]
             _add_block(out, B, pm, pm, a0, a0)
             if a1 < dm:  # the mirror image of the columns b ≥ a1: out[(b, i), (a, j)]
@@ -241,7 +247,7 @@ def _assemble_rows(engine: NativeHvpEngine, weights: List[Tuple[torch.Tensor, Op
             for a0 in range(0, dm, ca):
                 a1 = min(dm, a0 + ca)
                 # Σ_n K[a, b] h̃_m[j] h̃_l[i]
-                B = (K[:, a0:a1].reshape(n, -1).T @ hh).reshape(a1 - a0, dl, im, il).permute(0, 2, 1, 3)
+                B = _mm(K[:, a0:a1].reshape(n, -1).T, hh).reshape(a1 - a0, dl, im, il).permute(0, 2, 1, 3)
                 if not gauss_newton:  # + Σ_n g_m[a] (∂h_{m-1}/∂z_l)[j, b] h̃_l[i], j < in_m
                     if adjacent:
                         # Σ_n g_m ⊗ σ_l' h̃_l cancels across rows (the mean gradient is far smaller than

@@ -169,7 +169,8 @@ def _cholesky_then_lu(A: torch.Tensor, B: torch.Tensor) -> Tuple[Optional[torch.
             W[e:, k:e] = L21
             for c0 in range(e, n, CHOLESKY_BLOCK):  # the lower block triangle of the trailing part
                 c1 = min(n, c0 + CHOLESKY_BLOCK)
-                W[c0:, c0:c1].addmm_(L21[c0 - e:], L21[c0 - e:c1 - e].T, alpha=-1)  # in place, no temporary
+                # in place, no temporary; the native GEMM (oneDNN for float32 on the CPU: twice MKL's speed)
+                _ops.gemm_(W[c0:, c0:c1], L21[c0 - e:], L21[c0 - e:c1 - e].T, beta=1.0, alpha=-1.0)
         k = e
     lu = None
     if k < n:  # set S aside; W's lower triangle becomes the unit-block factor [L11 0; L21 I]
