@@ -69,30 +69,42 @@ inline std::pair<int64_t, int64_t> check_block_pairs(const char* op, at::TensorL
   return {R, S};
 }
 
+// float16 / bfloat16 sums run in float32: each block's product is rounded to the inputs' dtype once
+// (cuBLAS accumulates inside it in float32), the running total not at all until the end.
+inline bool low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
 // C[T, V] = sum_k a[k].reshape(T, n_k) @ b[k].reshape(V, n_k)^T: one GEMM per non-empty block.
 inline at::Tensor blockwise_contract_gemm(at::TensorList a, at::TensorList b) {
   const auto [T, V] = check_block_pairs("blockwise_contract", a, "a", b, "b", /*rhs_batched=*/true);
-  at::Tensor c = at::zeros({T, V}, a[0].options());
-  if (T == 0 || V == 0) return c;
-  for (size_t k = 0; k < a.size(); ++k) {
-    const int64_t n = c10::multiply_integers(a[k].sizes().slice(1));
-    if (n == 0) continue;
-    c.addmm_(a[k].reshape({T, n}), b[k].reshape({V, n}).t());
+  const auto dtype = a[0].scalar_type();
+  const bool low = low_precision(dtype);
+  at::Tensor c = at::zeros({T, V}, a[0].options().dtype(low ? at::kFloat : dtype));
+  if (T > 0 && V > 0) {
+    for (size_t k = 0; k < a.size(); ++k) {
+      const int64_t n = c10::multiply_integers(a[k].sizes().slice(1));
+      if (n == 0) continue;
+      if (low) c.add_(at::mm(a[k].reshape({T, n}), b[k].reshape({V, n}).t()));
+      else c.addmm_(a[k].reshape({T, n}), b[k].reshape({V, n}).t());
+    }
   }
-  return c;
+  return low ? c.to(dtype) : c;
 }
 
 // z[D] = sum_k <v[k][d], g[k]> = sum_k v[k].reshape(D, n_k) @ g[k].reshape(n_k): one GEMV per block.
 inline at::Tensor blockwise_dot_gemv(at::TensorList v, at::TensorList g) {
   const int64_t D = check_block_pairs("blockwise_dot", v, "v", g, "g", /*rhs_batched=*/false).first;
-  at::Tensor z = at::zeros({D}, v[0].options());
-  if (D == 0) return z;
-  for (size_t k = 0; k < v.size(); ++k) {
-    const int64_t n = g[k].numel();
-    if (n == 0) continue;
-    z.addmv_(v[k].reshape({D, n}), g[k].reshape({n}));
+  const auto dtype = v[0].scalar_type();
+  const bool low = low_precision(dtype);
+  at::Tensor z = at::zeros({D}, v[0].options().dtype(low ? at::kFloat : dtype));
+  if (D > 0) {
+    for (size_t k = 0; k < v.size(); ++k) {
+      const int64_t n = g[k].numel();
+      if (n == 0) continue;
+      if (low) z.add_(at::mv(v[k].reshape({D, n}), g[k].reshape({n})));
+      else z.addmv_(v[k].reshape({D, n}), g[k].reshape({n}));
+    }
   }
-  return z;
+  return low ? z.to(dtype) : z;
 }
 
 }  // namespace twicediff
