@@ -25,12 +25,17 @@ def median_ms(fn, rounds: int) -> float:
     return 1e3 * interleaved_medians({"fn": fn}, rounds)["fn"]
 
 
-def bench_args(doc: str, rounds: int) -> argparse.Namespace:
-    """--threads (default 2, applied to torch), --rounds and --out (a markdown path, or print only)."""
+def bench_args(doc: str, rounds: int, thread_counts: bool = False) -> argparse.Namespace:
+    """--threads (default 2, applied to torch; with ``thread_counts``, a list of counts, default 1 2,
+    for the script to apply in turn), --rounds and --out (a markdown path, or print only)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
+    if thread_counts:
+        ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    else:
+        ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if not thread_counts:
+        torch.set_num_threads(args.threads)
     return args

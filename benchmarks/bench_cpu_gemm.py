@@ -9,11 +9,9 @@ write into a kept output; medians of interleaved rounds.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from _common import emit, header
+from _common import bench_args, emit, header
 from twicediff import _ops, build_info
 from twicediff.bench import interleaved_medians
 
@@ -37,11 +35,7 @@ def operand(shape, transposed: bool) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    args = bench_args(__doc__, 15, thread_counts=True)
     lines = [header("float32 GEMMs on the CPU: torch.mm (ATen's BLAS) against gemm_", max(args.threads)),
              "", f"gemm_'s backend: {build_info()['cpu_gemm']}; medians of {args.rounds} interleaved rounds, GFLOP/s.",
              "", "| threads | GEMM | shape (M x K x N) | torch.mm | gemm_ | gemm_ / torch.mm |", "|---|---|---|---|---|---|"]

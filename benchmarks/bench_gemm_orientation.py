@@ -10,11 +10,10 @@ in csrc/cpu/mlp_hvp.cpp); this script times both, with the write, at the shapes 
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from _common import emit, header
+from _common import bench_args, emit, header
+from twicediff import _ops, build_info
 from twicediff.bench import interleaved_medians
 
 # (label, dtype, N rows, D directions, in, out)
@@ -28,11 +27,7 @@ SHAPES = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    args = bench_args(__doc__, 15, thread_counts=True)
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -41,8 +36,10 @@ def main() -> None:
             rg = torch.randn(N, D * out, dtype=dtype)
             result = torch.empty(D, out * inp + 100, dtype=dtype)  # the layer's block of a wider result
             dst = result.narrow(1, 0, out * inp).view(D, out, inp)
-            direct = lambda: dst.copy_(torch.mm(rg.t(), h).view(D, out, inp))
-            transposed = lambda: dst.copy_(torch.mm(h.t(), rg).view(inp, D, out).permute(1, 2, 0))
+            # through the op's own GEMM (gemm_: oneDNN for float32 where the op uses it), into kept products
+            prod_d, prod_t = torch.empty(D * out, inp, dtype=dtype), torch.empty(inp, D * out, dtype=dtype)
+            direct = lambda: dst.copy_(_ops.gemm_(prod_d, rg.t(), h).view(D, out, inp))
+            transposed = lambda: dst.copy_(_ops.gemm_(prod_t, h.t(), rg).view(inp, D, out).permute(1, 2, 0))
             torch.testing.assert_close(direct().clone(), transposed().clone())
             med = interleaved_medians({"direct": direct, "transposed": transposed}, args.rounds)
             ta, tb = 1e3 * med["direct"], 1e3 * med["transposed"]
@@ -53,14 +50,15 @@ def main() -> None:
         header("Weight-gradient GEMM: R(g_a)^T h against h^T R(g_a) with a transposing write", max(args.threads)),
         "",
         f"Command: `python benchmarks/bench_gemm_orientation.py --threads {' '.join(map(str, args.threads))}`; "
-        f"medians of {args.rounds} interleaved rounds, ms (GFLOP/s), each including the write into the result.",
+        f"medians of {args.rounds} interleaved rounds, ms (GFLOP/s), each including the write into the result; "
+        f"GEMMs through gemm_ (float32 CPU backend: {build_info()['cpu_gemm']}).",
         "",
         "| threads | shape | dtype | R(g_a)^T h | h^T R(g_a), transposed | ratio |",
         "|---|---|---|---|---|---|",
         *rows,
         "",
         "ratio > 1: the transposed form is faster. The engine takes it for float64 on the CPU and the direct",
-        "form otherwise (CpuKernels::weight_grad_input_major); rerun this after a BLAS or CPU change.",
+        "form otherwise (CpuKernels::weight_grad_input_major); rerun this after a GEMM library or CPU change.",
     ])
     emit(text, args.out)
 
