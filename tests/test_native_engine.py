@@ -296,6 +296,19 @@ def test_op_cpu_gemm_backends(monkeypatch, backend):
         torch.set_num_threads(threads)
 
 
+def test_op_cpu_gemm_follows_torch_mkldnn_switch(monkeypatch):
+    """torch.backends.mkldnn.enabled = False, which keeps torch itself off oneDNN, keeps the native
+    ops' GEMMs off it too."""
+    monkeypatch.delenv("TWICEDIFF_CPU_GEMM", raising=False)
+    enabled = torch.backends.mkldnn.enabled
+    try:
+        torch.backends.mkldnn.enabled = False
+        assert _C.cpu_gemm() == "blas"
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+    assert _C.cpu_gemm() == ("onednn" if torch.backends.mkldnn.is_available() else "blas")
+
+
 def test_op_cpu_gemm_bad_setting(monkeypatch):
     monkeypatch.setenv("TWICEDIFF_CPU_GEMM", "mkl")
     args = _op_case("cpu", torch.float64, *OP_CASES["mlp"][:3], OP_CASES["mlp"][3], OP_CASES["mlp"][4],

@@ -12,8 +12,8 @@
 // for oneDNN (torch.backends.mkldnn.matmul.fp32_precision = "bf16" or "tf32") applies to these
 // GEMMs too; it is off by default.
 //
-// TWICEDIFF_CPU_GEMM=blas (read at every GEMM, so a process can switch) sends every GEMM to ATen;
-// "auto" or unset takes oneDNN where it can.
+// TWICEDIFF_CPU_GEMM=blas (read at every GEMM, so a process can switch) sends every GEMM to ATen, as
+// does torch.backends.mkldnn.enabled = False; "auto" or unset takes oneDNN where it can.
 #include "cpu/gemm.h"
 
 #include <ATen/Context.h>
@@ -59,6 +59,8 @@ bool blas_forced() {
 MatmulFn onednn_matmul() {
   static const MatmulFn fn = lookup();
   if (blas_forced() || fn == nullptr || refused.load(std::memory_order_relaxed)) return nullptr;
+  // torch.backends.mkldnn.enabled = False keeps torch itself off oneDNN; it keeps these GEMMs off too.
+  if (!at::globalContext().userEnabledMkldnn()) return nullptr;
   return fn;
 }
 

@@ -66,8 +66,8 @@ def build_info() -> Dict[str, Any]:
     version of the build, or None), ``cuda_archs`` (list of ``sm_XY``), ``cuda_kernels`` (CUDA
     kernels compiled in), ``gpu_available`` (a CUDA device is usable now), ``nvcc``, ``sanitize``,
     ``cpu_gemm`` (which library takes the native ops' float32 GEMMs on the CPU: ``"onednn"``, torch's
-    bundled oneDNN, or ``"blas"``, ATen's; environment variable ``TWICEDIFF_CPU_GEMM=blas`` forces
-    the latter).
+    bundled oneDNN, or ``"blas"``, ATen's; the environment variable ``TWICEDIFF_CPU_GEMM=blas`` or
+    ``torch.backends.mkldnn.enabled = False`` forces the latter).
     """
     return {
         "torch": _config.TORCH_VERSION,
