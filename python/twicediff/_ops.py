@@ -281,8 +281,9 @@ def _mlp_hvp_fake(x, target, weights, biases, directions, activation_counts, act
 
 
 def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0, alpha: float = 1.0) -> torch.Tensor:
-    """``out = beta * out + alpha * a @ b`` in place for a [M, K], b [K, N], out [M, N] of one floating dtype
-    and device; returns out. ``beta = 0``: out's contents are not read (NaN there does not spread).
+    """``out = beta * out + alpha * a @ b`` in place for a [M, K], b [K, N], out [M, N] of one
+    floating dtype and device; returns out. ``beta = 0``: out's contents are not read (NaN there
+    does not spread).
 
     The GEMM the native kernels use: on the CPU, float32 goes through torch's bundled oneDNN where it
     can (its AVX-512 kernels; MKL takes its AVX2 path on non-Intel CPUs), everything else through

@@ -52,8 +52,8 @@ from . import _build, _ops
 from .memory import memory_budget
 from .progress import progress_bar
 
-__all__ = ["PRESETS", "cpu_gemm", "format_table", "git_commit", "interleaved_medians", "machine", "native_gemms", "plot", "run",
-           "to_json"]
+__all__ = ["PRESETS", "cpu_gemm", "format_table", "git_commit", "interleaved_medians", "machine", "native_gemms",
+           "plot", "run", "to_json"]
 
 ENGINES = ("native", "func", "autograd")
 BASELINES = ("loop", "vmap_jvp_grad")
