@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include "overlap.h"
+
 namespace twicediff {
 
 // out [M, N], a [M, K], b [K, N]: 2-d, one floating dtype, one device; out does not overlap itself
@@ -23,12 +25,8 @@ inline void check_gemm_args(const char* op, const at::Tensor& out, const at::Ten
                      out.scalar_type(), "), got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->device() == out.device(), op, ": ", name, " must be on the device of out (", out.device(),
                       "), got ", t->device());
-    if (out.numel() > 0 && t->numel() > 0) {
-      const auto status = at::get_overlap_status(out, *t);
-      const bool may_share = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
-                             (status == at::MemOverlapStatus::TooHard && out.storage().is_alias_of(t->storage()));
-      TORCH_CHECK_VALUE(!may_share, op, ": out is written in place and must not share memory with ", name);
-    }
+    TORCH_CHECK_VALUE(!may_share_memory(out, *t), op, ": out is written in place and must not share memory with ",
+                      name);
   }
   TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
                     ": out is written in place and must not have overlapping memory (an expanded view), got strides ",

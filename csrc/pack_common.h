@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "overlap.h"
+
 namespace twicediff {
 
 // Where each parameter block goes in a row of the packed [N, P] matrix.
@@ -73,12 +75,9 @@ inline void check_matrix(const char* op, const PackLayout& lay, at::TensorList b
                     row_offset + lay.rows, ") do not fit in ", mat_arg, ", which has N = ", mat.size(0), " rows");
   TORCH_CHECK_VALUE(at::has_internal_overlap(mat) != at::MemOverlap::Yes, op, ": ", mat_arg,
                     " must not have overlapping memory (an expanded view), got strides ", mat.strides());
-  for (size_t k = 0; k < blocks.size(); ++k) {
-    if (blocks[k].numel() == 0 || mat.numel() == 0 || !mat.storage().is_alias_of(blocks[k].storage())) continue;
-    // Same storage: only provably disjoint memory is accepted (TooHard counts as shared).
-    TORCH_CHECK_VALUE(at::get_overlap_status(mat, blocks[k]) == at::MemOverlapStatus::No, op, ": ", blocks_arg,
-                      "[", k, "] shares memory with ", mat_arg, "; pass a copy");
-  }
+  for (size_t k = 0; k < blocks.size(); ++k)
+    TORCH_CHECK_VALUE(!may_share_memory(mat, blocks[k]), op, ": ", blocks_arg, "[", k, "] shares memory with ",
+                      mat_arg, "; pass a copy");
 }
 
 // The checks of unpack_into(rows, outs): outs[k] = [B, *shape_k] with B the rows of `rows` [B, P].

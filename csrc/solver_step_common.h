@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include "overlap.h"
+
 #include <initializer_list>
 #include <utility>
 
@@ -33,15 +35,8 @@ inline void check_solver_blocks(const char* op, std::initializer_list<std::pair<
                         t->strides());
       size_t j = 0;
       for (const auto& [other_name, other] : blocks) {
-        if (j != i && t->numel() > 0 && other->numel() > 0) {
-          // get_overlap_status answers TooHard for any non-contiguous view, even of another
-          // allocation: only views of one storage that it cannot rule out are refused.
-          const auto status = at::get_overlap_status(*t, *other);
-          const bool may_share = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
-                                 (status == at::MemOverlapStatus::TooHard && t->storage().is_alias_of(other->storage()));
-          TORCH_CHECK_VALUE(!may_share, op, ": ", name, " is written in place and must not share memory with ",
-                            other_name);
-        }
+        TORCH_CHECK_VALUE(j == i || !may_share_memory(*t, *other), op, ": ", name,
+                          " is written in place and must not share memory with ", other_name);
         ++j;
       }
     }
