@@ -43,6 +43,22 @@ def _native_on(model, loss):
         sum(p.numel() for p in model.parameters())), engine="native")
 
 
+def _conv():
+    torch.manual_seed(0)
+    return TorchTwiceDifferentiable(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).eval(),
+                                    F.cross_entropy)
+
+
+def _wrong_features(n=8):
+    """A loader of 4 features per point for _mlp(), which takes 3."""
+    return DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,))), batch_size=4)
+
+
+def _labels_out_of_range(n=8):
+    """A loader whose class indices reach 5 for _mlp()'s 2 classes."""
+    return DataLoader(TensorDataset(torch.randn(n, 3), torch.full((n,), 5)), batch_size=4)
+
+
 def _tiny_budget():
     m = _mlp()
     with twicediff.memory_budget(16):
@@ -107,6 +123,28 @@ CASES = [
     ("compute_influences", "unknown influence type",
      lambda: compute_influences(_mlp(), _loader(), influence_type="sideways", hessian_regularization=0.1),
      ValueError, ["sideways"]),
+    ("grad", "x of the wrong width for the model (generic engine)",
+     lambda: _conv().grad(torch.randn(2, 1, 5, 5), torch.zeros(2, dtype=torch.long)), RuntimeError,
+     ["grad", "x (2, 1, 5, 5)", "mat1 and mat2"]),
+    ("hvp", "class indices out of range (native engine)",
+     lambda: _mlp().hvp(torch.randn(4, 3), torch.full((4,), 5), torch.randn(26)), ValueError,
+     ["hvp", "x (4, 3)", "class indices", "[0, 2)"]),
+    ("solve_hvp (Direct)", "training_data of the wrong width",
+     lambda: solve_hvp("direct", _mlp(), _wrong_features(), torch.randn(1, 26)), ValueError,
+     ["mean_hessian", "training_data batch 0", "takes 3 features", "has 4"]),
+    ("solve_hvp (CG)", "training_data with class indices out of range",
+     lambda: solve_hvp("cg", _mlp(), _labels_out_of_range(), torch.randn(1, 26)), ValueError,
+     ["HessianOperator", "training_data batch 0", "class indices", "[0, 2)"]),
+    ("compute_influences", "input_data of the wrong width",
+     lambda: compute_influences(_mlp(), _loader(), input_data=_wrong_features(), hessian_regularization=0.1),
+     RuntimeError, ["compute_influences_up", "input_data batch 0", "x (4, 4)"]),
+    ("compute_influences", "test_data with class indices out of range",
+     lambda: compute_influences(_mlp(), _loader(), test_data=_labels_out_of_range(), hessian_regularization=0.1),
+     IndexError, ["compute_influence_factors", "test_data batch 0", "out of bounds"]),
+    ("compute_influences (perturbation)", "input_data of the wrong width",
+     lambda: compute_influences(_mlp(), _loader(), input_data=_wrong_features(), influence_type="perturbation",
+                                hessian_regularization=0.1),
+     RuntimeError, ["compute_influences_pert", "input_data batch 0", "x (4, 4)"]),
     ("cat_gen", "blocks that overflow the result",
      lambda: TorchTensorUtilities.cat_gen(iter([torch.zeros(3, 2)] * 2), (5, 2), _mlp()), ValueError, ["overflows"]),
     ("pack_into", "a block of another dtype",

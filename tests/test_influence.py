@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import twicediff
 from twicediff import influence as inf
+from twicediff.torch import per_sample
 from twicediff.torch.per_sample import per_sample_grads, per_sample_mixed_products
 
 F64 = torch.float64
@@ -344,6 +345,30 @@ def test_bad_inputs_raise_clear_errors():
         inf.compute_influences(model, data, influence_type="down")
     with pytest.raises(ValueError, match="inversion_method must be one of .*got 'newton'"):
         inf.compute_influences(model, data, inversion_method="newton")
+
+
+def test_data_the_model_cannot_take_names_the_argument_and_batch(caplog):
+    module, model, x, y, factors = mlp_problem()
+    good = loader(x, y, 4)
+    bad_labels = loader(x, torch.full_like(y, 7), 4)
+    wide = loader(torch.randn(x.shape[0], x.shape[1] + 1, dtype=F64), y, 4)
+    per_sample._logged_fallback.clear()  # the notice is logged once per process
+    with caplog.at_level(logging.WARNING, logger="twicediff"):
+        # the per-sample gradients' fallback fails too: its error, not a fallback notice
+        with pytest.raises(IndexError, match="compute_influence_factors: the model or loss failed on test_data "
+                                             "batch 0 \\(x \\(4, 3\\) torch.float64, y \\(4,\\) torch.int64\\): "
+                                             "Target 7 is out of bounds") as caught:
+            inf.compute_influences(model, good, test_data=bad_labels)
+    assert "one sample at a time" not in caplog.text
+    assert caught.value.__cause__ is not None  # the model's own error stays attached
+    for method in ("direct", "cg"):  # the training data: the Hessian's batches, native engine
+        with pytest.raises(ValueError, match="training_data batch 0 .*cross-entropy class indices must lie in \\[0, 2\\)"):
+            inf.compute_influences(model, bad_labels, test_data=good, inversion_method=method)
+    with pytest.raises(RuntimeError, match="compute_influences_up: the model or loss failed on input_data batch 0"):
+        with twicediff.memory_budget(4096):  # streamed
+            inf.compute_influences_up(model, wide, factors)
+    with pytest.raises(RuntimeError, match="compute_self_influences: the model or loss failed on training_data batch 0"):
+        inf.compute_self_influences(model, wide)
 
 
 def test_perturbation_needs_floating_inputs():

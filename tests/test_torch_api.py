@@ -169,3 +169,23 @@ def test_cat_gen_tensors_and_parameter_blocks():
         TorchTensorUtilities.cat_gen(iter(chunks), (6, 8), model)
     with pytest.raises(ValueError, match="overflows"):
         TorchTensorUtilities.cat_gen(iter([[w2, b2], [w2, b2]]), (5, 8), model)
+
+
+def test_data_errors_keeps_the_type_and_names_the_outermost_data():
+    from twicediff.torch.twice_differentiable import data_errors
+
+    with pytest.raises(IndexError, match="^outer: the model or loss failed on batch 3: boom$") as caught:
+        with data_errors("outer", "batch 3"):
+            with data_errors("inner", "x"):
+                raise IndexError("boom")
+    assert str(caught.value.__cause__) == "boom"
+    # a ValueError subclass whose constructor takes other arguments becomes a plain ValueError
+    with pytest.raises(ValueError, match="^w: the model or loss failed on d: 'utf-8' codec"):
+        with data_errors("w", "d"):
+            b"\xff".decode()
+    with pytest.raises(KeyError), data_errors("w", "d"):  # not a data error: unchanged
+        {}["a"]
+    oom = torch.OutOfMemoryError("out of memory")
+    with pytest.raises(torch.OutOfMemoryError) as caught, data_errors("w", "d"):
+        raise oom
+    assert caught.value is oom

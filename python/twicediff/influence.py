@@ -36,7 +36,7 @@ from .memory import chunk_size, get_memory_budget
 from .progress import progress_bar
 from .torch.per_sample import bytes_per_sample, per_sample_grads, per_sample_mixed_products
 from .torch.tensor_utilities import TorchTensorUtilities
-from .torch.twice_differentiable import TorchTwiceDifferentiable
+from .torch.twice_differentiable import TorchTwiceDifferentiable, batch_summary, data_errors
 from .twice_differentiable import DataLoaderType, InverseHvpResult
 
 __all__ = [
@@ -122,24 +122,28 @@ def _batches(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, 
 
 
 def _chunks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool,
-            directions: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+            directions: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, str]]:
     """The batches of ``data`` cut into chunks of samples that fit the memory budget for
     :func:`per_sample_grads` (``directions=0``) or :func:`per_sample_mixed_products` with T
-    directions."""
-    for x, y in _batches(model, data, where, name, progress):
+    directions, each with its description for error messages (:func:`data_errors`)."""
+    for i, (x, y) in enumerate(_batches(model, data, where, name, progress)):
         B = x.shape[0]
         if B == 0:
             continue
-        step = chunk_size(B, bytes_per_sample(model, x, directions), model.device, what=f"{name} samples")
+        described = f"{name} batch {i} ({batch_summary(x, y)})"
+        with data_errors(where, described):  # the estimate runs the model once
+            step = chunk_size(B, bytes_per_sample(model, x, directions), model.device, what=f"{name} samples")
         for start in range(0, B, step):
-            yield x[start:start + step], y[start:start + step]
+            yield x[start:start + step], y[start:start + step], described
 
 
 def _gradient_blocks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
                      ) -> Iterator[List[torch.Tensor]]:
     """Per-sample gradients of ``data`` as per-parameter blocks [B, *shape_k], chunk by chunk."""
-    for x, y in _chunks(model, data, where, name, progress):
-        yield per_sample_grads(model, x, y)
+    for x, y, described in _chunks(model, data, where, name, progress):
+        with data_errors(where, described):
+            blocks = per_sample_grads(model, x, y)
+        yield blocks
 
 
 def _gradient_matrix(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
@@ -250,11 +254,12 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
     factors = _check_factors(model, influence_factors, where)
     T = factors.shape[0]
     parts = []
-    for x, y in _chunks(model, input_data, where, "input_data", progress, directions=max(T, 1)):
+    for x, y, described in _chunks(model, input_data, where, "input_data", progress, directions=max(T, 1)):
         if not x.is_floating_point():
             raise TypeError(f"{where}: perturbation influence differentiates in x, which must be floating point; "
                             f"input_data yields x of dtype {x.dtype}")
-        parts.append(per_sample_mixed_products(model, x, y, factors))
+        with data_errors(where, described):
+            parts.append(per_sample_mixed_products(model, x, y, factors))
     return torch.cat(parts, dim=1)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import _ops
 
-__all__ = ["NativeHvpEngine", "build_native_engine"]
+__all__ = ["BadBatchError", "NativeHvpEngine", "build_native_engine"]
 
 MODES = ("hessian", "gauss_newton")
 
@@ -43,6 +43,11 @@ _LOSS_DEFAULTS = {
     "bce_with_logits": {"weight": None, "size_average": None, "reduce": None, "pos_weight": None},
 }
 _IGNORE_INDEX = -100  # cross-entropy's default ignore_index: rows with that target do not count
+
+
+class BadBatchError(ValueError):
+    """A batch no engine can take (a wrong feature count, a class index out of range): unlike the
+    engine's other ValueErrors, which mean "use a generic engine", this one is the caller's to see."""
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Flatten)
 _SUPPORTED = "Linear, ReLU, LeakyReLU, Tanh, Sigmoid, GELU, SiLU, Softplus, Identity, Flatten, Dropout (eval)"
 
@@ -209,7 +214,7 @@ class NativeHvpEngine:
     def prepare(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(features [N, in], target) in the op's form, after pyDVL's squeeze convention: the
         frozen prefix applied to x, rows with an ignored target dropped. ValueError or TypeError
-        when the engine cannot take (x, y)."""
+        when the engine cannot take (x, y); BadBatchError when the batch is wrong for the model."""
         where = "NativeHvpEngine.hvp"
         active = [name for name, m in self.model.named_modules() if _is_active_dropout(m)]
         if active:
@@ -222,6 +227,9 @@ class NativeHvpEngine:
         if h.dim() != 2:
             raise ValueError(f"{where}: the input of the first trainable Linear has shape {list(h.shape)}; the "
                              "native engine needs [N, in_features] rows (add an nn.Flatten)")
+        if h.shape[1] != weight.shape[1]:
+            raise BadBatchError(f"{where}: the first trainable Linear takes {weight.shape[1]} features, but x (after "
+                             f"the frozen prefix) has {h.shape[1]}")
         if h.dtype != weight.dtype or h.device != weight.device:
             raise TypeError(f"{where}: x (after the frozen prefix) is {h.dtype} on {h.device} but the parameters are "
                             f"{weight.dtype} on {weight.device}")
@@ -243,6 +251,9 @@ class NativeHvpEngine:
                                  f"{list(y.shape)}")
             target = y.reshape(N).to(torch.long)
             keep = target != _IGNORE_INDEX
+            if N and bool(((target[keep] < 0) | (target[keep] >= C)).any()):
+                raise BadBatchError(f"{where}: cross-entropy class indices must lie in [0, {C}) (or equal "
+                                 f"ignore_index={_IGNORE_INDEX}), got values in [{int(target.min())}, {int(target.max())}]")
             if not bool(keep.all()):
                 if self.reduction == "mean" and not bool(keep.any()):
                     raise ValueError(f"{where}: every target equals ignore_index={_IGNORE_INDEX}; the mean "

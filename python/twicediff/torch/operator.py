@@ -24,7 +24,7 @@ import torch
 
 from ..memory import get_memory_budget
 from ..progress import progress_bar
-from .twice_differentiable import MODES, BoundHvp, TorchTwiceDifferentiable
+from .twice_differentiable import MODES, BoundHvp, TorchTwiceDifferentiable, batch_summary, data_errors
 
 __all__ = ["HessianOperator", "hessian_operator"]
 
@@ -89,8 +89,9 @@ class HessianOperator:
         if V.shape[0] == 0:
             return acc
         total = 0
-        for n, product in progress_bar(self._pass(), self.progress, desc="hvp pass", unit="batch"):
-            acc.add_(product(Vm).to(out_dtype), alpha=n)
+        for i, (n, product) in enumerate(progress_bar(self._pass(), self.progress, desc="hvp pass", unit="batch")):
+            with data_errors("HessianOperator", f"training_data batch {i} ({product.data})"):
+                acc.add_(product(Vm).to(out_dtype), alpha=n)
             total += n
         if total == 0:
             raise ValueError("HessianOperator: training_data yielded no points; the Hessian of the mean loss "
@@ -111,10 +112,11 @@ class HessianOperator:
         first = self.num_passes == 0
         room = get_memory_budget(self.device) // 4 if first else 0
         kept: List[Tuple[int, BoundHvp]] = []
-        for batch in self.training_data:
+        for i, batch in enumerate(self.training_data):
             x, y = (self._moved(t) for t in batch)
             n = int(x.shape[0]) if x.dim() > 0 else 1
-            product = self.model.hvp_function(x, y, mode=self.mode)
+            with data_errors("HessianOperator", f"training_data batch {i} ({batch_summary(x, y)})"):
+                product = self.model.hvp_function(x, y, mode=self.mode)
             if first:
                 room -= product.nbytes
                 if room >= 0:

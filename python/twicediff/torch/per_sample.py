@@ -13,7 +13,8 @@ of one: ``ℓ(x_i, y_i) = loss(squeeze(model(x_i[None])), squeeze(y_i[None]))``.
 
 Where torch.func cannot run the model (an op without a vmap rule), both fall back to one forward
 pass per sample through plain autograd (gradients: also one backward per sample, as pyDVL 0.7
-computes them), and log it once per function.
+computes them), and log it once per function when the fallback works (on bad data it raises
+autograd's error instead).
 """
 from __future__ import annotations
 
@@ -67,10 +68,13 @@ def per_sample_grads(model: TorchTwiceDifferentiable, x: torch.Tensor, y: torch.
                                 in_dims=(None, 0, 0))(params, x, y)
         return [grads[n].detach() for n in names]
     except _FUNC_ERRORS as exc:
-        _log_fallback("per_sample_grads", exc)
+        func_error = exc
     trainable = model.parameters
+    # Bad data (a wrong shape, a class index out of range) fails here too, and raises plain
+    # autograd's error: the fallback is logged only when it works.
     rows = [torch.autograd.grad(_hvp.squeezed_loss(model.loss, model.model(x[i:i + 1]), y[i:i + 1]), trainable)
             for i in range(x.shape[0])]
+    _log_fallback("per_sample_grads", func_error)
     return [torch.stack([r[k] for r in rows]) if rows else x.new_empty(0, *p.shape)
             for k, p in enumerate(trainable)]
 
@@ -99,9 +103,9 @@ def per_sample_mixed_products(model: TorchTwiceDifferentiable, x: torch.Tensor, 
     try:
         losses = torch.func.vmap(lambda xi, yi: _point_loss(model, params, fixed, xi, yi))(xg, y)
     except _FUNC_ERRORS as exc:
-        _log_fallback("per_sample_mixed_products", exc)
         losses = torch.stack([_hvp.squeezed_loss(model.loss, model.model(xg[i:i + 1]), y[i:i + 1])
                               for i in range(B)])
+        _log_fallback("per_sample_mixed_products", exc)  # once it worked (see per_sample_grads)
     g = torch.autograd.grad(losses.sum(), trainable, create_graph=True)
     g = torch.cat([t.reshape(-1) for t in g])
     return _hvp.batched_mvp(g, v, xg).reshape(T, *x.shape)

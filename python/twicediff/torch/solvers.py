@@ -29,7 +29,7 @@ from ..inversion import InversionMethod, InversionRegistry
 from ..progress import progress_bar
 from ..twice_differentiable import InverseHvpResult
 from .operator import HessianOperator, check_training_data
-from .twice_differentiable import TorchTwiceDifferentiable
+from .twice_differentiable import TorchTwiceDifferentiable, batch_summary, data_errors
 
 __all__ = [
     "LowRankProductRepresentation",
@@ -660,7 +660,8 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
         if active.numel() == 0:
             break
         x, y = next(batches)
-        Hh = model.hvp(x, y, h)
+        with data_errors(where, f"a batch of training_data ({batch_summary(x, y)})"):
+            Hh = model.hvp(x, y, h)
         mx, sm = _ops.lissa_step(h, Bact, Hh, dampen, scale, lam)
         if bool(torch.isnan(mx).any()):
             raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf); LiSSA diverges when "

@@ -2,9 +2,10 @@
 Hessian-vector products of the loss with respect to the parameters that require grad."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -14,15 +15,48 @@ from ..progress import progress_bar
 from ..twice_differentiable import TwiceDifferentiable
 from . import hvp as _hvp
 from .hessian_assembly import assemble_hessian, assemble_hessian_batches
-from .native_engine import build_native_engine
+from .native_engine import BadBatchError, build_native_engine
 
-__all__ = ["BoundHvp", "TorchTwiceDifferentiable"]
+__all__ = ["BoundHvp", "TorchTwiceDifferentiable", "batch_summary", "data_errors"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("hessian", "gauss_newton")
 ENGINES = ("auto", "native", "func", "autograd")
 HESSIAN_METHODS = ("auto", "columns")
+
+# What a model or loss raises on data it cannot take: a shape mismatch in a layer, a class index
+# out of range, a target of the wrong dtype or length.
+_DATA_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
+
+
+def batch_summary(x, y) -> str:
+    """``x (B, ...) dtype, y (B, ...) dtype``, for error messages."""
+    def one(name, t):
+        return f"{name} {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else f"{name} {type(t).__name__}"
+    return f"{one('x', x)}, {one('y', y)}"
+
+
+@contextlib.contextmanager
+def data_errors(where: str, data: str) -> Iterator[None]:
+    """Re-raises an error of the model or loss (or a native kernel's check) on a batch as the same
+    exception type with ``"{where}: the model or loss failed on {data}: "`` before its message:
+    torch's own messages (e.g. ``mat1 and mat2 shapes cannot be multiplied``) name neither the
+    function nor the data. Nested uses keep the outermost ``where`` and ``data``, which name the
+    user's argument; out-of-memory errors pass unchanged."""
+    try:
+        yield
+    except _DATA_ERRORS as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        original = getattr(exc, "_twicediff_original", exc)
+        message = f"{where}: the model or loss failed on {data}: {original}"
+        try:
+            wrapped = type(original)(message)
+        except Exception:  # a type that takes other arguments: the builtin one it derives from
+            wrapped = next(t for t in _DATA_ERRORS if isinstance(original, t))(message)
+        wrapped._twicediff_original = original
+        raise wrapped from original
 
 
 class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
@@ -121,8 +155,9 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         x, y = self._to_device(x, y, "grad")
         if create_graph and not x.requires_grad:
             x = x.requires_grad_(True)
-        value = _hvp.squeezed_loss(self.loss, self.model(x), y)
-        grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
+        with data_errors("grad", batch_summary(x, y)):
+            value = _hvp.squeezed_loss(self.loss, self.model(x), y)
+            grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
         return torch.cat([g.reshape(-1) for g in grads])
 
     def hessian(self, x: torch.Tensor, y: torch.Tensor, *, method: str = "auto",
@@ -154,20 +189,21 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 else type(out).__name__
             raise ValueError(f"add_hessian_: out must be [P, P] = [{P}, {P}] {self.dtype} on {self.device}, "
                              f"got {got}")
-        native, prepared, _ = self._native_engine(x, y) if method == "auto" else (None, None, "")
-        if native is not None:
-            return assemble_hessian(native, prepared, out, alpha=alpha)
-        # A chunk of c columns holds the c unit directions, their products and the engine's work.
-        per_column = 2 * P * out.element_size() + self._bytes_per_direction(x)
-        step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
-                   chunk_size(P, per_column, self.device, what="Hessian columns"))
-        for start in progress_bar(range(0, P, step), progress, desc="hessian", unit="chunk"):
-            stop = min(P, start + step)
-            eye = torch.zeros(stop - start, P, dtype=self.dtype, device=self.device)
-            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            # H is symmetric: the products H e_j are its rows as well as its columns.
-            out[start:stop].add_(self.hvp(x, y, eye), alpha=alpha)
-        return out
+        with data_errors("hessian", batch_summary(x, y)):
+            native, prepared, _ = self._native_engine(x, y) if method == "auto" else (None, None, "")
+            if native is not None:
+                return assemble_hessian(native, prepared, out, alpha=alpha)
+            # A chunk of c columns holds the c unit directions, their products and the engine's work.
+            per_column = 2 * P * out.element_size() + self._bytes_per_direction(x)
+            step = min(_hvp.MAX_DIRECTIONS_PER_CHUNK,
+                       chunk_size(P, per_column, self.device, what="Hessian columns"))
+            for start in progress_bar(range(0, P, step), progress, desc="hessian", unit="chunk"):
+                stop = min(P, start + step)
+                eye = torch.zeros(stop - start, P, dtype=self.dtype, device=self.device)
+                eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
+                # H is symmetric: the products H e_j are its rows as well as its columns.
+                out[start:stop].add_(self.hvp(x, y, eye), alpha=alpha)
+            return out
 
     def mean_hessian(self, training_data, *, progress: bool = False) -> torch.Tensor:
         r"""The Hessian of the mean loss over the batches of ``training_data``,
@@ -197,14 +233,15 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 assemble_hessian_batches(engine, group, out)
             group, held = [], 0
 
-        for x, y in progress_bar(training_data, progress, desc="hessian", unit="batch"):
+        for i, (x, y) in enumerate(progress_bar(training_data, progress, desc="hessian", unit="batch")):
             x, y = self._to_device(x, y, "mean_hessian")
             n = int(x.shape[0]) if x.dim() > 0 else 1
             total += n
-            native, prepared, _ = self._native_engine(x, y)
-            if native is None:
-                self.add_hessian_(x, y, out, alpha=n)
-                continue
+            with data_errors("mean_hessian", f"training_data batch {i} ({batch_summary(x, y)})"):
+                native, prepared, _ = self._native_engine(x, y)
+                if native is None:
+                    self.add_hessian_(x, y, out, alpha=n)
+                    continue
             engine = native
             size = sum(t.numel() * t.element_size() for t in prepared)
             if group and held + size > room:
@@ -264,7 +301,12 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             raise ValueError(f"hvp: engine must be one of {ENGINES}, got {engine!r}")
         x, y = self._to_device(x, y, "hvp")
         x, y = x.detach(), y.detach()  # products are not differentiated further
+        data = batch_summary(x, y)
         compute, per_direction, nbytes, most = self._engine(engine, x, y)
+
+        def product(V: torch.Tensor) -> torch.Tensor:
+            with data_errors("hvp", data):
+                return compute(V, mode)
 
         def checked(V: torch.Tensor) -> torch.Tensor:
             V = self.check_vectors(V, "hvp_function", "V")
@@ -273,13 +315,15 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                                  f"{tuple(V.shape)}")
             return V
 
-        return BoundHvp(lambda v: compute(v, mode), per_direction, nbytes, self.device, progress,
-                        max_directions=most, check=checked)
+        return BoundHvp(product, per_direction, nbytes, self.device, progress, max_directions=most,
+                        check=checked, data=data)
 
     # ---- engines -----------------------------------------------------------------------------
     def native_unsupported_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
         """"" when the native engine (fused HVP kernels, blockwise Hessian assembly) takes this model,
-        loss and batch; otherwise why not, naming the module, loss option or input it cannot take."""
+        loss and batch; otherwise why not, naming the module, loss option or input it cannot take.
+        Raises BadBatchError (a ValueError) for a batch that is wrong for the model itself (a
+        feature count or class index no engine can take)."""
         x, y = self._to_device(x, y, "native_unsupported_reason")
         return self._native_engine(x, y)[2]
 
@@ -291,6 +335,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             return None, None, reason
         try:
             return native, native.prepare(x, y), ""
+        except BadBatchError:
+            raise
         except ValueError as exc:
             return None, None, str(exc)
 
@@ -300,7 +346,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         ``GENERIC_CHUNK_BYTES`` of working memory but at least ``MIN_GENERIC_DIRECTIONS`` for the
         others; the memory budget may cut chunks further)."""
         if engine in ("auto", "native"):
-            native, prepared, reason = self._native_engine(x, y)
+            with data_errors("hvp", batch_summary(x, y)):  # a batch wrong for the model (BadBatchError)
+                native, prepared, reason = self._native_engine(x, y)
             if native is not None:
                 # the chunks of directions share the batch prepared here
                 return (lambda v, mode: native.hvp_prepared(prepared, v, mode)), \
@@ -308,7 +355,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                     _hvp.MAX_DIRECTIONS_PER_CHUNK
             if engine == "native":
                 raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
-        per_direction = self._bytes_per_direction(x)
+        with data_errors("hvp", batch_summary(x, y)):  # runs the model once on x
+            per_direction = self._bytes_per_direction(x)
         most = _hvp.generic_directions_per_chunk(per_direction)
         held = sum(t.numel() * t.element_size() for t in (x, y))
         if engine == "autograd":
@@ -366,12 +414,14 @@ class BoundHvp:
         bytes_per_direction: the engine's working memory for one direction.
         max_directions: the most directions in one chunk, whatever the budget.
         nbytes: bytes of batch data the function holds (x and y, or the native engine's prepared rows).
+        data: the batch's shapes and dtypes (:func:`batch_summary`), for error messages.
     """
 
     def __init__(self, compute: Callable[[torch.Tensor], torch.Tensor], bytes_per_direction: int, nbytes: int,
                  device: torch.device, progress: bool = False, max_directions: int = _hvp.MAX_DIRECTIONS_PER_CHUNK,
-                 check: Callable[[torch.Tensor], torch.Tensor] = lambda V: V):
+                 check: Callable[[torch.Tensor], torch.Tensor] = lambda V: V, data: str = ""):
         self._compute = compute
+        self.data = data
         self._check = check
         self.max_directions = int(max_directions)
         self.bytes_per_direction = int(bytes_per_direction)
