@@ -36,7 +36,7 @@ from .memory import chunk_size, get_memory_budget
 from .progress import progress_bar
 from .torch.per_sample import bytes_per_sample, per_sample_grads, per_sample_mixed_products
 from .torch.tensor_utilities import TorchTensorUtilities
-from .torch.twice_differentiable import TorchTwiceDifferentiable, batch_summary, data_errors
+from .torch.twice_differentiable import TorchTwiceDifferentiable, data_errors
 from .twice_differentiable import DataLoaderType, InverseHvpResult
 
 __all__ = [
@@ -125,23 +125,23 @@ def _chunks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, p
             directions: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, str]]:
     """The batches of ``data`` cut into chunks of samples that fit the memory budget for
     :func:`per_sample_grads` (``directions=0``) or :func:`per_sample_mixed_products` with T
-    directions, each with its description for error messages (:func:`data_errors`)."""
+    directions, each with the name of its batch for error messages (:func:`data_errors`)."""
     for i, (x, y) in enumerate(_batches(model, data, where, name, progress)):
         B = x.shape[0]
         if B == 0:
             continue
-        described = f"{name} batch {i} ({batch_summary(x, y)})"
-        with data_errors(where, described):  # the estimate runs the model once
+        batch = f"{name} batch {i}"
+        with data_errors(where, batch, x, y):  # the estimate runs the model once
             step = chunk_size(B, bytes_per_sample(model, x, directions), model.device, what=f"{name} samples")
         for start in range(0, B, step):
-            yield x[start:start + step], y[start:start + step], described
+            yield x[start:start + step], y[start:start + step], batch
 
 
 def _gradient_blocks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
                      ) -> Iterator[List[torch.Tensor]]:
     """Per-sample gradients of ``data`` as per-parameter blocks [B, *shape_k], chunk by chunk."""
-    for x, y, described in _chunks(model, data, where, name, progress):
-        with data_errors(where, described):
+    for x, y, batch in _chunks(model, data, where, name, progress):
+        with data_errors(where, batch, x, y):
             blocks = per_sample_grads(model, x, y)
         yield blocks
 
@@ -254,11 +254,11 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
     factors = _check_factors(model, influence_factors, where)
     T = factors.shape[0]
     parts = []
-    for x, y, described in _chunks(model, input_data, where, "input_data", progress, directions=max(T, 1)):
+    for x, y, batch in _chunks(model, input_data, where, "input_data", progress, directions=max(T, 1)):
         if not x.is_floating_point():
             raise TypeError(f"{where}: perturbation influence differentiates in x, which must be floating point; "
                             f"input_data yields x of dtype {x.dtype}")
-        with data_errors(where, described):
+        with data_errors(where, batch, x, y):
             parts.append(per_sample_mixed_products(model, x, y, factors))
     return torch.cat(parts, dim=1)
 

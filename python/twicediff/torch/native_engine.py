@@ -48,6 +48,8 @@ _IGNORE_INDEX = -100  # cross-entropy's default ignore_index: rows with that tar
 class BadBatchError(ValueError):
     """A batch no engine can take (a wrong feature count, a class index out of range): unlike the
     engine's other ValueErrors, which mean "use a generic engine", this one is the caller's to see."""
+
+
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Flatten)
 _SUPPORTED = "Linear, ReLU, LeakyReLU, Tanh, Sigmoid, GELU, SiLU, Softplus, Identity, Flatten, Dropout (eval)"
 
@@ -228,8 +230,8 @@ class NativeHvpEngine:
             raise ValueError(f"{where}: the input of the first trainable Linear has shape {list(h.shape)}; the "
                              "native engine needs [N, in_features] rows (add an nn.Flatten)")
         if h.shape[1] != weight.shape[1]:
-            raise BadBatchError(f"{where}: the first trainable Linear takes {weight.shape[1]} features, but x (after "
-                             f"the frozen prefix) has {h.shape[1]}")
+            raise BadBatchError(f"{where}: the first trainable Linear takes {weight.shape[1]} features, but x "
+                                f"(after the frozen prefix) has {h.shape[1]}")
         if h.dtype != weight.dtype or h.device != weight.device:
             raise TypeError(f"{where}: x (after the frozen prefix) is {h.dtype} on {h.device} but the parameters are "
                             f"{weight.dtype} on {weight.device}")
@@ -251,9 +253,12 @@ class NativeHvpEngine:
                                  f"{list(y.shape)}")
             target = y.reshape(N).to(torch.long)
             keep = target != _IGNORE_INDEX
-            if N and bool(((target[keep] < 0) | (target[keep] >= C)).any()):
+            out_of_range = keep & ((target < 0) | (target >= C))  # a mask: no sync until the test
+            if bool(out_of_range.any()):
+                bad = target[out_of_range]
                 raise BadBatchError(f"{where}: cross-entropy class indices must lie in [0, {C}) (or equal "
-                                 f"ignore_index={_IGNORE_INDEX}), got values in [{int(target.min())}, {int(target.max())}]")
+                                    f"ignore_index={_IGNORE_INDEX}), got {int(bad.min())}..{int(bad.max())} "
+                                    "out of range")
             if not bool(keep.all()):
                 if self.reduction == "mean" and not bool(keep.any()):
                     raise ValueError(f"{where}: every target equals ignore_index={_IGNORE_INDEX}; the mean "

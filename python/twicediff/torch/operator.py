@@ -24,7 +24,7 @@ import torch
 
 from ..memory import get_memory_budget
 from ..progress import progress_bar
-from .twice_differentiable import MODES, BoundHvp, TorchTwiceDifferentiable, batch_summary, data_errors
+from .twice_differentiable import MODES, BoundHvp, TorchTwiceDifferentiable, data_errors
 
 __all__ = ["HessianOperator", "hessian_operator"]
 
@@ -90,7 +90,7 @@ class HessianOperator:
             return acc
         total = 0
         for i, (n, product) in enumerate(progress_bar(self._pass(), self.progress, desc="hvp pass", unit="batch")):
-            with data_errors("HessianOperator", f"training_data batch {i} ({product.data})"):
+            with data_errors("HessianOperator", f"training_data batch {i}"):  # shapes: from hvp's own
                 acc.add_(product(Vm).to(out_dtype), alpha=n)
             total += n
         if total == 0:
@@ -115,7 +115,7 @@ class HessianOperator:
         for i, batch in enumerate(self.training_data):
             x, y = (self._moved(t) for t in batch)
             n = int(x.shape[0]) if x.dim() > 0 else 1
-            with data_errors("HessianOperator", f"training_data batch {i} ({batch_summary(x, y)})"):
+            with data_errors("HessianOperator", f"training_data batch {i}", x, y):
                 product = self.model.hvp_function(x, y, mode=self.mode)
             if first:
                 room -= product.nbytes

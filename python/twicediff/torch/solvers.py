@@ -29,7 +29,7 @@ from ..inversion import InversionMethod, InversionRegistry
 from ..progress import progress_bar
 from ..twice_differentiable import InverseHvpResult
 from .operator import HessianOperator, check_training_data
-from .twice_differentiable import TorchTwiceDifferentiable, batch_summary, data_errors
+from .twice_differentiable import TorchTwiceDifferentiable, data_errors
 
 __all__ = [
     "LowRankProductRepresentation",
@@ -660,7 +660,7 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
         if active.numel() == 0:
             break
         x, y = next(batches)
-        with data_errors(where, f"a batch of training_data ({batch_summary(x, y)})"):
+        with data_errors(where, "a batch of training_data", x, y):
             Hh = model.hvp(x, y, h)
         mx, sm = _ops.lissa_step(h, Bact, Hh, dampen, scale, lam)
         if bool(torch.isnan(mx).any()):

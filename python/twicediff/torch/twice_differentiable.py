@@ -17,7 +17,7 @@ from . import hvp as _hvp
 from .hessian_assembly import assemble_hessian, assemble_hessian_batches
 from .native_engine import BadBatchError, build_native_engine
 
-__all__ = ["BoundHvp", "TorchTwiceDifferentiable", "batch_summary", "data_errors"]
+__all__ = ["BoundHvp", "TorchTwiceDifferentiable", "data_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ HESSIAN_METHODS = ("auto", "columns")
 _DATA_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
 
 
-def batch_summary(x, y) -> str:
+def _batch_summary(x, y) -> str:
     """``x (B, ...) dtype, y (B, ...) dtype``, for error messages."""
     def one(name, t):
         return f"{name} {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else f"{name} {type(t).__name__}"
@@ -38,24 +38,27 @@ def batch_summary(x, y) -> str:
 
 
 @contextlib.contextmanager
-def data_errors(where: str, data: str) -> Iterator[None]:
+def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
     """Re-raises an error of the model or loss (or a native kernel's check) on a batch as the same
-    exception type with ``"{where}: the model or loss failed on {data}: "`` before its message:
-    torch's own messages (e.g. ``mat1 and mat2 shapes cannot be multiplied``) name neither the
-    function nor the data. Nested uses keep the outermost ``where`` and ``data``, which name the
-    user's argument; out-of-memory errors pass unchanged."""
+    exception type with ``"{where}: the model or loss failed on {name} ({_batch_summary(x, y)}): "``
+    before its message: torch's own messages (e.g. ``mat1 and mat2 shapes cannot be multiplied``)
+    name neither the function nor the data. Nothing is formatted unless something fails. Nested
+    uses keep the outermost ``where`` and ``name`` (the user's argument) and the innermost batch
+    shapes (the batch that failed); out-of-memory errors pass unchanged."""
     try:
         yield
     except _DATA_ERRORS as exc:
         if isinstance(exc, torch.OutOfMemoryError):
             raise
         original = getattr(exc, "_twicediff_original", exc)
+        batch = getattr(exc, "_twicediff_batch", "") or (_batch_summary(x, y) if x is not None else "")
+        data = f"{name} ({batch})" if name and batch else name or batch
         message = f"{where}: the model or loss failed on {data}: {original}"
         try:
             wrapped = type(original)(message)
         except Exception:  # a type that takes other arguments: the builtin one it derives from
             wrapped = next(t for t in _DATA_ERRORS if isinstance(original, t))(message)
-        wrapped._twicediff_original = original
+        wrapped._twicediff_original, wrapped._twicediff_batch = original, batch
         raise wrapped from original
 
 
@@ -155,7 +158,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         x, y = self._to_device(x, y, "grad")
         if create_graph and not x.requires_grad:
             x = x.requires_grad_(True)
-        with data_errors("grad", batch_summary(x, y)):
+        with data_errors("grad", "", x, y):
             value = _hvp.squeezed_loss(self.loss, self.model(x), y)
             grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
         return torch.cat([g.reshape(-1) for g in grads])
@@ -189,7 +192,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 else type(out).__name__
             raise ValueError(f"add_hessian_: out must be [P, P] = [{P}, {P}] {self.dtype} on {self.device}, "
                              f"got {got}")
-        with data_errors("hessian", batch_summary(x, y)):
+        with data_errors("hessian", "", x, y):
             native, prepared, _ = self._native_engine(x, y) if method == "auto" else (None, None, "")
             if native is not None:
                 return assemble_hessian(native, prepared, out, alpha=alpha)
@@ -237,7 +240,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             x, y = self._to_device(x, y, "mean_hessian")
             n = int(x.shape[0]) if x.dim() > 0 else 1
             total += n
-            with data_errors("mean_hessian", f"training_data batch {i} ({batch_summary(x, y)})"):
+            with data_errors("mean_hessian", f"training_data batch {i}", x, y):
                 native, prepared, _ = self._native_engine(x, y)
                 if native is None:
                     self.add_hessian_(x, y, out, alpha=n)
@@ -301,11 +304,10 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             raise ValueError(f"hvp: engine must be one of {ENGINES}, got {engine!r}")
         x, y = self._to_device(x, y, "hvp")
         x, y = x.detach(), y.detach()  # products are not differentiated further
-        data = batch_summary(x, y)
         compute, per_direction, nbytes, most = self._engine(engine, x, y)
 
         def product(V: torch.Tensor) -> torch.Tensor:
-            with data_errors("hvp", data):
+            with data_errors("hvp", "", x, y):
                 return compute(V, mode)
 
         def checked(V: torch.Tensor) -> torch.Tensor:
@@ -316,7 +318,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             return V
 
         return BoundHvp(product, per_direction, nbytes, self.device, progress, max_directions=most,
-                        check=checked, data=data)
+                        check=checked)
 
     # ---- engines -----------------------------------------------------------------------------
     def native_unsupported_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
@@ -345,18 +347,19 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         held, most directions per chunk: ``MAX_DIRECTIONS_PER_CHUNK`` for the native engine, about
         ``GENERIC_CHUNK_BYTES`` of working memory but at least ``MIN_GENERIC_DIRECTIONS`` for the
         others; the memory budget may cut chunks further)."""
-        if engine in ("auto", "native"):
-            with data_errors("hvp", batch_summary(x, y)):  # a batch wrong for the model (BadBatchError)
-                native, prepared, reason = self._native_engine(x, y)
-            if native is not None:
-                # the chunks of directions share the batch prepared here
-                return (lambda v, mode: native.hvp_prepared(prepared, v, mode)), \
-                    native.bytes_per_direction(x.shape[0]), sum(t.numel() * t.element_size() for t in prepared), \
-                    _hvp.MAX_DIRECTIONS_PER_CHUNK
-            if engine == "native":
-                raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
-        with data_errors("hvp", batch_summary(x, y)):  # runs the model once on x
-            per_direction = self._bytes_per_direction(x)
+        # Both the native engine's preparation (BadBatchError) and the generic estimate (one
+        # forward pass) run the model on the batch.
+        with data_errors("hvp", "", x, y):
+            native, prepared, reason = self._native_engine(x, y) if engine in ("auto", "native") \
+                else (None, None, "")
+            per_direction = self._bytes_per_direction(x) if native is None and engine != "native" else 0
+        if native is not None:
+            # the chunks of directions share the batch prepared here
+            return (lambda v, mode: native.hvp_prepared(prepared, v, mode)), \
+                native.bytes_per_direction(x.shape[0]), sum(t.numel() * t.element_size() for t in prepared), \
+                _hvp.MAX_DIRECTIONS_PER_CHUNK
+        if engine == "native":
+            raise ValueError(f"hvp: engine='native' cannot take this model: {reason}")
         most = _hvp.generic_directions_per_chunk(per_direction)
         held = sum(t.numel() * t.element_size() for t in (x, y))
         if engine == "autograd":
@@ -414,14 +417,12 @@ class BoundHvp:
         bytes_per_direction: the engine's working memory for one direction.
         max_directions: the most directions in one chunk, whatever the budget.
         nbytes: bytes of batch data the function holds (x and y, or the native engine's prepared rows).
-        data: the batch's shapes and dtypes (:func:`batch_summary`), for error messages.
     """
 
     def __init__(self, compute: Callable[[torch.Tensor], torch.Tensor], bytes_per_direction: int, nbytes: int,
                  device: torch.device, progress: bool = False, max_directions: int = _hvp.MAX_DIRECTIONS_PER_CHUNK,
-                 check: Callable[[torch.Tensor], torch.Tensor] = lambda V: V, data: str = ""):
+                 check: Callable[[torch.Tensor], torch.Tensor] = lambda V: V):
         self._compute = compute
-        self.data = data
         self._check = check
         self.max_directions = int(max_directions)
         self.bytes_per_direction = int(bytes_per_direction)
