@@ -289,6 +289,13 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 //   direction_parts(D)                                 into how many parts to split the D directions,
 //                                                       each part's R-passes run by one thread at once
 //                                                       (1: one R-pass over all D, the BLAS threaded)
+//   kFusedHead                                         true: the device has fuses_head(plan, dtype), whether it
+//                                                       takes the last layer in one pass, and
+//   fused_head(plan, W, V [D,C,I], rh [N,D*I], g_z or undefined, p, rz [N,D*C], rgh [N,D*I],
+//              second [D,C,I] or undefined, bias_out [D,C] or undefined)
+//                                                       that pass: rz (R(z) less its R(h) W^T term)
+//                                                       becomes R(g_z); rgh = R(g_z) W (+ g_z V),
+//                                                       second = g_z^T R(h), bias_out = sums of R(g_z)
 
 // What the R-passes of every direction share: the forward pass and, in Hessian mode, the plain
 // backward pass of the loss.
@@ -357,6 +364,12 @@ Forward forward_pass(const Plan& plan, const at::Tensor& x, const at::Tensor& ta
   return f;
 }
 
+template <class Kernels>
+bool fuses_head(const Plan& plan, at::ScalarType dtype) {
+  if constexpr (Kernels::kFusedHead) return Kernels::fuses_head(plan, dtype);
+  else return false;
+}
+
 // The R-forward and R-backward passes of the directions v [D, P] (contiguous rows), written into
 // result [D, P] (rows of a contiguous [*, P]); every intermediate comes from `arena`.
 template <class Kernels>
@@ -365,6 +378,7 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
   const int64_t N = plan.n, D = v.size(0);
   const int64_t L = static_cast<int64_t>(plan.layers.size());
   const bool hessian = !plan.gauss_newton;
+  const bool fused = fuses_head<Kernels>(plan, dtype);  // the last layer's narrow work in one pass
   const auto& W = f.W;
   const auto& H = f.H;
   auto take = [&](at::IntArrayRef shape) { return arena.take(shape, dtype); };
@@ -399,7 +413,8 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
       vl.copy_(weight_dirs(lay));
       ra = mm({N, D * out}, H[l], vl.view({D * out, in}).t());
     }
-    if (l > 0) Kernels::gemm(ra.view({N * D, out}), RH[l].view({N * D, in}), W[l].t(), 1.0);
+    if (l > 0 && !(fused && l == L - 1))
+      Kernels::gemm(ra.view({N * D, out}), RH[l].view({N * D, in}), W[l].t(), 1.0);
     if (!f.S1[l].defined()) {
       RA[l] = RH[l + 1] = ra;
       continue;
@@ -411,18 +426,33 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
     Kernels::rforward_activation(ra, f.S1[l], RH[l + 1], D);
   }
 
-  // Loss curvature: R(g_z) = H_loss R(z).
-  at::Tensor rg = take({N, RH[L].size(1)});
-  Kernels::loss_curvature(RH[L], H[L], f.prob, plan, rg, D);
+  // Loss curvature: R(g_z) = H_loss R(z); fused, with the rest of the last layer's narrow work.
+  at::Tensor rg, head_rgh, head_second;
+  if (fused) {
+    const Layer& last = plan.layers[L - 1];
+    rg = RH[L];
+    head_rgh = take({N, D * last.in});
+    if (hessian) head_second = take({D, last.out, last.in});
+    const at::Tensor bias_dst = last.bias_col >= 0 ? result.narrow(1, last.bias_col, last.out) : at::Tensor();
+    if constexpr (Kernels::kFusedHead)
+      Kernels::fused_head(plan, W[L - 1], weight_dirs(last), RH[L - 1], hessian ? f.GA[L - 1] : at::Tensor(), f.prob,
+                          rg, head_rgh, head_second, bias_dst);
+  } else {
+    rg = take({N, RH[L].size(1)});
+    Kernels::loss_curvature(RH[L], H[L], f.prob, plan, rg, D);
+  }
 
   // R-backward, last layer first.
   for (int64_t l = L - 1; l >= 0; --l) {
     const Layer& lay = plan.layers[l];
     const int64_t in = lay.in, out = lay.out;
+    const bool head = fused && l == L - 1;  // its bias sums, second term and R(g_h) are done
     // rg becomes R(g_a_l); R(g_b_l)[d] = sum_n R(g_a_l)[n, d] is taken in the same pass.
     const at::Tensor bias_dst = lay.bias_col >= 0 ? result.narrow(1, lay.bias_col, out) : at::Tensor();
-    if (f.S1[l].defined()) Kernels::rbackward_activation(rg, f.S1[l], f.S2GH[l], RA[l], D, bias_dst);
-    else if (bias_dst.defined()) Kernels::column_sums(rg, bias_dst, D);
+    if (!head) {
+      if (f.S1[l].defined()) Kernels::rbackward_activation(rg, f.S1[l], f.S2GH[l], RA[l], D, bias_dst);
+      else if (bias_dst.defined()) Kernels::column_sums(rg, bias_dst, D);
+    }
     // R(g_W_l)[d] = R(g_a_l)[:, d]^T h_{l-1}  (+ g_a_l^T R(h_{l-1})[:, d] in Hessian mode)
     at::Tensor gw = Kernels::weight_grad_input_major(dtype)
                         ? mm({in, D * out}, H[l].t(), rg.view({N, D * out}))
@@ -430,13 +460,18 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
                         : mm({D * out, in}, rg.view({N, D * out}).t(), H[l]).view({D, out, in});
     at::Tensor dst = result.narrow(1, lay.weight_col, out * in).view({D, out, in});
     if (hessian && l > 0) {
-      at::Tensor second = mm({out, D * in}, f.GA[l].t(), RH[l].view({N, D * in}))
-                              .view({out, D, in}).permute({1, 0, 2});
+      at::Tensor second = head ? head_second
+                               : mm({out, D * in}, f.GA[l].t(), RH[l].view({N, D * in}))
+                                     .view({out, D, in}).permute({1, 0, 2});
       at::add_out(dst, gw, second);
     } else {
       dst.copy_(gw);
     }
     if (l == 0) break;
+    if (head) {
+      rg = head_rgh;
+      continue;
+    }
     // R(g_h_{l-1}) = R(g_a_l) W_l  (+ g_a_l V_l in Hessian mode)
     at::Tensor rgh = mm({N * D, in}, rg.view({N * D, out}), W[l]);
     if (hessian) {

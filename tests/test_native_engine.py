@@ -253,6 +253,34 @@ def test_op_lone_activations_over_wide_preactivations(device, chain):
     assert float((got32.double() - want).abs().max() / want.abs().max()) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("gauss_newton", [False, True], ids=["hessian", "ggn"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce_with_logits", "mse"])
+@pytest.mark.parametrize("classes, hidden, bias", [(1, 8, True), (10, 21, True), (32, 64, False), (33, 16, True)],
+                         ids=["c1_h8", "c10_h21", "c32_h64_nobias", "c33_gemms"])
+def test_op_narrow_output_layer(classes, hidden, bias, loss, gauss_newton, dtype):
+    """The CPU's fused pass over a float64 output layer of at most 32 logits (csrc/cpu/mlp_hvp.cpp):
+    hidden widths on and off its 8-lane blocks, 23 rows (off its 4-row tiles), 1 and 2 threads (the
+    directions split in parts); 33 logits, and float32, take the GEMMs instead."""
+    chains = [[("tanh", 0, 0)], []]
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            args = _op_case("cpu", torch.float64, 23, 7, [5, hidden, classes], [True, bias], chains, loss,
+                            torch.Generator().manual_seed(classes + hidden))
+            want = _reference.mlp_hvp(*args, chains, loss, "mean", gauss_newton)
+            x, target, ws, bs, v = args
+            cast = lambda u: u.to(dtype) if u is not None and u.is_floating_point() else u
+            got = _ops.mlp_hvp(cast(x), cast(target), [cast(w) for w in ws], [cast(b) for b in bs], cast(v), chains,
+                               loss, "mean", gauss_newton)
+            assert got.dtype == dtype
+            err = float((got.double() - want).abs().max()) / max(float(want.abs().max()), 1e-3)  # CE on 1 class: 0
+            assert err < (1e-13 if dtype == torch.float64 else 1e-5), f"{t} threads: {err:.1e} from the reference"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("gauss_newton", [False, True], ids=["hessian", "ggn"])
 def test_op_directions_split_across_threads(gauss_newton):
     """On the CPU the op splits the D directions into one part per thread (sizes differing by one

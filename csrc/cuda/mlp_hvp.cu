@@ -149,6 +149,8 @@ struct CudaKernels {
   static bool weight_grad_input_major(at::ScalarType) { return false; }
   // One R-pass over all directions: the GPU runs each GEMM across its whole width.
   static int64_t direction_parts(int64_t) { return 1; }
+  // No fused output-layer pass: that is a CPU cache measure; here its work stays in cuBLAS GEMMs.
+  static constexpr bool kFusedHead = false;
   // cuBLAS through ATen.
   static void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
     aten_gemm(out, a, b, beta);
