@@ -68,62 +68,44 @@ C10_ALWAYS_INLINE void curvature_row(Loss loss, const scalar_t* p, const scalar_
 // a fraction of the BLAS's speed, each with a pass over an [N, D, I] matrix. The fused pass does
 // them, the loss curvature and the bias sums of R(g_z) in one sweep per direction, a tile of rows
 // at a time, with W and V_d in L1 (measured in benchmarks/results/influence_cpu_notes.md: a
-// 250-row, 64-direction float64 call of a 64-64-10 MLP, 17.3 -> 14.9 ms on one thread).
+// 250-row, 64-direction float64 call of a 64-64-10 MLP, 17.0 -> 14.4 ms on one thread).
 constexpr int64_t kHeadMaxClasses = 32;
 constexpr int kLanes = 8;  // independent partial sums per accumulator: one AVX-512 or two AVX2 vectors
 
-template <typename scalar_t>
 struct HeadArgs {
   int64_t N, D, C, I;
-  const scalar_t* w;       // W [C, I]
-  const scalar_t* v;       // direction d's V [C, I] at v + d * v_stride
+  const double* w;       // W [C, I]
+  const double* v;       // direction d's V [C, I] at v + d * v_stride
   int64_t v_stride;
-  const scalar_t* rh;      // R(h) [N, D, I]
-  const scalar_t* ga;      // g_z [N, C]; null in Gauss-Newton mode
-  const scalar_t* prob;    // softmax / sigmoid of z [N, C]; null for MSE
-  scalar_t* rz;            // [N, D, C]: in, R(z) without its R(h) W^T term; out, R(g_z)
-  scalar_t* rgh;           // R(g_h) = R(g_z) W (+ g_z V) [N, D, I], out
-  scalar_t* second;        // g_z^T R(h) as [D, C, I], out (Hessian mode); null otherwise
-  scalar_t* bias;          // R(g_b)[d, c] = sum_n R(g_z)[n, d, c] at bias[d * bs0 + c * bs1]; null without bias
+  const double* rh;      // R(h) [N, D, I]
+  const double* ga;      // g_z [N, C]; null in Gauss-Newton mode
+  const double* prob;    // softmax / sigmoid of z [N, C]; null for MSE
+  double* rz;            // [N, D, C]: in, R(z) without its R(h) W^T term; out, R(g_z)
+  double* rgh;           // R(g_h) = R(g_z) W (+ g_z V) [N, D, I], out
+  double* second;        // g_z^T R(h) as [D, C, I], out (Hessian mode); null otherwise
+  double* bias;          // R(g_b)[d, c] = sum_n R(g_z)[n, d, c] at bias[d * bs0 + c * bs1]; null without bias
   int64_t bs0, bs1;
   Loss loss;
-  scalar_t scale;
+  double scale;
 };
 
-// kLanes consecutive elements as one GCC / Clang vector: it compiles to one AVX-512 register, two
+// kLanes consecutive doubles as one GCC / Clang vector: it compiles to one AVX-512 register, two
 // AVX2 ones or four SSE2 ones, whichever target the clone below is built for.
-// (Spelled out per type: GCC ignores vector_size on a dependent type.)
-template <typename scalar_t>
-struct LanesOf;
-template <>
-struct LanesOf<double> {
-  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
-};
-template <typename scalar_t>
-using Lanes = typename LanesOf<scalar_t>::type;
+typedef double Vec __attribute__((vector_size(kLanes * sizeof(double))));
 
 // (Through an out-parameter: a vector return value would change the baseline clone's ABI.)
-template <typename scalar_t>
-C10_ALWAYS_INLINE void load_lanes(Lanes<scalar_t>& v, const scalar_t* p) {
-  static_assert(sizeof v == kLanes * sizeof(scalar_t));
-  std::memcpy(&v, p, sizeof v);
-}
-
-template <typename scalar_t>
-C10_ALWAYS_INLINE void store_lanes(scalar_t* p, const Lanes<scalar_t>& v) {
-  std::memcpy(p, &v, sizeof v);
-}
+C10_ALWAYS_INLINE void load_lanes(Vec& v, const double* p) { std::memcpy(&v, p, sizeof v); }
+C10_ALWAYS_INLINE void store_lanes(double* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
 
 // Rows n .. n+R-1 of direction d.
-template <typename scalar_t, int R>
-C10_ALWAYS_INLINE void head_tile(const HeadArgs<scalar_t>& a, int64_t d, int64_t n, const scalar_t* V, scalar_t* sec,
-                                 scalar_t* bias_acc) {
-  using Vec = Lanes<scalar_t>;
+template <int R>
+C10_ALWAYS_INLINE void head_tile(const HeadArgs& a, int64_t d, int64_t n, const double* V, double* sec,
+                                 double* bias_acc) {
   const int64_t C = a.C, I = a.I, Ib = I - I % kLanes;
-  const scalar_t* h[R];
-  const scalar_t* g[R];
-  scalar_t* z[R];
-  scalar_t* o[R];
+  const double* h[R];
+  const double* g[R];
+  double* z[R];
+  double* o[R];
   for (int t = 0; t < R; ++t) {
     const int64_t row = (n + t) * a.D + d;
     h[t] = a.rh + row * I;
@@ -132,9 +114,9 @@ C10_ALWAYS_INLINE void head_tile(const HeadArgs<scalar_t>& a, int64_t d, int64_t
     g[t] = a.ga ? a.ga + (n + t) * C : nullptr;
   }
   // R(z) = R(z)_partial + W R(h), then R(g_z) = scale H_loss R(z) over it, and the bias sums.
-  scalar_t rg[R][kHeadMaxClasses];
+  double rg[R][kHeadMaxClasses];
   for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* wc = a.w + c * I;
+    const double* wc = a.w + c * I;
     Vec acc[R] = {};
     for (int64_t i = 0; i < Ib; i += kLanes) {
       Vec w, x;
@@ -145,7 +127,7 @@ C10_ALWAYS_INLINE void head_tile(const HeadArgs<scalar_t>& a, int64_t d, int64_t
       }
     }
     for (int t = 0; t < R; ++t) {
-      scalar_t sum = z[t][c];
+      double sum = z[t][c];
       for (int l = 0; l < kLanes; ++l) sum += acc[t][l];
       for (int64_t i = Ib; i < I; ++i) sum += wc[i] * h[t][i];
       rg[t][c] = sum;
@@ -177,15 +159,15 @@ C10_ALWAYS_INLINE void head_tile(const HeadArgs<scalar_t>& a, int64_t d, int64_t
   }
   for (int64_t i = Ib; i < I; ++i) {
     for (int t = 0; t < R; ++t) {
-      scalar_t sum = 0;
-      for (int64_t c = 0; c < C; ++c) sum += rg[t][c] * a.w[c * I + i] + (a.ga ? g[t][c] * V[c * I + i] : scalar_t(0));
+      double sum = 0;
+      for (int64_t c = 0; c < C; ++c) sum += rg[t][c] * a.w[c * I + i] + (a.ga ? g[t][c] * V[c * I + i] : 0.0);
       o[t][i] = sum;
     }
   }
   // second[c, :] += sum_t g_z[n+t, c] R(h)[n+t, d, :].
   if (sec) {
     for (int64_t c = 0; c < C; ++c) {
-      scalar_t* sc = sec + c * I;
+      double* sc = sec + c * I;
       for (int64_t i = 0; i < Ib; i += kLanes) {
         Vec sum, x;
         load_lanes(sum, sc + i);
@@ -196,7 +178,7 @@ C10_ALWAYS_INLINE void head_tile(const HeadArgs<scalar_t>& a, int64_t d, int64_t
         store_lanes(sc + i, sum);
       }
       for (int64_t i = Ib; i < I; ++i) {
-        scalar_t sum = sc[i];
+        double sum = sc[i];
         for (int t = 0; t < R; ++t) sum += g[t][c] * h[t][i];
         sc[i] = sum;
       }
@@ -205,34 +187,28 @@ C10_ALWAYS_INLINE void head_tile(const HeadArgs<scalar_t>& a, int64_t d, int64_t
 }
 
 // Directions d0 .. d1-1, rows in memory order: a tile of rows, then every direction of it.
-template <typename scalar_t>
-C10_ALWAYS_INLINE void head_directions_impl(const HeadArgs<scalar_t>& a, int64_t d0, int64_t d1) {
+//
+// The build targets baseline x86-64 (SSE2); on x86-64 GCC and Clang compile this pass also for
+// x86-64-v3 (AVX2, FMA) and v4 (AVX-512) and pick the best the CPU runs at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void head_directions(const HeadArgs& a, int64_t d0, int64_t d1) {
   constexpr int kTile = 4;
   const int64_t C = a.C, CI = a.C * a.I;
-  std::vector<scalar_t> bias_acc((d1 - d0) * C, scalar_t(0));
-  if (a.second) std::fill(a.second + d0 * CI, a.second + d1 * CI, scalar_t(0));
+  std::vector<double> bias_acc((d1 - d0) * C, 0.0);
+  if (a.second) std::fill(a.second + d0 * CI, a.second + d1 * CI, 0.0);
   auto sec = [&](int64_t d) { return a.second ? a.second + d * CI : nullptr; };
   int64_t n = 0;
   for (; n + kTile <= a.N; n += kTile)
     for (int64_t d = d0; d < d1; ++d)
-      head_tile<scalar_t, kTile>(a, d, n, a.v + d * a.v_stride, sec(d), bias_acc.data() + (d - d0) * C);
+      head_tile<kTile>(a, d, n, a.v + d * a.v_stride, sec(d), bias_acc.data() + (d - d0) * C);
   for (; n < a.N; ++n)
     for (int64_t d = d0; d < d1; ++d)
-      head_tile<scalar_t, 1>(a, d, n, a.v + d * a.v_stride, sec(d), bias_acc.data() + (d - d0) * C);
+      head_tile<1>(a, d, n, a.v + d * a.v_stride, sec(d), bias_acc.data() + (d - d0) * C);
   if (a.bias)
     for (int64_t d = d0; d < d1; ++d)
       for (int64_t c = 0; c < C; ++c) a.bias[d * a.bs0 + c * a.bs1] = bias_acc[(d - d0) * C + c];
-}
-
-// The build targets baseline x86-64 (SSE2); on x86-64 GCC and Clang compile this pass also for
-// x86-64-v3 (AVX2, FMA) and v4 (AVX-512) and pick the best the CPU runs at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
-#define TWICEDIFF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TWICEDIFF_CPU_CLONES
-#endif
-TWICEDIFF_CPU_CLONES void head_directions(const HeadArgs<double>& a, int64_t d0, int64_t d1) {
-  head_directions_impl(a, d0, d1);
 }
 
 struct CpuKernels {
@@ -268,27 +244,24 @@ struct CpuKernels {
                          const at::Tensor& second, const at::Tensor& bias_out) {
     const at::Tensor wc = w.contiguous();
     const int64_t D = vdirs.size(0);
-    TORCH_CHECK(rz.scalar_type() == at::kDouble, "mlp_hvp: the fused output-layer pass is float64 only");
-    {
-      using scalar_t = double;
-      HeadArgs<scalar_t> a;
-      a.N = rh.size(0); a.D = D; a.C = wc.size(0); a.I = wc.size(1);
-      a.w = wc.const_data_ptr<scalar_t>();
-      a.v = vdirs.const_data_ptr<scalar_t>();
-      a.v_stride = vdirs.stride(0);
-      a.rh = rh.const_data_ptr<scalar_t>();
-      a.ga = ga.defined() ? ga.const_data_ptr<scalar_t>() : nullptr;
-      a.prob = prob.defined() ? prob.const_data_ptr<scalar_t>() : nullptr;
-      a.rz = rz.mutable_data_ptr<scalar_t>();
-      a.rgh = rgh.mutable_data_ptr<scalar_t>();
-      a.second = second.defined() ? second.mutable_data_ptr<scalar_t>() : nullptr;
-      a.bias = bias_out.defined() ? bias_out.mutable_data_ptr<scalar_t>() : nullptr;
-      a.bs0 = bias_out.defined() ? bias_out.stride(0) : 0;
-      a.bs1 = bias_out.defined() ? bias_out.stride(1) : 0;
-      a.loss = plan.loss;
-      a.scale = static_cast<scalar_t>(plan.scale);
-      at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) { head_directions(a, d0, d1); });
-    }
+    TORCH_INTERNAL_ASSERT(rz.scalar_type() == at::kDouble, "mlp_hvp: the fused output-layer pass is float64 only");
+    HeadArgs a;
+    a.N = rh.size(0); a.D = D; a.C = wc.size(0); a.I = wc.size(1);
+    a.w = wc.const_data_ptr<double>();
+    a.v = vdirs.const_data_ptr<double>();
+    a.v_stride = vdirs.stride(0);
+    a.rh = rh.const_data_ptr<double>();
+    a.ga = ga.defined() ? ga.const_data_ptr<double>() : nullptr;
+    a.prob = prob.defined() ? prob.const_data_ptr<double>() : nullptr;
+    a.rz = rz.mutable_data_ptr<double>();
+    a.rgh = rgh.mutable_data_ptr<double>();
+    a.second = second.defined() ? second.mutable_data_ptr<double>() : nullptr;
+    a.bias = bias_out.defined() ? bias_out.mutable_data_ptr<double>() : nullptr;
+    a.bs0 = bias_out.defined() ? bias_out.stride(0) : 0;
+    a.bs1 = bias_out.defined() ? bias_out.stride(1) : 0;
+    a.loss = plan.loss;
+    a.scale = plan.scale;
+    at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) { head_directions(a, d0, d1); });
   }
 
   static void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
