@@ -291,11 +291,15 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 //                                                       (1: one R-pass over all D, the BLAS threaded)
 //   kFusedHead                                         true: the device has fuses_head(plan, dtype), whether it
 //                                                       takes the last layer in one pass, and
-//   fused_head(plan, W, V [D,C,I], rh [N,D*I], g_z or undefined, p, rz [N,D*C], rgh [N,D*I],
-//              second [D,C,I] or undefined, bias_out [D,C] or undefined)
-//                                                       that pass: rz (R(z) less its R(h) W^T term)
-//                                                       becomes R(g_z); rgh = R(g_z) W (+ g_z V),
-//                                                       second = g_z^T R(h), bias_out = sums of R(g_z)
+//   fused_head(plan, W, V [D,C,I], ra [N,D*I], s1, s2gh (each [N,I] or undefined), g_z or undefined,
+//              p, rz [N,D*C], second [D,C,I] or undefined, bias_out [D,C] or undefined,
+//              hidden_bias_out [D,I] or undefined)
+//                                                       that pass, with the activation of the layer
+//                                                       before: R(h) = s1 ra; rz (R(z) less its
+//                                                       R(h) W^T term) becomes R(g_z); ra becomes
+//                                                       R(g_a) = s1 (R(g_z) W (+ g_z V)) + s2gh ra;
+//                                                       second = g_z^T R(h); bias_out and
+//                                                       hidden_bias_out = sums of R(g_z) and R(g_a)
 
 // What the R-passes of every direction share: the forward pass and, in Hessian mode, the plain
 // backward pass of the loss.
@@ -415,7 +419,8 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
     }
     if (l > 0 && !(fused && l == L - 1))
       Kernels::gemm(ra.view({N * D, out}), RH[l].view({N * D, in}), W[l].t(), 1.0);
-    if (!f.S1[l].defined()) {
+    // Fused, the layer before the last takes its activation's R-passes in the last layer's pass.
+    if (!f.S1[l].defined() || (fused && l == L - 2)) {
       RA[l] = RH[l + 1] = ra;
       continue;
     }
@@ -426,17 +431,20 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
     Kernels::rforward_activation(ra, f.S1[l], RH[l + 1], D);
   }
 
-  // Loss curvature: R(g_z) = H_loss R(z); fused, with the rest of the last layer's narrow work.
-  at::Tensor rg, head_rgh, head_second;
+  // Loss curvature: R(g_z) = H_loss R(z); fused, with the rest of the last layer's narrow work and
+  // the activation of the layer before (RA[L - 2] becomes R(g_a_{L-2})).
+  at::Tensor rg, head_second;
   if (fused) {
     const Layer& last = plan.layers[L - 1];
+    const Layer& before = plan.layers[L - 2];
     rg = RH[L];
-    head_rgh = take({N, D * last.in});
     if (hessian) head_second = take({D, last.out, last.in});
     const at::Tensor bias_dst = last.bias_col >= 0 ? result.narrow(1, last.bias_col, last.out) : at::Tensor();
+    const at::Tensor hidden_bias_dst =
+        before.bias_col >= 0 ? result.narrow(1, before.bias_col, before.out) : at::Tensor();
     if constexpr (Kernels::kFusedHead)
-      Kernels::fused_head(plan, W[L - 1], weight_dirs(last), RH[L - 1], hessian ? f.GA[L - 1] : at::Tensor(), f.prob,
-                          rg, head_rgh, head_second, bias_dst);
+      Kernels::fused_head(plan, W[L - 1], weight_dirs(last), RA[L - 2], f.S1[L - 2], f.S2GH[L - 2],
+                          hessian ? f.GA[L - 1] : at::Tensor(), f.prob, rg, head_second, bias_dst, hidden_bias_dst);
   } else {
     rg = take({N, RH[L].size(1)});
     Kernels::loss_curvature(RH[L], H[L], f.prob, plan, rg, D);
@@ -447,9 +455,10 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
     const Layer& lay = plan.layers[l];
     const int64_t in = lay.in, out = lay.out;
     const bool head = fused && l == L - 1;  // its bias sums, second term and R(g_h) are done
-    // rg becomes R(g_a_l); R(g_b_l)[d] = sum_n R(g_a_l)[n, d] is taken in the same pass.
+    // rg becomes R(g_a_l); R(g_b_l)[d] = sum_n R(g_a_l)[n, d] is taken in the same pass (fused: both
+    // done in the last layer's pass for the layer before it).
     const at::Tensor bias_dst = lay.bias_col >= 0 ? result.narrow(1, lay.bias_col, out) : at::Tensor();
-    if (!head) {
+    if (!(fused && l >= L - 2)) {
       if (f.S1[l].defined()) Kernels::rbackward_activation(rg, f.S1[l], f.S2GH[l], RA[l], D, bias_dst);
       else if (bias_dst.defined()) Kernels::column_sums(rg, bias_dst, D);
     }
@@ -469,7 +478,7 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
     }
     if (l == 0) break;
     if (head) {
-      rg = head_rgh;
+      rg = RA[L - 2];
       continue;
     }
     // R(g_h_{l-1}) = R(g_a_l) W_l  (+ g_a_l V_l in Hessian mode)

@@ -282,6 +282,32 @@ def test_op_narrow_output_layer(classes, hidden, bias, loss, gauss_newton, dtype
 
 
 @pytest.mark.parametrize("gauss_newton", [False, True], ids=["hessian", "ggn"])
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("hidden_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("chain", [[("tanh", 0, 0)], [("relu", 0, 0)], [], [("softplus", 2.0, 1.0), ("tanh", 0, 0)]],
+                         ids=["tanh", "relu", "none", "softplus_tanh"])
+def test_op_fused_head_takes_the_layer_before(chain, hidden_bias, depth, gauss_newton):
+    """The fused float64 output-layer pass also applies the activation of the layer before it (its
+    R-forward and R-backward, and its bias sums): curved (f'' g_h term), piecewise linear (none),
+    no activation, a chain; that layer with and without bias, first or not (depth 3)."""
+    widths = [6, 13, 11, 10][-(depth + 1):]
+    chains = [[("sigmoid", 0, 0)]] * (depth - 2) + [chain, []]
+    biases = [True] * (depth - 2) + [hidden_bias, True]
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            args = _op_case("cpu", torch.float64, 23, 7, widths, biases, chains, "cross_entropy",
+                            torch.Generator().manual_seed(depth))
+            want = _reference.mlp_hvp(*args, chains, "cross_entropy", "mean", gauss_newton)
+            got = _ops.mlp_hvp(*args, chains, "cross_entropy", "mean", gauss_newton)
+            err = float((got - want).abs().max() / want.abs().max())
+            assert err < 1e-13, f"{t} threads: {err:.1e} from the reference"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("gauss_newton", [False, True], ids=["hessian", "ggn"])
 def test_op_directions_split_across_threads(gauss_newton):
     """On the CPU the op splits the D directions into one part per thread (sizes differing by one
     at most, fewer parts where they would be uneven); every split gives the reference's answer."""
