@@ -182,6 +182,23 @@ def test_float32_model_matches_float64_direct():
 # ---- CG behaviour ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("k, P, rank", [(64, 300, 64), (9, 40, 5), (7, 4, 4), (1, 6, 1), (5, 1, 1), (4, 6, 0)],
+                         ids=["tall", "rank_deficient", "more_rows_than_P", "one_row", "P1", "zero"])
+def test_orthonormal_rows_basis_of_the_row_space(k, P, rank):
+    """Block CG's search block: orthonormal rows spanning W's row space, with the numerically
+    dependent directions dropped (the count is the rank an SVD of W gives)."""
+    from twicediff.torch.solvers import _orthonormal_rows
+
+    g = torch.Generator().manual_seed(k + P)
+    W = torch.randn(k, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, P, generator=g, dtype=torch.float64)
+    W = W * torch.logspace(0, -6, P, dtype=torch.float64)  # graded columns: an ill-conditioned block
+    Q = _orthonormal_rows(W)
+    assert Q.shape == (rank, P) and Q.dtype == torch.float64
+    torch.testing.assert_close(Q @ Q.T, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-13)
+    if rank:
+        torch.testing.assert_close((W @ Q.T) @ Q, W, rtol=0, atol=1e-12 * float(W.abs().max()))
+
+
 @pytest.mark.parametrize("block_krylov", [True, False])
 def test_cg_stops_each_column_on_its_own(block_krylov):
     model, loader, H = linear_regression()

@@ -301,15 +301,22 @@ def _block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tenso
 def _orthonormal_rows(W: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (as rows) of the row space of W [k, P], rank-revealing: directions whose
     singular value is below 1e-12 of the largest are dropped (float64). Householder QR of Wᵀ, then
-    the SVD of the small [k, k] factor R: the singular values of W to the same accuracy as an SVD
-    of W itself, in about half the time for k ≪ P."""
-    if W.shape[0] == 0:
+    the SVD R = U S Vᵀ of the small [k, k] factor: the singular values of W to the same accuracy as
+    an SVD of W itself, in about half the time for k ≪ P. The basis Q U is formed by applying the
+    reflectors to U (ormqr) rather than forming Q and multiplying (5.8–7.4 against 7.6–8.8 ms for
+    k = 64, P = 4,810 at 2 threads)."""
+    k, P = W.shape
+    if k == 0:
         return W
-    Q, R = torch.linalg.qr(W.T)
-    U, S, _ = torch.linalg.svd(R)
+    A, tau = torch.geqrf(W.T)  # W.T is column-major: LAPACK takes it without a copy
+    r = min(k, P)
+    U, S, _ = torch.linalg.svd(A[:r].triu())
     if not float(S[0]) > 0:
         return W[:0]
-    return (Q @ U[:, S > 1e-12 * S[0]]).T
+    keep = U[:, S > 1e-12 * S[0]]
+    E = W.new_zeros(keep.shape[1], P)  # [U_keep; 0] as a column-major [P, rank]
+    E[:, :r] = keep.T
+    return torch.ormqr(A, tau, E.T).T
 
 
 def _small_solve(M: torch.Tensor, C: torch.Tensor) -> Tuple[torch.Tensor, bool]:
@@ -378,8 +385,8 @@ def _block_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torc
             PAP = 0.5 * (PAP + PAP.T)
             alpha, pd = _small_solve(PAP, Pm @ Ra.T)
             indefinite |= not pd
-            Xa += alpha.T @ Pm
-            Ra -= alpha.T @ AP
+            Xa.addmm_(alpha.T, Pm)
+            Ra.addmm_(alpha.T, AP, alpha=-1)
             niter[active] += 1
             done = Ra.square().sum(1) <= stop[active]
             if bool(done.any()):
@@ -395,7 +402,7 @@ def _block_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torc
                 mark, mark_step = now, steps
             Z = precondition(Ra) if precondition is not None else Ra
             beta, _ = _small_solve(PAP, AP @ Z.T)
-            Pm = _orthonormal_rows(Z - beta.T @ Pm)
+            Pm = _orthonormal_rows(torch.addmm(Z, beta.T, Pm, alpha=-1))
             if progress:
                 bar.set_postfix(active=int(active.numel()))
         if active.numel():
