@@ -260,7 +260,7 @@ def test_op_lone_activations_over_wide_preactivations(device, chain):
                          ids=["c1_h8", "c10_h21", "c32_h64_nobias", "c33_gemms"])
 def test_op_narrow_output_layer(classes, hidden, bias, loss, gauss_newton, dtype):
     """The CPU's fused pass over a float64 output layer of at most 32 logits (csrc/cpu/mlp_hvp.cpp):
-    hidden widths on and off its 8-lane blocks, 23 rows (off its 4-row tiles), 1 and 2 threads (the
+    hidden widths on and off its vector blocks, 23 rows (off its 4-row tiles), 1 and 2 threads (the
     directions split in parts); 33 logits, and float32, take the GEMMs instead."""
     chains = [[("tanh", 0, 0)], []]
     threads = torch.get_num_threads()
