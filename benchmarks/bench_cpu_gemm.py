@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from _common import bench_args, emit, header
-from twicediff import _ops, build_info
-from twicediff.bench import interleaved_medians
+from harness import bench_args, emit, header
+from twicediff import build_info, ops
+from twicediff.app.bench import interleaved_medians
 
 N, D = 512, 32
 # (label, a's shape, b's shape, a transposed, b transposed): a [M, K] @ b [K, N] as the op takes them
@@ -44,11 +44,11 @@ def main() -> None:
         for label, sa, sb, ta, tb in SHAPES:
             a, b = operand(sa, ta), operand(sb, tb)
             out = torch.empty(sa[0], sb[1])
-            res = interleaved_medians({"mm": lambda: torch.mm(a, b, out=out), "op": lambda: _ops.gemm_(out, a, b)},
+            res = interleaved_medians({"mm": lambda: torch.mm(a, b, out=out), "op": lambda: ops.gemm_(out, a, b)},
                                       args.rounds, calls={"mm": 3, "op": 3})
             torch.mm(a, b, out=out)
             want = out.clone()
-            _ops.gemm_(out, a, b)
+            ops.gemm_(out, a, b)
             err = float((out - want).abs().max() / want.abs().max())
             assert err < 1e-5, f"{label}: gemm_ and torch.mm disagree by {err:.1e}"
             flops = 2 * sa[0] * sa[1] * sb[1]

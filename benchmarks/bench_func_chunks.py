@@ -1,9 +1,9 @@
 """How the generic HVP engines' speed depends on the number of directions per chunk.
 
 ``hvp(engine="func")`` on D = 64 directions with the chunk size forced to 4 ... 64, for the small CNN
-and transformer block (presets d_cnn, d_transformer of twicediff.bench) and model (a); the
+and transformer block (presets d_cnn, d_transformer of twicediff.app.bench) and model (a); the
 per-direction loop (pyDVL 0.7's method) as the baseline. It is the evidence for
-``twicediff.torch.hvp.GENERIC_CHUNK_BYTES``, the working memory the generic engines' chunks are kept
+``twicediff.torch.engines.base.GENERIC_CHUNK_BYTES``, the working memory the generic engines' chunks are kept
 near (the estimated bytes per direction are in the table).
 
     PYTHONPATH=python python benchmarks/bench_func_chunks.py [--threads 2] [--out benchmarks/results/func_chunks_cpu.md]
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 
 
-from _common import bench_args, emit, header, median_ms
-from twicediff import bench
-from twicediff.torch import hvp as _hvp
+from harness import bench_args, emit, header, median_ms
+from twicediff.app import bench
+from twicediff.torch.engines import base as _chunks
 
 CHUNKS = (4, 8, 16, 32, 64)
 PRESETS = ("d_cnn", "d_transformer", "a")
@@ -24,21 +24,21 @@ D = 64
 def main() -> None:
     args = bench_args(__doc__, rounds=5)
     rows = []
-    default_cap = _hvp.GENERIC_CHUNK_BYTES
+    default_cap = _chunks.GENERIC_CHUNK_BYTES
     for preset in PRESETS:
         td, x, y = bench._setup(preset, "cpu")
         v = bench._directions(td, D, x)
-        per = td._bytes_per_direction(x)
+        per = td.hvp_function(x, y, engine="func").bytes_per_direction
         times = {}
-        floor = _hvp.MIN_GENERIC_DIRECTIONS
-        _hvp.MIN_GENERIC_DIRECTIONS = 1
+        floor = _chunks.MIN_GENERIC_DIRECTIONS
+        _chunks.MIN_GENERIC_DIRECTIONS = 1
         for chunk in CHUNKS:
-            _hvp.GENERIC_CHUNK_BYTES = chunk * per  # exactly `chunk` directions per chunk
+            _chunks.GENERIC_CHUNK_BYTES = chunk * per  # exactly `chunk` directions per chunk
             times[chunk] = median_ms(lambda: td.hvp(x, y, v, engine="func"), args.rounds)
-        _hvp.GENERIC_CHUNK_BYTES, _hvp.MIN_GENERIC_DIRECTIONS = default_cap, floor
+        _chunks.GENERIC_CHUNK_BYTES, _chunks.MIN_GENERIC_DIRECTIONS = default_cap, floor
         loop = bench._method_call("loop", td, x, y, v)  # times LOOP_MAX_DIRECTIONS directions
         loop_ms = median_ms(loop, args.rounds) * D / min(D, bench.LOOP_MAX_DIRECTIONS)
-        default_chunk = _hvp.generic_directions_per_chunk(per)
+        default_chunk = _chunks.generic_directions_per_chunk(per)
         rows.append(f"| {preset} | {per / 2**20:.1f} | " + " | ".join(f"{times[c]:.0f}" for c in CHUNKS)
                     + f" | {loop_ms:.0f} | {default_chunk} |")
     text = "\n".join([
@@ -54,7 +54,7 @@ def main() -> None:
         *rows,
         "",
         f"default chunk: directions per chunk under GENERIC_CHUNK_BYTES = {default_cap // 2**20} MiB, at least "
-        f"MIN_GENERIC_DIRECTIONS = {_hvp.MIN_GENERIC_DIRECTIONS} (twicediff.torch.hvp.generic_directions_per_chunk).",
+        f"MIN_GENERIC_DIRECTIONS = {_chunks.MIN_GENERIC_DIRECTIONS} (twicediff.torch.engines.base.generic_directions_per_chunk).",
     ])
     emit(text, args.out)
 

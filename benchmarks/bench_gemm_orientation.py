@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from _common import bench_args, emit, header
-from twicediff import _ops, build_info
-from twicediff.bench import interleaved_medians
+from harness import bench_args, emit, header
+from twicediff import build_info, ops
+from twicediff.app.bench import interleaved_medians
 
 # (label, dtype, N rows, D directions, in, out)
 SHAPES = [
@@ -38,8 +38,8 @@ def main() -> None:
             dst = result.narrow(1, 0, out * inp).view(D, out, inp)
             # through the op's own GEMM (gemm_: oneDNN for float32 where the op uses it), into kept products
             prod_d, prod_t = torch.empty(D * out, inp, dtype=dtype), torch.empty(inp, D * out, dtype=dtype)
-            direct = lambda: dst.copy_(_ops.gemm_(prod_d, rg.t(), h).view(D, out, inp))
-            transposed = lambda: dst.copy_(_ops.gemm_(prod_t, h.t(), rg).view(inp, D, out).permute(1, 2, 0))
+            direct = lambda: dst.copy_(ops.gemm_(prod_d, rg.t(), h).view(D, out, inp))
+            transposed = lambda: dst.copy_(ops.gemm_(prod_t, h.t(), rg).view(inp, D, out).permute(1, 2, 0))
             torch.testing.assert_close(direct().clone(), transposed().clone())
             med = interleaved_medians({"direct": direct, "transposed": transposed}, args.rounds)
             ta, tb = 1e3 * med["direct"], 1e3 * med["transposed"]

@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 
-import _common
+import harness
 
 CHILD = r"""
 import json, resource, sys, time, torch
@@ -65,7 +65,7 @@ def main():
     rows = [run("twicediff", args.threads), run("twicediff HVP columns", args.threads)]
     if args.with_baseline:
         rows.append(run("torch.func.hessian", args.threads))
-    lines = [_common.header("Explicit Hessian, MLP 64-128-128-10 Tanh CE, N = 512", args.threads), "",
+    lines = [harness.header("Explicit Hessian, MLP 64-128-128-10 Tanh CE, N = 512", args.threads), "",
              "| method | P | time (s) | × time of the first row | peak RSS (GB) | max row-block ‖H−Hᵀ‖/‖H‖ |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -36,7 +36,7 @@ sys.path.insert(0, HERE)
 from pydvl_influence_runner import build_mlp  # noqa: E402
 
 import twicediff  # noqa: E402
-from twicediff.bench import git_commit, machine  # noqa: E402
+from harness import git_commit, machine  # noqa: E402
 from twicediff.influence import compute_influences, compute_influences_up  # noqa: E402
 
 N_TRAIN, N_TEST, BATCH, LAM, SEED = 1000, 64, 250, 0.1, 0

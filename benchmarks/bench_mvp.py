@@ -1,6 +1,6 @@
 """HVPs per second of twicediff's engines against the per-direction loop (pyDVL 0.7's mvp) and
 torch.func vmap(jvp(grad)), with the cost of one HVP in plain gradients, peak memory and the 256 MiB
-budget check. A thin entry over ``twicediff.bench``; writes a markdown table, a PNG and the JSON rows.
+budget check. A thin entry over ``twicediff.app.bench`` with the extras of ``harness``; writes a markdown table, a PNG and the JSON rows.
 
     PYTHONPATH=python python benchmarks/bench_mvp.py [--preset a] [--device cpu] [--threads 2] [--quick]
 """
@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from twicediff import bench
+import harness
+from twicediff.app import bench
 
 
 def main() -> None:
@@ -32,13 +33,13 @@ def main() -> None:
     device_kind = torch.device(args.device).type
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"mvp_{device_kind}.md")
     machine = (torch.cuda.get_device_name(torch.device(args.device)) if device_kind == "cuda"
-               else bench.machine())
+               else harness.machine())
     command = ("PYTHONPATH=python python benchmarks/bench_mvp.py " + " ".join(f"--preset {p}" for p in presets)
                + f" --device {args.device} --threads {args.threads}" + (" --quick" if args.quick else
                f" --directions {' '.join(map(str, directions))} --repeats {repeats}")
                + (" --no-memory" if args.no_memory else ""))
     header = [f"# Batched HVPs ({args.device})", "",
-              f"Machine: {machine}; torch {torch.__version__}; commit {bench.git_commit()}; "
+              f"Machine: {machine}; torch {torch.__version__}; commit {harness.git_commit()}; "
               f"{args.threads} threads; float32; medians of {repeats} interleaved repeats.", "",
               f"Command: `{command}`", "",
               "Presets: " + "; ".join(f"**{p}** {bench.PRESETS[p][0]}" for p in presets) + ".", "",
@@ -50,7 +51,8 @@ def main() -> None:
     rows = []
     for preset in presets:  # the files are rewritten after each preset, so a cut-off run keeps the finished ones
         rows += bench.run(preset, args.device, directions, threads=args.threads, repeats=repeats,
-                          progress=True, memory=not args.no_memory)
+                          progress=True, extra_methods=harness.EXTRA_METHODS,
+                          memory=None if args.no_memory else harness.memory_of(args.device))
         with open(out, "w") as f:
             f.write("\n".join(header) + "\n" + bench.format_table(rows) + "\n")
         base = os.path.splitext(out)[0]

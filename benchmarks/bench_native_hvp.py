@@ -8,7 +8,7 @@ Methods, timed interleaved (one call each per round, medians over rounds):
   loop     pyDVL 0.7's mvp: grad with create_graph, then one autograd.grad per direction
   func     torch.func vmap(jvp(grad(L))) over the D directions at once
   grad     one plain gradient (autograd.grad of the mean loss, no create_graph)
-  gemms    twicediff.bench.native_gemms: the GEMMs the native engine runs, alone (same shapes,
+  gemms    harness.native_gemms: the GEMMs the native engine runs, alone (same shapes,
            through the op's own GEMM): the floor of the native engine's algorithm
   peak     one square 2048^3 sgemm, what the fastest GEMM reaches with these threads, in the same
            rounds: torch.mm (ATen's BLAS, which the baselines use) and twicediff's gemm_ op
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from _common import emit
+from harness import emit
 from twicediff import TorchTwiceDifferentiable
-from twicediff import _build, _ops
-from twicediff.bench import cpu_gemm, git_commit, interleaved_medians, machine, native_gemms
-from twicediff.torch.native_engine import build_native_engine
+from twicediff import _build, ops
+from harness import cpu_gemm, git_commit, interleaved_medians, machine, native_gemms
+from twicediff.torch.engines import NativeEngine
 
 
 GRAD_REPEATS = 10
@@ -68,16 +68,15 @@ def make_methods(model, x, y, V):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for p in params]
     sizes = [p.numel() for p in params]
-    engine, reason = build_native_engine(model, F.cross_entropy)
-    assert engine is not None, reason
+    engine = NativeEngine(model, F.cross_entropy)
     loss_of = lambda out: F.cross_entropy(torch.squeeze(out), torch.squeeze(y))
 
     def native():
-        return engine.hvp(x, y, V)
+        return engine.apply(engine.prepare(x, y), V, "hessian")
 
     def native_blas():
         with cpu_gemm("blas"):
-            return engine.hvp(x, y, V)
+            return engine.apply(engine.prepare(x, y), V, "hessian")
 
     def loop():
         g = torch.autograd.grad(loss_of(model(x)), params, create_graph=True)
@@ -98,7 +97,7 @@ def make_methods(model, x, y, V):
     def plain_gradient():
         return torch.autograd.grad(loss_of(model(x)), params)
 
-    # The native engine's GEMMs alone, on buffers of the same shapes (twicediff.bench.native_gemms).
+    # The native engine's GEMMs alone, on buffers of the same shapes (harness.native_gemms).
     gemms = native_gemms(TorchTwiceDifferentiable(model, F.cross_entropy), x, y, V)
 
     square = torch.randn(PEAK_SIZE, PEAK_SIZE)
@@ -108,7 +107,7 @@ def make_methods(model, x, y, V):
                "peak_blas": lambda: torch.mm(square, square, out=product)}
     if _build._C.cpu_gemm() == "onednn":
         methods["native_blas"] = native_blas
-        methods["peak_op"] = lambda: _ops.gemm_(product, square, square)
+        methods["peak_op"] = lambda: ops.gemm_(product, square, square)
     return methods
 
 

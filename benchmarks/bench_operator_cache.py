@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _common import bench_args, emit, header, median_ms
+from harness import bench_args, emit, header, median_ms
 import twicediff
 from twicediff.torch import hessian_operator
 

@@ -22,8 +22,8 @@ from typing import List
 
 import torch
 
-from twicediff import _ops
-from twicediff.bench import git_commit, interleaved_medians, machine
+from twicediff import ops
+from harness import git_commit, interleaved_medians, machine
 
 
 def block_shapes(width: int, num_blocks: int) -> List[tuple]:
@@ -61,13 +61,13 @@ def bench_pack(rows: int, width: int, num_blocks: int, rounds: int, device: torc
             f.copy_(out[:, c0:c1])
 
     t = interleaved_medians({
-        "pack_into": lambda: _ops.pack_into(blocks, out, 0),
+        "pack_into": lambda: ops.pack_into(blocks, out, 0),
         "cat_out": lambda: torch.cat(flat, dim=1, out=out),
         "copy_loop": copy_loop,
-        "unpack_into": lambda: _ops.unpack_into(out, blocks),
+        "unpack_into": lambda: ops.unpack_into(out, blocks),
         "copy_back_loop": copy_back_loop,
     }, rounds, device)
-    _ops.pack_into(blocks, out, 0)
+    ops.pack_into(blocks, out, 0)
     assert torch.equal(out, torch.cat(flat, dim=1)), "pack_into disagrees with torch.cat"
     del blocks, out, flat
     return t
@@ -82,16 +82,16 @@ def bench_contract(rows: int, width: int, num_blocks: int, test_rows: int, round
     b_packed = torch.empty(test_rows, width, device=device)
 
     def pack_both():
-        _ops.pack_into(a, a_packed, 0)
-        _ops.pack_into(b, b_packed, 0)
+        ops.pack_into(a, a_packed, 0)
+        ops.pack_into(b, b_packed, 0)
 
     pack_both()
     t = interleaved_medians({
-        "blockwise_contract": lambda: _ops.blockwise_contract(a, b),
+        "blockwise_contract": lambda: ops.blockwise_contract(a, b),
         "matmul_packed": lambda: a_packed @ b_packed.T,
         "pack_a_b": pack_both,
     }, rounds, device)
-    c = _ops.blockwise_contract(a, b)
+    c = ops.blockwise_contract(a, b)
     ref = a_packed.double() @ b_packed.double().T
     err = ((c.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-5, f"blockwise_contract relative error {err}"

@@ -65,7 +65,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
-    from twicediff.bench import git_commit, machine
+    from harness import git_commit, machine
     from twicediff.torch import (TorchTwiceDifferentiable, hessian_operator, model_hessian_low_rank, solve_batch_cg,
                                  solve_linear)
     from scipy.sparse.linalg import eigsh

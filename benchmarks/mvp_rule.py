@@ -1,4 +1,4 @@
-"""The measurement behind ``twicediff.torch.hvp.use_batched_backward`` (the mvp rule): for D
+"""The measurement behind ``twicediff.torch.mvp.use_batched_backward`` (the mvp rule): for D
 directions, one backward pass per direction (the loop, pyDVL 0.7's mvp) against one vmapped backward
 pass (``is_grads_batched``), with torch.func forward-over-reverse and one plain gradient for scale.
 Medians of interleaved repeats in one process; writes benchmarks/results/mvp_rule.md.
@@ -10,8 +10,11 @@ import os
 
 import torch
 
-from twicediff.bench import git_commit, interleaved_medians, machine, make_mlp
-from twicediff.torch import hvp as _hvp
+from harness import git_commit, interleaved_medians, machine
+from twicediff.app.bench import make_mlp
+from twicediff.torch.batch import squeezed_loss
+from twicediff.torch.engines.func import func_hvp
+from twicediff.torch.mvp import mvp_batched, mvp_loop
 
 MODELS = {  # name: (layer widths, N)
     "small 16-32-10": ([16, 32, 10], 128),
@@ -56,19 +59,19 @@ def main() -> None:
         model, loss, x, y = make_mlp(widths, torch.nn.Tanh, N, "ce")
         params = [p for p in model.parameters()]
         P = sum(p.numel() for p in params)
-        value = _hvp.squeezed_loss(loss, model(x), y)
+        value = squeezed_loss(loss, model(x), y)
         g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(value, params, create_graph=True)])
 
         def plain_grad():
-            torch.autograd.grad(_hvp.squeezed_loss(loss, model(x), y), params)
+            torch.autograd.grad(squeezed_loss(loss, model(x), y), params)
 
         for D in DIRECTIONS:
             v = torch.randn(D, P)
             out = torch.empty(D, P)
             med = interleaved_medians({
-                "loop": lambda: _hvp._mvp_loop(g, v, params, out),
-                "batched": lambda: _hvp._mvp_batched(g, v, params, out),
-                "func": lambda: _hvp.func_hvp(model, loss, x, y, v),
+                "loop": lambda: mvp_loop(g, v, params, out),
+                "batched": lambda: mvp_batched(g, v, params, out),
+                "func": lambda: func_hvp(model, loss, x, y, v),
                 "grad": plain_grad,
             }, args.repeats)
             ratios.setdefault(D, []).append(med["batched"] / med["loop"])

@@ -10,11 +10,11 @@
 #   1. build     in place without build isolation (scripts/build_inplace.sh, CUDA required, the
 #                local GPU's architecture only)
 #   2. tests     pytest on tests/ (the device-parametrized tests run on cuda as well as cpu)
-#   3. bench_mvp benchmarks/bench_mvp.py --device cuda --preset a --preset c (issue 3's GPU targets:
+#   3. bench_mvp benchmarks/bench_mvp.py --device cuda --preset a --preset c (the GPU targets:
 #                (a) against the loop and torch.func at D = 256, (c) against its GEMMs alone)
 #   4. bench_pack benchmarks/bench_pack.py --device cuda (when the script exists)
 #   5. memcheck  compute-sanitizer --tool memcheck over the cuda cases of the native-op tests
-#                (tests/test_ops_*.py, tests/test_native_engine.py), if
+#                (tests/ops/test_*.py, tests/torch/engines/test_native_engine.py), if
 #                time remains and the machine lets compute-sanitizer run (a refusal is recorded)
 # Everything goes to one folder, $OUT if set, else ./gpu_check_out: summary.md (the table printed
 # last, with the machine, torch, CUDA, commit and build_info), build.log, tests.log, bench_mvp.log,
@@ -156,13 +156,13 @@ for bench in mvp pack; do
 done
 
 # ---- 5. compute-sanitizer memcheck over the native-op tests --------------------------------------
-op_tests=(tests/test_ops_*.py tests/test_native_engine.py)
+op_tests=(tests/ops/test_*.py tests/torch/engines/test_native_engine.py)
 cap=$(cap_for "${CAP_MEMCHECK:-150}")
 existing=()
 for t in "${op_tests[@]}"; do [ -e "$t" ] && existing+=("$t"); done
 op_tests=("${existing[@]}")
 if [ "${#op_tests[@]}" -eq 0 ]; then
-  row memcheck skipped 0 "no native-op tests (tests/test_ops_*.py, tests/test_native_engine.py)"
+  row memcheck skipped 0 "no native-op tests (tests/ops/test_*.py, tests/torch/engines/test_native_engine.py)"
 elif ! command -v compute-sanitizer >/dev/null 2>&1; then
   row memcheck skipped 0 "compute-sanitizer is not on PATH"
 elif [ "$cap" -lt 60 ]; then

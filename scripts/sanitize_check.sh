@@ -8,7 +8,7 @@
 #   PYTHON=.venv/bin/python            interpreter whose torch to build against and run the tests with
 #                                      (default: the set-up's .venv, else python3; it needs pytest)
 #   SANITIZE=address,undefined         the -fsanitize= list
-#   SANITIZE_TESTS="tests/test_ops_*.py tests/test_native_engine.py"   the tests to run (those of
+#   SANITIZE_TESTS="tests/ops/test_*.py tests/torch/engines/test_native_engine.py"   the tests to run (those of
 #                                      the native ops: the parameter-space ops and the HVP engine)
 #   JOBS=N                             parallel compile jobs (default 2)
 set -euo pipefail
@@ -20,10 +20,10 @@ fi
 SANITIZE=${SANITIZE:-address,undefined}
 BUILD=${BUILD_DIR:-build/sanitize}
 # shellcheck disable=SC2206  # the default is a glob on purpose
-tests=(${SANITIZE_TESTS:-tests/test_ops_*.py tests/test_native_engine.py})
+tests=(${SANITIZE_TESTS:-tests/ops/test_*.py tests/torch/engines/test_native_engine.py})
 for t in "${tests[@]}"; do
   [ -e "$t" ] || { echo "sanitize_check: no test file matches '$t' (expected the native-op tests" \
-                        "tests/test_ops_*.py and tests/test_native_engine.py)" >&2; exit 1; }
+                        "tests/ops/test_*.py and tests/torch/engines/test_native_engine.py)" >&2; exit 1; }
 done
 
 echo "== [1/2] building the CPU kernels with -fsanitize=$SANITIZE in $BUILD"

@@ -31,7 +31,7 @@ def main():
     args = parser.parse_args()
 
     import twicediff
-    from twicediff import _ops
+    from twicediff import ops as _ops
     from twicediff.torch import TorchTwiceDifferentiable
 
     where = os.path.dirname(twicediff.__file__)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import twicediff
-from twicediff import _ops
+from twicediff import ops as _ops
 from twicediff.influence import compute_influences
 from twicediff.inversion import solve_hvp
 from twicediff.torch import TorchTensorUtilities, TorchTwiceDifferentiable, hessian_operator

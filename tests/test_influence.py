@@ -322,7 +322,7 @@ def test_bad_inputs_raise_clear_errors():
     module, model, x, y, factors = mlp_problem()
     data = loader(x, y, 4)
     empty = loader(x[:0], y[:0], 4)
-    with pytest.raises(TypeError, match="model must be a twicediff.TorchTwiceDifferentiable, got Sequential"):
+    with pytest.raises(TypeError, match="model must be a TorchTwiceDifferentiable, got Sequential"):
         inf.compute_influences_up(module, data, factors)
     with pytest.raises(ValueError, match="input_data holds no points"):
         inf.compute_influences_up(model, empty, factors)

@@ -14,7 +14,7 @@ from torch import nn
 import twicediff
 from twicediff import MemoryBudgetError, TorchTwiceDifferentiable, get_memory_budget, memory_budget, set_memory_budget
 from twicediff.memory import _free_bytes, chunk_size
-from twicediff.torch import hvp as _hvp
+from twicediff.torch.engines import base as engine_caps
 
 
 @pytest.fixture(autouse=True)
@@ -72,63 +72,49 @@ def test_chunk_size():
             chunk_size(3, 1_001, what="things")
 
 
-def _count_calls(monkeypatch, module, name):
-    calls = []
-    real = getattr(module, name)
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counting)
-    return calls
+def _bar_total(capsys, desc):
+    """The number of steps of the last progress bar named ``desc`` written to stderr."""
+    import re
+    totals = re.findall(rf"{desc}[^|\r\n]*\|[^|]*\|\s*\d+/(\d+)", capsys.readouterr().err)
+    assert totals, f"no {desc!r} progress bar"
+    return int(totals[-1])
 
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_chunked_mvp_identical(device, monkeypatch):
+def test_chunked_mvp_identical(device, capsys):
     td, x, y = _model(device)
     g = td.grad(x, y, create_graph=True)
     v = torch.randn(20, td.num_params, dtype=torch.float64, device=device)
-    whole = td.mvp(g, v, td.parameters)
-    calls = _count_calls(monkeypatch, _hvp, "_mvp_batched")
-    per_direction = 8 * (2 * 2 * td.num_params + _hvp._graph_saved_numel(g))
-    with memory_budget(3 * per_direction):
-        chunked = td.mvp(g, v, td.parameters)
-    assert len(calls) == 7  # 20 directions in chunks of 3
+    whole = td.mvp(g, v, td.parameters, progress=True)
+    assert _bar_total(capsys, "mvp") == 1
+    budget = 1
+    while True:  # the smallest budget that holds one direction
+        try:
+            with memory_budget(budget):
+                td.mvp(g, v[:1], td.parameters)
+            break
+        except MemoryBudgetError:
+            budget *= 2
+    with memory_budget(3 * budget):
+        chunked = td.mvp(g, v, td.parameters, progress=True)
+    assert 1 < _bar_total(capsys, "mvp") < 20
     assert _rel(chunked, whole) <= 1e-12
-
-
-def _count_chunks(monkeypatch, td):
-    """Count the engine calls of ``td`` (one per chunk of directions); returns the list."""
-    calls = []
-    real_engine = td._engine
-
-    def counting_engine(engine, x, y):
-        compute, *rest = real_engine(engine, x, y)
-
-        def counted(*args):
-            calls.append(1)
-            return compute(*args)
-        return (counted, *rest)
-
-    monkeypatch.setattr(td, "_engine", counting_engine)
-    return calls
 
 
 @pytest.mark.parametrize("engine", ["native", "func", "autograd"])
 @pytest.mark.parametrize("mode", ["hessian", "gauss_newton"])
-def test_chunked_hvp_identical(device, engine, mode, monkeypatch):
+def test_chunked_hvp_identical(device, engine, mode):
     td, x, y = _model(device)
     v = torch.randn(20, td.num_params, dtype=torch.float64, device=device)
     whole = td.hvp(x, y, v, engine=engine, mode=mode)
-    per_direction = td._engine(engine, x, y)[1]
-    calls = _count_chunks(monkeypatch, td)
-    with memory_budget(4 * per_direction):
-        chunked = td.hvp(x, y, v, engine=engine, mode=mode)
-    assert len(calls) == 5
+    product = td.hvp_function(x, y, engine=engine, mode=mode)
+    assert product.engine.name == engine
+    with memory_budget(4 * product.bytes_per_direction):
+        chunked = product(v)
+    assert product.calls == 5  # 20 directions in chunks of 4
     assert _rel(chunked, whole) <= 1e-12
 
 
@@ -137,24 +123,22 @@ def _generic(td):
     return TorchTwiceDifferentiable(td.model, lambda out, target: F.cross_entropy(out, target))
 
 
-def test_chunked_hessian_identical(device, monkeypatch):
+def test_chunked_hessian_identical(device, capsys):
     td, x, y = _model(device)
     whole = td.hessian(x, y)  # native model: assembled blockwise
     generic = _generic(td)
-    calls = _count_chunks(monkeypatch, generic)
     P = td.num_params
-    with memory_budget(10 * (2 * P * 8 + generic._bytes_per_direction(x))):
-        chunked = generic.hessian(x, y)
-    assert len(calls) == -(-P // 10)
+    per_direction = generic.hvp_function(x, y).bytes_per_direction
+    with memory_budget(10 * (2 * P * 8 + per_direction)):
+        chunked = generic.hessian(x, y, progress=True)
+    assert _bar_total(capsys, "hessian") == -(-P // 10)
     assert _rel(chunked, whole) <= 1e-12
     torch.testing.assert_close(whole, whole.T, rtol=1e-12, atol=1e-14)
-    from twicediff.torch import hessian_assembly
-    rows = []
-    real = hessian_assembly._assemble_rows
-    monkeypatch.setattr(hessian_assembly, "_assemble_rows", lambda *a: (rows.append(a[3].shape[0]), real(*a)))
+    td.hessian(x, y, progress=True)
+    assert _bar_total(capsys, "hessian") == 1  # all rows in one chunk
     with memory_budget(20_000):
-        assembled = td.hessian(x, y)
-    assert len(rows) > 1 and sum(rows) == x.shape[0]
+        assembled = td.hessian(x, y, progress=True)
+    assert _bar_total(capsys, "hessian") > 1  # rows of the batch in several chunks
     assert _rel(assembled, whole) <= 1e-12
 
 
@@ -179,7 +163,9 @@ _PEAK_SCRIPT = textwrap.dedent("""
     from torch import nn
     torch.set_num_threads(1)
     from twicediff import TorchTwiceDifferentiable, memory_budget
-    from twicediff.bench import make_mlp, peak_rss_bytes, reset_peak_rss
+    import sys; sys.path.insert(0, BENCHMARKS)
+    from harness import peak_rss_bytes, reset_peak_rss
+    from twicediff.app.bench import make_mlp
     torch.manual_seed(0)
     model, loss, x, y = make_mlp([32, 256, 256, 10], nn.Tanh, 512)
     td = TorchTwiceDifferentiable(model, loss)
@@ -214,7 +200,9 @@ def test_peak_memory_stays_near_the_budget():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(twicediff.__file__)),
                                            os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT.replace("BUDGET", str(budget))],
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    script = _PEAK_SCRIPT.replace("BUDGET", str(budget)).replace("BENCHMARKS", repr(benchmarks))
+    proc = subprocess.run([sys.executable, "-c", script],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -232,7 +220,8 @@ def _loader(x, y, batch=6):
 def _small_feasible_budget(td, x, y):
     """A budget that holds a few directions or columns at a time, so everything is chunked."""
     P = td.num_params
-    per = max(td._engine("auto", x, y)[1], td._bytes_per_direction(x) + 2 * P * 8, 3 * P * 8)
+    generic = td.hvp_function(x, y, engine="func").bytes_per_direction
+    per = max(td.hvp_function(x, y).bytes_per_direction, generic + 2 * P * 8, 3 * P * 8)
     return 4 * per
 
 
@@ -300,14 +289,15 @@ def test_generic_engines_keep_chunks_near_their_working_set_cap(engine, monkeypa
     td, x, y = _model("cpu")
     v = torch.randn(10, td.num_params, dtype=torch.float64)
     whole = td.hvp(x, y, v, engine=engine)
-    monkeypatch.setattr(_hvp, "GENERIC_CHUNK_BYTES", 3 * td._bytes_per_direction(x))
-    monkeypatch.setattr(_hvp, "MIN_GENERIC_DIRECTIONS", 2)
-    calls = _count_chunks(monkeypatch, td)
-    assert _rel(td.hvp(x, y, v, engine=engine), whole) <= 1e-12
-    assert len(calls) == 4  # 10 directions in chunks of 3, whatever the (large) budget
-    calls.clear()
-    td.hvp(x, y, v, engine="native")  # the native engine is not capped
-    assert len(calls) == 1
+    per_direction = td.hvp_function(x, y, engine=engine).bytes_per_direction
+    monkeypatch.setattr(engine_caps, "GENERIC_CHUNK_BYTES", 3 * per_direction)
+    monkeypatch.setattr(engine_caps, "MIN_GENERIC_DIRECTIONS", 2)
+    product = td.hvp_function(x, y, engine=engine)
+    assert _rel(product(v), whole) <= 1e-12
+    assert product.calls == 4  # 10 directions in chunks of 3, whatever the (large) budget
+    native = td.hvp_function(x, y, engine="native")
+    native(v)
+    assert native.calls == 1  # the native engine is not capped
 
 
 def test_generic_chunks_hold_a_floor_of_directions(monkeypatch):
@@ -315,12 +305,12 @@ def test_generic_chunks_hold_a_floor_of_directions(monkeypatch):
     others (each chunk repeats the primal pass), unless the memory budget forbids it."""
     td, x, y = _model("cpu")
     v = torch.randn(10, td.num_params, dtype=torch.float64)
-    monkeypatch.setattr(_hvp, "GENERIC_CHUNK_BYTES", 1)
-    monkeypatch.setattr(_hvp, "MIN_GENERIC_DIRECTIONS", 4)
-    calls = _count_chunks(monkeypatch, td)
-    td.hvp(x, y, v, engine="func")
-    assert len(calls) == 3  # 10 directions in chunks of 4
-    calls.clear()
-    with memory_budget(2 * td._bytes_per_direction(x)):
-        td.hvp(x, y, v, engine="func")
-    assert len(calls) == 5  # the budget holds 2
+    monkeypatch.setattr(engine_caps, "GENERIC_CHUNK_BYTES", 1)
+    monkeypatch.setattr(engine_caps, "MIN_GENERIC_DIRECTIONS", 4)
+    product = td.hvp_function(x, y, engine="func")
+    product(v)
+    assert product.calls == 3  # 10 directions in chunks of 4
+    product = td.hvp_function(x, y, engine="func")
+    with memory_budget(2 * product.bytes_per_direction):
+        product(v)
+    assert product.calls == 5  # the budget holds 2

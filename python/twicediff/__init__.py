@@ -4,6 +4,7 @@ Gradients, Hessians, batched Hessian-vector products, inverse-HVP solvers and in
 with the API of pyDVL 0.7's ``pydvl.influence`` on native CPU/CUDA kernels.
 """
 from ._build import build_info  # noqa: F401  (loads the native ops first, with a clear error)
+from . import ops  # noqa: F401
 from .influence import (  # noqa: F401
     InfluenceType,
     compute_influence_factors,
@@ -13,8 +14,8 @@ from .influence import (  # noqa: F401
     compute_self_influences,
 )
 from .inversion import InversionMethod, InversionRegistry, solve_hvp  # noqa: F401
+from .errors import BadBatchError, MemoryBudgetError, NotNativeError  # noqa: F401
 from .memory import (  # noqa: F401
-    MemoryBudgetError,
     get_memory_budget,
     memory_budget,
     native_scratch_bytes,

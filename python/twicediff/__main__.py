@@ -1,6 +1,6 @@
-"""``python -m twicediff``: the command line of :mod:`twicediff.cli`."""
+"""``python -m twicediff``: the command line of :mod:`twicediff.app.cli`."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -25,18 +25,17 @@ from __future__ import annotations
 import inspect
 import logging
 from enum import Enum
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
-from . import _ops
+from . import ops
 from .inversion import InversionMethod, InversionRegistry, solve_hvp
 from .memory import chunk_size, get_memory_budget
-from .progress import progress_bar
-from .torch.per_sample import bytes_per_sample, per_sample_grads, per_sample_mixed_products
+from .errors import data_errors
+from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
 from .torch.tensor_utilities import TorchTensorUtilities
-from .torch.twice_differentiable import TorchTwiceDifferentiable, data_errors
+from .torch.twice_differentiable import TorchTwiceDifferentiable, check_model
 from .twice_differentiable import DataLoaderType, InverseHvpResult
 
 __all__ = [
@@ -61,12 +60,6 @@ class InfluenceType(str, Enum):
 # ---- checks and data ------------------------------------------------------------------------------
 
 
-def _check_model(model: Any, where: str) -> TorchTwiceDifferentiable:
-    if not isinstance(model, TorchTwiceDifferentiable):
-        raise TypeError(f"{where}: model must be a twicediff.TorchTwiceDifferentiable, got {type(model).__name__}")
-    return model
-
-
 def _check_factors(model: TorchTwiceDifferentiable, factors: Any, where: str) -> torch.Tensor:
     if not isinstance(factors, torch.Tensor):
         raise TypeError(f"{where}: influence_factors must be a torch.Tensor [N_test, P], got {type(factors).__name__}")
@@ -78,84 +71,6 @@ def _check_factors(model: TorchTwiceDifferentiable, factors: Any, where: str) ->
         raise TypeError(f"{where}: influence_factors have dtype {factors.dtype} but the model's parameters are "
                         f"{model.dtype}")
     return factors.to(model.device)
-
-
-def _num_points(data: Any) -> Optional[int]:
-    """The number of points ``data`` yields, when it can be known without iterating it: a
-    DataLoader over a sized sampler, or a list/tuple of (x, y) batches; else None."""
-    if isinstance(data, DataLoader):
-        if data.batch_size is None:
-            return None
-        try:
-            n = len(data.sampler)
-        except TypeError:  # an iterable-style dataset
-            return None
-        return n - n % data.batch_size if data.drop_last else n
-    if isinstance(data, (list, tuple)):
-        try:
-            return sum(int(batch[0].shape[0]) for batch in data)
-        except (TypeError, IndexError, AttributeError):
-            return None  # malformed; _batches names the problem
-    return None
-
-
-def _batches(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
-             ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """The (x, y) batches of ``data`` on the model's device, checked; a bar over batches when
-    ``progress``. Raises once the data is exhausted if it held no point."""
-    if isinstance(data, (torch.Tensor, str, bytes)) or not hasattr(data, "__iter__"):
-        raise TypeError(f"{where}: {name} must be an iterable of (x, y) batches, e.g. a torch DataLoader, "
-                        f"got {type(data).__name__}")
-    total = len(data) if hasattr(data, "__len__") else None
-    points = 0
-    for i, batch in enumerate(progress_bar(data, progress, desc=f"{where}: {name}", total=total, unit="batch")):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"{where}: {name} must yield (x, y) pairs of tensors; batch {i} is a "
-                            f"{type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else ""))
-        x, y = model._to_device(batch[0], batch[1], where)
-        if x.dim() == 0:
-            raise ValueError(f"{where}: {name} batch {i} has a 0-d x; x must be [B, *x_i.shape]")
-        points += x.shape[0]
-        yield x, y
-    if points == 0:
-        raise ValueError(f"{where}: {name} holds no points (an empty loader); it needs at least one")
-
-
-def _chunks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool,
-            directions: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, str]]:
-    """The batches of ``data`` cut into chunks of samples that fit the memory budget for
-    :func:`per_sample_grads` (``directions=0``) or :func:`per_sample_mixed_products` with T
-    directions, each with the name of its batch for error messages (:func:`data_errors`)."""
-    for i, (x, y) in enumerate(_batches(model, data, where, name, progress)):
-        B = x.shape[0]
-        if B == 0:
-            continue
-        batch = f"{name} batch {i}"
-        with data_errors(where, batch, x, y):  # the estimate runs the model once
-            step = chunk_size(B, bytes_per_sample(model, x, directions), model.device, what=f"{name} samples")
-        for start in range(0, B, step):
-            yield x[start:start + step], y[start:start + step], batch
-
-
-def _gradient_blocks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
-                     ) -> Iterator[List[torch.Tensor]]:
-    """Per-sample gradients of ``data`` as per-parameter blocks [B, *shape_k], chunk by chunk."""
-    for x, y, batch in _chunks(model, data, where, name, progress):
-        with data_errors(where, batch, x, y):
-            blocks = per_sample_grads(model, x, y)
-        yield blocks
-
-
-def _gradient_matrix(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
-                     ) -> torch.Tensor:
-    """[N, P]: row i is ∇θℓ(z_i) for the points of ``data`` in order, packed into preallocated
-    memory (when N can be known up front; else the blocks are gathered first)."""
-    blocks = _gradient_blocks(model, data, where, name, progress)
-    n = _num_points(data)
-    if n is None:
-        blocks = list(blocks)
-        n = sum(b[0].shape[0] for b in blocks)
-    return TorchTensorUtilities.cat_gen(blocks, (n, model.num_params), model)
 
 
 def _solver_options(model: TorchTwiceDifferentiable, inversion_method: Any, progress: bool, kwargs: dict) -> dict:
@@ -196,9 +111,9 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
     Returns:
         InverseHvpResult: x [N_test, P] (on the model's device) and the solver's info.
     """
-    model = _check_model(model, "compute_influence_factors")
+    model = check_model(model, "compute_influence_factors")
     options = _solver_options(model, inversion_method, progress, kwargs)
-    rhs = _gradient_matrix(model, test_data, "compute_influence_factors", "test_data", progress)
+    rhs = gradient_matrix(model, test_data, "compute_influence_factors", "test_data", progress)
     return solve_hvp(inversion_method, model, training_data, rhs, hessian_perturbation=hessian_perturbation,
                      **options)
 
@@ -219,20 +134,20 @@ def compute_influences_up(model: TorchTwiceDifferentiable, input_data: DataLoade
         progress: show a bar over the input batches.
     """
     where = "compute_influences_up"
-    model = _check_model(model, where)
+    model = check_model(model, where)
     factors = _check_factors(model, influence_factors, where)
-    n = _num_points(input_data)
+    n = num_points_of(input_data)
     P = model.num_params
     elem = factors.element_size()
     if n is not None and n * P * elem <= get_memory_budget(model.device):
-        gradients = TorchTensorUtilities.cat_gen(_gradient_blocks(model, input_data, where, "input_data", progress),
+        gradients = TorchTensorUtilities.cat_gen(gradient_blocks(model, input_data, where, "input_data", progress),
                                                  (n, P), model)
         return factors @ gradients.T
     logger.info("%s: streaming the input gradients (N_input = %s, P = %d)", where, n, P)
-    factor_blocks = _ops.unpack_into(factors, [factors.new_empty(factors.shape[0], *p.shape)
+    factor_blocks = ops.unpack_into(factors, [factors.new_empty(factors.shape[0], *p.shape)
                                                for p in model.parameters])
-    scores = [_ops.blockwise_contract(factor_blocks, blocks)
-              for blocks in _gradient_blocks(model, input_data, where, "input_data", progress)]
+    scores = [ops.blockwise_contract(factor_blocks, blocks)
+              for blocks in gradient_blocks(model, input_data, where, "input_data", progress)]
     return torch.cat(scores, dim=1)
 
 
@@ -250,11 +165,11 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
         progress: show a bar over the input batches.
     """
     where = "compute_influences_pert"
-    model = _check_model(model, where)
+    model = check_model(model, where)
     factors = _check_factors(model, influence_factors, where)
     T = factors.shape[0]
     parts = []
-    for x, y, batch in _chunks(model, input_data, where, "input_data", progress, directions=max(T, 1)):
+    for x, y, batch in sample_chunks(model, input_data, where, "input_data", progress, directions=max(T, 1)):
         if not x.is_floating_point():
             raise TypeError(f"{where}: perturbation influence differentiates in x, which must be floating point; "
                             f"input_data yields x of dtype {x.dtype}")
@@ -291,7 +206,7 @@ def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_
         progress: show progress bars.
         kwargs: options of the inversion method.
     """
-    model = _check_model(differentiable_model, "compute_influences")
+    model = check_model(differentiable_model, "compute_influences")
     kind = _as_influence_type(influence_type)
     test_data = training_data if test_data is None else test_data
     input_data = training_data if input_data is None else input_data
@@ -326,11 +241,11 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
         kwargs: options of the inversion method.
     """
     where = "compute_self_influences"
-    model = _check_model(model, where)
+    model = check_model(model, where)
     options = _solver_options(model, inversion_method, progress, kwargs)
     P = model.num_params
     elem = torch.finfo(model.dtype).bits // 8
-    n = _num_points(training_data)
+    n = num_points_of(training_data)
     # A row of a block holds its gradient (twice while it is packed), its solution and about 3 more
     # rows of solver work.
     rows = chunk_size(n if n is not None else 2 ** 62, 6 * P * elem, model.device, what="self-influence rows")
@@ -344,7 +259,7 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
                       **options).x
         results.append(torch.einsum("ip,ip->i", g, x.to(g.dtype)))
 
-    for blocks in _gradient_blocks(model, training_data, where, "training_data", progress):
+    for blocks in gradient_blocks(model, training_data, where, "training_data", progress):
         B, start = blocks[0].shape[0], 0
         while start < B:
             take = min(B - start, rows - filled)

@@ -1,10 +1,11 @@
 """Solving (H + λI) x = b for the Hessian H of a model's mean training loss: the inversion methods,
 the registry that maps (model type, method) to a solver, and :func:`solve_hvp`, the one entry.
 
-Solvers register themselves on import (the torch ones in :mod:`twicediff.torch.solvers`)::
+The torch solvers are listed in one table, :data:`twicediff.torch.solvers.SOLVERS`, which importing
+:mod:`twicediff.torch` enters here. Another framework registers its own the same way::
 
-    @InversionRegistry.register(TorchTwiceDifferentiable, InversionMethod.Cg)
-    def solve_batch_cg(model, training_data, b, hessian_perturbation=0.0, **kwargs): ...
+    @InversionRegistry.register(MyTwiceDifferentiable, InversionMethod.Cg)
+    def my_cg(model, training_data, b, hessian_perturbation=0.0, **kwargs): ...
 """
 from __future__ import annotations
 

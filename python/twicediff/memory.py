@@ -19,7 +19,7 @@ bytes it needs and names the setting.
 Beside the budget, the CPU kernels of the native HVP op keep their scratch memory (the
 intermediates of one call, up to 1 GiB) between calls, as CUDA's caching allocator does on the GPU:
 fresh large blocks from the CPU allocator are faulted in and zeroed page by page on every call,
-about a fifth of the call's time on small MLPs. :func:`native_scratch_bytes` says how much is held
+a large share of a call's time on small MLPs. :func:`native_scratch_bytes` says how much is held
 and :func:`release_native_scratch` frees it.
 
 Their float32 GEMMs go through torch's bundled oneDNN (``build_info()["cpu_gemm"]``), which keeps
@@ -28,9 +28,9 @@ the kernels it generates for each new GEMM shape in two process-wide caches, ide
 default 1024). One call of the native op costs a few MB of them the first time its shapes (batch
 rows, directions per thread, layer widths) occur, and nothing again while they repeat, as they do
 across the passes of a solver. Calls with ever new shapes grow them, up to a few hundred MB
-(371 MiB after 64 different row and direction counts on model (a) of issue 3). Lower the two
+(NOTE: measured in benchmarks/results/native_hvp_model_a.md). Lower the two
 capacities (environment variables read when torch starts), or send the GEMMs to ATen's BLAS with
-``TWICEDIFF_CPU_GEMM=blas`` at about half the float32 speed on AVX-512 CPUs.
+``TWICEDIFF_CPU_GEMM=blas`` (slower float32 GEMMs on most CPUs; benchmarks/results/cpu_gemm.md).
 """
 from __future__ import annotations
 
@@ -40,15 +40,13 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from .errors import MemoryBudgetError
+
 __all__ = ["MemoryBudgetError", "chunk_size", "get_memory_budget", "memory_budget", "native_scratch_bytes",
            "release_native_scratch", "set_memory_budget"]
 
 _budget: Optional[int] = None
 _DEFAULT_FRACTION = 0.5
-
-
-class MemoryBudgetError(MemoryError):
-    """Raised when even the smallest chunk of a computation does not fit the memory budget."""
 
 
 def _validate(nbytes: Optional[int]) -> Optional[int]:

@@ -1,12 +1,12 @@
-"""The torch implementation: TorchTwiceDifferentiable, TorchTensorUtilities, inverse-HVP solvers."""
-from .tensor_utilities import TorchTensorUtilities  # noqa: F401
-from .twice_differentiable import BoundHvp, TorchTwiceDifferentiable  # noqa: F401
+"""The torch implementation: TorchTwiceDifferentiable, TorchTensorUtilities, inverse-HVP solvers.
 
-__all__ = ["BoundHvp", "TorchTensorUtilities", "TorchTwiceDifferentiable"]
-
-# ---- inverse-HVP solvers (importing registers them with twicediff.InversionRegistry) ----------
-from .operator import HessianOperator, hessian_operator  # noqa: E402,F401
-from .solvers import (  # noqa: E402,F401
+Importing this package enters the torch solvers into :class:`twicediff.inversion.InversionRegistry`
+(:func:`twicediff.torch.solvers.register`).
+"""
+from . import solvers as _solvers
+from .engines.bound_hvp import BoundHvp
+from .operator import HessianOperator, hessian_operator
+from .solvers import (
     LowRankProductRepresentation,
     lanzcos_low_rank_hessian_approx,
     model_hessian_low_rank,
@@ -16,6 +16,11 @@ from .solvers import (  # noqa: E402,F401
     solve_linear,
     solve_lissa,
 )
+from .tensor_utilities import TorchTensorUtilities
+from .twice_differentiable import TorchTwiceDifferentiable
 
-__all__ += ["HessianOperator", "hessian_operator", "LowRankProductRepresentation", "lanzcos_low_rank_hessian_approx",
-            "model_hessian_low_rank", "solve_arnoldi", "solve_batch_cg", "solve_cg", "solve_linear", "solve_lissa"]
+_solvers.register()
+
+__all__ = ["BoundHvp", "HessianOperator", "LowRankProductRepresentation", "TorchTensorUtilities",
+           "TorchTwiceDifferentiable", "hessian_operator", "lanzcos_low_rank_hessian_approx", "model_hessian_low_rank",
+           "solve_arnoldi", "solve_batch_cg", "solve_cg", "solve_linear", "solve_lissa"]

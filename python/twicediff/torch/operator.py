@@ -24,7 +24,11 @@ import torch
 
 from ..memory import get_memory_budget
 from ..progress import progress_bar
-from .twice_differentiable import MODES, BoundHvp, TorchTwiceDifferentiable, data_errors
+from ..errors import data_errors
+from .batch import check_training_data, num_points
+from .engines.base import MODES
+from .engines.bound_hvp import BoundHvp
+from .twice_differentiable import TorchTwiceDifferentiable
 
 __all__ = ["HessianOperator", "hessian_operator"]
 
@@ -114,7 +118,7 @@ class HessianOperator:
         kept: List[Tuple[int, BoundHvp]] = []
         for i, batch in enumerate(self.training_data):
             x, y = (self._moved(t) for t in batch)
-            n = int(x.shape[0]) if x.dim() > 0 else 1
+            n = num_points(x)
             with data_errors("HessianOperator", f"training_data batch {i}", x, y):
                 product = self.model.hvp_function(x, y, mode=self.mode)
             if first:
@@ -170,19 +174,6 @@ class HessianOperator:
             return rows(np.asarray(X).T).T
 
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np_dtype)
-
-
-def check_training_data(training_data, where: str) -> None:
-    """ValueError / TypeError for a loader that is None, not iterable, or has length 0."""
-    if training_data is None or not hasattr(training_data, "__iter__"):
-        raise TypeError(f"{where}: training_data must be an iterable of (x, y) batches (e.g. a DataLoader), "
-                        f"got {type(training_data).__name__}")
-    try:
-        n = len(training_data)
-    except TypeError:
-        return
-    if n == 0:
-        raise ValueError(f"{where}: training_data must not be empty (a loader of (x, y) batches), got 0 batches")
 
 
 def hessian_operator(model: TorchTwiceDifferentiable, training_data: Iterable, *, hessian_perturbation: float = 0.0,

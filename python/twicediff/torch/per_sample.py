@@ -10,6 +10,8 @@ of one: ``ℓ(x_i, y_i) = loss(squeeze(model(x_i[None])), squeeze(y_i[None]))``.
   respect to the whole block x, which separate per sample because ℓ(x_j, y_j) does not depend on
   x_i for j ≠ i; T backward passes over the block instead of T·B over single points.
 - :func:`bytes_per_sample` — the memory estimate the callers chunk blocks with.
+- :func:`gradient_matrix`, :func:`gradient_blocks` — per-sample gradients of every point of a loader,
+  in chunks that fit the memory budget.
 
 Where torch.func cannot run the model (an op without a vmap rule), both fall back to one forward
 pass per sample through plain autograd (gradients: also one backward per sample, as pyDVL 0.7
@@ -19,14 +21,23 @@ autograd's error instead).
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
+from torch.utils.data import DataLoader
 
-from . import hvp as _hvp
-from .twice_differentiable import TorchTwiceDifferentiable, _activation_numel
+from ..errors import data_errors
+from ..memory import chunk_size
+from ..progress import progress_bar
+from .batch import squeezed_loss
+from .engines.func import split_params
+from .engines.generic import activation_numel
+from .mvp import batched_mvp
+from .tensor_utilities import TorchTensorUtilities
+from .twice_differentiable import TorchTwiceDifferentiable
 
-__all__ = ["bytes_per_sample", "per_sample_grads", "per_sample_mixed_products"]
+__all__ = ["bytes_per_sample", "gradient_blocks", "gradient_matrix", "loader_batches", "num_points_of",
+           "per_sample_grads", "per_sample_mixed_products", "sample_chunks"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +50,7 @@ def bytes_per_sample(model: TorchTwiceDifferentiable, x: torch.Tensor, direction
     :func:`per_sample_mixed_products` with ``directions`` = T (6 copies of its activations for the
     twice-differentiable graph, and T·(2 + |x_i|) for the products and their cotangents)."""
     elem = torch.finfo(model.dtype).bits // 8
-    activations = _activation_numel(model.model, x[:1])
+    activations = activation_numel(model.model, x[:1])
     if directions == 0:
         return elem * (3 * model.num_params + 6 * activations)
     return elem * (6 * activations + directions * (2 + x[0].numel()))
@@ -47,7 +58,7 @@ def bytes_per_sample(model: TorchTwiceDifferentiable, x: torch.Tensor, direction
 
 def _point_loss(model: TorchTwiceDifferentiable, params, fixed, x_i: torch.Tensor, y_i: torch.Tensor) -> torch.Tensor:
     output = torch.func.functional_call(model.model, (params, fixed), (x_i.unsqueeze(0),))
-    return _hvp.squeezed_loss(model.loss, output, y_i.unsqueeze(0))
+    return squeezed_loss(model.loss, output, y_i.unsqueeze(0))
 
 
 def per_sample_grads(model: TorchTwiceDifferentiable, x: torch.Tensor, y: torch.Tensor) -> List[torch.Tensor]:
@@ -62,7 +73,7 @@ def per_sample_grads(model: TorchTwiceDifferentiable, x: torch.Tensor, y: torch.
         One tensor [B, *shape_k] per trainable parameter k (in ``model.parameters`` order), detached;
         packed, row i is ``model.grad(x[i:i+1], y[i:i+1])``.
     """
-    names, params, fixed = _hvp._split_params(model.model)
+    names, params, fixed = split_params(model.model)
     try:
         grads = torch.func.vmap(torch.func.grad(lambda p, xi, yi: _point_loss(model, p, fixed, xi, yi)),
                                 in_dims=(None, 0, 0))(params, x, y)
@@ -72,7 +83,7 @@ def per_sample_grads(model: TorchTwiceDifferentiable, x: torch.Tensor, y: torch.
     trainable = model.parameters
     # Bad data (a wrong shape, a class index out of range) fails here too, and raises plain
     # autograd's error: the fallback is logged only when it works.
-    rows = [torch.autograd.grad(_hvp.squeezed_loss(model.loss, model.model(x[i:i + 1]), y[i:i + 1]), trainable)
+    rows = [torch.autograd.grad(squeezed_loss(model.loss, model.model(x[i:i + 1]), y[i:i + 1]), trainable)
             for i in range(x.shape[0])]
     _log_fallback("per_sample_grads", func_error)
     return [torch.stack([r[k] for r in rows]) if rows else x.new_empty(0, *p.shape)
@@ -98,17 +109,17 @@ def per_sample_mixed_products(model: TorchTwiceDifferentiable, x: torch.Tensor, 
         return x.new_zeros(T, *x.shape)
     xg = x.detach().requires_grad_(True)
     trainable = model.parameters
-    names, _, fixed = _hvp._split_params(model.model)
+    names, _, fixed = split_params(model.model)
     params = dict(zip(names, trainable))  # the live parameters: the graph reaches them
     try:
         losses = torch.func.vmap(lambda xi, yi: _point_loss(model, params, fixed, xi, yi))(xg, y)
     except _FUNC_ERRORS as exc:
-        losses = torch.stack([_hvp.squeezed_loss(model.loss, model.model(xg[i:i + 1]), y[i:i + 1])
+        losses = torch.stack([squeezed_loss(model.loss, model.model(xg[i:i + 1]), y[i:i + 1])
                               for i in range(B)])
         _log_fallback("per_sample_mixed_products", exc)  # once it worked (see per_sample_grads)
     g = torch.autograd.grad(losses.sum(), trainable, create_graph=True)
     g = torch.cat([t.reshape(-1) for t in g])
-    return _hvp.batched_mvp(g, v, xg).reshape(T, *x.shape)
+    return batched_mvp(g, v, xg).reshape(T, *x.shape)
 
 
 _logged_fallback: set = set()
@@ -119,3 +130,84 @@ def _log_fallback(where: str, exc: BaseException) -> None:
         _logged_fallback.add(where)
         logger.warning("%s: torch.func cannot run this model (%s); computing one sample at a time "
                        "with autograd (slower)", where, exc)
+
+
+# ---- per-sample gradients over a loader -------------------------------------------------------
+
+
+def num_points_of(data: Any) -> Optional[int]:
+    """The number of points ``data`` yields, when it can be known without iterating it: a
+    DataLoader over a sized sampler, or a list/tuple of (x, y) batches; else None."""
+    if isinstance(data, DataLoader):
+        if data.batch_size is None:
+            return None
+        try:
+            n = len(data.sampler)
+        except TypeError:  # an iterable-style dataset
+            return None
+        return n - n % data.batch_size if data.drop_last else n
+    if isinstance(data, (list, tuple)):
+        try:
+            return sum(int(batch[0].shape[0]) for batch in data)
+        except (TypeError, IndexError, AttributeError):
+            return None  # malformed; loader_batches names the problem
+    return None
+
+
+def loader_batches(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
+             ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The (x, y) batches of ``data`` on the model's device, checked; a bar over batches when
+    ``progress``. Raises once the data is exhausted if it held no point."""
+    if isinstance(data, (torch.Tensor, str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{where}: {name} must be an iterable of (x, y) batches, e.g. a torch DataLoader, "
+                        f"got {type(data).__name__}")
+    total = len(data) if hasattr(data, "__len__") else None
+    points = 0
+    for i, batch in enumerate(progress_bar(data, progress, desc=f"{where}: {name}", total=total, unit="batch")):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"{where}: {name} must yield (x, y) pairs of tensors; batch {i} is a "
+                            f"{type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else ""))
+        x, y = model.checked_batch(batch[0], batch[1], where)
+        if x.dim() == 0:
+            raise ValueError(f"{where}: {name} batch {i} has a 0-d x; x must be [B, *x_i.shape]")
+        points += x.shape[0]
+        yield x, y
+    if points == 0:
+        raise ValueError(f"{where}: {name} holds no points (an empty loader); it needs at least one")
+
+
+def sample_chunks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool,
+            directions: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, str]]:
+    """The batches of ``data`` cut into chunks of samples that fit the memory budget for
+    :func:`per_sample_grads` (``directions=0``) or :func:`per_sample_mixed_products` with T
+    directions, each with the name of its batch for error messages (:func:`data_errors`)."""
+    for i, (x, y) in enumerate(loader_batches(model, data, where, name, progress)):
+        B = x.shape[0]
+        if B == 0:
+            continue
+        batch = f"{name} batch {i}"
+        with data_errors(where, batch, x, y):  # the estimate runs the model once
+            step = chunk_size(B, bytes_per_sample(model, x, directions), model.device, what=f"{name} samples")
+        for start in range(0, B, step):
+            yield x[start:start + step], y[start:start + step], batch
+
+
+def gradient_blocks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
+                     ) -> Iterator[List[torch.Tensor]]:
+    """Per-sample gradients of ``data`` as per-parameter blocks [B, *shape_k], chunk by chunk."""
+    for x, y, batch in sample_chunks(model, data, where, name, progress):
+        with data_errors(where, batch, x, y):
+            blocks = per_sample_grads(model, x, y)
+        yield blocks
+
+
+def gradient_matrix(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool
+                     ) -> torch.Tensor:
+    """[N, P]: row i is ∇θℓ(z_i) for the points of ``data`` in order, packed into preallocated
+    memory (when N can be known up front; else the blocks are gathered first)."""
+    blocks = gradient_blocks(model, data, where, name, progress)
+    n = num_points_of(data)
+    if n is None:
+        blocks = list(blocks)
+        n = sum(b[0].shape[0] for b in blocks)
+    return TorchTensorUtilities.cat_gen(blocks, (n, model.num_params), model)

@@ -2,11 +2,11 @@
 registered for TorchTwiceDifferentiable."""
 from __future__ import annotations
 
-from typing import Generator, Iterable, Mapping, Sequence, Tuple, Union
+from typing import Iterable, Mapping, Sequence, Tuple, Union
 
 import torch
 
-from .. import _ops
+from .. import ops
 from ..twice_differentiable import TensorUtilities
 from .twice_differentiable import TorchTwiceDifferentiable
 
@@ -101,7 +101,7 @@ class TorchTensorUtilities(TensorUtilities[torch.Tensor, TorchTwiceDifferentiabl
                 if stop > shape[0]:
                     raise ValueError(f"cat_gen: block {i} ({rows} rows) overflows resulting_shape {shape} "
                                      f"({stop} > {shape[0]})")
-                _ops.pack_into([p.detach().to(device=result.device, dtype=result.dtype) for p in parts],
+                ops.pack_into([p.detach().to(device=result.device, dtype=result.dtype) for p in parts],
                                result, start)
             start = stop
         if start != shape[axis]:

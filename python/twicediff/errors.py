@@ -1,0 +1,72 @@
+"""Every exception twicediff raises on purpose, and the wrapper that names the data a model or loss
+failed on.
+
+- :class:`MemoryBudgetError`: even the smallest chunk of a computation does not fit the budget.
+- :class:`NotNativeError`: the native engine cannot take a model, loss or batch. A signal to use a
+  generic engine, distinct from ValueError so that a bug inside the native engine's reading of a
+  model is never silently turned into a fallback.
+- :class:`BadBatchError`: a batch no engine can take (wrong feature count, class index out of range).
+- :func:`data_errors`: re-raises what a model or loss raised on a batch with the function and batch named.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+__all__ = ["BadBatchError", "MemoryBudgetError", "NotNativeError", "data_errors"]
+
+
+class MemoryBudgetError(MemoryError):
+    """Raised when even the smallest chunk of a computation does not fit the memory budget."""
+
+
+class NotNativeError(Exception):
+    """The native engine cannot take this model, loss or batch; ``str(exc)`` says why (the module,
+    loss option or input it cannot take). ``engine="auto"`` then uses a generic engine."""
+
+
+class BadBatchError(ValueError):
+    """A batch no engine can take (a wrong feature count, a class index out of range): the caller's
+    error, raised whatever the engine."""
+
+
+# What a model or loss raises on data it cannot take: a shape mismatch in a layer, a class index
+# out of range, a target of the wrong dtype or length.
+_DATA_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
+
+
+def batch_summary(x, y) -> str:
+    """``x (B, ...) dtype, y (B, ...) dtype``, for error messages."""
+    def one(name, t):
+        return f"{name} {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else f"{name} {type(t).__name__}"
+    return f"{one('x', x)}, {one('y', y)}"
+
+
+@contextlib.contextmanager
+def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
+    """Re-raises an error of the model or loss (or a native kernel's check) on a batch as the same
+    exception type, with ``"{where}: the model or loss failed on {name} (x ..., y ...): "`` before
+    its message.
+
+    torch's own messages (e.g. ``mat1 and mat2 shapes cannot be multiplied``) name neither the
+    function nor the data. Nothing is formatted unless something fails. Nested uses keep the
+    outermost ``where`` and ``name`` (the user's argument) and the innermost batch shapes (the batch
+    that failed); out-of-memory errors pass unchanged.
+    """
+    try:
+        yield
+    except _DATA_ERRORS as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        original = getattr(exc, "_twicediff_original", exc)
+        batch = getattr(exc, "_twicediff_batch", "") or (batch_summary(x, y) if x is not None else "")
+        data = f"{name} ({batch})" if name and batch else name or batch
+        message = f"{where}: the model or loss failed on {data}: {original}"
+        try:
+            wrapped = type(original)(message)
+        except Exception:  # a type that takes other arguments: the builtin one it derives from
+            wrapped = next(t for t in _DATA_ERRORS if isinstance(original, t))(message)
+        wrapped._twicediff_original, wrapped._twicediff_batch = original, batch
+        raise wrapped from original

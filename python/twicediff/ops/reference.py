@@ -1,0 +1,149 @@
+"""Pure-torch references of every native op in ``twicediff.ops``: same arguments, same results.
+
+Tests compare the native kernels with these (in float64 where the maths is checked); they are also
+readable statements of what each op computes.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from .mlp_hvp import ACTIVATIONS
+
+# ---- parameter-space ops ------------------------------------------------------------------------
+
+
+def pack_into(blocks: Sequence[torch.Tensor], out: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
+    """out[row_offset:row_offset+B] = pack(blocks)."""
+    out[row_offset:row_offset + blocks[0].shape[0]] = pack(blocks)
+    return out
+
+
+def unpack_into(rows: torch.Tensor, outs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """outs[k] = rows[:, col_k:col_k+n_k].reshape(outs[k].shape)."""
+    col = 0
+    for o in outs:
+        n = o.shape[1:].numel()
+        o.copy_(rows[:, col:col + n].reshape(o.shape))
+        col += n
+    return list(outs)
+
+
+def pack(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B, P] = cat_k(blocks[k].reshape(B, n_k)) along columns."""
+    rows = blocks[0].shape[0]
+    return torch.cat([b.reshape(rows, b.shape[1:].numel()) for b in blocks], dim=1)
+
+
+def blockwise_contract(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """C [T, V] = pack(a) @ pack(b)^T = sum_k a[k].reshape(T, n_k) @ b[k].reshape(V, n_k)^T."""
+    return pack(a) @ pack(b).mT
+
+
+def blockwise_dot(v: Sequence[torch.Tensor], g: Sequence[torch.Tensor]) -> torch.Tensor:
+    """z [D] = pack(v) @ cat_k(g[k].flatten()) = sum_k <v[k][d], g[k]>."""
+    return pack(v) @ torch.cat([gk.reshape(-1) for gk in g])
+
+
+# ---- HVP engine ops -----------------------------------------------------------------------------
+
+
+def mlp_hvp(x: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tensor],
+            biases: Sequence[torch.Tensor | None], directions: torch.Tensor,
+            activations: Sequence[Sequence[tuple]], loss: str, reduction: str = "mean",
+            gauss_newton: bool = False) -> torch.Tensor:
+    """directions [D, P] -> [D, P]: rows H v_d (or JᵀH_ℓJ v_d), by torch.func forward-over-reverse
+    on the MLP written with torch ops (see ``twicediff.ops.mlp_hvp`` for the model and layout)."""
+    import torch.nn.functional as F
+    from torch.func import grad, jvp, vjp, vmap
+
+    weights = [w.detach() for w in weights]
+    biases = [None if b is None else b.detach() for b in biases]
+    x, target, directions = x.detach(), target.detach(), directions.detach()
+    params = tuple(t for wb in zip(weights, biases) for t in wb if t is not None)
+    sizes = [p.numel() for p in params]
+
+    def network(*flat_params: torch.Tensor) -> torch.Tensor:
+        parts = iter(flat_params)
+        h = x
+        for b, chain in zip(biases, activations):
+            w = next(parts)
+            h = h @ w.t() + next(parts) if b is not None else h @ w.t()
+            for name, p0, p1 in chain:
+                h = ACTIVATIONS[name].apply(h, p0, p1)
+        return h
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        if loss == "mse":  # written out: F.mse_loss's double backward trips torch.func on [N, 1] outputs
+            squares = (z - target) ** 2
+            return squares.mean() if reduction == "mean" else squares.sum()
+        if loss == "cross_entropy":
+            return F.cross_entropy(z, target, reduction=reduction)
+        if loss == "bce_with_logits":
+            return F.binary_cross_entropy_with_logits(z, target, reduction=reduction)
+        raise ValueError(f"mlp_hvp: unknown loss {loss!r}")
+
+    def split(v: torch.Tensor) -> tuple:
+        return tuple(part.view(p.shape) for part, p in zip(torch.split(v, sizes), params))
+
+    def flatten(parts) -> torch.Tensor:
+        return torch.cat([part.reshape(-1) for part in parts])
+
+    if directions.shape[0] == 0:
+        return directions.new_zeros(directions.shape)
+    if gauss_newton:
+        z, pullback = vjp(network, *params)
+
+        def ggn_product(v: torch.Tensor) -> torch.Tensor:
+            _, jv = jvp(network, params, split(v))
+            _, hjv = jvp(grad(objective), (z,), (jv,))
+            return flatten(pullback(hjv))
+        return vmap(ggn_product)(directions)
+
+    def loss_gradient(*ps: torch.Tensor) -> tuple:
+        return grad(lambda *q: objective(network(*q)), argnums=tuple(range(len(ps))))(*ps)
+
+    def hessian_product(v: torch.Tensor) -> torch.Tensor:
+        return flatten(jvp(loss_gradient, params, split(v))[1])
+    return vmap(hessian_product)(directions)
+
+
+# ---- GEMM ---------------------------------------------------------------------------------------
+
+
+def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0, alpha: float = 1.0) -> torch.Tensor:
+    """out = beta * out + alpha * a @ b in place (beta = 0: out is not read); returns out."""
+    product = alpha * (a @ b)
+    out.copy_(product if beta == 0 else torch.add(product, out, alpha=beta))
+    return out
+
+
+# ---- solver ops ---------------------------------------------------------------------------------
+
+
+def cg_step(x: torch.Tensor, r: torch.Tensor, p: torch.Tensor, Ap: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x += alpha[:, None] p; r -= alpha[:, None] Ap; returns (r ** 2).sum(1) in float64."""
+    a = alpha.to(x.dtype)[:, None]
+    x.add_(a * p)
+    r.sub_(a * Ap)
+    return r.double().square().sum(1)
+
+
+def cg_direction(p: torch.Tensor, z: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """p = z + beta[:, None] p."""
+    return p.copy_(z + beta.to(p.dtype)[:, None] * p)
+
+
+def lissa_step(h: torch.Tensor, b: torch.Tensor, Hh: torch.Tensor, dampen: float, scale: float,
+               hessian_perturbation: float):
+    """h' = b + (1 - dampen - λ/scale) h - Hh/scale into h; per-row max and sum of |h'-h|/|h'|
+    (0/0 = 0), NaN in rows where h' is not finite."""
+    old = h.clone()
+    h.copy_(b + (1.0 - dampen - hessian_perturbation / scale) * old - Hh / scale)
+    delta = (h.double() - old.double()).abs()
+    rel = torch.where(delta == 0, torch.zeros_like(delta), delta / h.double().abs())
+    finite = torch.isfinite(h).all(1)
+    nan = torch.full((h.shape[0],), float("nan"), dtype=torch.float64, device=h.device)
+    max_rel = rel.amax(1) if h.shape[1] else rel.new_zeros(h.shape[0])
+    return torch.where(finite, max_rel, nan), torch.where(finite, rel.sum(1), nan)

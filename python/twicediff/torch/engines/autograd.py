@@ -1,0 +1,43 @@
+"""The autograd engine: double backward through autograd, the most general (any op with a
+backward formula); Gauss-Newton products by the double-vjp trick."""
+from __future__ import annotations
+
+import torch
+
+from ..batch import squeezed_loss
+from ..mvp import batched_mvp, flat_grads
+from .base import PreparedBatch
+from .generic import GenericEngine
+
+__all__ = ["AutogradEngine", "autograd_hvp"]
+
+
+class AutogradEngine(GenericEngine):
+    """Reverse-over-reverse products (batched over directions by ``is_grads_batched``)."""
+
+    name = "autograd"
+
+    def apply(self, batch: PreparedBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        return autograd_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
+
+
+def autograd_hvp(model, loss, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+                 mode: str = "hessian") -> torch.Tensor:
+    """H v (or JᵀH_ℓJ v) for v [D, P] by double backward through autograd; [D, P]."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    output = model(x)
+    value = squeezed_loss(loss, output, y)
+    if mode == "hessian":
+        g = torch.autograd.grad(value, params, create_graph=True)
+        return batched_mvp(torch.cat([t.reshape(-1) for t in g]), v, params)
+    # Gauss-Newton: J v by the double-vjp trick (Jᵀu is linear in u), then H_ℓ, then Jᵀ.
+    g_out = torch.autograd.grad(value, output, create_graph=True)[0]
+    u = torch.zeros_like(output, requires_grad=True)
+    jt_u = torch.autograd.grad(output, params, u, create_graph=True)
+    rows = []
+    for d in range(v.shape[0]):
+        vd = [b.reshape(p.shape) for b, p in zip(torch.split(v[d], [p.numel() for p in params]), params)]
+        jv = torch.autograd.grad(jt_u, u, vd, retain_graph=True)[0]
+        hjv = torch.autograd.grad(g_out, output, jv, retain_graph=True)[0]
+        rows.append(flat_grads(torch.autograd.grad(output, params, hjv, retain_graph=True), params))
+    return torch.stack(rows).detach()

@@ -1,0 +1,86 @@
+"""What an engine is: "apply one batch's curvature to [D, P] directions".
+
+An engine is made for one model and loss. It prepares a batch once (:meth:`Engine.prepare` → a
+:class:`PreparedBatch`), then applies the batch's Hessian (or Gauss-Newton matrix) to blocks of
+directions as often as asked (:meth:`Engine.apply`), and says how much working memory one direction
+costs so that callers can size chunks of directions against the memory budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["GENERIC_CHUNK_BYTES", "MAX_DIRECTIONS_PER_CHUNK", "MIN_GENERIC_DIRECTIONS", "MODES", "Engine",
+           "PreparedBatch", "generic_directions_per_chunk"]
+
+#: The curvature an engine applies: the exact Hessian, or the generalized Gauss-Newton matrix JᵀH_ℓJ.
+MODES = ("hessian", "gauss_newton")
+
+# Directions per chunk above which bigger chunks stop paying off (GEMMs are already large) while
+# memory keeps growing; the memory budget may make chunks smaller still.
+MAX_DIRECTIONS_PER_CHUNK = 128
+# The generic engines (torch.func, autograd) slow down when one chunk's working memory grows past a
+# few hundred MiB, well before any memory budget binds: vmapped convolutions and attention then
+# stream large fresh intermediates. Their chunks are kept near this size (NOTE: measured in
+# benchmarks/results/func_chunks_cpu.md) ...
+GENERIC_CHUNK_BYTES = 256 * 2**20
+# ... but hold at least this many directions (the budget permitting): every chunk recomputes the
+# primal forward and backward pass, which on a large model costs as much as a direction's tangents
+# (NOTE: benchmarks/results/mvp_cpu_preset_c.md).
+MIN_GENERIC_DIRECTIONS = 16
+
+
+def generic_directions_per_chunk(bytes_per_direction: int) -> int:
+    """The most directions one chunk of a generic engine takes (before the memory budget): about
+    ``GENERIC_CHUNK_BYTES`` of working memory, within [MIN_GENERIC_DIRECTIONS, MAX_DIRECTIONS_PER_CHUNK]."""
+    fit = GENERIC_CHUNK_BYTES // max(int(bytes_per_direction), 1)
+    return max(MIN_GENERIC_DIRECTIONS, min(MAX_DIRECTIONS_PER_CHUNK, fit))
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch as an engine keeps it between products.
+
+    Attributes:
+        inputs: what the engine feeds its model: x itself for the generic engines; for the native
+            engine the [N, in] rows entering the first trainable Linear (the frozen prefix applied).
+        target: y, in the form the engine's loss takes.
+    """
+    inputs: torch.Tensor
+    target: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the batch holds."""
+        return sum(t.numel() * t.element_size() for t in (self.inputs, self.target))
+
+    @property
+    def rows(self) -> int:
+        """Rows of ``inputs`` (1 for a 0-d tensor)."""
+        return int(self.inputs.shape[0]) if self.inputs.dim() > 0 else 1
+
+
+class Engine(Protocol):
+    """Batched curvature-vector products of one model and loss.
+
+    Attributes:
+        name: ``"native"``, ``"func"`` or ``"autograd"``.
+    """
+
+    name: str
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> PreparedBatch:
+        """The batch in the engine's form, computed once for many products. Raises
+        :class:`~twicediff.errors.NotNativeError` where the native engine cannot take it."""
+
+    def bytes_per_direction(self, batch: PreparedBatch) -> int:
+        """Working memory one direction costs on ``batch``."""
+
+    def max_directions(self, batch: PreparedBatch) -> int:
+        """The most directions one :meth:`apply` call should take, whatever the memory budget."""
+
+    def apply(self, batch: PreparedBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        """V [D, P] → [D, P]: rows H V_d (``mode="hessian"``) or JᵀH_ℓJ V_d (``"gauss_newton"``) of
+        the batch's loss, detached."""

@@ -1,0 +1,117 @@
+"""The torch.func engine: forward-over-reverse ``vmap(jvp(grad(L)))`` over a chunk of directions,
+for any model whose ops have torch.func rules."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ... import ops
+from ..batch import squeezed_loss
+from .base import PreparedBatch
+from .generic import GenericEngine
+
+__all__ = ["FuncEngine", "func_hvp", "split_params"]
+
+logger = logging.getLogger(__name__)
+
+# torch keeps forward-mode AD levels in one process-wide stack (torch/csrc/autograd/forward_grad.cpp),
+# so two threads inside torch.func.jvp at once enter and leave each other's levels: "no level exists"
+# errors, internal asserts and, worst, silently wrong products. Forward-mode work is therefore
+# serialized across threads.
+_FORWARD_AD_LOCK = threading.Lock()
+
+
+class FuncEngine(GenericEngine):
+    """torch.func forward-over-reverse; with ``fallback=True`` (what ``engine="auto"`` uses for a
+    model the native engine does not take) a model with an op lacking a torch.func rule goes to
+    the autograd engine instead, with one log line."""
+
+    name = "func"
+
+    def __init__(self, model: nn.Module, loss: Callable, fallback: bool = False):
+        super().__init__(model, loss)
+        self.fallback = fallback
+
+    def apply(self, batch: PreparedBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        if not self.fallback:
+            return func_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
+        try:
+            return func_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
+        except (RuntimeError, NotImplementedError) as exc:  # an op without a torch.func rule
+            from .autograd import autograd_hvp
+
+            logger.info("hvp: torch.func engine failed (%s); using autograd", exc)
+            return autograd_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
+
+
+def split_params(model: nn.Module) -> Tuple[List[str], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    names, trainable, fixed = [], {}, {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            names.append(n)
+            trainable[n] = p.detach()
+        else:
+            fixed[n] = p.detach()
+    fixed.update({n: b for n, b in model.named_buffers()})
+    return names, trainable, fixed
+
+
+def _directions_as_params(v: torch.Tensor, names: List[str], params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """[D, P] -> {name: [D, *shape]} views (no copies)."""
+    out, col, D = {}, 0, v.shape[0]
+    for n in names:
+        k = params[n].numel()
+        out[n] = v[:, col:col + k].reshape(D, *params[n].shape)
+        col += k
+    return out
+
+
+def func_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+             mode: str = "hessian") -> torch.Tensor:
+    """H v (or the Gauss-Newton JᵀH_ℓJ v) for v [D, P] by torch.func forward-over-reverse,
+    vmapped over the D directions; returns [D, P] in the layout of ``grad``.
+
+    Calls from several threads take turns (forward-mode AD state is process-wide in torch)."""
+    with _FORWARD_AD_LOCK:
+        return _func_hvp_unlocked(model, loss, x, y, v, mode)
+
+
+def _func_hvp_unlocked(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+                       mode: str) -> torch.Tensor:
+    from torch.func import functional_call, grad, jvp, vjp, vmap
+
+    names, params, fixed = split_params(model)
+
+    def output_of(p):
+        return functional_call(model, (p, fixed), (x,))
+
+    tangents = _directions_as_params(v, names, params)
+    if mode == "hessian":
+        grad_fn = grad(lambda p: squeezed_loss(loss, output_of(p), y))
+        try:
+            blocks = vmap(lambda t: jvp(grad_fn, (params,), (t,))[1])(tangents)
+        except RuntimeError as exc:
+            # Some forward-mode formulas in torch are broken (F.mse_loss with mean reduction raises
+            # "ZeroTensors are immutable"); reverse-over-reverse is exact too.
+            if "ZeroTensor" not in str(exc):
+                raise
+            _, pullback_grad = vjp(grad_fn, params)
+            blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
+    else:
+        z, pullback = vjp(output_of, params)
+        z = z.detach()
+        # H_ℓ is symmetric, so H_ℓ u is the pullback of u through ∇_z ℓ (reverse-over-reverse in
+        # the small output space; avoids forward-mode loss formulas, see above).
+        _, loss_hessian = vjp(grad(lambda o: squeezed_loss(loss, o, y)), z)
+
+        def ggn_one(t):
+            jt = jvp(output_of, (params,), (t,))[1]
+            return pullback(loss_hessian(jt)[0])[0]
+
+        blocks = vmap(ggn_one)(tangents)
+    out = torch.empty_like(v)
+    return ops.pack_into([blocks[n] for n in names], out, 0)

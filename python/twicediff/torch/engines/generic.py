@@ -1,0 +1,67 @@
+"""What the generic engines (torch.func, autograd) share: they take any model, keep the batch as it
+is, and estimate a direction's working memory from the model's activations."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .base import PreparedBatch, generic_directions_per_chunk
+
+__all__ = ["GenericEngine", "activation_numel"]
+
+
+class GenericEngine:
+    """Base of the engines that take any model: prepare keeps (x, y) detached; a direction carries
+    tangents of every activation (forward) and cotangents (backward), about 6 copies of the
+    activations, plus 3 copies of the parameters."""
+
+    name = "generic"
+
+    def __init__(self, model: nn.Module, loss: Callable):
+        self.model = model
+        self.loss = loss
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> PreparedBatch:
+        return PreparedBatch(x.detach(), y.detach())
+
+    def bytes_per_direction(self, batch: PreparedBatch) -> int:
+        first = next(p for p in self.model.parameters() if p.requires_grad)
+        elem = first.element_size()
+        return elem * (3 * self.num_params + 6 * activation_numel(self.model, batch.inputs))
+
+    def max_directions(self, batch: PreparedBatch) -> int:
+        return generic_directions_per_chunk(self.bytes_per_direction(batch))
+
+
+_activation_cache: dict = {}
+
+
+def activation_numel(model: nn.Module, x: torch.Tensor) -> int:
+    """Elements of all leaf-module outputs for a batch shaped like x (one no_grad forward pass,
+    cached by model identity and input shape)."""
+    key = (id(model), tuple(x.shape), x.dtype, x.device)
+    hit = _activation_cache.get(key)
+    if hit is not None:
+        return hit
+    total = [x.numel()]
+
+    def count(module, inputs, output):
+        total[0] += output.numel() if isinstance(output, torch.Tensor) else 0
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(_activation_cache) > 256:
+        _activation_cache.clear()
+    _activation_cache[key] = total[0]
+    return total[0]

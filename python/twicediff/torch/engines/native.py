@@ -1,0 +1,136 @@
+"""The native engine: exact Hessian- (or Gauss-Newton-) vector products of a model and loss that
+:func:`~twicediff.torch.engines.native_model.read_native_model` accepted, by the fused R-operator
+op :func:`twicediff.ops.mlp_hvp`. It reads the model's current weights at every call."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ... import ops
+from ...errors import BadBatchError, NotNativeError
+from .base import MAX_DIRECTIONS_PER_CHUNK, MODES, PreparedBatch
+from .native_model import IGNORE_INDEX, NativeModel, is_active_dropout, read_native_model
+
+__all__ = ["NativeEngine"]
+
+
+class NativeEngine:
+    """The :class:`~twicediff.torch.engines.base.Engine` of the native op.
+
+    Args:
+        model, loss: the user's; :class:`~twicediff.errors.NotNativeError` when the op cannot take them.
+    """
+
+    name = "native"
+
+    def __init__(self, model: nn.Module, loss: Callable):
+        plan: NativeModel = read_native_model(model, loss)
+        self.model = plan.model
+        self.prefix = plan.prefix
+        self.linears = plan.linears
+        self.chains = plan.chains
+        self.loss_kind = plan.loss_kind
+        self.reduction = plan.reduction
+        self.num_params = sum(p.numel() for lin in self.linears for p in lin.parameters())
+
+    def bytes_per_direction(self, batch: PreparedBatch) -> int:
+        """R(a), R(h) and R(g) of every layer ([N, out] each) and a few [P] copies of the direction
+        (the input, its two layouts for the GEMMs, the weight-gradient workspace and the result)."""
+        elem = self.linears[0].weight.element_size()
+        width = sum(lin.out_features for lin in self.linears)
+        return elem * (4 * batch.rows * width + 5 * self.num_params)
+
+    def max_directions(self, batch: PreparedBatch) -> int:
+        return MAX_DIRECTIONS_PER_CHUNK
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, in] rows entering the first trainable Linear: the frozen prefix applied under no_grad."""
+        with torch.no_grad():
+            h = x
+            for module in self.prefix:
+                h = module(h)
+        return h.detach()
+
+    def apply(self, batch: PreparedBatch, V: torch.Tensor, mode: str = "hessian") -> torch.Tensor:
+        """V [D, P] → [D, P]: rows H V_d with H = ∂²L/∂θ² of ``L = loss(squeeze(model(x)),
+        squeeze(y))`` (``mode="hessian"``), or the generalized Gauss-Newton JᵀH_ℓJ V_d
+        (``"gauss_newton"``, J = ∂model(x)/∂θ, H_ℓ = ∂²loss/∂output²). Detached."""
+        if mode not in MODES:
+            raise ValueError(f"NativeEngine.apply: mode must be one of {MODES}, got {mode!r}")
+        weight = self.linears[0].weight
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] != self.num_params:
+            shape = list(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+            raise ValueError(f"NativeEngine.apply: V must have shape [D, {self.num_params}], got {shape}")
+        if V.dtype != weight.dtype or V.device != weight.device:
+            raise TypeError(f"NativeEngine.apply: V must be {weight.dtype} on {weight.device} like the "
+                            f"parameters, got {V.dtype} on {V.device}")
+        return ops.mlp_hvp(batch.inputs, batch.target, [lin.weight for lin in self.linears],
+                           [lin.bias for lin in self.linears], V, self.chains, self.loss_kind, self.reduction,
+                           gauss_newton=mode == "gauss_newton")
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> PreparedBatch:
+        """(features [N, in], target) in the op's form, after pyDVL's squeeze convention: the frozen
+        prefix applied to x, rows with an ignored target dropped.
+
+        Raises:
+            NotNativeError: the op cannot take this batch (a generic engine may).
+            BadBatchError: the batch is wrong for the model itself.
+            TypeError: x (after the prefix) or y of a dtype or device the parameters do not have.
+        """
+        where = "NativeEngine.prepare"
+        active = [name for name, m in self.model.named_modules() if is_active_dropout(m)]
+        if active:
+            raise NotNativeError(f"{where}: Dropout module '{active[0]}' is in training mode (random); call "
+                                 "model.eval() first")
+        weight = self.linears[0].weight
+        h = self.features(x)
+        if h.dim() == 1:
+            h = h.unsqueeze(0)
+        if h.dim() != 2:
+            raise NotNativeError(f"{where}: the input of the first trainable Linear has shape {list(h.shape)}; "
+                                 "the native engine needs [N, in_features] rows (add an nn.Flatten)")
+        if h.shape[1] != weight.shape[1]:
+            raise BadBatchError(f"{where}: the first trainable Linear takes {weight.shape[1]} features, but x "
+                                f"(after the frozen prefix) has {h.shape[1]}")
+        if h.dtype != weight.dtype or h.device != weight.device:
+            raise TypeError(f"{where}: x (after the frozen prefix) is {h.dtype} on {h.device} but the parameters "
+                            f"are {weight.dtype} on {weight.device}")
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"{where}: y must be a torch.Tensor, got {type(y).__name__}")
+        N, C = h.shape[0], self.linears[-1].out_features
+        squeezed = tuple(s for s in (N, C) if s != 1)
+        y_squeezed = tuple(s for s in y.shape if s != 1)
+        y = y.to(weight.device)
+        if self.loss_kind == "cross_entropy":
+            return PreparedBatch(*self._class_targets(where, h, y, y_squeezed, N, C))
+        if y_squeezed != squeezed:
+            raise NotNativeError(f"{where}: squeeze(y) has shape {list(y_squeezed)} but squeeze(model(x)) has "
+                                 f"shape {list(squeezed)}; the native engine needs them equal")
+        return PreparedBatch(h, y.reshape(N, C).to(weight.dtype))
+
+    def _class_targets(self, where: str, h: torch.Tensor, y: torch.Tensor, y_squeezed: tuple, N: int, C: int):
+        """(rows, class indices [n]) for cross-entropy, rows whose target is ignore_index dropped."""
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise NotNativeError(f"{where}: cross-entropy with {y.dtype} targets (class probabilities) is not "
+                                 "native; the engine takes class-index targets")
+        if C < 2:
+            raise NotNativeError(f"{where}: cross-entropy over an output with {C} class(es) is not native")
+        if y.numel() != N or len(y_squeezed) > 1:
+            raise NotNativeError(f"{where}: cross-entropy needs one class index per row, {N} in all; y has "
+                                 f"shape {list(y.shape)}")
+        target = y.reshape(N).to(torch.long)
+        keep = target != IGNORE_INDEX
+        out_of_range = keep & ((target < 0) | (target >= C))  # a mask: no sync until the test
+        if bool(out_of_range.any()):
+            bad = target[out_of_range]
+            raise BadBatchError(f"{where}: cross-entropy class indices must lie in [0, {C}) (or equal "
+                                f"ignore_index={IGNORE_INDEX}), got {int(bad.min())}..{int(bad.max())} "
+                                "out of range")
+        if not bool(keep.all()):
+            if self.reduction == "mean" and not bool(keep.any()):
+                raise NotNativeError(f"{where}: every target equals ignore_index={IGNORE_INDEX}; the mean "
+                                     "cross-entropy is undefined")
+            h, target = h[keep], target[keep]
+        return h, target

@@ -1,0 +1,52 @@
+"""The one place that picks an engine for a model, loss and batch.
+
+``"auto"``: the native engine when it takes the model, loss and batch; otherwise torch.func
+forward-over-reverse, falling back to autograd for a model with an op that has no torch.func rule.
+``"native"``, ``"func"``, ``"autograd"``: that engine (``"native"`` raises where it cannot take the model).
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+from torch import nn
+
+from ...errors import NotNativeError
+from .autograd import AutogradEngine
+from .base import Engine, PreparedBatch
+from .func import FuncEngine
+from .native import NativeEngine
+
+__all__ = ["ENGINES", "native_engine", "prepare"]
+
+#: The engine names ``hvp`` and ``hvp_function`` take.
+ENGINES = ("auto", "native", "func", "autograd")
+
+
+def native_engine(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor
+                  ) -> Tuple[NativeEngine, PreparedBatch]:
+    """The native engine and the batch it prepared; :class:`~twicediff.errors.NotNativeError`
+    (the reason) where it cannot take the model, loss or batch."""
+    engine = NativeEngine(model, loss)
+    return engine, engine.prepare(x, y)
+
+
+def prepare(engine: str, model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor
+            ) -> Tuple[Engine, PreparedBatch]:
+    """(the engine ``engine`` names, the batch it prepared) for ``model`` and ``loss`` on (x, y).
+
+    Raises:
+        ValueError: an unknown engine name, or ``engine="native"`` for a model it cannot take
+            (the message gives the reason).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"hvp: engine must be one of {ENGINES}, got {engine!r}")
+    if engine in ("auto", "native"):
+        try:
+            return native_engine(model, loss, x, y)
+        except NotNativeError as exc:
+            if engine == "native":
+                raise ValueError(f"hvp: engine='native' cannot take this model: {exc}") from None
+    chosen: Engine = AutogradEngine(model, loss) if engine == "autograd" else \
+        FuncEngine(model, loss, fallback=engine == "auto")
+    return chosen, chosen.prepare(x, y)
