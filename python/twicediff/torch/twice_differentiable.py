@@ -180,7 +180,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
 
         Returns:
             [D, M], detached. Directions go through batched backward passes in chunks sized by
-            the memory budget, or one by one where that is faster (see ``hvp.use_batched_backward``).
+            the memory budget, or one by one where that is faster (see :func:`twicediff.torch.mvp.use_batched_backward`).
         """
         return batched_mvp(grad_xy, v, backprop_on, progress=progress)
 

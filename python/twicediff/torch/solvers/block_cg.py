@@ -100,8 +100,8 @@ def orthonormal_rows(W: torch.Tensor) -> torch.Tensor:
     singular value is below 1e-12 of the largest are dropped (float64). Householder QR of Wᵀ, then
     the SVD R = U S Vᵀ of the small [k, k] factor: the singular values of W to the same accuracy as
     an SVD of W itself, in about half the time for k ≪ P. The basis Q U is formed by applying the
-    reflectors to U (ormqr) rather than forming Q and multiplying (5.8–7.4 against 7.6–8.8 ms for
-    k = 64, P = 4,810 at 2 threads)."""
+    reflectors to U (ormqr) rather than forming Q and multiplying, which is cheaper (NOTE: measured in
+    docs/notes/influence_cpu.md)."""
     k, P = W.shape
     if k == 0:
         return W
