@@ -5,6 +5,7 @@ failed on.
 - :class:`NotNativeError`: the native engine cannot take a model, loss or batch. A signal to use a
   generic engine, distinct from ValueError so that a bug inside the native engine's reading of a
   model is never silently turned into a fallback.
+- :class:`ModelMisreadError`: the native engine's reading of a model disagrees with its forward.
 - :class:`BadBatchError`: a batch no engine can take (wrong feature count, class index out of range).
 - :func:`data_errors`: re-raises what a model or loss raised on a batch with the function and batch named.
 """
@@ -15,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["BadBatchError", "MemoryBudgetError", "NotNativeError", "data_errors"]
+__all__ = ["BadBatchError", "MemoryBudgetError", "ModelMisreadError", "NotNativeError", "data_errors"]
 
 
 class MemoryBudgetError(MemoryError):
@@ -25,6 +26,12 @@ class MemoryBudgetError(MemoryError):
 class NotNativeError(Exception):
     """The native engine cannot take this model, loss or batch; ``str(exc)`` says why (the module,
     loss option or input it cannot take). ``engine="auto"`` then uses a generic engine."""
+
+
+class ModelMisreadError(NotNativeError):
+    """The native engine read a model's modules but its own forward disagrees with the model's on a
+    batch: the model does something the reading missed. ``engine="auto"`` warns once per model and
+    uses a generic engine; ``engine="native"`` raises."""
 
 
 class BadBatchError(ValueError):

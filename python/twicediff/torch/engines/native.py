@@ -6,18 +6,30 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
-from ...errors import BadBatchError, NotNativeError
+from ...ops.mlp_hvp import ACTIVATIONS
+from ...errors import BadBatchError, ModelMisreadError, NotNativeError
 from .base import MAX_DIRECTIONS_PER_CHUNK, MODES, PreparedBatch
-from .native_model import IGNORE_INDEX, NativeModel, is_active_dropout, read_native_model
+from .native_model import IGNORE_INDEX, NativeModel, is_active_dropout, read_native_model, updates_in_training
 
 __all__ = ["NativeEngine"]
 
 
+def _rounding(dtype: torch.dtype) -> float:
+    """The relative gap two evaluations of one model in ``dtype`` may show (different GEMM
+    blockings, fused or not)."""
+    return 64 * torch.finfo(dtype).eps
+
+
 class NativeEngine:
     """The :class:`~twicediff.torch.engines.base.Engine` of the native op.
+
+    Every batch it prepares proves the engine's reading of the model: the output the op would
+    compute from the batch equals the model's own forward on it (:meth:`verify`), else the batch is
+    refused with NotNativeError and ``engine="auto"`` uses a generic engine.
 
     Args:
         model, loss: the user's; :class:`~twicediff.errors.NotNativeError` when the op cannot take them.
@@ -33,6 +45,7 @@ class NativeEngine:
         self.chains = plan.chains
         self.loss_kind = plan.loss_kind
         self.reduction = plan.reduction
+        self.suffix = plan.suffix
         self.num_params = sum(p.numel() for lin in self.linears for p in lin.parameters())
 
     def bytes_per_direction(self, batch: PreparedBatch) -> int:
@@ -52,6 +65,41 @@ class NativeEngine:
             for module in self.prefix:
                 h = module(h)
         return h.detach()
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The output the op computes from ``features``: the trainable layers and their activation
+        chains as the engine read them, in plain torch ops."""
+        with torch.no_grad():
+            h = features
+            for lin, chain in zip(self.linears, self.chains):
+                h = F.linear(h, lin.weight, lin.bias)
+                for name, p0, p1 in chain:
+                    h = ACTIVATIONS[name].apply(h, p0, p1)
+        return h
+
+    def verify(self, features: torch.Tensor) -> None:
+        """The engine's reading of the model, checked on this batch: the output it computes from
+        ``features`` must equal, to rounding, what the model's own modules after the frozen prefix
+        compute from them, each called as the model's forward calls it (so an instance whose
+        forward was replaced, or anything else the reading missed, shows). Otherwise
+        :class:`~twicediff.errors.ModelMisreadError`, and the op would compute another model's
+        products. The prefix is not run again: its output is ``features``."""
+        with torch.no_grad():
+            theirs = features
+            for module in self.suffix:
+                theirs = module(theirs)
+        ours = self.logits(features)
+        if not isinstance(theirs, torch.Tensor) or theirs.numel() != ours.numel():
+            got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+            raise ModelMisreadError(f"the model's output {got} is not what its layers as read compute "
+                                 f"{tuple(ours.shape)}")
+        theirs = theirs.reshape(ours.shape).to(ours.dtype)
+        tol = _rounding(ours.dtype) * (1.0 + float(theirs.abs().max()) if theirs.numel() else 1.0)
+        gap = float((ours - theirs).abs().max()) if ours.numel() else 0.0
+        if not gap <= tol:
+            raise ModelMisreadError(f"the model's forward differs from the native engine's reading of it by up to "
+                                 f"{gap:.3g} (rounding allows {tol:.3g}): it computes something its modules as "
+                                 "listed do not")
 
     def apply(self, batch: PreparedBatch, V: torch.Tensor, mode: str = "hessian") -> torch.Tensor:
         """V [D, P] → [D, P]: rows H V_d with H = ∂²L/∂θ² of ``L = loss(squeeze(model(x)),
@@ -80,10 +128,10 @@ class NativeEngine:
             TypeError: x (after the prefix) or y of a dtype or device the parameters do not have.
         """
         where = "NativeEngine.prepare"
-        active = [name for name, m in self.model.named_modules() if is_active_dropout(m)]
+        active = [name for name, m in self.model.named_modules() if is_active_dropout(m) or updates_in_training(m)]
         if active:
-            raise NotNativeError(f"{where}: Dropout module '{active[0]}' is in training mode (random); call "
-                                 "model.eval() first")
+            raise NotNativeError(f"{where}: module '{active[0]}' is in training mode (random, or it updates its "
+                                 "running statistics); call model.eval() first")
         weight = self.linears[0].weight
         h = self.features(x)
         if h.dim() == 1:
@@ -99,6 +147,7 @@ class NativeEngine:
                             f"are {weight.dtype} on {weight.device}")
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{where}: y must be a torch.Tensor, got {type(y).__name__}")
+        self.verify(h)
         N, C = h.shape[0], self.linears[-1].out_features
         squeezed = tuple(s for s in (N, C) if s != 1)
         y_squeezed = tuple(s for s in y.shape if s != 1)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ...errors import NotNativeError
 
-__all__ = ["IGNORE_INDEX", "NativeModel", "is_active_dropout", "read_native_model"]
+__all__ = ["IGNORE_INDEX", "NativeModel", "is_active_dropout", "read_native_model", "updates_in_training"]
 
 _LOSS_FUNCTIONS = {F.mse_loss: "mse", F.cross_entropy: "cross_entropy",
                    F.binary_cross_entropy_with_logits: "bce_with_logits"}
@@ -54,6 +54,8 @@ class NativeModel:
         chains: per Linear, the elementwise activations after it, ``[(name, p0, p1), ...]``.
         loss_kind: ``"mse"``, ``"cross_entropy"`` or ``"bce_with_logits"``.
         reduction: ``"mean"`` or ``"sum"``.
+        suffix: the modules after the prefix in the order forward calls them (what :meth:`NativeEngine.verify`
+            runs to check the reading).
     """
     model: nn.Module
     prefix: Tuple[nn.Module, ...]
@@ -61,6 +63,7 @@ class NativeModel:
     chains: Tuple[Tuple[tuple, ...], ...]
     loss_kind: str
     reduction: str
+    suffix: Tuple[nn.Module, ...] = ()
 
 
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -88,9 +91,13 @@ def _activation(module: nn.Module) -> Optional[tuple]:
 
 
 def _flatten_sequential(model: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
-    """[(qualified name, module)] of a Sequential with nested Sequentials expanded, in call order."""
+    """[(qualified name, module)] of a Sequential with nested Sequentials expanded, in the order its
+    forward calls them: a module instance that stands in several places is listed at each of them
+    (``named_children`` would list it once)."""
     out = []
-    for name, child in model.named_children():
+    for name, child in model._modules.items():
+        if child is None:
+            continue
         qualified = f"{prefix}{name}"
         if type(child) is nn.Sequential and not _has_hooks(child):
             out.extend(_flatten_sequential(child, qualified + "."))
@@ -100,7 +107,14 @@ def _flatten_sequential(model: nn.Module, prefix: str = "") -> List[Tuple[str, n
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Forward hooks, or a forward replaced on the instance: either way the module does not compute
+    what its type says."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+
+
+def _hooks_reason(name: str, module: nn.Module) -> str:
+    what = "has its forward replaced on the instance" if "forward" in vars(module) else "has forward hooks"
+    return f"{_describe(name, module)} {what}" if name else f"the model {what}"
 
 
 def _describe(name: str, module: nn.Module) -> str:
@@ -109,6 +123,11 @@ def _describe(name: str, module: nn.Module) -> str:
 
 def is_active_dropout(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+
+
+def updates_in_training(module: nn.Module) -> bool:
+    """A module whose forward in training mode changes its buffers (BatchNorm's running statistics)."""
+    return isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats
 
 
 def _parse_loss(loss: Callable) -> Tuple[str, str]:
@@ -175,16 +194,19 @@ def read_native_model(model: nn.Module, loss: Callable) -> NativeModel:
         modules = [("", model)]
     elif type(model) is nn.Sequential:
         if _has_hooks(model):
-            raise NotNativeError("the model has forward hooks")
+            raise NotNativeError(_hooks_reason("", model))
         modules = _flatten_sequential(model)
     else:
         raise NotNativeError(f"the model is a {type(model).__name__}, not an nn.Sequential (nested Sequentials are "
-                     "flattened) or an nn.Linear")
+                             "flattened) or an nn.Linear")
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         raise NotNativeError("global module forward hooks are registered")
     for name, m in model.named_modules():
         if is_active_dropout(m):
             raise NotNativeError(f"{_describe(name, m)} is in training mode (random); call model.eval() first")
+        if updates_in_training(m):
+            raise NotNativeError(f"{_describe(name, m)} is in training mode (its forward updates its running "
+                                 "statistics and normalizes by the batch's); call model.eval() first")
 
     first = next((i for i, (_, m) in enumerate(modules) if any(p.requires_grad for p in m.parameters())), None)
     if first is None:
@@ -194,7 +216,7 @@ def read_native_model(model: nn.Module, loss: Callable) -> NativeModel:
     chains: List[List[tuple]] = []
     for name, m in modules[first:]:
         if _has_hooks(m):
-            raise NotNativeError(f"{_describe(name, m)} has forward hooks")
+            raise NotNativeError(_hooks_reason(name, m))
         if type(m) is nn.Linear:
             params = list(m.parameters())
             if not all(p.requires_grad for p in params):
@@ -234,4 +256,5 @@ def read_native_model(model: nn.Module, loss: Callable) -> NativeModel:
                                                              (torch.float16, torch.bfloat16)):
         raise NotNativeError(f"parameters of dtype {dtype} on {device.type} are not native (float32, float64; "
                      "float16 / bfloat16 on CUDA)")
-    return NativeModel(model, tuple(prefix), tuple(linears), tuple(tuple(c) for c in chains), loss_kind, reduction)
+    return NativeModel(model, tuple(prefix), tuple(linears), tuple(tuple(c) for c in chains), loss_kind, reduction,
+                       tuple(m for _, m in modules[first:]))

@@ -6,18 +6,22 @@ forward-over-reverse, falling back to autograd for a model with an op that has n
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Tuple
 
 import torch
 from torch import nn
 
-from ...errors import NotNativeError
+from ...errors import ModelMisreadError, NotNativeError
 from .autograd import AutogradEngine
 from .base import Engine, PreparedBatch
 from .func import FuncEngine
 from .native import NativeEngine
 
 __all__ = ["ENGINES", "native_engine", "prepare"]
+
+logger = logging.getLogger(__name__)
+_warned: set = set()  # ids of models whose misreading was reported
 
 #: The engine names ``hvp`` and ``hvp_function`` take.
 ENGINES = ("auto", "native", "func", "autograd")
@@ -47,6 +51,10 @@ def prepare(engine: str, model: nn.Module, loss: Callable, x: torch.Tensor, y: t
         except NotNativeError as exc:
             if engine == "native":
                 raise ValueError(f"hvp: engine='native' cannot take this model: {exc}") from None
+            if isinstance(exc, ModelMisreadError) and id(model) not in _warned:
+                _warned.add(id(model))
+                logger.warning("twicediff: the native engine does not take %s (%s); using the generic engines",
+                               type(model).__name__, exc)
     chosen: Engine = AutogradEngine(model, loss) if engine == "autograd" else \
         FuncEngine(model, loss, fallback=engine == "auto")
     return chosen, chosen.prepare(x, y)
