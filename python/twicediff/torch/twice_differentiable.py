@@ -48,6 +48,16 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
 
     Attributes:
         model, loss, device and dtype (of the first parameter).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).eval()
+        >>> wrapped = TorchTwiceDifferentiable(model, F.cross_entropy)
+        >>> wrapped.num_params
+        26
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> wrapped.grad(x, y).shape
+        torch.Size([26])
     """
 
     def __init__(self, model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
@@ -197,6 +207,23 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 vmapped over chunks of directions), ``"autograd"`` (double backward), or
                 ``"auto"``: native when the model qualifies, else func, else autograd.
             progress: show a bar over the chunks of directions.
+
+        Returns:
+            v's shape: row d is H v[d] (or JᵀH_ℓJ v[d]), detached, in the model's dtype.
+
+        Raises:
+            TypeError, ValueError: v not [D, P] / [P] in the model's dtype; an unknown mode or
+                engine; ``engine="native"`` for a model it cannot take (the message says why).
+
+        Example:
+            >>> import torch, torch.nn.functional as F
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).eval()
+            >>> wrapped = TorchTwiceDifferentiable(model, F.cross_entropy)
+            >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+            >>> v = torch.randn(5, wrapped.num_params)          # [D, P]
+            >>> Hv = wrapped.hvp(x, y, v)
+            >>> torch.allclose(Hv, v @ wrapped.hessian(x, y), atol=1e-5)
+            True
         """
         v = self.check_vectors(v, "hvp")
         product = self.hvp_function(x, y, mode=mode, engine=engine, progress=progress)
