@@ -16,7 +16,8 @@
 #include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
 
-#include "scratch.h"
+#include "util/scratch.h"
+#include "util/shape.h"
 
 #include <algorithm>
 #include <cmath>
@@ -123,12 +124,6 @@ C10_HOST_DEVICE inline void chain_derivatives(const ActivationChain& c, T a, T& 
 
 // ---- arguments -------------------------------------------------------------------------------------
 
-inline std::string shape_of(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
 struct Layer {
   int64_t in = 0, out = 0;
   int64_t weight_col = 0;   // first column of W_l (row-major [out, in]) in a row of directions
@@ -159,7 +154,7 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
   const char* op = "mlp_hvp";
   TORCH_CHECK_VALUE(!weights.empty(), op, ": weights must hold at least one [out, in] matrix, got an empty list");
   const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be a 2-d [N, in] matrix, got shape ", shape_of(x));
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be a 2-d [N, in] matrix, got shape ", shape_str(x));
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
   const auto dtype = x.scalar_type();
   const auto device = x.device();
@@ -193,13 +188,13 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor& w = weights[l];
     const std::string wname = "weights[" + std::to_string(l) + "]";
-    TORCH_CHECK_VALUE(w.dim() == 2, op, ": ", wname, " must be a 2-d [out, in] matrix, got shape ", shape_of(w));
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": ", wname, " must be a 2-d [out, in] matrix, got shape ", shape_str(w));
     same(w, wname);
     Layer lay;
     lay.out = w.size(0);
     lay.in = w.size(1);
     const int64_t expect_in = l == 0 ? x.size(1) : weights[l - 1].size(0);
-    TORCH_CHECK_VALUE(lay.in == expect_in, op, ": ", wname, " has shape ", shape_of(w), " so it takes ", lay.in,
+    TORCH_CHECK_VALUE(lay.in == expect_in, op, ": ", wname, " has shape ", shape_str(w), " so it takes ", lay.in,
                       " inputs, but ", (l == 0 ? std::string("x has ") : "weights[" + std::to_string(l - 1) + "] gives "),
                       expect_in, " features");
     lay.weight_col = col;
@@ -208,7 +203,7 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
     if (b.has_value() && b->defined()) {
       const std::string bname = "biases[" + std::to_string(l) + "]";
       TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == lay.out, op, ": ", bname, " must have shape [", lay.out,
-                        "], got ", shape_of(*b));
+                        "], got ", shape_str(*b));
       same(*b, bname);
       lay.bias_col = col;
       col += lay.out;
@@ -240,7 +235,7 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 
   TORCH_CHECK_VALUE(directions.dim() == 2 && directions.size(1) == plan.p, op,
                     ": directions must have shape [D, P] with P = ", plan.p,
-                    " (the weights and biases, flattened in order), got ", shape_of(directions));
+                    " (the weights and biases, flattened in order), got ", shape_str(directions));
   same(directions, "directions");
   plan.d = directions.size(0);
 
@@ -250,7 +245,7 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
     TORCH_CHECK_TYPE(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), op,
                      ": cross-entropy needs class-index targets (an integer tensor), got dtype ", target.scalar_type());
     TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, op, ": target must have shape [", N,
-                      "] (one class index per row of x), got ", shape_of(target));
+                      "] (one class index per row of x), got ", shape_str(target));
     if (N > 0 && target.numel() > 0) {
       const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
       TORCH_CHECK_VALUE(lo >= 0 && hi < C, op, ": target class indices must lie in [0, ", C, "), got values in [",
@@ -258,7 +253,7 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
     }
   } else {
     TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == N && target.size(1) == C, op,
-                      ": target must have the model output's shape [", N, ", ", C, "], got ", shape_of(target));
+                      ": target must have the model output's shape [", N, ", ", C, "], got ", shape_str(target));
     same(target, "target");
   }
   TORCH_CHECK_VALUE(!(plan.reduction == kMean && N == 0), op,
@@ -282,7 +277,7 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 //                                                       bias_out[d, o] = sum_n rg[n, d, o]
 //   column_sums(m [N, D*out], out [D, out] (any strides), D)  out[d, o] = sum_n m[n, d*out + o]
 //   gemm(out, a, b, beta)                              out = beta out + a b (out contiguous; beta 0: not read)
-//   kCacheScratch                                     keep the scratch buffer between calls (scratch.h)
+//   kCacheScratch                                     keep the scratch buffer between calls (util/scratch.h)
 //   weight_grad_input_major(dtype)                     true: take R(g_W) as h^T R(g_a) [in, D*out] and
 //                                                       transpose it while writing; false: as
 //                                                       R(g_a)^T h [D*out, in] (the BLAS's faster form)
@@ -512,7 +507,7 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
   const Forward f = forward_pass<Kernels>(plan, x, target, weights_in, biases_in, dtype);
 
   // The directions' R-passes are independent: split into parts, each part runs on one thread with
-  // its own scratch slot (scratch.h) and writes its own rows of the result.
+  // its own scratch slot (util/scratch.h) and writes its own rows of the result.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Kernels::direction_parts(D), D));
   if (parts == 1) {
     scratch::Arena arena(x_in.device(), Kernels::kCacheScratch);

@@ -6,7 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "overlap.h"
+#include "util/overlap.h"
+#include "util/shape.h"
 
 namespace twicediff {
 
@@ -18,13 +19,6 @@ struct PackLayout {
   std::vector<int64_t> column;  // col_k, first column of block k
   bool contiguous = true;       // every block is contiguous
 };
-
-inline std::string shape_str(at::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t d = 0; d < sizes.size(); ++d) s += (d ? ", " : "") + std::to_string(sizes[d]);
-  return s + "]";
-}
-inline std::string shape_str(const at::Tensor& t) { return shape_str(t.sizes()); }
 
 // Checks that blocks[k] = [B, *shape_k] share B, dtype and device, and lays them out side by side
 // in a row of P = sum_k n_k columns. `blocks_arg` names the argument in messages.

@@ -8,7 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/gemm.h"
-#include "scratch.h"
+#include "util/scratch.h"
 
 TORCH_LIBRARY(twicediff, m) {
   // ---- parameter-space ops (csrc/{cpu,cuda}/pack.*, blockwise.*) ----------------------------
@@ -53,7 +53,7 @@ TORCH_LIBRARY(twicediff, m) {
 }
 
 // The module carries the registrations above (loaded for its side effects), a few facts about how
-// it was compiled, and the CPU scratch cache of the native ops (csrc/scratch.h).
+// it was compiled, and the CPU scratch cache of the native ops (csrc/util/scratch.h).
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "twicediff native ops; use them through torch.ops.twicediff or twicediff._ops";
   mod.def("scratch_bytes", &twicediff::scratch::cached_bytes,

@@ -13,6 +13,7 @@
 
 #include "cpu/gemm.h"
 #include "mlp_hvp_common.h"
+#include "util/parallel.h"
 
 namespace twicediff {
 namespace mlp_hvp {
@@ -20,8 +21,6 @@ namespace {
 
 constexpr int64_t kGrain = 16384;  // elements per task below which threads are not woken
 
-// Rows of `width` elements per task so that a task holds about kGrain elements.
-inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(width, 1)); }
 
 // Runs body(n_begin, n_end, acc) over slices of the N rows of an [N, cols] matrix, one slice per
 // thread, each with its own zeroed accumulator row acc [cols]; then, when `sums` is given,
@@ -305,7 +304,7 @@ void head_directions(const HeadArgs& a, int64_t d0, int64_t d1) {
 }
 
 struct CpuKernels {
-  // Large blocks from the CPU allocator are faulted in afresh on every call; keep them (scratch.h).
+  // Large blocks from the CPU allocator are faulted in afresh on every call; keep them (util/scratch.h).
   static constexpr bool kCacheScratch = true;
   // MKL's dgemm runs R(g_a)^T h, with R(g_a) [N, D*out] transposed, at about half the speed of
   // h^T R(g_a) (24 against 45 GFLOP/s for [4096, 1000] x [1000, 64] on one AVX-512 core); sgemm
@@ -474,7 +473,7 @@ struct CpuKernels {
       scalar_t* pp = prob.defined() ? prob.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* pg = g.defined() ? g.mutable_data_ptr<scalar_t>() : nullptr;
       const scalar_t scale = static_cast<scalar_t>(plan.scale);
-      at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N, row_grain(C, kGrain), [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
           const scalar_t* zr = pz + n * C;
           if (plan.loss == kCrossEntropy) {
@@ -513,7 +512,7 @@ struct CpuKernels {
       const scalar_t* pp = prob.defined() ? prob.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* po = rg.mutable_data_ptr<scalar_t>();
       const scalar_t scale = static_cast<scalar_t>(plan.scale);
-      at::parallel_for(0, N * D, row_grain(C), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N * D, row_grain(C, kGrain), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row)
           curvature_row(plan.loss, pp ? pp + (row / D) * C : nullptr, pr + row * C, po + row * C, C, scale);
       });
@@ -542,7 +541,7 @@ struct CpuKernels {
       const scalar_t* pa = ra.const_data_ptr<scalar_t>();  // may alias rh (in place)
       scalar_t* ph = rh.mutable_data_ptr<scalar_t>();
       const scalar_t* __restrict__ p1 = s1.const_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, row_grain(W), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, row_grain(W, kGrain), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const scalar_t* __restrict__ s = p1 + (row / D) * W;
           const scalar_t* a = pa + row * W;

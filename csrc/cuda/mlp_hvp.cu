@@ -11,29 +11,21 @@
 
 #include "gemm_common.h"
 #include "mlp_hvp_common.h"
+#include "util/cuda_reduce.cuh"
 
 namespace twicediff {
 namespace mlp_hvp {
 namespace {
 
+using cuda::kWarp;
+using cuda::warp_max;
+using cuda::warp_sum;
+
 constexpr int kThreads = 256;
-constexpr int kWarp = 32;
 
 inline unsigned blocks_for(int64_t work, int per_block = kThreads) {
   const int64_t b = (work + per_block - 1) / per_block;
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(b, 1), 65535 * 16));
-}
-
-template <typename T>
-__device__ inline T warp_sum(T v) {
-  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename T>
-__device__ inline T warp_max(T v) {
-  for (int off = kWarp / 2; off > 0; off /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
 }
 
 template <typename T>
