@@ -30,7 +30,7 @@ TORCH_LIBRARY(twicediff, m) {
   // [out, in] row-major, b_l absent where biases[l] is None). f: a_l = h_{l-1} W_l^T + b_l, h_l =
   // act chain l (activation_counts[l] codes, 2 params each) of a_l, h_{-1} = x [N, in]; z = h_last.
   // loss: 0 MSE (target [N, C]), 1 cross-entropy (class indices [N]), 2 BCE with logits ([N, C]);
-  // reduction: 0 mean, 1 sum. Not differentiable. Codes: csrc/mlp_hvp_common.h.
+  // reduction: 0 mean, 1 sum. Not differentiable. Codes: csrc/mlp_hvp_codes.h.
   m.def("mlp_hvp(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, Tensor directions, "
         "int[] activation_counts, int[] activation_codes, float[] activation_params, int loss, int reduction, "
         "bool gauss_newton) -> Tensor");
