@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/gemm.h"
+#include "mlp_hvp_codes.h"
 #include "util/scratch.h"
 
 TORCH_LIBRARY(twicediff, m) {
@@ -34,6 +35,10 @@ TORCH_LIBRARY(twicediff, m) {
   m.def("mlp_hvp(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, Tensor directions, "
         "int[] activation_counts, int[] activation_codes, float[] activation_params, int loss, int reduction, "
         "bool gauss_newton) -> Tensor");
+  // mlp_hvp's codes by name, as JSON: {"activations": {"relu": 0, ...}, "losses": {...},
+  // "reductions": {...}}, for the test that holds the Python tables to them. It takes no tensor, so
+  // one kernel serves every device (CompositeImplicitAutograd).
+  m.def("mlp_hvp_codes() -> str", &twicediff::mlp_hvp::codes_json);
 
   // ---- GEMM (csrc/{cpu,cuda}/gemm.*) ---------------------------------------------------------------
   // out = beta * out + alpha * a @ b, in place, for a [M, K], b [K, N], out [M, N] (beta = 0: out is
