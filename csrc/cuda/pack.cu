@@ -23,8 +23,11 @@ constexpr int kThreads = 256;
 constexpr int kPerThread = 4;
 constexpr int64_t kChunk = kThreads * kPerThread;  // units one CUDA block copies
 constexpr int64_t kMaxCtas = (int64_t{1} << 31) - 1;  // grid x limit
-// ~7 KB of metadata: well inside the 32,764-byte kernel-argument limit of CUDA >= 12.1 on sm_70+.
+// Blocks one launch takes: PackMeta is then 5,296 bytes (5,320 with pack_kernel's other arguments),
+// well inside the kernel-argument limit below.
 constexpr int kMaxTensors = 160;
+// The most bytes of kernel arguments CUDA >= 12.1 passes to a kernel on sm_70 and newer.
+constexpr size_t kMaxKernelArgBytes = 32764;
 
 struct PackMeta {
   char* block[kMaxTensors];            // block k's data ([B, n_k], contiguous)
@@ -34,6 +37,9 @@ struct PackMeta {
   bool vec[kMaxTensors];               // units are 16-byte vectors
   int count;
 };
+static_assert(sizeof(PackMeta) + sizeof(char*) + 2 * sizeof(int64_t) <= kMaxKernelArgBytes,
+              "pack_kernel's arguments (PackMeta, mat, ld_bytes, rows) exceed CUDA's kernel-argument limit: "
+              "lower kMaxTensors");
 
 // Copies units [start, stop) of the flattened [B, u] block between the block and its rows.
 template <typename U, bool kToMatrix>
