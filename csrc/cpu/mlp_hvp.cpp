@@ -14,6 +14,7 @@
 #include "cpu/mlp_hvp_fused_head.h"
 #include "cpu/mlp_hvp_loss.h"
 #include "mlp_hvp_driver.h"
+#include "util/no_guard.h"
 #include "util/parallel.h"
 
 namespace twicediff {
@@ -44,9 +45,6 @@ void for_row_slices(int64_t N, int64_t cols, int64_t W, scalar_t* sums, int64_t 
     sums[(j / W) * ss0 + (j % W) * ss1] = total;
   }
 }
-
-// No device to make current on the CPU.
-struct NoGuard {};
 
 struct CpuKernels {
   static NoGuard device_guard(at::Device) { return {}; }
