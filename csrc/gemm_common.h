@@ -5,7 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
-#include "overlap.h"
+#include "util/overlap.h"
 
 namespace twicediff {
 

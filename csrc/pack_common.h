@@ -6,7 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "overlap.h"
+#include "util/overlap.h"
+#include "util/shape.h"
 
 namespace twicediff {
 
@@ -18,13 +19,6 @@ struct PackLayout {
   std::vector<int64_t> column;  // col_k, first column of block k
   bool contiguous = true;       // every block is contiguous
 };
-
-inline std::string shape_str(at::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t d = 0; d < sizes.size(); ++d) s += (d ? ", " : "") + std::to_string(sizes[d]);
-  return s + "]";
-}
-inline std::string shape_str(const at::Tensor& t) { return shape_str(t.sizes()); }
 
 // Checks that blocks[k] = [B, *shape_k] share B, dtype and device, and lays them out side by side
 // in a row of P = sum_k n_k columns. `blocks_arg` names the argument in messages.
@@ -113,5 +107,40 @@ inline void pack_copy_strided(at::TensorList blocks, const at::Tensor& mat, cons
     }
   }
 }
+
+// The three ops around a device's raw row copies. `Device` provides
+//   copy_rows(blocks, mat, lay, row_offset, to_matrix)   the copies where rows_copyable holds
+//   device_guard(device)                                  an object that makes `device` current while
+//                                                         it lives, taken after the checks (which name
+//                                                         the argument on another device)
+template <class Device>
+struct PackOps {
+  static void pack_into(at::TensorList blocks, const at::Tensor& out, int64_t row_offset) {
+    const PackLayout lay = block_layout("pack_into", blocks, "blocks");
+    check_matrix("pack_into", lay, blocks, "blocks", out, "out", row_offset);
+    if (lay.rows == 0 || out.numel() == 0) return;
+    [[maybe_unused]] const auto guard = Device::device_guard(out.device());
+    if (rows_copyable(lay, out)) Device::copy_rows(blocks, out, lay, row_offset, /*to_matrix=*/true);
+    else pack_copy_strided(blocks, out, lay, row_offset, /*to_matrix=*/true);
+  }
+
+  static at::Tensor pack(at::TensorList blocks) {
+    const PackLayout lay = block_layout("pack", blocks, "blocks");
+    [[maybe_unused]] const auto guard = Device::device_guard(blocks[0].device());
+    at::Tensor out = at::empty({lay.rows, lay.width}, blocks[0].options());
+    if (out.numel() == 0) return out;
+    if (lay.contiguous) Device::copy_rows(blocks, out, lay, 0, /*to_matrix=*/true);
+    else pack_copy_strided(blocks, out, lay, 0, /*to_matrix=*/true);
+    return out;
+  }
+
+  static void unpack_into(const at::Tensor& rows, at::TensorList outs) {
+    const PackLayout lay = unpack_layout(rows, outs);
+    if (lay.rows == 0 || rows.numel() == 0) return;
+    [[maybe_unused]] const auto guard = Device::device_guard(rows.device());
+    if (rows_copyable(lay, rows)) Device::copy_rows(outs, rows, lay, 0, /*to_matrix=*/false);
+    else pack_copy_strided(outs, rows, lay, 0, /*to_matrix=*/false);
+  }
+};
 
 }  // namespace twicediff

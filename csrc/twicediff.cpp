@@ -8,7 +8,8 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/gemm.h"
-#include "scratch.h"
+#include "mlp_hvp_codes.h"
+#include "util/scratch.h"
 
 TORCH_LIBRARY(twicediff, m) {
   // ---- parameter-space ops (csrc/{cpu,cuda}/pack.*, blockwise.*) ----------------------------
@@ -30,10 +31,14 @@ TORCH_LIBRARY(twicediff, m) {
   // [out, in] row-major, b_l absent where biases[l] is None). f: a_l = h_{l-1} W_l^T + b_l, h_l =
   // act chain l (activation_counts[l] codes, 2 params each) of a_l, h_{-1} = x [N, in]; z = h_last.
   // loss: 0 MSE (target [N, C]), 1 cross-entropy (class indices [N]), 2 BCE with logits ([N, C]);
-  // reduction: 0 mean, 1 sum. Not differentiable. Codes: csrc/mlp_hvp_common.h.
+  // reduction: 0 mean, 1 sum. Not differentiable. Codes: csrc/mlp_hvp_codes.h.
   m.def("mlp_hvp(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, Tensor directions, "
         "int[] activation_counts, int[] activation_codes, float[] activation_params, int loss, int reduction, "
         "bool gauss_newton) -> Tensor");
+  // mlp_hvp's codes by name, as JSON: {"activations": {"relu": 0, ...}, "losses": {...},
+  // "reductions": {...}}, for the test that holds the Python tables to them. It takes no tensor, so
+  // one kernel serves every device (CompositeImplicitAutograd).
+  m.def("mlp_hvp_codes() -> str", &twicediff::mlp_hvp::codes_json);
 
   // ---- GEMM (csrc/{cpu,cuda}/gemm.*) ---------------------------------------------------------------
   // out = beta * out + alpha * a @ b, in place, for a [M, K], b [K, N], out [M, N] (beta = 0: out is
@@ -53,7 +58,7 @@ TORCH_LIBRARY(twicediff, m) {
 }
 
 // The module carries the registrations above (loaded for its side effects), a few facts about how
-// it was compiled, and the CPU scratch cache of the native ops (csrc/scratch.h).
+// it was compiled, and the CPU scratch cache of the native ops (csrc/util/scratch.h).
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "twicediff native ops; use them through torch.ops.twicediff or twicediff._ops";
   mod.def("scratch_bytes", &twicediff::scratch::cached_bytes,

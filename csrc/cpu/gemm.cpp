@@ -1,16 +1,16 @@
 // GEMMs of the CPU kernels.
 //
-// On x86 CPUs that are not Intel's, MKL runs its AVX2 code path even where the CPU has AVX-512: on
-// the AMD EPYC (Zen 5) development box its sgemm reaches about 107 GFLOP/s a core on square
-// matrices and 90-105 on the native HVP's shapes, where oneDNN's AVX-512 kernels reach 220-250 on
-// the same shapes, at full float32 precision; limited to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), oneDNN ran
-// them at MKL's speed (benchmarks/results/cpu_gemm.md). torch links oneDNN (as "mkldnn") on x86 and
-// aarch64 and exports at::native::mkldnn_matmul (out = beta out + alpha a b; a and b contiguous or
-// transposed, else copied; out row-major with any row stride) without shipping its header. It is looked up once at run time, so a torch without it, or with another
-// signature, keeps ATen's GEMM instead of failing to load. float64 has no oneDNN kernel and always
-// goes to ATen. torch's settings that allow reduced precision in oneDNN's float32 matmuls
-// (torch.set_float32_matmul_precision("medium"), torch.backends.mkldnn.matmul.fp32_precision) may
-// reach these GEMMs too; on the development box results stayed at float32 accuracy under both.
+// On x86 CPUs that are not Intel's, MKL runs its AVX2 code path even where the CPU has AVX-512,
+// and oneDNN's AVX-512 kernels run float32 GEMMs about twice as fast at full float32 precision;
+// limited to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), oneDNN runs them at MKL's speed. NOTE: measured in
+// benchmarks/results/cpu_gemm.md. torch links oneDNN (as "mkldnn") on x86 and aarch64 and exports
+// at::native::mkldnn_matmul (out = beta out + alpha a b; a and b contiguous or transposed, else
+// copied; out row-major with any row stride) without shipping its header. It is looked up once at
+// run time, so a torch without it, or with another signature, keeps ATen's GEMM instead of failing
+// to load. float64 has no oneDNN kernel and always goes to ATen. torch's settings that allow reduced
+// precision in oneDNN's float32 matmuls (torch.set_float32_matmul_precision("medium"),
+// torch.backends.mkldnn.matmul.fp32_precision) may reach these GEMMs too; in our tests results
+// stayed at float32 accuracy under both.
 //
 // TWICEDIFF_CPU_GEMM=blas (read at every GEMM, so a process can switch) sends every GEMM to ATen, as
 // does torch.backends.mkldnn.enabled = False; "auto" or unset takes oneDNN where it can.

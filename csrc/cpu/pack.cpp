@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "pack_common.h"
+#include "util/no_guard.h"
 
 namespace twicediff {
 namespace {
@@ -79,36 +80,18 @@ void copy_rows(at::TensorList blocks, const at::Tensor& mat, const PackLayout& l
   });
 }
 
-void pack_into_cpu(at::TensorList blocks, const at::Tensor& out, int64_t row_offset) {
-  const PackLayout lay = block_layout("pack_into", blocks, "blocks");
-  check_matrix("pack_into", lay, blocks, "blocks", out, "out", row_offset);
-  if (lay.rows == 0 || out.numel() == 0) return;
-  if (rows_copyable(lay, out)) copy_rows(blocks, out, lay, row_offset, /*to_matrix=*/true);
-  else pack_copy_strided(blocks, out, lay, row_offset, /*to_matrix=*/true);
-}
-
-at::Tensor pack_cpu(at::TensorList blocks) {
-  const PackLayout lay = block_layout("pack", blocks, "blocks");
-  at::Tensor out = at::empty({lay.rows, lay.width}, blocks[0].options());
-  if (out.numel() == 0) return out;
-  if (lay.contiguous) copy_rows(blocks, out, lay, 0, /*to_matrix=*/true);
-  else pack_copy_strided(blocks, out, lay, 0, /*to_matrix=*/true);
-  return out;
-}
-
-void unpack_into_cpu(const at::Tensor& rows, at::TensorList outs) {
-  const PackLayout lay = unpack_layout(rows, outs);
-  if (lay.rows == 0 || rows.numel() == 0) return;
-  if (rows_copyable(lay, rows)) copy_rows(outs, rows, lay, 0, /*to_matrix=*/false);
-  else pack_copy_strided(outs, rows, lay, 0, /*to_matrix=*/false);
-}
+// The device of PackOps (pack_common.h).
+struct CpuPack {
+  static NoGuard device_guard(at::Device) { return {}; }
+  static constexpr auto copy_rows = &twicediff::copy_rows;
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(twicediff, CPU, m) {
-  m.impl("pack", &pack_cpu);
-  m.impl("pack_into", &pack_into_cpu);
-  m.impl("unpack_into", &unpack_into_cpu);
+  m.impl("pack", &PackOps<CpuPack>::pack);
+  m.impl("pack_into", &PackOps<CpuPack>::pack_into);
+  m.impl("unpack_into", &PackOps<CpuPack>::unpack_into);
 }
 
 }  // namespace twicediff

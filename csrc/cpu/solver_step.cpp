@@ -10,12 +10,13 @@
 #include <tuple>
 
 #include "solver_step_common.h"
+#include "util/parallel.h"
 
 namespace twicediff {
 namespace {
 
-// Rows per task so that one task touches at least ~32k elements.
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+// Elements one task touches at least.
+constexpr int64_t kGrain = 32768;
 
 at::Tensor cg_step_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& p, const at::Tensor& Ap,
                        const at::Tensor& alpha) {
@@ -34,7 +35,7 @@ at::Tensor cg_step_cpu(const at::Tensor& x, const at::Tensor& r, const at::Tenso
     double* out = rr.data_ptr<double>();
     const int64_t x0 = x.stride(0), x1 = x.stride(1), r0 = r.stride(0), r1 = r.stride(1);
     const int64_t p0 = p.stride(0), p1 = p.stride(1), q0 = Ap.stride(0), q1 = Ap.stride(1);
-    at::parallel_for(0, D, row_grain(P), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, D, row_grain(P, kGrain), [&](int64_t begin, int64_t end) {
       for (int64_t d = begin; d < end; ++d) {
         const scalar_t alpha_d = static_cast<scalar_t>(ap[d]);
         double acc = 0.0;
@@ -62,7 +63,7 @@ void cg_direction_cpu(const at::Tensor& p, const at::Tensor& z, const at::Tensor
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const double* bp = b.data_ptr<double>();
     const int64_t p0 = p.stride(0), p1 = p.stride(1), z0 = z.stride(0), z1 = z.stride(1);
-    at::parallel_for(0, D, row_grain(P), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, D, row_grain(P, kGrain), [&](int64_t begin, int64_t end) {
       for (int64_t d = begin; d < end; ++d) {
         const scalar_t beta_d = static_cast<scalar_t>(bp[d]);
         for (int64_t j = 0; j < P; ++j) pp[d * p0 + j * p1] = zp[d * z0 + j * z1] + beta_d * pp[d * p0 + j * p1];
@@ -89,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> lissa_step_cpu(const at::Tensor& h, const at:
     const int64_t a0 = Hh.stride(0), a1 = Hh.stride(1);
     const scalar_t keep = static_cast<scalar_t>(1.0 - dampen - hessian_perturbation / scale);
     const scalar_t inv_scale = static_cast<scalar_t>(1.0 / scale);
-    at::parallel_for(0, D, row_grain(P), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, D, row_grain(P, kGrain), [&](int64_t begin, int64_t end) {
       for (int64_t d = begin; d < end; ++d) {
         double row_max = 0.0, row_sum = 0.0;
         bool finite = true;

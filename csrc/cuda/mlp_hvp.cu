@@ -1,4 +1,4 @@
-// CUDA kernels of mlp_hvp: the elementwise passes of the R-operator (see mlp_hvp_common.h for the
+// CUDA kernels of mlp_hvp: the elementwise passes of the R-operator (see mlp_hvp_driver.h for the
 // driver and the layout). GEMMs go through ATen (cuBLAS); float16 / bfloat16 inputs are computed
 // in float32 by the driver, so the kernels see float or double.
 #include <ATen/ATen.h>
@@ -10,30 +10,22 @@
 #include <algorithm>
 
 #include "gemm_common.h"
-#include "mlp_hvp_common.h"
+#include "mlp_hvp_driver.h"
+#include "util/cuda_reduce.cuh"
 
 namespace twicediff {
 namespace mlp_hvp {
 namespace {
 
+using cuda::kWarp;
+using cuda::warp_max;
+using cuda::warp_sum;
+
 constexpr int kThreads = 256;
-constexpr int kWarp = 32;
 
 inline unsigned blocks_for(int64_t work, int per_block = kThreads) {
   const int64_t b = (work + per_block - 1) / per_block;
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(b, 1), 65535 * 16));
-}
-
-template <typename T>
-__device__ inline T warp_sum(T v) {
-  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename T>
-__device__ inline T warp_max(T v) {
-  for (int off = kWarp / 2; off > 0; off /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
 }
 
 template <typename T>
@@ -143,6 +135,7 @@ __global__ void rbackward_activation_kernel(T* __restrict__ rg, const T* __restr
 
 struct CudaKernels {
   static cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+  static c10::cuda::CUDAGuard device_guard(at::Device device) { return c10::cuda::CUDAGuard(device); }
   // CUDA's caching allocator already reuses the blocks.
   static constexpr bool kCacheScratch = false;
   // cuBLAS takes either operand transposed at no cost; the transposing write would be extra traffic.
@@ -241,21 +234,9 @@ struct CudaKernels {
   }
 };
 
-at::Tensor mlp_hvp_cuda(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
-                        const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& directions,
-                        at::IntArrayRef activation_counts, at::IntArrayRef activation_codes,
-                        at::ArrayRef<double> activation_params, int64_t loss, int64_t reduction, bool gauss_newton) {
-  // The checks first: with x on the CPU and another argument on a GPU the dispatcher still comes
-  // here, and the guard would fail on x's device with a message that names no argument.
-  const Plan plan = make_plan(x, target, weights, biases, directions, activation_counts, activation_codes,
-                              activation_params, loss, reduction, gauss_newton);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return run<CudaKernels>(plan, x, target, weights, biases, directions);
-}
-
 }  // namespace
 }  // namespace mlp_hvp
 
-TORCH_LIBRARY_IMPL(twicediff, CUDA, m) { m.impl("mlp_hvp", &mlp_hvp::mlp_hvp_cuda); }
+TORCH_LIBRARY_IMPL(twicediff, CUDA, m) { m.impl("mlp_hvp", &mlp_hvp::mlp_hvp_op<mlp_hvp::CudaKernels>); }
 
 }  // namespace twicediff

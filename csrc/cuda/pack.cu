@@ -23,8 +23,11 @@ constexpr int kThreads = 256;
 constexpr int kPerThread = 4;
 constexpr int64_t kChunk = kThreads * kPerThread;  // units one CUDA block copies
 constexpr int64_t kMaxCtas = (int64_t{1} << 31) - 1;  // grid x limit
-// ~7 KB of metadata: well inside the 32,764-byte kernel-argument limit of CUDA >= 12.1 on sm_70+.
+// Blocks one launch takes: PackMeta is then 5,296 bytes (5,320 with pack_kernel's other arguments),
+// well inside the kernel-argument limit below.
 constexpr int kMaxTensors = 160;
+// The most bytes of kernel arguments CUDA >= 12.1 passes to a kernel on sm_70 and newer.
+constexpr size_t kMaxKernelArgBytes = 32764;
 
 struct PackMeta {
   char* block[kMaxTensors];            // block k's data ([B, n_k], contiguous)
@@ -34,6 +37,9 @@ struct PackMeta {
   bool vec[kMaxTensors];               // units are 16-byte vectors
   int count;
 };
+static_assert(sizeof(PackMeta) + sizeof(char*) + 2 * sizeof(int64_t) <= kMaxKernelArgBytes,
+              "pack_kernel's arguments (PackMeta, mat, ld_bytes, rows) exceed CUDA's kernel-argument limit: "
+              "lower kMaxTensors");
 
 // Copies units [start, stop) of the flattened [B, u] block between the block and its rows.
 template <typename U, bool kToMatrix>
@@ -129,39 +135,18 @@ void copy_rows(at::TensorList blocks, const at::Tensor& mat, const PackLayout& l
   }
 }
 
-void pack_into_cuda(at::TensorList blocks, const at::Tensor& out, int64_t row_offset) {
-  const PackLayout lay = block_layout("pack_into", blocks, "blocks");
-  check_matrix("pack_into", lay, blocks, "blocks", out, "out", row_offset);
-  if (lay.rows == 0 || out.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(out.device());
-  if (rows_copyable(lay, out)) copy_rows(blocks, out, lay, row_offset, /*to_matrix=*/true);
-  else pack_copy_strided(blocks, out, lay, row_offset, /*to_matrix=*/true);
-}
-
-at::Tensor pack_cuda(at::TensorList blocks) {
-  const PackLayout lay = block_layout("pack", blocks, "blocks");
-  const c10::cuda::CUDAGuard guard(blocks[0].device());
-  at::Tensor out = at::empty({lay.rows, lay.width}, blocks[0].options());
-  if (out.numel() == 0) return out;
-  if (lay.contiguous) copy_rows(blocks, out, lay, 0, /*to_matrix=*/true);
-  else pack_copy_strided(blocks, out, lay, 0, /*to_matrix=*/true);
-  return out;
-}
-
-void unpack_into_cuda(const at::Tensor& rows, at::TensorList outs) {
-  const PackLayout lay = unpack_layout(rows, outs);
-  if (lay.rows == 0 || rows.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(rows.device());
-  if (rows_copyable(lay, rows)) copy_rows(outs, rows, lay, 0, /*to_matrix=*/false);
-  else pack_copy_strided(outs, rows, lay, 0, /*to_matrix=*/false);
-}
+// The device of PackOps (pack_common.h).
+struct CudaPack {
+  static c10::cuda::CUDAGuard device_guard(at::Device device) { return c10::cuda::CUDAGuard(device); }
+  static constexpr auto copy_rows = &twicediff::copy_rows;
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(twicediff, CUDA, m) {
-  m.impl("pack", &pack_cuda);
-  m.impl("pack_into", &pack_into_cuda);
-  m.impl("unpack_into", &unpack_into_cuda);
+  m.impl("pack", &PackOps<CudaPack>::pack);
+  m.impl("pack_into", &PackOps<CudaPack>::pack_into);
+  m.impl("unpack_into", &PackOps<CudaPack>::unpack_into);
 }
 
 }  // namespace twicediff

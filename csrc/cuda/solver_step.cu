@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "solver_step_common.h"
+#include "util/cuda_reduce.cuh"
 
 namespace twicediff {
 namespace {
@@ -20,40 +21,18 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxRowBlocks = 65535;  // gridDim.y limit; kernels loop over further rows
 
-
 dim3 grid_for(int64_t D, int64_t P) {
   // Enough CUDA blocks per row to cover it with ~4 elements per thread, at most 128.
   const int64_t per_row = std::min<int64_t>(128, std::max<int64_t>(1, (P + kThreads * 4 - 1) / (kThreads * 4)));
   return dim3(static_cast<unsigned>(per_row), static_cast<unsigned>(std::min(D, kMaxRowBlocks)));
 }
 
-// Sum of `v` over the CUDA block; the result is valid in thread 0.
-__device__ double block_sum(double v, double* shared) {
-  for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? shared[threadIdx.x] : 0.0;
-  if (warp == 0)
-    for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-  __syncthreads();
-  return v;
-}
-
-// Max of `v` (non-negative or NaN; NaN wins) over the CUDA block; valid in thread 0.
+// The max of non-negative values or NaN, NaN winning.
 __device__ double nonneg_max(double a, double b) { return (isnan(a) || a > b) ? a : b; }
 
-__device__ double block_max(double v, double* shared) {
-  for (int off = 16; off > 0; off /= 2) v = nonneg_max(v, __shfl_down_sync(0xffffffffu, v, off));
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? shared[threadIdx.x] : 0.0;
-  if (warp == 0)
-    for (int off = 16; off > 0; off /= 2) v = nonneg_max(v, __shfl_down_sync(0xffffffffu, v, off));
-  __syncthreads();
-  return v;
-}
+struct NonnegMax {
+  __device__ double operator()(double a, double b) const { return nonneg_max(a, b); }
+};
 
 // For non-negative doubles (and NaN, whose bits exceed +inf's), the bit patterns order like the values.
 __device__ void atomic_nonneg_max(double* addr, double v) {
@@ -65,7 +44,7 @@ __global__ void cg_step_kernel(T* __restrict__ x, T* __restrict__ r, const T* __
                                const double* __restrict__ alpha, double* __restrict__ rr, int64_t D, int64_t P,
                                int64_t x0, int64_t x1, int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t q0,
                                int64_t q1) {
-  __shared__ double shared[kThreads / 32];
+  __shared__ double shared[kThreads / cuda::kWarp];
   for (int64_t d = blockIdx.y; d < D; d += gridDim.y) {
     const T a = static_cast<T>(alpha[d]);
     double acc = 0.0;
@@ -76,7 +55,7 @@ __global__ void cg_step_kernel(T* __restrict__ x, T* __restrict__ r, const T* __
       r[d * r0 + j * r1] = rj;
       acc += static_cast<double>(rj) * static_cast<double>(rj);
     }
-    acc = block_sum(acc, shared);
+    acc = cuda::block_sum<kThreads>(acc, shared);  // valid in thread 0
     if (threadIdx.x == 0) atomicAdd(rr + d, acc);
   }
 }
@@ -96,7 +75,7 @@ template <typename T>
 __global__ void lissa_step_kernel(T* __restrict__ h, const T* __restrict__ b, const T* __restrict__ Hh, T keep,
                                   T inv_scale, double* __restrict__ max_rel, double* __restrict__ sum_rel, int64_t D,
                                   int64_t P, int64_t h0, int64_t h1, int64_t b0, int64_t b1, int64_t a0, int64_t a1) {
-  __shared__ double shared[kThreads / 32];
+  __shared__ double shared[kThreads / cuda::kWarp];
   for (int64_t d = blockIdx.y; d < D; d += gridDim.y) {
     double row_max = 0.0, row_sum = 0.0;
     for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < P;
@@ -114,8 +93,8 @@ __global__ void lissa_step_kernel(T* __restrict__ h, const T* __restrict__ b, co
         row_sum += rel;
       }
     }
-    row_max = block_max(row_max, shared);
-    row_sum = block_sum(row_sum, shared);
+    row_max = cuda::block_reduce<kThreads>(row_max, 0.0, shared, NonnegMax{});  // valid in thread 0
+    row_sum = cuda::block_sum<kThreads>(row_sum, shared);
     if (threadIdx.x == 0) {
       atomic_nonneg_max(max_rel + d, row_max);
       atomicAdd(sum_rel + d, row_sum);

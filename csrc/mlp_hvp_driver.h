@@ -1,8 +1,8 @@
-// mlp_hvp: exact batched Hessian-vector (or Gauss-Newton-vector) products of an MLP loss, shared
-// by the CPU (cpu/mlp_hvp.cpp) and CUDA (cuda/mlp_hvp.cu) kernels.
+// mlp_hvp: exact batched Hessian-vector (or Gauss-Newton-vector) products of an MLP loss. The
+// driver below runs Pearlmutter's R-operator for all D directions at once, shared by the CPU
+// (cpu/mlp_hvp.cpp) and CUDA (cuda/mlp_hvp.cu) kernels; the codes are in mlp_hvp_codes.h, the
+// activation maths in mlp_hvp_activation.h, the argument checks in mlp_hvp_plan.h.
 //
-// This header holds what both devices share: the activation maths (host/device functions), the
-// argument checks, and the driver that runs Pearlmutter's R-operator for all D directions at once.
 // The driver leaves every GEMM and everything elementwise to a device's `Kernels` policy (its GEMMs:
 // ATen's on CUDA; on the CPU oneDNN's for float32, see cpu/gemm.cpp).
 //
@@ -14,263 +14,17 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/macros/Macros.h>
-
-#include "scratch.h"
 
 #include <algorithm>
-#include <cmath>
-#include <string>
+#include <optional>
 #include <vector>
+
+#include "mlp_hvp_plan.h"
+#include "util/scratch.h"
 
 namespace twicediff {
 namespace mlp_hvp {
 
-// ---- codes shared with python/twicediff/_ops.py ------------------------------------------------
-enum Activation : int64_t {
-  kReLU = 0,        // max(a, 0)
-  kLeakyReLU = 1,   // a > 0 ? a : p0 * a             (p0 = negative_slope)
-  kTanh = 2,
-  kSigmoid = 3,
-  kGELU = 4,        // a * Phi(a)
-  kGELUTanh = 5,    // 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))
-  kSiLU = 6,        // a * sigmoid(a)
-  kSoftplus = 7,    // beta * a > threshold ? a : log1p(exp(beta a)) / beta   (p0 = beta, p1 = threshold)
-  kNumActivations = 8
-};
-enum Loss : int64_t { kMSE = 0, kCrossEntropy = 1, kBCEWithLogits = 2, kNumLosses = 3 };
-enum Reduction : int64_t { kMean = 0, kSum = 1 };
-
-constexpr int kMaxChain = 8;  // elementwise activations allowed between two Linear layers
-
-// The elementwise activations that follow one Linear layer, applied in order (a composition).
-struct ActivationChain {
-  int count = 0;
-  int code[kMaxChain];
-  double p0[kMaxChain];
-  double p1[kMaxChain];
-};
-
-// sigma(a), sigma'(a), sigma''(a) of one activation.
-template <typename T>
-C10_HOST_DEVICE inline void activation_derivatives(int code, T p0, T p1, T a, T& y, T& d1, T& d2) {
-  using std::erf;
-  using std::exp;
-  using std::log1p;
-  using std::tanh;
-  const T one = T(1), half = T(0.5);
-  switch (code) {
-    case kReLU:
-      y = a > T(0) ? a : T(0); d1 = a > T(0) ? one : T(0); d2 = T(0); break;
-    case kLeakyReLU:
-      y = a > T(0) ? a : p0 * a; d1 = a > T(0) ? one : p0; d2 = T(0); break;
-    case kTanh: {
-      const T t = tanh(a);
-      y = t; d1 = one - t * t; d2 = T(-2) * t * d1; break;
-    }
-    case kSigmoid: {
-      const T s = one / (one + exp(-a));
-      y = s; d1 = s * (one - s); d2 = d1 * (one - T(2) * s); break;
-    }
-    case kGELU: {
-      const T cdf = half * (one + erf(a * T(M_SQRT1_2)));
-      const T pdf = T(0.5 * M_2_SQRTPI * M_SQRT1_2) * exp(-half * a * a);
-      y = a * cdf; d1 = cdf + a * pdf; d2 = pdf * (T(2) - a * a); break;
-    }
-    case kGELUTanh: {
-      const T k = T(M_SQRT2 * M_2_SQRTPI * 0.5), c = T(0.044715);
-      const T u = k * (a + c * a * a * a);
-      const T du = k * (one + T(3) * c * a * a);
-      const T ddu = k * T(6) * c * a;
-      const T t = tanh(u), sech2 = one - t * t;
-      y = half * a * (one + t);
-      d1 = half * (one + t) + half * a * sech2 * du;
-      d2 = sech2 * (du + half * a * (ddu - T(2) * t * du * du));
-      break;
-    }
-    case kSiLU: {
-      const T s = one / (one + exp(-a));
-      const T ds = s * (one - s), dds = ds * (one - T(2) * s);
-      y = a * s; d1 = s + a * ds; d2 = T(2) * ds + a * dds; break;
-    }
-    case kSoftplus: {
-      const T ba = p0 * a;
-      if (ba > p1) { y = a; d1 = one; d2 = T(0); }
-      else {
-        const T s = one / (one + exp(-ba));
-        y = log1p(exp(ba)) / p0; d1 = s; d2 = p0 * s * (one - s);
-      }
-      break;
-    }
-    default:
-      y = a; d1 = one; d2 = T(0);
-  }
-}
-
-// f = sigma_k o ... o sigma_1: value, f' and f'' by the chain rule
-// (f o g)' = f'(g) g',  (f o g)'' = f''(g) g'^2 + f'(g) g''.
-template <typename T>
-C10_HOST_DEVICE inline void chain_derivatives(const ActivationChain& c, T a, T& y, T& d1, T& d2) {
-  y = a; d1 = T(1); d2 = T(0);
-  for (int i = 0; i < c.count; ++i) {
-    T yi, e1, e2;
-    activation_derivatives<T>(c.code[i], T(c.p0[i]), T(c.p1[i]), y, yi, e1, e2);
-    d2 = e2 * d1 * d1 + e1 * d2;
-    d1 = e1 * d1;
-    y = yi;
-  }
-}
-
-// ---- arguments -------------------------------------------------------------------------------------
-
-inline std::string shape_of(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-struct Layer {
-  int64_t in = 0, out = 0;
-  int64_t weight_col = 0;   // first column of W_l (row-major [out, in]) in a row of directions
-  int64_t bias_col = -1;    // first column of b_l, -1 without bias
-  ActivationChain chain;
-  bool curved = false;      // some activation in the chain has sigma'' != 0
-};
-
-struct Plan {
-  std::vector<Layer> layers;
-  int64_t n = 0, d = 0, p = 0, classes = 0;
-  Loss loss = kMSE;
-  Reduction reduction = kMean;
-  bool gauss_newton = false;
-  double scale = 1.0;       // 1/N or 1/(N C) for mean, 1 for sum (MSE: times 2)
-};
-
-inline bool is_curved(int code) {
-  return code != kReLU && code != kLeakyReLU;
-}
-
-// Checks every argument (clear ValueError / TypeError naming it) and lays out the layers.
-inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
-                      const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& directions,
-                      at::IntArrayRef activation_counts, at::IntArrayRef activation_codes,
-                      at::ArrayRef<double> activation_params, int64_t loss, int64_t reduction,
-                      bool gauss_newton) {
-  const char* op = "mlp_hvp";
-  TORCH_CHECK_VALUE(!weights.empty(), op, ": weights must hold at least one [out, in] matrix, got an empty list");
-  const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be a 2-d [N, in] matrix, got shape ", shape_of(x));
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
-  const auto dtype = x.scalar_type();
-  const auto device = x.device();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   op, ": x must be float32, float64, float16 or bfloat16, got ", dtype);
-  auto same = [&](const at::Tensor& t, const std::string& name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), " but x has ",
-                     dtype, "; they must match");
-    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), " but x is on ", device,
-                      "; they must be on the same device");
-  };
-  TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == L, op, ": biases must have one entry (a tensor or None) per weight, ",
-                    "expected ", L, ", got ", biases.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(activation_counts.size()) == L, op,
-                    ": activation_counts must have one entry per weight, expected ", L, ", got ",
-                    activation_counts.size());
-  TORCH_CHECK_VALUE(activation_params.size() == 2 * activation_codes.size(), op,
-                    ": activation_params must hold 2 numbers per activation code, expected ",
-                    2 * activation_codes.size(), ", got ", activation_params.size());
-  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumLosses, op, ": loss must be 0 (MSE), 1 (cross-entropy) or 2 ",
-                    "(BCE with logits), got ", loss);
-  TORCH_CHECK_VALUE(reduction == kMean || reduction == kSum, op, ": reduction must be 0 (mean) or 1 (sum), got ",
-                    reduction);
-
-  Plan plan;
-  plan.loss = static_cast<Loss>(loss);
-  plan.reduction = static_cast<Reduction>(reduction);
-  plan.gauss_newton = gauss_newton;
-  plan.n = x.size(0);
-  int64_t col = 0, code_at = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor& w = weights[l];
-    const std::string wname = "weights[" + std::to_string(l) + "]";
-    TORCH_CHECK_VALUE(w.dim() == 2, op, ": ", wname, " must be a 2-d [out, in] matrix, got shape ", shape_of(w));
-    same(w, wname);
-    Layer lay;
-    lay.out = w.size(0);
-    lay.in = w.size(1);
-    const int64_t expect_in = l == 0 ? x.size(1) : weights[l - 1].size(0);
-    TORCH_CHECK_VALUE(lay.in == expect_in, op, ": ", wname, " has shape ", shape_of(w), " so it takes ", lay.in,
-                      " inputs, but ", (l == 0 ? std::string("x has ") : "weights[" + std::to_string(l - 1) + "] gives "),
-                      expect_in, " features");
-    lay.weight_col = col;
-    col += lay.out * lay.in;
-    const std::optional<at::Tensor> b = biases.get(l);
-    if (b.has_value() && b->defined()) {
-      const std::string bname = "biases[" + std::to_string(l) + "]";
-      TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == lay.out, op, ": ", bname, " must have shape [", lay.out,
-                        "], got ", shape_of(*b));
-      same(*b, bname);
-      lay.bias_col = col;
-      col += lay.out;
-    }
-    const int64_t count = activation_counts[l];
-    TORCH_CHECK_VALUE(count >= 0 && count <= kMaxChain, op, ": activation_counts[", l, "] must be in [0, ",
-                      kMaxChain, "], got ", count);
-    TORCH_CHECK_VALUE(code_at + count <= static_cast<int64_t>(activation_codes.size()), op,
-                      ": activation_counts sum to more than the ", activation_codes.size(), " activation codes given");
-    lay.chain.count = static_cast<int>(count);
-    for (int64_t i = 0; i < count; ++i, ++code_at) {
-      const int64_t c = activation_codes[code_at];
-      TORCH_CHECK_VALUE(c >= 0 && c < kNumActivations, op, ": activation_codes[", code_at, "] must be in [0, ",
-                        int64_t(kNumActivations), "), got ", c);
-      lay.chain.code[i] = static_cast<int>(c);
-      lay.chain.p0[i] = activation_params[2 * code_at];
-      lay.chain.p1[i] = activation_params[2 * code_at + 1];
-      if (c == kSoftplus)
-        TORCH_CHECK_VALUE(lay.chain.p0[i] > 0, op, ": softplus beta (activation_params[", 2 * code_at,
-                          "]) must be > 0, got ", lay.chain.p0[i]);
-      lay.curved = lay.curved || is_curved(static_cast<int>(c));
-    }
-    plan.layers.push_back(lay);
-  }
-  TORCH_CHECK_VALUE(code_at == static_cast<int64_t>(activation_codes.size()), op, ": activation_counts sum to ",
-                    code_at, " but ", activation_codes.size(), " activation codes were given");
-  plan.p = col;
-  plan.classes = plan.layers.back().out;
-
-  TORCH_CHECK_VALUE(directions.dim() == 2 && directions.size(1) == plan.p, op,
-                    ": directions must have shape [D, P] with P = ", plan.p,
-                    " (the weights and biases, flattened in order), got ", shape_of(directions));
-  same(directions, "directions");
-  plan.d = directions.size(0);
-
-  const int64_t N = plan.n, C = plan.classes;
-  TORCH_CHECK_VALUE(target.device() == device, op, ": target is on ", target.device(), " but x is on ", device);
-  if (plan.loss == kCrossEntropy) {
-    TORCH_CHECK_TYPE(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), op,
-                     ": cross-entropy needs class-index targets (an integer tensor), got dtype ", target.scalar_type());
-    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, op, ": target must have shape [", N,
-                      "] (one class index per row of x), got ", shape_of(target));
-    if (N > 0 && target.numel() > 0) {
-      const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
-      TORCH_CHECK_VALUE(lo >= 0 && hi < C, op, ": target class indices must lie in [0, ", C, "), got values in [",
-                        lo, ", ", hi, "]");
-    }
-  } else {
-    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == N && target.size(1) == C, op,
-                      ": target must have the model output's shape [", N, ", ", C, "], got ", shape_of(target));
-    same(target, "target");
-  }
-  TORCH_CHECK_VALUE(!(plan.reduction == kMean && N == 0), op,
-                    ": reduction='mean' over x with zero rows is undefined (0/0)");
-  const double count = plan.loss == kCrossEntropy ? double(N) : double(N) * double(C);
-  plan.scale = plan.reduction == kMean ? 1.0 / count : 1.0;
-  if (plan.loss == kMSE) plan.scale *= 2.0;
-  return plan;
-}
-
-// ---- the driver ----------------------------------------------------------------------------------
-//
 // `Kernels` provides the elementwise passes for one device (all tensors contiguous):
 //   forward_activation(a [N,out], chain, h, s1, s2)   h = f(a), s1 = f'(a), s2 = f''(a) (s2 may be undefined)
 //   loss_forward(z [N,C], target, plan, p, g)          p: softmax / sigmoid of z (CE / BCE), g = dL/dz (may be undefined)
@@ -281,8 +35,9 @@ inline Plan make_plan(const at::Tensor& x, const at::Tensor& target, at::TensorL
 //                                                       rg = s1 rg + s2gh ra (in place), then
 //                                                       bias_out[d, o] = sum_n rg[n, d, o]
 //   column_sums(m [N, D*out], out [D, out] (any strides), D)  out[d, o] = sum_n m[n, d*out + o]
+//   device_guard(device)                               an object that makes `device` current while it lives
 //   gemm(out, a, b, beta)                              out = beta out + a b (out contiguous; beta 0: not read)
-//   kCacheScratch                                     keep the scratch buffer between calls (scratch.h)
+//   kCacheScratch                                     keep the scratch buffer between calls (util/scratch.h)
 //   weight_grad_input_major(dtype)                     true: take R(g_W) as h^T R(g_a) [in, D*out] and
 //                                                       transpose it while writing; false: as
 //                                                       R(g_a)^T h [D*out, in] (the BLAS's faster form)
@@ -512,7 +267,7 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
   const Forward f = forward_pass<Kernels>(plan, x, target, weights_in, biases_in, dtype);
 
   // The directions' R-passes are independent: split into parts, each part runs on one thread with
-  // its own scratch slot (scratch.h) and writes its own rows of the result.
+  // its own scratch slot (util/scratch.h) and writes its own rows of the result.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Kernels::direction_parts(D), D));
   if (parts == 1) {
     scratch::Arena arena(x_in.device(), Kernels::kCacheScratch);
@@ -527,6 +282,20 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     });
   }
   return in_dtype == dtype ? result : result.to(in_dtype);
+}
+
+// The op: the checks first, then the device's guard (Kernels::device_guard), then the passes. The
+// checks come first because with x on the CPU and another argument on a GPU the dispatcher still
+// comes to the GPU's kernel, and a guard would fail on x's device with a message naming no argument.
+template <class Kernels>
+at::Tensor mlp_hvp_op(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                      const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& directions,
+                      at::IntArrayRef activation_counts, at::IntArrayRef activation_codes,
+                      at::ArrayRef<double> activation_params, int64_t loss, int64_t reduction, bool gauss_newton) {
+  const Plan plan = make_plan(x, target, weights, biases, directions, activation_counts, activation_codes,
+                              activation_params, loss, reduction, gauss_newton);
+  [[maybe_unused]] const auto guard = Kernels::device_guard(x.device());
+  return run<Kernels>(plan, x, target, weights, biases, directions);
 }
 
 }  // namespace mlp_hvp

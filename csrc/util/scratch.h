@@ -2,7 +2,8 @@
 //
 // A call of mlp_hvp needs tens to hundreds of MB of short-lived [N, D*width] blocks. Fresh from the
 // CPU allocator (glibc maps large blocks anew each time), every page of them is faulted in and
-// zeroed by the kernel on first touch: on model (a) of issue 3 that cost about 20% of the call.
+// zeroed by the kernel on first touch, a sizeable share of a call's time on the CPU (NOTE: measured
+// in benchmarks/results/native_hvp_model_a.md).
 // An Arena hands out all of a call's intermediates from one buffer (bump allocation, 64-byte
 // aligned), and on the CPU that buffer is cached for the next call, up to kCacheCap bytes - the
 // role CUDA's caching allocator plays on the GPU, where the Arena just calls at::empty.

@@ -1,0 +1,29 @@
+"""The activation, loss and reduction codes of mlp_hvp are defined once on each side of the op: the
+C++ enums (csrc/mlp_hvp_codes.h, exposed by the op ``twicediff::mlp_hvp_codes``) and the Python
+wrapper's tables. These tests hold the two to each other, name for name and code for code."""
+import json
+
+import pytest
+import torch
+
+import twicediff  # noqa: F401  (loads the extension and its ops)
+from twicediff import _ops
+
+
+@pytest.fixture(scope="module")
+def native_codes():
+    return json.loads(torch.ops.twicediff.mlp_hvp_codes())
+
+
+def test_native_codes_have_the_three_tables(native_codes):
+    assert set(native_codes) == {"activations", "losses", "reductions"}
+
+
+@pytest.mark.parametrize("native_key, python_name", [("activations", "MLP_ACTIVATIONS"), ("losses", "MLP_LOSSES"),
+                                                     ("reductions", "MLP_REDUCTIONS")])
+def test_python_table_equals_the_native_one(native_codes, native_key, python_name):
+    python_table = getattr(_ops, python_name)
+    assert python_table == native_codes[native_key], (
+        f"twicediff._ops.{python_name} {python_table} differs from the C++ codes {native_codes[native_key]} "
+        f"(csrc/mlp_hvp_codes.h)")
+
