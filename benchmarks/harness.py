@@ -49,7 +49,7 @@ def machine() -> str:
 
 def native_gemms(td, x, y, v) -> Callable[[], object]:
     """The GEMMs of ``td.hvp(x, y, v, engine="native")`` (Hessian mode) alone, in the order and
-    shapes of the driver in csrc/mlp_hvp_common.h, chunked over directions as ``hvp`` chunks them;
+    shapes of the driver in csrc/mlp_hvp_driver.h, chunked over directions as ``hvp`` chunks them;
     the frozen prefix runs first, as in the engine.
 
     The GEMMs go through the op's own GEMM (:func:`twicediff.ops.gemm_`: oneDNN or the BLAS, as

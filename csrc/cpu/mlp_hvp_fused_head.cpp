@@ -27,7 +27,7 @@ namespace {
 //
 // Only float64 takes it: float32's oneDNN GEMMs are as fast as the pass or faster. NOTE: the gains
 // of the pass and of its two parts, and the float32 comparison, are measured in
-// benchmarks/results/influence_cpu_notes.md ("A fused output-layer pass").
+// docs/notes/influence_cpu.md ("A fused output-layer pass").
 constexpr int64_t kHeadMaxClasses = 32;
 constexpr int kLanes = 4;  // doubles per vector: one AVX2 register (two SSE2 ones)
 
@@ -57,7 +57,7 @@ struct HeadArgs {
 // ones, 32 of them), two SSE2 ones, whichever target the clone below is built for. Four lanes, not
 // eight: eight-lane vectors spill registers in the AVX2 clone, which then runs about half as fast,
 // and gain nothing on CPUs that execute a 512-bit FMA as two 256-bit halves. NOTE: measured in
-// benchmarks/results/influence_cpu_notes.md.
+// docs/notes/influence_cpu.md.
 typedef double Vec __attribute__((vector_size(kLanes * sizeof(double))));
 
 // (Through an out-parameter: a vector return value would change the baseline clone's ABI.)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import _build  # noqa: F401  (loads twicediff._C, which registers the ops)
 
 __all__ = ["ACTIVATIONS", "LOSSES", "REDUCTIONS", "Activation", "activation_codes", "encode_activations",
-           "mlp_hvp"]
+           "mlp_hvp", "native_codes"]
 
 _native = torch.ops.twicediff
 
@@ -62,6 +62,15 @@ def encode_activations(activations: Sequence[Sequence[tuple]]) -> tuple:
 def activation_codes() -> Dict[str, int]:
     """{activation name: code}, as the C++ enum numbers them."""
     return {name: a.code for name, a in ACTIVATIONS.items()}
+
+
+def native_codes() -> Dict[str, Dict[str, int]]:
+    """The C++ side's code tables (op ``twicediff::mlp_hvp_codes``): ``{"activations": {...},
+    "losses": {...}, "reductions": {...}}``, which tests hold equal to :data:`ACTIVATIONS`'s codes,
+    :data:`LOSSES` and :data:`REDUCTIONS`."""
+    import json
+
+    return json.loads(_native.mlp_hvp_codes())
 
 
 def _code(table: dict, value: str, arg: str) -> int:

@@ -262,7 +262,7 @@ def test_op_lone_activations_over_wide_preactivations(device, chain):
 @pytest.mark.parametrize("classes, hidden, bias", [(1, 8, True), (10, 21, True), (32, 64, False), (33, 16, True)],
                          ids=["c1_h8", "c10_h21", "c32_h64_nobias", "c33_gemms"])
 def test_op_narrow_output_layer(classes, hidden, bias, loss, gauss_newton, dtype):
-    """The CPU's fused pass over a float64 output layer of at most 32 logits (csrc/cpu/mlp_hvp.cpp):
+    """The CPU's fused pass over a float64 output layer of at most 32 logits (csrc/cpu/mlp_hvp_fused_head.cpp):
     hidden widths on and off its vector blocks, 23 rows (off its 4-row tiles), 1 and 2 threads (the
     directions split in parts); 33 logits, and float32, take the GEMMs instead."""
     chains = [[("tanh", 0, 0)], []]

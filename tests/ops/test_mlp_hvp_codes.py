@@ -7,23 +7,24 @@ import pytest
 import torch
 
 import twicediff  # noqa: F401  (loads the extension and its ops)
-from twicediff import _ops
+from twicediff.ops import mlp_hvp
 
 
 @pytest.fixture(scope="module")
 def native_codes():
-    return json.loads(torch.ops.twicediff.mlp_hvp_codes())
+    codes = mlp_hvp.native_codes()
+    assert codes == json.loads(torch.ops.twicediff.mlp_hvp_codes())
+    return codes
 
 
 def test_native_codes_have_the_three_tables(native_codes):
     assert set(native_codes) == {"activations", "losses", "reductions"}
 
 
-@pytest.mark.parametrize("native_key, python_name", [("activations", "MLP_ACTIVATIONS"), ("losses", "MLP_LOSSES"),
-                                                     ("reductions", "MLP_REDUCTIONS")])
-def test_python_table_equals_the_native_one(native_codes, native_key, python_name):
-    python_table = getattr(_ops, python_name)
+@pytest.mark.parametrize("native_key, python_table", [("activations", mlp_hvp.activation_codes()),
+                                                      ("losses", mlp_hvp.LOSSES), ("reductions", mlp_hvp.REDUCTIONS)])
+def test_python_table_equals_the_native_one(native_codes, native_key, python_table):
     assert python_table == native_codes[native_key], (
-        f"twicediff._ops.{python_name} {python_table} differs from the C++ codes {native_codes[native_key]} "
+        f"twicediff.ops.mlp_hvp's {native_key} {python_table} differ from the C++ codes {native_codes[native_key]} "
         f"(csrc/mlp_hvp_codes.h)")
 
