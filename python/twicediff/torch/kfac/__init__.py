@@ -5,10 +5,12 @@
 - :mod:`.batches`: batch forms, the loss convention (Σ_n ℓ_n) and the Fisher type.
 - :mod:`.factors`: :class:`KFACFactors`, fitted over a DataLoader, saved / loaded, applied.
 - :mod:`.inverse`: (F + λI)⁻¹ applied layer by layer in the model's parameter layout.
+- :mod:`.scoring`: queries against training per-sample gradients, streamed.
 - :mod:`.eigen`: robust float64 eigendecompositions of the factors.
 """
 from .factors import METHODS, KFACFactors, fit_factors  # noqa: F401
 from .inverse import ParameterLayout  # noqa: F401
 from .layers import TrackedLayer, find_layers  # noqa: F401
+from .scoring import score  # noqa: F401
 
-__all__ = ["KFACFactors", "fit_factors", "find_layers", "TrackedLayer", "ParameterLayout", "METHODS"]
+__all__ = ["KFACFactors", "fit_factors", "find_layers", "TrackedLayer", "ParameterLayout", "METHODS", "score"]

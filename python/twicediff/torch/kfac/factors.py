@@ -289,6 +289,14 @@ class KFACFactors:
             out[t.name] = self.precondition_layer(t.name, v, damping, method, relative_damping)
         return blocks_to_layout(form, out, self.layers, self.layout, blocks, N)
 
+    def score(self, model: nn.Module, loss: Callable, query_preconditioned: GradsLike, data: Iterable,
+              **kwargs) -> torch.Tensor:
+        """[N_q, N_train] contractions of preconditioned queries with the training per-sample
+        gradients of ``data``, streamed (see :func:`twicediff.torch.kfac.scoring.score`)."""
+        from .scoring import score
+
+        return score(self, model, loss, query_preconditioned, data, **kwargs)
+
     # ---- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Plain tensors, lists and numbers (``torch.save`` / ``torch.load(weights_only=True)``)."""

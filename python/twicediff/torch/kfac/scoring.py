@@ -1,0 +1,122 @@
+r"""Streamed scoring: preconditioned query gradients contracted with training per-sample gradients.
+
+    scores[q, n] = Σ_l ⟨Q̃_{q,l}, G_{n,l}⟩,   G_{n,l} = Σ_t g_{n,t} ā_{n,t}ᵀ   [O, I']
+
+Q̃ is a batch of query gradients already preconditioned (e.g. ``factors.solve(query_grads)``),
+G_n the per-sample gradient of the training loss ℓ_n (true labels; the loss convention of
+:mod:`.batches`), restricted to the tracked layers. One forward/backward per training batch reads
+each layer's inputs and output gradients; the contraction is taken layer by layer and chunk by
+chunk of samples, so neither [N_train, P] nor a layer's [B, O, I'] for a whole large batch needs to
+exist. Two ways to contract a layer, the cheaper chosen per layer (or as asked):
+
+- "per_sample": G_n by a batched GEMM over tokens, then one GEMM with the flattened queries
+  ([chunk, O·I'] elements);
+- "tokens": Q̃ ā_t for every token, then a dot with g_t ([Q, chunk·T, O] elements), which wins
+  when a layer is wide and the tokens few, or the queries few.
+
+Influence in pyDVL's sign convention is ``-scores`` for up-weighting (the caller applies it).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ...progress import progress_bar
+from .inverse import GradsLike, _as_blocks, layer_blocks
+from .layers import TrackedLayer
+
+__all__ = ["score", "CONTRACTIONS"]
+
+CONTRACTIONS = ("auto", "per_sample", "tokens")
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def _contract_layer(layer: TrackedLayer, q: torch.Tensor, a: torch.Tensor, g: torch.Tensor, how: str) -> torch.Tensor:
+    """[Q, B] = Σ_{o,i} q[:, o, i] G_n[o, i] for one layer, q [Q, O, I'], a [B, T, I], g [B, T, O]."""
+    Qn, O, Ip = q.shape
+    B, T, I = a.shape
+    a = a.to(q.dtype)
+    g = g.to(q.dtype)
+    if how == "auto":
+        how = "tokens" if Qn * T * O < O * Ip else "per_sample"
+    out = q.new_empty(Qn, B)
+    if how == "per_sample":
+        step = max(1, _CHUNK_ELEMENTS // max(O * Ip + T * (O + Ip), 1))
+        qf = q.reshape(Qn, O * Ip)
+        for n0 in range(0, B, step):
+            ac, gc = a[n0:n0 + step], g[n0:n0 + step]
+            G = torch.bmm(gc.transpose(1, 2), ac)  # [n, O, I]
+            if layer.has_bias:
+                G = torch.cat([G, gc.sum(1).unsqueeze(2)], 2)
+            out[:, n0:n0 + step] = qf @ G.reshape(G.shape[0], O * Ip).T
+        return out
+    # tokens: (Q̃ ā_t)_o for each query and token, dotted with g_t.
+    step = max(1, _CHUNK_ELEMENTS // max(Qn * T * O, 1))
+    qw = q[:, :, :I]
+    for n0 in range(0, B, step):
+        ac, gc = a[n0:n0 + step], g[n0:n0 + step]
+        u = torch.einsum("qoi,nti->qnto", qw, ac)
+        if layer.has_bias:
+            u = u + q[:, None, None, :, I]
+        out[:, n0:n0 + step] = torch.einsum("qnto,nto->qn", u, gc)
+    return out
+
+
+def score(factors, model: nn.Module, loss: Callable, query_preconditioned: GradsLike, data: Iterable, *,
+          reduction: Optional[str] = None, contraction: str = "auto", eval_mode: bool = True,
+          progress: bool = False) -> torch.Tensor:
+    """scores [N_q, N_train] of preconditioned queries against every training sample of ``data``.
+
+    Args:
+        factors: the fitted :class:`KFACFactors` (its tracked layers and parameter layout).
+        model, loss: as for fitting; ``loss`` with the true labels of ``data``.
+        query_preconditioned: [N_q, P] rows (or per-parameter blocks / a dict) in the model's layout,
+            e.g. ``factors.solve(query_grads, damping)``; entries outside the tracked layers are ignored.
+        data: iterable of ``(x, y)`` batches, iterated once, in order (columns follow it).
+        reduction: the loss's batch reduction (default: the one the factors were fitted with).
+        contraction: "auto", "per_sample" or "tokens" (see the module docstring).
+        eval_mode: score with the model in eval mode (restored afterwards).
+    """
+    from . import batches as _b
+    from .factors import _ModelState
+    from .layers import LayerCapture
+
+    where = "KFACFactors.score"
+    if contraction not in CONTRACTIONS:
+        raise ValueError(f"{where}: contraction must be one of {CONTRACTIONS}, got {contraction!r}")
+    reduction = factors.reduction if reduction is None else reduction
+    if reduction not in _b.REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be one of {_b.REDUCTIONS}, got {reduction!r}")
+    factors.attach(model)
+    _, blocks, Nq = _as_blocks(query_preconditioned, factors.layout, where)
+    queries: Dict[str, torch.Tensor] = {t.name: layer_blocks(t, blocks, Nq, where) for t in factors.layers}
+    device = next(model.parameters()).device
+    columns = []
+    with _ModelState(model, eval_mode):
+        for batch in progress_bar(data, progress, desc="K-FAC scores", unit="batch"):
+            x, y = _b.split_batch(batch, where)
+            B = _b.batch_size(x, where)
+            x = _b.to_device(x, device)
+            cap = LayerCapture(factors.layers, B)
+            with torch.enable_grad(), cap:
+                output = _b.call_model(model, x)
+                total = _b.summed_loss(loss, output, _b.to_device(y, device), reduction, B)
+                weights = [t.module.weight for t in factors.layers if cap.called(t.name)]
+                if weights and total.requires_grad:
+                    torch.autograd.grad(total, weights, allow_unused=True)
+            col = None
+            for t in factors.layers:
+                if not cap.called(t.name):
+                    continue
+                q = queries[t.name].to(device)
+                part = _contract_layer(t, q, cap.inputs(t.name), cap.grads(t.name), contraction)
+                col = part if col is None else col + part
+            if col is None:
+                col = torch.zeros(Nq, B, device=device)
+            columns.append(col)
+            del cap
+    if not columns:
+        return torch.zeros(Nq, 0)
+    return torch.cat(columns, 1)

@@ -1,0 +1,45 @@
+"""Streamed K-FAC scoring against the explicit product of preconditioned queries with per-sample
+training gradients (one autograd backward per training sample), on models with tokens, convolutions
+and layers left out."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_kfac import MODELS, _data, _layer_index, _loader, _per_sample_grads
+from twicediff.torch.kfac import KFACFactors
+
+DT = torch.float64
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("contraction", ["auto", "per_sample", "tokens"])
+def test_scores_equal_explicit_contraction(kind, contraction):
+    model = MODELS[kind]()
+    model.eval()
+    x, y = _data(kind, n=14)
+    factors = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 5))
+    xq, yq = _data(kind, n=3, seed=7)
+    q = factors.solve(_per_sample_grads(model, F.cross_entropy, xq, yq), 0.1)
+    got = factors.score(model, F.cross_entropy, q, _loader(x, y, 4), contraction=contraction)
+    G = _per_sample_grads(model, F.cross_entropy, x, y)
+    mask = torch.zeros(G.shape[1], dtype=torch.bool)
+    for layer in factors.layers:
+        idx, _ = _layer_index(model, layer)
+        mask[idx] = True
+    want = q[:, mask] @ G[:, mask].T
+    assert got.shape == (3, 14)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_scoring_leaves_the_model_unchanged():
+    model = MODELS["cnn"]()
+    model.train()
+    x, y = _data("cnn", n=8)
+    factors = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    P = sum(p.numel() for p in model.parameters())
+    factors.score(model, F.cross_entropy, torch.randn(2, P, dtype=DT), _loader(x, y, 4))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.training and all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="contraction must be one of"):
+        factors.score(model, F.cross_entropy, torch.randn(2, P, dtype=DT), _loader(x, y, 4), contraction="x")
