@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...progress import progress_bar
-from ...ops import _kfac_reference as _kref
+from ...ops import kfac as _kops
 from . import batches as _b
 from .eigen import symmetric_eigh
 from .inverse import GradsLike, ParameterLayout, _as_blocks, blocks_to_layout, layer_blocks, precondition_block
@@ -43,11 +43,11 @@ _STATE_VERSION = 1
 
 
 def _covariance_accumulate(out, x, bias):
-    return _kref.covariance_accumulate(out, x, None, bias)
+    return _kops.covariance_accumulate(out, x, None, bias)
 
 
 def _eigen_correction_accumulate(out, g, a, q_s, q_a, bias):
-    return _kref.eigen_correction_accumulate(out, g, a, q_s, q_a, None, bias)
+    return _kops.eigen_correction_accumulate(out, g, a, q_s, q_a, None, bias)
 
 
 class _ModelState:
