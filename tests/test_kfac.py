@@ -406,3 +406,56 @@ def _explicit_solve_relative(f, model, v, alpha):
         Fl = Q @ torch.diag(lam) @ Q.T + alpha * float(lam.mean()) * torch.eye(lam.numel(), dtype=DT)
         out[:, idx] = torch.linalg.solve(Fl, v[:, idx].T).T
     return out
+
+
+def test_token_mask_equals_truncated_sequences():
+    """Padding tokens masked out give the factors of the unpadded sequences (the model ignores
+    padding; without the mask, A would count the padded inputs)."""
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x, mask):
+            return self.head((torch.tanh(self.lin(x)) * mask[..., None]).sum(1))
+
+    torch.manual_seed(0)
+    model = Pooled().to(DT)
+    B, T, k = 6, 5, 3
+    x = torch.randn(B, T, 3, dtype=DT)
+    y = torch.randint(0, 2, (B,))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, :k] = True
+    padded = KFACFactors.fit(model, F.cross_entropy, [((x, mask), y)], token_mask=lambda inp: inp[1])
+    plain = KFACFactors.fit(model, F.cross_entropy, [((x[:, :k].clone(), mask[:, :k].clone()), y)])
+    unmasked = KFACFactors.fit(model, F.cross_entropy, [((x, mask), y)])
+    for n in ("lin", "head"):
+        for key in ("A", "S", "corrected"):
+            torch.testing.assert_close(getattr(padded, key)[n], getattr(plain, key)[n], rtol=1e-12, atol=1e-14)
+    assert padded.num_tokens["lin"] == B * k
+    assert not torch.allclose(unmasked.A["lin"], plain.A["lin"])
+    with pytest.raises(ValueError, match="token_mask"):
+        KFACFactors.fit(model, F.cross_entropy, [((x, mask), y)], token_mask=lambda inp: inp[1][0])
+
+
+def test_fit_on_device_matches_cpu(device):
+    """The same factors on every device (CUDA runs the native ops' CUDA kernels there), also for a
+    float32 model accumulated in float32."""
+    model = _transformer()
+    x, y = _data("transformer")
+    want = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 8))
+    on = copy.deepcopy(model).to(device)
+    got = KFACFactors.fit(on, F.cross_entropy, _loader(x.to(device), y.to(device), 8)).to("cpu")
+    for n in want.A:
+        for key in ("A", "S", "corrected"):
+            torch.testing.assert_close(getattr(got, key)[n], getattr(want, key)[n], rtol=1e-9, atol=1e-12)
+    f32 = KFACFactors.fit(copy.deepcopy(model).float().to(device), F.cross_entropy,
+                          _loader(x.float().to(device), y.to(device), 8)).to("cpu")
+    for n in want.A:
+        torch.testing.assert_close(f32.A[n], want.A[n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(f32.corrected[n], want.corrected[n], rtol=1e-3, atol=1e-6)
+    P = sum(p.numel() for p in model.parameters())
+    v = torch.randn(2, P, dtype=DT)
+    torch.testing.assert_close(got.to(device).solve(v.to(device), 0.1).cpu(), want.solve(v, 0.1), rtol=1e-8, atol=1e-10)

@@ -42,12 +42,12 @@ METHODS = ("kfac", "ekfac")
 _STATE_VERSION = 1
 
 
-def _covariance_accumulate(out, x, bias):
-    return _kops.covariance_accumulate(out, x, None, bias)
+def _covariance_accumulate(out, x, weights, bias):
+    return _kops.covariance_accumulate(out, x, weights, bias)
 
 
-def _eigen_correction_accumulate(out, g, a, q_s, q_a, bias):
-    return _kops.eigen_correction_accumulate(out, g, a, q_s, q_a, None, bias)
+def _eigen_correction_accumulate(out, g, a, q_s, q_a, weights, bias):
+    return _kops.eigen_correction_accumulate(out, g, a, q_s, q_a, weights, bias)
 
 
 class _ModelState:
@@ -108,7 +108,8 @@ class KFACFactors:
             layers: Optional[Iterable[Union[str, nn.Module]]] = None, fisher_type: str = "empirical",
             reduction: str = "mean", ekfac: bool = True, seed: int = 0,
             sample_targets: Optional[Callable] = None, accumulate_dtype: Optional[torch.dtype] = None,
-            eval_mode: bool = True, progress: bool = False) -> "KFACFactors":
+            token_mask: Optional[Callable[[Any], torch.Tensor]] = None, eval_mode: bool = True,
+            progress: bool = False) -> "KFACFactors":
         """Fit the factors of ``model`` under ``loss`` over ``data``.
 
         Args:
@@ -123,6 +124,10 @@ class KFACFactors:
             sample_targets: ``(output, generator) -> target`` for the true Fisher of another loss.
             accumulate_dtype: dtype of the running sums (default float64 for a float64 model,
                 else float32); eigendecompositions are always float64.
+            token_mask: ``token_mask(x) -> [B, *positions]`` (bool, or 0/1 floats) marking the
+                tokens that count, e.g. the attention mask of padded sequences: applied to every
+                Linear layer whose input is [B, *positions, d]; a masked token is left out of A, S
+                and the EK-FAC per-sample sums, and A is normalised by the weight of the tokens kept.
             eval_mode: fit with the model in eval mode (dropout off, batch-norm statistics frozen);
                 the mode is restored afterwards.
             progress: show progress bars.
@@ -150,13 +155,13 @@ class KFACFactors:
         with _ModelState(model, eval_mode):
             sums_A: Dict[str, torch.Tensor] = {}
             sums_S: Dict[str, torch.Tensor] = {}
-            tokens: Dict[str, int] = {t.name: 0 for t in tracked}
+            tokens: Dict[str, float] = {t.name: 0 for t in tracked}
             N = 0
             if sampler is not None:
                 sampler.restart(0)
             first_batch = True
             for batch in progress_bar(data, progress, desc="K-FAC factors", unit="batch"):
-                cap, B = self._forward_backward(model, loss, batch, reduction, sampler, device, where)
+                cap, B = self._forward_backward(model, loss, batch, reduction, sampler, device, where, token_mask)
                 if first_batch:
                     self._drop_uncalled(model, cap)
                     first_batch = False
@@ -168,30 +173,38 @@ class KFACFactors:
                 for t in self.layers:
                     if not cap.called(t.name):
                         continue
-                    a, g = cap.inputs(t.name), cap.grads(t.name)
-                    _covariance_accumulate(sums_A[t.name], a.reshape(-1, t.in_features), t.has_bias)
-                    _covariance_accumulate(sums_S[t.name], g.reshape(-1, t.out_features), False)
-                    tokens[t.name] += a.shape[0] * a.shape[1]
+                    a, g, w = cap.inputs(t.name), cap.grads(t.name), cap.weights(t.name)
+                    wr = None if w is None else w.reshape(-1)
+                    _covariance_accumulate(sums_A[t.name], a.reshape(-1, t.in_features), wr, t.has_bias)
+                    _covariance_accumulate(sums_S[t.name], g.reshape(-1, t.out_features), wr, False)
+                    tokens[t.name] += a.shape[0] * a.shape[1] if w is None else float(w.sum())
                 del cap
             if N == 0:
                 raise ValueError(f"{where}: data yielded no batch; the factors need at least one sample")
             self.num_samples = N
             for t in self.layers:
                 self.num_tokens[t.name] = tokens[t.name]
-                self.A[t.name] = sums_A[t.name].double() / max(tokens[t.name], 1)
+                self.A[t.name] = sums_A[t.name].double() / (tokens[t.name] if tokens[t.name] > 0 else 1)
                 self.S[t.name] = sums_S[t.name].double() / N
                 self.eig_A[t.name], self.Q_A[t.name] = symmetric_eigh(self.A[t.name], f"input (A) of layer {t.name!r}")
                 self.eig_S[t.name], self.Q_S[t.name] = symmetric_eigh(self.S[t.name],
                                                                       f"output-gradient (S) of layer {t.name!r}")
             if ekfac:
-                self._fit_correction(model, loss, data, sampler, device, accumulate_dtype, progress)
+                self._fit_correction(model, loss, data, sampler, device, accumulate_dtype, progress, token_mask)
         return self
 
-    def _forward_backward(self, model, loss, batch, reduction, sampler, device, where):
+    def _forward_backward(self, model, loss, batch, reduction, sampler, device, where, token_mask=None):
         x, y = _b.split_batch(batch, where)
         B = _b.batch_size(x, where)
         x = _b.to_device(x, device)
-        cap = LayerCapture(self.layers, B)
+        mask = None
+        if token_mask is not None:
+            mask = token_mask(x)
+            if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or mask.shape[0] != B:
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"{where}: token_mask(x) must return a [B, *positions] tensor with B = {B}, got {got}")
+            mask = mask.detach().to(device)
+        cap = LayerCapture(self.layers, B, mask)
         with torch.enable_grad(), cap:
             output = _b.call_model(model, x)
             if not isinstance(output, torch.Tensor):
@@ -217,7 +230,7 @@ class KFACFactors:
         self.left_out = [n for n in self.layout.names if n not in inside]
         report_left_out(model, self.layers)
 
-    def _fit_correction(self, model, loss, data, sampler, device, accumulate_dtype, progress) -> None:
+    def _fit_correction(self, model, loss, data, sampler, device, accumulate_dtype, progress, token_mask) -> None:
         where = "KFACFactors.fit (EK-FAC pass)"
         sums = {t.name: torch.zeros(t.out_features, t.in_dim, dtype=accumulate_dtype, device=device)
                 for t in self.layers}
@@ -227,12 +240,12 @@ class KFACFactors:
             sampler.restart(1)
         N = 0
         for batch in progress_bar(data, progress, desc="EK-FAC eigenvalue correction", unit="batch"):
-            cap, B = self._forward_backward(model, loss, batch, self.reduction, sampler, device, where)
+            cap, B = self._forward_backward(model, loss, batch, self.reduction, sampler, device, where, token_mask)
             N += B
             for t in self.layers:
                 if cap.called(t.name):
                     _eigen_correction_accumulate(sums[t.name], cap.grads(t.name), cap.inputs(t.name),
-                                                 q_s[t.name], q_a[t.name], t.has_bias)
+                                                 q_s[t.name], q_a[t.name], cap.weights(t.name), t.has_bias)
             del cap
         if N != self.num_samples:
             raise ValueError(f"{where}: data yielded {N} samples on the second pass but {self.num_samples} on the "

@@ -220,9 +220,11 @@ class LayerCapture:
     ``inputs[name]`` / ``grads[name]``: the concatenation over calls along T.
     """
 
-    def __init__(self, layers: Sequence[TrackedLayer], batch_size: int):
+    def __init__(self, layers: Sequence[TrackedLayer], batch_size: int, token_mask: Optional[torch.Tensor] = None):
         self.layers = list(layers)
         self.batch_size = batch_size
+        self.token_mask = token_mask
+        self._w: Dict[str, List[Optional[torch.Tensor]]] = {t.name: [] for t in self.layers}
         self._a: Dict[str, List[torch.Tensor]] = {t.name: [] for t in self.layers}
         self._g: Dict[str, Dict[int, torch.Tensor]] = {t.name: {} for t in self.layers}
         self._handles: list = []
@@ -245,6 +247,10 @@ class LayerCapture:
                 raise TypeError(f"K-FAC: layer {layer.name!r} must be called with a tensor input and return a tensor")
             call = len(self._a[layer.name])
             self._a[layer.name].append(self._tokens_in(layer, x.detach()))
+            m = self.token_mask
+            self._w[layer.name].append(
+                m.reshape(self.batch_size, -1) if m is not None and layer.kind == "linear"
+                and tuple(x.shape[:-1]) == tuple(m.shape) else None)
             if output.requires_grad:
                 self._tensor_handles.append(output.register_hook(self._grad_hook(layer, call)))
         return hook
@@ -272,6 +278,16 @@ class LayerCapture:
 
     def inputs(self, name: str) -> torch.Tensor:
         parts = self._a[name]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def weights(self, name: str) -> Optional[torch.Tensor]:
+        """[B, T] token weights of the layer (the token mask where its input has the mask's shape,
+        ones for the other calls), or None when the mask applies to none of its calls."""
+        ws, a = self._w[name], self._a[name]
+        if all(w is None for w in ws):
+            return None
+        parts = [w.to(a[c].dtype) if w is not None else a[c].new_ones(self.batch_size, a[c].shape[1])
+                 for c, w in enumerate(ws)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def grads(self, name: str) -> torch.Tensor:
