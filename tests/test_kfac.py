@@ -459,3 +459,23 @@ def test_fit_on_device_matches_cpu(device):
     P = sum(p.numel() for p in model.parameters())
     v = torch.randn(2, P, dtype=DT)
     torch.testing.assert_close(got.to(device).solve(v.to(device), 0.1).cpu(), want.solve(v, 0.1), rtol=1e-8, atol=1e-10)
+
+
+def test_inplace_activation_after_a_tracked_layer():
+    """ReLU(inplace=True) rewrites a tracked layer's output after the layer returned it: the
+    factors must still use the gradient of the value the layer returned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).to(DT)
+    x, y = torch.randn(11, 4, dtype=DT), torch.randint(0, 3, (11,))
+    factors = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 4))
+    G = _per_sample_grads(model, F.cross_entropy, x, y)
+    for layer in factors.layers:
+        idx, _ = _layer_index(model, layer)
+        Gl = G[:, idx].reshape(-1, layer.out_features, layer.in_dim)
+        R = factors.Q_S[layer.name].T @ Gl @ factors.Q_A[layer.name]
+        torch.testing.assert_close(factors.corrected[layer.name], (R * R).mean(0), rtol=1e-10, atol=1e-14)
+        gb = Gl[:, :, -1]  # bias gradients = per-sample output gradients (one token)
+        torch.testing.assert_close(factors.S[layer.name], gb.T @ gb / 11, rtol=1e-10, atol=1e-14)
+    q = factors.solve(G[:2], 0.1)
+    torch.testing.assert_close(factors.score(model, F.cross_entropy, q, _loader(x, y, 4)), q @ G.T,
+                               rtol=1e-10, atol=1e-12)

@@ -15,7 +15,7 @@ the exact second moments of the per-sample gradients in that basis (George et al
 
 The loss convention (Σ_n ℓ_n, mean-reduction scaling) and the Fisher types are those of
 :mod:`.batches`. Fitting leaves the model as it was: hooks are removed, parameters, buffers and
-their ``.grad`` are not touched (gradients are taken with ``torch.autograd.grad``), and the
+their ``.grad`` are not touched (gradients are taken with ``torch.autograd.grad``, to the layers' outputs), and the
 train/eval mode is restored. No [N, P] or [P, P] tensor is formed: per batch only the layers'
 inputs and output gradients, and [O, I'] per sample for a bounded chunk of samples.
 """
@@ -211,11 +211,9 @@ class KFACFactors:
                 raise TypeError(f"{where}: the model must return a tensor, got {type(output).__name__}")
             target = sampler(output) if sampler is not None else _b.to_device(y, device)
             total = _b.summed_loss(loss, output, target, reduction, B)
-            weights = [t.module.weight for t in self.layers if cap.called(t.name)]
             if not total.requires_grad:
                 raise ValueError(f"{where}: the loss does not depend on any tracked layer's parameters")
-            if weights:
-                torch.autograd.grad(total, weights, allow_unused=True)
+            cap.backward(total)
         return cap, B
 
     def _drop_uncalled(self, model: nn.Module, cap: LayerCapture) -> None:

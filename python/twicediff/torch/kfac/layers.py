@@ -229,6 +229,7 @@ class LayerCapture:
         self._g: Dict[str, Dict[int, torch.Tensor]] = {t.name: {} for t in self.layers}
         self._handles: list = []
         self._tensor_handles: list = []
+        self._outputs: list = []  # (layer, call, output tensor, its version when the layer returned it)
 
     def __enter__(self) -> "LayerCapture":
         for layer in self.layers:
@@ -253,7 +254,30 @@ class LayerCapture:
                 and tuple(x.shape[:-1]) == tuple(m.shape) else None)
             if output.requires_grad:
                 self._tensor_handles.append(output.register_hook(self._grad_hook(layer, call)))
+                self._outputs.append((layer, call, output, output._version))
         return hook
+
+    def backward(self, total: torch.Tensor) -> None:
+        """Read every tracked output's gradient of ``total`` (a scalar of the captured forward).
+
+        Normally by differentiating to the outputs themselves: the backward stops at the first
+        tracked layer and computes no weight gradient. When an in-place operation downstream
+        changed a tracked output after its layer returned it (e.g. ``ReLU(inplace=True)``), that
+        tensor object now stands for the modified value; then the differentiation goes to the
+        layers' weights and the tensor hooks registered when the layer returned (which see the
+        gradient of the value the layer returned) read the gradients. Parameters' ``.grad`` is
+        never touched either way."""
+        outs, self._outputs = self._outputs, []
+        if not outs:
+            return
+        if all(t._version == v for _, _, t, v in outs):
+            grads = torch.autograd.grad(total, [t for _, _, t, _ in outs], allow_unused=True)
+            for (layer, call, _, _), g in zip(outs, grads):
+                if g is not None:
+                    self._g[layer.name][call] = self._tokens_out(layer, g.detach())
+            return
+        weights = list({id(layer.module.weight): layer.module.weight for layer, _, _, _ in outs}.values())
+        torch.autograd.grad(total, weights, allow_unused=True)
 
     def _grad_hook(self, layer: TrackedLayer, call: int):
         def hook(grad):

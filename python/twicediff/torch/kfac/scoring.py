@@ -103,9 +103,8 @@ def score(factors, model: nn.Module, loss: Callable, query_preconditioned: Grads
             with torch.enable_grad(), cap:
                 output = _b.call_model(model, x)
                 total = _b.summed_loss(loss, output, _b.to_device(y, device), reduction, B)
-                weights = [t.module.weight for t in factors.layers if cap.called(t.name)]
-                if weights and total.requires_grad:
-                    torch.autograd.grad(total, weights, allow_unused=True)
+                if total.requires_grad:
+                    cap.backward(total)
             col = None
             for t in factors.layers:
                 if not cap.called(t.name):
