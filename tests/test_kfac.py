@@ -479,3 +479,18 @@ def test_inplace_activation_after_a_tracked_layer():
     q = factors.solve(G[:2], 0.1)
     torch.testing.assert_close(factors.score(model, F.cross_entropy, q, _loader(x, y, 4)), q @ G.T,
                                rtol=1e-10, atol=1e-12)
+
+
+def test_bfloat16_model_fits_and_solves():
+    """A bfloat16 model: factors accumulated in float32 by the native ops, eigenbases in float64,
+    the solve computed in float32 and returned in bfloat16; close to the float64 fit."""
+    model = _mlp()
+    x, y = _data("mlp", n=32)
+    want = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 8))
+    got = KFACFactors.fit(copy.deepcopy(model).bfloat16(), F.cross_entropy, _loader(x.bfloat16(), y, 8))
+    for n in want.A:
+        torch.testing.assert_close(got.A[n], want.A[n], rtol=0.05, atol=0.02)
+    v = torch.randn(2, sum(p.numel() for p in model.parameters()), dtype=DT)
+    out = got.solve(v.bfloat16(), 1.0, method="kfac")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want.solve(v, 1.0, method="kfac"), rtol=0.1, atol=0.05)

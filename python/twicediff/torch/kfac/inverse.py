@@ -66,7 +66,10 @@ class ParameterLayout:
 
 def precondition_block(v: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, eigenvalues: torch.Tensor,
                        damping: float) -> torch.Tensor:
-    """Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ for V [N, O, I'] (computed in V's dtype)."""
+    """Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ for V [N, O, I'], computed in V's dtype (float32 for
+    float16 / bfloat16 V, whose result is cast back)."""
+    if v.dtype in (torch.float16, torch.bfloat16):
+        return precondition_block(v.float(), q_s, q_a, eigenvalues, damping).to(v.dtype)
     q_s = q_s.to(device=v.device, dtype=v.dtype)
     q_a = q_a.to(device=v.device, dtype=v.dtype)
     lam = eigenvalues.to(device=v.device, dtype=v.dtype) + damping
