@@ -494,3 +494,17 @@ def test_bfloat16_model_fits_and_solves():
     out = got.solve(v.bfloat16(), 1.0, method="kfac")
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), want.solve(v, 1.0, method="kfac"), rtol=0.1, atol=0.05)
+
+
+def test_layers_wider_than_max_factor_dim_are_left_out(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 40)).to(DT)
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 40, (8,))
+    with caplog.at_level(logging.INFO, logger="twicediff.torch.kfac"):
+        f = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 4), max_factor_dim=16)
+    assert [t.name for t in f.layers] == ["0"] and f.left_out == ["2.weight", "2.bias"]
+    assert "max_factor_dim = 16" in caplog.text and "S [40, 40]" in caplog.text
+    assert [t.name for t in find_layers(model, ["2"], max_factor_dim=16)] == ["2"]  # named: tracked anyway
+    assert [t.name for t in find_layers(model, max_factor_dim=None)] == ["0", "2"]
+    with pytest.raises(ValueError, match="max_factor_dim must be a positive int"):
+        find_layers(model, max_factor_dim=0)

@@ -32,7 +32,8 @@ from ...ops import kfac as _kops
 from . import batches as _b
 from .eigen import symmetric_eigh
 from .inverse import GradsLike, ParameterLayout, _as_blocks, blocks_to_layout, layer_blocks, precondition_block
-from .layers import LayerCapture, TrackedLayer, find_layers, report_left_out, trainable_parameters
+from .layers import (DEFAULT_MAX_FACTOR_DIM, LayerCapture, TrackedLayer, find_layers, report_left_out,
+                     trainable_parameters)
 
 __all__ = ["KFACFactors", "fit_factors", "METHODS"]
 
@@ -109,7 +110,7 @@ class KFACFactors:
             reduction: str = "mean", ekfac: bool = True, seed: int = 0,
             sample_targets: Optional[Callable] = None, accumulate_dtype: Optional[torch.dtype] = None,
             token_mask: Optional[Callable[[Any], torch.Tensor]] = None, eval_mode: bool = True,
-            progress: bool = False) -> "KFACFactors":
+            max_factor_dim: Optional[int] = DEFAULT_MAX_FACTOR_DIM, progress: bool = False) -> "KFACFactors":
         """Fit the factors of ``model`` under ``loss`` over ``data``.
 
         Args:
@@ -128,6 +129,8 @@ class KFACFactors:
                 tokens that count, e.g. the attention mask of padded sequences: applied to every
                 Linear layer whose input is [B, *positions, d]; a masked token is left out of A, S
                 and the EK-FAC per-sample sums, and A is normalised by the weight of the tokens kept.
+            max_factor_dim: without ``layers``, leave out (and log) layers whose A or S would be
+                wider than this (see :func:`find_layers`); None for no limit.
             eval_mode: fit with the model in eval mode (dropout off, batch-norm statistics frozen);
                 the mode is restored afterwards.
             progress: show progress bars.
@@ -142,7 +145,7 @@ class KFACFactors:
         if reduction not in _b.REDUCTIONS:
             raise ValueError(f"{where}: reduction must be one of {_b.REDUCTIONS}, got {reduction!r}")
         sampler = _b.TargetSampler(loss, seed, sample_targets) if fisher_type == "true" else None
-        tracked = find_layers(model, layers)
+        tracked = find_layers(model, layers, max_factor_dim=max_factor_dim)
         params = trainable_parameters(model)
         layout = ParameterLayout(tuple(n for n, _ in params), tuple(tuple(p.shape) for _, p in params))
         first = params[0][1] if params else next(model.parameters())

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TrackedLayer", "find_layers", "LayerCapture", "trainable_parameters", "report_left_out"]
+__all__ = ["TrackedLayer", "find_layers", "DEFAULT_MAX_FACTOR_DIM", "LayerCapture", "trainable_parameters", "report_left_out"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,11 @@ def _make(name: str, module: nn.Module, param_names: Dict[int, str]) -> TrackedL
                         weight_shape=tuple(w.shape), module=module)
 
 
-def find_layers(model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module]]] = None) -> List[TrackedLayer]:
+DEFAULT_MAX_FACTOR_DIM = 8192
+
+
+def find_layers(model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module]]] = None, *,
+                max_factor_dim: Optional[int] = DEFAULT_MAX_FACTOR_DIM) -> List[TrackedLayer]:
     """The tracked layers of ``model``, in module order.
 
     Args:
@@ -132,16 +136,31 @@ def find_layers(model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module
         layers: None to track every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) whose parameters
             require grad; or the layers to track, as module names (``model.named_modules()``) or
             the modules themselves. A named layer that cannot be tracked is an error.
+        max_factor_dim: with ``layers=None``, a layer whose A or S would be wider than this is
+            left out and logged (a language model's output layer over a 50k vocabulary would need
+            a [50k, 50k] factor and its float64 eigendecomposition); None: no limit. Layers named
+            in ``layers`` are tracked whatever their size.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_layers: model must be a torch.nn.Module, got {type(model).__name__}")
+    if max_factor_dim is not None and (isinstance(max_factor_dim, bool) or not isinstance(max_factor_dim, int)
+                                       or max_factor_dim < 1):
+        raise ValueError(f"find_layers: max_factor_dim must be a positive int or None, got {max_factor_dim!r}")
     param_names = {id(p): n for n, p in model.named_parameters()}
     modules = list(model.named_modules())
     if layers is None:
-        found = []
+        found, too_wide = [], []
         for name, m in modules:
             if _supported(m) and _unsupported_reason(m) is None:
-                found.append(_make(name, m, param_names))
+                t = _make(name, m, param_names)
+                if max_factor_dim is not None and max(t.in_dim, t.out_features) > max_factor_dim:
+                    too_wide.append(f"{name} (A [{t.in_dim}, {t.in_dim}], S [{t.out_features}, {t.out_features}])")
+                    continue
+                found.append(t)
+        if too_wide:
+            logger.info("K-FAC leaves out %d layers whose factors would be wider than max_factor_dim = %d (name "
+                        "them in layers= or raise max_factor_dim to track them): %s", len(too_wide), max_factor_dim,
+                        ", ".join(too_wide))
         if not found:
             raise ValueError(f"find_layers: model {type(model).__name__} has no nn.Linear or nn.Conv2d layer whose "
                              "parameters require grad; K-FAC has nothing to track")
