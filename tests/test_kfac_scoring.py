@@ -43,3 +43,19 @@ def test_scoring_leaves_the_model_unchanged():
     assert model.training and all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="contraction must be one of"):
         factors.score(model, F.cross_entropy, torch.randn(2, P, dtype=DT), _loader(x, y, 4), contraction="x")
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_self_scores_equal_explicit(kind, method):
+    model = MODELS[kind]()
+    model.eval()
+    x, y = _data(kind, n=9)
+    factors = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 4))
+    G = _per_sample_grads(model, F.cross_entropy, x, y)
+    want = (factors.solve(G, 0.2, method=method) * G).sum(1)
+    got = factors.self_score(model, F.cross_entropy, _loader(x, y, 4), 0.2, method)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    rel = factors.self_score(model, F.cross_entropy, _loader(x, y, 4), 0.2, method, relative_damping=True)
+    torch.testing.assert_close(rel, (factors.solve(G, 0.2, method=method, relative_damping=True) * G).sum(1),
+                               rtol=1e-10, atol=1e-12)

@@ -11,6 +11,6 @@
 from .factors import METHODS, KFACFactors, fit_factors  # noqa: F401
 from .inverse import ParameterLayout  # noqa: F401
 from .layers import TrackedLayer, find_layers  # noqa: F401
-from .scoring import score  # noqa: F401
+from .scoring import score, self_score  # noqa: F401
 
-__all__ = ["KFACFactors", "fit_factors", "find_layers", "TrackedLayer", "ParameterLayout", "METHODS", "score"]
+__all__ = ["KFACFactors", "fit_factors", "find_layers", "TrackedLayer", "ParameterLayout", "METHODS", "score", "self_score"]

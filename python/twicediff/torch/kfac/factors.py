@@ -311,6 +311,14 @@ class KFACFactors:
 
         return score(self, model, loss, query_preconditioned, data, **kwargs)
 
+    def self_score(self, model: nn.Module, loss: Callable, data: Iterable, damping: float = 0.0,
+                   method: str = "ekfac", **kwargs) -> torch.Tensor:
+        """[N_train] ``G_nᵀ (F + λI)⁻¹ G_n`` of every training sample, streamed (see
+        :func:`twicediff.torch.kfac.scoring.self_score`)."""
+        from .scoring import self_score
+
+        return self_score(self, model, loss, data, damping, method, **kwargs)
+
     # ---- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Plain tensors, lists and numbers (``torch.save`` / ``torch.load(weights_only=True)``)."""

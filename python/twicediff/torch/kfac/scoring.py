@@ -14,6 +14,9 @@ exist. Two ways to contract a layer, the cheaper chosen per layer (or as asked):
 - "tokens": Q̃ ā_t for every token, then a dot with g_t ([Q, chunk·T, O] elements), which wins
   when a layer is wide and the tokens few, or the queries few.
 
+:func:`self_score` gives ``G_nᵀ (F + λI)⁻¹ G_n`` for every training sample in the same streamed way
+(in the eigenbasis: Σ (Q_Sᵀ G_n Q_A)² ⊘ (Λ + λ), no back-rotation).
+
 Influence in pyDVL's sign convention is ``-scores`` for up-weighting (the caller applies it).
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ...progress import progress_bar
 from .inverse import GradsLike, _as_blocks, layer_blocks
 from .layers import TrackedLayer
 
-__all__ = ["score", "CONTRACTIONS"]
+__all__ = ["score", "self_score", "CONTRACTIONS"]
 
 CONTRACTIONS = ("auto", "per_sample", "tokens")
 _CHUNK_ELEMENTS = 1 << 23
@@ -64,6 +67,33 @@ def _contract_layer(layer: TrackedLayer, q: torch.Tensor, a: torch.Tensor, g: to
     return out
 
 
+def _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where, desc):
+    """Yield (B, capture) for each batch: the tracked layers' inputs and output gradients of the
+    summed training loss (true labels)."""
+    from . import batches as _b
+    from .factors import _ModelState
+    from .layers import LayerCapture
+
+    reduction = factors.reduction if reduction is None else reduction
+    if reduction not in _b.REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be one of {_b.REDUCTIONS}, got {reduction!r}")
+    factors.attach(model)
+    device = next(model.parameters()).device
+    with _ModelState(model, eval_mode):
+        for batch in progress_bar(data, progress, desc=desc, unit="batch"):
+            x, y = _b.split_batch(batch, where)
+            B = _b.batch_size(x, where)
+            x = _b.to_device(x, device)
+            cap = LayerCapture(factors.layers, B)
+            with torch.enable_grad(), cap:
+                output = _b.call_model(model, x)
+                total = _b.summed_loss(loss, output, _b.to_device(y, device), reduction, B)
+                if total.requires_grad:
+                    cap.backward(total)
+            yield B, cap, device
+            del cap
+
+
 def score(factors, model: nn.Module, loss: Callable, query_preconditioned: GradsLike, data: Iterable, *,
           reduction: Optional[str] = None, contraction: str = "auto", eval_mode: bool = True,
           progress: bool = False) -> torch.Tensor:
@@ -79,43 +109,60 @@ def score(factors, model: nn.Module, loss: Callable, query_preconditioned: Grads
         contraction: "auto", "per_sample" or "tokens" (see the module docstring).
         eval_mode: score with the model in eval mode (restored afterwards).
     """
-    from . import batches as _b
-    from .factors import _ModelState
-    from .layers import LayerCapture
-
     where = "KFACFactors.score"
     if contraction not in CONTRACTIONS:
         raise ValueError(f"{where}: contraction must be one of {CONTRACTIONS}, got {contraction!r}")
-    reduction = factors.reduction if reduction is None else reduction
-    if reduction not in _b.REDUCTIONS:
-        raise ValueError(f"{where}: reduction must be one of {_b.REDUCTIONS}, got {reduction!r}")
-    factors.attach(model)
     _, blocks, Nq = _as_blocks(query_preconditioned, factors.layout, where)
     queries: Dict[str, torch.Tensor] = {t.name: layer_blocks(t, blocks, Nq, where) for t in factors.layers}
-    device = next(model.parameters()).device
     columns = []
-    with _ModelState(model, eval_mode):
-        for batch in progress_bar(data, progress, desc="K-FAC scores", unit="batch"):
-            x, y = _b.split_batch(batch, where)
-            B = _b.batch_size(x, where)
-            x = _b.to_device(x, device)
-            cap = LayerCapture(factors.layers, B)
-            with torch.enable_grad(), cap:
-                output = _b.call_model(model, x)
-                total = _b.summed_loss(loss, output, _b.to_device(y, device), reduction, B)
-                if total.requires_grad:
-                    cap.backward(total)
-            col = None
-            for t in factors.layers:
-                if not cap.called(t.name):
-                    continue
-                q = queries[t.name].to(device)
-                part = _contract_layer(t, q, cap.inputs(t.name), cap.grads(t.name), contraction)
-                col = part if col is None else col + part
-            if col is None:
-                col = torch.zeros(Nq, B, device=device)
-            columns.append(col)
-            del cap
+    for B, cap, device in _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where,
+                                     "K-FAC scores"):
+        col = None
+        for t in factors.layers:
+            if not cap.called(t.name):
+                continue
+            part = _contract_layer(t, queries[t.name].to(device), cap.inputs(t.name), cap.grads(t.name), contraction)
+            col = part if col is None else col + part
+        columns.append(col if col is not None else torch.zeros(Nq, B, device=device))
     if not columns:
         return torch.zeros(Nq, 0)
     return torch.cat(columns, 1)
+
+
+def self_score(factors, model: nn.Module, loss: Callable, data: Iterable, damping: float = 0.0,
+               method: str = "ekfac", *, relative_damping: bool = False, reduction: Optional[str] = None,
+               dtype: Optional[torch.dtype] = None, eval_mode: bool = True, progress: bool = False) -> torch.Tensor:
+    """[N_train]: ``G_nᵀ (F + λI)⁻¹ G_n`` over the tracked layers for every sample of ``data``
+    (pyDVL's self-influence is its negative), per-sample gradients formed one chunk at a time.
+
+    Args:
+        damping, method, relative_damping: as for :meth:`KFACFactors.solve`.
+        dtype: arithmetic dtype (default: float64 for a float64 model, else float32).
+    """
+    where = "KFACFactors.self_score"
+    method = factors._check_method(method)
+    lam = {t.name: factors.damping_for(t.name, damping, method, relative_damping) for t in factors.layers}
+    out = []
+    for B, cap, device in _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where,
+                                     "K-FAC self-scores"):
+        dt = dtype or (torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32)
+        total = torch.zeros(B, dtype=dt, device=device)
+        for t in factors.layers:
+            if not cap.called(t.name):
+                continue
+            a, g = cap.inputs(t.name).to(dt), cap.grads(t.name).to(dt)
+            q_s = factors.Q_S[t.name].to(device=device, dtype=dt)
+            q_a = factors.Q_A[t.name].to(device=device, dtype=dt)
+            ev = factors.eigenvalues(t.name, method).to(device=device, dtype=dt) + lam[t.name]
+            inv = torch.where(ev > 0, 1.0 / torch.where(ev > 0, ev, torch.ones_like(ev)), torch.zeros_like(ev))
+            T, O, Ip = a.shape[1], t.out_features, t.in_dim
+            step = max(1, _CHUNK_ELEMENTS // max(O * Ip + T * (O + Ip), 1))
+            for n0 in range(0, B, step):
+                ac, gc = a[n0:n0 + step], g[n0:n0 + step]
+                G = torch.bmm(gc.transpose(1, 2), ac)
+                if t.has_bias:
+                    G = torch.cat([G, gc.sum(1).unsqueeze(2)], 2)
+                R = torch.matmul(torch.matmul(q_s.T, G), q_a)
+                total[n0:n0 + step] += (R * R * inv).sum((1, 2))
+        out.append(total)
+    return torch.cat(out) if out else torch.zeros(0)
