@@ -189,3 +189,52 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(torch.ops.twicediff.kfac_eigen_correction_.default,
                           (torch.zeros(4, 4, dtype=dtype, device=device), g, a, q_s, q_a,
                            torch.ones(3, 2, dtype=dtype, device=device), True, 1))
+
+
+# ---- property-based fuzzing (hypothesis, derandomized) -------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=120, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _maybe_strided(t, strided):
+    if not strided or t.dim() == 0 or t.shape[-1] == 0:
+        return t
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+@FUZZ
+@given(R=st.integers(0, 9), d=st.integers(0, 6), bias=st.booleans(), mask=st.sampled_from([None, "float", "bool", "zero"]),
+       in_dtype=st.sampled_from(IN_DTYPES), out_dtype=st.sampled_from(OUT_DTYPES), strided=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_fuzz_covariance(R, d, bias, mask, in_dtype, out_dtype, strided, seed):
+    x = _maybe_strided(torch.randn(R, d, generator=_gen(seed), dtype=torch.float64).to(in_dtype), strided)
+    w = _weights(mask, (R,), "cpu", seed + 1)
+    D = d + bias
+    start = torch.randn(D, D, generator=_gen(seed + 2), dtype=torch.float64).to(out_dtype)
+    want = ref.covariance_accumulate(start.clone().double(), x, w, bias)
+    got = ops.covariance_accumulate(start.clone(), x, w, bias)
+    torch.testing.assert_close(got.double(), want, **_tol(out_dtype, max(R, 1) * 8))
+
+
+@FUZZ
+@given(N=st.integers(0, 6), T=st.integers(0, 5), O=st.integers(1, 5), I=st.integers(0, 5), bias=st.booleans(),
+       mask=st.sampled_from([None, "float", "bool", "zero"]), chunk=st.integers(0, 4),
+       dtypes=st.sampled_from([(torch.float64, torch.float64), (torch.float32, torch.float32),
+                               (torch.float16, torch.float32), (torch.bfloat16, torch.float64)]),
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_eigen_correction(N, T, O, I, bias, mask, chunk, dtypes, strided, seed):
+    in_dtype, out_dtype = dtypes
+    Ip = I + bias
+    g = _maybe_strided(torch.randn(N, T, O, generator=_gen(seed), dtype=torch.float64).to(in_dtype), strided)
+    a = _maybe_strided(torch.randn(N, T, I, generator=_gen(seed + 1), dtype=torch.float64).to(in_dtype), strided)
+    q_s, q_a = _orthogonal(O, "cpu", seed + 2), _orthogonal(Ip, "cpu", seed + 3)
+    w = _weights(mask, (N, T), "cpu", seed + 4)
+    start = torch.rand(O, Ip, generator=_gen(seed + 5), dtype=torch.float64).to(out_dtype)
+    want = ref.eigen_correction_accumulate(start.clone().double(), g, a, q_s, q_a, w, bias)
+    got = ops.eigen_correction_accumulate(start.clone(), g, a, q_s, q_a, w, bias, chunk)
+    torch.testing.assert_close(got.double(), want, **_tol(out_dtype, max(N * T * T, 1) * 8))
