@@ -59,3 +59,28 @@ def test_self_scores_equal_explicit(kind, method):
     rel = factors.self_score(model, F.cross_entropy, _loader(x, y, 4), 0.2, method, relative_damping=True)
     torch.testing.assert_close(rel, (factors.solve(G, 0.2, method=method, relative_damping=True) * G).sum(1),
                                rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_low_rank_queries(kind):
+    """query_rank = r contracts the rank-r truncated SVD of each query's layer block: exact at full
+    rank, and at rank 1 equal to the explicit product with the rank-1 reconstructions."""
+    model = MODELS[kind]()
+    model.eval()
+    x, y = _data(kind, n=10)
+    factors = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 5))
+    G = _per_sample_grads(model, F.cross_entropy, x, y)
+    q = factors.solve(G[:3], 0.1)
+    full = factors.score(model, F.cross_entropy, q, _loader(x, y, 4))
+    torch.testing.assert_close(factors.score(model, F.cross_entropy, q, _loader(x, y, 4), query_rank=10 ** 6), full,
+                               rtol=1e-10, atol=1e-12)
+    q1 = torch.zeros_like(q)
+    for layer in factors.layers:
+        idx, _ = _layer_index(model, layer)
+        blk = q[:, idx].reshape(3, layer.out_features, layer.in_dim)
+        u, s, vh = torch.linalg.svd(blk)
+        q1[:, idx] = (s[:, 0, None, None] * u[:, :, :1] @ vh[:, :1, :]).reshape(3, -1)
+    got = factors.score(model, F.cross_entropy, q, _loader(x, y, 4), query_rank=1)
+    torch.testing.assert_close(got, q1 @ G.T, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="query_rank must be a positive int"):
+        factors.score(model, F.cross_entropy, q, _loader(x, y, 4), query_rank=0)

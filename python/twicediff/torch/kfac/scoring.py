@@ -17,6 +17,10 @@ exist. Two ways to contract a layer, the cheaper chosen per layer (or as asked):
 :func:`self_score` gives ``G_nᵀ (F + λI)⁻¹ G_n`` for every training sample in the same streamed way
 (in the eigenbasis: Σ (Q_Sᵀ G_n Q_A)² ⊘ (Λ + λ), no back-rotation).
 
+Many queries: ``query_rank=r`` replaces each query's layer block by its best rank-r approximation
+U Vᵀ (truncated SVD, Kronfluence's query compression), and the contraction becomes
+Σ_t (Uᵀ g_t)·(Vᵀ ā_t): [Q, chunk·T, r] elements per layer instead of [Q, O, I'] products.
+
 Influence in pyDVL's sign convention is ``-scores`` for up-weighting (the caller applies it).
 """
 from __future__ import annotations
@@ -67,6 +71,32 @@ def _contract_layer(layer: TrackedLayer, q: torch.Tensor, a: torch.Tensor, g: to
     return out
 
 
+def _low_rank(q: torch.Tensor, rank: int):
+    """(U·σ [Q, O, r], V [Q, I', r]) of each query block's rank-r truncated SVD."""
+    u, sv, vh = torch.linalg.svd(q, full_matrices=False)
+    r = min(rank, sv.shape[1])
+    return u[:, :, :r] * sv[:, None, :r], vh[:, :r, :].transpose(1, 2)
+
+
+def _contract_low_rank(layer: TrackedLayer, us: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                       g: torch.Tensor) -> torch.Tensor:
+    """[Q, B] = Σ_t (Uᵀ g_t)·(Vᵀ ā_t) summed over the rank, for us [Q, O, r], v [Q, I', r]."""
+    Qn, O, r = us.shape
+    B, T, I = a.shape
+    a = a.to(us.dtype)
+    g = g.to(us.dtype)
+    out = us.new_empty(Qn, B)
+    step = max(1, _CHUNK_ELEMENTS // max(Qn * T * r, 1))
+    for n0 in range(0, B, step):
+        ac, gc = a[n0:n0 + step], g[n0:n0 + step]
+        gu = torch.einsum("nto,qor->qntr", gc, us)
+        av = torch.einsum("nti,qir->qntr", ac, v[:, :I])
+        if layer.has_bias:
+            av = av + v[:, None, None, I, :]
+        out[:, n0:n0 + step] = (gu * av).sum((2, 3))
+    return out
+
+
 def _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where, desc):
     """Yield (B, capture) for each batch: the tracked layers' inputs and output gradients of the
     summed training loss (true labels)."""
@@ -95,8 +125,8 @@ def _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where
 
 
 def score(factors, model: nn.Module, loss: Callable, query_preconditioned: GradsLike, data: Iterable, *,
-          reduction: Optional[str] = None, contraction: str = "auto", eval_mode: bool = True,
-          progress: bool = False) -> torch.Tensor:
+          reduction: Optional[str] = None, contraction: str = "auto", query_rank: Optional[int] = None,
+          eval_mode: bool = True, progress: bool = False) -> torch.Tensor:
     """scores [N_q, N_train] of preconditioned queries against every training sample of ``data``.
 
     Args:
@@ -107,13 +137,20 @@ def score(factors, model: nn.Module, loss: Callable, query_preconditioned: Grads
         data: iterable of ``(x, y)`` batches, iterated once, in order (columns follow it).
         reduction: the loss's batch reduction (default: the one the factors were fitted with).
         contraction: "auto", "per_sample" or "tokens" (see the module docstring).
+        query_rank: compress each query's layer block to this rank (truncated SVD) first; None
+            for the exact contraction. A rank of at least min(O, I') is exact.
         eval_mode: score with the model in eval mode (restored afterwards).
     """
     where = "KFACFactors.score"
+    if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1):
+        raise ValueError(f"{where}: query_rank must be a positive int or None, got {query_rank!r}")
     if contraction not in CONTRACTIONS:
         raise ValueError(f"{where}: contraction must be one of {CONTRACTIONS}, got {contraction!r}")
     _, blocks, Nq = _as_blocks(query_preconditioned, factors.layout, where)
     queries: Dict[str, torch.Tensor] = {t.name: layer_blocks(t, blocks, Nq, where) for t in factors.layers}
+    compressed = None
+    if query_rank is not None:
+        compressed = {n: _low_rank(q, query_rank) for n, q in queries.items()}
     columns = []
     for B, cap, device in _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where,
                                      "K-FAC scores"):
@@ -121,7 +158,12 @@ def score(factors, model: nn.Module, loss: Callable, query_preconditioned: Grads
         for t in factors.layers:
             if not cap.called(t.name):
                 continue
-            part = _contract_layer(t, queries[t.name].to(device), cap.inputs(t.name), cap.grads(t.name), contraction)
+            if compressed is not None:
+                us, v = compressed[t.name]
+                part = _contract_low_rank(t, us.to(device), v.to(device), cap.inputs(t.name), cap.grads(t.name))
+            else:
+                part = _contract_layer(t, queries[t.name].to(device), cap.inputs(t.name), cap.grads(t.name),
+                                       contraction)
             col = part if col is None else col + part
         columns.append(col if col is not None else torch.zeros(Nq, B, device=device))
     if not columns:
