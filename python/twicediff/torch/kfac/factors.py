@@ -22,7 +22,7 @@ inputs and output gradients, and [O, I'] per sample for a bounded chunk of sampl
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
