@@ -228,7 +228,7 @@ def _snapshot(model):
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+@pytest.mark.parametrize("fisher_type", ["empirical", "true", "ggn"])
 def test_model_unchanged_by_fitting(kind, fisher_type):
     model = MODELS[kind]()
     model.train()  # batch norm in train mode would update its running statistics if fitting ran it so
@@ -508,3 +508,83 @@ def test_layers_wider_than_max_factor_dim_are_left_out(caplog):
     assert [t.name for t in find_layers(model, max_factor_dim=None)] == ["0", "2"]
     with pytest.raises(ValueError, match="max_factor_dim must be a positive int"):
         find_layers(model, max_factor_dim=0)
+
+
+def _linear_hessian(layer, loss, x, y):
+    """The exact Hessian of the mean loss of a single Linear layer (= its Gauss-Newton matrix, the
+    model being linear in its parameters), in the layout (weight row-major, bias)."""
+    O, I = layer.weight.shape
+
+    def mean_loss(flat):
+        return loss(F.linear(x, flat[:O * I].reshape(O, I), flat[O * I:]), y)
+
+    flat = torch.cat([layer.weight.detach().reshape(-1), layer.bias.detach()])
+    return torch.autograd.functional.hessian(mean_loss, flat)
+
+
+def test_ggn_of_a_linear_layer_under_mse_is_exact():
+    """Squared error: the loss Hessian is the constant (2/C)·I, so the Gauss-Newton matrix of a
+    Linear layer is exactly Kronecker-factored; with fisher_type='ggn' (no sampling) K-FAC and
+    EK-FAC both equal the exact Hessian, for any data."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).to(DT)
+    x, y = torch.randn(23, 4, dtype=DT), torch.randn(23, 3, dtype=DT)
+    f = KFACFactors.fit(layer, F.mse_loss, _loader(x, y, 6), fisher_type="ggn")
+    H = _linear_hessian(layer, F.mse_loss, x, y)
+    idx, _ = _layer_index(layer, f.layers[0])
+    H = H[idx][:, idx]
+    Q = torch.kron(f.Q_S[""], f.Q_A[""])
+    assert _rel(torch.kron(f.S[""], f.A[""]), H) <= 1e-10
+    assert _rel(Q @ torch.diag(f.corrected[""].reshape(-1)) @ Q.T, H) <= 1e-10
+
+
+def test_ggn_ekfac_is_the_exact_diagonal_under_cross_entropy():
+    """Cross-entropy on a Linear layer: the GGN E_n[(diag p_n - p_n p_nᵀ) ⊗ ā_n ā_nᵀ] is the exact
+    Hessian; EK-FAC with fisher_type='ggn' (exact per-sample statistics) has Λ̃ equal to its
+    diagonal in the Kronecker eigenbasis, and S equal to the mean output Hessian."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).to(DT)
+    x, y = torch.randn(19, 4, dtype=DT), torch.randint(0, 3, (19,))
+    f = KFACFactors.fit(layer, nn.CrossEntropyLoss(), _loader(x, y, 5), fisher_type="ggn")
+    H = _linear_hessian(layer, F.cross_entropy, x, y)
+    idx, _ = _layer_index(layer, f.layers[0])
+    H = H[idx][:, idx]
+    Q = torch.kron(f.Q_S[""], f.Q_A[""])
+    torch.testing.assert_close(f.corrected[""].reshape(-1), torch.diagonal(Q.T @ H @ Q), rtol=1e-10, atol=1e-14)
+    with torch.no_grad():
+        p = torch.softmax(layer(x), -1)
+    torch.testing.assert_close(f.S[""], (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0),
+                               rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="fisher_type='ggn' needs a loss whose Hessian is known"):
+        KFACFactors.fit(layer, nn.CrossEntropyLoss(label_smoothing=0.1), _loader(x, y, 5), fisher_type="ggn")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_ggn_ekfac_is_the_diagonal_of_the_exact_ggn(kind):
+    """Any depth: with fisher_type='ggn', Λ̃ of every layer is the diagonal, in the Kronecker
+    eigenbasis, of the exact Gauss-Newton block (1/N) Σ_n J_nᵀ H_n J_n, built from per-sample
+    Jacobians of the outputs (torch.func) and the cross-entropy Hessian diag(p) - p pᵀ."""
+    model = MODELS[kind]()
+    model.eval()
+    x, y = _data(kind, n=7)
+    f = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 3), fisher_type="ggn")
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+
+    def out(p, xi):
+        return torch.func.functional_call(model, (p, buffers), (xi[None],))[0]
+
+    P = sum(p.numel() for p in params.values())
+    GGN = torch.zeros(P, P, dtype=DT)
+    for n in range(x.shape[0]):
+        jac = torch.func.jacrev(out)(params, x[n])
+        J = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in names], 1)  # [C, P]
+        p = torch.softmax(out(params, x[n]), -1).detach()
+        GGN += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    GGN /= x.shape[0]
+    for layer in f.layers:
+        idx, _ = _layer_index(model, layer)
+        Q = torch.kron(f.Q_S[layer.name], f.Q_A[layer.name])
+        torch.testing.assert_close(f.corrected[layer.name].reshape(-1), torch.diagonal(Q.T @ GGN[idx][:, idx] @ Q),
+                                   rtol=1e-9, atol=1e-14)

@@ -19,6 +19,11 @@ Fisher type:
   ``nn.CrossEntropyLoss`` (class indices), a Gaussian N(output, 1/2) for ``F.mse_loss`` /
   ``nn.MSELoss`` (for which E[∇ℓ∇ℓᵀ] then equals the Gauss-Newton matrix of the squared error), or
   the user's ``sample_targets(output, generator)`` for any other loss.
+- ``"ggn"``: the Gauss-Newton matrix E_n[J_nᵀ H_n J_n] itself (the true Fisher's expectation, no
+  sampling), where the loss Hessian H_n in the outputs is known: ``F.cross_entropy`` (H = diag(p) -
+  p pᵀ) and ``F.mse_loss`` (H = (2/C) I, the per-sample loss being the mean over the C outputs),
+  with mean reduction and [B, C] outputs. H_n = Σ_c v_c v_cᵀ with C columns v_c, and each column
+  is backpropagated as a pseudo-gradient: C backward passes per batch.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from torch import nn
 __all__ = ["split_batch", "batch_size", "to_device", "call_model", "summed_loss", "TargetSampler",
            "FISHER_TYPES", "REDUCTIONS"]
 
-FISHER_TYPES = ("empirical", "true")
+FISHER_TYPES = ("empirical", "true", "ggn")
 REDUCTIONS = ("mean", "sum")
 
 
@@ -145,3 +150,34 @@ class TargetSampler:
                 return torch.multinomial(probs, 1, generator=self._gen).reshape(out.shape[:-1])
             noise = torch.randn(out.shape, generator=self._gen, device=out.device, dtype=out.dtype)
             return out + noise * math.sqrt(0.5)
+
+
+def loss_hessian_columns(loss: Callable, output: torch.Tensor, reduction: str, where: str) -> torch.Tensor:
+    """[C, B, C] columns v_c with Σ_c v_c v_cᵀ = H_n, the Hessian of the per-sample loss ℓ_n in the
+    outputs z_n, for the losses where it is known (the ``"ggn"`` Fisher type)."""
+    if output.dim() != 2:
+        raise ValueError(f"{where}: fisher_type='ggn' needs [B, C] model outputs, got {tuple(output.shape)}")
+    if reduction != "mean":
+        raise ValueError(f"{where}: fisher_type='ggn' supports the losses' default reduction 'mean', got {reduction!r}")
+    z = output.detach()
+    C = z.shape[1]
+    if _is(loss, F.cross_entropy, nn.CrossEntropyLoss) and _plain(loss):
+        p = torch.softmax(z.double(), -1)
+        eye = torch.eye(C, dtype=p.dtype, device=p.device)
+        # v_c[n] = sqrt(p_nc) (e_c - p_n): Σ_c v_c v_cᵀ = diag(p) - p pᵀ.
+        v = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None, :, :])
+        return v.to(z.dtype)
+    if _is(loss, F.mse_loss, nn.MSELoss) and _plain(loss):
+        eye = torch.eye(C, dtype=z.dtype, device=z.device)
+        return (eye[:, None, :] * (2.0 / C) ** 0.5).expand(C, z.shape[0], C)
+    raise ValueError(f"{where}: fisher_type='ggn' needs a loss whose Hessian is known: F.cross_entropy or F.mse_loss "
+                     f"(or their modules with default settings), got {getattr(loss, '__name__', type(loss).__name__)}")
+
+
+def _plain(loss: Callable) -> bool:
+    """A loss module with default settings (no class weights, smoothing or other reduction)."""
+    if isinstance(loss, nn.CrossEntropyLoss):
+        return loss.weight is None and loss.label_smoothing == 0.0 and loss.reduction == "mean"
+    if isinstance(loss, nn.MSELoss):
+        return loss.reduction == "mean"
+    return True

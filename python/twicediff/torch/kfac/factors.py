@@ -118,7 +118,8 @@ class KFACFactors:
                 whose parameters require grad) get factors; the rest is reported and left out.
             loss: ``loss(output, target) -> scalar`` on a batch (e.g. ``F.cross_entropy``).
             data: an iterable of ``(x, y)`` batches (a DataLoader); ``x`` a tensor, tuple or dict.
-            fisher_type: "empirical" (true labels) or "true" (labels sampled from the model).
+            fisher_type: "empirical" (true labels), "true" (labels sampled from the model) or "ggn"
+                (the Gauss-Newton matrix, exact in the loss Hessian: cross-entropy and MSE).
             reduction: "mean" if ``loss`` averages over the batch's samples, "sum" if it sums.
             ekfac: also run the second pass for EK-FAC's corrected eigenvalues.
             seed: seeds the label sampling of the true Fisher (reproducible).
@@ -164,24 +165,25 @@ class KFACFactors:
                 sampler.restart(0)
             first_batch = True
             for batch in progress_bar(data, progress, desc="K-FAC factors", unit="batch"):
-                cap, B = self._forward_backward(model, loss, batch, reduction, sampler, device, where, token_mask)
-                if first_batch:
-                    self._drop_uncalled(model, cap)
-                    first_batch = False
+                for cap, B, first in self._passes(model, loss, batch, reduction, sampler, device, where, token_mask):
+                    if first_batch:
+                        self._drop_uncalled(model, cap)
+                        first_batch = False
+                        for t in self.layers:
+                            sums_A[t.name] = torch.zeros(t.in_dim, t.in_dim, dtype=accumulate_dtype, device=device)
+                            sums_S[t.name] = torch.zeros(t.out_features, t.out_features, dtype=accumulate_dtype,
+                                                         device=device)
+                    N += B if first else 0
                     for t in self.layers:
-                        sums_A[t.name] = torch.zeros(t.in_dim, t.in_dim, dtype=accumulate_dtype, device=device)
-                        sums_S[t.name] = torch.zeros(t.out_features, t.out_features, dtype=accumulate_dtype,
-                                                     device=device)
-                N += B
-                for t in self.layers:
-                    if not cap.called(t.name):
-                        continue
-                    a, g, w = cap.inputs(t.name), cap.grads(t.name), cap.weights(t.name)
-                    wr = None if w is None else w.reshape(-1)
-                    _covariance_accumulate(sums_A[t.name], a.reshape(-1, t.in_features), wr, t.has_bias)
-                    _covariance_accumulate(sums_S[t.name], g.reshape(-1, t.out_features), wr, False)
-                    tokens[t.name] += a.shape[0] * a.shape[1] if w is None else float(w.sum())
-                del cap
+                        if not cap.called(t.name):
+                            continue
+                        a, g, w = cap.inputs(t.name), cap.grads(t.name), cap.weights(t.name)
+                        wr = None if w is None else w.reshape(-1)
+                        if first:
+                            _covariance_accumulate(sums_A[t.name], a.reshape(-1, t.in_features), wr, t.has_bias)
+                            tokens[t.name] += a.shape[0] * a.shape[1] if w is None else float(w.sum())
+                        _covariance_accumulate(sums_S[t.name], g.reshape(-1, t.out_features), wr, False)
+                    del cap
             if N == 0:
                 raise ValueError(f"{where}: data yielded no batch; the factors need at least one sample")
             self.num_samples = N
@@ -196,7 +198,10 @@ class KFACFactors:
                 self._fit_correction(model, loss, data, sampler, device, accumulate_dtype, progress, token_mask)
         return self
 
-    def _forward_backward(self, model, loss, batch, reduction, sampler, device, where, token_mask=None):
+    def _passes(self, model, loss, batch, reduction, sampler, device, where, token_mask=None):
+        """Yield (capture, B, first) for one batch: once with the gradients of Σ_n ℓ_n (empirical or
+        sampled targets), or, for the GGN, once per column of the loss Hessian's factor (the inputs
+        captured once, ``first`` true on the first)."""
         x, y = _b.split_batch(batch, where)
         B = _b.batch_size(x, where)
         x = _b.to_device(x, device)
@@ -212,12 +217,20 @@ class KFACFactors:
             output = _b.call_model(model, x)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{where}: the model must return a tensor, got {type(output).__name__}")
+            if not output.requires_grad:
+                raise ValueError(f"{where}: the model's output does not depend on any tracked layer's parameters")
+            if self.fisher_type == "ggn":
+                columns = _b.loss_hessian_columns(loss, output, reduction, where)
+                for c in range(columns.shape[0]):
+                    cap.backward((output * columns[c]).sum(), retain_graph=c + 1 < columns.shape[0])
+                    yield cap, B, c == 0
+                return
             target = sampler(output) if sampler is not None else _b.to_device(y, device)
             total = _b.summed_loss(loss, output, target, reduction, B)
             if not total.requires_grad:
                 raise ValueError(f"{where}: the loss does not depend on any tracked layer's parameters")
             cap.backward(total)
-        return cap, B
+        yield cap, B, True
 
     def _drop_uncalled(self, model: nn.Module, cap: LayerCapture) -> None:
         never = [t for t in self.layers if not cap.called(t.name)]
@@ -241,13 +254,13 @@ class KFACFactors:
             sampler.restart(1)
         N = 0
         for batch in progress_bar(data, progress, desc="EK-FAC eigenvalue correction", unit="batch"):
-            cap, B = self._forward_backward(model, loss, batch, self.reduction, sampler, device, where, token_mask)
-            N += B
-            for t in self.layers:
-                if cap.called(t.name):
-                    _eigen_correction_accumulate(sums[t.name], cap.grads(t.name), cap.inputs(t.name),
-                                                 q_s[t.name], q_a[t.name], cap.weights(t.name), t.has_bias)
-            del cap
+            for cap, B, first in self._passes(model, loss, batch, self.reduction, sampler, device, where, token_mask):
+                N += B if first else 0
+                for t in self.layers:
+                    if cap.called(t.name):
+                        _eigen_correction_accumulate(sums[t.name], cap.grads(t.name), cap.inputs(t.name),
+                                                     q_s[t.name], q_a[t.name], cap.weights(t.name), t.has_bias)
+                del cap
         if N != self.num_samples:
             raise ValueError(f"{where}: data yielded {N} samples on the second pass but {self.num_samples} on the "
                              "first; EK-FAC needs a DataLoader that can be iterated twice over the same data")

@@ -276,7 +276,7 @@ class LayerCapture:
                 self._outputs.append((layer, call, output, output._version))
         return hook
 
-    def backward(self, total: torch.Tensor) -> None:
+    def backward(self, total: torch.Tensor, retain_graph: bool = False) -> None:
         """Read every tracked output's gradient of ``total`` (a scalar of the captured forward).
 
         Normally by differentiating to the outputs themselves: the backward stops at the first
@@ -285,18 +285,23 @@ class LayerCapture:
         tensor object now stands for the modified value; then the differentiation goes to the
         layers' weights and the tensor hooks registered when the layer returned (which see the
         gradient of the value the layer returned) read the gradients. Parameters' ``.grad`` is
-        never touched either way."""
-        outs, self._outputs = self._outputs, []
+        never touched either way. ``retain_graph``: keep the graph for another backward of the same
+        forward pass (each backward replaces the gradients read before)."""
+        outs = self._outputs
+        if not retain_graph:
+            self._outputs = []
+        self._g = {t.name: {} for t in self.layers}
         if not outs:
             return
         if all(t._version == v for _, _, t, v in outs):
-            grads = torch.autograd.grad(total, [t for _, _, t, _ in outs], allow_unused=True)
+            grads = torch.autograd.grad(total, [t for _, _, t, _ in outs], allow_unused=True,
+                                        retain_graph=retain_graph)
             for (layer, call, _, _), g in zip(outs, grads):
                 if g is not None:
                     self._g[layer.name][call] = self._tokens_out(layer, g.detach())
             return
         weights = list({id(layer.module.weight): layer.module.weight for layer, _, _, _ in outs}.values())
-        torch.autograd.grad(total, weights, allow_unused=True)
+        torch.autograd.grad(total, weights, allow_unused=True, retain_graph=retain_graph)
 
     def _grad_hook(self, layer: TrackedLayer, call: int):
         def hook(grad):
