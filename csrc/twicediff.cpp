@@ -46,6 +46,18 @@ TORCH_LIBRARY(twicediff, m) {
   // through ATen. Not differentiable.
   m.def("gemm_(Tensor(a!) out, Tensor a, Tensor b, float beta, float alpha) -> ()");
 
+  // ---- K-FAC ops (csrc/{cpu,cuda}/kfac.*, csrc/kfac_common.h) ----------------------------------
+  // out [D, D] += sum_r w_r a_r a_r^T for x [R, d], a_r = [x_r, 1] when bias (the 1 implied, never
+  // stored), D = d + bias; weights [R] (floating or bool) or None for all ones. x float16, bfloat16,
+  // float32 or float64; out float32 or float64 (the accumulation dtype). Not differentiable.
+  m.def("kfac_covariance_(Tensor(a!) out, Tensor x, Tensor? weights, bool bias) -> ()");
+  // EK-FAC eigenvalue correction: out [O, I'] += sum_n (q_s^T G_n q_a)^2 (elementwise square), with
+  // G_n = sum_t w_nt g_nt a_nt^T for g [N, T, O], a [N, T, I] (a_nt with an implied trailing 1 when
+  // bias), q_s [O, O], q_a [I', I'], I' = I + bias, weights [N, T] or None. At most `chunk` samples'
+  // [O, I'] matrices exist at once (0: a bounded automatic chunk). Not differentiable.
+  m.def("kfac_eigen_correction_(Tensor(a!) out, Tensor g, Tensor a, Tensor q_s, Tensor q_a, Tensor? weights, "
+        "bool bias, int chunk=0) -> ()");
+
   // ---- solver ops (csrc/{cpu,cuda}/solver_step.*) --------------------------------------------
   // Blocks are [D, P], one row per right-hand side; alpha, beta are float64 [D]; norms are float64.
   // CG update: x += alpha[:, None] * p; r -= alpha[:, None] * Ap; returns ||r[d]||^2 per row.

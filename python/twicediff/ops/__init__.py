@@ -10,13 +10,16 @@ module               ops                                         what they do
 ``gemm``             gemm_                                       the native kernels' GEMM
 ``solver_step``      cg_step, cg_direction, lissa_step           fused solver updates on [D, P]
 ``mlp_hvp``          mlp_hvp                                     batched HVPs of an MLP's loss
+``kfac``             covariance_accumulate,                      K-FAC factors and EK-FAC
+                     eigen_correction_accumulate                 eigenvalue corrections
 ===================  ==========================================  =============================
 """
 from .blockwise import blockwise_contract, blockwise_dot
 from .gemm import gemm_
+from .kfac import covariance_accumulate, eigen_correction_accumulate
 from .mlp_hvp import mlp_hvp
 from .pack import pack, pack_into, unpack_into
 from .solver_step import cg_direction, cg_step, lissa_step
 
-__all__ = ["blockwise_contract", "blockwise_dot", "cg_direction", "cg_step", "gemm_", "lissa_step", "mlp_hvp",
-           "pack", "pack_into", "unpack_into"]
+__all__ = ["blockwise_contract", "blockwise_dot", "cg_direction", "cg_step", "covariance_accumulate",
+           "eigen_correction_accumulate", "gemm_", "lissa_step", "mlp_hvp", "pack", "pack_into", "unpack_into"]

@@ -5,7 +5,7 @@ readable statements of what each op computes.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -147,3 +147,37 @@ def lissa_step(h: torch.Tensor, b: torch.Tensor, Hh: torch.Tensor, dampen: float
     nan = torch.full((h.shape[0],), float("nan"), dtype=torch.float64, device=h.device)
     max_rel = rel.amax(1) if h.shape[1] else rel.new_zeros(h.shape[0])
     return torch.where(finite, max_rel, nan), torch.where(finite, rel.sum(1), nan)
+
+
+# ---- K-FAC ops -----------------------------------------------------------------------------------
+
+
+def kfac_augment(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """x with a trailing column of ones when ``bias`` (materialised: the reference may)."""
+    if not bias:
+        return x
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+
+
+def kfac_covariance_(out: torch.Tensor, x: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                          bias: bool = False) -> torch.Tensor:
+    """out [D, D] += Σ_r w_r ā_r ā_rᵀ (w_r = 1 without weights), computed in float64 and added to
+    ``out`` in its dtype; returns ``out``."""
+    a = kfac_augment(x.double(), bias)
+    w = torch.ones(a.shape[0], dtype=torch.float64, device=x.device) if weights is None else weights.double()
+    out.add_(((a * w[:, None]).T @ a).to(out.dtype))
+    return out
+
+
+def kfac_eigen_correction_(out: torch.Tensor, g: torch.Tensor, a: torch.Tensor, q_s: torch.Tensor,
+                                q_a: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                                bias: bool = False) -> torch.Tensor:
+    """out [O, I'] += Σ_n (Q_Sᵀ G_n Q_A)², G_n = Σ_t w_{n,t} g_{n,t} ā_{n,t}ᵀ [O, I'], for g [N, T, O],
+    a [N, T, I], q_s [O, O], q_a [I', I'], weights [N, T] (1 without); float64 inside; returns out."""
+    gd = g.double()
+    if weights is not None:
+        gd = gd * weights.double()[..., None]
+    G = torch.einsum("nto,nti->noi", gd, kfac_augment(a.double(), bias))
+    R = q_s.double().T @ G @ q_a.double()
+    out.add_((R * R).sum(0).to(out.dtype))
+    return out
