@@ -10,7 +10,9 @@ the first ones (:func:`twicediff.evaluate.lds.sample_subsets` draws subsets pref
 
 Workers are spawned processes (a fork after torch has started its thread pools can hang), each
 with one torch thread; ``train`` and the measurement must then be picklable (module-level functions
-or instances of module-level classes). ``workers=1`` trains in this process.
+or instances of module-level classes), and a script that starts them needs the usual
+``if __name__ == "__main__":`` guard (each worker imports the main module). ``workers=1`` trains in
+this process.
 """
 from __future__ import annotations
 
@@ -143,9 +145,12 @@ def retrain_measurements(train: Callable, measurement: Callable, x_test: torch.T
     bar = progress_bar(range(len(todo)), progress, desc="retrain on subsets", total=len(todo), unit="model")
     ticks = iter(bar)
     if workers == 1 or len(todo) <= 1:
-        for m, k, path in todo:
-            record(m, k, path, _one(train, measurement, x_test, y_test, subsets[m], seeds[k]))
-            next(ticks, None)
+        try:
+            for m, k, path in todo:
+                record(m, k, path, _one(train, measurement, x_test, y_test, subsets[m], seeds[k]))
+                next(ticks, None)
+        finally:
+            getattr(bar, "close", lambda: None)()
         return out, stats
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context, initializer=_init_worker)
@@ -161,4 +166,5 @@ def retrain_measurements(train: Callable, measurement: Callable, x_test: torch.T
     finally:
         # On an error or an interrupt, drop what has not started; what finished is already on disk.
         pool.shutdown(wait=True, cancel_futures=True)
+        getattr(bar, "close", lambda: None)()
     return out, stats
