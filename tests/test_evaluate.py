@@ -257,3 +257,55 @@ def test_method_table_and_digits_problem():
     assert int(problem.flipped.sum()) == 120
     assert np.array_equal(problem.y_train.numpy()[~problem.flipped],
                           digits_problem().y_train.numpy()[~problem.flipped])
+
+
+class SoftmaxTrainer:
+    """Multinomial logistic regression (a Linear layer) with weight decay μ on weights and bias,
+    minimised by Newton's method with the analytic gradient and Hessian: strictly convex, so the
+    minimum is unique and the seed changes nothing."""
+
+    def __init__(self, x, y, mu):
+        self.x, self.y, self.mu = x, y, mu
+
+    def __call__(self, indices, seed):
+        X = torch.cat([self.x[indices], torch.ones(len(indices), 1, dtype=self.x.dtype)], dim=1)  # [n, d+1]
+        Y = F.one_hot(self.y[indices], 3).to(X.dtype)
+        n, e = X.shape
+        V = torch.zeros(3, e, dtype=X.dtype)  # [W | b]
+        for _ in range(50):
+            P = torch.softmax(X @ V.T, dim=1)
+            G = (P - Y).T @ X / n + self.mu * V
+            if float(G.abs().max()) < 1e-13:
+                break
+            S = torch.diag_embed(P) - P[:, :, None] * P[:, None, :]
+            H = torch.einsum("iab,ij,ik->ajbk", S, X, X).reshape(3 * e, 3 * e) / n
+            V = V - torch.linalg.solve(H + self.mu * torch.eye(3 * e, dtype=X.dtype), G.reshape(-1)).reshape(3, e)
+        model = torch.nn.Linear(e - 1, 3).double()
+        with torch.no_grad():
+            model.weight.copy_(V[:, :-1])
+            model.bias.copy_(V[:, -1])
+        return model.eval()
+
+
+def test_margin_measurement_end_to_end_on_logistic_regression():
+    """The margin is measured and predicted through its own gradients: on a strictly convex
+    softmax regression (weight decay = λ, so H + λI is the objective's Hessian) Direct ranks the
+    subsets well (measured 0.963-0.972 on data seeds 0-2, identity 0.79-0.86); self-influence finds
+    the flipped labels (AUC 0.94-0.98)."""
+    g = torch.Generator().manual_seed(0)
+    n, T = 90, 12
+    x = torch.randn(n + T, 4, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.3, 0.1],
+                                                                              dtype=torch.float64)
+    y = (x @ torch.randn(4, 3, generator=g, dtype=torch.float64)).argmax(1)
+    flipped = np.zeros(n, dtype=bool)
+    flipped[:9] = True
+    y_train = y[:n].clone()
+    y_train[:9] = (y_train[:9] + 1) % 3
+    problem = Problem(train=SoftmaxTrainer(x[:n], y_train, 0.05), x_train=x[:n], y_train=y_train, x_test=x[n:],
+                      y_test=y[n:], measurement="margin", hessian_regularization=0.05, flipped=flipped,
+                      name="softmax")
+    ev = evaluate(problem, methods=["identity", "direct"], num_subsets=16, num_seeds=1)
+    assert ev.config["measurement"] == "margin"
+    assert ev.methods["direct"]["lds"] >= 0.85
+    assert ev.methods["identity"]["lds"] < ev.methods["direct"]["lds"]
+    assert ev.methods["direct"]["self_influence"]["auc"] > 0.8
