@@ -4,6 +4,8 @@
   (:mod:`twicediff.app.demo`); prints a table, saves a PNG under ``--output``;
 - ``bench``: the batched Hessian-vector-product benchmark of :mod:`twicediff.app.bench` for one preset
   on the chosen device; prints a table, ``--plot`` saves a PNG, ``--json`` a machine-readable file;
+- ``evaluate``: the linear datamodeling score and flipped-label detection of every influence
+  method on the digits (:mod:`twicediff.evaluate`); prints a table, saves JSON and a PNG;
 - ``info``: what the native extension was built against and what this machine offers.
 
 Bad arguments print the usage and exit with status 2 (argparse's convention).
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twicediff", description="twicediff: second-order information of a PyTorch model's loss.")
     parser.add_argument("--version", action="version", version=f"twicediff {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{demo,bench,info}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{demo,bench,evaluate,info}", required=True)
 
     p = commands.add_parser(
         "demo", parents=[common], help="find flipped labels in the shipped digits with influence functions",
@@ -141,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also save a PNG plot under --output")
     p.add_argument("--json", action="store_true", help="also save the rows as JSON under --output")
     p.set_defaults(handler=_run_bench, parser=p)
+
+    from . import evaluate_cli
+
+    p = commands.add_parser("evaluate", parents=[common], help="how good each influence method is: LDS and "
+                            "flipped-label detection on the digits", description=evaluate_cli.DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate_cli.add_arguments(p)
+    p.set_defaults(handler=lambda args, parser: evaluate_cli.run(args), parser=p)
 
     p = commands.add_parser(
         "info", help="build and device facts",

@@ -181,11 +181,11 @@ class DemoResult:
         return int(self.flipped.sum())
 
 
-def _make_model(hidden: int) -> nn.Sequential:
+def make_model(hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decay: float, max_iterations: int,
+def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decay: float, max_iterations: int,
            progress: bool) -> float:
     """Full-batch L-BFGS on mean cross-entropy + weight_decay/2 ‖θ‖², in rounds of 50 iterations,
     until the gradient's max-norm is under 1e-5, or a round no longer lowers the objective by more
@@ -250,8 +250,8 @@ def run_demo(config: Optional[DemoConfig] = None) -> DemoResult:
 
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    model = _make_model(config.hidden).to(device=device, dtype=config.dtype)
-    grad_norm = _train(model, x_train, y_train, config.weight_decay, config.max_lbfgs_iterations,
+    model = make_model(config.hidden).to(device=device, dtype=config.dtype)
+    grad_norm = train_model(model, x_train, y_train, config.weight_decay, config.max_lbfgs_iterations,
                        config.progress)
     model.eval()
     timings["train MLP (L-BFGS)"] = time.perf_counter() - start
