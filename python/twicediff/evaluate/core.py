@@ -74,13 +74,9 @@ def _check_int(value: Any, name: str, low: int) -> int:
 
 
 def _facts() -> Dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+    """What the JSON output records of the machine (the benchmark scripts add the CPU's model name)."""
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "cpu": f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()})",
             "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
