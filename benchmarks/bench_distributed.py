@@ -195,7 +195,8 @@ def main() -> None:
                 rows = run(world, tmp, args.maxiter)
                 (one if world == 1 else two).append(rows)
                 print(json.dumps([{k: v for k, v in r.items() if k != "result"} for r in rows]), flush=True)
-    write_table(args.out, one, two, args.reps, args.maxiter)
+            # after every round, so that the rounds finished so far are kept if the run is stopped
+            write_table(args.out, one, two, rep + 1, args.maxiter, quiet=rep + 1 < args.reps)
 
 
 def _median(runs: list, key: str, reduce=max) -> float:
@@ -203,7 +204,7 @@ def _median(runs: list, key: str, reduce=max) -> float:
     return statistics.median(reduce(r[key] for r in rows) for rows in runs)
 
 
-def write_table(path: str, one: list, two: list, reps: int, maxiter: int) -> None:
+def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet: bool = False) -> None:
     W = 2
     t1s, t2s = _median(one, "solve_s"), _median(two, "solve_s")
     t1i, t2i = _median(one, "influences_s"), _median(two, "influences_s")
@@ -283,7 +284,8 @@ def write_table(path: str, one: list, two: list, reps: int, maxiter: int) -> Non
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines))
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
