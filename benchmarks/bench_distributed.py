@@ -196,7 +196,7 @@ def main() -> None:
                 (one if world == 1 else two).append(rows)
                 print(json.dumps([{k: v for k, v in r.items() if k != "result"} for r in rows]), flush=True)
             # after every round, so that the rounds finished so far are kept if the run is stopped
-            write_table(args.out, one, two, rep + 1, args.maxiter, quiet=rep + 1 < args.reps)
+            write_table(args.out, one, two, rep + 1, args.maxiter, quiet=rep + 1 < args.reps, asked=args.reps)
 
 
 def _median(runs: list, key: str, reduce=max) -> float:
@@ -204,7 +204,8 @@ def _median(runs: list, key: str, reduce=max) -> float:
     return statistics.median(reduce(r[key] for r in rows) for rows in runs)
 
 
-def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet: bool = False) -> None:
+def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet: bool = False,
+                asked: int = 0) -> None:
     W = 2
     t1s, t2s = _median(one, "solve_s"), _median(two, "solve_s")
     t1i, t2i = _median(one, "influences_s"), _median(two, "influences_s")
@@ -224,8 +225,9 @@ def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet:
         "measured** (up to six agents on two cores): the two configurations ran interleaved in one run, "
         "alternating which went first, so their ratio is more meaningful than either time.",
         f"- torch {torch.__version__}, twicediff commit {git_commit()}, gloo over TCP on 127.0.0.1.",
-        f"- Command: `flock /tmp/bench.lock python benchmarks/bench_distributed.py --reps {reps}"
-        f"{'' if maxiter == MAXITER else f' --maxiter {maxiter}'}`",
+        f"- Command: `flock /tmp/bench.lock python benchmarks/bench_distributed.py --reps {asked or reps}"
+        f"{'' if maxiter == MAXITER else f' --maxiter {maxiter}'}`"
+        f"{f' ({reps} of its {asked} rounds finished: stopped early)' if asked and reps < asked else ''}",
         "",
         f"Problem: the influence benchmark's (bench_influence.py): MLP 64-64-10 Tanh (P = 4,810), {N_TRAIN} random "
         f"training points (loader batch {BATCH}; 2 processes: {N_TRAIN // 2} contiguous points each), {N_TEST} "
