@@ -114,9 +114,10 @@ def child(rank: int, world: int, port: int, out: str, maxiter: int) -> None:
         barrier()
         if clock:
             clock.reset()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = fn()
         row[f"{name}_s"] = time.perf_counter() - start
+        row[f"{name}_cpu_s"] = time.process_time() - start_cpu
         if clock:
             row[f"{name}_collective_s"] = clock.seconds
             row[f"{name}_calls"] = dict(clock.calls)
@@ -218,6 +219,8 @@ def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet:
     x1, x2 = one[-1][0]["result"], two[-1][0]["result"]
     ratios_s = [r1[0]["solve_s"] / max(r["solve_s"] for r in r2) for r1, r2 in zip(one, two)]
     ratios_i = [r1[0]["influences_s"] / max(r["influences_s"] for r in r2) for r1, r2 in zip(one, two)]
+    cpu = {name: (_median(one, f"{name}_cpu_s"), [_median(two, f"{name}_cpu_s", lambda v: list(v)[r]) for r in range(W)])
+           for name in ("solve", "influences")}
     lines = [
         "# Data-parallel twicediff on CPU: 2 gloo processes × 1 thread against 1 process × 1 thread",
         "",
@@ -246,6 +249,12 @@ def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet:
         f"| `compute_influences(Cg)` end to end, [64, 1000] | {t1i:.3f} | {t2i:.3f} | "
         f"{statistics.median(ratios_i):.2f}× ({min(ratios_i):.2f}–{max(ratios_i):.2f}) | {c2i[0]:.3f} / {c2i[1]:.3f} "
         f"({100 * c2i[0] / t2i:.0f}% / {100 * c2i[1] / t2i:.0f}%) |",
+        "",
+        "CPU time of each process (all its threads; one here), the work it did whatever the machine's load: "
+        f"`solve_hvp` {cpu['solve'][0]:.3f} s in 1 process against {cpu['solve'][1][0]:.3f} / {cpu['solve'][1][1]:.3f} s "
+        f"on rank 0 / rank 1; `compute_influences` {cpu['influences'][0]:.3f} s against "
+        f"{cpu['influences'][1][0]:.3f} / {cpu['influences'][1][1]:.3f} s (medians). Where a rank's CPU time is "
+        "about half of the one process's but its wall time is not, the two processes did not get a core each.",
         "",
         f"Block CG steps: {steps1} (1 process), {steps2} (2 processes); passes over the data (products): "
         f"{sorted({rows[0]['passes'] for rows in one})} and {sorted({rows[0]['passes'] for rows in two})}. "
