@@ -14,7 +14,7 @@ from .influence import (  # noqa: F401
     compute_self_influences,
 )
 from .inversion import InversionMethod, InversionRegistry, solve_hvp  # noqa: F401
-from .errors import BadBatchError, MemoryBudgetError, NotNativeError  # noqa: F401
+from .errors import BadBatchError, DistributedError, MemoryBudgetError, NotNativeError  # noqa: F401
 from .memory import (  # noqa: F401
     get_memory_budget,
     memory_budget,

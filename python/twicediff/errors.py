@@ -7,16 +7,18 @@ failed on.
   model is never silently turned into a fallback.
 - :class:`ModelMisreadError`: the native engine's reading of a model disagrees with its forward.
 - :class:`BadBatchError`: a batch no engine can take (wrong feature count, class index out of range).
+- :class:`DistributedError`: under a process group, the local work of some ranks failed (raised on
+  every rank, naming them), or the ranks' iterates diverged (:mod:`twicediff.distributed`).
 - :func:`data_errors`: re-raises what a model or loss raised on a batch with the function and batch named.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
 
-__all__ = ["BadBatchError", "MemoryBudgetError", "ModelMisreadError", "NotNativeError", "data_errors"]
+__all__ = ["BadBatchError", "DistributedError", "MemoryBudgetError", "ModelMisreadError", "NotNativeError", "data_errors"]
 
 
 class MemoryBudgetError(MemoryError):
@@ -37,6 +39,15 @@ class ModelMisreadError(NotNativeError):
 class BadBatchError(ValueError):
     """A batch no engine can take (a wrong feature count, a class index out of range): the caller's
     error, raised whatever the engine."""
+
+
+class DistributedError(RuntimeError):
+    """Raised on every rank of a process group when the local work of some ranks failed, or when the
+    ranks' iterates diverged. ``failures`` maps each failing rank to its error message."""
+
+    def __init__(self, message: str, failures: Optional[Dict[int, str]] = None):
+        super().__init__(message)
+        self.failures = dict(failures or {})
 
 
 # What a model or loss raises on data it cannot take: a shape mismatch in a layer, a class index

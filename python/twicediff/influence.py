@@ -29,6 +29,7 @@ from typing import Any, List, Optional
 
 import torch
 
+from . import distributed as _distributed
 from . import ops
 from .inversion import InversionMethod, InversionRegistry, solve_hvp
 from .memory import chunk_size, get_memory_budget
@@ -111,9 +112,22 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
     Returns:
         InverseHvpResult: x [N_test, P] (on the model's device) and the solver's info.
     """
+    # With a process group: the ranks agree on the call; the test gradients are computed on every
+    # rank, a failure on one reported to all (twicediff.distributed); solve_hvp makes them rank 0's.
+    group = _distributed.enter("compute_influence_factors", model, inversion_method=inversion_method,
+                               hessian_perturbation=hessian_perturbation, options=kwargs)
     model = check_model(model, "compute_influence_factors")
     options = _solver_options(model, inversion_method, progress, kwargs)
-    rhs = gradient_matrix(model, test_data, "compute_influence_factors", "test_data", progress)
+    if isinstance(test_data, _distributed.Sharded):  # each rank's test points, gathered in the global order
+        data = test_data.data
+        rhs = _distributed.gather_columns(
+            group, "compute_influence_factors",
+            lambda: gradient_matrix(model, data, "compute_influence_factors", "test_data", progress).unsqueeze(0),
+            data)[0]
+    else:
+        rhs = _distributed.guarded(group, "compute_influence_factors",
+                                   lambda: gradient_matrix(model, test_data, "compute_influence_factors",
+                                                           "test_data", progress))
     return solve_hvp(inversion_method, model, training_data, rhs, hessian_perturbation=hessian_perturbation,
                      **options)
 
@@ -134,6 +148,12 @@ def compute_influences_up(model: TorchTwiceDifferentiable, input_data: DataLoade
         progress: show a bar over the input batches.
     """
     where = "compute_influences_up"
+    group = _distributed.enter(where, model, influence_factors=influence_factors)
+    if group is not None:  # this rank's columns, gathered in the global order on every rank
+        with _distributed.local_only():
+            return _distributed.gather_columns(
+                group, where, lambda: compute_influences_up(model, input_data, influence_factors, progress=progress),
+                input_data, check=influence_factors)
     model = check_model(model, where)
     factors = _check_factors(model, influence_factors, where)
     n = num_points_of(input_data)
@@ -165,6 +185,12 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
         progress: show a bar over the input batches.
     """
     where = "compute_influences_pert"
+    group = _distributed.enter(where, model, influence_factors=influence_factors)
+    if group is not None:  # this rank's columns, gathered in the global order on every rank
+        with _distributed.local_only():
+            return _distributed.gather_columns(
+                group, where, lambda: compute_influences_pert(model, input_data, influence_factors, progress=progress),
+                input_data, check=influence_factors)
     model = check_model(model, where)
     factors = _check_factors(model, influence_factors, where)
     T = factors.shape[0]
@@ -206,9 +232,13 @@ def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_
         progress: show progress bars.
         kwargs: options of the inversion method.
     """
+    _distributed.enter("compute_influences", differentiable_model, influence_type=influence_type,
+                       inversion_method=inversion_method, hessian_regularization=hessian_regularization,
+                       test_data_given=test_data is not None, input_data_given=input_data is not None, options=kwargs)
     model = check_model(differentiable_model, "compute_influences")
     kind = _as_influence_type(influence_type)
-    test_data = training_data if test_data is None else test_data
+    if test_data is None:  # with a process group, the training points of every rank
+        test_data = _distributed.Sharded(training_data) if _distributed.current_group() is not None else training_data
     input_data = training_data if input_data is None else input_data
     factors, _ = compute_influence_factors(model, training_data, test_data, inversion_method,
                                            hessian_perturbation=hessian_regularization, progress=progress,
@@ -241,6 +271,8 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
         kwargs: options of the inversion method.
     """
     where = "compute_self_influences"
+    group = _distributed.enter(where, model, inversion_method=inversion_method,
+                               hessian_regularization=hessian_regularization, options=kwargs)
     model = check_model(model, where)
     options = _solver_options(model, inversion_method, progress, kwargs)
     P = model.num_params
@@ -248,7 +280,15 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     n = num_points_of(training_data)
     # A row of a block holds its gradient (twice while it is packed), its solution and about 3 more
     # rows of solver work.
+    if group is not None:  # every rank's gradients gathered, solved for together (twicediff.distributed)
+        n = None  # the rows of all ranks
     rows = chunk_size(n if n is not None else 2 ** 62, 6 * P * elem, model.device, what="self-influence rows")
+    if group is not None:
+        return _distributed.self_influences(
+            group, model, training_data,
+            lambda: gradient_matrix(model, training_data, where, "training_data", progress),
+            lambda g: solve_hvp(inversion_method, model, training_data, g, hessian_perturbation=hessian_regularization,
+                                **options).x, rows)
     results: List[torch.Tensor] = []
     pending: List[List[torch.Tensor]] = []
     filled = 0

@@ -13,6 +13,7 @@ import warnings
 from enum import Enum
 from typing import Any, Callable, Dict, Tuple, Type
 
+from . import distributed as _distributed
 from .twice_differentiable import DataLoaderType, InverseHvpResult, TensorType, TwiceDifferentiable
 
 __all__ = ["InversionMethod", "InversionRegistry", "solve_hvp"]
@@ -109,6 +110,10 @@ def solve_hvp(inversion_method: InversionMethod, model: TwiceDifferentiable, tra
     Returns:
         InverseHvpResult with x of b's shape and the method's info dict.
     """
+    # With a process group: the ranks agree on the call, then hold rank 0's b (twicediff.distributed).
+    group = _distributed.enter("solve_hvp", model, inversion_method=inversion_method, b=b,
+                               hessian_perturbation=hessian_perturbation, options=kwargs)
+    b = _distributed.same_on_every_rank(group, "solve_hvp", "b", b)
     method = _as_method(inversion_method, "solve_hvp")
     return InversionRegistry.call(method, model, training_data, b, hessian_perturbation=hessian_perturbation,
                                   **kwargs)

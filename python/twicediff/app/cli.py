@@ -208,14 +208,21 @@ def demo_config(args: argparse.Namespace) -> "DemoConfig":
 
 def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import demo
+    from ..distributed import launched_by_torchrun
 
     config = demo_config(args)
     try:
         config.validate(demo.NUM_IMAGES)
     except ValueError as exc:
         parser.error(str(exc))
-    result = demo.run_demo(config)
+    # Under torchrun every rank computes its share and gets the whole result; rank 0 reports.
+    with launched_by_torchrun(torch.device(config.device).type) as group:
+        result = demo.run_demo(config)
+    if group is not None and group.rank != 0:
+        return 0
     print(demo.format_report(result))
+    if group is not None:
+        print(f"\n(torch.distributed: {group.size} processes, each with a shard of the training points)")
     stem = os.path.join(_output_dir(args.output), f"demo_seed{args.seed}")
     with open(stem + ".json", "w") as f:
         json.dump(demo.summary(result), f, indent=2)

@@ -222,6 +222,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def run_demo(config: Optional[DemoConfig] = None) -> DemoResult:
     """Run the demo described in this module's docstring and return what it found."""
+    from ..distributed import broadcast_module_, contiguous_shard, current_group
     from ..influence import InfluenceType, compute_influences, compute_self_influences
     from ..inversion import InversionMethod
     from ..torch import TorchTwiceDifferentiable
@@ -256,8 +257,13 @@ def run_demo(config: Optional[DemoConfig] = None) -> DemoResult:
     model.eval()
     timings["train MLP (L-BFGS)"] = time.perf_counter() - start
 
+    # Under torchrun (twicediff.distributed): every rank holds rank 0's model and a contiguous shard
+    # of the training points; the influences come back for all points, in order, on every rank.
+    group = current_group()
+    broadcast_module_(model, group)
+    first, stop = contiguous_shard(x_train.shape[0], group)
     differentiable = TorchTwiceDifferentiable(model, F.cross_entropy)
-    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=256)
+    train_loader = DataLoader(TensorDataset(x_train[first:stop], y_train[first:stop]), batch_size=256)
     val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
 
     start = time.perf_counter()

@@ -55,7 +55,15 @@ def check_vectors(v, P: int, dtype: torch.dtype, device: torch.device, where: st
 
 def check_training_data(training_data, where: str) -> Optional[int]:
     """TypeError / ValueError for a loader that is None, not iterable, or has length 0; its number
-    of batches where it has a length, else None."""
+    of batches where it has a length, else None. With a process group, raised on every rank when
+    it holds on one (:func:`twicediff.distributed.guarded`)."""
+    from .. import distributed
+
+    return distributed.guarded(distributed.current_group(), where,
+                                lambda: _check_training_data(training_data, where))
+
+
+def _check_training_data(training_data, where: str) -> Optional[int]:
     if training_data is None or not hasattr(training_data, "__iter__"):
         raise TypeError(f"{where}: training_data must be an iterable of (x, y) batches (e.g. a DataLoader), "
                         f"got {type(training_data).__name__}")

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from .. import distributed as _distributed
 from ..errors import NotNativeError, data_errors
 from ..memory import chunk_size, get_memory_budget
 from ..progress import progress_bar
@@ -70,8 +71,19 @@ def mean_hessian(td: "TorchTwiceDifferentiable", training_data, *, progress: boo
     Native models: the batches are prepared and assembled together, a group at a time (one pass over
     the P² result per block for the whole group), the group cut where its prepared rows would exceed
     an eighth of the memory budget; the sizes of the groups are logged at DEBUG level. Other models
-    go batch by batch through :func:`add_hessian_`.
+    go batch by batch through :func:`add_hessian_`. With a process group, each rank's sums and
+    count are all-reduced (:mod:`twicediff.distributed`).
     """
+    group = _distributed.enter("mean_hessian", td)
+    out, total = _distributed.sum_over_ranks(group, "mean_hessian",
+                                             lambda: _hessian_sum(td, training_data, progress))
+    if total == 0:
+        raise ValueError("mean_hessian: training_data yielded no points")
+    return out.div_(total)
+
+
+def _hessian_sum(td: "TorchTwiceDifferentiable", training_data, progress: bool) -> Tuple[torch.Tensor, int]:
+    r"""(\(\sum_b n_b \nabla^2_\theta L(x_b, y_b)\) [P, P], N) over the batches of ``training_data``."""
     check_training_data(training_data, "mean_hessian")
     P = td.num_params
     out = torch.zeros(P, P, dtype=td.dtype, device=td.device)
@@ -101,8 +113,6 @@ def mean_hessian(td: "TorchTwiceDifferentiable", training_data, *, progress: boo
         group.append((prepared, float(n)))
         held += prepared.nbytes
     flush()
-    if total == 0:
-        raise ValueError("mean_hessian: training_data yielded no points")
     if groups:
         logger.debug("mean_hessian: assembled %d batches in %d group(s) of %s", sum(groups), len(groups), groups)
-    return out.div_(total)
+    return out, total

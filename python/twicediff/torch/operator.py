@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .. import distributed as _distributed
 from ..memory import get_memory_budget
 from ..progress import progress_bar
 from ..errors import data_errors
@@ -54,6 +55,9 @@ class HessianOperator:
     def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, *,
                  hessian_perturbation: float = 0.0, mode: str = "hessian", progress: bool = False,
                  dtype: Optional[torch.dtype] = None):
+        # With a process group: the ranks must agree on P, dtype, mode and λ (twicediff.distributed).
+        self._group = _distributed.enter("hessian_operator", model, mode=mode,
+                                         hessian_perturbation=hessian_perturbation, dtype=dtype)
         if not isinstance(model, TorchTwiceDifferentiable):
             raise TypeError(f"hessian_operator: model must be a TorchTwiceDifferentiable, got {type(model).__name__}")
         if mode not in MODES:
@@ -89,14 +93,12 @@ class HessianOperator:
         out_dtype = V.dtype
         V = V.to(self.device)
         Vm = V.to(self.dtype)
-        acc = torch.zeros(V.shape, dtype=out_dtype, device=self.device)
-        if V.shape[0] == 0:
-            return acc
-        total = 0
-        for i, (n, product) in enumerate(progress_bar(self._pass(), self.progress, desc="hvp pass", unit="batch")):
-            with data_errors("HessianOperator", f"training_data batch {i}"):  # shapes: from hvp's own
-                acc.add_(product(Vm).to(out_dtype), alpha=n)
-            total += n
+        if V.shape[0] == 0 and self._group is None:  # with a group, every rank still takes part
+            return torch.zeros(V.shape, dtype=out_dtype, device=self.device)
+        # With a process group: one local pass, then one all-reduce of the sums and counts; every rank
+        # must apply the operator to the same block (checked by the exchange, see twicediff.distributed).
+        acc, total = _distributed.sum_over_ranks(self._group, "HessianOperator",
+                                                 lambda: self._local_sums(Vm, out_dtype), key=V.shape[0], check=V)
         if total == 0:
             raise ValueError("HessianOperator: training_data yielded no points; the Hessian of the mean loss "
                              "needs at least one batch")
@@ -106,6 +108,16 @@ class HessianOperator:
         if self.hessian_perturbation:
             acc.add_(V, alpha=self.hessian_perturbation)
         return acc
+
+    def _local_sums(self, Vm: torch.Tensor, out_dtype: torch.dtype) -> Tuple[torch.Tensor, int]:
+        r"""(\(\sum_b n_b H_b V\) in ``out_dtype``, the number of points) over this process's data."""
+        acc = torch.zeros(Vm.shape, dtype=out_dtype, device=self.device)
+        total = 0
+        for i, (n, product) in enumerate(progress_bar(self._pass(), self.progress, desc="hvp pass", unit="batch")):
+            with data_errors("HessianOperator", f"training_data batch {i}"):  # shapes: from hvp's own
+                acc.add_(product(Vm).to(out_dtype), alpha=n)
+            total += n
+        return acc, total
 
     def _pass(self) -> Iterator[Tuple[int, BoundHvp]]:
         """(n, V ↦ H_b V) of each batch of one pass: from the cache, or from the loader (filling the

@@ -14,6 +14,7 @@ from typing import Callable, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .. import distributed as _distributed
 from ..errors import NotNativeError, data_errors
 from ..twice_differentiable import TwiceDifferentiable
 from . import hessian as _hessian
@@ -63,6 +64,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
     def __init__(self, model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         if not isinstance(model, nn.Module):
             raise TypeError(f"TorchTwiceDifferentiable: model must be a torch.nn.Module, got {type(model).__name__}")
+        model = _distributed.unwrap_model(model)  # DDP: its .module; FSDP: a TypeError
         if not callable(loss):
             raise TypeError(f"TorchTwiceDifferentiable: loss must be callable (prediction, target) -> scalar, "
                             f"got {type(loss).__name__}")

@@ -3,15 +3,16 @@ right-hand sides together; the solution is h / s."""
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 
+from ... import distributed as _distributed
 from ... import ops
 from ...errors import data_errors
 from ...progress import progress_bar
 from ...twice_differentiable import InverseHvpResult
-from ..batch import check_training_data
+from ..batch import check_training_data, num_points
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
 from .common import check_nonnegative, check_rhs, initial_guess
 
@@ -24,8 +25,21 @@ def _shuffled_batches(training_data: Iterable, where: str) -> Iterator:
     """Batches of ``training_data`` without end: a DataLoader over a map-style dataset is reshuffled
     every epoch (same batch size and collate_fn); any other iterable is cycled as it is."""
     from torch.utils.data import DataLoader, IterableDataset
+    from torch.utils.data.distributed import DistributedSampler
 
     source = training_data
+    if isinstance(training_data, DataLoader) and isinstance(training_data.sampler, DistributedSampler):
+        # A rank's shard: the sampler reshuffles it each epoch (set_epoch) and keeps it this rank's.
+        epoch = training_data.sampler.epoch
+        while True:
+            training_data.sampler.set_epoch(epoch)
+            epoch += 1
+            empty = True
+            for batch in training_data:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError(f"{where}: training_data yielded no batch")
     if isinstance(training_data, DataLoader) and not isinstance(training_data.dataset, IterableDataset) \
             and training_data.batch_size is not None:
         source = DataLoader(training_data.dataset, batch_size=training_data.batch_size, shuffle=True,
@@ -37,6 +51,14 @@ def _shuffled_batches(training_data: Iterable, where: str) -> Iterator:
             yield batch
         if empty:
             raise ValueError(f"{where}: training_data yielded no batch")
+
+
+def _lissa_product(model: TorchTwiceDifferentiable, batches: Iterator, h: torch.Tensor,
+                   where: str) -> Tuple[torch.Tensor, int]:
+    """(H_batch h, the batch's number of points) on the next batch."""
+    x, y = next(batches)
+    with data_errors(where, "a batch of training_data", x, y):
+        return model.hvp(x, y, h), (num_points(x) if isinstance(x, torch.Tensor) else 1)
 
 
 def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: torch.Tensor,
@@ -63,6 +85,7 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
         RuntimeError: the iterate became non-finite (increase scale or dampen).
     """
     where = "solve_lissa"
+    group = _distributed.enter(where, model)
     check_model(model, where)
     check_training_data(training_data, where)
     B, one = check_rhs(model, b, where)
@@ -86,9 +109,9 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
     for _ in bar:
         if active.numel() == 0:
             break
-        x, y = next(batches)
-        with data_errors(where, "a batch of training_data", x, y):
-            Hh = model.hvp(x, y, h)
+        # A step takes one batch on every rank: with a process group, the products of the ranks'
+        # batches are averaged, weighted by batch size (twicediff.distributed).
+        Hh = _distributed.mean_over_ranks(group, where, lambda: _lissa_product(model, batches, h, where), check=h)
         mx, sm = ops.lissa_step(h, Bact, Hh, dampen, scale, lam)
         if bool(torch.isnan(mx).any()):
             raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf); LiSSA diverges when "

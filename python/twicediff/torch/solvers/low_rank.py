@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 
+from ... import distributed as _distributed
 from ...progress import progress_bar
 from ...twice_differentiable import InverseHvpResult
 from ..operator import HessianOperator
@@ -156,9 +157,12 @@ def _arpack_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], P
         V = torch.as_tensor(np.asarray(v, dtype=np.float64).reshape(1, -1), device=device)
         return apply_rows(V).to(torch.float64).cpu().numpy()[0]
 
+    # ARPACK starts from a random vector of its own, different per process: with a process group
+    # every rank must start from the same one (twicediff.distributed).
+    v0 = None if _distributed.current_group() is None else np.random.default_rng(0).standard_normal(P)
     try:
         vals, vecs = eigsh(LinearOperator((P, P), matvec=mv, dtype=np.float64), k=k, maxiter=max_iter, tol=tol,
-                           ncv=krylov_dimension, return_eigenvectors=True)
+                           ncv=krylov_dimension, return_eigenvectors=True, v0=v0)
     except ArpackNoConvergence as exc:
         logger.warning("arpack: no convergence for max_iter=%s, tol=%g, krylov_dimension=%s, rank %d; returning "
                        "the pairs that converged: %s", max_iter, tol, krylov_dimension, k, exc)
