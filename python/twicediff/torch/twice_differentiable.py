@@ -21,6 +21,7 @@ from .batch import check_vectors, squeezed_loss, to_device
 from .engines import select
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
+from .guard import model_call
 from .mvp import batched_mvp
 
 __all__ = ["TorchTwiceDifferentiable", "check_model"]
@@ -115,7 +116,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         x, y = self.checked_batch(x, y, "grad")
         if create_graph and not x.requires_grad:
             x = x.requires_grad_(True)
-        with data_errors("grad", "", x, y):
+        with model_call(self.model, "grad"), data_errors("grad", "", x, y):
             value = squeezed_loss(self.loss, self.model(x), y)
             grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
         return torch.cat([g.reshape(-1) for g in grads])
@@ -149,7 +150,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 else type(out).__name__
             raise ValueError(f"add_hessian_: out must be [P, P] = [{P}, {P}] {self.dtype} on {self.device}, "
                              f"got {got}")
-        return _hessian.add_hessian_(self, x, y, out, alpha=alpha, method=method, progress=progress)
+        with model_call(self.model, "hessian"):
+            return _hessian.add_hessian_(self, x, y, out, alpha=alpha, method=method, progress=progress)
 
     def mean_hessian(self, training_data, *, progress: bool = False) -> torch.Tensor:
         r"""The Hessian of the mean loss over the batches of ``training_data``,
@@ -164,7 +166,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         Raises:
             ValueError: ``training_data`` yields no points.
         """
-        return _hessian.mean_hessian(self, training_data, progress=progress)
+        with model_call(self.model, "mean_hessian"):
+            return _hessian.mean_hessian(self, training_data, progress=progress)
 
     @staticmethod
     def mvp(grad_xy: torch.Tensor, v: torch.Tensor,
@@ -214,10 +217,6 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             raise ValueError(f"hvp: engine must be one of {select.ENGINES}, got {engine!r}")
         x, y = self.checked_batch(x, y, "hvp")
         x, y = x.detach(), y.detach()  # products are not differentiated further
-        # preparing runs the model (or its frozen prefix) on the batch
-        with data_errors("hvp", "", x, y):
-            chosen, batch = select.prepare(engine, self.model, self.loss, x, y)
-
         def checked(V: torch.Tensor) -> torch.Tensor:
             V = self.check_vectors(V, "hvp_function", "V")
             if V.dim() != 2:
@@ -225,8 +224,14 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                                  f"{tuple(V.shape)}")
             return V
 
-        return BoundHvp(chosen, batch, mode, self.device, progress=progress, check=checked,
-                        errors=lambda: data_errors("hvp", "", x, y))
+        # preparing runs the model (or its frozen prefix) on the batch
+        with model_call(self.model, "hvp"), data_errors("hvp", "", x, y):
+            chosen, batch = select.prepare(engine, self.model, self.loss, x, y)
+            bound = BoundHvp(chosen, batch, mode, self.device, progress=progress, check=checked,
+                             errors=lambda: data_errors("hvp", "", x, y))
+        return bound
+
+
 
     # ---- engines -----------------------------------------------------------------------------
     def native_unsupported_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
@@ -236,7 +241,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         feature count or class index no engine can take)."""
         x, y = self.checked_batch(x, y, "native_unsupported_reason")
         try:
-            select.native_engine(self.model, self.loss, x, y)
+            with model_call(self.model, "native_unsupported_reason"):
+                select.native_engine(self.model, self.loss, x, y)
         except NotNativeError as exc:
             return str(exc)
         return ""
