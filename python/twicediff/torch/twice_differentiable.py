@@ -78,12 +78,17 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
 
     def with_dtype(self, dtype: torch.dtype) -> "TorchTwiceDifferentiable":
         """The same model and loss computing in ``dtype``: self when its parameters already are,
-        else a deep copy of the model cast to ``dtype`` (which parameters require grad is kept)."""
+        else a deep copy of the model cast to ``dtype`` (which parameters require grad is kept). A
+        loss that is a module (``nn.CrossEntropyLoss(weight=...)``) is copied and cast too, so that
+        the tensors it holds match."""
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"with_dtype: dtype must be a floating torch.dtype, got {dtype!r}")
         if dtype == self.dtype:
             return self
-        return TorchTwiceDifferentiable(copy.deepcopy(self.model).to(dtype), self.loss)
+        loss = copy.deepcopy(self.loss).to(dtype) if isinstance(self.loss, nn.Module) else self.loss
+        with model_call(self.model, "with_dtype"):
+            model = copy.deepcopy(self.model).to(dtype)
+        return TorchTwiceDifferentiable(model, loss)
 
     @property
     def parameters(self) -> List[torch.Tensor]:
