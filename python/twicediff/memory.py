@@ -78,6 +78,11 @@ def memory_budget(nbytes: Optional[int]) -> Iterator[None]:
         _budget = previous
 
 
+def free_bytes(device: Union[torch.device, str, None] = None) -> int:
+    """Bytes free on ``device`` now (CUDA: free device memory; CPU: ``MemAvailable``)."""
+    return _free_bytes(torch.device(device or "cpu"))
+
+
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
