@@ -10,7 +10,7 @@ import torch
 from ... import ops
 from ...errors import data_errors
 from ...memory import get_memory_budget
-from ...progress import progress_bar
+from ...progress import close_bar, progress_bar
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
@@ -130,7 +130,7 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
     h, Bact = out.clone(), B
     half_norm = h.norm(dim=1)  # ‖h‖ of every row halfway through (diverging iterates keep growing)
     batches = iter(_Batches(model, training_data, where))
-    bar = progress_bar(range(maxiter), progress, desc="lissa", unit="step")
+    bar = progress_bar(range(maxiter), progress, desc="lissa", unit="step", count_only=True)
     for step in bar:
         if active.numel() == 0:
             break
@@ -152,8 +152,7 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
             active, h, Bact = active[keep], h[keep], Bact[keep]
         if progress:
             bar.set_postfix(active=int(active.numel()), max_residual=float(mx.max()) if mx.numel() else 0.0)
-    if progress and hasattr(bar, "close"):
-        bar.close()
+    close_bar(bar)
     if active.numel():
         out[active] = h
     x = (out / scale).to(model.dtype)
