@@ -36,14 +36,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Iterator, Optional, Union
 
 import torch
 
 from .errors import MemoryBudgetError
 
-__all__ = ["MemoryBudgetError", "chunk_size", "get_memory_budget", "memory_budget", "native_scratch_bytes",
-           "release_native_scratch", "set_memory_budget"]
+__all__ = ["MemoryBudgetError", "chunk_size", "free_bytes", "get_memory_budget", "memory_budget",
+           "native_scratch_bytes", "release_native_scratch", "reserved", "set_memory_budget"]
 
 _budget: Optional[int] = None
 _DEFAULT_FRACTION = 0.5
@@ -97,12 +98,32 @@ def _free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+_reserved = threading.local()
+
+
+@contextlib.contextmanager
+def reserved(nbytes: int) -> Iterator[None]:
+    """Context manager: work inside the block has ``nbytes`` less budget (in this thread). A solver
+    that holds blocks of its own (CG's search blocks, LiSSA's iterates, the right-hand sides of an
+    influence computation) reserves them, so that the chunks of the products it calls are sized
+    against what is left and the whole computation, not each chunk, stays within the budget."""
+    previous = getattr(_reserved, "nbytes", 0)
+    _reserved.nbytes = previous + max(int(nbytes), 0)
+    try:
+        yield
+    finally:
+        _reserved.nbytes = previous
+
+
 def get_memory_budget(device: Union[torch.device, str, None] = None) -> int:
     """The budget in bytes for work on ``device`` (default CPU): the fixed one if set, else half
-    of the device's free memory now."""
+    of the device's free memory now; less what the enclosing computations hold (:func:`reserved`),
+    and at least 1 byte."""
+    held = getattr(_reserved, "nbytes", 0)
     if _budget is not None:
-        return _budget
-    return int(_DEFAULT_FRACTION * _free_bytes(torch.device(device or "cpu")))
+        return max(_budget - held, 1)
+    # free memory already excludes what the enclosing computations allocated
+    return max(int(_DEFAULT_FRACTION * _free_bytes(torch.device(device or "cpu"))), 1)
 
 
 def chunk_size(total: int, bytes_per_item: int, device: Union[torch.device, str, None] = None, *,

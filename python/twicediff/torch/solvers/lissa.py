@@ -9,7 +9,7 @@ import torch
 
 from ... import ops
 from ...errors import data_errors
-from ...memory import get_memory_budget
+from ...memory import get_memory_budget, reserved
 from ...progress import close_bar, progress_bar
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data
@@ -129,30 +129,32 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
     active = torch.arange(N, device=B.device)
     h, Bact = out.clone(), B
     half_norm = h.norm(dim=1)  # ‖h‖ of every row halfway through (diverging iterates keep growing)
-    batches = iter(_Batches(model, training_data, where))
-    bar = progress_bar(range(maxiter), progress, desc="lissa", unit="step", count_only=True)
-    for step in bar:
-        if active.numel() == 0:
-            break
-        if step == maxiter // 2:
-            half_norm[active] = h.norm(dim=1)
-        product = next(batches)
-        with data_errors(where, "a batch of training_data"):
-            Hh = product(h.to(model.dtype)).to(work)
-        mx, sm = ops.lissa_step(h, Bact, Hh, dampen, scale, lam)
-        if bool(torch.isnan(mx).any()):
-            raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf); LiSSA diverges when "
-                               f"‖I − (H + λI)/scale‖ ≥ 1: increase scale (now {scale}) or dampen (now {dampen})")
-        niter[active] += 1
-        max_rel[active], sum_rel[active] = mx, sm
-        done = mx < rtol
-        if bool(done.any()):
-            out[active[done]] = h[done]
-            keep = torch.nonzero(~done).flatten()
-            active, h, Bact = active[keep], h[keep], Bact[keep]
-        if progress:
-            bar.set_postfix(active=int(active.numel()), max_residual=float(mx.max()) if mx.numel() else 0.0)
-    close_bar(bar)
+    # h, b and the product in the iteration dtype: the products get the rest of the budget
+    with reserved(3 * N * P * torch.finfo(work).bits // 8):
+        batches = iter(_Batches(model, training_data, where))
+        bar = progress_bar(range(maxiter), progress, desc="lissa", unit="step", count_only=True)
+        for step in bar:
+            if active.numel() == 0:
+                break
+            if step == maxiter // 2:
+                half_norm[active] = h.norm(dim=1)
+            product = next(batches)
+            with data_errors(where, "a batch of training_data"):
+                Hh = product(h.to(model.dtype)).to(work)
+            mx, sm = ops.lissa_step(h, Bact, Hh, dampen, scale, lam)
+            if bool(torch.isnan(mx).any()):
+                raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf); LiSSA diverges when "
+                                   f"‖I − (H + λI)/scale‖ ≥ 1: increase scale (now {scale}) or dampen (now {dampen})")
+            niter[active] += 1
+            max_rel[active], sum_rel[active] = mx, sm
+            done = mx < rtol
+            if bool(done.any()):
+                out[active[done]] = h[done]
+                keep = torch.nonzero(~done).flatten()
+                active, h, Bact = active[keep], h[keep], Bact[keep]
+            if progress:
+                bar.set_postfix(active=int(active.numel()), max_residual=float(mx.max()) if mx.numel() else 0.0)
+        close_bar(bar)
     if active.numel():
         out[active] = h
     x = (out / scale).to(model.dtype)
