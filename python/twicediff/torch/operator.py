@@ -98,12 +98,15 @@ class HessianOperator:
         except _DATA_ERRORS as exc:
             if self.model is self._own or self.num_passes > 0:
                 raise
-            # The model or loss does not run in the product dtype (a loss or forward that builds
-            # tensors of a fixed dtype): compute in the model's own dtype, as product_dtype=None does.
-            logger.warning("HessianOperator: products in %s failed (%s); computing them in the model's dtype %s",
-                           self.dtype, str(exc).splitlines()[0][:300], self._own.dtype)
+            # The model or loss may not run in the product dtype (a loss or forward that builds
+            # tensors of a fixed dtype): compute in the model's own dtype, as product_dtype=None
+            # does. Said only when that works; bad data fails there too, with its own error.
+            tried = self.dtype
             self.model, self.dtype, self._products = self._own, self._own.dtype, []
-            return self._apply_rows(V)
+            out = self._apply_rows(V)
+            logger.warning("HessianOperator: products in %s failed (%s); computing them in the model's dtype %s",
+                           tried, str(exc).splitlines()[0][:300], self.dtype)
+            return out
 
     def _apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         out_dtype = V.dtype
