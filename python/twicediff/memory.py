@@ -106,7 +106,8 @@ def reserved(nbytes: int) -> Iterator[None]:
     """Context manager: work inside the block has ``nbytes`` less budget (in this thread). A solver
     that holds blocks of its own (CG's search blocks, LiSSA's iterates, the right-hand sides of an
     influence computation) reserves them, so that the chunks of the products it calls are sized
-    against what is left and the whole computation, not each chunk, stays within the budget."""
+    against what is left and the whole computation, not each chunk, stays within the budget
+    (reservations lower a fixed budget to half of it at most; see :func:`get_memory_budget`)."""
     previous = getattr(_reserved, "nbytes", 0)
     _reserved.nbytes = previous + max(int(nbytes), 0)
     try:
@@ -117,11 +118,13 @@ def reserved(nbytes: int) -> Iterator[None]:
 
 def get_memory_budget(device: Union[torch.device, str, None] = None) -> int:
     """The budget in bytes for work on ``device`` (default CPU): the fixed one if set, else half
-    of the device's free memory now; less what the enclosing computations hold (:func:`reserved`),
-    and at least 1 byte."""
+    of the device's free memory now; a fixed budget less what the enclosing computations hold
+    (:func:`reserved`), down to half of it."""
     held = getattr(_reserved, "nbytes", 0)
     if _budget is not None:
-        return max(_budget - held, 1)
+        # Reservations take at most half: a budget that fits a solver's blocks and one product
+        # chunk keeps working (peak then up to 1.5x the budget instead of failing).
+        return max(_budget - held, _budget // 2, 1)
     # free memory already excludes what the enclosing computations allocated
     return max(int(_DEFAULT_FRACTION * _free_bytes(torch.device(device or "cpu"))), 1)
 
