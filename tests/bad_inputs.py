@@ -37,6 +37,27 @@ def _lissa_diverges():
     solve_hvp("lissa", m, _loader(), torch.randn(2, m.num_params), scale=1e-4, maxiter=200)
 
 
+def _lissa_stalls():
+    m = _mlp()
+    solve_hvp("lissa", m, _loader(), torch.randn(2, m.num_params), hessian_perturbation=0.1, maxiter=3)
+
+
+def _under_inference_mode():
+    m = _mlp()
+    with torch.inference_mode():
+        m.grad(*_data())
+
+
+def _direct_too_large():
+    m = TorchTwiceDifferentiable(nn.Linear(5000, 4000).eval(), F.mse_loss)
+    solve_hvp("direct", m, [(torch.randn(2, 5000), torch.randn(2, 4000))], torch.zeros(m.num_params))
+
+
+def _direct_singular():
+    m = _mlp()  # cross-entropy: H is singular (a constant added to every logit changes nothing)
+    solve_hvp("direct", m, _loader(), torch.randn(2, m.num_params))
+
+
 def _native_on(model, loss):
     x = torch.randn(2, 1, 4, 4) if isinstance(model[0], nn.Conv2d) else torch.randn(2, 3)
     TorchTwiceDifferentiable(model.eval(), loss).hvp(x, torch.randint(0, 2, (2,)), torch.randn(
@@ -116,6 +137,14 @@ CASES = [
      lambda: solve_hvp("direct", _mlp(), [], torch.randn(1, 26)), ValueError, ["empty"]),
     ("solve_hvp (LiSSA)", "iterates that become non-finite",
      _lissa_diverges, RuntimeError, ["scale", "dampen"]),
+    ("solve_hvp (LiSSA)", "too few steps to converge (or a scale that diverges without overflow)",
+     _lissa_stalls, RuntimeError, ["did not converge in 3 steps", "maxiter", "scale", "dampen", "on_failure"]),
+    ("solve_hvp (Direct)", "a P whose [P, P] Hessian cannot fit in memory",
+     _direct_too_large, MemoryError, ["P = 20,004,000", "bytes", "'cg'", "'arnoldi'", "EK-FAC"]),
+    ("solve_hvp (Direct)", "a singular H + λI (λ = 0, cross-entropy)",
+     _direct_singular, RuntimeError, ["singular", "hessian_perturbation"]),
+    ("grad / hvp / any entry point", "called under torch.inference_mode()",
+     _under_inference_mode, RuntimeError, ["grad", "inference_mode"]),
     ("hessian_operator", "unknown mode",
      lambda: hessian_operator(_mlp(), _loader(), mode="fisher"), ValueError, ["mode", "fisher"]),
     ("compute_influences", "an empty test loader",

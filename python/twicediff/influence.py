@@ -32,7 +32,7 @@ import torch
 from . import distributed as _distributed
 from . import ops
 from .inversion import InversionMethod, InversionRegistry, solve_hvp
-from .memory import chunk_size, get_memory_budget
+from .memory import chunk_size, get_memory_budget, reserved
 from .errors import data_errors
 from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
 from .torch.tensor_utilities import TorchTensorUtilities
@@ -128,8 +128,9 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
         rhs = _distributed.guarded(group, "compute_influence_factors",
                                    lambda: gradient_matrix(model, test_data, "compute_influence_factors",
                                                            "test_data", progress))
-    return solve_hvp(inversion_method, model, training_data, rhs, hessian_perturbation=hessian_perturbation,
-                     **options)
+    with reserved(rhs.numel() * rhs.element_size()):  # the right-hand sides, held during the solve
+        return solve_hvp(inversion_method, model, training_data, rhs, hessian_perturbation=hessian_perturbation,
+                         **options)
 
 
 def compute_influences_up(model: TorchTwiceDifferentiable, input_data: DataLoaderType,

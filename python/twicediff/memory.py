@@ -36,14 +36,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Iterator, Optional, Union
 
 import torch
 
 from .errors import MemoryBudgetError
 
-__all__ = ["MemoryBudgetError", "chunk_size", "get_memory_budget", "memory_budget", "native_scratch_bytes",
-           "release_native_scratch", "set_memory_budget"]
+__all__ = ["MemoryBudgetError", "chunk_size", "free_bytes", "get_memory_budget", "memory_budget",
+           "native_scratch_bytes", "release_native_scratch", "reserved", "set_memory_budget"]
 
 _budget: Optional[int] = None
 _DEFAULT_FRACTION = 0.5
@@ -78,6 +79,11 @@ def memory_budget(nbytes: Optional[int]) -> Iterator[None]:
         _budget = previous
 
 
+def free_bytes(device: Union[torch.device, str, None] = None) -> int:
+    """Bytes free on ``device`` now (CUDA: free device memory; CPU: ``MemAvailable``)."""
+    return _free_bytes(torch.device(device or "cpu"))
+
+
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -92,12 +98,35 @@ def _free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+_reserved = threading.local()
+
+
+@contextlib.contextmanager
+def reserved(nbytes: int) -> Iterator[None]:
+    """Context manager: work inside the block has ``nbytes`` less budget (in this thread). A solver
+    that holds blocks of its own (CG's search blocks, LiSSA's iterates, the right-hand sides of an
+    influence computation) reserves them, so that the chunks of the products it calls are sized
+    against what is left and the whole computation, not each chunk, stays within the budget
+    (reservations lower a fixed budget to half of it at most; see :func:`get_memory_budget`)."""
+    previous = getattr(_reserved, "nbytes", 0)
+    _reserved.nbytes = previous + max(int(nbytes), 0)
+    try:
+        yield
+    finally:
+        _reserved.nbytes = previous
+
+
 def get_memory_budget(device: Union[torch.device, str, None] = None) -> int:
     """The budget in bytes for work on ``device`` (default CPU): the fixed one if set, else half
-    of the device's free memory now."""
+    of the device's free memory now; a fixed budget less what the enclosing computations hold
+    (:func:`reserved`), down to half of it."""
+    held = getattr(_reserved, "nbytes", 0)
     if _budget is not None:
-        return _budget
-    return int(_DEFAULT_FRACTION * _free_bytes(torch.device(device or "cpu")))
+        # Reservations take at most half: a budget that fits a solver's blocks and one product
+        # chunk keeps working (peak then up to 1.5x the budget instead of failing).
+        return max(_budget - held, _budget // 2, 1)
+    # free memory already excludes what the enclosing computations allocated
+    return max(int(_DEFAULT_FRACTION * _free_bytes(torch.device(device or "cpu"))), 1)
 
 
 def chunk_size(total: int, bytes_per_item: int, device: Union[torch.device, str, None] = None, *,

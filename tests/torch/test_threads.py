@@ -56,3 +56,63 @@ def test_threads_released_together_match_single_threaded(engine):
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors
     assert not mismatches, mismatches[:5]
+
+
+def _shared_problem(native: bool):
+    """One wrapped model (native, or one only the generic engines take) and its loaders."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    if native:
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+        x = torch.randn(40, 6)
+    else:
+        model = nn.Sequential(nn.Conv1d(1, 3, 3), nn.Flatten(), nn.Linear(12, 3)).eval()
+        x = torch.randn(40, 1, 6)
+    y = torch.randint(0, 3, (40,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    return model, TorchTwiceDifferentiable(model, F.cross_entropy), loader
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("kind", ["up", "perturbation"])
+def test_threads_sharing_one_model_get_single_threaded_influences(native, kind):
+    """compute_influences from several threads on ONE wrapped model: torch.func swaps a module's
+    parameters while it runs, so unserialized calls corrupted each other's results and left
+    functorch wrappers in the model (deepcopy then failed)."""
+    import copy
+
+    from twicediff.influence import compute_influences
+
+    model, td, loader = _shared_problem(native)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def influences():
+        return compute_influences(td, loader, test_data=loader, input_data=loader, inversion_method="direct",
+                                  hessian_regularization=0.1, influence_type=kind)
+
+    expected = influences()
+    barrier = threading.Barrier(THREADS)
+    mismatches, errors = [], []
+
+    def work(i):
+        try:
+            barrier.wait(timeout=60)
+            for _ in range(3):
+                out = influences()
+                if not torch.allclose(out, expected, rtol=1e-5, atol=1e-7):
+                    mismatches.append((i, (out - expected).abs().max().item()))
+        except Exception as exc:  # reported below
+            errors.append((i, repr(exc)[:300]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+    assert not mismatches, mismatches[:5]
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    copy.deepcopy(model)

@@ -25,7 +25,7 @@ def num_points(x: torch.Tensor) -> int:
 
 def to_device(x, y, dtype: torch.dtype, device: torch.device, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x, y) on ``device`` after checking that both are tensors with the same number of points and
-    that a floating x has the parameters' ``dtype``."""
+    that a floating x has the parameters' ``dtype``; integer labels of another width become int64."""
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -35,6 +35,10 @@ def to_device(x, y, dtype: torch.dtype, device: torch.device, where: str) -> Tup
     if x.is_floating_point() and x.dtype != dtype:
         raise TypeError(f"{where}: x has dtype {x.dtype} but the model's parameters are {dtype}; "
                         f"convert one of them (x.to({dtype}) or model.to(...))")
+    if not (y.is_floating_point() or y.is_complex()) and y.dtype not in (torch.int64, torch.bool):
+        # Class labels stored as int32 / int16 / uint8 (numpy's default on some platforms, compact
+        # datasets): torch's losses take int64 class indices only.
+        y = y.long()
     return x.to(device), y.to(device)
 
 

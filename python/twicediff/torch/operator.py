@@ -17,6 +17,7 @@ themselves. Larger data is read from the loader on every pass.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -25,13 +26,15 @@ import torch
 from .. import distributed as _distributed
 from ..memory import get_memory_budget
 from ..progress import progress_bar
-from ..errors import data_errors
+from ..errors import _DATA_ERRORS, data_errors
 from .batch import check_training_data, num_points
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
 from .twice_differentiable import TorchTwiceDifferentiable
 
 __all__ = ["HessianOperator", "hessian_operator"]
+
+logger = logging.getLogger(__name__)
 
 
 class HessianOperator:
@@ -41,7 +44,10 @@ class HessianOperator:
         dtype: the dtype the products are computed in; default the model's. Another dtype computes
             with a copy of the model in it (:meth:`TorchTwiceDifferentiable.with_dtype`) and casts
             the floating tensors of each batch: float64 products of a float32 model cost about
-            twice as much on a CPU but resolve residuals far below float32's rounding.
+            twice as much on a CPU but resolve residuals far below float32's rounding. A loss that
+            is a module is cast with the model; where the model or loss still fails in ``dtype`` on
+            the first pass (a forward that builds tensors of a fixed dtype), the products are
+            computed in the model's own dtype instead, with one warning.
 
     Attributes:
         model, training_data, hessian_perturbation (λ), mode, shape (P, P), dtype (of the products),
@@ -68,6 +74,7 @@ class HessianOperator:
         lam = float(hessian_perturbation)
         if not np.isfinite(lam):
             raise ValueError(f"hessian_operator: hessian_perturbation must be a finite number, got {hessian_perturbation!r}")
+        self._own = model
         self.model = model if dtype is None else model.with_dtype(dtype)
         self.training_data = training_data
         self.hessian_perturbation = lam
@@ -90,6 +97,22 @@ class HessianOperator:
         if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] != self.shape[0]:
             got = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
             raise ValueError(f"HessianOperator.apply_rows: V must be [D, P] with P = {self.shape[0]}, got {got}")
+        try:
+            return self._apply_rows(V)
+        except _DATA_ERRORS as exc:
+            if self.model is self._own or self.num_passes > 0:
+                raise
+            # The model or loss may not run in the product dtype (a loss or forward that builds
+            # tensors of a fixed dtype): compute in the model's own dtype, as product_dtype=None
+            # does. Said only when that works; bad data fails there too, with its own error.
+            tried = self.dtype
+            self.model, self.dtype, self._products = self._own, self._own.dtype, []
+            out = self._apply_rows(V)
+            logger.warning("HessianOperator: products in %s failed (%s); computing them in the model's dtype %s",
+                           tried, str(exc).splitlines()[0][:300], self.dtype)
+            return out
+
+    def _apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         out_dtype = V.dtype
         V = V.to(self.device)
         Vm = V.to(self.dtype)

@@ -32,6 +32,7 @@ from ..progress import progress_bar
 from .batch import squeezed_loss
 from .engines.func import split_params
 from .engines.generic import activation_numel
+from .guard import model_call
 from .mvp import batched_mvp
 from .tensor_utilities import TorchTensorUtilities
 from .twice_differentiable import TorchTwiceDifferentiable
@@ -73,21 +74,22 @@ def per_sample_grads(model: TorchTwiceDifferentiable, x: torch.Tensor, y: torch.
         One tensor [B, *shape_k] per trainable parameter k (in ``model.parameters`` order), detached;
         packed, row i is ``model.grad(x[i:i+1], y[i:i+1])``.
     """
-    names, params, fixed = split_params(model.model)
-    try:
-        grads = torch.func.vmap(torch.func.grad(lambda p, xi, yi: _point_loss(model, p, fixed, xi, yi)),
-                                in_dims=(None, 0, 0))(params, x, y)
-        return [grads[n].detach() for n in names]
-    except _FUNC_ERRORS as exc:
-        func_error = exc
-    trainable = model.parameters
-    # Bad data (a wrong shape, a class index out of range) fails here too, and raises plain
-    # autograd's error: the fallback is logged only when it works.
-    rows = [torch.autograd.grad(squeezed_loss(model.loss, model.model(x[i:i + 1]), y[i:i + 1]), trainable)
-            for i in range(x.shape[0])]
-    _log_fallback("per_sample_grads", func_error)
-    return [torch.stack([r[k] for r in rows]) if rows else x.new_empty(0, *p.shape)
-            for k, p in enumerate(trainable)]
+    with model_call(model.model, "per sample grads"):
+        names, params, fixed = split_params(model.model)
+        try:
+            grads = torch.func.vmap(torch.func.grad(lambda p, xi, yi: _point_loss(model, p, fixed, xi, yi)),
+                                    in_dims=(None, 0, 0))(params, x, y)
+            return [grads[n].detach() for n in names]
+        except _FUNC_ERRORS as exc:
+            func_error = exc
+        trainable = model.parameters
+        # Bad data (a wrong shape, a class index out of range) fails here too, and raises plain
+        # autograd's error: the fallback is logged only when it works.
+        rows = [torch.autograd.grad(squeezed_loss(model.loss, model.model(x[i:i + 1]), y[i:i + 1]), trainable)
+                for i in range(x.shape[0])]
+        _log_fallback("per_sample_grads", func_error)
+        return [torch.stack([r[k] for r in rows]) if rows else x.new_empty(0, *p.shape)
+                for k, p in enumerate(trainable)]
 
 
 def per_sample_mixed_products(model: TorchTwiceDifferentiable, x: torch.Tensor, y: torch.Tensor,
@@ -103,23 +105,24 @@ def per_sample_mixed_products(model: TorchTwiceDifferentiable, x: torch.Tensor, 
     Returns:
         [T, B, *x_i.shape], detached.
     """
-    B = x.shape[0]
-    T = v.shape[0]
-    if B == 0 or T == 0:
-        return x.new_zeros(T, *x.shape)
-    xg = x.detach().requires_grad_(True)
-    trainable = model.parameters
-    names, _, fixed = split_params(model.model)
-    params = dict(zip(names, trainable))  # the live parameters: the graph reaches them
-    try:
-        losses = torch.func.vmap(lambda xi, yi: _point_loss(model, params, fixed, xi, yi))(xg, y)
-    except _FUNC_ERRORS as exc:
-        losses = torch.stack([squeezed_loss(model.loss, model.model(xg[i:i + 1]), y[i:i + 1])
-                              for i in range(B)])
-        _log_fallback("per_sample_mixed_products", exc)  # once it worked (see per_sample_grads)
-    g = torch.autograd.grad(losses.sum(), trainable, create_graph=True)
-    g = torch.cat([t.reshape(-1) for t in g])
-    return batched_mvp(g, v, xg).reshape(T, *x.shape)
+    with model_call(model.model, "per sample mixed products"):
+        B = x.shape[0]
+        T = v.shape[0]
+        if B == 0 or T == 0:
+            return x.new_zeros(T, *x.shape)
+        xg = x.detach().requires_grad_(True)
+        trainable = model.parameters
+        names, _, fixed = split_params(model.model)
+        params = dict(zip(names, trainable))  # the live parameters: the graph reaches them
+        try:
+            losses = torch.func.vmap(lambda xi, yi: _point_loss(model, params, fixed, xi, yi))(xg, y)
+        except _FUNC_ERRORS as exc:
+            losses = torch.stack([squeezed_loss(model.loss, model.model(xg[i:i + 1]), y[i:i + 1])
+                                  for i in range(B)])
+            _log_fallback("per_sample_mixed_products", exc)  # once it worked (see per_sample_grads)
+        g = torch.autograd.grad(losses.sum(), trainable, create_graph=True)
+        g = torch.cat([t.reshape(-1) for t in g])
+        return batched_mvp(g, v, xg).reshape(T, *x.shape)
 
 
 _logged_fallback: set = set()

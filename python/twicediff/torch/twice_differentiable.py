@@ -22,6 +22,7 @@ from .batch import check_vectors, squeezed_loss, to_device
 from .engines import select
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
+from .guard import model_call
 from .mvp import batched_mvp
 
 __all__ = ["TorchTwiceDifferentiable", "check_model"]
@@ -89,12 +90,17 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
 
     def with_dtype(self, dtype: torch.dtype) -> "TorchTwiceDifferentiable":
         """The same model and loss computing in ``dtype``: self when its parameters already are,
-        else a deep copy of the model cast to ``dtype`` (which parameters require grad is kept)."""
+        else a deep copy of the model cast to ``dtype`` (which parameters require grad is kept). A
+        loss that is a module (``nn.CrossEntropyLoss(weight=...)``) is copied and cast too, so that
+        the tensors it holds match."""
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"with_dtype: dtype must be a floating torch.dtype, got {dtype!r}")
         if dtype == self.dtype:
             return self
-        return TorchTwiceDifferentiable(copy.deepcopy(self.model).to(dtype), self.loss)
+        loss = copy.deepcopy(self.loss).to(dtype) if isinstance(self.loss, nn.Module) else self.loss
+        with model_call(self.model, "with_dtype"):
+            model = copy.deepcopy(self.model).to(dtype)
+        return TorchTwiceDifferentiable(model, loss)
 
     @property
     def parameters(self) -> List[torch.Tensor]:
@@ -127,7 +133,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         x, y = self.checked_batch(x, y, "grad")
         if create_graph and not x.requires_grad:
             x = x.requires_grad_(True)
-        with data_errors("grad", "", x, y):
+        with model_call(self.model, "grad"), data_errors("grad", "", x, y):
             value = squeezed_loss(self.loss, self.model(x), y)
             grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
         return torch.cat([g.reshape(-1) for g in grads])
@@ -161,7 +167,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 else type(out).__name__
             raise ValueError(f"add_hessian_: out must be [P, P] = [{P}, {P}] {self.dtype} on {self.device}, "
                              f"got {got}")
-        return _hessian.add_hessian_(self, x, y, out, alpha=alpha, method=method, progress=progress)
+        with model_call(self.model, "hessian"):
+            return _hessian.add_hessian_(self, x, y, out, alpha=alpha, method=method, progress=progress)
 
     def mean_hessian(self, training_data, *, progress: bool = False) -> torch.Tensor:
         r"""The Hessian of the mean loss over the batches of ``training_data``,
@@ -176,7 +183,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         Raises:
             ValueError: ``training_data`` yields no points.
         """
-        return _hessian.mean_hessian(self, training_data, progress=progress)
+        with model_call(self.model, "mean_hessian"):
+            return _hessian.mean_hessian(self, training_data, progress=progress)
 
     @staticmethod
     def mvp(grad_xy: torch.Tensor, v: torch.Tensor,
@@ -243,10 +251,6 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             raise ValueError(f"hvp: engine must be one of {select.ENGINES}, got {engine!r}")
         x, y = self.checked_batch(x, y, "hvp")
         x, y = x.detach(), y.detach()  # products are not differentiated further
-        # preparing runs the model (or its frozen prefix) on the batch
-        with data_errors("hvp", "", x, y):
-            chosen, batch = select.prepare(engine, self.model, self.loss, x, y)
-
         def checked(V: torch.Tensor) -> torch.Tensor:
             V = self.check_vectors(V, "hvp_function", "V")
             if V.dim() != 2:
@@ -254,8 +258,14 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                                  f"{tuple(V.shape)}")
             return V
 
-        return BoundHvp(chosen, batch, mode, self.device, progress=progress, check=checked,
-                        errors=lambda: data_errors("hvp", "", x, y))
+        # preparing runs the model (or its frozen prefix) on the batch
+        with model_call(self.model, "hvp"), data_errors("hvp", "", x, y):
+            chosen, batch = select.prepare(engine, self.model, self.loss, x, y)
+            bound = BoundHvp(chosen, batch, mode, self.device, progress=progress, check=checked,
+                             errors=lambda: data_errors("hvp", "", x, y))
+        return bound
+
+
 
     # ---- engines -----------------------------------------------------------------------------
     def native_unsupported_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
@@ -265,7 +275,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         feature count or class index no engine can take)."""
         x, y = self.checked_batch(x, y, "native_unsupported_reason")
         try:
-            select.native_engine(self.model, self.loss, x, y)
+            with model_call(self.model, "native_unsupported_reason"):
+                select.native_engine(self.model, self.loss, x, y)
         except NotNativeError as exc:
             return str(exc)
         return ""

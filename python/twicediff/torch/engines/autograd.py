@@ -8,6 +8,7 @@ from ..batch import squeezed_loss
 from ..mvp import batched_mvp, flat_grads
 from .base import PreparedBatch
 from .generic import GenericEngine
+from ..guard import model_call
 
 __all__ = ["AutogradEngine", "autograd_hvp"]
 
@@ -24,6 +25,11 @@ class AutogradEngine(GenericEngine):
 def autograd_hvp(model, loss, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
                  mode: str = "hessian") -> torch.Tensor:
     """H v (or JᵀH_ℓJ v) for v [D, P] by double backward through autograd; [D, P]."""
+    with model_call(model, "hvp"):
+        return _autograd_hvp(model, loss, x, y, v, mode)
+
+
+def _autograd_hvp(model, loss, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     output = model(x)
     value = squeezed_loss(loss, output, y)

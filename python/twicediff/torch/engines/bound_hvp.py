@@ -8,6 +8,7 @@ import torch
 
 from ...memory import chunk_size
 from ...progress import progress_bar
+from ..guard import model_call
 from .base import Engine, PreparedBatch
 
 __all__ = ["BoundHvp"]
@@ -43,10 +44,11 @@ class BoundHvp:
 
     def _compute(self, V: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self._errors is None:
-            return self.engine.apply(self._batch, V, self.mode)
-        with self._errors():
-            return self.engine.apply(self._batch, V, self.mode)
+        with model_call(self.engine.model, "hvp"):
+            if self._errors is None:
+                return self.engine.apply(self._batch, V, self.mode)
+            with self._errors():
+                return self.engine.apply(self._batch, V, self.mode)
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         V = self._check(V)

@@ -13,6 +13,7 @@ from ... import ops
 from ..batch import squeezed_loss
 from .base import PreparedBatch
 from .generic import GenericEngine
+from ..guard import model_call
 
 __all__ = ["FuncEngine", "func_hvp", "split_params"]
 
@@ -76,8 +77,17 @@ def func_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor,
     vmapped over the D directions; returns [D, P] in the layout of ``grad``.
 
     Calls from several threads take turns (forward-mode AD state is process-wide in torch)."""
-    with _FORWARD_AD_LOCK:
-        return _func_hvp_unlocked(model, loss, x, y, v, mode)
+    with model_call(model, "hvp"), _FORWARD_AD_LOCK:  # the model's lock first, always
+        try:
+            return _func_hvp_unlocked(model, loss, x, y, v, mode)
+        except RuntimeError as exc:
+            if "mutate a captured Tensor" not in str(exc) or not model.training:
+                raise
+            # A module in training mode updates a buffer in place (BatchNorm's running statistics),
+            # which torch.func transforms cannot trace.
+            raise RuntimeError(f"hvp: the torch.func engine cannot run {type(model).__name__} in training mode: "
+                               "a module updates its buffers in place (e.g. BatchNorm's running statistics); "
+                               "call model.eval(), or use engine='autograd' or 'auto'") from exc
 
 
 def _func_hvp_unlocked(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,

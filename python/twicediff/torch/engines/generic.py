@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..guard import model_call
 from .base import PreparedBatch, generic_directions_per_chunk
 
 __all__ = ["GenericEngine", "activation_numel"]
@@ -56,7 +57,7 @@ def activation_numel(model: nn.Module, x: torch.Tensor) -> int:
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
-        with torch.no_grad():
+        with model_call(model, "activation size"), torch.no_grad():  # buffers kept as they were
             model(x)
     finally:
         for h in hooks:

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ... import ops
-from ...progress import progress_bar
+from ...progress import close_bar, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor
     rz = (R * Z).sum(1) if precondition is not None else gamma[active]
     Pd = Z.clone()
     negative_curvature = False
-    bar = progress_bar(range(maxiter), progress, desc="cg", unit="it")
+    bar = progress_bar(range(maxiter), progress, desc="cg", unit="it", count_only=True)
     for _ in bar:
         if active.numel() == 0:
             break
@@ -87,6 +87,7 @@ def block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor
         ops.cg_direction(Pd, Z, beta)
         if progress:
             bar.set_postfix(active=int(active.numel()))
+    close_bar(bar)
     if active.numel():
         out[active] = X
     if negative_curvature:
@@ -164,7 +165,7 @@ def block_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch
     indefinite = False
     stalled = torch.zeros(N, dtype=torch.bool, device=dev)
     steps = 0
-    bar = progress_bar(range(maxiter), progress, desc="block cg", unit="step")
+    bar = progress_bar(range(maxiter), progress, desc="block cg", unit="step", count_only=True)
     tick = iter(bar)
     for _ in range(max_rounds):
         todo = torch.nonzero((gamma > stop) & ~stalled).flatten()
@@ -212,8 +213,7 @@ def block_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch
         X[todo[worse]] = X_before[worse]
         better = todo[~worse]
         R[better], gamma[better] = R_true[~worse], g_true[~worse]
-    if progress:
-        bar.close()
+    close_bar(bar)
     if indefinite:
         logger.warning("cg: H + λI is not positive definite on the search directions (it is indefinite); "
                        "block CG still converges when no row breaks down, but consider a larger "

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from ...memory import chunk_size
+from ...memory import chunk_size, reserved
 from ...twice_differentiable import InverseHvpResult
 from ..operator import HessianOperator
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
@@ -103,8 +103,9 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
     # together are solved in groups, each a block of its own.
     N = B.shape[0]
     group = chunk_size(N, 7 * model.num_params * 8, model.device, what="CG right-hand sides")
-    parts = [solver(op.apply_rows, B[s:s + group], X0[s:s + group], rtol=rtol, atol=atol, maxiter=maxiter,
-                    precondition=precondition, progress=progress) for s in range(0, N, group)]
+    with reserved(7 * group * model.num_params * 8):  # the products get what the blocks leave
+        parts = [solver(op.apply_rows, B[s:s + group], X0[s:s + group], rtol=rtol, atol=atol, maxiter=maxiter,
+                        precondition=precondition, progress=progress) for s in range(0, N, group)]
     X = torch.cat([x for x, _ in parts]).to(model.dtype)
     stats = {key: torch.cat([st[key] for _, st in parts]) for key in ("niter", "optimal", "gamma")}
     info = _cg_info(stats)

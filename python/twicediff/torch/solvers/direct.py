@@ -8,6 +8,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 
 from ... import ops
+from ...errors import MemoryBudgetError
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
@@ -32,8 +33,13 @@ def solve_linear(model: TorchTwiceDifferentiable, training_data: Iterable, b: to
         (``"cholesky"``, ``"cholesky+lu"`` or ``"lu"``) and ``positive_definite_block`` (the k
         leading rows factored by Cholesky).
 
+    A model in bfloat16 or float16 has its Hessian factored in float32 (x is returned in its dtype).
+
     Raises:
-        RuntimeError: H + λI is singular (advises a larger ``hessian_perturbation``).
+        MemoryBudgetError: the [P, P] matrices do not fit the memory free on the device (before
+            anything is allocated; names P, the bytes and the alternatives).
+        RuntimeError: H + λI is singular: a factorization fails, or the solution leaves a residual
+            above a tenth of ‖b‖ (advises a larger ``hessian_perturbation``).
     """
     where = "solve_linear"
     check_model(model, where)
@@ -41,28 +47,59 @@ def solve_linear(model: TorchTwiceDifferentiable, training_data: Iterable, b: to
     B, one = check_rhs(model, b, where)
     lam = check_nonnegative(hessian_perturbation, "hessian_perturbation", where)
     P = model.num_params
+    _check_fits(P, model.dtype, model.device, where)
     hessian = model.mean_hessian(training_data, progress=progress)
-    matrix = hessian.clone()
+    # The factorizations take float32 and float64; a half-precision model's Hessian (assembled in
+    # its dtype, as hessian() returns it) is factored in float32 and the solution cast back.
+    work = torch.float32 if hessian.dtype in (torch.bfloat16, torch.float16) else hessian.dtype
+    matrix = hessian.to(work, copy=True)
     matrix.diagonal().add_(lam)
-    x, k = cholesky_then_lu(matrix, B.T)
+    rhs = B.T.to(work)
+    x, k = cholesky_then_lu(matrix, rhs)
     solver = "cholesky" if k == P else ("lu" if k == 0 else "cholesky+lu")
     if x is None:
         try:
-            x = torch.linalg.solve(matrix, B.T)
+            x = torch.linalg.solve(matrix, rhs)
         except torch.linalg.LinAlgError as exc:
-            raise RuntimeError(f"solve_linear: H + λI is singular; increase hessian_perturbation (now {lam}). "
+            raise RuntimeError(f"{where}: H + λI is singular; increase hessian_perturbation (now {lam}). "
                                f"{exc}") from exc
         solver = "lu"
     if solver != "cholesky":
         logger.info("solve_linear: H + λI is not positive definite; solved by %s (positive definite leading "
                     "block of %d of %d)", solver, k, P)
-    x = x.T
+    # A (numerically) singular H + λI can factor without complaint and give an x that does not
+    # solve the system: every column must meet its right-hand side to a tenth of its norm.
+    residual = _residual64(matrix, x, rhs).norm(dim=0)
+    worst = float((residual / rhs.double().norm(dim=0).clamp_min(1e-300)).max()) if rhs.shape[1] else 0.0
+    if not worst <= 0.1:
+        raise RuntimeError(f"{where}: H + λI is singular (or nearly): the solution leaves a residual of "
+                           f"{worst:.3g}·‖b‖; increase hessian_perturbation (now {lam})")
+    x = x.T.to(model.dtype)
     x = x.contiguous()
     return InverseHvpResult(x=x[0] if one else x,
                             info={"hessian": hessian, "solver": solver, "positive_definite_block": k})
 
 
 CHOLESKY_BLOCK = 256
+
+# [P, P] matrices Direct holds at its peak: the Hessian (returned in info), H + λI and its factor.
+_DIRECT_COPIES = 3
+
+
+def _check_fits(P: int, dtype: torch.dtype, device: torch.device, where: str) -> None:
+    """MemoryBudgetError before anything is allocated when Direct's [P, P] matrices exceed the memory
+    free on the device (the explicit Hessian is what Direct is; no budget can chunk it away)."""
+    from ...memory import free_bytes
+
+    elem = max(torch.finfo(dtype).bits // 8, 4)
+    need = _DIRECT_COPIES * P * P * elem
+    free = free_bytes(device)
+    if need > free:
+        raise MemoryBudgetError(
+            f"{where}: Direct factors the explicit [P, P] Hessian; with P = {P:,} parameters that needs about "
+            f"{need:,} bytes ({_DIRECT_COPIES} [P, P] matrices of {elem}-byte elements) but {free:,} bytes are "
+            f"free on {device}. Use an iterative or low-rank method: inversion_method='cg' (CG), 'arnoldi' "
+            "(low rank), or EK-FAC where available; or freeze parameters (requires_grad=False) to shrink P")
 
 
 def cholesky_then_lu(A: torch.Tensor, B: torch.Tensor) -> Tuple[Optional[torch.Tensor], int]:
@@ -137,7 +174,7 @@ def cholesky_then_lu(A: torch.Tensor, B: torch.Tensor) -> Tuple[Optional[torch.T
 def _residual64(A: torch.Tensor, X: torch.Tensor, B: torch.Tensor, rows: int = 1024) -> torch.Tensor:
     """B − A X in float64, A converted a block of rows at a time (no float64 copy of A)."""
     Xd = X.double()
-    R = B.double()
+    R = B.to(torch.float64, copy=True)  # B itself is never written (a float64 B is not copied by .double())
     for r in range(0, A.shape[0], rows):
         R[r:r + rows] -= A[r:r + rows].double() @ Xd
     return R

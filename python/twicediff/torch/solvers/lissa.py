@@ -10,7 +10,8 @@ import torch
 from ... import distributed as _distributed
 from ... import ops
 from ...errors import data_errors
-from ...progress import progress_bar
+from ...memory import get_memory_budget, reserved
+from ...progress import close_bar, progress_bar
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data, num_points
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
@@ -21,68 +22,114 @@ logger = logging.getLogger(__name__)
 __all__ = ["solve_lissa"]
 
 
-def _shuffled_batches(training_data: Iterable, where: str) -> Iterator:
-    """Batches of ``training_data`` without end: a DataLoader over a map-style dataset is reshuffled
-    every epoch (same batch size and collate_fn); any other iterable is cycled as it is."""
-    from torch.utils.data import DataLoader, IterableDataset
-    from torch.utils.data.distributed import DistributedSampler
+def _step_product(batches: Iterator, h: torch.Tensor, dtype: torch.dtype, work: torch.dtype,
+                  where: str) -> Tuple[torch.Tensor, int]:
+    """(H_batch h in the iteration dtype, the batch's number of points) on the next batch."""
+    n, product = next(batches)
+    with data_errors(where, "a batch of training_data"):
+        return product(h.to(dtype)).to(work), n
 
-    source = training_data
-    if isinstance(training_data, DataLoader) and isinstance(training_data.sampler, DistributedSampler):
-        # A rank's shard: the sampler reshuffles it each epoch (set_epoch) and keeps it this rank's.
-        epoch = training_data.sampler.epoch
-        while True:
-            training_data.sampler.set_epoch(epoch)
-            epoch += 1
-            empty = True
-            for batch in training_data:
-                empty = False
-                yield batch
-            if empty:
-                raise ValueError(f"{where}: training_data yielded no batch")
-    if isinstance(training_data, DataLoader) and not isinstance(training_data.dataset, IterableDataset) \
-            and training_data.batch_size is not None:
-        source = DataLoader(training_data.dataset, batch_size=training_data.batch_size, shuffle=True,
-                            collate_fn=training_data.collate_fn)
-    while True:
+
+class _Batches:
+    """Batches of ``training_data`` without end, each with its product function (the batch prepared
+    once: on the device, the engine chosen, a native model's frozen prefix applied).
+
+    The first epoch reads the loader as it is. While the batches' product functions fit in a
+    quarter of the memory budget they are kept, and later epochs visit them in the order the loader
+    would give them again (a fresh random one, from torch's generator, for a DataLoader that
+    reshuffles): a frozen feature extractor then runs once per batch, not once per step.
+    Otherwise every epoch reads the loader again: a DataLoader over a map-style dataset reshuffled
+    (same batch size and collate_fn), any other iterable as it is.
+    """
+
+    def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, where: str):
+        self.model, self.training_data, self.where = model, training_data, where
+
+    def _source(self) -> Iterable:
+        from torch.utils.data import DataLoader, IterableDataset
+        from torch.utils.data.distributed import DistributedSampler
+
+        data = self.training_data
+        if isinstance(data, DataLoader) and isinstance(data.sampler, DistributedSampler):
+            # A rank's shard: the sampler reshuffles it each epoch (set_epoch) and keeps it this rank's.
+            self._epoch = getattr(self, "_epoch", data.sampler.epoch) + 1
+            data.sampler.set_epoch(self._epoch)
+            return data
+        if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) \
+                and data.batch_size is not None:
+            return DataLoader(data.dataset, batch_size=data.batch_size, shuffle=True, collate_fn=data.collate_fn)
+        return data
+
+    def _reshuffles(self) -> bool:
+        from torch.utils.data import DataLoader, IterableDataset
+
+        data = self.training_data
+        return isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) \
+            and data.batch_size is not None
+
+    def _prepared(self, x, y):
+        """(points in the batch, its product function)."""
+        with data_errors(self.where, "a batch of training_data", x, y):
+            return (num_points(x) if isinstance(x, torch.Tensor) else 1), self.model.hvp_function(x, y)
+
+    def __iter__(self) -> Iterator:
+        room = get_memory_budget(self.model.device) // 4
+        kept = []
         empty = True
-        for batch in source:
+        for x, y in self.training_data:
             empty = False
-            yield batch
+            product = self._prepared(x, y)
+            if kept is not None:
+                room -= product[1].nbytes
+                kept = kept + [product] if room >= 0 else None
+            yield product
         if empty:
-            raise ValueError(f"{where}: training_data yielded no batch")
-
-
-def _lissa_product(model: TorchTwiceDifferentiable, batches: Iterator, h: torch.Tensor,
-                   where: str) -> Tuple[torch.Tensor, int]:
-    """(H_batch h, the batch's number of points) on the next batch."""
-    x, y = next(batches)
-    with data_errors(where, "a batch of training_data", x, y):
-        return model.hvp(x, y, h), (num_points(x) if isinstance(x, torch.Tensor) else 1)
+            raise ValueError(f"{self.where}: training_data yielded no batch")
+        # Kept batches are visited as the loader would have given them again: in a fresh random order
+        # where it reshuffles (a DataLoader over a map-style dataset), else in its own order.
+        while kept:
+            order = torch.randperm(len(kept)).tolist() if self._reshuffles() else range(len(kept))
+            for i in order:
+                yield kept[i]
+        while True:
+            for x, y in self._source():
+                yield self._prepared(x, y)
 
 
 def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: torch.Tensor,
                 hessian_perturbation: float = 0.0, *, maxiter: int = 1000, dampen: float = 0.0, scale: float = 10.0,
-                h0: Optional[torch.Tensor] = None, rtol: float = 1e-4, progress: bool = False) -> InverseHvpResult:
+                h0: Optional[torch.Tensor] = None, rtol: float = 1e-4, progress: bool = False,
+                on_failure: str = "raise") -> InverseHvpResult:
     r"""LiSSA (Agarwal et al. 2017): for all rows of b at once, iterate
 
         h ← b + (1 − dampen)·h − (H_batch + λI)·h / scale
 
-    with H_batch the Hessian on a fresh shuffled batch each step (the loader is iterated without
-    end, reshuffled every epoch), and return x = h / scale. A row stops when
-    max_j |Δh_j / h_j| < rtol; stopped rows cost nothing more.
+    with H_batch the Hessian on a batch drawn for each step (see below), and return x = h / scale.
+    A row stops when max_j |Δh_j / h_j| < rtol; stopped rows cost nothing more. The iteration
+    converges only when ``scale`` exceeds the largest eigenvalue of H_batch + λI; ``dampen`` > 0
+    makes it contract faster (and solves a damped system, (H + λI + dampen·scale·I) x = b).
+
+    Batches: the first epoch reads ``training_data`` as it is; while the prepared batches fit a
+    quarter of the memory budget they are kept and later epochs visit them in a fresh random order
+    (a frozen feature extractor runs once per batch), else every epoch reads the loader again
+    (reshuffled when it is a DataLoader over a map-style dataset). A model in bfloat16 or float16
+    iterates in float32 (its products are still taken in its own dtype).
 
     Args:
         h0: initial h, [P] or [N, P]; default b.
         maxiter: steps at most.
+        on_failure: what a row that has not met ``rtol`` after ``maxiter`` steps gets: ``"raise"``
+            (a RuntimeError with advice on scale, dampen and maxiter) or ``"warn"`` (a warning, and
+            the last iterate).
 
     Returns:
         InverseHvpResult: x of b's shape; info ``max_perc_residual`` and ``mean_perc_residual``
         (100·max and 100·mean of |Δh/h| over every entry at each row's last step), plus ``niter``
-        (steps per row, a list).
+        (steps per row, a list) and ``converged`` (whether every row met rtol).
 
     Raises:
-        RuntimeError: the iterate became non-finite (increase scale or dampen).
+        RuntimeError: the iterate became non-finite, or (``on_failure="raise"``) a row did not
+            converge in ``maxiter`` steps.
     """
     where = "solve_lissa"
     group = _distributed.enter(where, model)
@@ -96,40 +143,71 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
         raise ValueError(f"{where}: scale must be a finite number > 0, got {scale!r}")
     if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
         raise ValueError(f"{where}: maxiter must be an int >= 0, got {maxiter!r}")
+    if on_failure not in ("raise", "warn"):
+        raise ValueError(f"{where}: on_failure must be 'raise' or 'warn', got {on_failure!r}")
     scale = float(scale)
     N, P = B.shape
     out = initial_guess(h0, B, model, where, "h0")
+    # The fused step op takes float32 and float64; a half-precision model iterates in float32.
+    work = torch.float32 if model.dtype in (torch.bfloat16, torch.float16) else model.dtype
+    out, B = out.to(work), B.to(work)
     max_rel = torch.full((N,), float("inf"), dtype=torch.float64, device=B.device)
     sum_rel = torch.full((N,), float("inf"), dtype=torch.float64, device=B.device)
     niter = torch.zeros(N, dtype=torch.int64, device=B.device)
     active = torch.arange(N, device=B.device)
     h, Bact = out.clone(), B
-    batches = _shuffled_batches(training_data, where)
-    bar = progress_bar(range(maxiter), progress, desc="lissa", unit="step")
-    for _ in bar:
-        if active.numel() == 0:
-            break
-        # A step takes one batch on every rank: with a process group, the products of the ranks'
-        # batches are averaged, weighted by batch size (twicediff.distributed).
-        Hh = _distributed.mean_over_ranks(group, where, lambda: _lissa_product(model, batches, h, where), check=h)
-        mx, sm = ops.lissa_step(h, Bact, Hh, dampen, scale, lam)
-        if bool(torch.isnan(mx).any()):
-            raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf); LiSSA diverges when "
-                               f"‖I − (H + λI)/scale‖ ≥ 1: increase scale (now {scale}) or dampen (now {dampen})")
-        niter[active] += 1
-        max_rel[active], sum_rel[active] = mx, sm
-        done = mx < rtol
-        if bool(done.any()):
-            out[active[done]] = h[done]
-            keep = torch.nonzero(~done).flatten()
-            active, h, Bact = active[keep], h[keep], Bact[keep]
-        if progress:
-            bar.set_postfix(active=int(active.numel()), max_residual=float(mx.max()) if mx.numel() else 0.0)
+    half_norm = h.norm(dim=1)  # ‖h‖ of every row halfway through (diverging iterates keep growing)
+    # h, b and the product in the iteration dtype: the products get the rest of the budget
+    with reserved(3 * N * P * torch.finfo(work).bits // 8):
+        batches = iter(_Batches(model, training_data, where))
+        bar = progress_bar(range(maxiter), progress, desc="lissa", unit="step", count_only=True)
+        for step in bar:
+            if active.numel() == 0:
+                break
+            if step == maxiter // 2:
+                half_norm[active] = h.norm(dim=1)
+            # A step takes one batch on every rank: with a process group, the products of the ranks'
+            # batches are averaged, weighted by batch size (twicediff.distributed).
+            Hh = _distributed.mean_over_ranks(group, where, lambda: _step_product(batches, h, model.dtype, work, where),
+                                              check=h)
+            mx, sm = ops.lissa_step(h, Bact, Hh, dampen, scale, lam)
+            if bool(torch.isnan(mx).any()):
+                raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf); LiSSA diverges when "
+                                   f"‖I − (H + λI)/scale‖ ≥ 1: increase scale (now {scale}) or dampen (now {dampen})")
+            niter[active] += 1
+            max_rel[active], sum_rel[active] = mx, sm
+            done = mx < rtol
+            if bool(done.any()):
+                out[active[done]] = h[done]
+                keep = torch.nonzero(~done).flatten()
+                active, h, Bact = active[keep], h[keep], Bact[keep]
+            if progress:
+                bar.set_postfix(active=int(active.numel()), max_residual=float(mx.max()) if mx.numel() else 0.0)
+        close_bar(bar)
     if active.numel():
         out[active] = h
-    x = out / scale
+    x = (out / scale).to(model.dtype)
     max_perc = 100 * float(max_rel.max()) if N else 0.0
     mean_perc = 100 * float(sum_rel.sum()) / (N * P) if N * P else 0.0
     logger.info("%s: max residual %.4g %%, mean residual %.4g %%", where, max_perc, mean_perc)
-    info = {"max_perc_residual": max_perc, "mean_perc_residual": mean_perc, "niter": niter.tolist()}
+    converged = active.numel() == 0
+    if not converged:
+        # A converging iterate approaches scale·(H + λI)⁻¹b and levels off; a diverging one grows
+        # geometrically, by orders of magnitude over the second half of the steps.
+        growth = float((h.norm(dim=1) / half_norm[active].clamp_min(torch.finfo(work).tiny)).max())
+        trend = (f"‖h‖ grew {growth:.3g}-fold over the last half of the steps, so the iteration diverges: LiSSA "
+                 f"converges only when scale exceeds the largest eigenvalue of H + λI: increase scale (now "
+                 f"{scale}) or dampen (now {dampen})"
+                 if growth > 1e3 else
+                 f"increase maxiter (now {maxiter}) or rtol (mini-batch noise keeps |Δh/h| near "
+                 f"‖H_batch − H‖/scale), or increase scale (now {scale}) or dampen (now {dampen}) if ‖h‖ keeps "
+                 "growing")
+        message = (f"{where}: {int(active.numel())} of {N} right-hand sides did not converge in {maxiter} steps "
+                   f"(largest relative change of h in the last step {max_perc:.3g} %, rtol {100 * rtol:.3g} %); "
+                   f"{trend}")
+        if on_failure == "raise":
+            raise RuntimeError(message + "; on_failure='warn' returns the last iterate instead")
+        logger.warning("%s", message)
+    info = {"max_perc_residual": max_perc, "mean_perc_residual": mean_perc, "niter": niter.tolist(),
+            "converged": converged}
     return InverseHvpResult(x=x[0] if one else x, info=info)

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Optional, Tuple
 import torch
 
 from ... import distributed as _distributed
-from ...progress import progress_bar
+from ...progress import close_bar, progress_bar
 from ...twice_differentiable import InverseHvpResult
 from ..operator import HessianOperator
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
@@ -105,7 +105,7 @@ def _lanczos_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], 
     Q = torch.zeros(0, P, dtype=torch.float64, device=device)
     AQ = torch.zeros_like(Q)
     new = torch.randn(bs, P, generator=gen, dtype=torch.float64, device=device)
-    bar = progress_bar(range(max_iter), progress, desc="lanczos", unit="pass")
+    bar = progress_bar(range(max_iter), progress, desc="lanczos", unit="pass", count_only=True)
     theta = S = sel = None
     converged = False
     for _ in bar:
@@ -137,6 +137,7 @@ def _lanczos_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], 
             Q, AQ = S[:, keep].T @ Q, S[:, keep].T @ AQ
             theta, S, sel = theta[keep], torch.eye(keep.numel(), dtype=torch.float64, device=device), \
                 torch.arange(min(k, keep.numel()), device=device)
+    close_bar(bar)
     if not converged:
         logger.warning("lanczos: the %d eigenpairs did not converge to tol=%g within max_iter=%d products; "
                        "returning the best approximation found; raise max_iter or krylov_dimension", k, tol, max_iter)

@@ -1,0 +1,132 @@
+"""What every call guarantees about the user's model and the context it is called in: buffers and
+parameters left as found (a training-mode BatchNorm included), a training-mode Dropout reported once
+per model, gradients under torch.no_grad(), a clear error under torch.inference_mode(), and stock
+attention (scaled_dot_product_attention, nn.TransformerEncoderLayer) differentiable twice."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from twicediff import TorchTwiceDifferentiable
+from twicediff.influence import compute_influences
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+
+
+@pytest.mark.parametrize("engine", ["auto", "autograd"])
+def test_training_batchnorm_buffers_survive_every_call(engine):
+    """A BatchNorm in training mode updates its running statistics in every forward pass; an hvp
+    (its preparation, the activation-size probe, the products), grad and hessian used to leave
+    them overwritten. torch.func cannot trace the in-place update: engine="func" says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2))
+    model.train()
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    td = TorchTwiceDifferentiable(model, F.mse_loss)
+    before = _state(model)
+    td.hvp(x, y, torch.randn(3, td.num_params), engine=engine)
+    _assert_same_state(model, before)
+    with pytest.raises(RuntimeError, match="torch.func engine cannot run .* training mode"):
+        td.hvp(x, y, torch.randn(3, td.num_params), engine="func")
+    _assert_same_state(model, before)
+    td.grad(x, y)
+    td.hessian(x, y)
+    _assert_same_state(model, before)
+
+
+def test_training_dropout_warned_once_per_model(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.3), nn.Linear(5, 2))  # training mode
+    td = TorchTwiceDifferentiable(model, F.mse_loss)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="twicediff"):
+        td.grad(x, y)
+        td.hvp(x, y, torch.randn(td.num_params))
+        td.hessian(x, y)
+    dropout = [r for r in caplog.records if "Dropout in training mode" in r.getMessage()]
+    assert len(dropout) == 1 and "'1'" in dropout[0].getMessage()
+    model.eval()
+    other = nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.0))  # p = 0 is not random
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="twicediff"):
+        TorchTwiceDifferentiable(other, F.mse_loss).grad(x, y)
+    assert not [r for r in caplog.records if "Dropout" in r.getMessage()]
+
+
+def test_gradients_under_no_grad_and_a_clear_error_under_inference_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).eval()
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    expected = td.grad(x, y)
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    pert = compute_influences(td, loader, influence_type="perturbation", hessian_regularization=0.1)
+    with torch.no_grad():
+        assert torch.equal(td.grad(x, y), expected)
+        assert torch.allclose(compute_influences(td, loader, influence_type="perturbation",
+                                                 hessian_regularization=0.1), pert)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            td.grad(x, y)
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            td.hvp(x, y, torch.randn(td.num_params))
+
+
+class _Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x):  # [B, T, d] -> [B, 2]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(F.scaled_dot_product_attention(q, k, v).mean(1))
+
+
+@pytest.mark.parametrize("which", ["sdpa", "encoder_layer"])
+def test_stock_attention_is_twice_differentiable(which):
+    """torch's fused CPU attention kernel has no second derivative ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); twicediff's
+    passes select the math backend. Checked against double backward on the same model in float64."""
+    torch.manual_seed(0)
+    d = 8
+    if which == "sdpa":
+        model = _Attention(d)
+    else:
+        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        model = nn.Sequential(layer, nn.Flatten(), nn.Linear(3 * d, 2))
+    model = model.eval().double()
+    x, y = torch.randn(5, 3, d, dtype=torch.float64), torch.randint(0, 2, (5,))
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    P = td.num_params
+    v = torch.randn(3, P, dtype=torch.float64)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        params = list(model.parameters())
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+        g = torch.cat([t.reshape(-1) for t in g])
+        ref = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(g @ vd, params, retain_graph=True)])
+                           for vd in v])
+    for engine in ("auto", "func", "autograd"):
+        torch.testing.assert_close(td.hvp(x, y, v, engine=engine), ref)
+    H = td.hessian(x[:2], y[:2])
+    assert H.shape == (P, P) and torch.isfinite(H).all()
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    for kind in ("up", "perturbation"):
+        out = compute_influences(td, loader, influence_type=kind, hessian_regularization=0.1,
+                                 inversion_method="direct")
+        assert torch.isfinite(out).all()
