@@ -52,7 +52,8 @@ def child(args) -> None:
     y = torch.randint(0, WIDTHS[-1], (args.points,), generator=g)
     td = TorchTwiceDifferentiable(model, nn.functional.cross_entropy)
     op = hessian_operator(td, [(x, y)], hessian_perturbation=0.1)
-    op.apply_rows(torch.randn(args.block_size, td.num_params, dtype=torch.float64))  # warm-up, cache
+    for d in sorted({1, args.block_size}):  # warm-up: batch cache, the GEMM probe of each shape class
+        op.apply_rows(torch.randn(d, td.num_params, dtype=torch.float64))
     passes0 = op.num_passes
     reset_peak_rss()
     base = peak_rss_bytes()
