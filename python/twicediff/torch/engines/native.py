@@ -131,14 +131,22 @@ class NativeEngine:
                                [lin.bias for lin in self.linears], V, self.chains, self.loss_kind, self.reduction,
                                gauss_newton=mode == "gauss_newton")
 
+        return _on_blas(call) if self._gemm_library(batch, V, mode, call) == "blas" else call()
+
+    def gemm_library(self, batch: PreparedBatch, V: torch.Tensor, mode: str = "hessian") -> str:
+        """Which library runs the float32 GEMMs of ``apply(batch, V, mode)``: ``"onednn"`` or
+        ``"blas"`` (probed on first use of the shape class, see engines/probe.py), or
+        ``"default"`` where nothing is chosen (not a float32 CPU call, or oneDNN unavailable)."""
+        return self._gemm_library(batch, V, mode, lambda: self.apply(batch, V, mode))
+
+    def _gemm_library(self, batch: PreparedBatch, V: torch.Tensor, mode: str, call) -> str:
         if V.device.type != "cpu" or V.dtype != torch.float32 or _C.cpu_gemm() != "onednn":
-            return call()
+            return "default"
         # The float32 GEMMs' library (oneDNN or ATen's BLAS) is picked by a timed probe per shape
-        # class (engines/probe.py); torch.backends.mkldnn.enabled = False sends them to ATen.
+        # class; torch.backends.mkldnn.enabled = False sends them to ATen.
         key = (f"N={batch.inputs.shape[0]} widths={[tuple(lin.weight.shape) for lin in self.linears]} "
                f"D<={1 << max(0, V.shape[0] - 1).bit_length()} {mode} threads={torch.get_num_threads()}")
-        choice = probe.choose("cpu_gemm", key, {"onednn": call, "blas": lambda: _on_blas(call)})
-        return call() if choice == "onednn" else _on_blas(call)
+        return probe.choose("cpu_gemm", key, {"onednn": call, "blas": lambda: _on_blas(call)})
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor) -> PreparedBatch:
         """(features [N, in], target) in the op's form, after pyDVL's squeeze convention: the frozen
