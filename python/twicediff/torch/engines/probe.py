@@ -3,10 +3,10 @@
 Where two implementations compute the same thing and which is faster depends on the CPU, its
 BLAS and the shapes (the native op's float32 GEMMs on torch's bundled oneDNN or on ATen's BLAS),
 the first call of a shape class runs each candidate and keeps the fastest for the rest of the
-process. The cost is bounded: one untimed warm-up call of each candidate, then timed rounds
-alternating the candidates while the probe has spent less than ``max_seconds`` (default 0.2 s),
-at most three; a shape class whose single call is slower than that is decided on its warm-up
-calls alone, so a probe costs about max(``max_seconds``, two calls of each candidate). The
+process. The cost is bounded: one untimed warm-up call of each candidate (first-call costs such
+as oneDNN's kernel generation stay out), one timed round, then more timed rounds alternating the
+candidates while the probe has spent less than ``max_seconds`` (default 0.2 s), three rounds at
+most: a probe costs about max(``max_seconds``, two calls of each candidate). The
 candidates' results are discarded (each call is a pure function of its inputs): only speed
 depends on the choice, and the candidates differ at most in floating-point rounding.
 
@@ -116,8 +116,8 @@ def _measure(candidates: Mapping[str, Callable[[], object]], max_seconds: float)
         call()
         best[name] = time.perf_counter() - t
     timed = False
-    for _ in range(MAX_ROUNDS):
-        if time.perf_counter() - start >= max_seconds:
+    for r in range(MAX_ROUNDS):
+        if r and time.perf_counter() - start >= max_seconds:
             break
         for name, call in candidates.items():
             t = time.perf_counter()
