@@ -130,18 +130,29 @@ def native_gemms(td, x, y, v) -> Callable[[], object]:
             for start in range(0, v.shape[0], step):
                 chunk(min(step, v.shape[0] - start))
 
+    # The GEMMs run on the library the op's probe picked for this shape class.
+    if engine.gemm_library(prepared, v[:step].to(Ws[0].dtype)) == "blas":
+        def on_blas() -> None:
+            with cpu_gemm("blas"):
+                run_chunks()
+        return on_blas
     return run_chunks
 
 
 @contextlib.contextmanager
 def cpu_gemm(backend: str) -> Iterator[None]:
     """Within the block, the native ops' CPU GEMMs go to ``backend`` (``"auto"``: oneDNN where
-    possible; ``"blas"``: ATen's), through the ``TWICEDIFF_CPU_GEMM`` environment variable."""
+    possible; ``"blas"``: ATen's), through the ``TWICEDIFF_CPU_GEMM`` environment variable and,
+    for ``"auto"``, an override of the op's timed probe (which would otherwise pick per shape)."""
+    from twicediff.torch.engines import probe
+
     old = os.environ.get("TWICEDIFF_CPU_GEMM")
     os.environ["TWICEDIFF_CPU_GEMM"] = backend
+    probe.set_choice("cpu_gemm", "onednn" if backend == "auto" else None)
     try:
         yield
     finally:
+        probe.set_choice("cpu_gemm", None)
         if old is None:
             del os.environ["TWICEDIFF_CPU_GEMM"]
         else:

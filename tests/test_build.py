@@ -27,6 +27,7 @@ BUILD_INFO_TYPES = {
     "nvcc": (str, type(None)),
     "sanitize": (str, type(None)),
     "cpu_gemm": str,
+    "probe": dict,
 }
 
 

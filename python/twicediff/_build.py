@@ -67,7 +67,8 @@ def build_info() -> Dict[str, Any]:
     kernels compiled in), ``gpu_available`` (a CUDA device is usable now), ``nvcc``, ``sanitize``,
     ``cpu_gemm`` (which library takes the native ops' float32 GEMMs on the CPU: ``"onednn"``, torch's
     bundled oneDNN, or ``"blas"``, ATen's; the environment variable ``TWICEDIFF_CPU_GEMM=blas`` or
-    ``torch.backends.mkldnn.enabled = False`` forces the latter).
+    ``torch.backends.mkldnn.enabled = False`` forces the latter; otherwise a timed probe picks one
+    per shape class on first use), ``probe`` (those choices, see twicediff.torch.engines.probe).
     """
     return {
         "torch": _config.TORCH_VERSION,
@@ -79,4 +80,12 @@ def build_info() -> Dict[str, Any]:
         "nvcc": _config.NVCC_VERSION,
         "sanitize": _config.SANITIZE,
         "cpu_gemm": _C.cpu_gemm(),
+        "probe": _probe_choices(),
     }
+
+
+def _probe_choices() -> Dict[str, Any]:
+    """The choices made by timed probes so far (twicediff.torch.engines.probe)."""
+    from .torch.engines import probe
+
+    return probe.choices()

@@ -22,7 +22,9 @@ fresh large blocks from the CPU allocator are faulted in and zeroed page by page
 a large share of a call's time on small MLPs. :func:`native_scratch_bytes` says how much is held
 and :func:`release_native_scratch` frees it.
 
-Their float32 GEMMs go through torch's bundled oneDNN (``build_info()["cpu_gemm"]``), which keeps
+Their float32 GEMMs go through torch's bundled oneDNN (``build_info()["cpu_gemm"]``) or, where a
+timed probe on first use of a shape class finds it faster, ATen's BLAS (``build_info()["probe"]``,
+twicediff.torch.engines.probe). oneDNN keeps
 the kernels it generates for each new GEMM shape in two process-wide caches, ideep's
 (``LRU_CACHE_CAPACITY``, default 1024 entries) and oneDNN's (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
 default 1024). One call of the native op costs a few MB of them the first time its shapes (batch

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
+from ..._build import _C
+from . import probe
 from ...ops.mlp_hvp import ACTIVATIONS
 from ...errors import BadBatchError, ModelMisreadError, NotNativeError
 from .base import MAX_DIRECTIONS_PER_CHUNK, MODES, PreparedBatch
@@ -22,6 +24,16 @@ def _rounding(dtype: torch.dtype) -> float:
     """The relative gap two evaluations of one model in ``dtype`` may show (different GEMM
     blockings, fused or not)."""
     return 64 * torch.finfo(dtype).eps
+
+
+def _on_blas(call):
+    """``call()`` with the native op's float32 GEMMs on ATen's BLAS."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        return call()
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 class NativeEngine:
@@ -114,9 +126,27 @@ class NativeEngine:
         if V.dtype != weight.dtype or V.device != weight.device:
             raise TypeError(f"NativeEngine.apply: V must be {weight.dtype} on {weight.device} like the "
                             f"parameters, got {V.dtype} on {V.device}")
-        return ops.mlp_hvp(batch.inputs, batch.target, [lin.weight for lin in self.linears],
-                           [lin.bias for lin in self.linears], V, self.chains, self.loss_kind, self.reduction,
-                           gauss_newton=mode == "gauss_newton")
+        def call():
+            return ops.mlp_hvp(batch.inputs, batch.target, [lin.weight for lin in self.linears],
+                               [lin.bias for lin in self.linears], V, self.chains, self.loss_kind, self.reduction,
+                               gauss_newton=mode == "gauss_newton")
+
+        return _on_blas(call) if self._gemm_library(batch, V, mode, call) == "blas" else call()
+
+    def gemm_library(self, batch: PreparedBatch, V: torch.Tensor, mode: str = "hessian") -> str:
+        """Which library runs the float32 GEMMs of ``apply(batch, V, mode)``: ``"onednn"`` or
+        ``"blas"`` (probed on first use of the shape class, see engines/probe.py), or
+        ``"default"`` where nothing is chosen (not a float32 CPU call, or oneDNN unavailable)."""
+        return self._gemm_library(batch, V, mode, lambda: self.apply(batch, V, mode))
+
+    def _gemm_library(self, batch: PreparedBatch, V: torch.Tensor, mode: str, call) -> str:
+        if V.device.type != "cpu" or V.dtype != torch.float32 or _C.cpu_gemm() != "onednn":
+            return "default"
+        # The float32 GEMMs' library (oneDNN or ATen's BLAS) is picked by a timed probe per shape
+        # class; torch.backends.mkldnn.enabled = False sends them to ATen.
+        key = (f"N={batch.inputs.shape[0]} widths={[tuple(lin.weight.shape) for lin in self.linears]} "
+               f"D<={1 << max(0, V.shape[0] - 1).bit_length()} {mode} threads={torch.get_num_threads()}")
+        return probe.choose("cpu_gemm", key, {"onednn": call, "blas": lambda: _on_blas(call)})
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor) -> PreparedBatch:
         """(features [N, in], target) in the op's form, after pyDVL's squeeze convention: the frozen

@@ -1,0 +1,164 @@
+"""Choices made by measurement: a short timed probe on first use per shape class, cached.
+
+Where two implementations compute the same thing and which is faster depends on the CPU, its
+BLAS and the shapes (the native op's float32 GEMMs on torch's bundled oneDNN or on ATen's BLAS),
+the first call of a shape class runs each candidate and keeps the fastest for the rest of the
+process. The cost is bounded: one untimed warm-up call of each candidate (first-call costs such
+as oneDNN's kernel generation stay out), one timed round, then more timed rounds alternating the
+candidates while the probe has spent less than ``max_seconds`` (default 0.2 s), three rounds at
+most: a probe costs about max(``max_seconds``, two calls of each candidate). The
+candidates' results are discarded (each call is a pure function of its inputs): only speed
+depends on the choice, and the candidates differ at most in floating-point rounding.
+
+A choice is overridden by :func:`set_choice` (for example ``set_choice("cpu_gemm", "blas")``) or,
+for the GEMM backend, by ``TWICEDIFF_CPU_GEMM=blas`` / ``torch.backends.mkldnn.enabled = False``
+(which the native op honours whatever the probe says). :func:`choices` lists what was decided
+(``twicediff.build_info()["probe"]``). Setting ``TWICEDIFF_PROBE_CACHE`` to a file path keeps the
+decisions on disk between processes (JSON, keyed by the CPU model, torch version and shape class).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+__all__ = ["choices", "choose", "clear", "set_choice"]
+
+_lock = threading.Lock()
+_decided: Dict[Tuple[str, str], Dict] = {}
+_overrides: Dict[str, str] = {}
+MAX_SECONDS = 0.2
+MAX_ROUNDS = 3
+
+
+def set_choice(kind: str, name: Optional[str]) -> None:
+    """Always pick ``name`` for decisions of ``kind`` (None: measure again)."""
+    if not isinstance(kind, str):
+        raise TypeError(f"set_choice: kind must be a str, got {type(kind).__name__}")
+    with _lock:
+        if name is None:
+            _overrides.pop(kind, None)
+        else:
+            _overrides[kind] = str(name)
+
+
+def clear() -> None:
+    """Forget every decision of this process (not the disk cache) and every override."""
+    with _lock:
+        _decided.clear()
+        _overrides.clear()
+
+
+def choices() -> Dict[str, Dict]:
+    """What was decided: ``"kind: key"`` → {choice, seconds (per candidate, best timed call),
+    source ("probe", "given", "disk")}, plus the overrides as ``"kind: *"``."""
+    with _lock:
+        out = {f"{k}: {key}": dict(v) for (k, key), v in _decided.items()}
+        out.update({f"{k}: *": {"choice": v, "source": "override"} for k, v in _overrides.items()})
+    return out
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}"
+
+
+def _disk_path() -> Optional[str]:
+    return os.environ.get("TWICEDIFF_PROBE_CACHE") or None
+
+
+def _disk_load(kind: str, key: str, names) -> Optional[str]:
+    path = _disk_path()
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            entry = json.load(f).get(_machine(), {}).get(f"{kind}: {key}")
+    except (OSError, ValueError):
+        return None
+    return entry if entry in names else None
+
+
+def _disk_store(kind: str, key: str, name: str) -> None:
+    path = _disk_path()
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault(_machine(), {})[f"{kind}: {key}"] = name
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _measure(candidates: Mapping[str, Callable[[], object]], max_seconds: float) -> Dict[str, float]:
+    start = time.perf_counter()
+    best: Dict[str, float] = {}
+    for name, call in candidates.items():  # warm-up: first-call costs (kernel generation) stay out
+        t = time.perf_counter()
+        call()
+        best[name] = time.perf_counter() - t
+    timed = False
+    for r in range(MAX_ROUNDS):
+        if r and time.perf_counter() - start >= max_seconds:
+            break
+        for name, call in candidates.items():
+            t = time.perf_counter()
+            call()
+            s = time.perf_counter() - t
+            best[name] = s if not timed else min(best[name], s)
+        timed = True
+    return best
+
+
+def choose(kind: str, key: str, candidates: Mapping[str, Callable[[], object]], *,
+           timings: Optional[Mapping[str, float]] = None, max_seconds: float = MAX_SECONDS) -> str:
+    """The name of the fastest of ``candidates`` (name → call of no arguments) for the shape class
+    ``key`` of decision ``kind``: an override, else this process' earlier decision, else the disk
+    cache, else a probe (see the module docstring). ``timings`` (name → seconds) decides without
+    running anything, as a probe that measured them would."""
+    if not candidates:
+        raise ValueError(f"probe.choose: candidates must name at least one call, got {dict(candidates)!r}")
+    names = list(candidates)
+    with _lock:
+        if kind in _overrides:
+            if _overrides[kind] not in names:
+                raise ValueError(f"probe: the override for {kind!r} must be one of {names}, got {_overrides[kind]!r}")
+            return _overrides[kind]
+        if (kind, key) in _decided:
+            return _decided[(kind, key)]["choice"]
+    if timings is not None:
+        missing = [n for n in names if n not in timings]
+        if missing:
+            raise ValueError(f"probe.choose: timings must give seconds for every candidate {names}, missing {missing}")
+        seconds, source = {n: float(timings[n]) for n in names}, "given"
+    else:
+        cached = _disk_load(kind, key, names)
+        if cached is not None:
+            with _lock:
+                _decided[(kind, key)] = {"choice": cached, "source": "disk"}
+            return cached
+        seconds, source = _measure(candidates, max_seconds), "probe"
+    name = min(names, key=lambda n: (seconds[n], names.index(n)))
+    with _lock:
+        _decided[(kind, key)] = {"choice": name, "seconds": seconds, "source": source}
+    if source == "probe":
+        _disk_store(kind, key, name)
+    return name
