@@ -10,8 +10,8 @@ from torch.nn import functional as F
 
 from twicediff import TorchTwiceDifferentiable
 from twicediff.app.cli import main
-from twicediff.evaluate import (METHODS, Problem, available_methods, bootstrap_ci, digits_problem, evaluate, lds,
-                                margin, point_gradients, predict_subsets, retrain_measurements, sample_subsets,
+from twicediff.evaluate import (METHODS, QUICK_METHODS, Problem, available_methods, bootstrap_ci, digits_problem, evaluate, lds,
+                                describe, margin, point_gradients, predict_subsets, retrain_measurements, sample_subsets,
                                 spearman_per_column)
 
 
@@ -251,6 +251,11 @@ def test_cli_help_explains_method_and_cost(capsys):
 def test_method_table_and_digits_problem():
     assert {"identity", "direct", "cg", "lissa", "arnoldi-10", "arnoldi-100"} <= set(available_methods())
     assert set(available_methods()) <= set(METHODS)
+    # --quick: the same methods, CG and LiSSA cheaper, the rest identical.
+    assert set(QUICK_METHODS) == set(METHODS) and available_methods(QUICK_METHODS) == available_methods()
+    assert [n for n in METHODS if QUICK_METHODS[n] is not METHODS[n]] == ["cg", "lissa"]
+    assert describe(QUICK_METHODS["lissa"]) == "lissa(batch_size=128, maxiter=100, rtol=0.001, scale=5.0)"
+    assert describe(METHODS["cg"]) == "cg(atol=0.0, rtol=1e-06)" and describe(METHODS["identity"]) == "identity"
     problem = digits_problem()
     problem.validate()
     assert problem.x_train.shape == (1200, 64) and problem.x_test.shape == (297, 64)
@@ -309,3 +314,13 @@ def test_margin_measurement_end_to_end_on_logistic_regression():
     assert ev.methods["direct"]["lds"] >= 0.85
     assert ev.methods["identity"]["lds"] < ev.methods["direct"]["lds"]
     assert ev.methods["direct"]["self_influence"]["auc"] > 0.8
+    assert ev.config["self_influence_points"] == n and ev.config["self_influence_flipped"] == 9
+    # Self-influence on a sample: all n points drawn is the whole set again; 40 of them are scored
+    # against the flipped labels among those 40, and that sample is recorded.
+    every = evaluate(problem, methods=["direct"], num_subsets=2, num_seeds=1, self_influence_points=n)
+    assert every.methods["direct"]["self_influence"] == ev.methods["direct"]["self_influence"]
+    some = evaluate(problem, methods=["direct"], num_subsets=2, num_seeds=1, self_influence_points=40)
+    assert some.config["self_influence_points"] == 40 and 0 < some.config["self_influence_flipped"] < 40
+    assert some.methods["direct"]["self_influence"]["auc"] > 0.8
+    with pytest.raises(ValueError, match="self_influence_points must be at most the 90 training points, got 91"):
+        evaluate(problem, methods=["direct"], num_subsets=2, self_influence_points=91)

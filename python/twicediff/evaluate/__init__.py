@@ -11,6 +11,6 @@
 from .core import Evaluation, evaluate, point_gradients  # noqa: F401
 from .digits import DigitsTrainer, digits_problem  # noqa: F401
 from .lds import bootstrap_ci, lds, predict_subsets, sample_subsets, spearman_per_column  # noqa: F401
-from .methods import METHODS, available_methods, identity, solver  # noqa: F401
+from .methods import METHODS, QUICK_METHODS, available_methods, describe, identity, solver  # noqa: F401
 from .problem import PointLoss, Problem, margin  # noqa: F401
 from .retrain import retrain_measurements  # noqa: F401

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import platform
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..influence import compute_influences_up
 from ..torch import TorchTwiceDifferentiable
 from .lds import bootstrap_ci, lds, predict_subsets, sample_subsets, spearman_per_column
-from .methods import METHODS, available_methods
+from .methods import METHODS, Solve, available_methods, describe
 from .problem import Problem, resolve_measurement
 from .retrain import fingerprint, retrain_measurements
 
@@ -82,7 +82,9 @@ def _facts() -> Dict[str, Any]:
 
 def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_subsets: int = 50,
              num_seeds: int = 3, fraction: float = 0.5, seed: int = 0, workers: int = 1,
-             cache_dir: Optional[str] = None, bootstrap: int = 2000, progress: bool = False) -> Evaluation:
+             cache_dir: Optional[str] = None, bootstrap: int = 2000, progress: bool = False,
+             method_table: Optional[Mapping[str, Solve]] = None,
+             self_influence_points: Optional[int] = None) -> Evaluation:
     """Linear datamodeling score and flipped-label detection of influence methods on ``problem``.
 
     1. Train the full model, ``problem.train(arange(n), seed)``, and compute with each method the
@@ -100,19 +102,29 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
        (95 %, ``bootstrap`` resamples). Given ``problem.flipped``: ROC AUC and precision at k (k =
        the number flipped) of ranking the training points by self-influence and by validation harm.
 
+    ``method_table`` maps the names in ``methods`` to their solvers (default :data:`METHODS`; the
+    CLI's ``--quick`` passes :data:`twicediff.evaluate.methods.QUICK_METHODS`, cheaper options). The
+    options of each method used are recorded in ``config["method_options"]``.
+    ``self_influence_points`` (default: all n) scores self-influence on that many training points,
+    drawn at random from ``seed`` (the same for every method), and the detection figures are those
+    of the flipped labels among them: the self-influence of a point costs one right-hand side.
+
     Cost: ``num_subsets · num_seeds`` trainings on ``fraction`` of the data (divided among the
-    workers), plus for each method one solve of (H + λI) x = b with T + V + n right-hand sides (T test
-    points, V validation points, n training points for the self-influences), timed.
+    workers), plus for each method one solve of (H + λI) x = b with T + V + n' right-hand sides (T
+    test points, V validation points, n' = ``self_influence_points`` or n training points for the
+    self-influences), timed.
     The noise of the measurement itself is reported as ``retrain["split_half"]``: the mean Spearman
     correlation over test points between the averages of two halves of the seeds, a rough ceiling
     for any method's LDS with half the seeds.
     """
     problem.validate()
-    names = list(available_methods() if methods is None else methods)
-    unknown = [n for n in names if n not in METHODS]
-    unavailable = [n for n in names if n in METHODS and n not in available_methods()]
+    table = METHODS if method_table is None else method_table
+    available = available_methods(table)
+    names = list(available if methods is None else methods)
+    unknown = [n for n in names if n not in table]
+    unavailable = [n for n in names if n in table and n not in available]
     if not names or unknown or unavailable:
-        raise ValueError(f"evaluate: methods must be names among {available_methods()}, got {names!r}"
+        raise ValueError(f"evaluate: methods must be names among {available}, got {names!r}"
                          + (f" (unknown: {unknown})" if unknown else "")
                          + (f" (not available in this twicediff: {unavailable})" if unavailable else ""))
     num_subsets = _check_int(num_subsets, "num_subsets", 2)
@@ -121,6 +133,14 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
     workers = _check_int(workers, "workers", 1)
     bootstrap = _check_int(bootstrap, "bootstrap", 1)
     n = problem.x_train.shape[0]
+    self_points = np.arange(n, dtype=np.int64)
+    if self_influence_points is not None:
+        count = _check_int(self_influence_points, "self_influence_points", 2)
+        if count > n:
+            raise ValueError(f"evaluate: self_influence_points must be at most the {n} training points, got {count}")
+        # A stream of its own (spawn key 1), apart from the subsets' [seed, m] streams.
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+        self_points = np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
     subsets = sample_subsets(n, num_subsets, fraction, seed)
     seeds = [seed + 1 + k for k in range(num_seeds)]
     measurement = resolve_measurement(problem.measurement, problem.loss)
@@ -144,7 +164,7 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
     if problem.x_val is not None:
         rows["validation"] = rhs(loss_fn, problem.x_val, problem.y_val)
     if problem.flipped is not None:
-        rows["self"] = rhs(loss_fn, problem.x_train, problem.y_train)
+        rows["self"] = rhs(loss_fn, problem.x_train[self_points], problem.y_train[self_points])
 
     # One solve per method with every right-hand side stacked (the Direct Hessian or the Arnoldi
     # eigenvectors are then computed once), split afterwards.
@@ -153,9 +173,13 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
     results: Dict[str, Dict[str, Any]] = {}
     scores: Dict[str, np.ndarray] = {}
     flipped = None if problem.flipped is None else np.asarray(problem.flipped)
+    if flipped is not None and not 0 < flipped[self_points].sum() < self_points.size:
+        raise ValueError(f"evaluate: the {self_points.size} self_influence_points drawn hold "
+                         f"{int(flipped[self_points].sum())} flipped labels: detection needs at least one flipped "
+                         f"and one clean point; pass more self_influence_points")
     for name in names:
         start = time.perf_counter()
-        factors = METHODS[name](model, train_loader, stacked, lam).to(model.dtype)
+        factors = table[name](model, train_loader, stacked, lam).to(model.dtype)
         solved = time.perf_counter()
         out: Dict[str, Any] = {}
         for (step, b), lo, hi in zip(rows.items(), bounds[:-1], bounds[1:]):
@@ -196,8 +220,9 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
         for key in ("self_influence", "validation_harm"):
             ranking = results[name].pop(key, None)
             if ranking is not None and flipped is not None:
-                k = int(flipped.sum())
-                entry[key] = {"auc": roc_auc(ranking, flipped), "precision_at_k": precision_at_k(ranking, flipped, k)}
+                truth = flipped[self_points] if key == "self_influence" else flipped
+                k = int(truth.sum())
+                entry[key] = {"auc": roc_auc(ranking, truth), "precision_at_k": precision_at_k(ranking, truth, k)}
         entry["seconds"] = results[name]["seconds"]
         results[name] = entry
     config = {"num_subsets": num_subsets, "num_seeds": num_seeds, "fraction": float(fraction), "seed": seed,
@@ -205,7 +230,12 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
               "n_train": n, "n_test": int(problem.x_test.shape[0]), "subset_size": int(subsets.shape[1]),
               "n_val": None if problem.x_val is None else int(problem.x_val.shape[0]),
               "num_flipped": None if flipped is None else int(flipped.sum()), "problem": problem.name,
-              "num_params": model.num_params, "methods": names, "bootstrap_resamples": bootstrap}
+              "num_params": model.num_params, "methods": names, "bootstrap_resamples": bootstrap,
+              "method_options": {name: describe(table[name]) for name in names},
+              "self_influence_points": None if flipped is None else int(self_points.size),
+              "self_influence_flipped": None if flipped is None else int(flipped[self_points].sum()),
+              # The sample itself where it is one (it also follows from the seed).
+              "self_influence_indices": None if flipped is None or self_points.size == n else self_points.tolist()}
     retrain = {"trained": stats.trained, "reused": stats.reused, "seconds": retrain_seconds,
                "full_model_seconds": train_seconds, "split_half": split_half}
     return Evaluation(config=config, subsets=subsets, seeds=seeds, measurements=measured, methods=results,

@@ -11,6 +11,11 @@ To add a method, add a line: ``"name": solver("method", option=value)`` for anyt
 :class:`twicediff.InversionRegistry` (its options are those of :func:`twicediff.solve_hvp`), or any
 function with the signature above. Methods whose inversion method this twicediff does not have are
 left out of :func:`available_methods` (K-FAC and EK-FAC join the table once registered).
+
+:data:`QUICK_METHODS` is the same table with cheaper options for ``evaluate --quick``: CG to a
+looser tolerance and LiSSA with fewer steps. Their answers are then less accurate, and their LDS
+may be lower than with :data:`METHODS`; the options used are recorded with every evaluation
+(:func:`describe`).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from ..inversion import InversionMethod, solve_hvp
 
-__all__ = ["METHODS", "Solve", "available_methods", "identity", "solver"]
+__all__ = ["METHODS", "QUICK_METHODS", "Solve", "available_methods", "describe", "identity", "solver"]
 
 Solve = Callable[[Any, Any, torch.Tensor, float], torch.Tensor]
 
@@ -42,7 +47,17 @@ def solver(method: str, *, batch_size: Optional[int] = None, **options: Any) -> 
         return solve_hvp(method, model, training_data, rhs, hessian_perturbation=regularization, **options).x
 
     solve.inversion_method = method  # type: ignore[attr-defined]
+    solve.options = dict(options, **({} if batch_size is None else {"batch_size": batch_size}))  # type: ignore
     return solve
+
+
+def describe(solve: Solve) -> str:
+    """One line naming a method's solver and options, e.g. ``cg(atol=0.0, rtol=1e-06)``."""
+    method = getattr(solve, "inversion_method", None)
+    if method is None:
+        return getattr(solve, "__qualname__", repr(solve))
+    options = getattr(solve, "options", {})
+    return f"{method}(" + ", ".join(f"{k}={v!r}" for k, v in sorted(options.items())) + ")"
 
 
 # Options: CG to a relative residual of 1e-6. LiSSA diverges unless its scale exceeds half the
@@ -50,6 +65,11 @@ def solver(method: str, *, batch_size: Optional[int] = None, **options: Any) -> 
 # converges in the direction of an eigenvalue e at the rate 1 − e/scale per step, so 300 steps
 # leave the flattest directions (e near λ) far from converged: the usual cost/accuracy trade of
 # LiSSA, measured as it is used. Batches of 128 halve the cost of a step.
+# K-FAC and EK-FAC: the empirical Fisher (the true labels' gradients), damped by the same absolute
+# λ as the others (relative_damping off), over every Linear layer (the default selection). The
+# Gauss-Newton type ("ggn") is the curvature closer to the Hessian the other methods invert, but
+# through solve_hvp the loss reaches the K-FAC fit wrapped (pyDVL's squeeze), and the "ggn" and
+# "true" types need to recognise F.cross_entropy itself; "empirical" works with any loss.
 METHODS: Dict[str, Solve] = {
     "identity": identity,
     "direct": solver("direct"),
@@ -57,13 +77,22 @@ METHODS: Dict[str, Solve] = {
     "lissa": solver("lissa", scale=5.0, maxiter=300, rtol=1e-3, batch_size=128),
     "arnoldi-10": solver("arnoldi", rank_estimate=10),
     "arnoldi-100": solver("arnoldi", rank_estimate=100),
-    "kfac": solver("kfac"),
-    "ekfac": solver("ekfac"),
+    "kfac": solver("kfac", fisher_type="empirical", relative_damping=False),
+    "ekfac": solver("ekfac", fisher_type="empirical", relative_damping=False),
 }
 
+# --quick: CG stops at a relative residual of 1e-4 (or 100 steps) and LiSSA after 100 steps, a
+# third of their cost in METHODS; every other method is the same.
+QUICK_METHODS: Dict[str, Solve] = dict(
+    METHODS,
+    cg=solver("cg", rtol=1e-4, atol=0.0, maxiter=100),
+    lissa=solver("lissa", scale=5.0, maxiter=100, rtol=1e-3, batch_size=128),
+)
 
-def available_methods() -> List[str]:
-    """The names in :data:`METHODS` that this twicediff can run (its inversion method exists)."""
+
+def available_methods(table: Optional[Dict[str, Solve]] = None) -> List[str]:
+    """The names in ``table`` (default :data:`METHODS`) that this twicediff can run (its inversion
+    method exists)."""
     known = {m.value for m in InversionMethod}
-    return [name for name, solve in METHODS.items()
+    return [name for name, solve in (METHODS if table is None else table).items()
             if getattr(solve, "inversion_method", None) in (None, *known)]

@@ -52,13 +52,21 @@ def format_table(ev: Evaluation) -> str:
             row += f" {cells[0]:>8} | {cells[1]:>8} | {cells[2]:>7} | {cells[3]:>7} |"
         lines.append(row)
     lines.append("")
+    self_points = c.get("self_influence_points") or c["n_train"]
+    sampled = detection and self_points < c["n_train"]
     lines.append(f"time, s: one solve of (H + lambda*I) x = b for all {c['n_test']} test"
                  + (f", {c['n_val']} validation" if c.get("n_val") else "")
-                 + (f" and {c['n_train']} training (self-influence)" if detection else "")
+                 + (f" and {self_points} training (self-influence)" if detection else "")
                  + " right-hand sides, and the dot products that turn the factors into scores")
     if detection:
         lines.append(f"self/val: ranking the training points by self-influence / by harm to the validation loss; "
-                     f"k = {c['num_flipped']} flipped labels")
+                     f"k = {c['num_flipped']} flipped labels"
+                     + (f" (self: k = {c['self_influence_flipped']} flipped among {self_points} training points "
+                        f"drawn at random)" if sampled else ""))
+    options = c.get("method_options") or {}
+    tuned = [f"{_label(name)}: {text}" for name, text in options.items() if "(" in text and not text.endswith("()")]
+    if tuned:
+        lines.append("options: " + "; ".join(tuned))
     return "\n".join(lines)
 
 
