@@ -14,7 +14,7 @@ from torch import nn
 import twicediff
 from twicediff.torch.engines import probe
 from twicediff import MemoryBudgetError, TorchTwiceDifferentiable, get_memory_budget, memory_budget, set_memory_budget
-from twicediff.memory import _free_bytes, chunk_size
+from twicediff.memory import chunk_size, free_bytes
 from twicediff.torch.engines import base as engine_caps
 
 
@@ -50,7 +50,7 @@ def test_setting_and_context_manager():
 
 
 def test_default_is_half_the_free_memory_of_the_device(device):
-    free = _free_bytes(device)
+    free = free_bytes(device)
     budget = get_memory_budget(device)
     assert 0.3 * free <= budget <= 0.7 * free  # half of free memory, which moves a little meanwhile
 
