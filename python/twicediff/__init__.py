@@ -15,6 +15,7 @@ from .influence import (  # noqa: F401
 )
 from .inversion import InversionMethod, InversionRegistry, solve_hvp  # noqa: F401
 from .errors import BadBatchError, MemoryBudgetError, NotNativeError  # noqa: F401
+from . import general  # noqa: F401,E402  (pyDVL's pydvl.influence.general, an alias of .influence)
 from .memory import (  # noqa: F401
     get_memory_budget,
     memory_budget,

@@ -6,6 +6,7 @@ failed on.
   generic engine, distinct from ValueError so that a bug inside the native engine's reading of a
   model is never silently turned into a fallback.
 - :class:`ModelMisreadError`: the native engine's reading of a model disagrees with its forward.
+- :class:`GraphInputError`: ``mvp``'s ``backprop_on`` holds a tensor that ``grad_xy`` does not depend on.
 - :class:`BadBatchError`: a batch no engine can take (wrong feature count, class index out of range).
 - :func:`data_errors`: re-raises what a model or loss raised on a batch with the function and batch named.
 """
@@ -16,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["BadBatchError", "MemoryBudgetError", "ModelMisreadError", "NotNativeError", "data_errors"]
+__all__ = ["BadBatchError", "GraphInputError", "MemoryBudgetError", "ModelMisreadError", "NotNativeError", "data_errors"]
 
 
 class MemoryBudgetError(MemoryError):
@@ -37,6 +38,12 @@ class ModelMisreadError(NotNativeError):
 class BadBatchError(ValueError):
     """A batch no engine can take (a wrong feature count, a class index out of range): the caller's
     error, raised whatever the engine."""
+
+
+class GraphInputError(RuntimeError, ValueError):
+    """``mvp``'s ``backprop_on`` holds a tensor that ``grad_xy`` does not depend on (it does not
+    require grad, or grad_xy's graph does not reach it). A RuntimeError, as autograd and pyDVL
+    0.7.1's ``mvp`` raise, and a ValueError, as twicediff's other argument errors."""
 
 
 # What a model or loss raises on data it cannot take: a shape mismatch in a layer, a class index
