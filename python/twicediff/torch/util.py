@@ -55,9 +55,12 @@ def flatten_tensors_to_vector(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
 
     Raises:
         TypeError: an element is not a tensor.
-        RuntimeError: ``tensors`` is empty (torch.cat's error, as in pyDVL).
+        ValueError: ``tensors`` is empty (what torch.cat raises in pyDVL's version).
     """
-    return torch.cat([t.reshape(-1) for t in _check_tensors(tensors, "flatten_tensors_to_vector", "tensors")])
+    items = _check_tensors(tensors, "flatten_tensors_to_vector", "tensors")
+    if not items:
+        raise ValueError("flatten_tensors_to_vector: tensors is empty; it needs at least one tensor")
+    return torch.cat([t.reshape(-1) for t in items])
 
 
 def reshape_vector_to_tensors(input_vector: torch.Tensor, target_shapes: Iterable[Tuple[int, ...]]
