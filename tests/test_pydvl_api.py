@@ -136,8 +136,8 @@ def mlp_mse_frozen_prefix():
 
 def cnn_ce():
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double().eval()
-    return model, F.cross_entropy, torch.randn(7, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)).double().eval()
+    return model, F.cross_entropy, torch.randn(7, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
 
 
 def mse_broadcast():

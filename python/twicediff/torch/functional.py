@@ -9,7 +9,7 @@ How the products are computed:
 - :func:`hvp` on an arbitrary function: torch.func, reverse-over-reverse (``reverse_only=True``)
   or forward-over-reverse.
 - The batch products of :func:`batch_hvp_gen` and :func:`get_hvp_function` go through twicediff's
-  native R-operator engine (:mod:`twicediff.torch.native_engine`) when it takes the model and the
+  native R-operator engine (:class:`twicediff.torch.engines.NativeEngine`) when it takes the model and the
   loss (an ``nn.Sequential`` of Linear layers and elementwise activations, behind any frozen
   prefix, under MSE / cross-entropy / BCE-with-logits, in evaluation mode) and the batch's shapes
   make ``loss(model(x), y)`` the same function as the engine's squeezed loss: ``y`` shaped like the
@@ -90,19 +90,24 @@ def empirical_loss_function(model: torch.nn.Module, loss: Callable[[torch.Tensor
     return empirical_loss
 
 
+def _native_engine(model: torch.nn.Module, loss: Callable):
+    """The native engine for (model, loss), or None (also for a model in training mode: pyDVL's
+    functional API runs it so, with batch statistics and dropout)."""
+    if any(m.training for m in model.modules()):
+        return None
+    try:
+        return NativeEngine(model, loss)
+    except NotNativeError:
+        return None
+
+
 class _NativeBatch:
     """The native engine's product on one batch, when it computes the Hessian of exactly
     ``loss(model(x), y)``; ``None`` from :meth:`make` otherwise."""
 
     @staticmethod
-    def make(model: torch.nn.Module, loss: Callable, x, y, shapes: Dict) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            return None
-        if any(m.training for m in model.modules()):
-            return None  # the model as pyDVL runs it: in training mode (batch statistics, dropout)
-        try:
-            engine = NativeEngine(model, loss)
-        except NotNativeError:
+    def make(engine, model: torch.nn.Module, x, y, shapes: Dict) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        if engine is None or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             return None
         x = to_model_device(x, model)
         key = (tuple(x.shape), x.dtype, x.device)
@@ -146,8 +151,9 @@ def _batch_products(model: torch.nn.Module, loss: Callable, data_loader: Iterabl
                     ) -> Generator[Tuple[int, Callable[[TorchTensorContainerType], torch.Tensor]], None, None]:
     """(n_b, v ↦ H_b v as a flat [P] vector) for each batch (x_b, y_b) of the loader."""
     shapes: Dict = {}
+    engine = _native_engine(model, loss) if native else None  # read once per pass over the data
     for x, y in iter(data_loader):
-        fast = _NativeBatch.make(model, loss, x, y, shapes) if native else None
+        fast = _NativeBatch.make(engine, model, x, y, shapes)
         batch_loss = batch_loss_function(model, loss, x, y)
 
         def batch_hvp(vec, batch_loss=batch_loss, fast=fast):
