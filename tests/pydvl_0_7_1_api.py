@@ -340,10 +340,20 @@ def check(module, entry: dict, exact: bool = False, all_superset: bool = False):
 ALIASES = {"pydvl.influence.general": ["twicediff.influence"]}
 
 
+_FACES = {"twicediff", "twicediff.general", "twicediff.torch", "twicediff.torch.torch_differentiable"}
+
+
 def _home(obj) -> str:
-    """The twicediff module that defines ``obj`` (for the table)."""
+    """The twicediff module that defines ``obj`` (for the table): its ``__module__``, or for a value
+    without one (a dict, a logger) the module other than the re-exporting faces that holds it."""
     module = getattr(obj, "__module__", None)
-    return module if module and module.startswith("twicediff") else ""
+    if isinstance(module, str) and module.startswith("twicediff"):
+        return module
+    for name, mod in sorted(sys.modules.items()):
+        if name.startswith("twicediff") and name not in _FACES and mod is not None and \
+                any(value is obj for value in vars(mod).values()):
+            return name
+    return ""
 
 
 def table() -> str:
@@ -362,7 +372,7 @@ def table() -> str:
             if spec == "torch":
                 continue
             obj = getattr(module, attr)
-            home = obj.__name__ if inspect.ismodule(obj) else _home(obj) or "(a type variable / value)"
+            home = obj.__name__ if inspect.ismodule(obj) else _home(obj) or "?"
             star = "yes" if entry["all"] and attr in entry["all"] else ""
             lines.append(f"| `{name}.{attr}` | `{entry['twicediff']}.{attr}` | `{home}` | {star} |")
     return "\n".join(lines) + "\n"
