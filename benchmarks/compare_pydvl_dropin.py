@@ -16,10 +16,8 @@ with twicediff from the source tree on the path:
 """
 import argparse
 import importlib
-import math
 import os
 import sys
-import time
 import warnings
 
 import torch

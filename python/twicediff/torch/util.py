@@ -85,6 +85,11 @@ def reshape_vector_to_tensors(input_vector: torch.Tensor, target_shapes: Iterabl
     return tuple(part.reshape(s) for part, s in zip(torch.split(input_vector, sizes), shapes))
 
 
+def _shapes(values) -> list:
+    """Shapes as tuples (the type's name for a value without a shape), for messages."""
+    return [tuple(v.shape) if hasattr(v, "shape") else type(v).__name__ for v in values]
+
+
 def align_structure(source: Dict[str, torch.Tensor], target: TorchTensorContainerType) -> Dict[str, torch.Tensor]:
     """``target`` as a dict with the keys of ``source`` (in its order) and a tensor of the shape of
     ``source[k]`` under each key.
@@ -101,17 +106,14 @@ def align_structure(source: Dict[str, torch.Tensor], target: TorchTensorContaine
         if list(target.keys()) != list(source.keys()):
             raise ValueError(f"align_structure: the keys of target {list(target.keys())} are not those of source "
                              f"{list(source.keys())} (in that order)")
-        got = [getattr(v, "shape", type(v).__name__) for v in target.values()]
-        if got != shapes:
-            raise ValueError(f"align_structure: the shapes of target's values {[tuple(s) if isinstance(s, torch.Size) else s for s in got]} "
-                             f"are not those of source's {[tuple(s) for s in shapes]}")
+        if [getattr(v, "shape", None) for v in target.values()] != shapes:
+            raise ValueError(f"align_structure: the shapes of target's values {_shapes(target.values())} are not "
+                             f"those of source's {_shapes(source.values())}")
         return target
     if isinstance(target, (tuple, list)):
-        got = [getattr(v, "shape", type(v).__name__) for v in target]
-        if got != shapes:
-            raise ValueError(f"align_structure: target is a {type(target).__name__} whose shapes "
-                             f"{[tuple(s) if isinstance(s, torch.Size) else s for s in got]} are not those of "
-                             f"source's values {[tuple(s) for s in shapes]}")
+        if [getattr(v, "shape", None) for v in target] != shapes:
+            raise ValueError(f"align_structure: target is a {type(target).__name__} whose shapes {_shapes(target)} "
+                             f"are not those of source's values {_shapes(source.values())}")
         return dict(zip(source.keys(), target))
     if isinstance(target, torch.Tensor):
         try:
