@@ -293,6 +293,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--out", default="")
+    ap.add_argument("--no-speed", action="store_true", help="sections 1-3 only (no timing: no lock needed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = [f"# twicediff against pyDVL {pydvl.__version__}, side by side", "",
@@ -309,10 +310,15 @@ def main():
     out += ["", "## 3. Bad calls: the exception raised (with its builtin bases)", "",
             "| call | pyDVL 0.7.1 | twicediff |", "|---|---|---|"]
     out += [f"| {name} | {a} | {b} |" for name, a, b in error_rows()]
+    if args.no_speed:
+        out += ["", "## 4. Speed: not measured in this run (--no-speed)"]
+        speed = []
+    else:
+        speed = speed_rows(args.rounds)
     out += ["", f"## 4. Speed of the functional API: one product H v over the loader, median of {args.rounds} interleaved rounds",
             "", "| model and data | call | pyDVL ms | twicediff ms | pyDVL / twicediff | relative difference |",
             "|---|---|---|---|---|---|"]
-    out += [f"| {a} | {b} | {c:.1f} | {d:.1f} | {e:.1f}x | {f:.1e} |" for a, b, c, d, e, f in speed_rows(args.rounds)]
+    out += [f"| {a} | {b} | {c:.1f} | {d:.1f} | {e:.1f}x | {f:.1e} |" for a, b, c, d, e, f in speed]
     text = "\n".join(out) + "\n"
     print(text)
     if args.out:
