@@ -312,13 +312,13 @@ def main():
     out += [f"| {name} | {a} | {b} |" for name, a, b in error_rows()]
     if args.no_speed:
         out += ["", "## 4. Speed: not measured in this run (--no-speed)"]
-        speed = []
     else:
-        speed = speed_rows(args.rounds)
-    out += ["", f"## 4. Speed of the functional API: one product H v over the loader, median of {args.rounds} interleaved rounds",
-            "", "| model and data | call | pyDVL ms | twicediff ms | pyDVL / twicediff | relative difference |",
-            "|---|---|---|---|---|---|"]
-    out += [f"| {a} | {b} | {c:.1f} | {d:.1f} | {e:.1f}x | {f:.1e} |" for a, b, c, d, e, f in speed]
+        out += ["", f"## 4. Speed of the functional API: one product H v over the loader, median of {args.rounds} "
+                "interleaved rounds", "",
+                "| model and data | call | pyDVL ms | twicediff ms | pyDVL / twicediff | relative difference |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {a} | {b} | {c:.1f} | {d:.1f} | {e:.1f}x | {f:.1e} |"
+                for a, b, c, d, e, f in speed_rows(args.rounds)]
     text = "\n".join(out) + "\n"
     print(text)
     if args.out:
