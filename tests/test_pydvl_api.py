@@ -84,6 +84,20 @@ def test_solvers_are_the_registered_ones():
     assert twicediff.torch.util.as_tensor is twicediff.torch.as_tensor
 
 
+def test_registering_a_solver_of_the_wrong_signature_is_a_value_error():
+    """pyDVL raises ValueError for a solver that does not fit (model, training_data, b, λ)."""
+    from twicediff.inversion import InversionMethod, InversionRegistry
+
+    class Other(TorchTwiceDifferentiable):
+        pass
+
+    with pytest.raises(ValueError, match="must take"):
+        InversionRegistry.register(Other, InversionMethod.Cg)(lambda model, b: None)
+    with pytest.raises(ValueError, match="must take"):
+        InversionRegistry.register(Other, InversionMethod.Cg)(lambda model, data, b, lam, extra: None)
+    assert (Other, InversionMethod.Cg) not in InversionRegistry.registry
+
+
 def test_influence_type_registry_dispatches():
     """pyDVL's compute_influences dispatches through the public influence_type_registry."""
     from twicediff.general import InfluenceType, compute_influences, influence_type_registry
