@@ -127,6 +127,7 @@ class _NativeBatch:
             agrees = y.dtype == torch.long and tuple(y.shape) == out_shape[:-1]
         else:
             agrees = y.dtype == weight.dtype and tuple(y.shape) == out_shape
+        agrees = agrees and y.device == weight.device  # pyDVL does not move y: torch's error on the generic path
         if not agrees:  # the squeezed and the unsqueezed loss may differ: pyDVL's value is the unsqueezed one
             return None
         try:
