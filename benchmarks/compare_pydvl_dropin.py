@@ -33,7 +33,7 @@ import pydvl  # noqa: E402
 import pydvl_0_7_1_api as api  # noqa: E402
 
 import twicediff  # noqa: E402
-from twicediff.bench import git_commit, interleaved_medians, machine  # noqa: E402
+from harness import git_commit, interleaved_medians, machine  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Using a target size")
 
