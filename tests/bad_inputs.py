@@ -16,6 +16,8 @@ from twicediff import ops as _ops
 from twicediff.influence import compute_influences
 from twicediff.inversion import solve_hvp
 from twicediff.torch import TorchTensorUtilities, TorchTwiceDifferentiable, hessian_operator
+from twicediff.torch.functional import get_hvp_function
+from twicediff.torch.util import align_structure, reshape_vector_to_tensors
 
 
 def _mlp():
@@ -122,6 +124,17 @@ CASES = [
     ("mvp", "backprop_on not part of the graph",
      lambda: (lambda m: m.mvp(m.grad(*_data(), create_graph=True), torch.randn(26), torch.randn(3)))(_mlp()),
      ValueError, ["backprop_on", "does not require grad"]),
+    ("mvp", "backprop_on that grad_xy does not depend on",
+     lambda: (lambda m: m.mvp(m.grad(*_data(), create_graph=True), torch.randn(26),
+                              torch.zeros(3, requires_grad=True)))(_mlp()),
+     RuntimeError, ["backprop_on[0]", "not used in grad_xy's graph"]),
+    ("reshape_vector_to_tensors", "a vector of the wrong length",
+     lambda: reshape_vector_to_tensors(torch.zeros(5), [(2, 2)]), ValueError, ["4 elements", "has 5"]),
+    ("align_structure", "a dict with other keys",
+     lambda: align_structure({"a": torch.zeros(2)}, {"b": torch.zeros(2)}), ValueError, ["keys", "'b'", "'a'"]),
+    ("get_hvp_function", "an empty data_loader",
+     lambda: get_hvp_function(_mlp().model, F.cross_entropy, [])(torch.zeros(26)), ValueError,
+     ["data_loader", "no batch"]),
     ("hessian / hvp", "memory budget too small for one direction",
      _tiny_budget, MemoryError, ["memory budget", "set_memory_budget"]),
     ("set_memory_budget", "a negative budget",

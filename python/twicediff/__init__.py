@@ -14,7 +14,8 @@ from .influence import (  # noqa: F401
     compute_self_influences,
 )
 from .inversion import InversionMethod, InversionRegistry, solve_hvp  # noqa: F401
-from .errors import BadBatchError, DistributedError, MemoryBudgetError, NotNativeError  # noqa: F401
+from .errors import BadBatchError, DistributedError, GraphInputError, MemoryBudgetError, NotNativeError  # noqa: F401
+from . import general  # noqa: F401,E402  (pyDVL's pydvl.influence.general, an alias of .influence)
 from .memory import (  # noqa: F401
     get_memory_budget,
     memory_budget,

@@ -6,6 +6,7 @@ failed on.
   generic engine, distinct from ValueError so that a bug inside the native engine's reading of a
   model is never silently turned into a fallback.
 - :class:`ModelMisreadError`: the native engine's reading of a model disagrees with its forward.
+- :class:`GraphInputError`: ``mvp``'s ``backprop_on`` holds a tensor that ``grad_xy`` does not depend on.
 - :class:`BadBatchError`: a batch no engine can take (wrong feature count, class index out of range).
 - :class:`DistributedError`: under a process group, the local work of some ranks failed (raised on
   every rank, naming them), or the ranks' iterates diverged (:mod:`twicediff.distributed`).
@@ -18,7 +19,8 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-__all__ = ["BadBatchError", "DistributedError", "MemoryBudgetError", "ModelMisreadError", "NotNativeError", "data_errors"]
+__all__ = ["BadBatchError", "DistributedError", "GraphInputError", "MemoryBudgetError", "ModelMisreadError",
+           "NotNativeError", "data_errors"]
 
 
 class MemoryBudgetError(MemoryError):
@@ -48,6 +50,12 @@ class DistributedError(RuntimeError):
     def __init__(self, message: str, failures: Optional[Dict[int, str]] = None):
         super().__init__(message)
         self.failures = dict(failures or {})
+
+
+class GraphInputError(RuntimeError, ValueError):
+    """``mvp``'s ``backprop_on`` holds a tensor that ``grad_xy`` does not depend on (it does not
+    require grad, or grad_xy's graph does not reach it). A RuntimeError, as autograd and pyDVL
+    0.7.1's ``mvp`` raise, and a ValueError, as twicediff's other argument errors."""
 
 
 # What a model or loss raises on data it cannot take: a shape mismatch in a layer, a class index

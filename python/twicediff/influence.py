@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -37,7 +37,13 @@ from .errors import data_errors
 from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
 from .torch.tensor_utilities import TorchTensorUtilities
 from .torch.twice_differentiable import TorchTwiceDifferentiable, check_model
-from .twice_differentiable import DataLoaderType, InverseHvpResult
+from .twice_differentiable import (  # noqa: F401  (also pyDVL's names of general.py)
+    DataLoaderType,
+    InverseHvpResult,
+    TensorType,
+    TensorUtilities,
+    TwiceDifferentiable,
+)
 
 __all__ = [
     "InfluenceType",
@@ -205,7 +211,8 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
     return torch.cat(parts, dim=1)
 
 
-_INFLUENCE_FUNCTIONS = {
+# pyDVL 0.7.1's public name: compute_influences dispatches through it.
+influence_type_registry: Dict[InfluenceType, Callable[..., torch.Tensor]] = {
     InfluenceType.Up: compute_influences_up,
     InfluenceType.Perturbation: compute_influences_pert,
 }
@@ -244,7 +251,7 @@ def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_
     factors, _ = compute_influence_factors(model, training_data, test_data, inversion_method,
                                            hessian_perturbation=hessian_regularization, progress=progress,
                                            **kwargs)
-    return _INFLUENCE_FUNCTIONS[kind](model, input_data, factors, progress=progress)
+    return influence_type_registry[kind](model, input_data, factors, progress=progress)
 
 
 # ---- beyond pyDVL 0.7 -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ The torch solvers are listed in one table, :data:`twicediff.torch.solvers.SOLVER
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from enum import Enum
 from typing import Any, Callable, Dict, Tuple, Type
@@ -44,6 +45,9 @@ class InversionRegistry:
 
         Raises:
             TypeError: model_type is not a class or inversion_method not an InversionMethod.
+            ValueError: (when decorating) ``func`` cannot be called with the four arguments
+                ``(model, training_data, b, hessian_perturbation)`` (pyDVL's type for a solver of
+                the wrong signature; annotations are not checked, unlike pyDVL).
         """
         if not isinstance(model_type, type):
             raise TypeError(f"InversionRegistry.register: model_type must be a class, got {model_type!r}")
@@ -53,6 +57,13 @@ class InversionRegistry:
         key = (model_type, inversion_method)
 
         def decorator(func: Callable[..., InverseHvpResult]) -> Callable[..., InverseHvpResult]:
+            try:
+                inspect.signature(func).bind(None, None, None, 0.0)
+            except TypeError as exc:
+                raise ValueError(f"InversionRegistry.register: {getattr(func, '__qualname__', func)!s} must take "
+                                 f"(model, training_data, b, hessian_perturbation) positionally: {exc}") from None
+            except ValueError:  # no signature to inspect (a builtin): trust it
+                pass
             if not overwrite and key in cls.registry:
                 warnings.warn(f"InversionRegistry.register: a function is already registered for model type "
                               f"{model_type.__name__} and inversion method {inversion_method.value!r} "

@@ -29,7 +29,10 @@ def to_device(x, y, dtype: torch.dtype, device: torch.device, where: str) -> Tup
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() > 0 and y.dim() > 0 and x.shape[0] != y.shape[0]:
+    # A batch of several points needs as many targets; a single point, x [1, D] or [D], takes a
+    # y of any shape (y [K] for a K-dimensional target), as pyDVL 0.7.1 does: the loss then
+    # compares squeeze(model(x)) with squeeze(y).
+    if x.dim() > 1 and x.shape[0] > 1 and y.dim() > 0 and x.shape[0] != y.shape[0]:
         raise ValueError(f"{where}: x and y must hold the same number of points (first dimension), got "
                          f"x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}")
     if x.is_floating_point() and x.dtype != dtype:

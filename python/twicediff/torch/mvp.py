@@ -12,6 +12,7 @@ from typing import List, Sequence, Union
 import torch
 
 from .. import ops
+from ..errors import GraphInputError
 from ..memory import chunk_size
 from ..progress import progress_bar
 from .engines.base import MAX_DIRECTIONS_PER_CHUNK
@@ -93,8 +94,29 @@ def _graph_saved_numel(root: torch.Tensor) -> int:
     return total
 
 
+def _check_reached(root: torch.Tensor, inputs: List[torch.Tensor]) -> None:
+    """GraphInputError naming the first input that ``root``'s autograd graph does not reach: a
+    backward pass from root leaves its gradient None, which autograd itself refuses ("appears to
+    not have been used in the graph") unless told ``allow_unused``."""
+    nodes, leaves, stack = set(), set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in nodes:
+            continue
+        nodes.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if isinstance(variable, torch.Tensor):
+            leaves.add(id(variable))
+        stack.extend(f for f, _ in node.next_functions)
+    for i, t in enumerate(inputs):
+        if not (t.grad_fn in nodes if t.grad_fn is not None else id(t) in leaves):
+            raise GraphInputError(f"mvp: backprop_on[{i}] (shape {tuple(t.shape)}) is not used in grad_xy's graph: "
+                                  "grad_xy does not depend on it (autograd: \"One of the differentiated Tensors "
+                                  "appears to not have been used in the graph\")")
+
+
 def batched_mvp(grad_xy: torch.Tensor, v: torch.Tensor, backprop_on: TensorOrTensors, *,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, allow_unused: bool = False) -> torch.Tensor:
     """``out[d] = ∂(v[d] · grad_xy) / ∂backprop_on`` for v [D, P] (or [P], one direction).
 
     The D directions are taken in chunks sized by the memory budget (:mod:`twicediff.memory`; one
@@ -110,11 +132,15 @@ def batched_mvp(grad_xy: torch.Tensor, v: torch.Tensor, backprop_on: TensorOrTen
         v: [D, P] directions (or [P]).
         backprop_on: a tensor or a list of tensors (parameters, or an input x), M elements in all.
         progress: show a bar over the chunks of directions.
+        allow_unused: a tensor of backprop_on that grad_xy's graph does not reach gets zeros
+            (its second derivatives vanish) instead of a GraphInputError.
 
     Returns:
         [D, M], detached.
 
     Raises:
+        GraphInputError: a tensor of backprop_on does not require grad, or (unless allow_unused)
+            grad_xy does not depend on it, as autograd raises.
         MemoryBudgetError: when one direction does not fit the budget.
     """
     global _warned_no_batching_rule
@@ -139,8 +165,10 @@ def batched_mvp(grad_xy: torch.Tensor, v: torch.Tensor, backprop_on: TensorOrTen
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"mvp: backprop_on[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if not t.requires_grad:
-            raise ValueError(f"mvp: backprop_on[{i}] (shape {tuple(t.shape)}) does not require grad, so "
-                             "it is not part of grad_xy's graph")
+            raise GraphInputError(f"mvp: backprop_on[{i}] (shape {tuple(t.shape)}) does not require grad, so "
+                                  "it is not part of grad_xy's graph")
+    if not allow_unused:
+        _check_reached(grad_xy, inputs)
     M = sum(t.numel() for t in inputs)
     D = v.shape[0]
     out = torch.empty(D, M, dtype=grad_xy.dtype, device=grad_xy.device)

@@ -122,7 +122,7 @@ def per_sample_mixed_products(model: TorchTwiceDifferentiable, x: torch.Tensor, 
             _log_fallback("per_sample_mixed_products", exc)  # once it worked (see per_sample_grads)
         g = torch.autograd.grad(losses.sum(), trainable, create_graph=True)
         g = torch.cat([t.reshape(-1) for t in g])
-        return batched_mvp(g, v, xg).reshape(T, *x.shape)
+        return batched_mvp(g, v, xg, allow_unused=True).reshape(T, *x.shape)
 
 
 _logged_fallback: set = set()

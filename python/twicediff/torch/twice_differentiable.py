@@ -201,6 +201,10 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         Returns:
             [D, M], detached. Directions go through batched backward passes in chunks sized by
             the memory budget, or one by one where that is faster (see :func:`twicediff.torch.mvp.use_batched_backward`).
+
+        Raises:
+            GraphInputError: (a RuntimeError, as autograd raises, and a ValueError) a tensor of
+                ``backprop_on`` does not require grad or grad_xy does not depend on it.
         """
         return batched_mvp(grad_xy, v, backprop_on, progress=progress)
 

@@ -35,7 +35,8 @@ def _autograd_hvp(model, loss, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor
     value = squeezed_loss(loss, output, y)
     if mode == "hessian":
         g = torch.autograd.grad(value, params, create_graph=True)
-        return batched_mvp(torch.cat([t.reshape(-1) for t in g]), v, params)
+        # A parameter the gradient does not reach has a zero Hessian block.
+        return batched_mvp(torch.cat([t.reshape(-1) for t in g]), v, params, allow_unused=True)
     # Gauss-Newton: J v by the double-vjp trick (Jᵀu is linear in u), then H_ℓ, then Jᵀ.
     g_out = torch.autograd.grad(value, output, create_graph=True)[0]
     u = torch.zeros_like(output, requires_grad=True)
