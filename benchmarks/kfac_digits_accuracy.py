@@ -63,7 +63,7 @@ def run(seed: int, config: demo.DemoConfig):
         start = time.perf_counter()
         options = {}
         if method != "direct":
-            options["factors"] = KFACFactors.fit(model, lambda o, y: F.cross_entropy(o.squeeze(), y.squeeze()), train,
+            options["factors"] = KFACFactors.fit(model, F.cross_entropy, train,
                                                  ekfac=method == "ekfac", **fit)
         up = compute_influences(td, train, test_data=val, inversion_method=method,
                                 hessian_regularization=config.regularization, **options)

@@ -183,3 +183,15 @@ def test_errors():
     with pytest.raises(ValueError, match="hessian_regularization"):
         compute_self_influences(model, loader(x, y), inversion_method="ekfac", hessian_regularization=-1.0)
     assert InversionMethod("ekfac") is InversionMethod.Ekfac and InversionMethod("kfac") is InversionMethod.Kfac
+
+
+def test_ggn_fisher_type_through_solve_hvp():
+    x, y = make_data()
+    module = make_model()
+    model = TorchTwiceDifferentiable(module, F.cross_entropy)
+    b = point_grads(module, *make_data(4, seed=2))
+    got = solve_hvp("ekfac", model, loader(x, y), b, hessian_perturbation=0.1, fisher_type="ggn")
+    factors = KFACFactors.fit(module, F.cross_entropy, loader(x, y), fisher_type="ggn")
+    Fm, tracked = dense_curvature(factors, module, "ekfac")
+    torch.testing.assert_close(got.x, b @ reference_inverse(Fm, tracked, 0.1).T, rtol=1e-10, atol=1e-12)
+    assert got.info["factors"].fisher_type == "ggn"

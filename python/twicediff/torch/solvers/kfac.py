@@ -64,7 +64,10 @@ def kfac_factors(model: TorchTwiceDifferentiable, training_data: Iterable, metho
     for key in ("fisher_type", "layers", "ekfac", "progress"):
         if key in options:
             raise ValueError(f"{where}: fit_options must not set {key!r}; pass it as its own option")
-    return KFACFactors.fit(model.model, pydvl_loss(model), training_data, layers=layers, fisher_type=fisher_type,
+    # The GGN needs the loss itself to know its Hessian; it takes [B, C] outputs, where pyDVL's
+    # squeeze is a no-op for B > 1.
+    loss = model.loss if fisher_type == "ggn" else pydvl_loss(model)
+    return KFACFactors.fit(model.model, loss, training_data, layers=layers, fisher_type=fisher_type,
                            ekfac=method == "ekfac", progress=progress, **options)
 
 
