@@ -19,6 +19,12 @@ streamed when the input gradients [N_input, P] do not fit the memory budget
 (:mod:`twicediff.memory`): each block of per-sample gradients is contracted with the factors block by
 block over the parameters and dropped. Perturbation influences are mixed products of whole blocks.
 Batches are moved to the model's device and results stay there.
+
+With the K-FAC inversion methods (``"ekfac"``, ``"kfac"``, :mod:`twicediff.torch.solvers.kfac`) H is
+replaced by the Kronecker-factored curvature F of the tracked Linear / Conv2d layers: the factors
+are fitted once (or passed in as ``factors=``), up-weighting scores and self-influences are
+streamed layer by layer over the input data (:mod:`twicediff.torch.kfac.scoring`, never
+[N_input, P]), and the parameters outside the tracked layers are left out of the influence.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from .inversion import InversionMethod, InversionRegistry, solve_hvp
 from .memory import chunk_size, get_memory_budget, reserved
 from .errors import data_errors
 from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
+from .torch.solvers.kfac import kfac_factors, pydvl_loss
 from .torch.tensor_utilities import TorchTensorUtilities
 from .torch.twice_differentiable import TorchTwiceDifferentiable, check_model
 from .twice_differentiable import (  # noqa: F401  (also pyDVL's names of general.py)
@@ -95,6 +102,39 @@ def _as_influence_type(influence_type: Any) -> InfluenceType:
     except ValueError:
         raise ValueError(f"compute_influences: influence_type must be one of {[t.value for t in InfluenceType]}, "
                          f"got {influence_type!r}") from None
+
+
+_KFAC_METHODS = {InversionMethod.Ekfac: "ekfac", InversionMethod.Kfac: "kfac"}
+_KFAC_OPTIONS = ("factors", "fisher_type", "layers", "relative_damping", "fit_options")
+
+
+def _kfac_method(inversion_method: Any) -> Optional[str]:
+    """"ekfac" / "kfac" for the K-FAC inversion methods, else None."""
+    try:
+        return _KFAC_METHODS.get(InversionMethod(inversion_method))
+    except ValueError:
+        return None
+
+
+def _kfac_setup(model: TorchTwiceDifferentiable, training_data: DataLoaderType, method: str, lam: float,
+                progress: bool, kwargs: dict, where: str):
+    """(fitted factors, relative_damping) for a K-FAC influence call; unknown options are an error."""
+    unknown = sorted(set(kwargs) - set(_KFAC_OPTIONS))
+    if unknown:
+        raise TypeError(f"{where}: unexpected options {unknown} for inversion method {method!r}; it takes "
+                        f"{list(_KFAC_OPTIONS)}")
+    if not float(lam) >= 0 or float(lam) == float("inf"):
+        raise ValueError(f"{where}: hessian_regularization must be a finite number >= 0, got {lam!r}")
+    relative = kwargs.get("relative_damping", False)
+    if not isinstance(relative, bool):
+        raise TypeError(f"{where}: relative_damping must be a bool, got {relative!r}")
+    factors = kfac_factors(model, training_data, method, where, factors=kwargs.get("factors"),
+                           fisher_type=kwargs.get("fisher_type", "empirical"), layers=kwargs.get("layers"),
+                           fit_options=kwargs.get("fit_options"), progress=progress)
+    if factors.left_out:
+        logger.info("%s: %d parameter tensors outside the tracked layers are left out of the influence: %s",
+                    where, len(factors.left_out), ", ".join(factors.left_out))
+    return factors, relative
 
 
 # ---- the pyDVL 0.7 functions ------------------------------------------------------------------------
@@ -234,7 +274,8 @@ def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_
         training_data: (x, y) batches whose mean loss has the Hessian H.
         test_data: the test points; ``training_data`` when None.
         input_data: the points whose influence is computed; ``training_data`` when None.
-        inversion_method: Direct, Cg, Lissa or Arnoldi.
+        inversion_method: Direct, Cg, Lissa, Arnoldi, Ekfac or Kfac (the K-FAC ones take
+            ``factors=``, ``fisher_type=``, ``layers=``, ``relative_damping=``, ``fit_options=``).
         influence_type: ``"up"`` or ``"perturbation"``.
         hessian_regularization: λ ≥ 0.
         progress: show progress bars.
@@ -248,10 +289,31 @@ def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_
     if test_data is None:  # with a process group, the training points of every rank
         test_data = _distributed.Sharded(training_data) if _distributed.current_group() is not None else training_data
     input_data = training_data if input_data is None else input_data
+    method = _kfac_method(inversion_method)
+    if method is not None:
+        return _kfac_influences(model, training_data, test_data, input_data, method, kind, hessian_regularization,
+                                progress, kwargs)
     factors, _ = compute_influence_factors(model, training_data, test_data, inversion_method,
                                            hessian_perturbation=hessian_regularization, progress=progress,
                                            **kwargs)
     return influence_type_registry[kind](model, input_data, factors, progress=progress)
+
+
+def _kfac_influences(model: TorchTwiceDifferentiable, training_data: DataLoaderType, test_data: DataLoaderType,
+                     input_data: DataLoaderType, method: str, kind: InfluenceType, lam: float, progress: bool,
+                     kwargs: dict) -> torch.Tensor:
+    """compute_influences with K-FAC: the factors fitted once, the test gradients preconditioned
+    layer by layer, then up-weighting scores streamed over ``input_data`` (per-sample gradients of the
+    tracked layers only, a chunk at a time), or the generic perturbation products (the factors are
+    zero outside the tracked layers, so those parameters drop out there too)."""
+    where = "compute_influences"
+    fitted, relative = _kfac_setup(model, training_data, method, lam, progress, kwargs, where)
+    rhs = gradient_matrix(model, test_data, where, "test_data", progress)
+    pre = fitted.solve(rhs, damping=float(lam), method=method, relative_damping=relative).to(rhs.dtype)
+    if kind is InfluenceType.Perturbation:
+        return compute_influences_pert(model, input_data, pre, progress=progress)
+    scores = fitted.score(model.model, pydvl_loss(model), pre, input_data, progress=progress)
+    return scores.to(device=model.device, dtype=model.dtype)
 
 
 # ---- beyond pyDVL 0.7 -----------------------------------------------------------------------------
@@ -273,7 +335,8 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     Args:
         model: the model and loss.
         training_data: (x, y) batches: the points, and the mean loss whose Hessian is H.
-        inversion_method: Direct, Cg, Lissa or Arnoldi.
+        inversion_method: Direct, Cg, Lissa, Arnoldi, Ekfac or Kfac (the K-FAC ones stream
+            ``G_nᵀ (F + λI)⁻¹ G_n`` in the factors' eigenbasis).
         hessian_regularization: λ ≥ 0.
         progress: show bars over the training batches and, when the solver takes ``progress``, its own.
         kwargs: options of the inversion method.
@@ -282,6 +345,12 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     group = _distributed.enter(where, model, inversion_method=inversion_method,
                                hessian_regularization=hessian_regularization, options=kwargs)
     model = check_model(model, where)
+    method = _kfac_method(inversion_method)
+    if method is not None:  # streamed in the factors' eigenbasis, no solve per block
+        fitted, relative = _kfac_setup(model, training_data, method, hessian_regularization, progress, kwargs, where)
+        values = fitted.self_score(model.model, pydvl_loss(model), training_data, float(hessian_regularization),
+                                   method, relative_damping=relative, progress=progress)
+        return values.to(device=model.device, dtype=model.dtype)
     options = _solver_options(model, inversion_method, progress, kwargs)
     P = model.num_params
     elem = torch.finfo(model.dtype).bits // 8

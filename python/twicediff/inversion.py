@@ -27,6 +27,8 @@ class InversionMethod(str, Enum):
     Cg = "cg"
     Lissa = "lissa"
     Arnoldi = "arnoldi"
+    Ekfac = "ekfac"
+    Kfac = "kfac"
 
 
 class InversionRegistry:
@@ -111,7 +113,7 @@ def solve_hvp(inversion_method: InversionMethod, model: TwiceDifferentiable, tra
     r"""x with (H + λI) x = b, for H the Hessian of the model's mean loss over ``training_data``.
 
     Args:
-        inversion_method: Direct, Cg, Lissa or Arnoldi (or its string value).
+        inversion_method: Direct, Cg, Lissa, Arnoldi, Ekfac or Kfac (or its string value).
         model: the model, e.g. a :class:`twicediff.torch.TorchTwiceDifferentiable`.
         training_data: a loader of (x, y) batches; H averages the batch Hessians weighted by size.
         b: [N, P] right-hand sides, one per row (or one [P] vector).

@@ -200,3 +200,32 @@ def test_bench_prints_rows_as_they_finish_and_writes_files(tmp_path):
 def test_bench_bad_options(capsys):
     assert_usage_error(twicediff_main(capsys, "bench", "--preset", "zz"), "--preset", "a, b", "'zz'")
     assert_usage_error(twicediff_main(capsys, "bench", "--engines", "native,magic"), "--engines", "magic")
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac"])
+def test_demo_with_kfac_methods_prints_the_auc_table(tmp_path, method):
+    result = twicediff_cli("demo", "--quick", "--method", method, "--output", str(tmp_path), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    printed = _demo_metrics(result.stdout)
+    saved = json.loads((tmp_path / "demo_seed0.json").read_text())
+    assert saved["config"]["method"] == method
+    assert f"inversion method: {method}" in result.stdout
+    assert printed["harm to validation loss"][0] == pytest.approx(saved["metrics"]["validation harm"]["auc"], abs=5e-4)
+    # K-FAC's curvature differs from H, but the flipped labels still stand out far above chance (0.5)
+    assert saved["metrics"]["self-influence"]["auc"] >= 0.9, result.stdout
+    assert saved["metrics"]["validation harm"]["auc"] >= 0.8, result.stdout
+    assert f"{method.upper()} factors" in saved["timings"]
+
+
+def test_demo_method_argument_and_info_lists_methods(capsys):
+    from twicediff.app import cli
+
+    parser = cli.build_parser()
+    assert cli.demo_config(parser.parse_args(["demo", "--method", "cg"])).method == "cg"
+    assert cli.demo_config(parser.parse_args(["demo"])).method == "direct"
+    assert_usage_error(twicediff_main(capsys, "demo", "--method", "bogus"), "--method", "invalid choice")
+    result = twicediff_main(capsys, "info")
+    assert result.returncode == 0
+    assert "inversion methods: direct, cg, lissa, arnoldi, ekfac, kfac" in result.stdout
+    facts = json.loads(twicediff_main(capsys, "info", "--json").stdout)
+    assert {"direct", "cg", "ekfac", "kfac"} <= set(facts["inversion_methods"])

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fraction of training labels flipped (default: {defaults.flip_fraction})")
     p.add_argument("--regularization", type=_positive_float, default=defaults.regularization, metavar="LAMBDA",
                    help=f"Hessian damping λ in (H + λI)⁻¹ (default: {defaults.regularization}; see above)")
+    p.add_argument("--method", choices=demo.METHODS, default=defaults.method,
+                   help=f"inversion method: direct (explicit Hessian), cg (conjugate gradients), ekfac or kfac "
+                        f"(Kronecker-factored curvature of the Linear layers) (default: {defaults.method})")
     p.add_argument("--weight-decay", type=_non_negative_float, default=defaults.weight_decay,
                    help=f"weight decay of the training objective (default: {defaults.weight_decay})")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -201,7 +204,7 @@ def demo_config(args: argparse.Namespace) -> "DemoConfig":
     quick = {"n_train": 400, "n_val": 100} if args.quick else {}
     sizes = {name: getattr(args, name) if getattr(args, name) is not None else quick.get(name, default)
              for name, default in (("n_train", DemoConfig.n_train), ("n_val", DemoConfig.n_val))}
-    return DemoConfig(flip_fraction=args.flip_fraction, regularization=args.regularization,
+    return DemoConfig(flip_fraction=args.flip_fraction, regularization=args.regularization, method=args.method,
                       weight_decay=args.weight_decay, seed=args.seed, device=args.device,
                       dtype=getattr(torch, args.dtype), progress=args.progress, **sizes)
 
@@ -282,6 +285,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def device_facts() -> Dict[str, Any]:
     """Build facts (``build_info()``) plus this process's devices, threads and memory budgets."""
     from .. import __version__, build_info
+    from ..inversion import InversionMethod
     from ..memory import get_memory_budget
 
     facts: Dict[str, Any] = {
@@ -293,6 +297,7 @@ def device_facts() -> Dict[str, Any]:
                 "torch_interop_threads": torch.get_num_interop_threads(),
                 "memory_budget_bytes": get_memory_budget("cpu")},
         "cuda_devices": [],
+        "inversion_methods": [m.value for m in InversionMethod],
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -330,6 +335,7 @@ def _run_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          f"{_format_bytes(d['memory_budget_bytes'])} per chunk")
     else:
         lines.append("cuda devices: none visible to torch")
+    lines.append(f"inversion methods: {', '.join(facts['inversion_methods'])}")
     print("\n".join(lines))
     return 0
 

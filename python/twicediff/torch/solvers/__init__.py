@@ -12,6 +12,8 @@ Direct      :func:`solve_linear`     ``direct``           explicit H, Cholesky (
 Cg          :func:`solve_batch_cg`   ``cg``, ``block_cg``  block CG, optional ``preconditioners``
 Lissa       :func:`solve_lissa`      ``lissa``            stochastic Neumann series, all columns at once
 Arnoldi     :func:`solve_arnoldi`    ``low_rank``         top eigenpairs of H + λI (Lanczos or ARPACK)
+Ekfac       :func:`solve_ekfac`      ``kfac``             EK-FAC curvature of the Linear/Conv2d layers
+Kfac        :func:`solve_kfac`       ``kfac``             K-FAC curvature (A ⊗ S) of those layers
 ==========  =======================  ===================  ===========================================
 
 :data:`SOLVERS` below is the one table of which function solves which :class:`InversionMethod`;
@@ -22,11 +24,13 @@ from ...inversion import InversionMethod, InversionRegistry
 from ..twice_differentiable import TorchTwiceDifferentiable
 from .cg import solve_batch_cg, solve_cg
 from .direct import solve_linear
+from .kfac import solve_ekfac, solve_kfac
 from .lissa import solve_lissa
 from .low_rank import LowRankProductRepresentation, lanzcos_low_rank_hessian_approx, model_hessian_low_rank, solve_arnoldi
 
 __all__ = ["SOLVERS", "LowRankProductRepresentation", "lanzcos_low_rank_hessian_approx", "model_hessian_low_rank",
-           "register", "solve_arnoldi", "solve_batch_cg", "solve_cg", "solve_linear", "solve_lissa"]
+           "register", "solve_arnoldi", "solve_batch_cg", "solve_cg", "solve_ekfac", "solve_kfac", "solve_linear",
+           "solve_lissa"]
 
 #: Which function solves each inversion method for a TorchTwiceDifferentiable.
 SOLVERS = {
@@ -34,6 +38,8 @@ SOLVERS = {
     InversionMethod.Cg: solve_batch_cg,
     InversionMethod.Lissa: solve_lissa,
     InversionMethod.Arnoldi: solve_arnoldi,
+    InversionMethod.Ekfac: solve_ekfac,
+    InversionMethod.Kfac: solve_kfac,
 }
 
 

@@ -1,0 +1,144 @@
+"""EK-FAC influence at the scale of GPT-2 small, on the CPU: factors + scores for a ~124M-parameter
+causal language model built from torch.nn (random weights, nothing downloaded).
+
+Model: GPT-2 small's shapes (vocabulary 50,257, context 1,024 learned positions, 12 pre-norm blocks,
+d = 768, 12 heads, MLP 3,072, GELU, tied input/output embedding), each block's attention as GPT-2
+writes it (one Linear c_attn to q, k, v; scaled_dot_product_attention, causal; Linear c_proj), so
+K-FAC tracks the four Linear layers of every block (48 layers, 85M parameters); the embeddings and
+LayerNorms are left out (and logged). Data: 128 training sequences of 32 random tokens, 8 query
+sequences; loss: next-token cross-entropy summed over a sequence's tokens, averaged over sequences.
+
+Steps timed: fit (A and S pass, float64 eigendecompositions, EK-FAC pass), query gradients of the
+tracked layers ([8, 85M] as per-parameter blocks), solve, scoring of 8 queries × 128 sequences
+(streamed), self-influence of the 128 sequences. Peak memory: the process's peak resident set.
+
+    flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/kfac_scale_gpt2.py \
+        --out benchmarks/results/kfac_scale_gpt2.md
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from twicediff.torch.kfac import KFACFactors  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
+        x = x + self.c_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab=50257, context=1024, layers=12, d=768, heads=12):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.h = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x) @ self.wte.weight.T  # tied output embedding
+
+
+def lm_loss(logits, targets):
+    """Σ over a sequence's tokens, mean over sequences (the factors' "mean" reduction)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / logits.shape[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", type=int, default=128)
+    p.add_argument("--queries", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="a 2-block, d = 64, 1,000-token model: checks the script "
+                   "runs (seconds), not a measurement")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    vocab = 1000 if args.tiny else 50257
+    model = (GPT(vocab=vocab, context=64, layers=2, d=64, heads=4) if args.tiny else GPT()).eval()
+    P = sum(q.numel() for q in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(0, vocab, (args.train + args.queries, args.tokens + 1), generator=g)
+    x, y = seq[:, :-1], seq[:, 1:]
+    train = DataLoader(TensorDataset(x[:args.train], y[:args.train]), batch_size=args.batch)
+    times = {}
+
+    start = time.perf_counter()
+    factors = KFACFactors.fit(model, lm_loss, train, fisher_type="empirical")
+    times["fit factors (A, S, eigh, EK-FAC pass)"] = time.perf_counter() - start
+    info = factors.info()
+
+    start = time.perf_counter()
+    tracked = [n for t in factors.layers for n in (t.weight_name, t.bias_name) if n]
+    params = dict(model.named_parameters())
+    grads = {n: torch.empty(args.queries, *params[n].shape) for n in tracked}
+    for i in range(args.queries):
+        j = args.train + i
+        loss = lm_loss(model(x[j:j + 1]), y[j:j + 1])
+        for n, gr in zip(tracked, torch.autograd.grad(loss, [params[n] for n in tracked])):
+            grads[n][i] = gr
+    times["query gradients (tracked layers)"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    pre = factors.solve(grads, damping=1e-3, method="ekfac", relative_damping=True)
+    del grads
+    times["solve (F + lambda I)^-1, 8 queries"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scores = factors.score(model, lm_loss, pre, train)
+    times[f"scores {args.queries} x {args.train}"] = time.perf_counter() - start
+    del pre
+
+    start = time.perf_counter()
+    selfs = factors.self_score(model, lm_loss, train, damping=1e-3, method="ekfac", relative_damping=True)
+    times[f"self-influence of {args.train}"] = time.perf_counter() - start
+    peak = harness.peak_rss_bytes()
+    assert scores.shape == (args.queries, args.train) and bool(torch.isfinite(scores).all())
+    assert selfs.shape == (args.train,) and bool((selfs > 0).all())
+
+    lines = [harness.header("EK-FAC at GPT-2-small scale on the CPU", args.threads)
+             + " (a shared 2-core machine: other jobs ran beside it, so times are inflated)", "",
+             f"model: GPT-2-small-shaped causal LM from torch.nn, random weights, P = {P:,} "
+             f"({info['tracked_params']:,} in {len(info['layers'])} tracked Linear layers; "
+             f"{len(info['left_out'])} tensors left out: embeddings, LayerNorms); "
+             f"{args.train} training sequences and {args.queries} queries of {args.tokens} tokens, batch "
+             f"{args.batch}; empirical Fisher, relative damping 1e-3, float32 model, factors float64", "",
+             "| step | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
+    lines += [f"| total | {sum(times.values()):.1f} |", "",
+              f"peak resident memory of the process: {peak / 2**30:.2f} GiB (limit asked: < 12 GB)", "",
+              "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/kfac_scale_gpt2.py "
+              "--out benchmarks/results/kfac_scale_gpt2.md`"]
+    harness.emit("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()
