@@ -179,6 +179,18 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
                          **options)
 
 
+def _gathered_over_ranks(where: str, compute, model, input_data, influence_factors, progress: bool):
+    """Under a process group, ``compute``'s columns of this rank's ``input_data`` gathered in the
+    global order on every rank (twicediff.distributed); None without a group."""
+    group = _distributed.enter(where, model, influence_factors=influence_factors)
+    if group is None:
+        return None
+    with _distributed.local_only():
+        return _distributed.gather_columns(
+            group, where, lambda: compute(model, input_data, influence_factors, progress=progress),
+            input_data, check=influence_factors)
+
+
 def compute_influences_up(model: TorchTwiceDifferentiable, input_data: DataLoaderType,
                           influence_factors: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
     r"""Up-weighting influences ``result[t, i] = influence_factors[t] · ∇θℓ(z_i)``, [N_test, N_input].
@@ -195,12 +207,9 @@ def compute_influences_up(model: TorchTwiceDifferentiable, input_data: DataLoade
         progress: show a bar over the input batches.
     """
     where = "compute_influences_up"
-    group = _distributed.enter(where, model, influence_factors=influence_factors)
-    if group is not None:  # this rank's columns, gathered in the global order on every rank
-        with _distributed.local_only():
-            return _distributed.gather_columns(
-                group, where, lambda: compute_influences_up(model, input_data, influence_factors, progress=progress),
-                input_data, check=influence_factors)
+    gathered = _gathered_over_ranks(where, compute_influences_up, model, input_data, influence_factors, progress)
+    if gathered is not None:
+        return gathered
     model = check_model(model, where)
     factors = _check_factors(model, influence_factors, where)
     n = num_points_of(input_data)
@@ -232,12 +241,9 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
         progress: show a bar over the input batches.
     """
     where = "compute_influences_pert"
-    group = _distributed.enter(where, model, influence_factors=influence_factors)
-    if group is not None:  # this rank's columns, gathered in the global order on every rank
-        with _distributed.local_only():
-            return _distributed.gather_columns(
-                group, where, lambda: compute_influences_pert(model, input_data, influence_factors, progress=progress),
-                input_data, check=influence_factors)
+    gathered = _gathered_over_ranks(where, compute_influences_pert, model, input_data, influence_factors, progress)
+    if gathered is not None:
+        return gathered
     model = check_model(model, where)
     factors = _check_factors(model, influence_factors, where)
     T = factors.shape[0]

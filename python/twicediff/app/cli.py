@@ -17,7 +17,7 @@ import json
 import os
 import platform
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 import torch
 
@@ -27,55 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["build_parser", "demo_config", "device_facts", "main"]
 
 
-# ---- argument types: a bad value becomes argparse's usage error (exit status 2) -------------------
-def _number(convert, accept, expected: str):
-    """An argparse type: ``convert(text)`` when ``accept`` holds, else a usage error saying what
-    was expected and what was given."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
-    return parse
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if not value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text}")
-    return value
-
-
-def _int_list(text: str) -> List[int]:
-    try:
-        return [_positive_int(part) for part in text.split(",")]
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,16,64: {exc}") from None
-
-
-def _name_list(text: str) -> List[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
+from .arguments import (fraction as _fraction, int_list as _int_list, name_list as _name_list,
+                        non_negative_float as _non_negative_float, non_negative_int as _non_negative_int,
+                        positive_float as _positive_float, positive_int as _positive_int)
 
 
 # ---- the parser ----------------------------------------------------------------------------------

@@ -230,6 +230,21 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).double().mean())
 
 
+def split_digits(config: DemoConfig):
+    """The demo's data for ``config``: (images [1797, 64], labels, (train, validation, test) index
+    arrays, the training labels as given (a fraction flipped), the flipped mask), all drawn in one
+    order from one generator seeded by ``config.seed``."""
+    images, labels = load_digits()
+    config.validate(images.shape[0])
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(images.shape[0])
+    train_idx = order[:config.n_train]
+    val_idx = order[config.n_train:config.n_train + config.n_val]
+    test_idx = order[config.n_train + config.n_val:]
+    given, flipped = flip_labels(labels[train_idx], config.flip_fraction, rng)
+    return images, labels, (train_idx, val_idx, test_idx), given, flipped
+
+
 def run_demo(config: Optional[DemoConfig] = None) -> DemoResult:
     """Run the demo described in this module's docstring and return what it found."""
     from ..distributed import broadcast_module_, contiguous_shard, current_group
@@ -240,14 +255,7 @@ def run_demo(config: Optional[DemoConfig] = None) -> DemoResult:
     config = config or DemoConfig()
     timings: Dict[str, float] = {}
     start = time.perf_counter()
-    images, labels = load_digits()
-    config.validate(images.shape[0])
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(images.shape[0])
-    train_idx = order[:config.n_train]
-    val_idx = order[config.n_train:config.n_train + config.n_val]
-    test_idx = order[config.n_train + config.n_val:]
-    given, flipped = flip_labels(labels[train_idx], config.flip_fraction, rng)
+    images, labels, (train_idx, val_idx, test_idx), given, flipped = split_digits(config)
     device = torch.device(config.device)
 
     def tensors(idx: np.ndarray, y: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:

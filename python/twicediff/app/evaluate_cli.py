@@ -7,6 +7,9 @@ import json
 import os
 import sys
 
+from .arguments import at_least_two as _at_least_two, fraction as _fraction, positive_float as _positive_float
+from .arguments import positive_int as _positive_int
+
 __all__ = ["DESCRIPTION", "FULL", "QUICK", "QUICK_SELF_INFLUENCE", "add_arguments", "run"]
 
 # (subsets M, seeds K): the full run and --quick.
@@ -54,43 +57,6 @@ resumes where it stopped, and a larger M or K reuses the smaller run's trainings
 
 Writes OUTPUT/evaluate_digits_seedS.json (every figure, the seeds and the subsets, to reproduce the
 run) and, with matplotlib, OUTPUT/evaluate_digits_seedS.png (LDS against time per method)."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _at_least_two(text: str) -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (a correlation needs two subsets), got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
 
 
 def _methods(text: str):

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..app.demo import DemoConfig, flip_labels, load_digits, make_model, train_model
+from ..app.demo import DemoConfig, make_model, split_digits, train_model
 from .problem import Problem
 
 __all__ = ["DigitsTrainer", "digits_problem"]
@@ -44,18 +44,10 @@ def digits_problem(config: Optional[DemoConfig] = None, measurement: str = "loss
     """The demo's problem for ``config`` (default: the demo's defaults) as a :class:`Problem`:
     training on the noisy labels, validation and test with the true ones."""
     config = config or DemoConfig()
-    images, labels = load_digits()
-    config.validate(images.shape[0])
-    # The demo's split, drawn in the demo's order from one generator.
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(images.shape[0])
-    train_idx = order[:config.n_train]
-    val_idx = order[config.n_train:config.n_train + config.n_val]
-    test_idx = order[config.n_train + config.n_val:]
+    images, labels, (train_idx, val_idx, test_idx), given, flipped = split_digits(config)  # the demo's split
     if test_idx.size < 2:
         raise ValueError(f"digits_problem: n_train + n_val must leave at least 2 of the {images.shape[0]} "
                          f"digits for testing, got {config.n_train} + {config.n_val}")
-    given, flipped = flip_labels(labels[train_idx], config.flip_fraction, rng)
     dtype = str(config.dtype).replace("torch.", "")
 
     def tensors(idx: np.ndarray, y: np.ndarray):
