@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 from typing import Callable, Dict, Iterator, Optional
@@ -35,14 +34,10 @@ def git_commit() -> str:
 def machine() -> str:
     """The CPU's model name, its ISA level as torch sees it, and the logical CPU count, as the
     result tables state the machine."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
+    from twicediff.torch.engines.probe import cpu_model
+
     isa = torch.backends.cpu.get_cpu_capability()
-    return f"{model} ({isa}), {os.cpu_count()} logical CPUs"
+    return f"{cpu_model()} ({isa}), {os.cpu_count()} logical CPUs"
 
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["choices", "choose", "clear", "set_choice"]
+__all__ = ["choices", "choose", "clear", "cpu_model", "set_choice"]
 
 _lock = threading.Lock()
 _decided: Dict[Tuple[str, str], Dict] = {}
@@ -63,14 +63,20 @@ def choices() -> Dict[str, Dict]:
     return out
 
 
-def _machine() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; else what the platform module says)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"{model}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}"
+    return model
+
+
+def _machine() -> str:
+    """What a cached choice is valid for: the CPU, its ISA level and the torch version."""
+    return f"{cpu_model()}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}"
 
 
 def _disk_path() -> Optional[str]:
