@@ -3,10 +3,10 @@ factors by CG and by LiSSA on a model of a few million parameters, measured as p
 subprocess, stay under budget + the model's size + 1 GiB (torch's own working memory and the native
 kernels' scratch, which the budget does not cover)."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -41,8 +41,10 @@ _SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("method", ["cg", "lissa"])
 def test_influence_factors_peak_rss_within_budget(method):
     budget = 512 * 2**20
-    python_dir = str(Path(__file__).resolve().parents[1] / "python")
-    env_path = python_dir + (":" + sys.path[0] if sys.path else "")
+    import twicediff
+
+    # the subprocess imports the twicediff this test imports (the source tree or the installed one)
+    env_path = os.path.dirname(os.path.dirname(os.path.abspath(twicediff.__file__)))
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, method, str(budget)], capture_output=True, text=True,
                           timeout=600, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin",
                                             "OMP_NUM_THREADS": "2"})
