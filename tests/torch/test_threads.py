@@ -14,6 +14,18 @@ THREADS = 4
 ROUNDS = 100
 
 
+def _run_threads(work, errors, mismatches):
+    """Runs ``work(i)`` in THREADS threads at once; none may hang, raise or see another result."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+    assert not mismatches, mismatches[:5]
+
+
 def _problem(seed):
     g = torch.Generator().manual_seed(seed)
     width = 6 + seed  # different shapes per thread, so mixed-up buffers cannot go unnoticed
@@ -48,14 +60,7 @@ def test_threads_released_together_match_single_threaded(engine):
         except Exception as exc:  # reported below, with the thread it happened in
             errors.append((i, repr(exc)))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
-    assert not mismatches, mismatches[:5]
+    _run_threads(work, errors, mismatches)
 
 
 def _shared_problem(native: bool):
@@ -105,14 +110,7 @@ def test_threads_sharing_one_model_get_single_threaded_influences(native, kind):
         except Exception as exc:  # reported below
             errors.append((i, repr(exc)[:300]))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
-    assert not mismatches, mismatches[:5]
+    _run_threads(work, errors, mismatches)
     assert all(type(p) is nn.Parameter for p in model.parameters())
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     copy.deepcopy(model)
