@@ -152,13 +152,20 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
     return v.narrow(1, lay.weight_col, lay.out * lay.in).view({D, lay.out, lay.in});
   };
 
+  // Every intermediate of a layer that the next layers do not read (the copies of its directions,
+  // its weight-gradient GEMM's outputs) is given back to the arena once consumed (mark/release_to),
+  // so the scratch a direction needs is that of its largest layer, not the sum over layers: one
+  // direction of a model of P parameters takes about P (its result) plus its largest layer's weight
+  // count or two of them (see NativeEngine.bytes_per_direction), beside the [N, D*width] R-quantities.
+
   // R-forward: R(a_l) = h_{l-1} V_l^T + R(h_{l-1}) W_l^T + Vb_l, R(h_l) = f_l'(a_l) R(a_l). With a
   // bias the first GEMM carries Vb_l too: [h_{l-1}, 1] [N, in+1] x [V_l, Vb_l]^T [in+1, D*out].
   std::vector<at::Tensor> RA(L), RH(L + 1);
   for (int64_t l = 0; l < L; ++l) {
     const Layer& lay = plan.layers[l];
     const int64_t in = lay.in, out = lay.out;
-    at::Tensor ra;
+    at::Tensor ra = take({N, D * out});  // kept: taken before the layer's temporaries
+    const int64_t top = arena.mark();
     if (lay.bias_col >= 0) {
       at::Tensor vaug = take({D, out, in + 1});
       vaug.narrow(2, 0, in).copy_(weight_dirs(lay));
@@ -166,12 +173,15 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
       at::Tensor haug = take({N, in + 1});
       haug.narrow(1, 0, in).copy_(H[l]);
       haug.select(1, in).fill_(1);
-      ra = mm({N, D * out}, haug, vaug.view({D * out, in + 1}).t());
+      Kernels::gemm(ra, haug, vaug.view({D * out, in + 1}).t(), 0.0);
+    } else if (D == 1) {  // one direction's V_l is already a contiguous [out, in]
+      Kernels::gemm(ra, H[l], weight_dirs(lay).view({out, in}).t(), 0.0);
     } else {
       at::Tensor vl = take({D, out, in});
       vl.copy_(weight_dirs(lay));
-      ra = mm({N, D * out}, H[l], vl.view({D * out, in}).t());
+      Kernels::gemm(ra, H[l], vl.view({D * out, in}).t(), 0.0);
     }
+    arena.release_to(top);
     if (l > 0 && !(fused && l == L - 1))
       Kernels::gemm(ra.view({N * D, out}), RH[l].view({N * D, in}), W[l].t(), 1.0);
     // Fused, the layer before the last takes its activation's R-passes in the last layer's pass.
@@ -218,19 +228,36 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
       else if (bias_dst.defined()) Kernels::column_sums(rg, bias_dst, D);
     }
     // R(g_W_l)[d] = R(g_a_l)[:, d]^T h_{l-1}  (+ g_a_l^T R(h_{l-1})[:, d] in Hessian mode)
-    at::Tensor gw = Kernels::weight_grad_input_major(dtype)
-                        ? mm({in, D * out}, H[l].t(), rg.view({N, D * out}))
-                              .view({in, D, out}).permute({1, 2, 0})
-                        : mm({D * out, in}, rg.view({N, D * out}).t(), H[l]).view({D, out, in});
     at::Tensor dst = result.narrow(1, lay.weight_col, out * in).view({D, out, in});
-    if (hessian && l > 0) {
-      at::Tensor second = head ? head_second
-                               : mm({out, D * in}, f.GA[l].t(), RH[l].view({N, D * in}))
-                                     .view({out, D, in}).permute({1, 0, 2});
-      at::add_out(dst, gw, second);
+    const bool second_term = hessian && l > 0;
+    const bool input_major = Kernels::weight_grad_input_major(dtype);
+    int64_t top = arena.mark();
+    if (D == 1 && !head) {
+      // One direction: its rows of the result are a contiguous [out, in], which the GEMMs write
+      // (and the second term adds to) in place.
+      const at::Tensor dst1 = dst.view({out, in});
+      if (input_major) {
+        at::Tensor gw = mm({in, out}, H[l].t(), rg.view({N, out}));
+        dst1.copy_(gw.t());
+      } else {
+        Kernels::gemm(dst1, rg.view({N, out}).t(), H[l], 0.0);
+      }
+      arena.release_to(top);
+      if (second_term) Kernels::gemm(dst1, f.GA[l].t(), RH[l].view({N, in}), 1.0);
     } else {
-      dst.copy_(gw);
+      at::Tensor gw = input_major ? mm({in, D * out}, H[l].t(), rg.view({N, D * out}))
+                                        .view({in, D, out}).permute({1, 2, 0})
+                                  : mm({D * out, in}, rg.view({N, D * out}).t(), H[l]).view({D, out, in});
+      if (second_term) {
+        at::Tensor second = head ? head_second
+                                 : mm({out, D * in}, f.GA[l].t(), RH[l].view({N, D * in}))
+                                       .view({out, D, in}).permute({1, 0, 2});
+        at::add_out(dst, gw, second);
+      } else {
+        dst.copy_(gw);
+      }
     }
+    arena.release_to(top);
     if (l == 0) break;
     if (head) {
       rg = RA[L - 2];
@@ -239,9 +266,15 @@ void r_passes(const Plan& plan, const Forward& f, const at::Tensor& v, at::Tenso
     // R(g_h_{l-1}) = R(g_a_l) W_l  (+ g_a_l V_l in Hessian mode)
     at::Tensor rgh = mm({N * D, in}, rg.view({N * D, out}), W[l]);
     if (hessian) {
-      at::Tensor vt = take({out, D, in});
-      vt.copy_(weight_dirs(lay).permute({1, 0, 2}));
-      Kernels::gemm(rgh.view({N, D * in}), f.GA[l], vt.view({out, D * in}), 1.0);
+      top = arena.mark();
+      if (D == 1) {  // V_l itself is the [out, in] the GEMM takes
+        Kernels::gemm(rgh.view({N, in}), f.GA[l], weight_dirs(lay).view({out, in}), 1.0);
+      } else {
+        at::Tensor vt = take({out, D, in});
+        vt.copy_(weight_dirs(lay).permute({1, 0, 2}));
+        Kernels::gemm(rgh.view({N, D * in}), f.GA[l], vt.view({out, D * in}), 1.0);
+      }
+      arena.release_to(top);
     }
     rg = rgh.view({N, D * in});
   }

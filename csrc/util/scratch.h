@@ -14,6 +14,12 @@
 // concurrent call in another thread) gets a buffer of its own. An Arena that needs more than its
 // buffer holds takes the overflow from at::empty, and the next one in that slot starts with a buffer
 // of the size it needed. release() drops every cached buffer (twicediff.release_native_scratch()).
+//
+// Blocks are handed out like a stack: mark() notes the top, and release_to(mark) gives back every
+// block taken since, for the blocks after it to reuse. A call that drops each temporary (a layer's
+// copy of its directions, its weight-gradient GEMM's output) as soon as it is consumed then needs a
+// buffer of its largest layer's temporaries, not of all layers' together. The buffer a slot keeps
+// has the size of the highest top an Arena of it reached.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -93,7 +99,7 @@ class Arena {
     if (!cached_) return;
     std::lock_guard<std::mutex> lock(cache().mutex);
     Slot& s = cache().slots[slot_];
-    s.wanted = std::max(s.wanted, used_);
+    s.wanted = std::max(s.wanted, peak_);
     const int64_t held = s.buffer.defined() ? s.buffer.numel() : 0;
     if (buffer_.defined() && buffer_.numel() > held &&
         held_bytes_locked() - held + buffer_.numel() <= kCacheCap)
@@ -107,17 +113,27 @@ class Arena {
     const int64_t bytes = numel * static_cast<int64_t>(at::elementSize(dtype));
     const int64_t start = (used_ + kAlign - 1) / kAlign * kAlign;
     used_ = start + bytes;
+    peak_ = std::max(peak_, used_);
     if (bytes > 0 && buffer_.defined() && used_ <= buffer_.numel())
       return buffer_.narrow(0, start, bytes).view(dtype).view(shape);
     return at::empty(shape, at::TensorOptions().dtype(dtype).device(device_));
   }
+
+  // The top of the stack of blocks handed out so far.
+  int64_t mark() const { return used_; }
+
+  // Gives back every block taken since `mark` (none of them may be used again): the next blocks
+  // reuse their bytes. Blocks that overflowed the buffer came from at::empty and are freed when
+  // their last reference goes.
+  void release_to(int64_t mark) { used_ = std::min(used_, mark); }
 
  private:
   c10::Device device_;
   bool cached_;
   int slot_;
   at::Tensor buffer_;
-  int64_t used_ = 0;  // bytes handed out so far, as if all came from the buffer
+  int64_t used_ = 0;  // the top: bytes handed out and not given back, as if all came from the buffer
+  int64_t peak_ = 0;  // the highest top so far
 };
 
 }  // namespace scratch

@@ -61,11 +61,14 @@ class NativeEngine:
         self.num_params = sum(p.numel() for lin in self.linears for p in lin.parameters())
 
     def bytes_per_direction(self, batch: PreparedBatch) -> int:
-        """R(a), R(h) and R(g) of every layer ([N, out] each) and a few [P] copies of the direction
-        (the input, its two layouts for the GEMMs, the weight-gradient workspace and the result)."""
+        """R(a), R(h) and R(g) of every layer ([N, out] each), the direction's row of the result
+        ([P]) and the op's temporaries, which it gives back layer by layer: at most two blocks of
+        the largest layer's weights (its weight-gradient GEMM's output and second-order term; one
+        when a part of the op has one direction)."""
         elem = self.linears[0].weight.element_size()
         width = sum(lin.out_features for lin in self.linears)
-        return elem * (4 * batch.rows * width + 5 * self.num_params)
+        largest = max(lin.out_features * (lin.in_features + 1) for lin in self.linears)
+        return elem * (4 * batch.rows * width + self.num_params + 2 * largest)
 
     def max_directions(self, batch: PreparedBatch) -> int:
         return MAX_DIRECTIONS_PER_CHUNK
