@@ -164,17 +164,26 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
                                hessian_perturbation=hessian_perturbation, options=kwargs)
     model = check_model(model, "compute_influence_factors")
     options = _solver_options(model, inversion_method, progress, kwargs)
-    if isinstance(test_data, _distributed.Sharded):  # each rank's test points, gathered in the global order
-        data = test_data.data
-        rhs = _distributed.gather_columns(
-            group, "compute_influence_factors",
-            lambda: gradient_matrix(model, data, "compute_influence_factors", "test_data", progress).unsqueeze(0),
-            data)[0]
-    else:
-        rhs = _distributed.guarded(group, "compute_influence_factors",
-                                   lambda: gradient_matrix(model, test_data, "compute_influence_factors",
-                                                           "test_data", progress))
-    with reserved(rhs.numel() * rhs.element_size()):  # the right-hand sides, held during the solve
+    solver = InversionRegistry.get(type(model), inversion_method)
+    held = 0
+    if group is None and callable(getattr(solver, "prepare", None)):
+        # What the solver does without the right-hand sides (Arnoldi's eigen computation) goes first,
+        # so that its working memory and the test gradients are not held at once.
+        options, held = solver.prepare(model, training_data, hessian_perturbation, **options)
+    with reserved(held):
+        if isinstance(test_data, _distributed.Sharded):  # each rank's test points, gathered in the global order
+            data = test_data.data
+            rhs = _distributed.gather_columns(
+                group, "compute_influence_factors",
+                lambda: gradient_matrix(model, data, "compute_influence_factors", "test_data", progress).unsqueeze(0),
+                data)[0]
+        else:
+            rhs = _distributed.guarded(group, "compute_influence_factors",
+                                       lambda: gradient_matrix(model, test_data, "compute_influence_factors",
+                                                               "test_data", progress))
+    if group is None and "out" in inspect.signature(solver).parameters and "out" not in options:
+        options = {**options, "out": rhs}  # the factors overwrite the test gradients they are solved from
+    with reserved(held + rhs.numel() * rhs.element_size()):  # the right-hand sides, held during the solve
         return solve_hvp(inversion_method, model, training_data, rhs, hessian_perturbation=hessian_perturbation,
                          **options)
 
@@ -215,9 +224,11 @@ def compute_influences_up(model: TorchTwiceDifferentiable, input_data: DataLoade
     n = num_points_of(input_data)
     P = model.num_params
     elem = factors.element_size()
-    if n is not None and n * P * elem <= get_memory_budget(model.device):
-        gradients = TorchTensorUtilities.cat_gen(gradient_blocks(model, input_data, where, "input_data", progress),
-                                                 (n, P), model)
+    if n is not None and 2 * n * P * elem <= get_memory_budget(model.device):
+        # the packed [N_input, P] gradients are held while their blocks are computed: half the budget
+        with reserved(n * P * elem):
+            gradients = TorchTensorUtilities.cat_gen(gradient_blocks(model, input_data, where, "input_data",
+                                                                     progress), (n, P), model)
         return factors @ gradients.T
     logger.info("%s: streaming the input gradients (N_input = %s, P = %d)", where, n, P)
     factor_blocks = ops.unpack_into(factors, [factors.new_empty(factors.shape[0], *p.shape)
@@ -378,8 +389,9 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
 
     def flush() -> None:
         g = TorchTensorUtilities.cat_gen(pending, (filled, P), model)
-        x = solve_hvp(inversion_method, model, training_data, g, hessian_perturbation=hessian_regularization,
-                      **options).x
+        with reserved(g.numel() * g.element_size()):  # held during the solve
+            x = solve_hvp(inversion_method, model, training_data, g, hessian_perturbation=hessian_regularization,
+                          **options).x
         results.append(torch.einsum("ip,ip->i", g, x.to(g.dtype)))
 
     for blocks in gradient_blocks(model, training_data, where, "training_data", progress):

@@ -1,26 +1,31 @@
-"""The library-wide memory budget: how many bytes one chunk of work may take.
+"""The library-wide memory budget: how many bytes a computation may add to the process at its peak.
 
 Everything that chunks work — ``hessian`` (columns), ``mvp`` / ``hvp`` (directions), the solvers
 (right-hand sides) and influence (samples) — sizes its chunks with :func:`chunk_size` against this
-budget, so peak memory stays near the budget plus the results the caller asked for.
+budget. A computation that holds memory while it works (a solver's iterates and search blocks or
+its Krylov basis, the right-hand sides and results of an influence computation, a float64 copy of
+the model for the products) reserves it (:func:`reserved`), so that everything it calls is chunked
+against what is left: the budget bounds the peak of the whole computation, not one chunk of it.
+When what a computation must hold leaves no room for one item of its work (one direction, one
+column), :class:`MemoryBudgetError` (a ``MemoryError``) says how many bytes it needs, how many are
+held, and names the setting.
 
 The default is half of the memory that is free on the device when the work starts (CUDA: free
 device memory; CPU: ``MemAvailable``). Set a fixed budget with :func:`set_memory_budget` or, for a
 block of code, with the :func:`memory_budget` context manager::
 
-    with twicediff.memory_budget(256 * 2**20):   # 256 MiB per chunk
+    with twicediff.memory_budget(256 * 2**20):   # 256 MiB at the peak
         H = model.hessian(x, y)
 
 The setting is process-wide: a ``memory_budget`` block in one thread applies to work in the
-others while it lasts (chunking changes memory and speed, never results). When not even one item
-(one direction, one column) fits, :class:`MemoryBudgetError` (a ``MemoryError``) says how many
-bytes it needs and names the setting.
+others while it lasts (chunking changes memory and speed, never results).
 
-Beside the budget, the CPU kernels of the native HVP op keep their scratch memory (the
-intermediates of one call, up to 1 GiB) between calls, as CUDA's caching allocator does on the GPU:
-fresh large blocks from the CPU allocator are faulted in and zeroed page by page on every call,
-a large share of a call's time on small MLPs. :func:`native_scratch_bytes` says how much is held
-and :func:`release_native_scratch` frees it.
+The CPU kernels of the native HVP op keep their scratch memory (the intermediates of one call, at
+most what its chunk of directions was allowed, and at most 1 GiB) between calls, as CUDA's caching
+allocator does on the GPU: fresh large blocks from the CPU allocator are faulted in and zeroed page
+by page on every call, a large share of a call's time on small MLPs. During a computation it is part
+of its products' share of the budget; after it, it stays held for the next one.
+:func:`native_scratch_bytes` says how much is held and :func:`release_native_scratch` frees it.
 
 Their float32 GEMMs go through torch's bundled oneDNN (``build_info()["cpu_gemm"]``) or, where a
 timed probe on first use of a shape class finds it faster, ATen's BLAS (``build_info()["probe"]``,
@@ -45,7 +50,7 @@ import torch
 
 from .errors import MemoryBudgetError
 
-__all__ = ["MemoryBudgetError", "chunk_size", "free_bytes", "get_memory_budget", "memory_budget",
+__all__ = ["MemoryBudgetError", "chunk_size", "free_bytes", "get_memory_budget", "held_bytes", "memory_budget",
            "native_scratch_bytes", "release_native_scratch", "reserved", "set_memory_budget"]
 
 _budget: Optional[int] = None
@@ -63,7 +68,7 @@ def _validate(nbytes: Optional[int]) -> Optional[int]:
 
 
 def set_memory_budget(nbytes: Optional[int]) -> None:
-    """Fix the budget to ``nbytes`` bytes per chunk; ``None`` restores the default (half the free
+    """Fix the budget to ``nbytes`` bytes; ``None`` restores the default (half the free
     memory of the device the work runs on)."""
     global _budget
     _budget = _validate(nbytes)
@@ -108,8 +113,7 @@ def reserved(nbytes: int) -> Iterator[None]:
     """Context manager: work inside the block has ``nbytes`` less budget (in this thread). A solver
     that holds blocks of its own (CG's search blocks, LiSSA's iterates, the right-hand sides of an
     influence computation) reserves them, so that the chunks of the products it calls are sized
-    against what is left and the whole computation, not each chunk, stays within the budget
-    (reservations lower a fixed budget to half of it at most; see :func:`get_memory_budget`)."""
+    against what is left and the whole computation, not each chunk, stays within the budget."""
     previous = getattr(_reserved, "nbytes", 0)
     _reserved.nbytes = previous + max(int(nbytes), 0)
     try:
@@ -118,16 +122,17 @@ def reserved(nbytes: int) -> Iterator[None]:
         _reserved.nbytes = previous
 
 
+def held_bytes() -> int:
+    """Bytes the enclosing computations of this thread have reserved (:func:`reserved`)."""
+    return getattr(_reserved, "nbytes", 0)
+
+
 def get_memory_budget(device: Union[torch.device, str, None] = None) -> int:
-    """The budget in bytes for work on ``device`` (default CPU): the fixed one if set, else half
-    of the device's free memory now; a fixed budget less what the enclosing computations hold
-    (:func:`reserved`), down to half of it."""
-    held = getattr(_reserved, "nbytes", 0)
+    """The budget in bytes for work on ``device`` (default CPU) now: a fixed budget less what the
+    enclosing computations hold (:func:`reserved`; 0 when they hold all of it), else half of the
+    device's free memory now (which already excludes what they allocated)."""
     if _budget is not None:
-        # Reservations take at most half: a budget that fits a solver's blocks and one product
-        # chunk keeps working (peak then up to 1.5x the budget instead of failing).
-        return max(_budget - held, _budget // 2, 1)
-    # free memory already excludes what the enclosing computations allocated
+        return max(_budget - held_bytes(), 0)
     return max(int(_DEFAULT_FRACTION * _free_bytes(torch.device(device or "cpu"))), 1)
 
 
@@ -146,9 +151,12 @@ def chunk_size(total: int, bytes_per_item: int, device: Union[torch.device, str,
     room = budget - int(fixed_bytes)
     n = room // max(int(bytes_per_item), 1)
     if n < 1:
+        held = held_bytes() if _budget is not None else 0
+        beside = (f" ({held:,} bytes of the {_budget:,} set are held by the computation around it)"
+                  if held else "")
         raise MemoryBudgetError(
             f"one chunk of {what} needs about {int(bytes_per_item) + int(fixed_bytes):,} bytes but the "
-            f"memory budget is {budget:,} bytes; raise it with twicediff.set_memory_budget(nbytes) "
+            f"memory budget is {budget:,} bytes{beside}; raise it with twicediff.set_memory_budget(nbytes) "
             f"(or the twicediff.memory_budget context manager), or reduce the batch size")
     return int(min(total, n))
 

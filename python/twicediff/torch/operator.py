@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import distributed as _distributed
-from ..memory import get_memory_budget
+from ..memory import get_memory_budget, reserved
 from ..progress import progress_bar
 from ..errors import _DATA_ERRORS, data_errors
 from .batch import check_training_data, num_points
@@ -87,6 +87,9 @@ class HessianOperator:
         self.num_points: Optional[int] = None
         self.num_passes = 0
         self._products: List[Tuple[int, BoundHvp]] = []
+        self._kept_bytes = 0  # bytes of the batches kept so far (held between the products)
+        # (the loader's iterator, n, product function) of a batch read ahead by bytes_per_direction
+        self._ahead: Optional[Tuple[Iterator, int, BoundHvp]] = None
 
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         r"""A applied to each row of V: [D, P] → [D, P], \(\sum_b (n_b/N) H_b V_d + λ V_d\).
@@ -105,12 +108,20 @@ class HessianOperator:
             # The model or loss may not run in the product dtype (a loss or forward that builds
             # tensors of a fixed dtype): compute in the model's own dtype, as product_dtype=None
             # does. Said only when that works; bad data fails there too, with its own error.
-            tried = self.dtype
-            self.model, self.dtype, self._products = self._own, self._own.dtype, []
+            tried = self._use_own_dtype()
             out = self._apply_rows(V)
-            logger.warning("HessianOperator: products in %s failed (%s); computing them in the model's dtype %s",
-                           tried, str(exc).splitlines()[0][:300], self.dtype)
+            self._said_fallback(tried, exc)
             return out
+
+    def _use_own_dtype(self) -> torch.dtype:
+        """Products in the model's own dtype from now on; returns the dtype given up."""
+        tried = self.dtype
+        self.model, self.dtype, self._products, self._ahead = self._own, self._own.dtype, [], None
+        return tried
+
+    def _said_fallback(self, tried: torch.dtype, exc: BaseException) -> None:
+        logger.warning("HessianOperator: products in %s failed (%s); computing them in the model's dtype %s",
+                       tried, str(exc).splitlines()[0][:300], self.dtype)
 
     def _apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         out_dtype = V.dtype
@@ -120,8 +131,10 @@ class HessianOperator:
             return torch.zeros(V.shape, dtype=out_dtype, device=self.device)
         # With a process group: one local pass, then one all-reduce of the sums and counts; every rank
         # must apply the operator to the same block (checked by the exchange, see twicediff.distributed).
+        copy = Vm.numel() * Vm.element_size() if Vm is not V else 0  # V in the product dtype, held meanwhile
         acc, total = _distributed.sum_over_ranks(self._group, "HessianOperator",
-                                                 lambda: self._local_sums(Vm, out_dtype), key=V.shape[0], check=V)
+                                                 lambda: self._local_sums(Vm, out_dtype, copy), key=V.shape[0],
+                                                 check=V)
         if total == 0:
             raise ValueError("HessianOperator: training_data yielded no points; the Hessian of the mean loss "
                              "needs at least one batch")
@@ -132,39 +145,107 @@ class HessianOperator:
             acc.add_(V, alpha=self.hessian_perturbation)
         return acc
 
-    def _local_sums(self, Vm: torch.Tensor, out_dtype: torch.dtype) -> Tuple[torch.Tensor, int]:
-        r"""(\(\sum_b n_b H_b V\) in ``out_dtype``, the number of points) over this process's data."""
-        acc = torch.zeros(Vm.shape, dtype=out_dtype, device=self.device)
+    def _local_sums(self, Vm: torch.Tensor, out_dtype: torch.dtype, held: int = 0) -> Tuple[torch.Tensor, int]:
+        r"""(\(\sum_b n_b H_b V\) in ``out_dtype``, the number of points) over this process's data.
+
+        The sum starts as the first batch's product (scaled in place) and takes the others' in
+        place, in their dtype: besides the sum, only one batch's product is held at a time. The
+        products' chunks are sized against the budget less the sum, ``held`` bytes and the batches
+        kept so far."""
+        acc: Optional[torch.Tensor] = None
         total = 0
-        for i, (n, product) in enumerate(progress_bar(self._pass(), self.progress, desc="hvp pass", unit="batch")):
-            with data_errors("HessianOperator", f"training_data batch {i}"):  # shapes: from hvp's own
-                acc.add_(product(Vm).to(out_dtype), alpha=n)
+        acc_bytes = Vm.shape[0] * Vm.shape[1] * torch.empty(0, dtype=out_dtype).element_size()
+        passing = self._pass(acc_bytes + held)
+        for i, (n, product) in enumerate(progress_bar(passing, self.progress, desc="hvp pass", unit="batch")):
+            with data_errors("HessianOperator", f"training_data batch {i}"), \
+                    reserved(acc_bytes + held + self._kept_bytes):  # shapes: from hvp's own
+                part = product(Vm)
+            if acc is None:
+                acc = part.to(out_dtype).mul_(n)
+            else:
+                acc.add_(part, alpha=n)
+            del part
             total += n
+        if acc is None:
+            acc = torch.zeros(Vm.shape, dtype=out_dtype, device=self.device)
         return acc, total
 
-    def _pass(self) -> Iterator[Tuple[int, BoundHvp]]:
-        """(n, V ↦ H_b V) of each batch of one pass: from the cache, or from the loader (filling the
-        cache on the first pass while the batches fit)."""
+    def bytes_per_direction(self) -> int:
+        """The working memory one direction of a product takes (the engine's estimate,
+        :attr:`BoundHvp.bytes_per_direction`): the largest over the kept batches, else that of the
+        loader's first batch, prepared to tell and handed to the next pass, which goes on with the
+        same iterator. Solvers size their groups of right-hand sides with it."""
         if self._products:
+            return max(product.bytes_per_direction for _, product in self._products)
+        if self._ahead is not None:
+            return self._ahead[2].bytes_per_direction
+        # The next pass goes on from this batch and this iterator (a one-shot iterable is read once).
+        batches = iter(self.training_data)
+        batch = next(batches, None)
+        if batch is None:
+            return 0
+        try:
+            self._ahead = (batches, *self._prepared_first(batch))
+        except _DATA_ERRORS as exc:
+            if self.model is self._own or self.num_passes > 0:
+                raise
+            tried = self._use_own_dtype()  # as apply_rows does
+            self._ahead = (batches, *self._prepared_first(batch))
+            self._said_fallback(tried, exc)
+        return self._ahead[2].bytes_per_direction
+
+    def _prepared_first(self, batch) -> Tuple[int, BoundHvp]:
+        x, y = (self._moved(t) for t in batch)
+        with data_errors("HessianOperator", "training_data batch 0", x, y):
+            return num_points(x), self.model.hvp_function(x, y, mode=self.mode)
+
+    @property
+    def model_copy_bytes(self) -> int:
+        """Bytes of the copy of the model in the product dtype (0 when the products use the model)."""
+        if self.model is self._own:
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.model.model.parameters())
+
+    def _pass(self, beside: int = 0) -> Iterator[Tuple[int, BoundHvp]]:
+        """(n, V ↦ H_b V) of each batch of one pass: from the cache, or from the loader (filling the
+        cache on the first pass while the batches fit a quarter of the budget and leave one
+        direction of their products room beside ``beside`` bytes held for the pass)."""
+        if self._products:
+            self._kept_bytes = sum(product.nbytes for _, product in self._products)
             yield from self._products
             return
         first = self.num_passes == 0
         room = get_memory_budget(self.device) // 4 if first else 0
         kept: List[Tuple[int, BoundHvp]] = []
-        for i, batch in enumerate(self.training_data):
-            x, y = (self._moved(t) for t in batch)
-            n = num_points(x)
-            with data_errors("HessianOperator", f"training_data batch {i}", x, y):
-                product = self.model.hvp_function(x, y, mode=self.mode)
+        self._kept_bytes = 0
+        for i, n, product in self._prepared_batches():
             if first:
                 room -= product.nbytes
-                if room >= 0:
+                left = get_memory_budget(self.device) - beside - self._kept_bytes - product.nbytes
+                if room >= 0 and left >= product.bytes_per_direction:
                     kept.append((n, product))
+                    self._kept_bytes += product.nbytes
                 else:
-                    first, kept = False, []
+                    first, kept, self._kept_bytes = False, [], 0
             yield n, product
         if first:
             self._products = kept
+
+    def _prepared_batches(self) -> Iterator[Tuple[int, int, BoundHvp]]:
+        """(i, n, product function) of every batch of the loader; the first from
+        :meth:`bytes_per_direction`'s look ahead when it took one (it read it from the iterator this
+        pass goes on with)."""
+        ahead, self._ahead = self._ahead, None
+        batches = iter(self.training_data) if ahead is None else ahead[0]
+        i = 0
+        if ahead is not None:
+            yield 0, ahead[1], ahead[2]
+            i = 1
+        for i, batch in enumerate(batches, start=i):
+            x, y = (self._moved(t) for t in batch)
+            with data_errors("HessianOperator", f"training_data batch {i}", x, y):
+                product = self.model.hvp_function(x, y, mode=self.mode)
+            yield i, num_points(x), product
 
     def _moved(self, t):
         """A batch tensor on the model's device, in the product dtype when it is floating."""

@@ -263,8 +263,11 @@ def test_block_cg_more_right_hand_sides_than_parameters_and_groups_under_the_bud
     assert all(res.info[f"batch_{i}"]["optimal"] for i in range(50))
     assert max(res.info[f"batch_{i}"]["niter"] for i in range(50)) <= 3
     assert rel(res.x, direct.x) < 1e-8
-    # two rows' blocks, plus room for the products (the budget bounds both: CG reserves its blocks)
-    with twicediff.memory_budget(2 * 7 * 31 * 8 + 7 * 31 * 8 // 2 + 8 * 2**10):
+    # The budget bounds everything: the result x, the blocks of a group of two rows (7·2 − 2 rows of
+    # P float64), the batches the operator keeps (x and y of 24 points) and one direction of the
+    # products, whose size the operator tells.
+    per_direction = hessian_operator(model, loader, dtype=torch.float64).bytes_per_direction()
+    with twicediff.memory_budget(b.numel() * 8 + (7 * 2 - 2) * 31 * 8 + 24 * (3 + 1) * 8 + per_direction):
         grouped = solve_batch_cg(model, loader, b, 1.0, rtol=1e-10, atol=0.0)
     assert all(grouped.info[f"batch_{i}"]["optimal"] for i in range(50))
     assert rel(grouped.x, direct.x) < 1e-8

@@ -32,23 +32,21 @@ def block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor
     """
     N, P = B.shape
     dev = B.device
-    Bd = B.to(torch.float64)
-    X = X0.to(torch.float64).clone()
-    if bool((X != 0).any()):
-        R = Bd - apply_rows(X)
-    else:
-        R = Bd.clone()
+    X = X0.to(torch.float64, copy=True)
+    R = _residual(apply_rows, B, X)
     out = X.clone()
     gamma = R.square().sum(1)
-    stop = torch.clamp(rtol ** 2 * Bd.square().sum(1), min=atol ** 2)
+    stop = torch.clamp(rtol ** 2 * _square_norms(B), min=atol ** 2)
     niter = torch.zeros(N, dtype=torch.int64, device=dev)
     optimal = gamma <= stop
     final_gamma = gamma.clone()
     active = torch.nonzero(~optimal).flatten()
-    X, R = X[active].contiguous(), R[active].contiguous()
+    if active.numel() < N:
+        X, R = X[active].contiguous(), R[active].contiguous()
     Z = precondition(R) if precondition is not None else R
     rz = (R * Z).sum(1) if precondition is not None else gamma[active]
     Pd = Z.clone()
+    del Z  # not held during the products
     negative_curvature = False
     bar = progress_bar(range(maxiter), progress, desc="cg", unit="it", count_only=True)
     for _ in bar:
@@ -62,6 +60,7 @@ def block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor
         negative_curvature |= bool((pAp < 0).any())
         alpha = torch.where(curvature_ok, rz / torch.where(curvature_ok, pAp, 1.0), 0.0)
         g = ops.cg_step(X, R, Pd, AP, alpha)
+        del AP  # not held during the next product
         niter[active] += 1
         final_gamma[active] = g
         converged = g <= stop[active]
@@ -85,6 +84,7 @@ def block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor
         beta = rz_new / rz
         rz = rz_new
         ops.cg_direction(Pd, Z, beta)
+        del Z
         if progress:
             bar.set_postfix(active=int(active.numel()))
     close_bar(bar)
@@ -96,25 +96,41 @@ def block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor
     return out, {"niter": niter, "optimal": optimal, "gamma": final_gamma}
 
 
+def _residual(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """B − A X in float64 (B in any dtype), formed in the product's memory; B itself, as a float64
+    copy, when X is zero."""
+    if not bool((X != 0).any()):
+        return B.to(torch.float64, copy=True)
+    return apply_rows(X).to(torch.float64).neg_().add_(B)  # −AX + B: the bits of B − AX
+
+
+def _square_norms(B: torch.Tensor) -> torch.Tensor:
+    """‖b_i‖² of every row in float64, one row's float64 copy at a time."""
+    return torch.stack([B[i].to(torch.float64).square().sum() for i in range(B.shape[0])]) if B.shape[0] \
+        else torch.zeros(0, dtype=torch.float64, device=B.device)
+
+
 def orthonormal_rows(W: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (as rows) of the row space of W [k, P], rank-revealing: directions whose
     singular value is below 1e-12 of the largest are dropped (float64). Householder QR of Wᵀ, then
     the SVD R = U S Vᵀ of the small [k, k] factor: the singular values of W to the same accuracy as
     an SVD of W itself, in about half the time for k ≪ P. The basis Q U is formed by applying the
-    reflectors to U (ormqr) rather than forming Q and multiplying, which is cheaper (NOTE: measured in
-    docs/notes/influence_cpu.md)."""
+    reflectors to U (ormqr, in place) rather than forming Q and multiplying, which is cheaper (NOTE:
+    measured in docs/notes/influence_cpu.md). W is not read after its factorization: a caller that
+    passes a temporary has its memory back before the basis is formed (two [k, P] blocks at most)."""
     k, P = W.shape
     if k == 0:
         return W
     A, tau = torch.geqrf(W.T)  # W.T is column-major: LAPACK takes it without a copy
+    del W
     r = min(k, P)
     U, S, _ = torch.linalg.svd(A[:r].triu())
     if not float(S[0]) > 0:
-        return W[:0]
+        return A.new_zeros(0, P)
     keep = U[:, S > 1e-12 * S[0]]
-    E = W.new_zeros(keep.shape[1], P)  # [U_keep; 0] as a column-major [P, rank]
+    E = A.new_zeros(keep.shape[1], P)  # [U_keep; 0] as a column-major [P, rank]
     E[:, :r] = keep.T
-    return torch.ormqr(A, tau, E.T).T
+    return torch.ormqr(A, tau, E.T, out=E.T).T  # LAPACK applies the reflectors to E in place
 
 
 def _small_solve(M: torch.Tensor, C: torch.Tensor) -> Tuple[torch.Tensor, bool]:
@@ -156,11 +172,10 @@ def block_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch
     """
     N, P = B.shape
     dev = B.device
-    Bd = B.to(torch.float64)
-    X = X0.to(torch.float64).clone()
-    R = Bd - apply_rows(X).to(torch.float64) if bool((X != 0).any()) else Bd.clone()
+    X = X0.to(torch.float64, copy=True)
+    R = _residual(apply_rows, B, X)
     gamma = R.square().sum(1)
-    stop = torch.clamp(rtol ** 2 * Bd.square().sum(1), min=atol ** 2)
+    stop = torch.clamp(rtol ** 2 * _square_norms(B), min=atol ** 2)
     niter = torch.zeros(N, dtype=torch.int64, device=dev)
     indefinite = False
     stalled = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -171,7 +186,12 @@ def block_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch
         todo = torch.nonzero((gamma > stop) & ~stalled).flatten()
         if todo.numel() == 0 or steps >= maxiter:
             break
-        active, Xa, Ra = todo, X[todo], R[todo]
+        # A round on every row works on X and R themselves (a row that leaves the block is then
+        # copied out of them); R's rows are not read after a round that made them worse (those
+        # rows stall), so the round may overwrite them.
+        whole = todo.numel() == N
+        active = todo
+        Xa, Ra = (X, R) if whole else (X[todo], R[todo])
         X_before = Xa.clone()
         Pm = orthonormal_rows(precondition(Ra) if precondition is not None else Ra)
         mark, mark_step = float(Ra.square().sum()), steps
@@ -200,13 +220,16 @@ def block_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch
                 mark, mark_step = now, steps
             Z = precondition(Ra) if precondition is not None else Ra
             beta, _ = _small_solve(PAP, AP @ Z.T)
+            del AP  # not held while the next block is formed
             Pm = orthonormal_rows(torch.addmm(Z, beta.T, Pm, alpha=-1))
+            del Z
             if progress:
                 bar.set_postfix(active=int(active.numel()))
-        if active.numel():
+        if active.numel() and Xa is not X:
             X[active] = Xa
-        # the rule on the true residual of every row this round worked on
-        R_true = Bd[todo] - apply_rows(X[todo]).to(torch.float64)
+        Pm = Xa = Ra = AP = None  # nothing of the round is held during the product below
+        # the rule on the true residual of every row this round worked on (−AX + B: the bits of B − AX)
+        R_true = apply_rows(X if whole else X[todo]).to(torch.float64).neg_().add_(B if whole else B[todo])
         g_true = R_true.square().sum(1)
         stalled[todo] = g_true > 0.25 * gamma[todo]  # another round must at least halve ‖r‖
         worse = g_true > gamma[todo]  # keep the better iterate of the row

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from ...memory import chunk_size, reserved
+from ...memory import reserved
 from ...twice_differentiable import InverseHvpResult
 from ..operator import HessianOperator
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
@@ -40,7 +40,8 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
                    atol: float = 1e-7, maxiter: Optional[int] = None, progress: bool = False,
                    preconditioner: Optional[str] = None, preconditioner_rank: int = 32,
                    hutchinson_samples: int = 32, block_krylov: bool = True, mode: str = "hessian",
-                   product_dtype: Optional[torch.dtype] = torch.float64) -> InverseHvpResult:
+                   product_dtype: Optional[torch.dtype] = torch.float64,
+                   out: Optional[torch.Tensor] = None) -> InverseHvpResult:
     r"""Conjugate gradients for (H + λI) x_i = b_i, all rows of b ([N, P]) at once.
 
     Each iteration applies H + λI to one block of vectors of the still-active rows in one pass
@@ -54,6 +55,13 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
     products than N separate CGs, also on mildly indefinite H + λI; ``optimal`` is then judged on
     the true residual. With ``block_krylov=False`` each row runs its own CG recurrence (fused native
     updates; ``optimal`` judged on the recursive residual, as pyDVL does).
+
+    Memory: the iteration holds about five float64 [rows, P] blocks (x, r, x at the start of a
+    round, the search block and its product; seven once some rows of a group have stopped). Rows
+    are solved in groups, each a block of its own, as many at once as the memory budget holds with
+    room left for one direction of the products (at least one row); the blocks, the float64 copy of
+    the model, the result and the preconditioner are reserved (:func:`twicediff.memory.reserved`),
+    so that the products are chunked against what is left.
 
     Args:
         x0: initial guess, [P] (for every row) or [N, P]; default b (as pyDVL).
@@ -69,6 +77,9 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
             copy of the model when it is float32 or lower: about twice the cost on a CPU, but the
             rule can then be met — float32 products carry errors near 1e-7·‖A‖·‖x‖, which for an
             ill-conditioned H + λI exceed rtol·‖b‖ at rtol 1e-6. None computes in the model's dtype.
+        out: where to write x ([N, P], or [P] for one b; the model's dtype and device); it may be b
+            itself, whose rows are overwritten once their group is solved (an influence computation
+            writes the factors over the test gradients they are solved from). Default: a new tensor.
 
     Returns:
         InverseHvpResult: x of b's shape (model dtype); info ``batch_{i}`` → ``{"niter", "optimal",
@@ -84,33 +95,68 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
     lam = check_nonnegative(hessian_perturbation, "hessian_perturbation", where)
     if product_dtype is not None and not (isinstance(product_dtype, torch.dtype) and product_dtype.is_floating_point):
         raise TypeError(f"{where}: product_dtype must be None or a floating torch.dtype, got {product_dtype!r}")
+    X = _check_out(out, B, one, model, where)
+    N, P = B.shape
     op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode, dtype=product_dtype)
-    X0 = initial_guess(x0, B, model, where, "x0")
+    X0 = None if x0 is None else initial_guess(x0, B, model, where, "x0")
+    held = op.model_copy_bytes + (0 if out is not None else N * P * B.element_size())
     precondition = None
     used = preconditioner
-    if preconditioner == "jacobi":
-        precondition = jacobi_preconditioner(op, hutchinson_samples)
-    elif preconditioner == "nystrom":
-        precondition = nystrom_preconditioner(op, preconditioner_rank)
-        if precondition is None:
-            logger.warning("%s: H + λI is not positive definite on the Nyström sketch; running without "
-                           "preconditioner (increase hessian_perturbation)", where)
-            used = None
+    with reserved(held):
+        if preconditioner == "jacobi":
+            precondition = jacobi_preconditioner(op, hutchinson_samples)
+        elif preconditioner == "nystrom":
+            precondition = nystrom_preconditioner(op, preconditioner_rank)
+            if precondition is None:
+                logger.warning("%s: H + λI is not positive definite on the Nyström sketch; running without "
+                               "preconditioner (increase hessian_perturbation)", where)
+                used = None
+    held += getattr(precondition, "nbytes", 0)
     maxiter = 10 * model.num_params if maxiter is None else maxiter
     solver = block_krylov_cg if block_krylov else block_cg
-    # The iteration holds about seven float64 [rows, P] blocks (x, r, the true residual or z, the
-    # search block, its product, a copy of x); right-hand sides that do not fit the memory budget
-    # together are solved in groups, each a block of its own.
-    N = B.shape[0]
-    group = chunk_size(N, 7 * model.num_params * 8, model.device, what="CG right-hand sides")
-    with reserved(7 * group * model.num_params * 8):  # the products get what the blocks leave
-        parts = [solver(op.apply_rows, B[s:s + group], X0[s:s + group], rtol=rtol, atol=atol, maxiter=maxiter,
-                        precondition=precondition, progress=progress) for s in range(0, N, group)]
-    X = torch.cat([x for x, _ in parts]).to(model.dtype)
-    stats = {key: torch.cat([st[key] for _, st in parts]) for key in ("niter", "optimal", "gamma")}
+    group = _group_size(N, P, held, op.bytes_per_direction(), model.device)
+    stats = {"niter": [], "optimal": [], "gamma": []}
+    # The products get what the blocks leave: while a product runs, a group of g rows holds 6g - 2
+    # blocks (the product's own result is reserved by the operator; see _group_size).
+    with reserved(held + (6 * group - 2) * P * 8):
+        for s in range(0, N, group):
+            part, st = solver(op.apply_rows, B[s:s + group], B[s:s + group] if X0 is None else X0[s:s + group],
+                              rtol=rtol, atol=atol, maxiter=maxiter, precondition=precondition, progress=progress)
+            X[s:s + group] = part  # b's rows of this group are read no more (out may be b)
+            del part
+            for key in stats:
+                stats[key].append(st[key])
+    stats = {key: torch.cat(parts) for key, parts in stats.items()}
     info = _cg_info(stats)
     info.update(num_passes=op.num_passes, preconditioner=used)
     return InverseHvpResult(x=X[0] if one else X, info=info)
+
+
+def _check_out(out: Optional[torch.Tensor], B: torch.Tensor, one: bool, model: TorchTwiceDifferentiable,
+               where: str) -> torch.Tensor:
+    """``out`` as [N, P] (a new tensor when None), after checking its shape, dtype and device."""
+    if out is None:
+        return torch.empty(B.shape, dtype=model.dtype, device=model.device)
+    want = tuple(B.shape[1:]) if one else tuple(B.shape)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != model.dtype \
+            or out.device != model.device:
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"{where}: out must be {list(want)} {model.dtype} on {model.device} like b, got {got}")
+    return out.unsqueeze(0) if one else out
+
+
+def _group_size(N: int, P: int, held: int, per_direction: int, device: torch.device) -> int:
+    """Right-hand sides per CG group: a group of g rows holds 7g − 2 float64 [P] blocks (x, r, x at
+    the round's start, the search block and its product; copies of x and r once rows have
+    stopped: five blocks for g = 1), and its products need room for at least one direction
+    (``per_direction`` bytes) beside them. At least one row, whose products then find out whether
+    they fit."""
+    from ...memory import get_memory_budget
+
+    row = P * 8
+    room = get_memory_budget(device) - held - per_direction + 2 * row
+    return int(max(1, min(N, room // (7 * row))))
 
 
 def solve_cg(hvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, *, x0: Optional[torch.Tensor] = None,

@@ -102,6 +102,19 @@ def _check_fits(P: int, dtype: torch.dtype, device: torch.device, where: str) ->
             "(low rank), or EK-FAC where available; or freeze parameters (requires_grad=False) to shrink P")
 
 
+def _prepare_direct(model: TorchTwiceDifferentiable, training_data: Iterable, hessian_perturbation: float,
+                    **options) -> Tuple[dict, int]:
+    """What :func:`solve_linear` checks before its right-hand sides exist (an influence computation
+    calls it before it computes the test gradients): that its [P, P] matrices can fit, else
+    MemoryBudgetError before anything is computed. Returns the options unchanged and 0 bytes held."""
+    check_model(model, "solve_linear")
+    _check_fits(model.num_params, model.dtype, model.device, "solve_linear")
+    return options, 0
+
+
+solve_linear.prepare = _prepare_direct
+
+
 def cholesky_then_lu(A: torch.Tensor, B: torch.Tensor) -> Tuple[Optional[torch.Tensor], int]:
     r"""X with A X = B for a symmetric A [n, n] (lower triangle read), B [n, m]: blocked Cholesky for
     as long as the leading block stays positive definite, then LU on the Schur complement of the rest.

@@ -10,7 +10,7 @@ import torch
 from ... import distributed as _distributed
 from ... import ops
 from ...errors import data_errors
-from ...memory import get_memory_budget, reserved
+from ...memory import chunk_size, get_memory_budget, reserved
 from ...progress import close_bar, progress_bar
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data, num_points
@@ -30,6 +30,54 @@ def _step_product(batches: Iterator, h: torch.Tensor, dtype: torch.dtype, work: 
         return product(h.to(dtype)).to(work), n
 
 
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` (ascending) of t: a view when they are consecutive, else a copy."""
+    n = idx.numel()
+    if n and int(idx[-1]) - int(idx[0]) == n - 1:
+        return t[int(idx[0]):int(idx[0]) + n]
+    return t[idx]
+
+
+def _is_view(rows: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> bool:
+    """Whether ``rows`` (from :func:`_rows`) are t's own rows ``idx`` rather than a copy."""
+    return idx.numel() > 0 and rows.data_ptr() == t[int(idx[0])].data_ptr()
+
+
+def _row_norms(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """‖h_i‖ for the rows ``idx``, without copying them all at once."""
+    if idx.numel() == h.shape[0]:
+        return h.norm(dim=1)
+    return torch.stack([h[i].norm() for i in idx.tolist()]) if idx.numel() else h.new_zeros(0)
+
+
+def _step(draws: Iterator, batches: "_Batches", h: torch.Tensor, B: torch.Tensor, active: torch.Tensor,
+          dtype: torch.dtype, work: torch.dtype, coefficients: Tuple[float, float, float],
+          where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One LiSSA step of the active rows of h on the next batch, in place: the rows go through the
+    batch's product and the fused update in chunks that fit the memory budget (each row's step is
+    the same whatever the chunks). Returns the rows' (max_rel, sum_rel)."""
+    _, product = next(draws)
+    A, P = active.numel(), h.shape[1]
+    elem = h.element_size()
+    # A row of a chunk: the product's working memory, and the row of h, of b and of H h (copies
+    # when the rows are not consecutive, or in another dtype).
+    per_row = product.bytes_per_direction + 3 * P * elem
+    with reserved(batches.kept_bytes):
+        step = chunk_size(A, per_row, h.device, what="LiSSA right-hand sides")
+    mx = torch.empty(A, dtype=torch.float64, device=h.device)
+    sm = torch.empty(A, dtype=torch.float64, device=h.device)
+    for s in range(0, A, step):
+        idx = active[s:s + step]
+        hv, Bv = _rows(h, idx), _rows(B, idx)
+        with reserved(batches.kept_bytes + 3 * idx.numel() * P * elem), data_errors(where, "a batch of training_data"):
+            Hh = product(hv.to(dtype)).to(work)
+        mx[s:s + step], sm[s:s + step] = ops.lissa_step(hv, Bv, Hh, *coefficients)
+        if not _is_view(hv, h, idx):
+            h[idx] = hv
+        del hv, Bv, Hh
+    return mx, sm
+
+
 class _Batches:
     """Batches of ``training_data`` without end, each with its product function (the batch prepared
     once: on the device, the engine chosen, a native model's frozen prefix applied).
@@ -44,6 +92,7 @@ class _Batches:
 
     def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, where: str):
         self.model, self.training_data, self.where = model, training_data, where
+        self.kept_bytes = 0  # bytes of the prepared batches kept for later epochs
 
     def _source(self) -> Iterable:
         from torch.utils.data import DataLoader, IterableDataset
@@ -82,6 +131,7 @@ class _Batches:
             if kept is not None:
                 room -= product[1].nbytes
                 kept = kept + [product] if room >= 0 else None
+                self.kept_bytes = sum(p.nbytes for _, p in kept) if kept else 0
             yield product
         if empty:
             raise ValueError(f"{self.where}: training_data yielded no batch")
@@ -115,6 +165,10 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
     (reshuffled when it is a DataLoader over a map-style dataset). A model in bfloat16 or float16
     iterates in float32 (its products are still taken in its own dtype).
 
+    Memory: one [N, P] iterate beside b (it becomes x); each step takes the active rows through the
+    batch's product and the fused update in chunks of rows that fit the memory budget (a row's step
+    does not depend on the chunks), so a step holds one chunk's products, not N rows of them.
+
     Args:
         h0: initial h, [P] or [N, P]; default b.
         maxiter: steps at most.
@@ -147,46 +201,49 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
         raise ValueError(f"{where}: on_failure must be 'raise' or 'warn', got {on_failure!r}")
     scale = float(scale)
     N, P = B.shape
-    out = initial_guess(h0, B, model, where, "h0")
     # The fused step op takes float32 and float64; a half-precision model iterates in float32.
     work = torch.float32 if model.dtype in (torch.bfloat16, torch.float16) else model.dtype
-    out, B = out.to(work), B.to(work)
+    elem = torch.finfo(work).bits // 8
+    # One [N, P] iterate in the iteration dtype: the active rows step in it in place, a stopped
+    # row keeps its last iterate there, and it becomes x (h / scale) at the end.
+    h = initial_guess(h0, B, model, where, "h0").to(work)
+    held = N * P * elem + (N * P * elem if B.dtype != work else 0)
+    B = B.to(work)
     max_rel = torch.full((N,), float("inf"), dtype=torch.float64, device=B.device)
     sum_rel = torch.full((N,), float("inf"), dtype=torch.float64, device=B.device)
     niter = torch.zeros(N, dtype=torch.int64, device=B.device)
     active = torch.arange(N, device=B.device)
-    h, Bact = out.clone(), B
     half_norm = h.norm(dim=1)  # ‖h‖ of every row halfway through (diverging iterates keep growing)
-    # h, b and the product in the iteration dtype: the products get the rest of the budget
-    with reserved(3 * N * P * torch.finfo(work).bits // 8):
-        batches = iter(_Batches(model, training_data, where))
+    with reserved(held):
+        batches = _Batches(model, training_data, where)
+        draws = iter(batches)
         bar = progress_bar(range(maxiter), progress, desc="lissa", unit="step", count_only=True)
         for step in bar:
             if active.numel() == 0:
                 break
             if step == maxiter // 2:
-                half_norm[active] = h.norm(dim=1)
-            # A step takes one batch on every rank: with a process group, the products of the ranks'
-            # batches are averaged, weighted by batch size (twicediff.distributed).
-            Hh = _distributed.mean_over_ranks(group, where, lambda: _step_product(batches, h, model.dtype, work, where),
-                                              check=h)
-            mx, sm = ops.lissa_step(h, Bact, Hh, dampen, scale, lam)
+                half_norm[active] = _row_norms(h, active)
+            if group is None:
+                mx, sm = _step(draws, batches, h, B, active, model.dtype, work, (dampen, scale, lam), where)
+            else:
+                # A step takes one batch on every rank: the products of the ranks' batches are
+                # averaged, weighted by batch size (twicediff.distributed), all active rows at once.
+                hv, Bv = _rows(h, active), _rows(B, active)
+                Hh = _distributed.mean_over_ranks(
+                    group, where, lambda: _step_product(draws, hv, model.dtype, work, where), check=hv)
+                mx, sm = ops.lissa_step(hv, Bv, Hh, dampen, scale, lam)
+                if not _is_view(hv, h, active):
+                    h[active] = hv
+                del hv, Bv, Hh
             if bool(torch.isnan(mx).any()):
                 raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf); LiSSA diverges when "
                                    f"‖I − (H + λI)/scale‖ ≥ 1: increase scale (now {scale}) or dampen (now {dampen})")
             niter[active] += 1
             max_rel[active], sum_rel[active] = mx, sm
-            done = mx < rtol
-            if bool(done.any()):
-                out[active[done]] = h[done]
-                keep = torch.nonzero(~done).flatten()
-                active, h, Bact = active[keep], h[keep], Bact[keep]
+            active = active[~(mx < rtol)]
             if progress:
                 bar.set_postfix(active=int(active.numel()), max_residual=float(mx.max()) if mx.numel() else 0.0)
         close_bar(bar)
-    if active.numel():
-        out[active] = h
-    x = (out / scale).to(model.dtype)
     max_perc = 100 * float(max_rel.max()) if N else 0.0
     mean_perc = 100 * float(sum_rel.sum()) / (N * P) if N * P else 0.0
     logger.info("%s: max residual %.4g %%, mean residual %.4g %%", where, max_perc, mean_perc)
@@ -194,7 +251,7 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
     if not converged:
         # A converging iterate approaches scale·(H + λI)⁻¹b and levels off; a diverging one grows
         # geometrically, by orders of magnitude over the second half of the steps.
-        growth = float((h.norm(dim=1) / half_norm[active].clamp_min(torch.finfo(work).tiny)).max())
+        growth = float((_row_norms(h, active) / half_norm[active].clamp_min(torch.finfo(work).tiny)).max())
         trend = (f"‖h‖ grew {growth:.3g}-fold over the last half of the steps, so the iteration diverges: LiSSA "
                  f"converges only when scale exceeds the largest eigenvalue of H + λI: increase scale (now "
                  f"{scale}) or dampen (now {dampen})"
@@ -208,6 +265,7 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
         if on_failure == "raise":
             raise RuntimeError(message + "; on_failure='warn' returns the last iterate instead")
         logger.warning("%s", message)
+    x = h.div_(scale).to(model.dtype)
     info = {"max_perc_residual": max_perc, "mean_perc_residual": mean_perc, "niter": niter.tolist(),
             "converged": converged}
     return InverseHvpResult(x=x[0] if one else x, info=info)

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ...memory import chunk_size, reserved
 from ..operator import HessianOperator
 
 logger = logging.getLogger(__name__)
@@ -24,11 +25,35 @@ def jacobi_preconditioner(operator: HessianOperator, num_samples: int = 32,
     the preconditioner stays positive definite."""
     P = operator.shape[0]
     gen = torch.Generator(device=operator.device).manual_seed(seed)
-    Z = torch.randint(0, 2, (num_samples, P), generator=gen, device=operator.device).to(torch.float64) * 2 - 1
-    d = (Z * operator.apply_rows(Z)).mean(0)
+
+    def probes(n: int) -> torch.Tensor:
+        return torch.randint(0, 2, (n, P), generator=gen, device=operator.device).to(torch.float64) * 2 - 1
+
+    # A probe holds its row, its product and their product (three float64 [P] rows) beside the
+    # product's own chunk: the probes go in groups that fit the memory budget, all at once when they fit.
+    step = chunk_size(num_samples, 4 * P * 8, operator.device, what="Hutchinson probes")
+    if step >= num_samples:
+        Z = probes(num_samples)
+        with reserved(Z.numel() * 8):
+            AZ = operator.apply_rows(Z)
+        d = (Z * AZ).mean(0)
+    else:
+        d = torch.zeros(P, dtype=torch.float64, device=operator.device)
+        for start in range(0, num_samples, step):
+            Z = probes(min(step, num_samples - start))
+            with reserved(P * 8 + Z.numel() * 8):
+                AZ = operator.apply_rows(Z)
+            d.add_((Z * AZ).sum(0))
+            del Z, AZ
+        d.div_(num_samples)
     floor = max(operator.hessian_perturbation, 1e-8 * float(d.abs().max()), torch.finfo(torch.float64).tiny)
     d = d.clamp_min(floor)
-    return lambda R: R / d
+
+    def apply(R: torch.Tensor) -> torch.Tensor:
+        return R / d
+
+    apply.nbytes = d.numel() * d.element_size()  # what the preconditioner holds
+    return apply
 
 
 def nystrom_preconditioner(operator: HessianOperator, rank: int = 32,
@@ -41,9 +66,13 @@ def nystrom_preconditioner(operator: HessianOperator, rank: int = 32,
     definite on the sketch (Cholesky of Ωᵀ Y fails), where CG would not apply either."""
     P = operator.shape[0]
     r = max(1, min(int(rank), P))
+    # The sketch holds about five float64 [P, r] blocks at once (Ω, AΩ, its shift, Y C⁻ᵀ, U) beside
+    # the products' chunks.
+    chunk_size(1, 5 * r * P * 8, operator.device, what=f"a Nyström preconditioner of rank {r} (preconditioner_rank)")
     gen = torch.Generator(device=operator.device).manual_seed(seed)
     Omega = torch.linalg.qr(torch.randn(P, r, generator=gen, device=operator.device, dtype=torch.float64))[0]
-    Y = operator.apply_rows(Omega.T).T  # A Ω, [P, r]
+    with reserved(4 * r * P * 8):  # Ω now, the rest of the sketch's blocks after the products
+        Y = operator.apply_rows(Omega.T).T  # A Ω, [P, r]
     shift = P ** 0.5 * torch.finfo(torch.float64).eps * float(torch.linalg.matrix_norm(Y, ord=2))
     Y = Y + shift * Omega
     C, status = torch.linalg.cholesky_ex(0.5 * (Omega.T @ Y + Y.T @ Omega))
@@ -59,4 +88,5 @@ def nystrom_preconditioner(operator: HessianOperator, rank: int = 32,
     def apply(R: torch.Tensor) -> torch.Tensor:
         return R + ((R @ U) * coef) @ U.T
 
+    apply.nbytes = U.numel() * U.element_size()  # what the preconditioner holds
     return apply
