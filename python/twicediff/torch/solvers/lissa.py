@@ -130,7 +130,9 @@ class _Batches:
             product = self._prepared(x, y)
             if kept is not None:
                 room -= product[1].nbytes
-                kept = kept + [product] if room >= 0 else None
+                # kept while they fit a quarter of the budget and leave a direction of the products room
+                left = get_memory_budget(self.model.device) - self.kept_bytes - product[1].nbytes
+                kept = kept + [product] if room >= 0 and left >= product[1].bytes_per_direction else None
                 self.kept_bytes = sum(p.nbytes for _, p in kept) if kept else 0
             yield product
         if empty:
@@ -160,7 +162,7 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
     makes it contract faster (and solves a damped system, (H + λI + dampen·scale·I) x = b).
 
     Batches: the first epoch reads ``training_data`` as it is; while the prepared batches fit a
-    quarter of the memory budget they are kept and later epochs visit them in a fresh random order
+    quarter of the memory budget (and leave a direction of the products room) they are kept and later epochs visit them in a fresh random order
     (a frozen feature extractor runs once per batch), else every epoch reads the loader again
     (reshuffled when it is a DataLoader over a map-style dataset). A model in bfloat16 or float16
     iterates in float32 (its products are still taken in its own dtype).
