@@ -202,7 +202,8 @@ def table(results: dict, budget: int, before: dict, before_name: str, widths=WID
         if before:
             b = before.get(method, {})
             then = (f" {b['peak'] / MiB:.0f}, {(b['peak'] - b['warm']) / MiB:.0f} "
-                    f"({'pass' if b['peak'] <= target else 'MISS'}{', MemoryBudgetError' if 'error' in b else ''}) |"
+                    f"({'≤' if b['peak'] - b['warm'] <= budget else '>'} budget; "
+                    f"{'pass' if b['peak'] <= target else 'MISS'}{'; MemoryBudgetError' if 'error' in b else ''}) |"
                     if "peak" in b else " failed |")
         if "failed" in r:
             lines.append(f"| {method} | {opts} | — | — | — | {target / MiB:.0f} | failed (rc {r['returncode']}) | — |"
