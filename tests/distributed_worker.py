@@ -94,6 +94,18 @@ def compute(model: TorchTwiceDifferentiable, train, lissa_train, test, sampler_l
     out["influences_all"] = twicediff.compute_influences(model, train, hessian_regularization=LAMBDA)
     out["self_influences"] = twicediff.compute_self_influences(model, train, inversion_method=InversionMethod.Cg,
                                                                hessian_regularization=LAMBDA, rtol=1e-12, atol=1e-14)
+    # K-FAC / EK-FAC: factor sums and counts all-reduced, the scores gathered
+    out["ekfac"] = twicediff.solve_hvp(InversionMethod.Ekfac, model, train, rhs, hessian_perturbation=LAMBDA).x
+    out["kfac_ggn"] = twicediff.solve_hvp(InversionMethod.Kfac, model, train, rhs, hessian_perturbation=LAMBDA,
+                                          fisher_type="ggn").x
+    out["influences_ekfac"] = twicediff.compute_influences(model, train, test_data=test,
+                                                           inversion_method=InversionMethod.Ekfac,
+                                                           hessian_regularization=LAMBDA)
+    out["influences_all_ekfac"] = twicediff.compute_influences(model, train, inversion_method=InversionMethod.Ekfac,
+                                                               hessian_regularization=LAMBDA)
+    out["self_influences_ekfac"] = twicediff.compute_self_influences(model, train,
+                                                                     inversion_method=InversionMethod.Ekfac,
+                                                                     hessian_regularization=LAMBDA)
     factors = out["direct"]
     out["influences_pert"] = twicediff.compute_influences_pert(model, train, factors)
     out["influences_sampler"] = twicediff.compute_influences_up(model, sampler_loader, factors)

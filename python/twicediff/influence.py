@@ -140,6 +140,19 @@ def _kfac_setup(model: TorchTwiceDifferentiable, training_data: DataLoaderType, 
 # ---- the pyDVL 0.7 functions ------------------------------------------------------------------------
 
 
+def _test_gradients(group, model: TorchTwiceDifferentiable, test_data: Any, where: str, progress: bool, *,
+                    broadcast: bool = True) -> torch.Tensor:
+    """The test gradients [N_test, P]: of the test data every rank holds (rank 0's, checked to be the
+    same on every rank; ``broadcast=False`` leaves that to a following solve_hvp) or, for :class:`twicediff.distributed.Sharded` test data, of
+    every rank's test points gathered in the global order."""
+    if isinstance(test_data, _distributed.Sharded):
+        data = test_data.data
+        return _distributed.gather_columns(
+            group, where, lambda: gradient_matrix(model, data, where, "test_data", progress).unsqueeze(0), data)[0]
+    rhs = _distributed.guarded(group, where, lambda: gradient_matrix(model, test_data, where, "test_data", progress))
+    return _distributed.same_on_every_rank(group, where, "test gradients", rhs) if broadcast else rhs
+
+
 def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: DataLoaderType,
                               test_data: DataLoaderType, inversion_method: InversionMethod, *,
                               hessian_perturbation: float = 0.0, progress: bool = False,
@@ -164,16 +177,7 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
                                hessian_perturbation=hessian_perturbation, options=kwargs)
     model = check_model(model, "compute_influence_factors")
     options = _solver_options(model, inversion_method, progress, kwargs)
-    if isinstance(test_data, _distributed.Sharded):  # each rank's test points, gathered in the global order
-        data = test_data.data
-        rhs = _distributed.gather_columns(
-            group, "compute_influence_factors",
-            lambda: gradient_matrix(model, data, "compute_influence_factors", "test_data", progress).unsqueeze(0),
-            data)[0]
-    else:
-        rhs = _distributed.guarded(group, "compute_influence_factors",
-                                   lambda: gradient_matrix(model, test_data, "compute_influence_factors",
-                                                           "test_data", progress))
+    rhs = _test_gradients(group, model, test_data, "compute_influence_factors", progress, broadcast=False)
     with reserved(rhs.numel() * rhs.element_size()):  # the right-hand sides, held during the solve
         return solve_hvp(inversion_method, model, training_data, rhs, hessian_perturbation=hessian_perturbation,
                          **options)
@@ -313,12 +317,16 @@ def _kfac_influences(model: TorchTwiceDifferentiable, training_data: DataLoaderT
     tracked layers only, a chunk at a time), or the generic perturbation products (the factors are
     zero outside the tracked layers, so those parameters drop out there too)."""
     where = "compute_influences"
+    group = _distributed.current_group()
     fitted, relative = _kfac_setup(model, training_data, method, lam, progress, kwargs, where)
-    rhs = gradient_matrix(model, test_data, where, "test_data", progress)
+    rhs = _test_gradients(group, model, test_data, where, progress)
     pre = fitted.solve(rhs, damping=float(lam), method=method, relative_damping=relative).to(rhs.dtype)
     if kind is InfluenceType.Perturbation:
         return compute_influences_pert(model, input_data, pre, progress=progress)
-    scores = fitted.score(model.model, pydvl_loss(model), pre, input_data, progress=progress)
+    with _distributed.local_only():  # each rank scores its shard; the columns are gathered in order
+        scores = _distributed.gather_columns(
+            group, where, lambda: fitted.score(model.model, pydvl_loss(model), pre, input_data, progress=progress),
+            input_data, check=pre)
     return scores.to(device=model.device, dtype=model.dtype)
 
 
@@ -354,8 +362,12 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     method = _kfac_method(inversion_method)
     if method is not None:  # streamed in the factors' eigenbasis, no solve per block
         fitted, relative = _kfac_setup(model, training_data, method, hessian_regularization, progress, kwargs, where)
-        values = fitted.self_score(model.model, pydvl_loss(model), training_data, float(hessian_regularization),
-                                   method, relative_damping=relative, progress=progress)
+        with _distributed.local_only():  # each rank's points; gathered in the global order
+            values = _distributed.gather_columns(
+                group, where, lambda: fitted.self_score(model.model, pydvl_loss(model), training_data,
+                                                        float(hessian_regularization), method,
+                                                        relative_damping=relative, progress=progress).unsqueeze(0),
+                training_data)[0]
         return values.to(device=model.device, dtype=model.dtype)
     options = _solver_options(model, inversion_method, progress, kwargs)
     P = model.num_params

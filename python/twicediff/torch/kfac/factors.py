@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from ... import distributed as _distributed
 from ...progress import progress_bar
 from ...ops import kfac as _kops
 from . import batches as _b
@@ -156,46 +157,63 @@ class KFACFactors:
 
         self = cls(tracked, layout)
         self.fisher_type, self.reduction, self.seed = fisher_type, reduction, int(seed)
+        # Under a process group each rank passes over its own shard; the sums and counts are then
+        # all-reduced, so the factors are those of one process over the concatenated shards, and
+        # every rank computes the same eigendecompositions from the same bits.
+        group = _distributed.enter(where, None, layers=[(t.name, t.in_dim, t.out_features) for t in tracked],
+                                   P=layout.num_params, fisher_type=fisher_type, reduction=reduction,
+                                   ekfac=ekfac, seed=int(seed), accumulate_dtype=accumulate_dtype)
         with _ModelState(model, eval_mode):
-            sums_A: Dict[str, torch.Tensor] = {}
-            sums_S: Dict[str, torch.Tensor] = {}
-            tokens: Dict[str, float] = {t.name: 0 for t in tracked}
-            N = 0
-            if sampler is not None:
-                sampler.restart(0)
-            first_batch = True
-            for batch in progress_bar(data, progress, desc="K-FAC factors", unit="batch"):
-                for cap, B, first in self._passes(model, loss, batch, reduction, sampler, device, where, token_mask):
-                    if first_batch:
-                        self._drop_uncalled(model, cap)
-                        first_batch = False
-                        for t in self.layers:
-                            sums_A[t.name] = torch.zeros(t.in_dim, t.in_dim, dtype=accumulate_dtype, device=device)
-                            sums_S[t.name] = torch.zeros(t.out_features, t.out_features, dtype=accumulate_dtype,
-                                                         device=device)
-                    N += B if first else 0
-                    for t in self.layers:
-                        if not cap.called(t.name):
-                            continue
-                        a, g, w = cap.inputs(t.name), cap.grads(t.name), cap.weights(t.name)
-                        wr = None if w is None else w.reshape(-1)
-                        if first:
-                            _covariance_accumulate(sums_A[t.name], a.reshape(-1, t.in_features), wr, t.has_bias)
-                            tokens[t.name] += a.shape[0] * a.shape[1] if w is None else float(w.sum())
-                        _covariance_accumulate(sums_S[t.name], g.reshape(-1, t.out_features), wr, False)
-                    del cap
+            sums_A = {t.name: torch.zeros(t.in_dim, t.in_dim, dtype=accumulate_dtype, device=device) for t in tracked}
+            sums_S = {t.name: torch.zeros(t.out_features, t.out_features, dtype=accumulate_dtype, device=device)
+                      for t in tracked}
+
+            def first_pass():
+                # [calls, tokens] per layer (float64: token weights may be fractional), and N
+                counts = torch.zeros(2, len(tracked), dtype=torch.float64)
+                N = 0
+                if sampler is not None:
+                    sampler.restart(0)
+                for batch in progress_bar(data, progress, desc="K-FAC factors", unit="batch"):
+                    for cap, B, first in self._passes(model, loss, batch, reduction, sampler, device, where,
+                                                      token_mask):
+                        N += B if first else 0
+                        for i, t in enumerate(tracked):
+                            if not cap.called(t.name):
+                                continue
+                            a, g, w = cap.inputs(t.name), cap.grads(t.name), cap.weights(t.name)
+                            wr = None if w is None else w.reshape(-1)
+                            if first:
+                                _covariance_accumulate(sums_A[t.name], a.reshape(-1, t.in_features), wr, t.has_bias)
+                                counts[0, i] += 1
+                                counts[1, i] += a.shape[0] * a.shape[1] if w is None else float(w.sum())
+                            _covariance_accumulate(sums_S[t.name], g.reshape(-1, t.out_features), wr, False)
+                        del cap
+                return counts, N
+
+            counts, N = _distributed.sum_over_ranks(group, where, first_pass)
             if N == 0:
                 raise ValueError(f"{where}: data yielded no batch; the factors need at least one sample")
+            self._drop_uncalled(model, {t.name for i, t in enumerate(tracked) if counts[0, i] > 0})
             self.num_samples = N
-            for t in self.layers:
-                self.num_tokens[t.name] = tokens[t.name]
-                self.A[t.name] = sums_A[t.name].double() / (tokens[t.name] if tokens[t.name] > 0 else 1)
+            kept = {t.name for t in self.layers}
+            for i, t in enumerate(tracked):
+                if t.name not in kept:
+                    continue
+                tokens = float(counts[1, i])
+                self.num_tokens[t.name] = int(tokens) if tokens.is_integer() else tokens
+                if group is not None:
+                    _distributed.all_reduce_sum_(group, sums_A[t.name])
+                    _distributed.all_reduce_sum_(group, sums_S[t.name])
+                self.A[t.name] = sums_A[t.name].double() / (tokens if tokens > 0 else 1)
                 self.S[t.name] = sums_S[t.name].double() / N
                 self.eig_A[t.name], self.Q_A[t.name] = symmetric_eigh(self.A[t.name], f"input (A) of layer {t.name!r}")
                 self.eig_S[t.name], self.Q_S[t.name] = symmetric_eigh(self.S[t.name],
                                                                       f"output-gradient (S) of layer {t.name!r}")
+            del sums_A, sums_S
             if ekfac:
-                self._fit_correction(model, loss, data, sampler, device, accumulate_dtype, progress, token_mask)
+                self._fit_correction(model, loss, data, sampler, device, accumulate_dtype, progress, token_mask,
+                                     group)
         return self
 
     def _passes(self, model, loss, batch, reduction, sampler, device, where, token_mask=None):
@@ -232,38 +250,48 @@ class KFACFactors:
             cap.backward(total)
         yield cap, B, True
 
-    def _drop_uncalled(self, model: nn.Module, cap: LayerCapture) -> None:
-        never = [t for t in self.layers if not cap.called(t.name)]
+    def _drop_uncalled(self, model: nn.Module, called: set) -> None:
+        never = [t for t in self.layers if t.name not in called]
         if never:
             logger.info("K-FAC: %d tracked layers were never called by the model's forward and are left out: %s",
                         len(never), ", ".join(t.name for t in never))
-            self.layers = [t for t in self.layers if cap.called(t.name)]
+            self.layers = [t for t in self.layers if t.name in called]
             if not self.layers:
                 raise ValueError("K-FAC: none of the tracked layers is called by the model's forward")
         inside = {n for t in self.layers for n in (t.weight_name, t.bias_name) if n}
         self.left_out = [n for n in self.layout.names if n not in inside]
         report_left_out(model, self.layers)
 
-    def _fit_correction(self, model, loss, data, sampler, device, accumulate_dtype, progress, token_mask) -> None:
+    def _fit_correction(self, model, loss, data, sampler, device, accumulate_dtype, progress, token_mask,
+                        group=None) -> None:
         where = "KFACFactors.fit (EK-FAC pass)"
         sums = {t.name: torch.zeros(t.out_features, t.in_dim, dtype=accumulate_dtype, device=device)
                 for t in self.layers}
         q_s = {n: q.to(device=device, dtype=accumulate_dtype) for n, q in self.Q_S.items()}
         q_a = {n: q.to(device=device, dtype=accumulate_dtype) for n, q in self.Q_A.items()}
-        if sampler is not None:
-            sampler.restart(1)
-        N = 0
-        for batch in progress_bar(data, progress, desc="EK-FAC eigenvalue correction", unit="batch"):
-            for cap, B, first in self._passes(model, loss, batch, self.reduction, sampler, device, where, token_mask):
-                N += B if first else 0
-                for t in self.layers:
-                    if cap.called(t.name):
-                        _eigen_correction_accumulate(sums[t.name], cap.grads(t.name), cap.inputs(t.name),
-                                                     q_s[t.name], q_a[t.name], cap.weights(t.name), t.has_bias)
-                del cap
+
+        def second_pass():
+            if sampler is not None:
+                sampler.restart(1)
+            N = 0
+            for batch in progress_bar(data, progress, desc="EK-FAC eigenvalue correction", unit="batch"):
+                for cap, B, first in self._passes(model, loss, batch, self.reduction, sampler, device, where,
+                                                  token_mask):
+                    N += B if first else 0
+                    for t in self.layers:
+                        if cap.called(t.name):
+                            _eigen_correction_accumulate(sums[t.name], cap.grads(t.name), cap.inputs(t.name),
+                                                         q_s[t.name], q_a[t.name], cap.weights(t.name), t.has_bias)
+                    del cap
+            return torch.zeros(1, dtype=torch.float64), N
+
+        _, N = _distributed.sum_over_ranks(group, where, second_pass)
         if N != self.num_samples:
             raise ValueError(f"{where}: data yielded {N} samples on the second pass but {self.num_samples} on the "
                              "first; EK-FAC needs a DataLoader that can be iterated twice over the same data")
+        if group is not None:
+            for s in sums.values():
+                _distributed.all_reduce_sum_(group, s)
         self.corrected = {n: s.double() / N for n, s in sums.items()}
 
     # ---- applying ------------------------------------------------------------------------------
