@@ -65,11 +65,10 @@ def describe(solve: Solve) -> str:
 # converges in the direction of an eigenvalue e at the rate 1 − e/scale per step, so 300 steps
 # leave the flattest directions (e near λ) far from converged: the usual cost/accuracy trade of
 # LiSSA, measured as it is used. Batches of 128 halve the cost of a step.
-# K-FAC and EK-FAC: the empirical Fisher (the true labels' gradients), damped by the same absolute
-# λ as the others (relative_damping off), over every Linear layer (the default selection). The
-# Gauss-Newton type ("ggn") is the curvature closer to the Hessian the other methods invert, but
-# through solve_hvp the loss reaches the K-FAC fit wrapped (pyDVL's squeeze), and the "ggn" and
-# "true" types need to recognise F.cross_entropy itself; "empirical" works with any loss.
+# K-FAC and EK-FAC, damped by the same absolute λ as the others (relative_damping off), over every
+# Linear layer (the default selection), with two curvatures: the empirical Fisher (the true labels'
+# gradients, what works with any loss) and the Gauss-Newton matrix (exact in the loss Hessian,
+# closer to the Hessian the other methods invert).
 METHODS: Dict[str, Solve] = {
     "identity": identity,
     "direct": solver("direct"),
@@ -79,6 +78,8 @@ METHODS: Dict[str, Solve] = {
     "arnoldi-100": solver("arnoldi", rank_estimate=100),
     "kfac": solver("kfac", fisher_type="empirical", relative_damping=False),
     "ekfac": solver("ekfac", fisher_type="empirical", relative_damping=False),
+    "kfac-ggn": solver("kfac", fisher_type="ggn", relative_damping=False),
+    "ekfac-ggn": solver("ekfac", fisher_type="ggn", relative_damping=False),
 }
 
 # --quick: CG stops at a relative residual of 1e-4 (or 100 steps) and LiSSA after 100 steps, a
