@@ -208,6 +208,19 @@ def run_failures(rank: int, world: int) -> dict:
         TorchTwiceDifferentiable(fully_shard(make_model(torch.float64)), F.cross_entropy)
 
     case("fsdp", fsdp)
+    factors = twicediff.compute_influence_factors(model, train, batches(xt, yt, 0, N_TEST), InversionMethod.Direct,
+                                                  hessian_perturbation=LAMBDA).x
+    # 40 rows of scores: each rank's own fit the budget, the gathered [40, 23] on every rank do not
+    with twicediff.memory_budget(8000):
+        case("gather_over_budget", lambda: twicediff.compute_influences_up(model, train, factors.repeat(10, 1)))
+    # what the error advises: each rank's columns to its own file, assembled from the files
+    with tdist.local_only():
+        local = twicediff.compute_influences_up(model, train, factors)
+    path = os.path.join(OUT_DIR, f"columns{rank}.pt")
+    tdist.save_columns(path, local, train)
+    torch.distributed.barrier()
+    cases["from_files"] = tdist.load_columns([os.path.join(OUT_DIR, f"columns{r}.pt") for r in range(world)])
+    cases["gathered"] = twicediff.compute_influences_up(model, train, factors)
     # the group is still in step: a good call after all these
     cases["after"] = model.mean_hessian(train)
     # another group of the same ranks gives the same; local_only gives this rank's own
@@ -218,8 +231,13 @@ def run_failures(rank: int, world: int) -> dict:
     return cases
 
 
+OUT_DIR = "."
+
+
 def main() -> None:
+    global OUT_DIR
     scenario, rank, world, port, out_dir = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
+    OUT_DIR = out_dir
     torch.set_num_threads(1)
     try:
         init(rank, world, port)

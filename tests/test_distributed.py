@@ -147,6 +147,10 @@ def test_failures_raise_on_every_rank(two_ranks):
         assert msg.startswith("TypeError") and "sharded with FSDP" in msg, (r, msg)
         msg = cases["parameters"]
         assert msg.startswith("ValueError") and "parameter values (fingerprint)" in msg, (r, msg)
+        msg = cases["gather_over_budget"]
+        assert msg.startswith("MemoryBudgetError") and "save_columns" in msg and "[40, 23]" in msg, (r, msg)
+        assert torch.equal(cases["from_files"], cases["gathered"])
+        assert cases["from_files"].shape == (worker.N_TEST, worker.N_TRAIN)
         assert torch.equal(cases["after"], two_ranks[0]["failures"]["after"])
         assert torch.equal(cases["subgroup"], cases["after"])
         x, y, _, _ = worker.make_data(torch.float64)

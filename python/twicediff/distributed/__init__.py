@@ -53,7 +53,7 @@ own timeout (``init_process_group(timeout=...)``) is the last resort there.
 """
 from ..errors import DistributedError
 from .collectives import all_reduce_sum_, check_agreement, enter, guarded, mean_over_ranks, same_on_every_rank, sum_over_ranks
-from .data import Sharded, gather_columns, global_indices, mean_gradient, self_influences
+from .data import Sharded, gather_columns, global_indices, load_columns, mean_gradient, save_columns, self_influences
 from .group import (
     Group,
     broadcast_module_,
@@ -79,10 +79,12 @@ __all__ = [
     "gather_columns",
     "global_indices",
     "guarded",
+    "load_columns",
     "local_only",
     "mean_gradient",
     "mean_over_ranks",
     "same_on_every_rank",
+    "save_columns",
     "self_influences",
     "sum_over_ranks",
     "unwrap_model",
