@@ -42,8 +42,9 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
     r"""Wraps a ``torch.nn.Module`` and a loss \(L(\hat y, y)\).
 
     The loss of a batch is ``loss(torch.squeeze(model(x)), torch.squeeze(y))`` (pyDVL 0.7's
-    convention) and derivatives are taken with respect to the parameters that require grad, in
-    ``model.parameters()`` order, flattened into one vector of P elements.
+    convention; ``model(*x)`` for a tuple or list x, ``model(**x)`` for a dict, see
+    :mod:`twicediff.torch.batch`) and derivatives are taken with respect to the parameters that
+    require grad, in ``model.parameters()`` order, flattened into one vector of P elements.
 
     Args:
         model: the model; its parameters that require grad are differentiated.
