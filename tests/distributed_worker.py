@@ -141,7 +141,9 @@ def dict_results(dtype: torch.dtype, start: int, stop: int) -> dict:
             "dict_cg": twicediff.solve_hvp(InversionMethod.Cg, model, train, rhs, hessian_perturbation=LAMBDA,
                                            rtol=1e-12, atol=1e-14).x,
             "dict_influences_all": twicediff.compute_influences(model, train, hessian_regularization=LAMBDA),
-            "dict_self_influences": twicediff.compute_self_influences(model, train, hessian_regularization=LAMBDA)}
+            "dict_self_influences": twicediff.compute_self_influences(model, train, hessian_regularization=LAMBDA),
+            "dict_influences_all_ekfac": twicediff.compute_influences(model, train, hessian_regularization=LAMBDA,
+                                                                      inversion_method=InversionMethod.Ekfac)}
 
 
 def init(rank: int, world: int, port: int) -> None:
