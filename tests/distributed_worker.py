@@ -4,7 +4,8 @@
 
 ``compute``: every distributed quantity on this rank's shard (contiguous ranges of one
 generated data set, uneven when the sizes say so), in float64 and float32, saved to
-OUT_DIR/rank{RANK}.pt; the test computes the same with one process on the concatenated data.
+OUT_DIR/rank{RANK}.pt (in float64 also on dict batches, ``dict_results``); the test computes the
+same with one process on the concatenated data.
 ``compute+failures`` adds a sequence of calls that must fail on every rank (a rank raising, ranks
 disagreeing), each caught and its message saved; the process group stays usable after each.
 The data, model and calls are defined here once and used by the test for its reference.
@@ -112,6 +113,39 @@ def compute(model: TorchTwiceDifferentiable, train, lissa_train, test, sampler_l
     return out
 
 
+class DictInputs(nn.Module):
+    """A model called model(**x) with x = {"u": [B, 2], "w": [B, 1], "scale": a float}."""
+
+    def __init__(self, hidden: int = 4):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, hidden), nn.Linear(1, hidden, bias=False)
+        self.head = nn.Linear(hidden, CLASSES)
+
+    def forward(self, u, w, scale: float = 1.0):
+        return self.head(torch.tanh(self.a(u) + scale * self.b(w)))
+
+
+def dict_results(dtype: torch.dtype, start: int, stop: int) -> dict:
+    """The distributed data path on dict batches (float64 only): the same points as ``batches``,
+    x split into a dict with a non-tensor entry, for points start:stop (a rank's shard)."""
+    if dtype != torch.float64:
+        return {}
+    x, y, _, _ = make_data(dtype)
+    torch.manual_seed(0)
+    model = TorchTwiceDifferentiable(DictInputs().to(dtype).eval(), F.cross_entropy)
+    train = [({"u": bx[:, :2], "w": bx[:, 2:], "scale": 0.5}, by) for bx, by in batches(x, y, start, stop)]
+    rhs = torch.stack([model.grad({"u": x[i:i + 1, :2], "w": x[i:i + 1, 2:], "scale": 0.5}, y[i:i + 1])
+                       for i in range(N_TEST)])
+    return {"dict_mean_gradient": tdist.mean_gradient(model, train),
+            "dict_mean_hessian": model.mean_hessian(train),
+            "dict_cg": twicediff.solve_hvp(InversionMethod.Cg, model, train, rhs, hessian_perturbation=LAMBDA,
+                                           rtol=1e-12, atol=1e-14).x,
+            "dict_influences_all": twicediff.compute_influences(model, train, hessian_regularization=LAMBDA),
+            "dict_self_influences": twicediff.compute_self_influences(model, train, hessian_regularization=LAMBDA),
+            "dict_influences_all_ekfac": twicediff.compute_influences(model, train, hessian_regularization=LAMBDA,
+                                                                      inversion_method=InversionMethod.Ekfac)}
+
+
 def init(rank: int, world: int, port: int) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -142,6 +176,7 @@ def run_compute(rank: int, world: int) -> dict:
                                                  hessian_perturbation=LAMBDA, rank_estimate=6,
                                                  eigen_solver="arpack").x
         res["grads_untouched"] = torch.tensor(all(p.grad is None for p in module.parameters()))
+        res.update(dict_results(dtype, a, b))
         results.update({f"{k}/{str(dtype)[6:]}": v for k, v in res.items()})
     return results
 

@@ -74,6 +74,7 @@ def _reference(world: int) -> dict:
         res = worker.compute(model, worker.batches(x, y, 0, worker.N_TRAIN),
                              worker.lissa_reference_batches(x, y, world), worker.batches(xt, yt, 0, worker.N_TEST),
                              loader)
+        res.update(worker.dict_results(dtype, 0, worker.N_TRAIN))
         results.update({f"{k}/{str(dtype)[6:]}": v for k, v in res.items()})
     return results
 
@@ -114,6 +115,7 @@ def test_distributed_equals_one_process_on_the_concatenated_data(world, two_rank
     assert ranks[0]["influences_all/float64"].shape == (n, n)
     assert ranks[0]["influences_sampler/float64"].shape == (worker.N_TEST, n)
     assert ranks[0]["self_influences/float64"].shape == (n,)
+    assert ranks[0]["dict_influences_all/float64"].shape == (n, n)  # dict batches: x = {"u", "w", "scale"}
 
 
 def test_failures_raise_on_every_rank(two_ranks):

@@ -18,7 +18,9 @@ where a matrix is needed (test gradients, the right-hand sides of the solve). Up
 streamed when the input gradients [N_input, P] do not fit the memory budget
 (:mod:`twicediff.memory`): each block of per-sample gradients is contracted with the factors block by
 block over the parameters and dropped. Perturbation influences are mixed products of whole blocks.
-Batches are moved to the model's device and results stay there.
+Batches are moved to the model's device and results stay there. A batch's x is a tensor, a tuple
+(``model(*x)``) or a dict (``model(**x)``), as everywhere (:mod:`twicediff.torch.batch`);
+perturbation influence, a derivative in x, needs x to be one tensor.
 
 With the K-FAC inversion methods (``"ekfac"``, ``"kfac"``, :mod:`twicediff.torch.solvers.kfac`) H is
 replaced by the Kronecker-factored curvature F of the tracked Linear / Conv2d layers: the factors
@@ -39,7 +41,7 @@ from . import distributed as _distributed
 from . import ops
 from .inversion import InversionMethod, InversionRegistry, solve_hvp
 from .memory import chunk_size, get_memory_budget, reserved
-from .errors import data_errors
+from .errors import data_errors, describe_inputs
 from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
 from .torch.solvers.kfac import kfac_factors, pydvl_loss
 from .torch.tensor_utilities import TorchTensorUtilities
@@ -238,9 +240,13 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
 
     Each block of samples costs N_test backward passes over the block (not N_test per sample).
 
+    Defined for an x that is one floating-point tensor: the result is laid out like x_i. A tuple or
+    dict x (``model(*x)``, ``model(**x)``) raises a TypeError; wrap the model so that it takes one
+    tensor, or use up-weighting influence, which takes every form of x.
+
     Args:
         model: the model and loss.
-        input_data: (x, y) batches of the points z_i; x must be floating point.
+        input_data: (x, y) batches of the points z_i; x must be one floating-point tensor.
         influence_factors: [N_test, P], e.g. from :func:`compute_influence_factors`.
         progress: show a bar over the input batches.
     """
@@ -253,6 +259,12 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
     T = factors.shape[0]
     parts = []
     for x, y, batch in sample_chunks(model, input_data, where, "input_data", progress, directions=max(T, 1)):
+        if not isinstance(x, torch.Tensor):
+            form = "a dict" if isinstance(x, dict) else f"a {type(x).__name__}"
+            raise TypeError(f"{where}: perturbation influence differentiates the loss in the input x and needs x "
+                            f"to be a single floating-point tensor; {batch} gives x as {form} "
+                            f"({describe_inputs(x)}); use influence_type='up', or wrap the model so that it "
+                            "takes one tensor")
         if not x.is_floating_point():
             raise TypeError(f"{where}: perturbation influence differentiates in x, which must be floating point; "
                             f"input_data yields x of dtype {x.dtype}")

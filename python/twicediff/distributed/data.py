@@ -203,9 +203,10 @@ def mean_gradient(model, training_data, *, progress: bool = False) -> torch.Tens
         acc = torch.zeros(model.num_params, dtype=model.dtype, device=model.device)
         total = 0
         for i, (x, y) in enumerate(progress_bar(training_data, progress, desc="gradient", unit="batch")):
-            n = num_points(x) if isinstance(x, torch.Tensor) else 1
             with data_errors(where, f"training_data batch {i}", x, y):
-                acc.add_(model.grad(x, y), alpha=n)
+                g = model.grad(x, y)
+            n = num_points(x)  # x checked by grad
+            acc.add_(g, alpha=n)
             total += n
         return acc, total
 

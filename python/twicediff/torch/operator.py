@@ -27,7 +27,7 @@ from .. import distributed as _distributed
 from ..memory import get_memory_budget
 from ..progress import progress_bar
 from ..errors import _DATA_ERRORS, data_errors
-from .batch import check_training_data, num_points
+from .batch import check_training_data, move_inputs, num_points, split_batch
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
 from .twice_differentiable import TorchTwiceDifferentiable
@@ -152,10 +152,10 @@ class HessianOperator:
         room = get_memory_budget(self.device) // 4 if first else 0
         kept: List[Tuple[int, BoundHvp]] = []
         for i, batch in enumerate(self.training_data):
-            x, y = (self._moved(t) for t in batch)
-            n = num_points(x)
+            x, y = (self._moved(t) for t in split_batch(batch, f"HessianOperator (training_data batch {i})"))
             with data_errors("HessianOperator", f"training_data batch {i}", x, y):
                 product = self.model.hvp_function(x, y, mode=self.mode)
+            n = num_points(x)  # x checked by hvp_function
             if first:
                 room -= product.nbytes
                 if room >= 0:
@@ -167,10 +167,9 @@ class HessianOperator:
             self._products = kept
 
     def _moved(self, t):
-        """A batch tensor on the model's device, in the product dtype when it is floating."""
-        if not isinstance(t, torch.Tensor):
-            return t
-        return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+        """x or y of a batch (a tensor, tuple, list or dict) with its tensors on the model's device,
+        the floating ones in the product dtype."""
+        return move_inputs(t, self.device, self.dtype)
 
     @property
     def cached(self) -> bool:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ... import ops
-from ..batch import squeezed_loss
+from ..batch import model_args, squeezed_loss
 from .base import PreparedBatch
 from .generic import GenericEngine
 from ..guard import model_call
@@ -71,10 +71,11 @@ def _directions_as_params(v: torch.Tensor, names: List[str], params: Dict[str, t
     return out
 
 
-def func_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tensor,
              mode: str = "hessian") -> torch.Tensor:
     """H v (or the Gauss-Newton JᵀH_ℓJ v) for v [D, P] by torch.func forward-over-reverse,
-    vmapped over the D directions; returns [D, P] in the layout of ``grad``.
+    vmapped over the D directions; returns [D, P] in the layout of ``grad``. x: a tensor, tuple,
+    list or dict (:mod:`twicediff.torch.batch`).
 
     Calls from several threads take turns (forward-mode AD state is process-wide in torch)."""
     with model_call(model, "hvp"), _FORWARD_AD_LOCK:  # the model's lock first, always
@@ -90,14 +91,15 @@ def func_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor,
                                "call model.eval(), or use engine='autograd' or 'auto'") from exc
 
 
-def _func_hvp_unlocked(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tensor,
                        mode: str) -> torch.Tensor:
     from torch.func import functional_call, grad, jvp, vjp, vmap
 
     names, params, fixed = split_params(model)
+    args, kwargs = model_args(x)
 
     def output_of(p):
-        return functional_call(model, (p, fixed), (x,))
+        return functional_call(model, (p, fixed), args, kwargs)
 
     tangents = _directions_as_params(v, names, params)
     if mode == "hessian":

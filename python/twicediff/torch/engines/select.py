@@ -1,13 +1,14 @@
 """The one place that picks an engine for a model, loss and batch.
 
-``"auto"``: the native engine when it takes the model, loss and batch; otherwise torch.func
-forward-over-reverse, falling back to autograd for a model with an op that has no torch.func rule.
+``"auto"``: the native engine when it takes the model, loss and batch (x one tensor); otherwise
+torch.func forward-over-reverse, falling back to autograd for a model with an op that has no
+torch.func rule. A tuple or dict x (``model(*x)``, ``model(**x)``) always goes to a generic engine.
 ``"native"``, ``"func"``, ``"autograd"``: that engine (``"native"`` raises where it cannot take the model).
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from ...errors import ModelMisreadError, NotNativeError
 from .autograd import AutogradEngine
 from .base import Engine, PreparedBatch
 from .func import FuncEngine
-from .native import NativeEngine
+from .native import NativeEngine, single_tensor_input
 
 __all__ = ["ENGINES", "native_engine", "prepare"]
 
@@ -27,15 +28,16 @@ _warned: set = set()  # ids of models whose misreading was reported
 ENGINES = ("auto", "native", "func", "autograd")
 
 
-def native_engine(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor
+def native_engine(model: nn.Module, loss: Callable, x: Any, y: torch.Tensor
                   ) -> Tuple[NativeEngine, PreparedBatch]:
     """The native engine and the batch it prepared; :class:`~twicediff.errors.NotNativeError`
-    (the reason) where it cannot take the model, loss or batch."""
+    (the reason) where it cannot take the model, loss or batch (a tuple or dict x among them)."""
+    single_tensor_input(x)
     engine = NativeEngine(model, loss)
     return engine, engine.prepare(x, y)
 
 
-def prepare(engine: str, model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor
+def prepare(engine: str, model: nn.Module, loss: Callable, x: Any, y: torch.Tensor
             ) -> Tuple[Engine, PreparedBatch]:
     """(the engine ``engine`` names, the batch it prepared) for ``model`` and ``loss`` on (x, y).
 

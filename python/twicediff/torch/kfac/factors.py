@@ -30,6 +30,7 @@ from torch import nn
 from ... import distributed as _distributed
 from ...progress import progress_bar
 from ...ops import kfac as _kops
+from .. import batch as _batch
 from . import batches as _b
 from .eigen import symmetric_eigh
 from .inverse import GradsLike, ParameterLayout, _as_blocks, blocks_to_layout, layer_blocks, precondition_block
@@ -220,9 +221,9 @@ class KFACFactors:
         """Yield (capture, B, first) for one batch: once with the gradients of Σ_n ℓ_n (empirical or
         sampled targets), or, for the GGN, once per column of the loss Hessian's factor (the inputs
         captured once, ``first`` true on the first)."""
-        x, y = _b.split_batch(batch, where)
-        B = _b.batch_size(x, where)
-        x = _b.to_device(x, device)
+        x, y = _batch.split_batch(batch, where)
+        B = _batch.batch_size(x, where)
+        x = _batch.move_inputs(x, device)
         mask = None
         if token_mask is not None:
             mask = token_mask(x)
@@ -232,7 +233,7 @@ class KFACFactors:
             mask = mask.detach().to(device)
         cap = LayerCapture(self.layers, B, mask)
         with torch.enable_grad(), cap:
-            output = _b.call_model(model, x)
+            output = _batch.call_model(model, x)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{where}: the model must return a tensor, got {type(output).__name__}")
             if not output.requires_grad:
@@ -243,7 +244,7 @@ class KFACFactors:
                     cap.backward((output * columns[c]).sum(), retain_graph=c + 1 < columns.shape[0])
                     yield cap, B, c == 0
                 return
-            target = sampler(output) if sampler is not None else _b.to_device(y, device)
+            target = sampler(output) if sampler is not None else _batch.move_inputs(y, device)
             total = _b.summed_loss(loss, output, target, reduction, B)
             if not total.requires_grad:
                 raise ValueError(f"{where}: the loss does not depend on any tracked layer's parameters")

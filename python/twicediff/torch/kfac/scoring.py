@@ -100,6 +100,7 @@ def _contract_low_rank(layer: TrackedLayer, us: torch.Tensor, v: torch.Tensor, a
 def _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where, desc):
     """Yield (B, capture) for each batch: the tracked layers' inputs and output gradients of the
     summed training loss (true labels)."""
+    from .. import batch as _batch
     from . import batches as _b
     from .factors import _ModelState
     from .layers import LayerCapture
@@ -111,13 +112,13 @@ def _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where
     device = next(model.parameters()).device
     with _ModelState(model, eval_mode):
         for batch in progress_bar(data, progress, desc=desc, unit="batch"):
-            x, y = _b.split_batch(batch, where)
-            B = _b.batch_size(x, where)
-            x = _b.to_device(x, device)
+            x, y = _batch.split_batch(batch, where)
+            B = _batch.batch_size(x, where)
+            x = _batch.move_inputs(x, device)
             cap = LayerCapture(factors.layers, B)
             with torch.enable_grad(), cap:
-                output = _b.call_model(model, x)
-                total = _b.summed_loss(loss, output, _b.to_device(y, device), reduction, B)
+                output = _batch.call_model(model, x)
+                total = _b.summed_loss(loss, output, _batch.move_inputs(y, device), reduction, B)
                 if total.requires_grad:
                     cap.backward(total)
             yield B, cap, device

@@ -70,7 +70,8 @@ class _Batches:
     def _prepared(self, x, y):
         """(points in the batch, its product function)."""
         with data_errors(self.where, "a batch of training_data", x, y):
-            return (num_points(x) if isinstance(x, torch.Tensor) else 1), self.model.hvp_function(x, y)
+            product = self.model.hvp_function(x, y)
+        return num_points(x), product  # x checked by hvp_function
 
     def __iter__(self) -> Iterator:
         room = get_memory_budget(self.model.device) // 4
