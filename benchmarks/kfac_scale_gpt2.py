@@ -103,13 +103,17 @@ def main() -> None:
     overall = [harness.peak_rss_bytes()]
 
     def step(name):
+        if times:  # the step before: a progress line, so that a run stopped early still tells
+            last = next(reversed(times))
+            print(f"{last}: {times[last]:.1f} s, peak {peaks[last] / 2**30:.2f} GiB", flush=True)
         overall.append(harness.peak_rss_bytes())
         harness.reset_peak_rss()
         return name
 
     name = step("fit factors (A, S, eigh, EK-FAC pass)")
     start = time.perf_counter()
-    factors = KFACFactors.fit(model, lm_loss, train, fisher_type="empirical", factor_dtype=torch.float32)
+    factors = KFACFactors.fit(model, lm_loss, train, fisher_type="empirical", factor_dtype=torch.float32,
+                              progress=True)
     times[name] = time.perf_counter() - start
     peaks[name] = harness.peak_rss_bytes()
     info = factors.info()
@@ -165,7 +169,7 @@ def main() -> None:
               f"peak resident memory of the process: {peak / 2**30:.2f} GiB = {peak / 1e9:.2f} GB (limit asked: "
               f"< 12 GB); load average at the start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", "",
               "Command: `flock /tmp/mem.lock flock /tmp/bench.lock env PYTHONPATH=python python "
-              "benchmarks/kfac_scale_gpt2.py --out benchmarks/results/kfac_scale_gpt2.md`"]
+              f"benchmarks/kfac_scale_gpt2.py --threads {args.threads} --out benchmarks/results/kfac_scale_gpt2.md`"]
     harness.emit("\n".join(lines), args.out)
 
 
