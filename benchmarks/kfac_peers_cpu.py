@@ -48,6 +48,7 @@ sys.path.insert(0, HERE)
 import kfac_peer_models as models  # noqa: E402
 
 N_QUERIES = 64
+PEER_TIMEOUT_S = 900  # one side's run; pyDVL's per-sample gradients of a transformer take longest
 PEERS = {"kronfluence": (".venv-kronfluence", "kronfluence_runner.py"),
          "pydvl": (".venv-pydvl010", "pydvl010_ekfac_runner.py")}
 
@@ -153,7 +154,10 @@ def run_side(side: str, inputs_path: str, out: str, workdir: str, fisher: str = 
         cmd = [os.path.join(HERE, venv, "bin", "python"), os.path.join(HERE, script), inputs_path, out]
         if side == "kronfluence":
             cmd.append(workdir)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PEER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {PEER_TIMEOUT_S} s (warm-up included); stopped"}
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         errors = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception"))]
