@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--blocks", type=int, default=12, help="transformer blocks (GPT-2 small: 12); fewer blocks of the "
+                   "same width check the memory model in a fraction of the time")
     p.add_argument("--tiny", action="store_true", help="a 2-block, d = 64, 1,000-token model: checks the script "
                    "runs (seconds), not a measurement")
     p.add_argument("--out", default="")
@@ -91,7 +93,7 @@ def main() -> None:
     load = os.getloadavg()
     torch.manual_seed(0)
     vocab = 1000 if args.tiny else 50257
-    model = (GPT(vocab=vocab, context=64, layers=2, d=64, heads=4) if args.tiny else GPT()).eval()
+    model = (GPT(vocab=vocab, context=64, layers=2, d=64, heads=4) if args.tiny else GPT(layers=args.blocks)).eval()
     P = sum(q.numel() for q in model.parameters())
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(0, vocab, (args.train + args.queries, args.tokens + 1), generator=g)
@@ -156,7 +158,8 @@ def main() -> None:
 
     lines = [harness.header("EK-FAC at GPT-2-small scale on the CPU", args.threads)
              + " (a shared 2-core machine: other jobs ran beside it, so times are inflated)", "",
-             f"model: GPT-2-small-shaped causal LM from torch.nn, random weights, P = {P:,} "
+             f"model: GPT-2-small-shaped causal LM from torch.nn ({len(model.h)} of its 12 blocks), random weights, "
+             f"P = {P:,} "
              f"({info['tracked_params']:,} in {len(info['layers'])} tracked Linear layers; "
              f"{len(info['left_out'])} tensors left out: embeddings, LayerNorms); "
              f"{args.train} training sequences and {args.queries} queries of {args.tokens} tokens, batch "
@@ -169,7 +172,8 @@ def main() -> None:
               f"peak resident memory of the process: {peak / 2**30:.2f} GiB = {peak / 1e9:.2f} GB (limit asked: "
               f"< 12 GB); load average at the start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", "",
               "Command: `flock /tmp/mem.lock flock /tmp/bench.lock env PYTHONPATH=python python "
-              f"benchmarks/kfac_scale_gpt2.py --threads {args.threads} --out benchmarks/results/kfac_scale_gpt2.md`"]
+              f"benchmarks/kfac_scale_gpt2.py --threads {args.threads}"
+              + (f" --blocks {args.blocks}" if args.blocks != 12 else "") + " --out benchmarks/results/kfac_scale_gpt2.md`"]
     harness.emit("\n".join(lines), args.out)
 
 
