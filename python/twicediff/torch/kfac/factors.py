@@ -80,8 +80,9 @@ class KFACFactors:
     Attributes:
         layers: the tracked layers (:class:`TrackedLayer`), in module order.
         layout: the model's flat parameter layout at fit time (:class:`ParameterLayout`).
-        A, S: name -> the normalised factors (float64).
-        eig_A, Q_A, eig_S, Q_S: name -> eigenvalues (ascending, ≥ 0) and eigenvectors (float64).
+        A, S: name -> the normalised factors (float64, or ``factor_dtype``).
+        eig_A, Q_A, eig_S, Q_S: name -> eigenvalues (ascending, ≥ 0; float64) and eigenvectors
+            (float64, or ``factor_dtype``).
         corrected: name -> Λ̃ [O, I'] (float64), or None when fitted without the EK-FAC pass.
         num_samples: N; num_tokens: name -> Σ_n T_n; fisher_type, reduction, seed.
         left_out: the trainable parameters outside the tracked layers.
@@ -112,7 +113,8 @@ class KFACFactors:
             reduction: str = "mean", ekfac: bool = True, seed: int = 0,
             sample_targets: Optional[Callable] = None, accumulate_dtype: Optional[torch.dtype] = None,
             token_mask: Optional[Callable[[Any], torch.Tensor]] = None, eval_mode: bool = True,
-            max_factor_dim: Optional[int] = DEFAULT_MAX_FACTOR_DIM, progress: bool = False) -> "KFACFactors":
+            max_factor_dim: Optional[int] = DEFAULT_MAX_FACTOR_DIM, factor_dtype: Optional[torch.dtype] = None,
+            progress: bool = False) -> "KFACFactors":
         """Fit the factors of ``model`` under ``loss`` over ``data``.
 
         Args:
@@ -128,6 +130,9 @@ class KFACFactors:
             sample_targets: ``(output, generator) -> target`` for the true Fisher of another loss.
             accumulate_dtype: dtype of the running sums (default float64 for a float64 model,
                 else float32); eigendecompositions are always float64.
+            factor_dtype: dtype of A, S, Q_A, Q_S once decomposed in float64 (default float64;
+                float32 halves the factors' memory and loses nothing for a float32 model, whose
+                gradients are preconditioned in float32). Eigenvalues and Λ̃ stay float64.
             token_mask: ``token_mask(x) -> [B, *positions]`` (bool, or 0/1 floats) marking the
                 tokens that count, e.g. the attention mask of padded sequences: applied to every
                 Linear layer whose input is [B, *positions, d]; a masked token is left out of A, S
@@ -147,6 +152,9 @@ class KFACFactors:
             raise ValueError(f"{where}: fisher_type must be one of {_b.FISHER_TYPES}, got {fisher_type!r}")
         if reduction not in _b.REDUCTIONS:
             raise ValueError(f"{where}: reduction must be one of {_b.REDUCTIONS}, got {reduction!r}")
+        factor_dtype = torch.float64 if factor_dtype is None else factor_dtype
+        if factor_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{where}: factor_dtype must be torch.float32 or torch.float64, got {factor_dtype!r}")
         sampler = _b.TargetSampler(loss, seed, sample_targets) if fisher_type == "true" else None
         tracked = find_layers(model, layers, max_factor_dim=max_factor_dim)
         params = trainable_parameters(model)
@@ -206,11 +214,14 @@ class KFACFactors:
                 if group is not None:
                     _distributed.all_reduce_sum_(group, sums_A[t.name])
                     _distributed.all_reduce_sum_(group, sums_S[t.name])
-                self.A[t.name] = sums_A[t.name].double() / (tokens if tokens > 0 else 1)
-                self.S[t.name] = sums_S[t.name].double() / N
-                self.eig_A[t.name], self.Q_A[t.name] = symmetric_eigh(self.A[t.name], f"input (A) of layer {t.name!r}")
-                self.eig_S[t.name], self.Q_S[t.name] = symmetric_eigh(self.S[t.name],
-                                                                      f"output-gradient (S) of layer {t.name!r}")
+                # One layer at a time: each running sum is released once decomposed.
+                A = sums_A.pop(t.name).double() / (tokens if tokens > 0 else 1)
+                S = sums_S.pop(t.name).double() / N
+                self.eig_A[t.name], Q_A = symmetric_eigh(A, f"input (A) of layer {t.name!r}")
+                self.eig_S[t.name], Q_S = symmetric_eigh(S, f"output-gradient (S) of layer {t.name!r}")
+                self.A[t.name], self.S[t.name] = A.to(factor_dtype), S.to(factor_dtype)
+                self.Q_A[t.name], self.Q_S[t.name] = Q_A.to(factor_dtype), Q_S.to(factor_dtype)
+                del A, S, Q_A, Q_S
             del sums_A, sums_S
             if ekfac:
                 self._fit_correction(model, loss, data, sampler, device, accumulate_dtype, progress, token_mask,
