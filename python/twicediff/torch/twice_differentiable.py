@@ -270,8 +270,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         as for :meth:`hvp`."""
         if mode not in MODES:
             raise ValueError(f"hvp: mode must be one of {MODES}, got {mode!r}")
-        if engine not in select.ENGINES:
-            raise ValueError(f"hvp: engine must be one of {select.ENGINES}, got {engine!r}")
+        engine = select.resolve(engine)  # "auto" may stand for TWICEDIFF_ENGINE's engine
         expected = products_expected(expected_products, "hvp_function")
         x, y = self.checked_batch(x, y, "hvp")
         x, y = _batch.detached(x), y.detach()  # products are not differentiated further
