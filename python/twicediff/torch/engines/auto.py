@@ -99,6 +99,12 @@ def _timing_possible(V: torch.Tensor) -> bool:
     return not (V.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _sync(V: torch.Tensor) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers the products themselves."""
+    if V.is_cuda:
+        torch.cuda.synchronize(V.device)
+
+
 def _fingerprint(model: nn.Module, loss: Callable) -> str:
     """The model's structure (its modules as printed, its trainable parameters' shapes) and loss, as
     a short digest: models built alike share their decisions, within and (through the disk cache)
@@ -188,8 +194,10 @@ class AutoEngine:
                 if seconds is None:
                     # Decided without timing here (disk cache, override): this product's own time
                     # per direction decides, from the next chunk on, whether compiling pays.
+                    _sync(V)
                     start = time.perf_counter()
                     out = self._run(name, batch, V, mode)
+                    _sync(V)
                     self._eager_seconds[key] = (time.perf_counter() - start) / V.shape[0]
                     self.chosen = name
                     return out
@@ -208,9 +216,11 @@ class AutoEngine:
         last: Dict[str, float] = {}  # seconds of each candidate's last call
 
         def call(n: str, rows: int) -> bool:
+            _sync(V)
             t = time.perf_counter()
             try:
                 self._run(n, batch, V[:rows], mode)
+                _sync(V)
             except (RuntimeError, NotImplementedError, ValueError, TypeError, MemoryBudgetError) as exc:
                 failed[n] = exc
                 logger.debug("twicediff: probe: engine %s failed (%s)", n, exc)
@@ -269,7 +279,9 @@ class AutoEngine:
         best = {name: math.inf, "compiled": math.inf}
         for _ in range(2):
             for n in (name, "compiled"):
+                _sync(V)
                 t = time.perf_counter()
                 self._run(n, batch, block, mode)
+                _sync(V)
                 best[n] = min(best[n], (time.perf_counter() - t) / block.shape[0])
         return best
