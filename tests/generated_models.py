@@ -8,7 +8,7 @@ batch size 1, one output or one class where the loss allows it, float32 or float
 supported loss and reduction. Most draws are native-engine models; the rest (frozen or reused
 Linear layers after the first trainable one, losses with options) exercise the fallback.
 
-``generate_structured(seed)`` draws models no native engine takes: small convolutional networks
+``generate_conv_attention(seed)`` draws models no native engine takes: small convolutional networks
 (Conv1d / Conv2d, pooling, BatchNorm in eval mode, residual additions) and attention blocks
 (LayerNorm, softmax attention written out, a GELU/SiLU MLP, mean pooling), for the generic and
 compiled engines and the Gauss-Newton product of any model.
@@ -203,7 +203,7 @@ class _Attention(nn.Module):
         return self.head(x.mean(dim=1))
 
 
-def generate_structured(seed: int) -> Case:
+def generate_conv_attention(seed: int) -> Case:
     """A small convolutional or attention model (P up to a few hundred), loss and batch."""
     r = random.Random(1_000_003 + seed)
     dtype = torch.float64 if r.random() < 0.6 else torch.float32

@@ -5,7 +5,7 @@ TWICEDIFF_DIFFERENTIAL_CASES sets how many architectures are drawn (default 200,
 cores); TWICEDIFF_DIFFERENTIAL_SEED moves the window of seeds, so a nightly run can cover new ones.
 A failure names the seed and the architecture, and ``generate(seed)`` rebuilds it.
 TWICEDIFF_STRUCTURED_CASES sets how many convolutional / attention models
-(``generate_structured``) every eager engine and the Gauss-Newton product are checked on
+(``generate_conv_attention``) every eager engine and the Gauss-Newton product are checked on
 (default 24); the compiled engine's checks are in tests/torch/engines/test_compiled.py.
 """
 import os
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from generated_models import flat_params, generate, generate_structured, reference_hessian
+from generated_models import flat_params, generate, generate_conv_attention, reference_hessian
 from twicediff import TorchTwiceDifferentiable
 from twicediff.inversion import solve_hvp
 
@@ -70,7 +70,7 @@ def test_engines_hessian_and_direct_against_float64(seed, device):
 def test_structured_models_every_eager_engine_and_gauss_newton(seed, device):
     """Convolutional and attention models: the Hessian and Gauss-Newton products of every eager
     engine (``auto`` included, whatever it measures) against float64 torch.func."""
-    case = generate_structured(seed)
+    case = generate_conv_attention(seed)
     td = TorchTwiceDifferentiable(case.model.to(device), case.loss)
     x, y = case.x.to(device), case.y.to(device)
     assert td.native_unsupported_reason(x, y) != ""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import twicediff
-from generated_models import generate_structured, reference_hessian
+from generated_models import generate_conv_attention, reference_hessian
 from twicediff import TorchTwiceDifferentiable
 from twicediff.app.cli import device_facts
 from twicediff.torch.engines import auto, probe
@@ -34,7 +34,7 @@ def _mlp():
 
 
 def _structured(seed=2):
-    case = generate_structured(seed)
+    case = generate_conv_attention(seed)
     return case, TorchTwiceDifferentiable(case.model, case.loss)
 
 
@@ -202,3 +202,16 @@ def test_expected_products_reach_the_engine_and_are_checked():
     # Without an expectation the compiled engine is never considered.
     td.hvp_function(case.x, case.y)(torch.randn(4, td.num_params, dtype=td.dtype))
     assert not any(k.startswith("compiled: ") for k in twicediff.build_info()["probe"])
+
+
+@pytest.mark.parametrize("problem", ["tuple", "dict"])
+def test_auto_on_tuple_and_dict_batches(problem):
+    from structured_models import PROBLEMS, reference
+
+    model, _, x, y = PROBLEMS[problem](10)
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    V = torch.randn(5, td.num_params, dtype=td.dtype)
+    product = td.hvp_function(x, y)
+    torch.testing.assert_close(product(V), V @ reference(problem, 10)[1], rtol=1e-9, atol=1e-10)
+    assert product.engine.chosen in ("func", "autograd", "loop")
+    assert product.nbytes > 0

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import twicediff
-from generated_models import generate, generate_structured, reference_hessian
+from generated_models import generate, generate_conv_attention, reference_hessian
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch.engines import compiled, probe
 from twicediff.torch.engines.amortise import DEFAULT_COMPILE_SECONDS, compile_pays, compile_seconds_estimate
@@ -56,8 +56,8 @@ def _products(case, variants=("forward", "reverse"), modes=("hessian", "gauss_ne
     return td
 
 
-@pytest.mark.parametrize("case, variants", [(generate_structured(1), ("forward", "reverse")),
-                                             (generate_structured(3), ("forward",)), (generate(4), ("forward",)),
+@pytest.mark.parametrize("case, variants", [(generate_conv_attention(1), ("forward", "reverse")),
+                                             (generate_conv_attention(3), ("forward",)), (generate(4), ("forward",)),
                                              (generate(11), ("forward", "reverse"))],
                          ids=lambda c: c.description.split(":")[0] if hasattr(c, "description") else "+".join(c))
 def test_compiled_products_match_float64(case, variants):
@@ -66,7 +66,7 @@ def test_compiled_products_match_float64(case, variants):
     assert report and all(f["status"] == "compiled" and f["compile_seconds"] > 0 for f in report), report
 
 
-@pytest.mark.parametrize("case", [generate_structured(s) for s in range(INDUCTOR_CASES)]
+@pytest.mark.parametrize("case", [generate_conv_attention(s) for s in range(INDUCTOR_CASES)]
                          + [generate(s) for s in range(max(0, INDUCTOR_CASES - 1))],
                          ids=lambda c: c.description.split(":")[0])
 def test_inductor_products_match_float64(case, monkeypatch):
@@ -76,8 +76,23 @@ def test_inductor_products_match_float64(case, monkeypatch):
     assert all(f["status"] == "compiled" for f in compiled_functions())
 
 
+@pytest.mark.parametrize("problem", ["tuple", "dict"])
+def test_compiled_products_of_tuple_and_dict_batches(problem):
+    """x as ``(u, w)`` (model(*x)) and as a dict with a non-tensor flag (model(**x))."""
+    import torch.nn.functional as F
+
+    from structured_models import PROBLEMS, reference
+
+    model, _, x, y = PROBLEMS[problem](10)
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    V = torch.randn(3, td.num_params, dtype=td.dtype)
+    got = td.hvp(x, y, V, engine="compiled")
+    torch.testing.assert_close(got, V @ reference(problem, 10)[1], rtol=1e-9, atol=1e-10)
+    assert [f["status"] for f in compiled_functions()] == ["compiled"]
+
+
 def test_one_compilation_per_shape_weights_are_inputs_and_chunks_are_padded():
-    case = generate_structured(2)
+    case = generate_conv_attention(2)
     td = TorchTwiceDifferentiable(case.model, case.loss)
     product = td.hvp_function(case.x, case.y, engine="compiled")
     V = torch.randn(3, td.num_params, dtype=td.dtype)
@@ -125,7 +140,7 @@ def test_a_model_that_cannot_be_compiled_falls_back_to_eager_with_one_log_line(c
 
 
 def test_bad_data_is_not_taken_for_a_compiler_failure():
-    case = generate_structured(2)
+    case = generate_conv_attention(2)
     td = TorchTwiceDifferentiable(case.model, case.loss)
     engine = CompiledEngine(td.model, td.loss)
     wrong = case.x[..., :-1]  # one feature too few: the model itself fails
@@ -144,7 +159,7 @@ def test_the_amortisation_rule():
 
 
 def test_auto_compiles_only_when_the_expected_products_repay_it():
-    case = generate_structured(2)
+    case = generate_conv_attention(2)
     td = TorchTwiceDifferentiable(case.model, case.loss)
     V = torch.randn(4, td.num_params, dtype=td.dtype)
     H = reference_hessian(case)

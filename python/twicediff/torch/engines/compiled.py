@@ -33,10 +33,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..batch import squeezed_loss
+from ..batch import input_tensors, model_args, squeezed_loss
 from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp, split_params
-from .generic import GenericEngine
+from .generic import GenericEngine, _shape_key
 
 __all__ = ["COMPILED_CHUNK", "VARIANTS", "CompiledEngine", "compiled_functions", "forget_compiled"]
 
@@ -103,7 +103,8 @@ def _fresh_code(fn: Callable, name: str) -> Callable:
 
 def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[torch.Size], mode: str,
              variant: str) -> Callable:
-    """(params, fixed, V [D, P], x, y) → [D, P]: the chunk's products in plain torch.func."""
+    """(params, fixed, V [D, P], x, y) → [D, P]: the chunk's products in plain torch.func; x a tensor,
+    tuple, list or dict (:mod:`twicediff.torch.batch`)."""
     from torch.func import functional_call, grad, jvp, vjp, vmap
 
     sizes = [s.numel() for s in shapes]
@@ -113,7 +114,7 @@ def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[to
         tangents = {n: t.reshape(D, *s) for n, t, s in zip(names, torch.split(V, sizes, dim=1), shapes)}
 
         def output_of(p):
-            return functional_call(model, (p, fixed), (x,))
+            return functional_call(model, (p, fixed), *model_args(x))
 
         if mode == "hessian" and variant == "forward":
             blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
@@ -159,7 +160,8 @@ class CompiledEngine(GenericEngine):
         def sig(t: torch.Tensor):
             return (tuple(t.shape), t.dtype, t.device, t.stride())
         return (id(self.model), id(self.loss), self.model.training, mode, self.variant if mode == "hessian" else "",
-                rows, sig(batch.inputs), sig(batch.target), tuple((n, sig(params[n])) for n in names),
+                rows, _shape_key(batch.inputs), tuple(sig(t) for _, t in input_tensors(batch.inputs)),
+                sig(batch.target), tuple((n, sig(params[n])) for n in names),
                 tuple(sorted((n, sig(t)) for n, t in fixed.items())), _backend())
 
     def _entry(self, key: Tuple, names, params, mode: str, rows: int, batch: PreparedBatch) -> _Compiled:
@@ -169,8 +171,10 @@ class CompiledEngine(GenericEngine):
                 _functions.move_to_end(key)
                 return entry
             shapes = [params[n].shape for n in names]
+            inputs = ",".join(f"{n}{tuple(t.shape)}" for n, t in input_tensors(batch.inputs))
+            first = input_tensors(batch.inputs)[0][1]
             what = (f"{type(self.model).__name__} {mode}{'/' + self.variant if mode == 'hessian' else ''} "
-                    f"x={tuple(batch.inputs.shape)} D={rows} {batch.inputs.dtype} {batch.inputs.device.type}")
+                    f"{inputs} D={rows} {first.dtype} {first.device.type}")
             entry = _functions[key] = _Compiled(
                 lambda variant: _product(self.model, self.loss, names, shapes, mode, variant), self.variant, what)
             while len(_functions) > MAX_FUNCTIONS:
