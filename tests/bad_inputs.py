@@ -5,6 +5,7 @@ regenerates the table in the docs from the same cases (with the messages the lib
 """
 import argparse
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,18 @@ def _under_inference_mode():
     m = _mlp()
     with torch.inference_mode():
         m.grad(*_data())
+
+
+def _with_env(name, value, call):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return call()
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
 
 
 def _direct_too_large():
@@ -168,6 +181,11 @@ CASES = [
     ("hvp", "engine='native' with a loss option it cannot take",
      lambda: _native_on(nn.Sequential(nn.Linear(3, 2)), functools.partial(F.cross_entropy, label_smoothing=0.1)),
      ValueError, ["native", "label_smoothing"]),
+    ("hvp_function", "a negative expected_products",
+     lambda: _mlp().hvp_function(*_data(), expected_products=-5), ValueError, ["expected_products", "-5"]),
+    ("hvp", "an unknown engine in TWICEDIFF_ENGINE",
+     lambda: _with_env("TWICEDIFF_ENGINE", "fastest", lambda: _mlp().hvp(*_data(), torch.randn(26))),
+     ValueError, ["TWICEDIFF_ENGINE", "'fastest'", "'compiled'"]),
     ("hvp_function", "V of one direction as a 1-d vector",
      lambda: _mlp().hvp_function(*_data())(torch.randn(26)), ValueError, ["V", "[D, P]", "(26,)"]),
     ("hvp_function", "V of the wrong width",

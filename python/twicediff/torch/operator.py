@@ -28,6 +28,7 @@ from ..memory import get_memory_budget
 from ..progress import progress_bar
 from ..errors import _DATA_ERRORS, data_errors
 from .batch import check_training_data, move_inputs, num_points, split_batch
+from .engines.amortise import products_expected
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
 from .twice_differentiable import TorchTwiceDifferentiable
@@ -48,6 +49,9 @@ class HessianOperator:
             is a module is cast with the model; where the model or loss still fails in ``dtype`` on
             the first pass (a forward that builds tensors of a fixed dtype), the products are
             computed in the model's own dtype instead, with one warning.
+        expected_products: products expected with each batch's shape over the operator's life
+            (rows × passes); where they repay compiling, ``engine="auto"`` considers the compiled
+            engine (twicediff.torch.engines.amortise).
 
     Attributes:
         model, training_data, hessian_perturbation (λ), mode, shape (P, P), dtype (of the products),
@@ -60,7 +64,7 @@ class HessianOperator:
 
     def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, *,
                  hessian_perturbation: float = 0.0, mode: str = "hessian", progress: bool = False,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, expected_products: Optional[int] = None):
         # With a process group: the ranks must agree on P, dtype, mode and λ (twicediff.distributed).
         self._group = _distributed.enter("hessian_operator", model, mode=mode,
                                          hessian_perturbation=hessian_perturbation, dtype=dtype)
@@ -86,6 +90,7 @@ class HessianOperator:
         self.device = self.model.device
         self.num_points: Optional[int] = None
         self.num_passes = 0
+        self.expected_products = products_expected(expected_products, "hessian_operator")
         self._products: List[Tuple[int, BoundHvp]] = []
 
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
@@ -154,7 +159,7 @@ class HessianOperator:
         for i, batch in enumerate(self.training_data):
             x, y = (self._moved(t) for t in split_batch(batch, f"HessianOperator (training_data batch {i})"))
             with data_errors("HessianOperator", f"training_data batch {i}", x, y):
-                product = self.model.hvp_function(x, y, mode=self.mode)
+                product = self.model.hvp_function(x, y, mode=self.mode, expected_products=self.expected_products)
             n = num_points(x)  # x checked by hvp_function
             if first:
                 room -= product.nbytes
@@ -211,8 +216,8 @@ class HessianOperator:
 
 
 def hessian_operator(model: TorchTwiceDifferentiable, training_data: Iterable, *, hessian_perturbation: float = 0.0,
-                     mode: str = "hessian", progress: bool = False,
-                     dtype: Optional[torch.dtype] = None) -> HessianOperator:
+                     mode: str = "hessian", progress: bool = False, dtype: Optional[torch.dtype] = None,
+                     expected_products: Optional[int] = None) -> HessianOperator:
     r"""A = H + λI for H the Hessian (``mode="hessian"``) or Gauss-Newton matrix (``"gauss_newton"``)
     of the model's mean loss over ``training_data``; see :class:`HessianOperator`.
 
@@ -221,4 +226,4 @@ def hessian_operator(model: TorchTwiceDifferentiable, training_data: Iterable, *
     minres, eigsh, ...; ``dtype`` the dtype of the products (default the model's).
     """
     return HessianOperator(model, training_data, hessian_perturbation=hessian_perturbation, mode=mode,
-                           progress=progress, dtype=dtype)
+                           progress=progress, dtype=dtype, expected_products=expected_products)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from . import hessian as _hessian
 from . import batch as _batch
 from .batch import Inputs, check_vectors, squeezed_loss
 from .engines import select
+from .engines.amortise import products_expected
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
 from .guard import model_call
@@ -219,7 +220,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         return batched_mvp(grad_xy, v, backprop_on, progress=progress)
 
     def hvp(self, x: Inputs, y: torch.Tensor, v: torch.Tensor, *, mode: str = "hessian",
-            engine: str = "auto", progress: bool = False) -> torch.Tensor:
+            engine: str = "auto", progress: bool = False, expected_products: Optional[int] = None) -> torch.Tensor:
         r"""H(x, y) v for v [D, P] (→ [D, P]) or [P] (→ [P]), H the Hessian of the loss on (x, y).
 
         Args:
@@ -227,10 +228,16 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 JᵀH_ℓJ, J the Jacobian of the model output, H_ℓ the Hessian of the loss in it).
             engine: ``"native"`` (twicediff's fused R-operator kernels, for Sequential stacks of
                 Linear layers and elementwise activations under MSE / cross-entropy / BCE-with-logits,
-                optionally behind a frozen prefix; x one tensor), ``"func"`` (torch.func forward-over-reverse,
-                vmapped over chunks of directions), ``"autograd"`` (double backward), or
-                ``"auto"``: native when the model qualifies, else func, else autograd.
+                optionally behind a frozen prefix; x one tensor), ``"func"`` (torch.func
+                forward-over-reverse, vmapped over chunks of directions), ``"autograd"`` (double
+                backward), ``"loop"`` (one backward pass per direction), ``"compiled"``
+                (torch.compile of the batched product), or ``"auto"``: the fastest of native (where
+                the model qualifies), func, autograd and loop, measured on first use per shape class
+                (engines/auto.py), with compiled added where ``expected_products`` repay compiling.
+                ``TWICEDIFF_ENGINE`` sets what ``"auto"`` means.
             progress: show a bar over the chunks of directions.
+            expected_products: products the caller expects on this model and batch shape in all
+                (default: the enclosing ``expected_products`` block's, engines/amortise.py).
 
         Returns:
             v's shape: row d is H v[d] (or JᵀH_ℓJ v[d]), detached, in the model's dtype.
@@ -250,19 +257,21 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             True
         """
         v = self.check_vectors(v, "hvp")
-        product = self.hvp_function(x, y, mode=mode, engine=engine, progress=progress)
+        product = self.hvp_function(x, y, mode=mode, engine=engine, progress=progress,
+                                    expected_products=expected_products)
         return product(v.unsqueeze(0))[0] if v.dim() == 1 else product(v)
 
     def hvp_function(self, x: Inputs, y: torch.Tensor, *, mode: str = "hessian", engine: str = "auto",
-                     progress: bool = False) -> "BoundHvp":
+                     progress: bool = False, expected_products: Optional[int] = None) -> "BoundHvp":
         r"""``V ↦ H(x, y) V`` for V [D, P] in the model's dtype (→ [D, P]): :meth:`hvp` with the engine
         chosen and the batch prepared once (for the native engine, the frozen prefix applied), for
         many products on one batch. The trainable parameters are read at each call; the batch (or
-        the prefix's output) is held until the function is dropped (``nbytes``)."""
+        the prefix's output) is held until the function is dropped (``nbytes``). ``expected_products``
+        as for :meth:`hvp`."""
         if mode not in MODES:
             raise ValueError(f"hvp: mode must be one of {MODES}, got {mode!r}")
-        if engine not in select.ENGINES:
-            raise ValueError(f"hvp: engine must be one of {select.ENGINES}, got {engine!r}")
+        engine = select.resolve(engine)  # "auto" may stand for TWICEDIFF_ENGINE's engine
+        expected = products_expected(expected_products, "hvp_function")
         x, y = self.checked_batch(x, y, "hvp")
         x, y = _batch.detached(x), y.detach()  # products are not differentiated further
         def checked(V: torch.Tensor) -> torch.Tensor:
@@ -274,7 +283,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
 
         # preparing runs the model (or its frozen prefix) on the batch
         with model_call(self.model, "hvp"), data_errors("hvp", "", x, y):
-            chosen, batch = select.prepare(engine, self.model, self.loss, x, y)
+            chosen, batch = select.prepare(engine, self.model, self.loss, x, y, expected_products=expected)
             bound = BoundHvp(chosen, batch, mode, self.device, progress=progress, check=checked,
                              errors=lambda: data_errors("hvp", "", x, y))
         return bound

@@ -9,6 +9,7 @@ import torch
 
 from ...memory import chunk_size, reserved
 from ...twice_differentiable import InverseHvpResult
+from ..engines.amortise import solver_products
 from ..operator import HessianOperator
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
 from .common import check_nonnegative, check_rhs, initial_guess
@@ -84,7 +85,9 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
     lam = check_nonnegative(hessian_perturbation, "hessian_perturbation", where)
     if product_dtype is not None and not (isinstance(product_dtype, torch.dtype) and product_dtype.is_floating_point):
         raise TypeError(f"{where}: product_dtype must be None or a floating torch.dtype, got {product_dtype!r}")
-    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode, dtype=product_dtype)
+    steps = 10 * model.num_params if maxiter is None else maxiter
+    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode, dtype=product_dtype,
+                         expected_products=solver_products(B.shape[0], steps))
     X0 = initial_guess(x0, B, model, where, "x0")
     precondition = None
     used = preconditioner

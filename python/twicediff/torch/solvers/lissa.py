@@ -14,6 +14,7 @@ from ...memory import get_memory_budget, reserved
 from ...progress import close_bar, progress_bar
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data, num_points
+from ..engines.amortise import solver_products
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
 from .common import check_nonnegative, check_rhs, initial_guess
 
@@ -42,8 +43,10 @@ class _Batches:
     (same batch size and collate_fn), any other iterable as it is.
     """
 
-    def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, where: str):
+    def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, where: str,
+                 expected_products: Optional[int] = None):
         self.model, self.training_data, self.where = model, training_data, where
+        self.expected_products = expected_products
 
     def _source(self) -> Iterable:
         from torch.utils.data import DataLoader, IterableDataset
@@ -70,7 +73,7 @@ class _Batches:
     def _prepared(self, x, y):
         """(points in the batch, its product function)."""
         with data_errors(self.where, "a batch of training_data", x, y):
-            product = self.model.hvp_function(x, y)
+            product = self.model.hvp_function(x, y, expected_products=self.expected_products)
         return num_points(x), product  # x checked by hvp_function
 
     def __iter__(self) -> Iterator:
@@ -160,7 +163,7 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
     half_norm = h.norm(dim=1)  # ‖h‖ of every row halfway through (diverging iterates keep growing)
     # h, b and the product in the iteration dtype: the products get the rest of the budget
     with reserved(3 * N * P * torch.finfo(work).bits // 8):
-        batches = iter(_Batches(model, training_data, where))
+        batches = iter(_Batches(model, training_data, where, solver_products(N, maxiter)))
         bar = progress_bar(range(maxiter), progress, desc="lissa", unit="step", count_only=True)
         for step in bar:
             if active.numel() == 0:

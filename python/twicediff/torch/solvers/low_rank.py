@@ -56,6 +56,15 @@ class LowRankProductRepresentation:
         return LowRankProductRepresentation(self.eigen_vals.to(device), self.projections.to(device))
 
 
+def _expected_products(k, krylov_dimension, bs) -> Optional[int]:
+    """One Krylov basis' worth of products (the basis :func:`_basis_rows` aims at), None where the
+    arguments are not integers (their own checks then say so)."""
+    ints = all(isinstance(a, int) and not isinstance(a, bool) for a in (k, bs))
+    if isinstance(krylov_dimension, int) and not isinstance(krylov_dimension, bool):
+        return max(0, krylov_dimension)
+    return max(0, 2 * k + 2 * bs, 20) if ints and krylov_dimension is None else None
+
+
 def _basis_rows(P: int, k: int, bs: int, krylov_dimension: Optional[int], device: torch.device) -> int:
     """How many basis vectors Lanczos keeps: ``krylov_dimension`` when given, else max(2k + 2·block,
     20), at most P; the float64 basis ([rows + block, P]) and its few [block, P] work blocks must fit
@@ -341,7 +350,8 @@ def model_hessian_low_rank(model: TorchTwiceDifferentiable, training_data: Itera
     where = "model_hessian_low_rank"
     check_model(model, where)
     lam = check_nonnegative(hessian_perturbation, "hessian_perturbation", where)
-    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode)
+    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode,
+                         expected_products=_expected_products(rank_estimate, krylov_dimension, block_size))
     return _low_rank(op.apply_rows, model.num_params, model.dtype, model.device, rank_estimate=rank_estimate,
                      krylov_dimension=krylov_dimension, tol=tol, max_iter=max_iter, eigen_solver=eigen_solver,
                      block_size=block_size, progress=progress, where=where)
