@@ -47,6 +47,15 @@ class Case:
     description: str
 
 
+def _targets(kind: str, n: int, C: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """n targets for a loss of ``kind``: class indices, probabilities (bce) or real values."""
+    if kind == "cross_entropy":
+        return torch.randint(0, C, (n,), generator=gen)
+    if kind == "bce":
+        return torch.rand(n, C, generator=gen, dtype=dtype)
+    return torch.randn(n, C, generator=gen, dtype=dtype)
+
+
 def _loss(r: random.Random, outputs: int):
     kinds = ["mse", "bce"] + (["cross_entropy"] if outputs >= 2 else [])
     kind = r.choice(kinds)
@@ -104,13 +113,7 @@ def generate(seed: int) -> Case:
     gen = torch.Generator().manual_seed(seed)
     n = r.choice([1, 2, 5, 9])
     x = torch.randn(n, widths[0], generator=gen, dtype=dtype)
-    C = widths[-1]
-    if kind == "cross_entropy":
-        y = torch.randint(0, C, (n,), generator=gen)
-    elif kind == "bce":
-        y = torch.rand(n, C, generator=gen, dtype=dtype)
-    else:
-        y = torch.randn(n, C, generator=gen, dtype=dtype)
+    y = _targets(kind, n, widths[-1], gen, dtype)
     description = (f"seed {seed}: {dtype} n={n} " + " ".join(described) + f" frozen={frozen} loss={loss_name}")
     return Case(model, loss, x, y, description)
 
@@ -229,10 +232,5 @@ def generate_conv_attention(seed: int) -> Case:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.5, 0.5, generator=gen)
             m.running_var.uniform_(0.5, 2.0, generator=gen)
-    if kind == "cross_entropy":
-        y = torch.randint(0, outputs, (n,), generator=gen)
-    elif kind == "bce":
-        y = torch.rand(n, outputs, generator=gen, dtype=dtype)
-    else:
-        y = torch.randn(n, outputs, generator=gen, dtype=dtype)
+    y = _targets(kind, n, outputs, gen, dtype)
     return Case(model, loss, x, y, f"structured seed {seed}: {dtype} n={n} {what} loss={loss_name}")
