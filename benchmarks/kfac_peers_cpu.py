@@ -259,7 +259,8 @@ def main() -> None:
             lines += table(problem, rows)
             print("\n".join(table(problem, rows)), flush=True)
     lines.append(f"Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/kfac_peers_cpu.py "
-                 f"--rounds {args.rounds} --pydvl-rounds {args.pydvl_rounds} --out benchmarks/results/kfac_peers_cpu.md`")
+                 f"--threads {args.threads} --rounds {args.rounds} --pydvl-rounds {args.pydvl_rounds} "
+                 "--out benchmarks/results/kfac_peers_cpu.md`")
     harness.emit("\n".join(lines), args.out)
 
 
