@@ -7,7 +7,9 @@ Each process times, after a warm-up solve:
 - ``solve``: ``solve_hvp(Cg, ...)`` for the 64 test gradients (block Krylov CG: one pass over the
   rank's shard and one all-reduce of the [D, P] block per step);
 - ``influences``: ``compute_influences(..., Cg)`` end to end (test gradients on every rank, the
-  solve, the up-weighting scores of the rank's shard gathered into [64, 1000] on every rank).
+  solve, the up-weighting scores of the rank's shard gathered into [64, 1000] on every rank);
+- ``ekfac_fit``: ``KFACFactors.fit(..., ekfac=True)`` on a wider model and more data (see
+  EKFAC_N): both passes over the rank's shard, the factors all-reduced once per pass.
 Time in collectives is the wall time spent inside torch.distributed's calls (wrapped here, so it
 includes waiting for the slower rank); their number and bytes are counted by kind. An all-reduce
 of a [64, P] float64 block (block CG's products are all-reduced in its float64) alone is timed too: gloo's transfer cost on this machine without any
@@ -39,8 +41,13 @@ from harness import git_commit, machine  # noqa: E402
 
 import twicediff  # noqa: E402
 from twicediff import InversionMethod, distributed as tdist  # noqa: E402
+from twicediff.torch.kfac import KFACFactors  # noqa: E402
 
 MAXITER = 100
+# EK-FAC fitting (both passes) on a wider model and more data than the CG problem, so that a fit
+# takes seconds: MLP 64-256-256-10 Tanh (P = 85,002), 32,000 random points in batches of 250.
+EKFAC_N, EKFAC_WIDTH = 32000, 256
+LOAD_AT_START = os.getloadavg()[0]
 WRAPPED = ("all_reduce", "all_gather", "all_gather_object", "broadcast")
 
 
@@ -131,6 +138,11 @@ def child(rank: int, world: int, port: int, out: str, maxiter: int) -> None:
     scores = timed("influences", lambda: twicediff.compute_influences(
         model, train, test_data=test, input_data=train, inversion_method="cg", hessian_regularization=LAM,
         maxiter=maxiter))
+    fit_model, fit_x, fit_y = ekfac_problem()
+    a, b = tdist.contiguous_shard(EKFAC_N, tdist.current_group())
+    fit_data = DataLoader(TensorDataset(fit_x[a:b], fit_y[a:b]), batch_size=BATCH)
+    fitted = timed("ekfac_fit", lambda: KFACFactors.fit(fit_model, torch.nn.functional.cross_entropy, fit_data,
+                                                        ekfac=True))
     if clock:  # gloo's cost of one [64, P] float64 all-reduce, no wait for a slower rank
         import torch.distributed as dist
 
@@ -143,11 +155,21 @@ def child(rank: int, world: int, port: int, out: str, maxiter: int) -> None:
             times.append(time.perf_counter() - start)
         row["allreduce_block_s"] = statistics.median(times)
     if rank == 0:
-        torch.save({"x": solved.x, "scores": scores}, out + ".pt")
+        torch.save({"x": solved.x, "scores": scores,
+                    "corrected": torch.cat([c.flatten() for c in fitted.corrected.values()])}, out + ".pt")
     with open(out, "w") as f:
         json.dump(row, f)
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def ekfac_problem():
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(64, EKFAC_WIDTH), torch.nn.Tanh(),
+                                torch.nn.Linear(EKFAC_WIDTH, EKFAC_WIDTH), torch.nn.Tanh(),
+                                torch.nn.Linear(EKFAC_WIDTH, 10)).eval()
+    return model, torch.randn(EKFAC_N, 64, generator=g), torch.randint(0, 10, (EKFAC_N,), generator=g)
 
 
 def _free_port() -> int:
@@ -200,6 +222,11 @@ def main() -> None:
             write_table(args.out, one, two, rep + 1, args.maxiter, quiet=rep + 1 < args.reps, asked=args.reps)
 
 
+def fit_bytes(width: int) -> int:
+    dims = [(64, width), (width, width), (width, 10)]
+    return 4 * sum((i + 1) ** 2 + o ** 2 + (i + 1) * o for i, o in dims)
+
+
 def _median(runs: list, key: str, reduce=max) -> float:
     """Median over runs of ``reduce`` over the ranks (max: the run ends when its slowest rank does)."""
     return statistics.median(reduce(r[key] for r in rows) for rows in runs)
@@ -220,13 +247,17 @@ def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet:
     ratios_s = [r1[0]["solve_s"] / max(r["solve_s"] for r in r2) for r1, r2 in zip(one, two)]
     ratios_i = [r1[0]["influences_s"] / max(r["influences_s"] for r in r2) for r1, r2 in zip(one, two)]
     cpu = {name: (_median(one, f"{name}_cpu_s"), [_median(two, f"{name}_cpu_s", lambda v: list(v)[r]) for r in range(W)])
-           for name in ("solve", "influences")}
+           for name in ("solve", "influences", "ekfac_fit")}
+    t1f, t2f = _median(one, "ekfac_fit_s"), _median(two, "ekfac_fit_s")
+    c2f = [_median(two, "ekfac_fit_collective_s", lambda v: list(v)[r]) for r in range(W)]
+    ratios_f = [r1[0]["ekfac_fit_s"] / max(r["ekfac_fit_s"] for r in r2) for r1, r2 in zip(one, two)]
     lines = [
         "# Data-parallel twicediff on CPU: 2 gloo processes × 1 thread against 1 process × 1 thread",
         "",
-        f"- Machine: {machine()}, {platform.system()} {platform.release()}. **Shared with other jobs while "
-        "measured** (up to six agents on two cores): the two configurations ran interleaved in one run, "
-        "alternating which went first, so their ratio is more meaningful than either time.",
+        f"- Machine: {machine()}, {platform.system()} {platform.release()}. Shared with other jobs while "
+        f"measured (load average {LOAD_AT_START:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on two "
+        "cores): the two configurations ran interleaved in one run, alternating which went first, so their "
+        "ratio is more meaningful than either time.",
         f"- torch {torch.__version__}, twicediff commit {git_commit()}, gloo over TCP on 127.0.0.1.",
         f"- Command: `flock /tmp/bench.lock python benchmarks/bench_distributed.py --reps {asked or reps}"
         f"{'' if maxiter == MAXITER else f' --maxiter {maxiter}'}`"
@@ -249,11 +280,15 @@ def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet:
         f"| `compute_influences(Cg)` end to end, [64, 1000] | {t1i:.3f} | {t2i:.3f} | "
         f"{statistics.median(ratios_i):.2f}× ({min(ratios_i):.2f}–{max(ratios_i):.2f}) | {c2i[0]:.3f} / {c2i[1]:.3f} "
         f"({100 * c2i[0] / t2i:.0f}% / {100 * c2i[1] / t2i:.0f}%) |",
+        f"| EK-FAC fit (both passes), MLP 64-{EKFAC_WIDTH}-{EKFAC_WIDTH}-10, {EKFAC_N:,} points | {t1f:.3f} | "
+        f"{t2f:.3f} | {statistics.median(ratios_f):.2f}× ({min(ratios_f):.2f}–{max(ratios_f):.2f}) | "
+        f"{c2f[0]:.3f} / {c2f[1]:.3f} ({100 * c2f[0] / t2f:.0f}% / {100 * c2f[1] / t2f:.0f}%) |",
         "",
         "CPU time of each process (all its threads; one here), the work it did whatever the machine's load: "
         f"`solve_hvp` {cpu['solve'][0]:.3f} s in 1 process against {cpu['solve'][1][0]:.3f} / {cpu['solve'][1][1]:.3f} s "
         f"on rank 0 / rank 1; `compute_influences` {cpu['influences'][0]:.3f} s against "
-        f"{cpu['influences'][1][0]:.3f} / {cpu['influences'][1][1]:.3f} s (medians). Where a rank's CPU time is "
+        f"{cpu['influences'][1][0]:.3f} / {cpu['influences'][1][1]:.3f} s; the EK-FAC fit {cpu['ekfac_fit'][0]:.3f} s "
+        f"against {cpu['ekfac_fit'][1][0]:.3f} / {cpu['ekfac_fit'][1][1]:.3f} s (medians). Where a rank's CPU time is "
         "about half of the one process's but its wall time is not, the two processes did not get a core each.",
         "",
         f"Block CG steps: {steps1} (1 process), {steps2} (2 processes); passes over the data (products): "
@@ -261,7 +296,8 @@ def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet:
         "Same result: 2 processes against 1, "
         f"relative difference (Frobenius) {rel(x2['x'], x1['x']):.1e} on the solution and "
         f"{rel(x2['scores'], x1['scores']):.1e} on the influences (the operator's sums are float64, added in "
-        "another order across the ranks, and cast to float32 at the end).",
+        "another order across the ranks, and cast to float32 at the end), "
+        f"{rel(x2['corrected'], x1['corrected']):.1e} on EK-FAC's corrected eigenvalues (float32 sums).",
         "",
         f"One all-reduce of a [{N_TEST}, 4810] float64 block ({N_TEST * 4810 * 8 / 1e6:.2f} MB) alone, no wait: "
         f"{1e3 * block:.2f} ms (median of 20; gloo over loopback: {N_TEST * 4810 * 8 / block / 1e9:.2f} GB/s of "
@@ -273,7 +309,7 @@ def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet:
         "| call | kind | calls | bytes sent by this rank (payload) |",
         "|---|---|---:|---:|",
     ]
-    for name in ("solve", "influences"):
+    for name in ("solve", "influences", "ekfac_fit"):
         for kind in sorted(last[f"{name}_calls"]):
             lines.append(f"| {name} | {kind} | {last[f'{name}_calls'][kind]} | {last[f'{name}_bytes'][kind]:,} |")
     steps = last["block_steps"]
@@ -288,8 +324,12 @@ def write_table(path: str, one: list, two: list, reps: int, maxiter: int, quiet:
         f"product also made one status all-reduce of 4·W int64 = {32 * W} bytes. See docs/distributed.md for "
         "the formulas and the predicted scaling on clusters.",
         "",
-        "Not measured here: EK-FAC fitting (K-FAC/EK-FAC is not on this branch's main yet), and any GPU or "
-        "multi-machine run (no such hardware here).",
+        f"The EK-FAC fit all-reduces its factors once per pass: 4·Σ((in+1)² + out²) bytes for the covariances "
+        f"and 4·Σ(in+1)·out for the corrections (float32 sums), {fit_bytes(EKFAC_WIDTH):,} bytes in all for "
+        f"this model (+ 8·(2L + 1) bytes of sample and token counts, L = 3 layers), against two passes over "
+        f"{EKFAC_N // 2:,} points per rank.",
+        "",
+        "Not measured here: any GPU or multi-machine run (no such hardware here).",
         "",
     ]
     os.makedirs(os.path.dirname(path), exist_ok=True)

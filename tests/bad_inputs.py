@@ -5,6 +5,7 @@ regenerates the table in the docs from the same cases (with the messages the lib
 """
 import argparse
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,18 @@ def _under_inference_mode():
         m.grad(*_data())
 
 
+def _with_env(name, value, call):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return call()
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
+
+
 def _direct_too_large():
     m = TorchTwiceDifferentiable(nn.Linear(5000, 4000).eval(), F.mse_loss)
     solve_hvp("direct", m, [(torch.randn(2, 5000), torch.randn(2, 4000))], torch.zeros(m.num_params))
@@ -82,6 +95,44 @@ def _labels_out_of_range(n=8):
     return DataLoader(TensorDataset(torch.randn(n, 3), torch.full((n,), 5)), batch_size=4)
 
 
+class _Pair(nn.Module):
+    """A model of two inputs, called model(*x) with x = (u, w)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+
+    def forward(self, u, w):
+        return self.a(u) + self.b(w)
+
+
+class _Tokens(nn.Module):
+    """A model of token ids and a mask, called model(**x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(5, 3), nn.Linear(3, 2)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask[..., None].float()
+        return self.head((self.embed(input_ids) * m).sum(1) / m.sum(1))
+
+
+def _pair():
+    torch.manual_seed(0)
+    return TorchTwiceDifferentiable(_Pair().eval(), F.cross_entropy)
+
+
+def _tokens():
+    torch.manual_seed(0)
+    return TorchTwiceDifferentiable(_Tokens().eval(), F.cross_entropy)
+
+
+def _token_batch(n=4, mask_rows=None):
+    return ({"input_ids": torch.randint(0, 5, (n, 6)), "attention_mask": torch.ones(mask_rows or n, 6, dtype=torch.long)},
+            torch.randint(0, 2, (n,)))
+
+
 def _tiny_budget():
     m = _mlp()
     with twicediff.memory_budget(16):
@@ -100,6 +151,24 @@ CASES = [
     ("grad", "x of another dtype than the model",
      lambda: _mlp().grad(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long)), TypeError,
      ["x", "float64", "float32"]),
+    ("grad", "a dict x whose tensors disagree on the batch size",
+     lambda: _tokens().grad(*_token_batch(4, mask_rows=3)), ValueError,
+     ["grad", "disagree on the batch size", "x['input_ids'] has shape (4, 6)", "x['attention_mask'] has shape (3, 6)"]),
+    ("hvp", "a tuple x with a tensor of another dtype than the model",
+     lambda: _pair().hvp((torch.randn(4, 3), torch.randn(4, 2, dtype=torch.float64)), torch.zeros(4, dtype=torch.long),
+                         torch.randn(14)), TypeError, ["hvp", "x[1]", "float64", "float32"]),
+    ("grad", "x that is neither a tensor, a tuple / list nor a dict",
+     lambda: _mlp().grad("abc", torch.zeros(4, dtype=torch.long)), TypeError, ["grad", "x must be", "dict", "str"]),
+    ("hvp", "engine='native' with a dict x",
+     lambda: _mlp().hvp({"input": torch.randn(4, 3)}, torch.zeros(4, dtype=torch.long), torch.randn(26),
+                        engine="native"), ValueError, ["engine='native'", "one tensor", "dict"]),
+    ("solve_hvp (CG)", "training_data whose tuple x disagrees on the batch size",
+     lambda: solve_hvp("cg", _pair(), [((torch.randn(4, 3), torch.randn(5, 2)), torch.zeros(4, dtype=torch.long))],
+                       torch.randn(1, 14)), ValueError,
+     ["HessianOperator", "training_data batch 0", "x[0] has shape (4, 3)", "x[1] has shape (5, 2)"]),
+    ("compute_influences (perturbation)", "input_data whose x is a dict",
+     lambda: compute_influences(_tokens(), [_token_batch()], influence_type="perturbation", hessian_regularization=0.1),
+     TypeError, ["compute_influences_pert", "single floating-point tensor", "a dict", "influence_type='up'"]),
     ("hvp", "v of the wrong width",
      lambda: _mlp().hvp(*_data(), torch.randn(2, 5)), ValueError, ["v", "P = 26", "(2, 5)"]),
     ("hvp", "v of another dtype",
@@ -112,6 +181,11 @@ CASES = [
     ("hvp", "engine='native' with a loss option it cannot take",
      lambda: _native_on(nn.Sequential(nn.Linear(3, 2)), functools.partial(F.cross_entropy, label_smoothing=0.1)),
      ValueError, ["native", "label_smoothing"]),
+    ("hvp_function", "a negative expected_products",
+     lambda: _mlp().hvp_function(*_data(), expected_products=-5), ValueError, ["expected_products", "-5"]),
+    ("hvp", "an unknown engine in TWICEDIFF_ENGINE",
+     lambda: _with_env("TWICEDIFF_ENGINE", "fastest", lambda: _mlp().hvp(*_data(), torch.randn(26))),
+     ValueError, ["TWICEDIFF_ENGINE", "'fastest'", "'compiled'"]),
     ("hvp_function", "V of one direction as a 1-d vector",
      lambda: _mlp().hvp_function(*_data())(torch.randn(26)), ValueError, ["V", "[D, P]", "(26,)"]),
     ("hvp_function", "V of the wrong width",

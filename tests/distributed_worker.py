@@ -4,7 +4,8 @@
 
 ``compute``: every distributed quantity on this rank's shard (contiguous ranges of one
 generated data set, uneven when the sizes say so), in float64 and float32, saved to
-OUT_DIR/rank{RANK}.pt; the test computes the same with one process on the concatenated data.
+OUT_DIR/rank{RANK}.pt (in float64 also on dict batches, ``dict_results``); the test computes the
+same with one process on the concatenated data.
 ``compute+failures`` adds a sequence of calls that must fail on every rank (a rank raising, ranks
 disagreeing), each caught and its message saved; the process group stays usable after each.
 The data, model and calls are defined here once and used by the test for its reference.
@@ -94,10 +95,55 @@ def compute(model: TorchTwiceDifferentiable, train, lissa_train, test, sampler_l
     out["influences_all"] = twicediff.compute_influences(model, train, hessian_regularization=LAMBDA)
     out["self_influences"] = twicediff.compute_self_influences(model, train, inversion_method=InversionMethod.Cg,
                                                                hessian_regularization=LAMBDA, rtol=1e-12, atol=1e-14)
+    # K-FAC / EK-FAC: factor sums and counts all-reduced, the scores gathered
+    out["ekfac"] = twicediff.solve_hvp(InversionMethod.Ekfac, model, train, rhs, hessian_perturbation=LAMBDA).x
+    out["kfac_ggn"] = twicediff.solve_hvp(InversionMethod.Kfac, model, train, rhs, hessian_perturbation=LAMBDA,
+                                          fisher_type="ggn").x
+    out["influences_ekfac"] = twicediff.compute_influences(model, train, test_data=test,
+                                                           inversion_method=InversionMethod.Ekfac,
+                                                           hessian_regularization=LAMBDA)
+    out["influences_all_ekfac"] = twicediff.compute_influences(model, train, inversion_method=InversionMethod.Ekfac,
+                                                               hessian_regularization=LAMBDA)
+    out["self_influences_ekfac"] = twicediff.compute_self_influences(model, train,
+                                                                     inversion_method=InversionMethod.Ekfac,
+                                                                     hessian_regularization=LAMBDA)
     factors = out["direct"]
     out["influences_pert"] = twicediff.compute_influences_pert(model, train, factors)
     out["influences_sampler"] = twicediff.compute_influences_up(model, sampler_loader, factors)
     return out
+
+
+class DictInputs(nn.Module):
+    """A model called model(**x) with x = {"u": [B, 2], "w": [B, 1], "scale": a float}."""
+
+    def __init__(self, hidden: int = 4):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, hidden), nn.Linear(1, hidden, bias=False)
+        self.head = nn.Linear(hidden, CLASSES)
+
+    def forward(self, u, w, scale: float = 1.0):
+        return self.head(torch.tanh(self.a(u) + scale * self.b(w)))
+
+
+def dict_results(dtype: torch.dtype, start: int, stop: int) -> dict:
+    """The distributed data path on dict batches (float64 only): the same points as ``batches``,
+    x split into a dict with a non-tensor entry, for points start:stop (a rank's shard)."""
+    if dtype != torch.float64:
+        return {}
+    x, y, _, _ = make_data(dtype)
+    torch.manual_seed(0)
+    model = TorchTwiceDifferentiable(DictInputs().to(dtype).eval(), F.cross_entropy)
+    train = [({"u": bx[:, :2], "w": bx[:, 2:], "scale": 0.5}, by) for bx, by in batches(x, y, start, stop)]
+    rhs = torch.stack([model.grad({"u": x[i:i + 1, :2], "w": x[i:i + 1, 2:], "scale": 0.5}, y[i:i + 1])
+                       for i in range(N_TEST)])
+    return {"dict_mean_gradient": tdist.mean_gradient(model, train),
+            "dict_mean_hessian": model.mean_hessian(train),
+            "dict_cg": twicediff.solve_hvp(InversionMethod.Cg, model, train, rhs, hessian_perturbation=LAMBDA,
+                                           rtol=1e-12, atol=1e-14).x,
+            "dict_influences_all": twicediff.compute_influences(model, train, hessian_regularization=LAMBDA),
+            "dict_self_influences": twicediff.compute_self_influences(model, train, hessian_regularization=LAMBDA),
+            "dict_influences_all_ekfac": twicediff.compute_influences(model, train, hessian_regularization=LAMBDA,
+                                                                      inversion_method=InversionMethod.Ekfac)}
 
 
 def init(rank: int, world: int, port: int) -> None:
@@ -130,6 +176,7 @@ def run_compute(rank: int, world: int) -> dict:
                                                  hessian_perturbation=LAMBDA, rank_estimate=6,
                                                  eigen_solver="arpack").x
         res["grads_untouched"] = torch.tensor(all(p.grad is None for p in module.parameters()))
+        res.update(dict_results(dtype, a, b))
         results.update({f"{k}/{str(dtype)[6:]}": v for k, v in res.items()})
     return results
 
@@ -196,6 +243,19 @@ def run_failures(rank: int, world: int) -> dict:
         TorchTwiceDifferentiable(fully_shard(make_model(torch.float64)), F.cross_entropy)
 
     case("fsdp", fsdp)
+    factors = twicediff.compute_influence_factors(model, train, batches(xt, yt, 0, N_TEST), InversionMethod.Direct,
+                                                  hessian_perturbation=LAMBDA).x
+    # 40 rows of scores: each rank's own fit the budget, the gathered [40, 23] on every rank do not
+    with twicediff.memory_budget(8000):
+        case("gather_over_budget", lambda: twicediff.compute_influences_up(model, train, factors.repeat(10, 1)))
+    # what the error advises: each rank's columns to its own file, assembled from the files
+    with tdist.local_only():
+        local = twicediff.compute_influences_up(model, train, factors)
+    path = os.path.join(OUT_DIR, f"columns{rank}.pt")
+    tdist.save_columns(path, local, train)
+    torch.distributed.barrier()
+    cases["from_files"] = tdist.load_columns([os.path.join(OUT_DIR, f"columns{r}.pt") for r in range(world)])
+    cases["gathered"] = twicediff.compute_influences_up(model, train, factors)
     # the group is still in step: a good call after all these
     cases["after"] = model.mean_hessian(train)
     # another group of the same ranks gives the same; local_only gives this rank's own
@@ -206,8 +266,13 @@ def run_failures(rank: int, world: int) -> dict:
     return cases
 
 
+OUT_DIR = "."
+
+
 def main() -> None:
+    global OUT_DIR
     scenario, rank, world, port, out_dir = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
+    OUT_DIR = out_dir
     torch.set_num_threads(1)
     try:
         init(rank, world, port)

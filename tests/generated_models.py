@@ -7,6 +7,11 @@ nested Sequentials, frozen layers anywhere, bias on and off, Identity / Flatten 
 batch size 1, one output or one class where the loss allows it, float32 or float64, and every
 supported loss and reduction. Most draws are native-engine models; the rest (frozen or reused
 Linear layers after the first trainable one, losses with options) exercise the fallback.
+
+``generate_conv_attention(seed)`` draws models no native engine takes: small convolutional networks
+(Conv1d / Conv2d, pooling, BatchNorm in eval mode, residual additions) and attention blocks
+(LayerNorm, softmax attention written out, a GELU/SiLU MLP, mean pooling), for the generic and
+compiled engines and the Gauss-Newton product of any model.
 """
 from __future__ import annotations
 
@@ -40,6 +45,15 @@ class Case:
     x: torch.Tensor
     y: torch.Tensor
     description: str
+
+
+def _targets(kind: str, n: int, C: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """n targets for a loss of ``kind``: class indices, probabilities (bce) or real values."""
+    if kind == "cross_entropy":
+        return torch.randint(0, C, (n,), generator=gen)
+    if kind == "bce":
+        return torch.rand(n, C, generator=gen, dtype=dtype)
+    return torch.randn(n, C, generator=gen, dtype=dtype)
 
 
 def _loss(r: random.Random, outputs: int):
@@ -99,13 +113,7 @@ def generate(seed: int) -> Case:
     gen = torch.Generator().manual_seed(seed)
     n = r.choice([1, 2, 5, 9])
     x = torch.randn(n, widths[0], generator=gen, dtype=dtype)
-    C = widths[-1]
-    if kind == "cross_entropy":
-        y = torch.randint(0, C, (n,), generator=gen)
-    elif kind == "bce":
-        y = torch.rand(n, C, generator=gen, dtype=dtype)
-    else:
-        y = torch.randn(n, C, generator=gen, dtype=dtype)
+    y = _targets(kind, n, widths[-1], gen, dtype)
     description = (f"seed {seed}: {dtype} n={n} " + " ".join(described) + f" frozen={frozen} loss={loss_name}")
     return Case(model, loss, x, y, description)
 
@@ -117,37 +125,112 @@ def flat_params(model: nn.Module) -> List[torch.Tensor]:
 
 def reference_hessian(case: Case, gauss_newton: bool = False) -> torch.Tensor:
     """The float64 Hessian (or Gauss-Newton matrix JᵀH_ℓJ) of the batch loss
-    ``loss(squeeze(model(x)), squeeze(y))`` in the trainable parameters, by torch.func on a float64
-    copy of the model."""
+    ``loss(squeeze(model(x)), squeeze(y))`` in the trainable parameters, on a float64 copy of the
+    model, row by row with plain autograd (one backward pass per row, no vmap, no forward mode):
+    independent of the batching and forward-mode rules the engines rely on. (torch.func.hessian
+    and jacrev(jacrev) of a model with LayerNorm before attention come out asymmetric in
+    torch 2.14: a batching rule of the second backward pass is wrong there.)"""
     import copy
 
-    from torch.func import functional_call, hessian, jacrev
-
     model = copy.deepcopy(case.model).double()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    fixed = {n: p.detach() for n, p in params.items() if n not in names}
-    shapes = [params[n].shape for n in names]
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    params = [p for p in model.parameters() if p.requires_grad]
     x = case.x.double()
     y = case.y.double() if case.y.is_floating_point() else case.y
-
-    def unflatten(w):
-        out, col = dict(fixed), 0
-        for n, s in zip(names, shapes):
-            out[n] = w[col:col + s.numel()].reshape(s)
-            col += s.numel()
-        return out
-
-    def output(w):
-        return functional_call(model, unflatten(w), (x,))
 
     def loss_of_output(o):
         return case.loss(torch.squeeze(o), torch.squeeze(y))
 
+    def rows(outputs: torch.Tensor, wrt) -> torch.Tensor:
+        """∂outputs[i]/∂wrt for every element i of ``outputs`` (which has a graph)."""
+        flat = outputs.reshape(-1)
+        out = []
+        for i in range(flat.numel()):
+            grads = torch.autograd.grad(flat[i], wrt, retain_graph=True, allow_unused=True)
+            out.append(torch.cat([(g if g is not None else torch.zeros_like(w)).reshape(-1)
+                                  for g, w in zip(grads, wrt)]))
+        return torch.stack(out)
+
+    z = model(x)
     if not gauss_newton:
-        return hessian(lambda w: loss_of_output(output(w)))(flat)
-    J = jacrev(output)(flat).reshape(-1, flat.numel())
-    out = output(flat).detach()
-    H_l = hessian(lambda o: loss_of_output(o.reshape(out.shape)))(out.reshape(-1))
+        g = torch.autograd.grad(loss_of_output(z), params, create_graph=True)
+        flat = torch.cat([t.reshape(-1) for t in g])
+        if not flat.requires_grad:  # a loss linear in every parameter
+            return torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)
+        return rows(flat, params)
+    J = rows(z, params)  # [n·C, P]
+    o = z.detach().requires_grad_(True)
+    g_o = torch.autograd.grad(loss_of_output(o), o, create_graph=True)[0]
+    H_l = rows(g_o, [o])  # [n·C, n·C]
     return J.T @ H_l @ J
+
+class _ConvNet(nn.Module):
+    """conv → act → [pool] → [BatchNorm] → conv (+ residual) → act → flatten → linear."""
+
+    def __init__(self, r: random.Random, dims: int, c_in: int, size: int, outputs: int):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        c = r.choice([2, 3])
+        self.conv1 = conv(c_in, c, 3, padding=1, bias=r.random() < 0.8)
+        self.act = ACTIVATIONS[r.randrange(len(ACTIVATIONS))](r)
+        pool = r.choice(["max", "avg", None])
+        self.pool = (nn.MaxPool1d(2) if dims == 1 else nn.MaxPool2d(2)) if pool == "max" else \
+            (nn.AvgPool1d(2) if dims == 1 else nn.AvgPool2d(2)) if pool == "avg" else nn.Identity()
+        self.norm = (nn.BatchNorm1d(c) if dims == 1 else nn.BatchNorm2d(c)) if r.random() < 0.3 else nn.Identity()
+        self.conv2 = conv(c, c, 3, padding=1)
+        self.residual = r.random() < 0.5
+        side = size // 2 if pool else size
+        self.head = nn.Linear(c * side ** dims, outputs)
+
+    def forward(self, x):
+        h = self.norm(self.pool(self.act(self.conv1(x))))
+        h2 = self.conv2(h)
+        h = self.act(h2 + h if self.residual else h2)
+        return self.head(h.flatten(1))
+
+
+class _Attention(nn.Module):
+    """A pre-norm attention block with an MLP, mean-pooled into a linear head."""
+
+    def __init__(self, r: random.Random, d: int, outputs: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=r.random() < 0.7)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), r.choice([nn.GELU, nn.SiLU, nn.Tanh])(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, outputs)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + att @ v
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(dim=1))
+
+
+def generate_conv_attention(seed: int) -> Case:
+    """A small convolutional or attention model (P up to a few hundred), loss and batch."""
+    r = random.Random(1_000_003 + seed)
+    dtype = torch.float64 if r.random() < 0.6 else torch.float32
+    outputs = r.choice([1, 2, 3])
+    kind, reduction, loss, loss_name = _loss(r, outputs)
+    gen = torch.Generator().manual_seed(seed)
+    n = r.choice([1, 3, 4])
+    shape = r.choice(["conv1d", "conv2d", "attention"])
+    if shape == "attention":
+        d, tokens = r.choice([4, 6]), r.choice([2, 3])
+        model = _Attention(r, d, outputs)
+        x = torch.randn(n, tokens, d, generator=gen, dtype=dtype)
+        what = f"attention d={d} tokens={tokens}"
+    else:
+        dims = 1 if shape == "conv1d" else 2
+        c_in, size = r.choice([1, 2]), 4
+        model = _ConvNet(r, dims, c_in, size, outputs)
+        x = torch.randn(n, c_in, *([size] * dims), generator=gen, dtype=dtype)
+        what = f"{shape} c_in={c_in} act={type(model.act).__name__} pool={type(model.pool).__name__} " \
+               f"norm={type(model.norm).__name__} residual={model.residual}"
+    model = model.to(dtype).eval()
+    for m in model.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+    y = _targets(kind, n, outputs, gen, dtype)
+    return Case(model, loss, x, y, f"structured seed {seed}: {dtype} n={n} {what} loss={loss_name}")

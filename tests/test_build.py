@@ -28,6 +28,8 @@ BUILD_INFO_TYPES = {
     "sanitize": (str, type(None)),
     "cpu_gemm": str,
     "probe": dict,
+    "engine": (str, type(None)),
+    "compiled": list,
 }
 
 

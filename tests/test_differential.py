@@ -4,6 +4,9 @@ explicit Hessian, the Gauss-Newton mode and Direct against float64 torch.func re
 TWICEDIFF_DIFFERENTIAL_CASES sets how many architectures are drawn (default 200, seconds on two
 cores); TWICEDIFF_DIFFERENTIAL_SEED moves the window of seeds, so a nightly run can cover new ones.
 A failure names the seed and the architecture, and ``generate(seed)`` rebuilds it.
+TWICEDIFF_STRUCTURED_CASES sets how many convolutional / attention models
+(``generate_conv_attention``) every eager engine and the Gauss-Newton product are checked on
+(default 24); the compiled engine's checks are in tests/torch/engines/test_compiled.py.
 """
 import os
 
@@ -11,13 +14,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from generated_models import flat_params, generate, reference_hessian
+from generated_models import flat_params, generate, generate_conv_attention, reference_hessian
 from twicediff import TorchTwiceDifferentiable
 from twicediff.inversion import solve_hvp
 
 CASES = int(os.environ.get("TWICEDIFF_DIFFERENTIAL_CASES", "200"))
 FIRST = int(os.environ.get("TWICEDIFF_DIFFERENTIAL_SEED", "0"))
 SEEDS = range(FIRST, FIRST + CASES)
+STRUCTURED = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_STRUCTURED_CASES", "24")))
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -44,7 +48,7 @@ def test_engines_hessian_and_direct_against_float64(seed, device):
     gen = torch.Generator().manual_seed(seed)
     V = torch.randn(3, P, generator=gen, dtype=torch.float64).to(device)
     reason = td.native_unsupported_reason(x, y)
-    engines = ["auto", "func", "autograd"] + (["native"] if reason == "" else [])
+    engines = ["auto", "func", "autograd", "loop"] + (["native"] if reason == "" else [])
     for engine in engines:
         for mode, M in (("hessian", H), ("gauss_newton", G)):
             got = td.hvp(x, y, V.to(dtype), engine=engine, mode=mode)
@@ -60,6 +64,24 @@ def test_engines_hessian_and_direct_against_float64(seed, device):
     loader = DataLoader(TensorDataset(x, y), batch_size=x.shape[0])
     got = solve_hvp("direct", td, loader, b.to(dtype), hessian_perturbation=lam).x
     _close(got, want, dtype, "Direct", case)
+
+
+@pytest.mark.parametrize("seed", STRUCTURED)
+def test_structured_models_every_eager_engine_and_gauss_newton(seed, device):
+    """Convolutional and attention models: the Hessian and Gauss-Newton products of every eager
+    engine (``auto`` included, whatever it measures) against float64 torch.func."""
+    case = generate_conv_attention(seed)
+    td = TorchTwiceDifferentiable(case.model.to(device), case.loss)
+    x, y = case.x.to(device), case.y.to(device)
+    assert td.native_unsupported_reason(x, y) != ""
+    H = reference_hessian(case).to(device)
+    G = reference_hessian(case, gauss_newton=True).to(device)
+    V = torch.randn(5, td.num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+    for engine in ("auto", "func", "autograd", "loop"):
+        for mode, M in (("hessian", H), ("gauss_newton", G)):
+            for rows in (V[:1], V):  # one direction (the loop's case) and several
+                got = td.hvp(x, y, rows.to(td.dtype), engine=engine, mode=mode)
+                _close(got, rows @ M, td.dtype, f"hvp engine={engine} mode={mode} D={rows.shape[0]}", case)
 
 
 @pytest.mark.parametrize("seed", SEEDS[:50])

@@ -74,6 +74,7 @@ def _reference(world: int) -> dict:
         res = worker.compute(model, worker.batches(x, y, 0, worker.N_TRAIN),
                              worker.lissa_reference_batches(x, y, world), worker.batches(xt, yt, 0, worker.N_TEST),
                              loader)
+        res.update(worker.dict_results(dtype, 0, worker.N_TRAIN))
         results.update({f"{k}/{str(dtype)[6:]}": v for k, v in res.items()})
     return results
 
@@ -114,6 +115,7 @@ def test_distributed_equals_one_process_on_the_concatenated_data(world, two_rank
     assert ranks[0]["influences_all/float64"].shape == (n, n)
     assert ranks[0]["influences_sampler/float64"].shape == (worker.N_TEST, n)
     assert ranks[0]["self_influences/float64"].shape == (n,)
+    assert ranks[0]["dict_influences_all/float64"].shape == (n, n)  # dict batches: x = {"u", "w", "scale"}
 
 
 def test_failures_raise_on_every_rank(two_ranks):
@@ -147,6 +149,10 @@ def test_failures_raise_on_every_rank(two_ranks):
         assert msg.startswith("TypeError") and "sharded with FSDP" in msg, (r, msg)
         msg = cases["parameters"]
         assert msg.startswith("ValueError") and "parameter values (fingerprint)" in msg, (r, msg)
+        msg = cases["gather_over_budget"]
+        assert msg.startswith("MemoryBudgetError") and "save_columns" in msg and "[40, 23]" in msg, (r, msg)
+        assert torch.equal(cases["from_files"], cases["gathered"])
+        assert cases["from_files"].shape == (worker.N_TEST, worker.N_TRAIN)
         assert torch.equal(cases["after"], two_ranks[0]["failures"]["after"])
         assert torch.equal(cases["subgroup"], cases["after"])
         x, y, _, _ = worker.make_data(torch.float64)

@@ -254,7 +254,7 @@ def test_method_table_and_digits_problem():
     # --quick: the same methods, CG and LiSSA cheaper, the rest identical.
     assert set(QUICK_METHODS) == set(METHODS) and available_methods(QUICK_METHODS) == available_methods()
     assert [n for n in METHODS if QUICK_METHODS[n] is not METHODS[n]] == ["cg", "lissa"]
-    assert describe(QUICK_METHODS["lissa"]) == "lissa(batch_size=128, maxiter=100, rtol=0.001, scale=5.0)"
+    assert describe(QUICK_METHODS["lissa"]) == "lissa(batch_size=128, maxiter=100, on_failure='warn', rtol=0.001, scale=5.0)"
     assert describe(METHODS["cg"]) == "cg(atol=0.0, rtol=1e-06)" and describe(METHODS["identity"]) == "identity"
     problem = digits_problem()
     problem.validate()

@@ -331,7 +331,7 @@ def test_bad_inputs_raise_clear_errors():
         inf.compute_influences_pert(model, [], factors)
     with pytest.raises(TypeError, match="input_data must be an iterable of \\(x, y\\) batches.*got Tensor"):
         inf.compute_influences_up(model, x, factors)
-    with pytest.raises(TypeError, match="must yield \\(x, y\\) pairs of tensors; batch 0 is a list of length 1"):
+    with pytest.raises(TypeError, match="must yield \\(x, y\\) pairs; batch 0 is a list of length 1"):
         inf.compute_influences_up(model, [[x]], factors)
     with pytest.raises(ValueError, match=f"influence_factors must be \\[N_test, P\\] with P = {model.num_params}.*"
                                          f"got shape \\({model.num_params},\\)"):

@@ -7,6 +7,7 @@ rather than as an undefined-symbol or missing-library traceback from the dynamic
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Dict, Optional
 
 import torch
@@ -68,7 +69,11 @@ def build_info() -> Dict[str, Any]:
     ``cpu_gemm`` (which library takes the native ops' float32 GEMMs on the CPU: ``"onednn"``, torch's
     bundled oneDNN, or ``"blas"``, ATen's; the environment variable ``TWICEDIFF_CPU_GEMM=blas`` or
     ``torch.backends.mkldnn.enabled = False`` forces the latter; otherwise a timed probe picks one
-    per shape class on first use), ``probe`` (those choices, see twicediff.torch.engines.probe).
+    per shape class on first use), ``probe`` (those choices, see twicediff.torch.engines.probe:
+    ``"cpu_gemm: ..."`` the GEMM library, ``"engine: ..."`` the engine ``engine="auto"`` measured
+    fastest per shape class, ``"compiled: ..."`` whether the compiled engine replaced it),
+    ``engine`` (``TWICEDIFF_ENGINE``: what ``engine="auto"`` stands for, or None) and ``compiled``
+    (the products torch.compile compiled in this process, with their compile seconds).
     """
     return {
         "torch": _config.TORCH_VERSION,
@@ -81,6 +86,8 @@ def build_info() -> Dict[str, Any]:
         "sanitize": _config.SANITIZE,
         "cpu_gemm": _C.cpu_gemm(),
         "probe": _probe_choices(),
+        "engine": os.environ.get("TWICEDIFF_ENGINE") or None,
+        "compiled": _compiled_functions(),
     }
 
 
@@ -89,3 +96,10 @@ def _probe_choices() -> Dict[str, Any]:
     from .torch.engines import probe
 
     return probe.choices()
+
+
+def _compiled_functions():
+    """The compiled engine's functions so far (twicediff.torch.engines.compiled)."""
+    from .torch.engines.compiled import compiled_functions
+
+    return compiled_functions()

@@ -20,7 +20,7 @@ from typing import Dict, Iterator, Optional
 import torch
 
 __all__ = ["BadBatchError", "DistributedError", "GraphInputError", "MemoryBudgetError", "ModelMisreadError",
-           "NotNativeError", "data_errors"]
+           "NotNativeError", "data_errors", "describe_inputs"]
 
 
 class MemoryBudgetError(MemoryError):
@@ -63,11 +63,25 @@ class GraphInputError(RuntimeError, ValueError):
 _DATA_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
 
 
+def describe_inputs(x, limit: int = 6) -> str:
+    """A model input for error messages: ``(B, ...) dtype`` for a tensor; for a tuple, list or dict
+    its entries the same way (``{'input_ids': (4, 8) torch.int64, ...}``), the first ``limit`` of them."""
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)} {x.dtype}"
+    if isinstance(x, (tuple, list, dict)):
+        items = list(x.items()) if isinstance(x, dict) else list(enumerate(x))
+        parts = [(f"{k!r}: " if isinstance(x, dict) else "") + describe_inputs(v, limit) for k, v in items[:limit]]
+        if len(items) > limit:
+            parts.append(f"... {len(items) - limit} more")
+        left, right = ("{", "}") if isinstance(x, dict) else ("[", "]") if isinstance(x, list) else ("(", ")")
+        return left + ", ".join(parts) + right
+    return type(x).__name__
+
+
 def batch_summary(x, y) -> str:
-    """``x (B, ...) dtype, y (B, ...) dtype``, for error messages."""
-    def one(name, t):
-        return f"{name} {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else f"{name} {type(t).__name__}"
-    return f"{one('x', x)}, {one('y', y)}"
+    """``x (B, ...) dtype, y (B, ...) dtype``, for error messages (x's entries for a tuple, list or
+    dict x)."""
+    return f"x {describe_inputs(x)}, y {describe_inputs(y)}"
 
 
 @contextlib.contextmanager

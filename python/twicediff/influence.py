@@ -18,7 +18,9 @@ where a matrix is needed (test gradients, the right-hand sides of the solve). Up
 streamed when the input gradients [N_input, P] do not fit the memory budget
 (:mod:`twicediff.memory`): each block of per-sample gradients is contracted with the factors block by
 block over the parameters and dropped. Perturbation influences are mixed products of whole blocks.
-Batches are moved to the model's device and results stay there.
+Batches are moved to the model's device and results stay there. A batch's x is a tensor, a tuple
+(``model(*x)``) or a dict (``model(**x)``), as everywhere (:mod:`twicediff.torch.batch`);
+perturbation influence, a derivative in x, needs x to be one tensor.
 
 With the K-FAC inversion methods (``"ekfac"``, ``"kfac"``, :mod:`twicediff.torch.solvers.kfac`) H is
 replaced by the Kronecker-factored curvature F of the tracked Linear / Conv2d layers: the factors
@@ -39,7 +41,7 @@ from . import distributed as _distributed
 from . import ops
 from .inversion import InversionMethod, InversionRegistry, solve_hvp
 from .memory import chunk_size, get_memory_budget, reserved
-from .errors import data_errors
+from .errors import data_errors, describe_inputs
 from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
 from .torch.solvers.kfac import kfac_factors, pydvl_loss
 from .torch.tensor_utilities import TorchTensorUtilities
@@ -140,6 +142,19 @@ def _kfac_setup(model: TorchTwiceDifferentiable, training_data: DataLoaderType, 
 # ---- the pyDVL 0.7 functions ------------------------------------------------------------------------
 
 
+def _test_gradients(group, model: TorchTwiceDifferentiable, test_data: Any, where: str, progress: bool, *,
+                    broadcast: bool = True) -> torch.Tensor:
+    """The test gradients [N_test, P]: of the test data every rank holds (rank 0's, checked to be the
+    same on every rank; ``broadcast=False`` leaves that to a following solve_hvp) or, for :class:`twicediff.distributed.Sharded` test data, of
+    every rank's test points gathered in the global order."""
+    if isinstance(test_data, _distributed.Sharded):
+        data = test_data.data
+        return _distributed.gather_columns(
+            group, where, lambda: gradient_matrix(model, data, where, "test_data", progress).unsqueeze(0), data)[0]
+    rhs = _distributed.guarded(group, where, lambda: gradient_matrix(model, test_data, where, "test_data", progress))
+    return _distributed.same_on_every_rank(group, where, "test gradients", rhs) if broadcast else rhs
+
+
 def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: DataLoaderType,
                               test_data: DataLoaderType, inversion_method: InversionMethod, *,
                               hessian_perturbation: float = 0.0, progress: bool = False,
@@ -171,16 +186,7 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
         # so that its working memory and the test gradients are not held at once.
         options, held = solver.prepare(model, training_data, hessian_perturbation, **options)
     with reserved(held):
-        if isinstance(test_data, _distributed.Sharded):  # each rank's test points, gathered in the global order
-            data = test_data.data
-            rhs = _distributed.gather_columns(
-                group, "compute_influence_factors",
-                lambda: gradient_matrix(model, data, "compute_influence_factors", "test_data", progress).unsqueeze(0),
-                data)[0]
-        else:
-            rhs = _distributed.guarded(group, "compute_influence_factors",
-                                       lambda: gradient_matrix(model, test_data, "compute_influence_factors",
-                                                               "test_data", progress))
+        rhs = _test_gradients(group, model, test_data, "compute_influence_factors", progress, broadcast=False)
     if group is None and "out" in inspect.signature(solver).parameters and "out" not in options:
         options = {**options, "out": rhs}  # the factors overwrite the test gradients they are solved from
     with reserved(held + rhs.numel() * rhs.element_size()):  # the right-hand sides, held during the solve
@@ -245,9 +251,13 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
 
     Each block of samples costs N_test backward passes over the block (not N_test per sample).
 
+    Defined for an x that is one floating-point tensor: the result is laid out like x_i. A tuple or
+    dict x (``model(*x)``, ``model(**x)``) raises a TypeError; wrap the model so that it takes one
+    tensor, or use up-weighting influence, which takes every form of x.
+
     Args:
         model: the model and loss.
-        input_data: (x, y) batches of the points z_i; x must be floating point.
+        input_data: (x, y) batches of the points z_i; x must be one floating-point tensor.
         influence_factors: [N_test, P], e.g. from :func:`compute_influence_factors`.
         progress: show a bar over the input batches.
     """
@@ -260,6 +270,12 @@ def compute_influences_pert(model: TorchTwiceDifferentiable, input_data: DataLoa
     T = factors.shape[0]
     parts = []
     for x, y, batch in sample_chunks(model, input_data, where, "input_data", progress, directions=max(T, 1)):
+        if not isinstance(x, torch.Tensor):
+            form = "a dict" if isinstance(x, dict) else f"a {type(x).__name__}"
+            raise TypeError(f"{where}: perturbation influence differentiates the loss in the input x and needs x "
+                            f"to be a single floating-point tensor; {batch} gives x as {form} "
+                            f"({describe_inputs(x)}); use influence_type='up', or wrap the model so that it "
+                            "takes one tensor")
         if not x.is_floating_point():
             raise TypeError(f"{where}: perturbation influence differentiates in x, which must be floating point; "
                             f"input_data yields x of dtype {x.dtype}")
@@ -324,12 +340,16 @@ def _kfac_influences(model: TorchTwiceDifferentiable, training_data: DataLoaderT
     tracked layers only, a chunk at a time), or the generic perturbation products (the factors are
     zero outside the tracked layers, so those parameters drop out there too)."""
     where = "compute_influences"
+    group = _distributed.current_group()
     fitted, relative = _kfac_setup(model, training_data, method, lam, progress, kwargs, where)
-    rhs = gradient_matrix(model, test_data, where, "test_data", progress)
+    rhs = _test_gradients(group, model, test_data, where, progress)
     pre = fitted.solve(rhs, damping=float(lam), method=method, relative_damping=relative).to(rhs.dtype)
     if kind is InfluenceType.Perturbation:
         return compute_influences_pert(model, input_data, pre, progress=progress)
-    scores = fitted.score(model.model, pydvl_loss(model), pre, input_data, progress=progress)
+    with _distributed.local_only():  # each rank scores its shard; the columns are gathered in order
+        scores = _distributed.gather_columns(
+            group, where, lambda: fitted.score(model.model, pydvl_loss(model), pre, input_data, progress=progress),
+            input_data, check=pre)
     return scores.to(device=model.device, dtype=model.dtype)
 
 
@@ -365,8 +385,12 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     method = _kfac_method(inversion_method)
     if method is not None:  # streamed in the factors' eigenbasis, no solve per block
         fitted, relative = _kfac_setup(model, training_data, method, hessian_regularization, progress, kwargs, where)
-        values = fitted.self_score(model.model, pydvl_loss(model), training_data, float(hessian_regularization),
-                                   method, relative_damping=relative, progress=progress)
+        with _distributed.local_only():  # each rank's points; gathered in the global order
+            values = _distributed.gather_columns(
+                group, where, lambda: fitted.self_score(model.model, pydvl_loss(model), training_data,
+                                                        float(hessian_regularization), method,
+                                                        relative_damping=relative, progress=progress).unsqueeze(0),
+                training_data)[0]
         return values.to(device=model.device, dtype=model.dtype)
     options = _solver_options(model, inversion_method, progress, kwargs)
     P = model.num_params

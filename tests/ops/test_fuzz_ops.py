@@ -138,14 +138,14 @@ _ACTIVATION = st.sampled_from([("relu", 0, 0), ("leaky_relu", 0.2, 0), ("tanh", 
        loss=st.sampled_from(["mse", "cross_entropy", "bce_with_logits"]), gauss_newton=st.booleans(),
        strided=st.booleans(), seed=st.integers(0, 2**16))
 def test_mlp_hvp_matches_reference(data, layers, n, d, loss, gauss_newton, strided, seed):
-    from test_native_engine import _op_case
+    from native_helpers import op_case
 
     widths = data.draw(st.lists(st.integers(1, 5), min_size=layers + 1, max_size=layers + 1))
     biases = data.draw(st.lists(st.booleans(), min_size=layers, max_size=layers))
     chains = data.draw(st.lists(st.lists(_ACTIVATION, max_size=2), min_size=layers, max_size=layers))
     chains[-1] = []  # the output layer gives the logits
     reduction = "sum" if n == 0 else data.draw(st.sampled_from(["mean", "sum"]))
-    x, t, ws, bs, v = _op_case("cpu", torch.float64, n, d, widths, biases, chains, loss,
+    x, t, ws, bs, v = op_case("cpu", torch.float64, n, d, widths, biases, chains, loss,
                                torch.Generator().manual_seed(seed))
     if strided:  # non-contiguous views holding the same values
         x = torch.cat([x, x], 1)[:, ::2] if x.shape[1] == 1 else x.t().contiguous().t()

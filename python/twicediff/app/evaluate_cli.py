@@ -37,11 +37,12 @@ Flipped-label detection: ROC AUC and precision at k of ranking the training poin
 and by harm to the validation loss, k = the number flipped.
 
 Methods: identity (plain gradient dot products, the baseline), Direct (exact inverse of H + lambda*I),
-CG, LiSSA, Arnoldi at ranks 10 and 100 (and K-FAC/EK-FAC where this twicediff has them); each timed.
+CG, LiSSA, Arnoldi at ranks 10 and 100, K-FAC and EK-FAC (each with the empirical Fisher and with the
+Gauss-Newton matrix); each timed.
 
 Cost: M*K trainings (L-BFGS to convergence, 1-3 s of one core each), spread over --workers processes,
 plus one solve per method with 1,797 right-hand sides (297 test + 300 validation + 1,200 training
-points for self-influence): under a second to a few seconds for identity, Direct and Arnoldi, a
+points for self-influence): under a second for identity and the K-FAC family, a few seconds for Direct and Arnoldi, a
 minute or more each for CG and LiSSA. The full run (M={FULL[0]}, K={FULL[1]}: {FULL[0] * FULL[1]} trainings) takes
 about 10-20 minutes on 2 cores.
 

@@ -26,6 +26,12 @@ every quantity defined over the training data becomes a global one:
   matrix on every rank, in the global order of the training data (see :func:`global_indices`);
   without test data (:class:`Sharded`) and for self-influence, the ranks' gradient rows are gathered
   first and solved for together.
+- K-FAC / EK-FAC factors: each rank accumulates its shard's covariances (and, on the second pass,
+  EK-FAC's eigenvalue corrections); the sums and counts are all-reduced, and every rank computes
+  the same eigendecompositions from the same bits. Their influence and self-influence scores are
+  streamed on each rank's shard and gathered like the other methods' (no gradient rows are
+  gathered). The true Fisher's sampled labels are drawn per rank from the same seed, so they are
+  reproducible for a given set of shards but not those of one process.
 
 The group is the initialised default process group, another one given by
 :func:`use_process_group`, or none inside :func:`local_only` (each rank then computes on its own
@@ -46,8 +52,8 @@ cover is a rank that dies or raises outside twicediff between two collectives; t
 own timeout (``init_process_group(timeout=...)``) is the last resort there.
 """
 from ..errors import DistributedError
-from .collectives import check_agreement, enter, guarded, mean_over_ranks, same_on_every_rank, sum_over_ranks
-from .data import Sharded, gather_columns, global_indices, mean_gradient, self_influences
+from .collectives import all_reduce_sum_, check_agreement, enter, guarded, mean_over_ranks, same_on_every_rank, sum_over_ranks
+from .data import Sharded, gather_columns, global_indices, load_columns, mean_gradient, save_columns, self_influences
 from .group import (
     Group,
     broadcast_module_,
@@ -60,6 +66,7 @@ from .group import (
 )
 
 __all__ = [
+    "all_reduce_sum_",
     "DistributedError",
     "Group",
     "Sharded",
@@ -72,10 +79,12 @@ __all__ = [
     "gather_columns",
     "global_indices",
     "guarded",
+    "load_columns",
     "local_only",
     "mean_gradient",
     "mean_over_ranks",
     "same_on_every_rank",
+    "save_columns",
     "self_influences",
     "sum_over_ranks",
     "unwrap_model",

@@ -170,6 +170,12 @@ def _all_reduce_(t: torch.Tensor, group: Group) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum_(group: Group, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, in place, with no status exchange: only for a collective that
+    directly follows a successful :func:`sum_over_ranks` (every rank is then known to reach it)."""
+    return _all_reduce_(t, group)
+
+
 def sum_over_ranks(group: Optional[Group], where: str, local: Callable[[], Tuple[torch.Tensor, int]], *,
                    key: int = 0, check: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
     """``(sums, count)`` from ``local()`` summed over the ranks: a status exchange (which also checks

@@ -2,11 +2,14 @@
 columns gathered in that order, self-influence and the mean gradient over all ranks."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .group import Group, _dist
+from ..errors import MemoryBudgetError
+from ..memory import get_memory_budget
+from .group import Group, _dist, current_group
 from .collectives import _exchange, _run_local, enter, fingerprint, sum_over_ranks
 
 __all__ = ["Sharded", "gather_columns", "global_indices", "mean_gradient", "self_influences"]
@@ -86,6 +89,16 @@ def gather_columns(group: Optional[Group], where: str, local: Callable[[], torch
     W = group.size
     most = max(counts)
     T, rest = cols.shape[0], tuple(cols.shape[2:])
+    N = size - 1 if size else sum(counts)
+    # the gathered parts and the result, on every rank (the same figures on every rank: all raise)
+    need = (W * most + N) * T * math.prod(rest) * cols.element_size()
+    if need > get_memory_budget(group.device):
+        raise MemoryBudgetError(
+            f"{where}: gathering the [{T}, {N}{''.join(f', {d}' for d in rest)}] scores of all {W} ranks needs "
+            f"{need / 2**20:,.0f} MiB on every rank, over the memory budget of {get_memory_budget(group.device) / 2**20:,.0f} "
+            f"MiB; compute each rank's columns inside twicediff.distributed.local_only() and write them with "
+            f"twicediff.distributed.save_columns(path, columns, data) (twicediff.distributed.load_columns "
+            f"assembles the files), or raise the budget (twicediff.set_memory_budget)")
     padded = cols.new_zeros((T, most) + rest, device=group.device)
     padded[:, :n] = cols.to(group.device)
     if idx is None:
@@ -97,10 +110,55 @@ def gather_columns(group: Optional[Group], where: str, local: Callable[[], torch
     indices = [torch.empty_like(index) for _ in range(W)]
     _dist().all_gather(parts, padded.contiguous(), group=group.process_group)
     _dist().all_gather(indices, index, group=group.process_group)
-    N = size - 1 if size else sum(counts)
     out = cols.new_full((T, N) + rest, float("nan"))
     for part, ind, c in zip(parts, indices, counts):
         out[:, ind[:c].to(out.device)] = part[:, :c].to(out.device)
+    return out
+
+
+def save_columns(path: str, columns: torch.Tensor, data: Any) -> None:
+    """Writes this rank's score columns [T, n, ...] (of its shard ``data``, e.g. from an influence
+    function called inside :func:`local_only`) to ``path`` with their global indices, for results too
+    large to gather on one rank; :func:`load_columns` assembles the files of all ranks. Under a
+    process group this is a collective (every rank calls it, each with its own path): without a
+    ``DistributedSampler`` the global order is rank-major, and each rank needs the others' counts."""
+    if not isinstance(columns, torch.Tensor) or columns.dim() < 2:
+        got = tuple(columns.shape) if isinstance(columns, torch.Tensor) else type(columns).__name__
+        raise ValueError(f"save_columns: columns must be a [T, n, ...] tensor, got {got}")
+    group = current_group()
+    n = int(columns.shape[1])
+    idx = global_indices(data, n)
+    rank, world, size = 0, 1, None
+    if idx is not None:
+        size = len(_distributed_sampler(data).dataset)
+    if group is not None:
+        counts = _exchange(group, "save_columns", None, n, 0 if size is None else 1 + size,
+                           key_name="orders of the data (DistributedSampler datasets of different sizes, or one on "
+                                    "some ranks only)")
+        rank, world = group.rank, group.size
+        if idx is None:
+            offset = sum(counts[:rank])
+            idx = torch.arange(offset, offset + n, dtype=torch.int64)
+            size = sum(counts)
+    if idx is None:
+        idx, size = torch.arange(n, dtype=torch.int64), n
+    torch.save({"columns": columns.detach().cpu(), "indices": idx.cpu(), "size": int(size), "rank": rank,
+                "world": world}, path)
+
+
+def load_columns(paths: Sequence[str]) -> torch.Tensor:
+    """The [T, N, ...] matrix in the global order from the files :func:`save_columns` wrote (one per
+    rank, in any order); an index no file holds gives NaN."""
+    parts = [torch.load(p, weights_only=True) for p in paths]
+    if not parts:
+        raise ValueError("load_columns: paths must name at least one file written by save_columns")
+    sizes = {int(p["size"]) for p in parts}
+    if len(sizes) != 1:
+        raise ValueError(f"load_columns: the files describe data sets of different sizes: {sorted(sizes)}")
+    first = parts[0]["columns"]
+    out = first.new_full((first.shape[0], sizes.pop()) + tuple(first.shape[2:]), float("nan"))
+    for p in parts:
+        out[:, p["indices"]] = p["columns"].to(out.dtype)
     return out
 
 
@@ -145,9 +203,10 @@ def mean_gradient(model, training_data, *, progress: bool = False) -> torch.Tens
         acc = torch.zeros(model.num_params, dtype=model.dtype, device=model.device)
         total = 0
         for i, (x, y) in enumerate(progress_bar(training_data, progress, desc="gradient", unit="batch")):
-            n = num_points(x) if isinstance(x, torch.Tensor) else 1
             with data_errors(where, f"training_data batch {i}", x, y):
-                acc.add_(model.grad(x, y), alpha=n)
+                g = model.grad(x, y)
+            n = num_points(x)  # x checked by grad
+            acc.add_(g, alpha=n)
             total += n
         return acc, total
 

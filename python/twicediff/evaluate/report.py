@@ -16,6 +16,8 @@ LABELS: Dict[str, str] = {
     "arnoldi-100": "Arnoldi, rank 100",
     "kfac": "K-FAC",
     "ekfac": "EK-FAC",
+    "kfac-ggn": "K-FAC, GGN",
+    "ekfac-ggn": "EK-FAC, GGN",
 }
 
 

@@ -51,7 +51,8 @@ def add_hessian_(td: "TorchTwiceDifferentiable", x: torch.Tensor, y: torch.Tenso
         native, prepared = _native(td, x, y) if method == "auto" else (None, None)
         if native is not None:
             return assemble_hessian(native, prepared, out, alpha=alpha, progress=progress)
-        product = td.hvp_function(x, y, engine="auto")
+        # P products on this batch: enough, on a large model, to repay compiling them (engines/amortise.py)
+        product = td.hvp_function(x, y, engine="auto", expected_products=P)
         # A chunk of c columns holds the c unit directions, their products and the engine's work.
         per_column = 2 * P * out.element_size() + product.bytes_per_direction
         step = min(MAX_DIRECTIONS_PER_CHUNK, chunk_size(P, per_column, td.device, what="Hessian columns"))

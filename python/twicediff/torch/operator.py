@@ -27,7 +27,8 @@ from .. import distributed as _distributed
 from ..memory import get_memory_budget, reserved
 from ..progress import progress_bar
 from ..errors import _DATA_ERRORS, data_errors
-from .batch import check_training_data, num_points
+from .batch import check_training_data, move_inputs, num_points, split_batch
+from .engines.amortise import products_expected
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
 from .twice_differentiable import TorchTwiceDifferentiable
@@ -48,6 +49,9 @@ class HessianOperator:
             is a module is cast with the model; where the model or loss still fails in ``dtype`` on
             the first pass (a forward that builds tensors of a fixed dtype), the products are
             computed in the model's own dtype instead, with one warning.
+        expected_products: products expected with each batch's shape over the operator's life
+            (rows × passes); where they repay compiling, ``engine="auto"`` considers the compiled
+            engine (twicediff.torch.engines.amortise).
 
     Attributes:
         model, training_data, hessian_perturbation (λ), mode, shape (P, P), dtype (of the products),
@@ -60,7 +64,7 @@ class HessianOperator:
 
     def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, *,
                  hessian_perturbation: float = 0.0, mode: str = "hessian", progress: bool = False,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, expected_products: Optional[int] = None):
         # With a process group: the ranks must agree on P, dtype, mode and λ (twicediff.distributed).
         self._group = _distributed.enter("hessian_operator", model, mode=mode,
                                          hessian_perturbation=hessian_perturbation, dtype=dtype)
@@ -86,6 +90,7 @@ class HessianOperator:
         self.device = self.model.device
         self.num_points: Optional[int] = None
         self.num_passes = 0
+        self.expected_products = products_expected(expected_products, "hessian_operator")
         self._products: List[Tuple[int, BoundHvp]] = []
         self._kept_bytes = 0  # bytes of the batches kept so far (held between the products)
         # (the loader's iterator, n, product function) of a batch read ahead by bytes_per_direction
@@ -185,19 +190,21 @@ class HessianOperator:
         if batch is None:
             return 0
         try:
-            self._ahead = (batches, *self._prepared_first(batch))
+            self._ahead = (batches, *self._prepared(0, batch))
         except _DATA_ERRORS as exc:
             if self.model is self._own or self.num_passes > 0:
                 raise
             tried = self._use_own_dtype()  # as apply_rows does
-            self._ahead = (batches, *self._prepared_first(batch))
+            self._ahead = (batches, *self._prepared(0, batch))
             self._said_fallback(tried, exc)
         return self._ahead[2].bytes_per_direction
 
-    def _prepared_first(self, batch) -> Tuple[int, BoundHvp]:
-        x, y = (self._moved(t) for t in batch)
-        with data_errors("HessianOperator", "training_data batch 0", x, y):
-            return num_points(x), self.model.hvp_function(x, y, mode=self.mode)
+    def _prepared(self, i: int, batch) -> Tuple[int, BoundHvp]:
+        """(n, product function) of the loader's batch ``i``."""
+        x, y = (self._moved(t) for t in split_batch(batch, f"HessianOperator (training_data batch {i})"))
+        with data_errors("HessianOperator", f"training_data batch {i}", x, y):
+            product = self.model.hvp_function(x, y, mode=self.mode, expected_products=self.expected_products)
+        return num_points(x), product  # x checked by hvp_function
 
     @property
     def model_copy_bytes(self) -> int:
@@ -242,16 +249,12 @@ class HessianOperator:
             yield 0, ahead[1], ahead[2]
             i = 1
         for i, batch in enumerate(batches, start=i):
-            x, y = (self._moved(t) for t in batch)
-            with data_errors("HessianOperator", f"training_data batch {i}", x, y):
-                product = self.model.hvp_function(x, y, mode=self.mode)
-            yield i, num_points(x), product
+            yield (i, *self._prepared(i, batch))
 
     def _moved(self, t):
-        """A batch tensor on the model's device, in the product dtype when it is floating."""
-        if not isinstance(t, torch.Tensor):
-            return t
-        return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+        """x or y of a batch (a tensor, tuple, list or dict) with its tensors on the model's device,
+        the floating ones in the product dtype."""
+        return move_inputs(t, self.device, self.dtype)
 
     @property
     def cached(self) -> bool:
@@ -293,8 +296,8 @@ class HessianOperator:
 
 
 def hessian_operator(model: TorchTwiceDifferentiable, training_data: Iterable, *, hessian_perturbation: float = 0.0,
-                     mode: str = "hessian", progress: bool = False,
-                     dtype: Optional[torch.dtype] = None) -> HessianOperator:
+                     mode: str = "hessian", progress: bool = False, dtype: Optional[torch.dtype] = None,
+                     expected_products: Optional[int] = None) -> HessianOperator:
     r"""A = H + λI for H the Hessian (``mode="hessian"``) or Gauss-Newton matrix (``"gauss_newton"``)
     of the model's mean loss over ``training_data``; see :class:`HessianOperator`.
 
@@ -303,4 +306,4 @@ def hessian_operator(model: TorchTwiceDifferentiable, training_data: Iterable, *
     minres, eigsh, ...; ``dtype`` the dtype of the products (default the model's).
     """
     return HessianOperator(model, training_data, hessian_perturbation=hessian_perturbation, mode=mode,
-                           progress=progress, dtype=dtype)
+                           progress=progress, dtype=dtype, expected_products=expected_products)

@@ -1,7 +1,9 @@
 r"""Per-sample derivatives of the single-point loss, for a block of B samples at once.
 
 The loss of one point is pyDVL 0.7's, as :meth:`TorchTwiceDifferentiable.grad` takes it on a batch
-of one: ``ℓ(x_i, y_i) = loss(squeeze(model(x_i[None])), squeeze(y_i[None]))``.
+of one: ``ℓ(x_i, y_i) = loss(squeeze(model(x_i[None])), squeeze(y_i[None]))``. x is a tensor, a
+tuple / list or a dict (:mod:`twicediff.torch.batch`); a point of a tuple or dict x is row i of each
+of its tensors with a batch dimension, the other entries passed as they are.
 
 - :func:`per_sample_grads` — ∇θℓ(x_i, y_i) for every i of the block, as per-parameter blocks
   [B, *shape_k]: ``vmap`` over samples of ``torch.func.grad`` of a ``functional_call``.
@@ -29,7 +31,8 @@ from torch.utils.data import DataLoader
 from ..errors import data_errors
 from ..memory import chunk_size
 from ..progress import progress_bar
-from .batch import squeezed_loss
+from .batch import (batch_size, call_model, input_tensors, model_args, num_points, per_point, slice_batch,
+                    squeezed_loss, vmap_dims)
 from .engines.func import split_params
 from .engines.generic import activation_numel
 from .guard import model_call
@@ -45,29 +48,36 @@ logger = logging.getLogger(__name__)
 _FUNC_ERRORS = (RuntimeError, NotImplementedError)
 
 
-def bytes_per_sample(model: TorchTwiceDifferentiable, x: torch.Tensor, directions: int = 0) -> int:
-    """Estimated bytes one sample of ``x`` ([B, ...]) costs in :func:`per_sample_grads`
-    (``directions=0``: its gradient, 3 copies of P, and 6 copies of its activations) or in
-    :func:`per_sample_mixed_products` with ``directions`` = T (6 copies of its activations for the
-    twice-differentiable graph, and T·(2 + |x_i|) for the products and their cotangents)."""
+def bytes_per_sample(model: TorchTwiceDifferentiable, x: Any, directions: int = 0) -> int:
+    """Estimated bytes one sample of ``x`` ([B, ...], or a tuple / dict of such) costs in
+    :func:`per_sample_grads` (``directions=0``: its gradient, 3 copies of P, and 6 copies of its
+    activations) or in :func:`per_sample_mixed_products` with ``directions`` = T (6 copies of its
+    activations for the twice-differentiable graph, and T·(2 + |x_i|) for the products and their
+    cotangents)."""
     elem = torch.finfo(model.dtype).bits // 8
-    activations = activation_numel(model.model, x[:1])
+    one = slice_batch(x, 0, 1)
+    activations = activation_numel(model.model, one)
     if directions == 0:
         return elem * (3 * model.num_params + 6 * activations)
-    return elem * (6 * activations + directions * (2 + x[0].numel()))
+    point = sum(t.numel() for _, t in input_tensors(one))
+    return elem * (6 * activations + directions * (2 + point))
 
 
-def _point_loss(model: TorchTwiceDifferentiable, params, fixed, x_i: torch.Tensor, y_i: torch.Tensor) -> torch.Tensor:
-    output = torch.func.functional_call(model.model, (params, fixed), (x_i.unsqueeze(0),))
+def _point_loss(model: TorchTwiceDifferentiable, params, fixed, x_i, y_i: torch.Tensor, dims=0) -> torch.Tensor:
+    """The loss of one point inside vmap: x_i (a tensor, or a tuple / dict of them, ``dims`` saying
+    which entries vmap took a row of) made a batch of one."""
+    args, kwargs = model_args(per_point(x_i, dims))
+    output = torch.func.functional_call(model.model, (params, fixed), args, kwargs)
     return squeezed_loss(model.loss, output, y_i.unsqueeze(0))
 
 
-def per_sample_grads(model: TorchTwiceDifferentiable, x: torch.Tensor, y: torch.Tensor) -> List[torch.Tensor]:
+def per_sample_grads(model: TorchTwiceDifferentiable, x: Any, y: torch.Tensor) -> List[torch.Tensor]:
     r"""∇θℓ(x_i, y_i) for each of the B samples of the block.
 
     Args:
         model: the model and loss; derivatives are taken in its trainable parameters.
-        x: [B, *x_i.shape] inputs, on the model's device.
+        x: [B, *x_i.shape] inputs (or a tuple / list / dict of them, :mod:`twicediff.torch.batch`),
+            on the model's device.
         y: [B, *y_i.shape] targets, on the model's device.
 
     Returns:
@@ -76,19 +86,21 @@ def per_sample_grads(model: TorchTwiceDifferentiable, x: torch.Tensor, y: torch.
     """
     with model_call(model.model, "per sample grads"):
         names, params, fixed = split_params(model.model)
+        dims = vmap_dims(x)
         try:
-            grads = torch.func.vmap(torch.func.grad(lambda p, xi, yi: _point_loss(model, p, fixed, xi, yi)),
-                                    in_dims=(None, 0, 0))(params, x, y)
+            grads = torch.func.vmap(torch.func.grad(lambda p, xi, yi: _point_loss(model, p, fixed, xi, yi, dims)),
+                                    in_dims=(None, dims, 0))(params, x, y)
             return [grads[n].detach() for n in names]
         except _FUNC_ERRORS as exc:
             func_error = exc
         trainable = model.parameters
         # Bad data (a wrong shape, a class index out of range) fails here too, and raises plain
         # autograd's error: the fallback is logged only when it works.
-        rows = [torch.autograd.grad(squeezed_loss(model.loss, model.model(x[i:i + 1]), y[i:i + 1]), trainable)
-                for i in range(x.shape[0])]
+        rows = [torch.autograd.grad(squeezed_loss(model.loss, call_model(model.model, slice_batch(x, i, i + 1)),
+                                                  y[i:i + 1]), trainable)
+                for i in range(num_points(x))]
         _log_fallback("per_sample_grads", func_error)
-        return [torch.stack([r[k] for r in rows]) if rows else x.new_empty(0, *p.shape)
+        return [torch.stack([r[k] for r in rows]) if rows else p.new_empty(0, *p.shape)
                 for k, p in enumerate(trainable)]
 
 
@@ -151,8 +163,8 @@ def num_points_of(data: Any) -> Optional[int]:
         return n - n % data.batch_size if data.drop_last else n
     if isinstance(data, (list, tuple)):
         try:
-            return sum(int(batch[0].shape[0]) for batch in data)
-        except (TypeError, IndexError, AttributeError):
+            return sum(batch_size(batch[0], "num_points_of") for batch in data)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError):
             return None  # malformed; loader_batches names the problem
     return None
 
@@ -168,12 +180,12 @@ def loader_batches(model: TorchTwiceDifferentiable, data: Any, where: str, name:
     points = 0
     for i, batch in enumerate(progress_bar(data, progress, desc=f"{where}: {name}", total=total, unit="batch")):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"{where}: {name} must yield (x, y) pairs of tensors; batch {i} is a "
+            raise TypeError(f"{where}: {name} must yield (x, y) pairs; batch {i} is a "
                             f"{type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else ""))
         x, y = model.checked_batch(batch[0], batch[1], where)
-        if x.dim() == 0:
+        if isinstance(x, torch.Tensor) and x.dim() == 0:
             raise ValueError(f"{where}: {name} batch {i} has a 0-d x; x must be [B, *x_i.shape]")
-        points += x.shape[0]
+        points += num_points(x)
         yield x, y
     if points == 0:
         raise ValueError(f"{where}: {name} holds no points (an empty loader); it needs at least one")
@@ -185,14 +197,14 @@ def sample_chunks(model: TorchTwiceDifferentiable, data: Any, where: str, name: 
     :func:`per_sample_grads` (``directions=0``) or :func:`per_sample_mixed_products` with T
     directions, each with the name of its batch for error messages (:func:`data_errors`)."""
     for i, (x, y) in enumerate(loader_batches(model, data, where, name, progress)):
-        B = x.shape[0]
+        B = num_points(x)
         if B == 0:
             continue
         batch = f"{name} batch {i}"
         with data_errors(where, batch, x, y):  # the estimate runs the model once
             step = chunk_size(B, bytes_per_sample(model, x, directions), model.device, what=f"{name} samples")
         for start in range(0, B, step):
-            yield x[start:start + step], y[start:start + step], batch
+            yield slice_batch(x, start, start + step), y[start:start + step], batch
 
 
 def gradient_blocks(model: TorchTwiceDifferentiable, data: Any, where: str, name: str, progress: bool

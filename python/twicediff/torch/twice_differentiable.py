@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,8 +18,10 @@ from .. import distributed as _distributed
 from ..errors import NotNativeError, data_errors
 from ..twice_differentiable import TwiceDifferentiable
 from . import hessian as _hessian
-from .batch import check_vectors, squeezed_loss, to_device
+from . import batch as _batch
+from .batch import Inputs, check_vectors, squeezed_loss
 from .engines import select
+from .engines.amortise import products_expected
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
 from .guard import model_call
@@ -41,8 +43,9 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
     r"""Wraps a ``torch.nn.Module`` and a loss \(L(\hat y, y)\).
 
     The loss of a batch is ``loss(torch.squeeze(model(x)), torch.squeeze(y))`` (pyDVL 0.7's
-    convention) and derivatives are taken with respect to the parameters that require grad, in
-    ``model.parameters()`` order, flattened into one vector of P elements.
+    convention; ``model(*x)`` for a tuple or list x, ``model(**x)`` for a dict, see
+    :mod:`twicediff.torch.batch`) and derivatives are taken with respect to the parameters that
+    require grad, in ``model.parameters()`` order, flattened into one vector of P elements.
 
     Args:
         model: the model; its parameters that require grad are differentiated.
@@ -113,9 +116,11 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         return sum(p.numel() for p in self.parameters)
 
     # ---- data --------------------------------------------------------------------------------
-    def checked_batch(self, x, y, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) on the model's device after the checks of :func:`twicediff.torch.batch.to_device`."""
-        return to_device(x, y, self.dtype, self.device, where)
+    def checked_batch(self, x, y, where: str) -> Tuple[Inputs, torch.Tensor]:
+        """(x, y) on the model's device after the checks of :func:`twicediff.torch.batch.checked_batch`:
+        x a tensor, a tuple / list (``model(*x)``) or a dict (``model(**x)``) whose tensors agree on
+        the batch size, its floating tensors in the model's dtype."""
+        return _batch.checked_batch(x, y, self.dtype, self.device, where)
 
     def check_vectors(self, v: torch.Tensor, where: str, name: str = "v", rows: str = "D") -> torch.Tensor:
         """``v`` as [P] or [rows, P] vectors in parameter space, on the model's device; a TypeError or
@@ -123,29 +128,35 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         return check_vectors(v, self.num_params, self.dtype, self.device, where, name, rows)
 
     # ---- first and second derivatives -------------------------------------------------------
-    def grad(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    def grad(self, x: Inputs, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
         r"""∇θ L(x, y) as a flat [P] vector.
 
+        ``x`` is a tensor, a tuple / list (the model is called ``model(*x)``) or a dict
+        (``model(**x)``); see :mod:`twicediff.torch.batch`.
+
         With ``create_graph=True`` the result keeps its graph for a second differentiation (see
-        :meth:`mvp`), and an ``x`` that does not require grad is made to (in place, as pyDVL does),
-        so that mixed products ∇x∇θ L can be taken with ``backprop_on=x``.
+        :meth:`mvp`), and a floating x that does not require grad is made to (in place, as pyDVL
+        does; for a tuple or dict x, each of its floating leaf tensors), so that mixed products
+        ∇x∇θ L can be taken with ``backprop_on=x`` (or the list of x's floating tensors).
         """
         x, y = self.checked_batch(x, y, "grad")
-        if create_graph and not x.requires_grad:
-            x = x.requires_grad_(True)
+        if create_graph:
+            for t in _batch.floating_inputs(x):
+                if not t.requires_grad and t.is_leaf:
+                    t.requires_grad_(True)
         with model_call(self.model, "grad"), data_errors("grad", "", x, y):
-            value = squeezed_loss(self.loss, self.model(x), y)
+            value = squeezed_loss(self.loss, _batch.call_model(self.model, x), y)
             grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
         return torch.cat([g.reshape(-1) for g in grads])
 
-    def hessian(self, x: torch.Tensor, y: torch.Tensor, *, method: str = "auto",
+    def hessian(self, x: Inputs, y: torch.Tensor, *, method: str = "auto",
                 progress: bool = False) -> torch.Tensor:
         r"""The explicit Hessian ∇²θ L(x, y), [P, P] (see :meth:`add_hessian_`)."""
         P = self.num_params
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
         return self.add_hessian_(x, y, out, method=method, progress=progress)
 
-    def add_hessian_(self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,
+    def add_hessian_(self, x: Inputs, y: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,
                      method: str = "auto", progress: bool = False) -> torch.Tensor:
         r"""``out += alpha · ∇²θ L(x, y)`` in place and returned; ``out`` [P, P] in the model's dtype
         and on its device (so that the Hessian of a mean over batches needs no P² temporary each).
@@ -208,8 +219,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         """
         return batched_mvp(grad_xy, v, backprop_on, progress=progress)
 
-    def hvp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *, mode: str = "hessian",
-            engine: str = "auto", progress: bool = False) -> torch.Tensor:
+    def hvp(self, x: Inputs, y: torch.Tensor, v: torch.Tensor, *, mode: str = "hessian",
+            engine: str = "auto", progress: bool = False, expected_products: Optional[int] = None) -> torch.Tensor:
         r"""H(x, y) v for v [D, P] (→ [D, P]) or [P] (→ [P]), H the Hessian of the loss on (x, y).
 
         Args:
@@ -217,10 +228,16 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                 JᵀH_ℓJ, J the Jacobian of the model output, H_ℓ the Hessian of the loss in it).
             engine: ``"native"`` (twicediff's fused R-operator kernels, for Sequential stacks of
                 Linear layers and elementwise activations under MSE / cross-entropy / BCE-with-logits,
-                optionally behind a frozen prefix), ``"func"`` (torch.func forward-over-reverse,
-                vmapped over chunks of directions), ``"autograd"`` (double backward), or
-                ``"auto"``: native when the model qualifies, else func, else autograd.
+                optionally behind a frozen prefix; x one tensor), ``"func"`` (torch.func
+                forward-over-reverse, vmapped over chunks of directions), ``"autograd"`` (double
+                backward), ``"loop"`` (one backward pass per direction), ``"compiled"``
+                (torch.compile of the batched product), or ``"auto"``: the fastest of native (where
+                the model qualifies), func, autograd and loop, measured on first use per shape class
+                (engines/auto.py), with compiled added where ``expected_products`` repay compiling.
+                ``TWICEDIFF_ENGINE`` sets what ``"auto"`` means.
             progress: show a bar over the chunks of directions.
+            expected_products: products the caller expects on this model and batch shape in all
+                (default: the enclosing ``expected_products`` block's, engines/amortise.py).
 
         Returns:
             v's shape: row d is H v[d] (or JᵀH_ℓJ v[d]), detached, in the model's dtype.
@@ -240,21 +257,23 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             True
         """
         v = self.check_vectors(v, "hvp")
-        product = self.hvp_function(x, y, mode=mode, engine=engine, progress=progress)
+        product = self.hvp_function(x, y, mode=mode, engine=engine, progress=progress,
+                                    expected_products=expected_products)
         return product(v.unsqueeze(0))[0] if v.dim() == 1 else product(v)
 
-    def hvp_function(self, x: torch.Tensor, y: torch.Tensor, *, mode: str = "hessian", engine: str = "auto",
-                     progress: bool = False) -> "BoundHvp":
+    def hvp_function(self, x: Inputs, y: torch.Tensor, *, mode: str = "hessian", engine: str = "auto",
+                     progress: bool = False, expected_products: Optional[int] = None) -> "BoundHvp":
         r"""``V ↦ H(x, y) V`` for V [D, P] in the model's dtype (→ [D, P]): :meth:`hvp` with the engine
         chosen and the batch prepared once (for the native engine, the frozen prefix applied), for
         many products on one batch. The trainable parameters are read at each call; the batch (or
-        the prefix's output) is held until the function is dropped (``nbytes``)."""
+        the prefix's output) is held until the function is dropped (``nbytes``). ``expected_products``
+        as for :meth:`hvp`."""
         if mode not in MODES:
             raise ValueError(f"hvp: mode must be one of {MODES}, got {mode!r}")
-        if engine not in select.ENGINES:
-            raise ValueError(f"hvp: engine must be one of {select.ENGINES}, got {engine!r}")
+        engine = select.resolve(engine)  # "auto" may stand for TWICEDIFF_ENGINE's engine
+        expected = products_expected(expected_products, "hvp_function")
         x, y = self.checked_batch(x, y, "hvp")
-        x, y = x.detach(), y.detach()  # products are not differentiated further
+        x, y = _batch.detached(x), y.detach()  # products are not differentiated further
         def checked(V: torch.Tensor) -> torch.Tensor:
             V = self.check_vectors(V, "hvp_function", "V")
             if V.dim() != 2:
@@ -264,7 +283,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
 
         # preparing runs the model (or its frozen prefix) on the batch
         with model_call(self.model, "hvp"), data_errors("hvp", "", x, y):
-            chosen, batch = select.prepare(engine, self.model, self.loss, x, y)
+            chosen, batch = select.prepare(engine, self.model, self.loss, x, y, expected_products=expected)
             bound = BoundHvp(chosen, batch, mode, self.device, progress=progress, check=checked,
                              errors=lambda: data_errors("hvp", "", x, y))
         return bound
@@ -272,9 +291,10 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
 
 
     # ---- engines -----------------------------------------------------------------------------
-    def native_unsupported_reason(self, x: torch.Tensor, y: torch.Tensor) -> str:
+    def native_unsupported_reason(self, x: Inputs, y: torch.Tensor) -> str:
         """"" when the native engine (fused HVP kernels, blockwise Hessian assembly) takes this model,
-        loss and batch; otherwise why not, naming the module, loss option or input it cannot take.
+        loss and batch; otherwise why not, naming the module, loss option or input it cannot take
+        (a tuple or dict x: the native engine takes one tensor).
         Raises BadBatchError (a ValueError) for a batch that is wrong for the model itself (a
         feature count or class index no engine can take)."""
         x, y = self.checked_batch(x, y, "native_unsupported_reason")

@@ -2,6 +2,7 @@
 exact products against float64 explicit Hessians / Gauss-Newton matrices, the op against its
 pure-torch twin, opcheck, declines with reasons, and bad input."""
 import functools
+import os
 import zlib
 
 import pytest
@@ -14,7 +15,7 @@ from twicediff import ops as _ops
 from twicediff.ops.mlp_hvp import LOSSES as LOSS_CODES, encode_activations
 from twicediff.ops import reference as _reference
 from twicediff._build import _C
-from native_helpers import build_native_engine, native_hvp
+from native_helpers import build_native_engine, native_hvp, op_case
 from twicediff.errors import NotNativeError
 
 from hessian_reference import explicit_gauss_newton, explicit_hessian
@@ -188,22 +189,6 @@ def test_float32_three_layer_tanh_against_reference():
 
 # ---- the op against its pure-torch twin, per device --------------------------------------------
 
-def _op_case(device, dtype, n, d, widths, biases, chains, loss, gen):
-    weights = [torch.randn(o, i, generator=gen, dtype=torch.float64) / max(i, 1) ** 0.5
-               for i, o in zip(widths[:-1], widths[1:])]
-    bs = [torch.randn(w.shape[0], generator=gen, dtype=torch.float64) if b else None for w, b in zip(weights, biases)]
-    P = sum(w.numel() + (b.numel() if b is not None else 0) for w, b in zip(weights, bs))
-    x = torch.randn(n, widths[0], generator=gen, dtype=torch.float64)
-    C = widths[-1]
-    if loss == "cross_entropy":
-        target = torch.randint(0, max(C, 1), (n,), generator=gen)
-    else:
-        target = torch.rand(n, C, generator=gen, dtype=torch.float64)
-    v = torch.randn(d, P, generator=gen, dtype=torch.float64)
-    cast = lambda t: None if t is None else (t.to(device, dtype) if t.is_floating_point() else t.to(device))
-    return cast(x), cast(target), [cast(w) for w in weights], [cast(b) for b in bs], cast(v)
-
-
 OP_CASES = {
     # name: (n, d, widths, biases, chains, loss)
     "mlp": (9, 5, [6, 7, 5, 4], [True, False, True],
@@ -221,13 +206,13 @@ def test_op_matches_reference(device, case, gauss_newton):
     n, d, widths, biases, chains, loss = OP_CASES[case]
     gen = torch.Generator().manual_seed(11)
     reduction = "sum" if n == 0 else "mean"
-    args = _op_case(device, torch.float64, n, d, widths, biases, chains, loss, gen)
+    args = op_case(device, torch.float64, n, d, widths, biases, chains, loss, gen)
     got = _ops.mlp_hvp(*args, chains, loss, reduction, gauss_newton)
     want = _reference.mlp_hvp(*args, chains, loss, reduction, gauss_newton)
     assert got.shape == want.shape and got.dtype == want.dtype and got.device == want.device
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
     # float32 against the float64 twin
-    args32 = _op_case(device, torch.float32, n, d, widths, biases, chains, loss,
+    args32 = op_case(device, torch.float32, n, d, widths, biases, chains, loss,
                       torch.Generator().manual_seed(11))
     got32 = _ops.mlp_hvp(*args32, chains, loss, reduction, gauss_newton)
     assert got32.dtype == torch.float32
@@ -241,7 +226,7 @@ def test_op_lone_activations_over_wide_preactivations(device, chain):
     """A lone Tanh, tanh-GELU or Softplus has its own vectorised CPU path; pre-activations from -60
     to 60 reach saturation, Softplus's threshold and exp(-|z|) far below float32's epsilon."""
     gen = torch.Generator().manual_seed(3)
-    x, t, ws, bs, v = _op_case(device, torch.float64, 11, 4, [5, 9, 3], [True, True], [chain, []],
+    x, t, ws, bs, v = op_case(device, torch.float64, 11, 4, [5, 9, 3], [True, True], [chain, []],
                                "cross_entropy", gen)
     x = x * 20
     want = _reference.mlp_hvp(x, t, ws, bs, v, [chain, []], "cross_entropy", "mean")
@@ -270,7 +255,7 @@ def test_op_narrow_output_layer(classes, hidden, bias, loss, gauss_newton, dtype
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            args = _op_case("cpu", torch.float64, 23, 7, [5, hidden, classes], [True, bias], chains, loss,
+            args = op_case("cpu", torch.float64, 23, 7, [5, hidden, classes], [True, bias], chains, loss,
                             torch.Generator().manual_seed(classes + hidden))
             want = _reference.mlp_hvp(*args, chains, loss, "mean", gauss_newton)
             x, target, ws, bs, v = args
@@ -300,7 +285,7 @@ def test_op_fused_head_takes_the_layer_before(chain, hidden_bias, depth, gauss_n
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            args = _op_case("cpu", torch.float64, 23, 7, widths, biases, chains, "cross_entropy",
+            args = op_case("cpu", torch.float64, 23, 7, widths, biases, chains, "cross_entropy",
                             torch.Generator().manual_seed(depth))
             want = _reference.mlp_hvp(*args, chains, "cross_entropy", "mean", gauss_newton)
             got = _ops.mlp_hvp(*args, chains, "cross_entropy", "mean", gauss_newton)
@@ -320,7 +305,7 @@ def test_op_directions_split_across_threads(gauss_newton):
         for t in (1, 2, 3, 5):
             torch.set_num_threads(t)
             for d in (1, 2, 3, 5, 7, 13, 64):
-                args = _op_case("cpu", torch.float64, n, d, widths, biases, chains, loss,
+                args = op_case("cpu", torch.float64, n, d, widths, biases, chains, loss,
                                 torch.Generator().manual_seed(d))
                 got = _ops.mlp_hvp(*args, chains, loss, "mean", gauss_newton)
                 want = _reference.mlp_hvp(*args, chains, loss, "mean", gauss_newton)
@@ -339,13 +324,23 @@ def test_op_cpu_gemm_backends(monkeypatch, backend):
     if backend == "blas":
         assert _C.cpu_gemm() == "blas"
     elif torch.backends.mkldnn.is_available() and torch.__version__.startswith("2.14."):
-        assert _C.cpu_gemm() == "onednn"  # verified on the torch this project pins; others may keep the BLAS
+        # verified on the torch this project pins (others may keep the BLAS), in a fresh process:
+        # a GEMM that oneDNN refused earlier in this one sends every later GEMM to ATen's BLAS
+        import subprocess
+        import sys
+
+        fresh = subprocess.run([sys.executable, "-c", "import twicediff._C as C; print(C.cpu_gemm())"],
+                               capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, TWICEDIFF_CPU_GEMM=backend, PYTHONPATH=os.pathsep.join(
+                                   [os.path.dirname(os.path.dirname(twicediff.__file__))]
+                                   + [p for p in [os.environ.get("PYTHONPATH")] if p])))
+        assert fresh.returncode == 0 and fresh.stdout.strip() == "onednn", fresh.stdout + fresh.stderr
     chains = [[("tanh", 0, 0)], [("gelu", 0, 0)], []]
     threads = torch.get_num_threads()
     try:
         for t, (n, d) in ((1, (37, 5)), (2, (37, 5)), (2, (130, 19))):
             torch.set_num_threads(t)
-            args = _op_case("cpu", torch.float64, n, d, [33, 70, 17, 9], [True, False, True], chains,
+            args = op_case("cpu", torch.float64, n, d, [33, 70, 17, 9], [True, False, True], chains,
                             "cross_entropy", torch.Generator().manual_seed(n + d))
             want = _reference.mlp_hvp(*args, chains, "cross_entropy", "mean")
             args32 = [[w.float() if w is not None else None for w in a] if isinstance(a, list)
@@ -361,18 +356,18 @@ def test_op_cpu_gemm_follows_torch_mkldnn_switch(monkeypatch):
     ops' GEMMs off it too."""
     monkeypatch.delenv("TWICEDIFF_CPU_GEMM", raising=False)
     enabled = torch.backends.mkldnn.enabled
+    before = _C.cpu_gemm()
     try:
         torch.backends.mkldnn.enabled = False
         assert _C.cpu_gemm() == "blas"
     finally:
         torch.backends.mkldnn.enabled = enabled
-    if torch.backends.mkldnn.is_available() and torch.__version__.startswith("2.14."):
-        assert _C.cpu_gemm() == "onednn"
+    assert _C.cpu_gemm() == before  # switched back (onednn unless oneDNN refused a GEMM earlier)
 
 
 def test_op_cpu_gemm_bad_setting(monkeypatch):
     monkeypatch.setenv("TWICEDIFF_CPU_GEMM", "mkl")
-    args = _op_case("cpu", torch.float64, *OP_CASES["mlp"][:3], OP_CASES["mlp"][3], OP_CASES["mlp"][4],
+    args = op_case("cpu", torch.float64, *OP_CASES["mlp"][:3], OP_CASES["mlp"][3], OP_CASES["mlp"][4],
                     "cross_entropy", torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="TWICEDIFF_CPU_GEMM must be 'auto' or 'blas', got 'mkl'"):
         _ops.mlp_hvp(*args, OP_CASES["mlp"][4], "cross_entropy", "mean")
@@ -383,7 +378,7 @@ def test_op_cpu_gemm_bad_setting(monkeypatch):
 def test_op_non_contiguous_inputs(device):
     gen = torch.Generator().manual_seed(5)
     n, d, widths, biases, chains, loss = OP_CASES["mlp"]
-    x, t, ws, bs, v = _op_case(device, torch.float64, n, d, widths, biases, chains, loss, gen)
+    x, t, ws, bs, v = op_case(device, torch.float64, n, d, widths, biases, chains, loss, gen)
     x_nc = x.t().contiguous().t()
     ws_nc = [w.t().contiguous().t() for w in ws]
     v_nc = torch.cat([v, v], dim=1)[:, ::2]
@@ -398,7 +393,7 @@ def test_op_cuda_matches_cpu_and_half_precision(device):
         pytest.skip("needs a GPU")
     gen = torch.Generator().manual_seed(6)
     n, d, widths, biases, chains, loss = OP_CASES["mlp"]
-    cpu = _op_case(torch.device("cpu"), torch.float32, n, d, widths, biases, chains, loss, gen)
+    cpu = op_case(torch.device("cpu"), torch.float32, n, d, widths, biases, chains, loss, gen)
     cuda = [[t.cuda() if t is not None else None for t in a] if isinstance(a, list) else a.cuda() for a in cpu]
     want = _ops.mlp_hvp(*cpu, chains, loss, "mean")
     torch.testing.assert_close(_ops.mlp_hvp(*cuda, chains, loss, "mean").cpu(), want, rtol=1e-4, atol=1e-5)
@@ -413,7 +408,7 @@ def test_op_cuda_matches_cpu_and_half_precision(device):
 def test_opcheck(device):
     gen = torch.Generator().manual_seed(8)
     n, d, widths, biases, chains, loss = OP_CASES["mlp"]
-    x, t, ws, bs, v = _op_case(device, torch.float32, n, d, widths, biases, chains, loss, gen)
+    x, t, ws, bs, v = op_case(device, torch.float32, n, d, widths, biases, chains, loss, gen)
     counts, codes, params = encode_activations(chains)
     torch.library.opcheck(torch.ops.twicediff.mlp_hvp.default,
                           (x, t, ws, bs, v, counts, codes, params, LOSS_CODES[loss], 1, True))

@@ -588,3 +588,40 @@ def test_ggn_ekfac_is_the_diagonal_of_the_exact_ggn(kind):
         Q = torch.kron(f.Q_S[layer.name], f.Q_A[layer.name])
         torch.testing.assert_close(f.corrected[layer.name].reshape(-1), torch.diagonal(Q.T @ GGN[idx][:, idx] @ Q),
                                    rtol=1e-9, atol=1e-14)
+
+
+def test_float32_factor_dtype_keeps_eigenbases_in_float32():
+    """factor_dtype=float32 stores A, S, Q_A, Q_S in float32 after the float64 eigendecomposition
+    (eigenvalues and Λ̃ stay float64): the same factors rounded once, so for a float32 model the
+    solve and the scores agree with the float64-stored fit to float32 rounding, and the state
+    round-trips with its dtypes."""
+    model = _transformer().float()
+    model.eval()
+    x, y = _data("transformer", n=20)
+    x = x.float()
+    want = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 6))
+    got = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 6), factor_dtype=torch.float32)
+    for n in want.A:
+        for key in ("A", "S", "Q_A", "Q_S"):
+            assert getattr(got, key)[n].dtype == torch.float32 and getattr(want, key)[n].dtype == torch.float64
+            torch.testing.assert_close(getattr(got, key)[n], getattr(want, key)[n].float(), rtol=0, atol=0)
+        assert got.eig_A[n].dtype == got.corrected[n].dtype == torch.float64
+        torch.testing.assert_close(got.corrected[n], want.corrected[n], rtol=1e-5, atol=1e-9)
+    P = sum(p.numel() for p in model.parameters())
+    v = torch.randn(3, P, generator=torch.Generator().manual_seed(5))
+    for method in ("kfac", "ekfac"):
+        torch.testing.assert_close(got.solve(v, 0.1, method=method), want.solve(v, 0.1, method=method),
+                                   rtol=1e-4, atol=1e-5)
+    pre = got.solve(v, 0.1)
+    blocks = {n: pre[:, o:o + p.numel()].reshape(3, *p.shape) for (n, p), o in
+              zip(model.named_parameters(), torch.tensor([0] + [p.numel() for p in model.parameters()]).cumsum(0))}
+    torch.testing.assert_close(got.score(model, F.cross_entropy, blocks, _loader(x, y, 6)),
+                               want.score(model, F.cross_entropy, pre, _loader(x, y, 6)), rtol=1e-4, atol=1e-5)
+    buf = io.BytesIO()
+    torch.save(got.state_dict(), buf)
+    buf.seek(0)
+    loaded = KFACFactors.from_state_dict(torch.load(buf, weights_only=True), model=model)
+    assert loaded.Q_A[got.layers[0].name].dtype == torch.float32
+    assert torch.equal(loaded.solve(v, 0.1), got.solve(v, 0.1))
+    with pytest.raises(ValueError, match="factor_dtype must be torch.float32 or torch.float64, got torch.float16"):
+        KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 6), factor_dtype=torch.float16)

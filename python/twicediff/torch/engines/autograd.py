@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batch import squeezed_loss
+from ..batch import call_model, squeezed_loss
 from ..mvp import batched_mvp, flat_grads
 from .base import PreparedBatch
 from .generic import GenericEngine
@@ -22,16 +22,17 @@ class AutogradEngine(GenericEngine):
         return autograd_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
 
 
-def autograd_hvp(model, loss, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+def autograd_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor,
                  mode: str = "hessian") -> torch.Tensor:
-    """H v (or JᵀH_ℓJ v) for v [D, P] by double backward through autograd; [D, P]."""
+    """H v (or JᵀH_ℓJ v) for v [D, P] by double backward through autograd; [D, P]. x: a tensor,
+    tuple, list or dict (:mod:`twicediff.torch.batch`)."""
     with model_call(model, "hvp"):
         return _autograd_hvp(model, loss, x, y, v, mode)
 
 
-def _autograd_hvp(model, loss, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
+def _autograd_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
-    output = model(x)
+    output = call_model(model, x)
     value = squeezed_loss(loss, output, y)
     if mode == "hessian":
         g = torch.autograd.grad(value, params, create_graph=True)

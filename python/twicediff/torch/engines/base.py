@@ -8,9 +8,11 @@ costs so that callers can size chunks of directions against the memory budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+
+from ..batch import input_tensors, num_points
 
 __all__ = ["GENERIC_CHUNK_BYTES", "MAX_DIRECTIONS_PER_CHUNK", "MIN_GENERIC_DIRECTIONS", "MODES", "Engine",
            "PreparedBatch", "generic_directions_per_chunk"]
@@ -44,22 +46,24 @@ class PreparedBatch:
     """A batch as an engine keeps it between products.
 
     Attributes:
-        inputs: what the engine feeds its model: x itself for the generic engines; for the native
-            engine the [N, in] rows entering the first trainable Linear (the frozen prefix applied).
+        inputs: what the engine feeds its model: x itself for the generic engines (a tensor, tuple,
+            list or dict, :mod:`twicediff.torch.batch`); for the native engine the [N, in] rows
+            entering the first trainable Linear (the frozen prefix applied).
         target: y, in the form the engine's loss takes.
     """
-    inputs: torch.Tensor
+    inputs: Any
     target: torch.Tensor
 
     @property
     def nbytes(self) -> int:
-        """Bytes the batch holds."""
-        return sum(t.numel() * t.element_size() for t in (self.inputs, self.target))
+        """Bytes the batch holds (every tensor of ``inputs``, and ``target``)."""
+        tensors = [t for _, t in input_tensors(self.inputs)] + [self.target]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def rows(self) -> int:
-        """Rows of ``inputs`` (1 for a 0-d tensor)."""
-        return int(self.inputs.shape[0]) if self.inputs.dim() > 0 else 1
+        """Points of ``inputs``: its rows (1 for a 0-d tensor), or the batch size of a tuple or dict."""
+        return num_points(self.inputs)
 
 
 class Engine(Protocol):
@@ -71,7 +75,7 @@ class Engine(Protocol):
 
     name: str
 
-    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> PreparedBatch:
+    def prepare(self, x: Any, y: torch.Tensor) -> PreparedBatch:
         """The batch in the engine's form, computed once for many products. Raises
         :class:`~twicediff.errors.NotNativeError` where the native engine cannot take it."""
 

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from ... import ops
-from ..batch import squeezed_loss
+from ..batch import model_args, squeezed_loss
 from .base import PreparedBatch
 from .generic import GenericEngine
 from ..guard import model_call
 
-__all__ = ["FuncEngine", "func_hvp", "split_params"]
+__all__ = ["FuncEngine", "forward_over_reverse", "func_hvp", "split_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,29 @@ def _directions_as_params(v: torch.Tensor, names: List[str], params: Dict[str, t
     return out
 
 
-def func_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+def forward_over_reverse(loss_of: Callable, params: Dict[str, torch.Tensor], y: torch.Tensor,
+                         tangents: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """{name: [D, *shape]}: H t_d for the D tangents, H the Hessian of ``loss_of(params, y)`` in
+    params, as ``vmap(jvp(grad(loss_of)))``.
+
+    A floating target y gets an explicit zero tangent: with an implicit one, torch's forward-mode
+    formula of ``mse_loss``'s backward writes into a ZeroTensor ("ZeroTensors are immutable"
+    eagerly; under torch.compile the process crashes)."""
+    from torch.func import grad, jvp, vmap
+
+    if y.is_floating_point():
+        grad_fn = grad(loss_of)  # in params; y is an input with a zero tangent
+        zero = torch.zeros_like(y)
+        return vmap(lambda t: jvp(grad_fn, (params, y), (t, zero))[1])(tangents)
+    grad_fn = grad(lambda p: loss_of(p, y))
+    return vmap(lambda t: jvp(grad_fn, (params,), (t,))[1])(tangents)
+
+
+def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tensor,
              mode: str = "hessian") -> torch.Tensor:
     """H v (or the Gauss-Newton JᵀH_ℓJ v) for v [D, P] by torch.func forward-over-reverse,
-    vmapped over the D directions; returns [D, P] in the layout of ``grad``.
+    vmapped over the D directions; returns [D, P] in the layout of ``grad``. x: a tensor, tuple,
+    list or dict (:mod:`twicediff.torch.batch`).
 
     Calls from several threads take turns (forward-mode AD state is process-wide in torch)."""
     with model_call(model, "hvp"), _FORWARD_AD_LOCK:  # the model's lock first, always
@@ -90,26 +109,27 @@ def func_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor,
                                "call model.eval(), or use engine='autograd' or 'auto'") from exc
 
 
-def _func_hvp_unlocked(model: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tensor,
                        mode: str) -> torch.Tensor:
     from torch.func import functional_call, grad, jvp, vjp, vmap
 
     names, params, fixed = split_params(model)
+    args, kwargs = model_args(x)
 
     def output_of(p):
-        return functional_call(model, (p, fixed), (x,))
+        return functional_call(model, (p, fixed), args, kwargs)
 
     tangents = _directions_as_params(v, names, params)
     if mode == "hessian":
-        grad_fn = grad(lambda p: squeezed_loss(loss, output_of(p), y))
         try:
-            blocks = vmap(lambda t: jvp(grad_fn, (params,), (t,))[1])(tangents)
+            blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
+                                          tangents)
         except RuntimeError as exc:
-            # Some forward-mode formulas in torch are broken (F.mse_loss with mean reduction raises
-            # "ZeroTensors are immutable"); reverse-over-reverse is exact too.
+            # Should another forward-mode formula fail on an implicit zero tangent as mse_loss's
+            # does (see forward_over_reverse): reverse-over-reverse is exact too.
             if "ZeroTensor" not in str(exc):
                 raise
-            _, pullback_grad = vjp(grad_fn, params)
+            _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
             blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
     else:
         z, pullback = vjp(output_of, params)

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..batch import call_model, detached, input_tensors
 from ..guard import model_call
 from .base import PreparedBatch, generic_directions_per_chunk
 
@@ -28,8 +29,8 @@ class GenericEngine:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
-    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> PreparedBatch:
-        return PreparedBatch(x.detach(), y.detach())
+    def prepare(self, x, y: torch.Tensor) -> PreparedBatch:
+        return PreparedBatch(detached(x), y.detach())
 
     def bytes_per_direction(self, batch: PreparedBatch) -> int:
         first = next(p for p in self.model.parameters() if p.requires_grad)
@@ -43,14 +44,26 @@ class GenericEngine:
 _activation_cache: dict = {}
 
 
-def activation_numel(model: nn.Module, x: torch.Tensor) -> int:
-    """Elements of all leaf-module outputs for a batch shaped like x (one no_grad forward pass,
-    cached by model identity and input shape)."""
-    key = (id(model), tuple(x.shape), x.dtype, x.device)
+def _shape_key(x) -> tuple:
+    """What the activations' size depends on: the structure of x, its tensors' shapes, dtypes and
+    devices, and its other leaves (flags) by value where they are plain, else by type."""
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype, x.device)
+    if isinstance(x, (tuple, list)):
+        return (type(x).__name__,) + tuple(_shape_key(v) for v in x)
+    if isinstance(x, dict):
+        return ("dict",) + tuple((k, _shape_key(v)) for k, v in x.items())
+    return (x,) if isinstance(x, (bool, int, float, str, type(None))) else (type(x).__name__,)
+
+
+def activation_numel(model: nn.Module, x) -> int:
+    """Elements of all leaf-module outputs for a batch shaped like x (a tensor, tuple, list or dict;
+    one no_grad forward pass, cached by model identity and input shapes)."""
+    key = (id(model), _shape_key(x))
     hit = _activation_cache.get(key)
     if hit is not None:
         return hit
-    total = [x.numel()]
+    total = [sum(t.numel() for _, t in input_tensors(x))]
 
     def count(module, inputs, output):
         total[0] += output.numel() if isinstance(output, torch.Tensor) else 0
@@ -58,7 +71,7 @@ def activation_numel(model: nn.Module, x: torch.Tensor) -> int:
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
         with model_call(model, "activation size"), torch.no_grad():  # buffers kept as they were
-            model(x)
+            call_model(model, x)
     finally:
         for h in hooks:
             h.remove()

@@ -3,7 +3,7 @@
 op :func:`twicediff.ops.mlp_hvp`. It reads the model's current weights at every call."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +13,11 @@ from ... import ops
 from ..._build import _C
 from . import probe
 from ...ops.mlp_hvp import ACTIVATIONS
-from ...errors import BadBatchError, ModelMisreadError, NotNativeError
+from ...errors import BadBatchError, ModelMisreadError, NotNativeError, describe_inputs
 from .base import MAX_DIRECTIONS_PER_CHUNK, MODES, PreparedBatch
 from .native_model import IGNORE_INDEX, NativeModel, is_active_dropout, read_native_model, updates_in_training
 
-__all__ = ["NativeEngine"]
+__all__ = ["NativeEngine", "single_tensor_input"]
 
 
 def _rounding(dtype: torch.dtype) -> float:
@@ -34,6 +34,16 @@ def _on_blas(call):
         return call()
     finally:
         torch.backends.mkldnn.enabled = was
+
+
+def single_tensor_input(x: Any) -> None:
+    """NotNativeError (the reason) for an x that is not one tensor: the native engine reads the rows
+    entering a stack of Linear layers, ``model(x)``, and calls no model with ``*x`` or ``**x``."""
+    if not isinstance(x, torch.Tensor):
+        form = "a dict (model(**x))" if isinstance(x, dict) else f"a {type(x).__name__} (model(*x))"
+        raise NotNativeError(f"the native engine takes x as one tensor (the rows entering a stack of Linear "
+                             f"layers); x is {form}: {describe_inputs(x)}; the generic engines take it "
+                             "(engine='auto', 'func' or 'autograd')")
 
 
 class NativeEngine:
@@ -151,16 +161,18 @@ class NativeEngine:
                f"D<={1 << max(0, V.shape[0] - 1).bit_length()} {mode} threads={torch.get_num_threads()}")
         return probe.choose("cpu_gemm", key, {"onednn": call, "blas": lambda: _on_blas(call)})
 
-    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> PreparedBatch:
+    def prepare(self, x: Any, y: torch.Tensor) -> PreparedBatch:
         """(features [N, in], target) in the op's form, after pyDVL's squeeze convention: the frozen
         prefix applied to x, rows with an ignored target dropped.
 
         Raises:
-            NotNativeError: the op cannot take this batch (a generic engine may).
+            NotNativeError: the op cannot take this batch (a generic engine may), e.g. a tuple or
+                dict x (:func:`single_tensor_input`).
             BadBatchError: the batch is wrong for the model itself.
             TypeError: x (after the prefix) or y of a dtype or device the parameters do not have.
         """
         where = "NativeEngine.prepare"
+        single_tensor_input(x)
         active = [name for name, m in self.model.named_modules() if is_active_dropout(m) or updates_in_training(m)]
         if active:
             raise NotNativeError(f"{where}: module '{active[0]}' is in training mode (random, or it updates its "

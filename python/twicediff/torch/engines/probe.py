@@ -27,7 +27,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["choices", "choose", "clear", "cpu_model", "set_choice"]
+__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "set_choice"]
 
 _lock = threading.Lock()
 _decided: Dict[Tuple[str, str], Dict] = {}
@@ -61,6 +61,12 @@ def choices() -> Dict[str, Dict]:
         out = {f"{k}: {key}": dict(v) for (k, key), v in _decided.items()}
         out.update({f"{k}: *": {"choice": v, "source": "override"} for k, v in _overrides.items()})
     return out
+
+
+def decision(kind: str, key: str) -> Dict:
+    """This process's decision for ``key`` of ``kind`` as :func:`choices` reports it ({} if none)."""
+    with _lock:
+        return dict(_decided.get((kind, key), {}))
 
 
 def cpu_model() -> str:
@@ -135,11 +141,14 @@ def _measure(candidates: Mapping[str, Callable[[], object]], max_seconds: float)
 
 
 def choose(kind: str, key: str, candidates: Mapping[str, Callable[[], object]], *,
-           timings: Optional[Mapping[str, float]] = None, max_seconds: float = MAX_SECONDS) -> str:
+           timings: Optional[Mapping[str, float]] = None, max_seconds: float = MAX_SECONDS,
+           measure: Optional[Callable[[], Mapping[str, float]]] = None) -> str:
     """The name of the fastest of ``candidates`` (name → call of no arguments) for the shape class
     ``key`` of decision ``kind``: an override, else this process' earlier decision, else the disk
     cache, else a probe (see the module docstring). ``timings`` (name → seconds) decides without
-    running anything, as a probe that measured them would."""
+    running anything, as a probe that measured them would; ``measure`` replaces the probe's own
+    timing (called only when nothing decided before; name → seconds, ``inf`` for a candidate that
+    failed)."""
     if not candidates:
         raise ValueError(f"probe.choose: candidates must name at least one call, got {dict(candidates)!r}")
     names = list(candidates)
@@ -161,8 +170,9 @@ def choose(kind: str, key: str, candidates: Mapping[str, Callable[[], object]], 
             with _lock:
                 _decided[(kind, key)] = {"choice": cached, "source": "disk"}
             return cached
-        seconds, source = _measure(candidates, max_seconds), "probe"
-    name = min(names, key=lambda n: (seconds[n], names.index(n)))
+        seconds = dict(measure()) if measure is not None else _measure(candidates, max_seconds)
+        source = "probe"
+    name = min(names, key=lambda n: (seconds.get(n, float("inf")), names.index(n)))
     with _lock:
         _decided[(kind, key)] = {"choice": name, "seconds": seconds, "source": source}
     if source == "probe":

@@ -2,7 +2,7 @@
 
 - :mod:`.layers`: which layers are tracked (module hooks), and how their inputs / output
   gradients are read as [B, T, ·] tokens.
-- :mod:`.batches`: batch forms, the loss convention (Σ_n ℓ_n) and the Fisher type.
+- :mod:`.batches`: the loss convention (Σ_n ℓ_n) and the Fisher type (batch forms: :mod:`twicediff.torch.batch`).
 - :mod:`.factors`: :class:`KFACFactors`, fitted over a DataLoader, saved / loaded, applied.
 - :mod:`.inverse`: (F + λI)⁻¹ applied layer by layer in the model's parameter layout.
 - :mod:`.scoring`: queries against training per-sample gradients, streamed.

@@ -1,8 +1,9 @@
-r"""Batches, the loss convention and the Fisher type of the K-FAC path.
+r"""The loss convention and the Fisher type of the K-FAC path.
 
-Batches: a DataLoader yields ``(x, y)`` where ``x`` is a tensor (``model(x)``), a tuple or list
-(``model(*x)``) or a dict (``model(**x)``, the form transformer models take). The batch size B is
-the first dimension of the tensors in ``x``, which must agree.
+Batches are what :mod:`twicediff.torch.batch` says they are, as everywhere in twicediff: a
+DataLoader yields ``(x, y)`` where ``x`` is a tensor (``model(x)``), a tuple or list (``model(*x)``)
+or a dict (``model(**x)``, the form transformer models take); the batch size B is the leading
+dimension of the tensors in ``x``, which must agree.
 
 Loss convention: ``loss(output, target)`` is the user's scalar loss of a batch (e.g.
 ``F.cross_entropy``, ``F.mse_loss``). With ``reduction="mean"`` (the default, what those functions
@@ -28,72 +29,16 @@ Fisher type:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["split_batch", "batch_size", "to_device", "call_model", "summed_loss", "TargetSampler",
-           "FISHER_TYPES", "REDUCTIONS"]
+__all__ = ["summed_loss", "TargetSampler", "FISHER_TYPES", "REDUCTIONS"]
 
 FISHER_TYPES = ("empirical", "true", "ggn")
 REDUCTIONS = ("mean", "sum")
-
-
-def split_batch(batch: Any, where: str) -> Tuple[Any, Any]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(f"{where}: each batch must be a pair (x, y), got {type(batch).__name__}"
-                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
-
-
-def _tensors(x: Any):
-    if isinstance(x, torch.Tensor):
-        return [("x", x)]
-    if isinstance(x, (tuple, list)):
-        return [(f"x[{k}]", t) for k, t in enumerate(x) if isinstance(t, torch.Tensor)]
-    if isinstance(x, dict):
-        return [(f"x[{k!r}]", t) for k, t in x.items() if isinstance(t, torch.Tensor)]
-    raise TypeError(f"x must be a torch.Tensor, a tuple/list of inputs or a dict of keyword inputs, got "
-                    f"{type(x).__name__}")
-
-
-def batch_size(x: Any, where: str) -> int:
-    """B: the first dimension of the tensors in ``x``, which must agree."""
-    try:
-        named = _tensors(x)
-    except TypeError as e:
-        raise TypeError(f"{where}: {e}") from None
-    named = [(n, t) for n, t in named if t.dim() > 0]
-    if not named:
-        raise ValueError(f"{where}: x holds no tensor with a batch dimension")
-    first_name, first = named[0]
-    for n, t in named[1:]:
-        if t.shape[0] != first.shape[0]:
-            raise ValueError(f"{where}: the inputs disagree on the batch size: {first_name} has {first.shape[0]} rows "
-                             f"but {n} has {t.shape[0]}")
-    return int(first.shape[0])
-
-
-def to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, tuple):
-        return tuple(to_device(t, device) for t in x)
-    if isinstance(x, list):
-        return [to_device(t, device) for t in x]
-    if isinstance(x, dict):
-        return {k: to_device(t, device) for k, t in x.items()}
-    return x
-
-
-def call_model(model: nn.Module, x: Any) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return model(x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(**x)
 
 
 def summed_loss(loss: Callable, output: torch.Tensor, target: Any, reduction: str, B: int) -> torch.Tensor:

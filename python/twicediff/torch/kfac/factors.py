@@ -27,8 +27,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from ... import distributed as _distributed
 from ...progress import progress_bar
 from ...ops import kfac as _kops
+from .. import batch as _batch
 from . import batches as _b
 from .eigen import symmetric_eigh
 from .inverse import GradsLike, ParameterLayout, _as_blocks, blocks_to_layout, layer_blocks, precondition_block
@@ -78,8 +80,9 @@ class KFACFactors:
     Attributes:
         layers: the tracked layers (:class:`TrackedLayer`), in module order.
         layout: the model's flat parameter layout at fit time (:class:`ParameterLayout`).
-        A, S: name -> the normalised factors (float64).
-        eig_A, Q_A, eig_S, Q_S: name -> eigenvalues (ascending, ≥ 0) and eigenvectors (float64).
+        A, S: name -> the normalised factors (float64, or ``factor_dtype``).
+        eig_A, Q_A, eig_S, Q_S: name -> eigenvalues (ascending, ≥ 0; float64) and eigenvectors
+            (float64, or ``factor_dtype``).
         corrected: name -> Λ̃ [O, I'] (float64), or None when fitted without the EK-FAC pass.
         num_samples: N; num_tokens: name -> Σ_n T_n; fisher_type, reduction, seed.
         left_out: the trainable parameters outside the tracked layers.
@@ -110,7 +113,8 @@ class KFACFactors:
             reduction: str = "mean", ekfac: bool = True, seed: int = 0,
             sample_targets: Optional[Callable] = None, accumulate_dtype: Optional[torch.dtype] = None,
             token_mask: Optional[Callable[[Any], torch.Tensor]] = None, eval_mode: bool = True,
-            max_factor_dim: Optional[int] = DEFAULT_MAX_FACTOR_DIM, progress: bool = False) -> "KFACFactors":
+            max_factor_dim: Optional[int] = DEFAULT_MAX_FACTOR_DIM, factor_dtype: Optional[torch.dtype] = None,
+            progress: bool = False) -> "KFACFactors":
         """Fit the factors of ``model`` under ``loss`` over ``data``.
 
         Args:
@@ -126,6 +130,9 @@ class KFACFactors:
             sample_targets: ``(output, generator) -> target`` for the true Fisher of another loss.
             accumulate_dtype: dtype of the running sums (default float64 for a float64 model,
                 else float32); eigendecompositions are always float64.
+            factor_dtype: dtype of A, S, Q_A, Q_S once decomposed in float64 (default float64;
+                float32 halves the factors' memory and loses nothing for a float32 model, whose
+                gradients are preconditioned in float32). Eigenvalues and Λ̃ stay float64.
             token_mask: ``token_mask(x) -> [B, *positions]`` (bool, or 0/1 floats) marking the
                 tokens that count, e.g. the attention mask of padded sequences: applied to every
                 Linear layer whose input is [B, *positions, d]; a masked token is left out of A, S
@@ -145,6 +152,9 @@ class KFACFactors:
             raise ValueError(f"{where}: fisher_type must be one of {_b.FISHER_TYPES}, got {fisher_type!r}")
         if reduction not in _b.REDUCTIONS:
             raise ValueError(f"{where}: reduction must be one of {_b.REDUCTIONS}, got {reduction!r}")
+        factor_dtype = torch.float64 if factor_dtype is None else factor_dtype
+        if factor_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{where}: factor_dtype must be torch.float32 or torch.float64, got {factor_dtype!r}")
         sampler = _b.TargetSampler(loss, seed, sample_targets) if fisher_type == "true" else None
         tracked = find_layers(model, layers, max_factor_dim=max_factor_dim)
         params = trainable_parameters(model)
@@ -156,55 +166,75 @@ class KFACFactors:
 
         self = cls(tracked, layout)
         self.fisher_type, self.reduction, self.seed = fisher_type, reduction, int(seed)
+        # Under a process group each rank passes over its own shard; the sums and counts are then
+        # all-reduced, so the factors are those of one process over the concatenated shards, and
+        # every rank computes the same eigendecompositions from the same bits.
+        group = _distributed.enter(where, None, layers=[(t.name, t.in_dim, t.out_features) for t in tracked],
+                                   P=layout.num_params, fisher_type=fisher_type, reduction=reduction,
+                                   ekfac=ekfac, seed=int(seed), accumulate_dtype=accumulate_dtype)
         with _ModelState(model, eval_mode):
-            sums_A: Dict[str, torch.Tensor] = {}
-            sums_S: Dict[str, torch.Tensor] = {}
-            tokens: Dict[str, float] = {t.name: 0 for t in tracked}
-            N = 0
-            if sampler is not None:
-                sampler.restart(0)
-            first_batch = True
-            for batch in progress_bar(data, progress, desc="K-FAC factors", unit="batch"):
-                for cap, B, first in self._passes(model, loss, batch, reduction, sampler, device, where, token_mask):
-                    if first_batch:
-                        self._drop_uncalled(model, cap)
-                        first_batch = False
-                        for t in self.layers:
-                            sums_A[t.name] = torch.zeros(t.in_dim, t.in_dim, dtype=accumulate_dtype, device=device)
-                            sums_S[t.name] = torch.zeros(t.out_features, t.out_features, dtype=accumulate_dtype,
-                                                         device=device)
-                    N += B if first else 0
-                    for t in self.layers:
-                        if not cap.called(t.name):
-                            continue
-                        a, g, w = cap.inputs(t.name), cap.grads(t.name), cap.weights(t.name)
-                        wr = None if w is None else w.reshape(-1)
-                        if first:
-                            _covariance_accumulate(sums_A[t.name], a.reshape(-1, t.in_features), wr, t.has_bias)
-                            tokens[t.name] += a.shape[0] * a.shape[1] if w is None else float(w.sum())
-                        _covariance_accumulate(sums_S[t.name], g.reshape(-1, t.out_features), wr, False)
-                    del cap
+            sums_A = {t.name: torch.zeros(t.in_dim, t.in_dim, dtype=accumulate_dtype, device=device) for t in tracked}
+            sums_S = {t.name: torch.zeros(t.out_features, t.out_features, dtype=accumulate_dtype, device=device)
+                      for t in tracked}
+
+            def first_pass():
+                # [calls, tokens] per layer (float64: token weights may be fractional), and N
+                counts = torch.zeros(2, len(tracked), dtype=torch.float64)
+                N = 0
+                if sampler is not None:
+                    sampler.restart(0)
+                for batch in progress_bar(data, progress, desc="K-FAC factors", unit="batch"):
+                    for cap, B, first in self._passes(model, loss, batch, reduction, sampler, device, where,
+                                                      token_mask):
+                        N += B if first else 0
+                        for i, t in enumerate(tracked):
+                            if not cap.called(t.name):
+                                continue
+                            a, g, w = cap.inputs(t.name), cap.grads(t.name), cap.weights(t.name)
+                            wr = None if w is None else w.reshape(-1)
+                            if first:
+                                _covariance_accumulate(sums_A[t.name], a.reshape(-1, t.in_features), wr, t.has_bias)
+                                counts[0, i] += 1
+                                counts[1, i] += a.shape[0] * a.shape[1] if w is None else float(w.sum())
+                            _covariance_accumulate(sums_S[t.name], g.reshape(-1, t.out_features), wr, False)
+                        del cap
+                return counts, N
+
+            counts, N = _distributed.sum_over_ranks(group, where, first_pass)
             if N == 0:
                 raise ValueError(f"{where}: data yielded no batch; the factors need at least one sample")
+            self._drop_uncalled(model, {t.name for i, t in enumerate(tracked) if counts[0, i] > 0})
             self.num_samples = N
-            for t in self.layers:
-                self.num_tokens[t.name] = tokens[t.name]
-                self.A[t.name] = sums_A[t.name].double() / (tokens[t.name] if tokens[t.name] > 0 else 1)
-                self.S[t.name] = sums_S[t.name].double() / N
-                self.eig_A[t.name], self.Q_A[t.name] = symmetric_eigh(self.A[t.name], f"input (A) of layer {t.name!r}")
-                self.eig_S[t.name], self.Q_S[t.name] = symmetric_eigh(self.S[t.name],
-                                                                      f"output-gradient (S) of layer {t.name!r}")
+            kept = {t.name for t in self.layers}
+            for i, t in enumerate(tracked):
+                if t.name not in kept:
+                    continue
+                tokens = float(counts[1, i])
+                self.num_tokens[t.name] = int(tokens) if tokens.is_integer() else tokens
+                if group is not None:
+                    _distributed.all_reduce_sum_(group, sums_A[t.name])
+                    _distributed.all_reduce_sum_(group, sums_S[t.name])
+                # One layer at a time: each running sum is released once decomposed.
+                A = sums_A.pop(t.name).double() / (tokens if tokens > 0 else 1)
+                S = sums_S.pop(t.name).double() / N
+                self.eig_A[t.name], Q_A = symmetric_eigh(A, f"input (A) of layer {t.name!r}")
+                self.eig_S[t.name], Q_S = symmetric_eigh(S, f"output-gradient (S) of layer {t.name!r}")
+                self.A[t.name], self.S[t.name] = A.to(factor_dtype), S.to(factor_dtype)
+                self.Q_A[t.name], self.Q_S[t.name] = Q_A.to(factor_dtype), Q_S.to(factor_dtype)
+                del A, S, Q_A, Q_S
+            del sums_A, sums_S
             if ekfac:
-                self._fit_correction(model, loss, data, sampler, device, accumulate_dtype, progress, token_mask)
+                self._fit_correction(model, loss, data, sampler, device, accumulate_dtype, progress, token_mask,
+                                     group)
         return self
 
     def _passes(self, model, loss, batch, reduction, sampler, device, where, token_mask=None):
         """Yield (capture, B, first) for one batch: once with the gradients of Σ_n ℓ_n (empirical or
         sampled targets), or, for the GGN, once per column of the loss Hessian's factor (the inputs
         captured once, ``first`` true on the first)."""
-        x, y = _b.split_batch(batch, where)
-        B = _b.batch_size(x, where)
-        x = _b.to_device(x, device)
+        x, y = _batch.split_batch(batch, where)
+        B = _batch.batch_size(x, where)
+        x = _batch.move_inputs(x, device)
         mask = None
         if token_mask is not None:
             mask = token_mask(x)
@@ -214,7 +244,7 @@ class KFACFactors:
             mask = mask.detach().to(device)
         cap = LayerCapture(self.layers, B, mask)
         with torch.enable_grad(), cap:
-            output = _b.call_model(model, x)
+            output = _batch.call_model(model, x)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{where}: the model must return a tensor, got {type(output).__name__}")
             if not output.requires_grad:
@@ -225,45 +255,55 @@ class KFACFactors:
                     cap.backward((output * columns[c]).sum(), retain_graph=c + 1 < columns.shape[0])
                     yield cap, B, c == 0
                 return
-            target = sampler(output) if sampler is not None else _b.to_device(y, device)
+            target = sampler(output) if sampler is not None else _batch.move_inputs(y, device)
             total = _b.summed_loss(loss, output, target, reduction, B)
             if not total.requires_grad:
                 raise ValueError(f"{where}: the loss does not depend on any tracked layer's parameters")
             cap.backward(total)
         yield cap, B, True
 
-    def _drop_uncalled(self, model: nn.Module, cap: LayerCapture) -> None:
-        never = [t for t in self.layers if not cap.called(t.name)]
+    def _drop_uncalled(self, model: nn.Module, called: set) -> None:
+        never = [t for t in self.layers if t.name not in called]
         if never:
             logger.info("K-FAC: %d tracked layers were never called by the model's forward and are left out: %s",
                         len(never), ", ".join(t.name for t in never))
-            self.layers = [t for t in self.layers if cap.called(t.name)]
+            self.layers = [t for t in self.layers if t.name in called]
             if not self.layers:
                 raise ValueError("K-FAC: none of the tracked layers is called by the model's forward")
         inside = {n for t in self.layers for n in (t.weight_name, t.bias_name) if n}
         self.left_out = [n for n in self.layout.names if n not in inside]
         report_left_out(model, self.layers)
 
-    def _fit_correction(self, model, loss, data, sampler, device, accumulate_dtype, progress, token_mask) -> None:
+    def _fit_correction(self, model, loss, data, sampler, device, accumulate_dtype, progress, token_mask,
+                        group=None) -> None:
         where = "KFACFactors.fit (EK-FAC pass)"
         sums = {t.name: torch.zeros(t.out_features, t.in_dim, dtype=accumulate_dtype, device=device)
                 for t in self.layers}
         q_s = {n: q.to(device=device, dtype=accumulate_dtype) for n, q in self.Q_S.items()}
         q_a = {n: q.to(device=device, dtype=accumulate_dtype) for n, q in self.Q_A.items()}
-        if sampler is not None:
-            sampler.restart(1)
-        N = 0
-        for batch in progress_bar(data, progress, desc="EK-FAC eigenvalue correction", unit="batch"):
-            for cap, B, first in self._passes(model, loss, batch, self.reduction, sampler, device, where, token_mask):
-                N += B if first else 0
-                for t in self.layers:
-                    if cap.called(t.name):
-                        _eigen_correction_accumulate(sums[t.name], cap.grads(t.name), cap.inputs(t.name),
-                                                     q_s[t.name], q_a[t.name], cap.weights(t.name), t.has_bias)
-                del cap
+
+        def second_pass():
+            if sampler is not None:
+                sampler.restart(1)
+            N = 0
+            for batch in progress_bar(data, progress, desc="EK-FAC eigenvalue correction", unit="batch"):
+                for cap, B, first in self._passes(model, loss, batch, self.reduction, sampler, device, where,
+                                                  token_mask):
+                    N += B if first else 0
+                    for t in self.layers:
+                        if cap.called(t.name):
+                            _eigen_correction_accumulate(sums[t.name], cap.grads(t.name), cap.inputs(t.name),
+                                                         q_s[t.name], q_a[t.name], cap.weights(t.name), t.has_bias)
+                    del cap
+            return torch.zeros(1, dtype=torch.float64), N
+
+        _, N = _distributed.sum_over_ranks(group, where, second_pass)
         if N != self.num_samples:
             raise ValueError(f"{where}: data yielded {N} samples on the second pass but {self.num_samples} on the "
                              "first; EK-FAC needs a DataLoader that can be iterated twice over the same data")
+        if group is not None:
+            for s in sums.values():
+                _distributed.all_reduce_sum_(group, s)
         self.corrected = {n: s.double() / N for n, s in sums.items()}
 
     # ---- applying ------------------------------------------------------------------------------

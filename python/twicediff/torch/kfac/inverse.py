@@ -136,21 +136,29 @@ def layer_blocks(layer: TrackedLayer, blocks: Dict[str, torch.Tensor], N: int, w
 
 def blocks_to_layout(form: str, out_layers: Dict[str, torch.Tensor], layers: Sequence[TrackedLayer],
                      layout: ParameterLayout, like: Dict[str, torch.Tensor], N: int) -> GradsLike:
-    """Scatter each layer's [N, O, I'] result back into the input's form; untracked entries zero."""
+    """Scatter each layer's [N, O, I'] result back into the input's form; untracked entries zero.
+
+    ``out_layers`` is consumed: each layer's result is released once it has been copied out, so the
+    results exist once (not twice) at any moment."""
+    offs, shapes = layout.offsets, dict(zip(layout.names, layout.shapes))
+    flat = None
+    if form in ("rows", "vector"):
+        flat = next(iter(like.values())).new_zeros(N, layout.num_params)
     per_param: Dict[str, torch.Tensor] = {}
     for layer in layers:
-        r = out_layers[layer.name]
-        per_param[layer.weight_name] = r[:, :, :layer.in_features].reshape(N, *layer.weight_shape)
+        r = out_layers.pop(layer.name)
+        parts = [(layer.weight_name, r[:, :, :layer.in_features])]
         if layer.has_bias:
-            per_param[layer.bias_name] = r[:, :, layer.in_features]
-    if form in ("rows", "vector"):
-        ref = next(iter(like.values()))
-        out = ref.new_zeros(N, layout.num_params)
-        offs = layout.offsets
-        for name, n in zip(layout.names, layout.numels):
-            if name in per_param:
-                out[:, offs[name]:offs[name] + n] = per_param[name].reshape(N, n)
-        return out[0] if form == "vector" else out
-    result = {name: per_param[name].contiguous() if name in per_param else torch.zeros_like(like[name])
+            parts.append((layer.bias_name, r[:, :, layer.in_features]))
+        for name, part in parts:
+            if flat is not None:
+                n = part[0].numel()
+                flat[:, offs[name]:offs[name] + n] = part.reshape(N, n)
+            else:
+                per_param[name] = part.reshape(N, *shapes[name]).contiguous()
+        del r, parts
+    if flat is not None:
+        return flat[0] if form == "vector" else flat
+    result = {name: per_param[name] if name in per_param else torch.zeros_like(like[name])
               for name in (layout.names if form == "list" else like.keys())}
     return [result[n] for n in layout.names] if form == "list" else result

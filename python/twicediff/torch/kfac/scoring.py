@@ -11,8 +11,10 @@ exist. Two ways to contract a layer, the cheaper chosen per layer (or as asked):
 
 - "per_sample": G_n by a batched GEMM over tokens, then one GEMM with the flattened queries
   ([chunk, O·I'] elements);
-- "tokens": Q̃ ā_t for every token, then a dot with g_t ([Q, chunk·T, O] elements), which wins
-  when a layer is wide and the tokens few, or the queries few.
+- "tokens": Q̃ ā_t for every token, then a dot with g_t ([Q, chunk·T, O] elements).
+
+Per sample the first costs (T + Q)·O·I' multiply-adds and the second Q·T·O·I': "auto" takes the
+tokens path only for one query or one token per sample.
 
 :func:`self_score` gives ``G_nᵀ (F + λI)⁻¹ G_n`` for every training sample in the same streamed way
 (in the eigenbasis: Σ (Q_Sᵀ G_n Q_A)² ⊘ (Λ + λ), no back-rotation).
@@ -25,7 +27,7 @@ Influence in pyDVL's sign convention is ``-scores`` for up-weighting (the caller
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,33 +42,40 @@ CONTRACTIONS = ("auto", "per_sample", "tokens")
 _CHUNK_ELEMENTS = 1 << 23
 
 
-def _contract_layer(layer: TrackedLayer, q: torch.Tensor, a: torch.Tensor, g: torch.Tensor, how: str) -> torch.Tensor:
-    """[Q, B] = Σ_{o,i} q[:, o, i] G_n[o, i] for one layer, q [Q, O, I'], a [B, T, I], g [B, T, O]."""
-    Qn, O, Ip = q.shape
-    B, T, I = a.shape
-    a = a.to(q.dtype)
-    g = g.to(q.dtype)
+def _contract_layer(layer: TrackedLayer, qw: torch.Tensor, qb: Optional[torch.Tensor], a: torch.Tensor,
+                    g: torch.Tensor, how: str) -> torch.Tensor:
+    """[Q, B] = Σ_{o,i} q[:, o, i] G_n[o, i] for one layer whose query block q [Q, O, I'] is given
+    as its weight columns qw [Q, O, I] and its bias column qb [Q, O] (None without a bias), so the
+    queries are never copied into one [Q, O, I'] tensor; a [B, T, I], g [B, T, O]."""
+    Qn, O, I = qw.shape
+    Ip = I + int(qb is not None)
+    B, T, _ = a.shape
+    a = a.to(qw.dtype)
+    g = g.to(qw.dtype)
     if how == "auto":
-        how = "tokens" if Qn * T * O < O * Ip else "per_sample"
-    out = q.new_empty(Qn, B)
+        # Multiply-adds per sample: per_sample T·O·I' (G_n) + Q·O·I' (the dot products); tokens
+        # Q·T·O·I'. Both paths work in bounded chunks, so the cheaper in arithmetic wins: tokens
+        # only when Q·T < T + Q, i.e. one query or one token per sample.
+        how = "tokens" if Qn * T < Qn + T else "per_sample"
+    out = qw.new_empty(Qn, B)
     if how == "per_sample":
         step = max(1, _CHUNK_ELEMENTS // max(O * Ip + T * (O + Ip), 1))
-        qf = q.reshape(Qn, O * Ip)
+        qf = qw.reshape(Qn, O * I)
         for n0 in range(0, B, step):
             ac, gc = a[n0:n0 + step], g[n0:n0 + step]
             G = torch.bmm(gc.transpose(1, 2), ac)  # [n, O, I]
-            if layer.has_bias:
-                G = torch.cat([G, gc.sum(1).unsqueeze(2)], 2)
-            out[:, n0:n0 + step] = qf @ G.reshape(G.shape[0], O * Ip).T
+            part = qf @ G.reshape(G.shape[0], O * I).T
+            if qb is not None:
+                part += qb @ gc.sum(1).T  # the bias column of G_n is Σ_t g_t
+            out[:, n0:n0 + step] = part
         return out
     # tokens: (Q̃ ā_t)_o for each query and token, dotted with g_t.
     step = max(1, _CHUNK_ELEMENTS // max(Qn * T * O, 1))
-    qw = q[:, :, :I]
     for n0 in range(0, B, step):
         ac, gc = a[n0:n0 + step], g[n0:n0 + step]
         u = torch.einsum("qoi,nti->qnto", qw, ac)
-        if layer.has_bias:
-            u = u + q[:, None, None, :, I]
+        if qb is not None:
+            u = u + qb[:, None, None, :]
         out[:, n0:n0 + step] = torch.einsum("qnto,nto->qn", u, gc)
     return out
 
@@ -100,6 +109,7 @@ def _contract_low_rank(layer: TrackedLayer, us: torch.Tensor, v: torch.Tensor, a
 def _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where, desc):
     """Yield (B, capture) for each batch: the tracked layers' inputs and output gradients of the
     summed training loss (true labels)."""
+    from .. import batch as _batch
     from . import batches as _b
     from .factors import _ModelState
     from .layers import LayerCapture
@@ -111,13 +121,13 @@ def _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where
     device = next(model.parameters()).device
     with _ModelState(model, eval_mode):
         for batch in progress_bar(data, progress, desc=desc, unit="batch"):
-            x, y = _b.split_batch(batch, where)
-            B = _b.batch_size(x, where)
-            x = _b.to_device(x, device)
+            x, y = _batch.split_batch(batch, where)
+            B = _batch.batch_size(x, where)
+            x = _batch.move_inputs(x, device)
             cap = LayerCapture(factors.layers, B)
             with torch.enable_grad(), cap:
-                output = _b.call_model(model, x)
-                total = _b.summed_loss(loss, output, _b.to_device(y, device), reduction, B)
+                output = _batch.call_model(model, x)
+                total = _b.summed_loss(loss, output, _batch.move_inputs(y, device), reduction, B)
                 if total.requires_grad:
                     cap.backward(total)
             yield B, cap, device
@@ -147,10 +157,19 @@ def score(factors, model: nn.Module, loss: Callable, query_preconditioned: Grads
     if contraction not in CONTRACTIONS:
         raise ValueError(f"{where}: contraction must be one of {CONTRACTIONS}, got {contraction!r}")
     _, blocks, Nq = _as_blocks(query_preconditioned, factors.layout, where)
-    queries: Dict[str, torch.Tensor] = {t.name: layer_blocks(t, blocks, Nq, where) for t in factors.layers}
+    # Each layer's queries as views of the caller's blocks (weight columns, bias column): no copy of
+    # the [N_q, P] preconditioned queries, which at scale are as large as the factors.
+    queries: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+    for t in factors.layers:
+        for name in (t.weight_name, t.bias_name):
+            if name and name not in blocks:
+                raise ValueError(f"{where}: grads lack the tracked parameter {name!r}")
+        qw = blocks[t.weight_name].reshape(Nq, t.out_features, t.in_features)
+        queries[t.name] = (qw, blocks[t.bias_name].reshape(Nq, t.out_features) if t.has_bias else None)
     compressed = None
     if query_rank is not None:
-        compressed = {n: _low_rank(q, query_rank) for n, q in queries.items()}
+        compressed = {t.name: _low_rank(layer_blocks(t, blocks, Nq, where), query_rank) for t in factors.layers}
+        queries = {}
     columns = []
     for B, cap, device in _per_batch(factors, model, loss, data, reduction, eval_mode, progress, where,
                                      "K-FAC scores"):
@@ -162,8 +181,9 @@ def score(factors, model: nn.Module, loss: Callable, query_preconditioned: Grads
                 us, v = compressed[t.name]
                 part = _contract_low_rank(t, us.to(device), v.to(device), cap.inputs(t.name), cap.grads(t.name))
             else:
-                part = _contract_layer(t, queries[t.name].to(device), cap.inputs(t.name), cap.grads(t.name),
-                                       contraction)
+                qw, qb = queries[t.name]
+                part = _contract_layer(t, qw.to(device), None if qb is None else qb.to(device), cap.inputs(t.name),
+                                       cap.grads(t.name), contraction)
             col = part if col is None else col + part
         columns.append(col if col is not None else torch.zeros(Nq, B, device=device))
     if not columns:
@@ -199,12 +219,24 @@ def self_score(factors, model: nn.Module, loss: Callable, data: Iterable, dampin
             inv = torch.where(ev > 0, 1.0 / torch.where(ev > 0, ev, torch.ones_like(ev)), torch.zeros_like(ev))
             T, O, Ip = a.shape[1], t.out_features, t.in_dim
             step = max(1, _CHUNK_ELEMENTS // max(O * Ip + T * (O + Ip), 1))
+            # Q_Sᵀ G_n Q_A either by rotating G_n (O²·I' + O·I'² per sample, after T·O·I' for G_n) or
+            # by rotating the tokens first, (Q_Sᵀ g_t)(Q_Aᵀ ā_t)ᵀ summed over t (T·(O² + I'² + O·I')),
+            # whichever costs fewer multiply-adds: with few tokens and wide layers the second is
+            # many times cheaper.
+            tokens_first = T * (O * O + Ip * Ip) < O * Ip * (O + Ip)
+            I = t.in_features
             for n0 in range(0, B, step):
                 ac, gc = a[n0:n0 + step], g[n0:n0 + step]
-                G = torch.bmm(gc.transpose(1, 2), ac)
-                if t.has_bias:
-                    G = torch.cat([G, gc.sum(1).unsqueeze(2)], 2)
-                R = torch.matmul(torch.matmul(q_s.T, G), q_a)
+                if tokens_first:
+                    ar = torch.matmul(ac, q_a[:I])
+                    if t.has_bias:
+                        ar = ar + q_a[I]  # the implied 1 of ā_t picks Q_A's last row
+                    R = torch.bmm(torch.matmul(gc, q_s).transpose(1, 2), ar)
+                else:
+                    G = torch.bmm(gc.transpose(1, 2), ac)
+                    if t.has_bias:
+                        G = torch.cat([G, gc.sum(1).unsqueeze(2)], 2)
+                    R = torch.matmul(torch.matmul(q_s.T, G), q_a)
                 total[n0:n0 + step] += (R * R * inv).sum((1, 2))
         out.append(total)
     return torch.cat(out) if out else torch.zeros(0)

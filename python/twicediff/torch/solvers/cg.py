@@ -9,6 +9,7 @@ import torch
 
 from ...memory import reserved
 from ...twice_differentiable import InverseHvpResult
+from ..engines.amortise import solver_products
 from ..operator import HessianOperator
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
 from .common import check_nonnegative, check_rhs, initial_guess
@@ -97,7 +98,9 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
         raise TypeError(f"{where}: product_dtype must be None or a floating torch.dtype, got {product_dtype!r}")
     X = _check_out(out, B, one, model, where)
     N, P = B.shape
-    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode, dtype=product_dtype)
+    maxiter = 10 * model.num_params if maxiter is None else maxiter
+    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode, dtype=product_dtype,
+                         expected_products=solver_products(N, maxiter))
     X0 = None if x0 is None else initial_guess(x0, B, model, where, "x0")
     held = op.model_copy_bytes + (0 if out is not None else N * P * B.element_size())
     precondition = None
@@ -112,7 +115,6 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
                                "preconditioner (increase hessian_perturbation)", where)
                 used = None
     held += getattr(precondition, "nbytes", 0)
-    maxiter = 10 * model.num_params if maxiter is None else maxiter
     solver = block_krylov_cg if block_krylov else block_cg
     group = _group_size(N, P, held, op.bytes_per_direction(), model.device)
     stats = {"niter": [], "optimal": [], "gamma": []}

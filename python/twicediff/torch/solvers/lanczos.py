@@ -46,8 +46,8 @@ def _orthonormalize_block(Q: torch.Tensor, m: int, b: int, cap: int, gen: torch.
                           scale: float) -> Tuple[torch.Tensor, torch.Tensor, int]:
     r"""Make rows [m, m + b) of Q (a block R) orthonormal to rows [0, m) and to each other, in place.
 
-    Two passes of classical Gram-Schmidt against Q[:m] fused into two or three reads of the basis
-    (see the code), then a rank-revealing orthonormalisation inside the block
+    Two passes of classical Gram-Schmidt against Q[:m] in three or four reads of the basis (see
+    the code), then a rank-revealing orthonormalisation inside the block
     (:func:`_qr_orthonormalize`): directions of singular value below 1e-10·``scale`` (``scale``
     the largest ‖A q‖ seen) are dropped and, while the space has room (``cap`` rows in all),
     replaced by random directions orthogonal to everything: an invariant subspace was found, and
@@ -61,17 +61,15 @@ def _orthonormalize_block(Q: torch.Tensor, m: int, b: int, cap: int, gen: torch.
     basis = Q[:m]
     C = torch.zeros(m, b, dtype=torch.float64)
     if m:
-        # First pass: c = Q R^T (one read of the basis). Then, column chunk by column chunk while
-        # the chunk is in cache, R -= c^T Q and the second pass' projections c2 = Q R^T (one more
-        # read). The second subtraction (a third read) is skipped when c2 is already at rounding
-        # level: R is then orthogonal to the basis as two full passes would leave it.
+        # Classical Gram-Schmidt twice: c = Q R^T, R -= c^T Q, then the second pass' projections
+        # c2 = Q R^T; the second subtraction is skipped when c2 is already at rounding level (R is
+        # then orthogonal to the basis as two full passes would leave it). Whole-basis GEMMs: a
+        # column-chunked form that keeps a chunk in cache reads the basis once less, but torch's
+        # CPU GEMM on such strided [b, chunk] slices takes a slow path for b > 1 that costs far
+        # more than the read it saves.
         c = basis @ R.T
-        c2 = torch.zeros_like(c)
-        step = max(1, (1 << 21) // (8 * m))
-        for c0 in range(0, R.shape[1], step):
-            Qc, Rc = basis[:, c0:c0 + step], R[:, c0:c0 + step]
-            Rc.addmm_(c.T, Qc, alpha=-1.0)
-            c2.addmm_(Qc, Rc.T)
+        R.addmm_(c.T, basis, alpha=-1.0)
+        c2 = basis @ R.T
         C += c.cpu()
         if bool((c2.norm(dim=0) > 1e-13 * R.norm(dim=1)).any()):
             R.addmm_(c2.T, basis, alpha=-1.0)
@@ -121,7 +119,7 @@ def lanczos_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], P
     memory budget, b = ``block_size``) holds everything of size P: each step applies A to the
     current block once (W = A Q_j, one call of ``apply_rows``), writes W into the rows after the
     basis and orthogonalises it there in place against the whole basis (two classical
-    Gram-Schmidt passes in two or three reads of the basis). Their coefficients give the new columns of the small
+    Gram-Schmidt passes in three or four reads of the basis). Their coefficients give the new columns of the small
     projected matrix T = Q A Qᵀ (kept on the CPU), so no product of A with the basis is stored:
     the Ritz pairs (θ_i, Qᵀ s_i) of T have residual norms ‖B s_i[last block]‖, B the coupling of
     the last block to the next. When the basis is full it is restarted in place from the Ritz

@@ -14,6 +14,7 @@ from ...memory import chunk_size, get_memory_budget, reserved
 from ...progress import close_bar, progress_bar
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data, num_points
+from ..engines.amortise import solver_products
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
 from .common import check_nonnegative, check_rhs, initial_guess
 
@@ -90,9 +91,11 @@ class _Batches:
     (same batch size and collate_fn), any other iterable as it is.
     """
 
-    def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, where: str):
+    def __init__(self, model: TorchTwiceDifferentiable, training_data: Iterable, where: str,
+                 expected_products: Optional[int] = None):
         self.model, self.training_data, self.where = model, training_data, where
         self.kept_bytes = 0  # bytes of the prepared batches kept for later epochs
+        self.expected_products = expected_products
 
     def _source(self) -> Iterable:
         from torch.utils.data import DataLoader, IterableDataset
@@ -119,7 +122,8 @@ class _Batches:
     def _prepared(self, x, y):
         """(points in the batch, its product function)."""
         with data_errors(self.where, "a batch of training_data", x, y):
-            return (num_points(x) if isinstance(x, torch.Tensor) else 1), self.model.hvp_function(x, y)
+            product = self.model.hvp_function(x, y, expected_products=self.expected_products)
+        return num_points(x), product  # x checked by hvp_function
 
     def __iter__(self) -> Iterator:
         room = get_memory_budget(self.model.device) // 4
@@ -217,7 +221,7 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
     active = torch.arange(N, device=B.device)
     half_norm = h.norm(dim=1)  # ‖h‖ of every row halfway through (diverging iterates keep growing)
     with reserved(held):
-        batches = _Batches(model, training_data, where)
+        batches = _Batches(model, training_data, where, solver_products(N, maxiter))
         draws = iter(batches)
         bar = progress_bar(range(maxiter), progress, desc="lissa", unit="step", count_only=True)
         for step in bar:

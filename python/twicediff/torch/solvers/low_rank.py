@@ -26,6 +26,15 @@ __all__ = ["EIGEN_SOLVERS", "LowRankProductRepresentation", "lanzcos_low_rank_he
 EIGEN_SOLVERS = ("lanczos", "arpack")
 
 
+def _expected_products(k, krylov_dimension, bs) -> Optional[int]:
+    """One Krylov basis' worth of products (the basis lanczos' _basis_rows aims at), None where the
+    arguments are not integers (their own checks then say so)."""
+    ints = all(isinstance(a, int) and not isinstance(a, bool) for a in (k, bs))
+    if isinstance(krylov_dimension, int) and not isinstance(krylov_dimension, bool):
+        return max(0, krylov_dimension)
+    return max(0, 2 * k + 2 * bs, 20) if ints and krylov_dimension is None else None
+
+
 @dataclass
 class LowRankProductRepresentation:
     r"""A ≈ V D Vᵀ: ``eigen_vals`` the diagonal of D ([r]), ``projections`` V ([P, r], orthonormal
@@ -176,7 +185,8 @@ def model_hessian_low_rank(model: TorchTwiceDifferentiable, training_data: Itera
     where = "model_hessian_low_rank"
     check_model(model, where)
     lam = check_nonnegative(hessian_perturbation, "hessian_perturbation", where)
-    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode)
+    op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode,
+                         expected_products=_expected_products(rank_estimate, krylov_dimension, block_size))
     return _low_rank(op.apply_rows, model.num_params, model.dtype, model.device, rank_estimate=rank_estimate,
                      krylov_dimension=krylov_dimension, tol=tol, max_iter=max_iter, eigen_solver=eigen_solver,
                      block_size=block_size, progress=progress, where=where)

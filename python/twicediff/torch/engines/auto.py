@@ -1,0 +1,287 @@
+"""``engine="auto"``: the engine picked by measurement, per model, batch shape and number of directions.
+
+The candidates are the native engine (where it takes the model; behind a frozen prefix with
+weights it is used without measuring, engines/select.py), torch.func forward-over-reverse
+(``func``), autograd reverse-over-reverse (``autograd``) and the per-direction loop (``loop``).
+Each runs in chunks of its own size within the memory budget; one that cannot fit a single
+direction is out.
+On the first chunk of directions of a shape class — the model's structure, the batch's shape,
+dtype and device, the mode, the chunk's number of directions rounded up to a power of two, the
+number of threads — a short timed probe runs them on the chunk's first directions and keeps the
+fastest per direction for the rest of the process (engines/probe.py: the cache, its optional file
+``TWICEDIFF_PROBE_CACHE``, the report in ``build_info()["probe"]``).
+
+The probe's cost is bounded by ``PROBE_SECONDS`` (0.4 s): each candidate runs once on one
+direction (warm-up, in the order of the rule below; a candidate is left out when the time spent
+so far and the slowest warm-up would pass half the budget), then timed rounds on 2, 4, 8, ...
+directions, up to the chunk's own number, while the time spent and the next round (predicted as
+twice the last) stay within the budget; the loop, whose cost per direction does not depend on
+how many there are, stops at ``LOOP_PROBE_DIRECTIONS``. The fastest per direction on the last
+round wins. A candidate that raises (an op without a torch.func rule, a module updating buffers
+in training mode) is out. So a probe costs at most about the budget, plus a warm-up where one
+product alone takes longer: there only the engine the rule picks runs, and it is kept.
+
+Where timing is not possible or not wanted — ``TWICEDIFF_PROBE=0``, inside ``torch.compile``
+tracing, during CUDA graph capture — the deterministic rule decides: native where it takes the
+model, else the loop for a single direction, else func. ``engine=`` (any name but ``"auto"``),
+``TWICEDIFF_ENGINE=<name>`` (what ``"auto"`` means in this process) and
+``probe.set_choice("engine", name)`` override the measurement.
+
+The compiled engine (engines/compiled.py) is a candidate only when the caller expects enough
+products to repay compiling (engines/amortise.py): then, after the eager choice, it is compiled on
+the chunk and timed against the eager winner (decision kind ``"compiled"``), and the faster is kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ...errors import MemoryBudgetError
+from ...memory import chunk_size
+from ..batch import detached, input_tensors
+from . import probe
+from .amortise import compile_pays
+from .autograd import AutogradEngine
+from .base import MAX_DIRECTIONS_PER_CHUNK, PreparedBatch
+from .compiled import CompiledEngine
+from .func import FuncEngine
+from .loop import LoopEngine
+
+__all__ = ["CANDIDATES", "LOOP_PROBE_DIRECTIONS", "PROBE_SECONDS", "AutoBatch", "AutoEngine", "default_engine"]
+
+logger = logging.getLogger(__name__)
+
+#: The eager candidates, in the deterministic rule's order of preference.
+CANDIDATES = ("native", "func", "autograd", "loop")
+#: The time a probe may take, in seconds.
+PROBE_SECONDS = 0.4
+#: The most directions the loop is timed on.
+LOOP_PROBE_DIRECTIONS = 8
+
+
+@dataclass(frozen=True)
+class AutoBatch(PreparedBatch):
+    """The batch as the generic engines keep it (x, y), and the native engine's form of it where
+    that engine takes the model."""
+    native: Optional[PreparedBatch] = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, each storage once (the native engine's rows are x itself without a prefix)."""
+        tensors = [t for _, t in input_tensors(self.inputs)] + [self.target]
+        if self.native is not None:
+            tensors += [self.native.inputs, self.native.target]
+        seen = {}
+        for t in tensors:
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+
+def default_engine(native: bool, directions: int) -> str:
+    """The deterministic rule: native where it takes the model, else the loop for one direction,
+    else func."""
+    return "native" if native else ("loop" if directions == 1 else "func")
+
+
+def _timing_possible(V: torch.Tensor) -> bool:
+    if os.environ.get("TWICEDIFF_PROBE", "1").strip().lower() in ("0", "off", "no", "false"):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (V.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _sync(V: torch.Tensor) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers the products themselves."""
+    if V.is_cuda:
+        torch.cuda.synchronize(V.device)
+
+
+def _fingerprint(model: nn.Module, loss: Callable) -> str:
+    """The model's structure (its modules as printed, its trainable parameters' shapes) and loss, as
+    a short digest: models built alike share their decisions, within and (through the disk cache)
+    across processes."""
+    text = repr(model) + "|" + ";".join(f"{n}:{tuple(p.shape)}:{p.requires_grad}"
+                                        for n, p in model.named_parameters())
+    text += "|" + "".join("t" if m.training else "e" for m in model.modules())  # train/eval per module
+    text += "|" + getattr(loss, "__qualname__", type(loss).__qualname__) + repr(getattr(loss, "keywords", ""))
+    return f"{type(model).__name__}#{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+class AutoEngine:
+    """The measured choice among the candidates (see the module docstring).
+
+    Args:
+        native: the native engine where it takes the model, else None.
+        expected_products: the products the caller expects on this model and batch shape (None:
+            no expectation, the compiled engine is not considered).
+
+    Attributes:
+        chosen: the engine that computed the last chunk (None before the first).
+    """
+
+    name = "auto"
+
+    def __init__(self, model: nn.Module, loss: Callable, native=None, expected_products: Optional[int] = None):
+        self.model, self.loss = model, loss
+        self.engines: Dict[str, object] = {}
+        if native is not None:
+            self.engines["native"] = native
+        self.engines.update(func=FuncEngine(model, loss), autograd=AutogradEngine(model, loss),
+                            loop=LoopEngine(model, loss))
+        self.compiled = CompiledEngine(model, loss)
+        self.expected_products = expected_products
+        self.chosen: Optional[str] = None
+        self._fingerprint = _fingerprint(model, loss)
+        self._eager_seconds: Dict[str, float] = {}
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, native_batch: Optional[PreparedBatch] = None) -> AutoBatch:
+        """The batch for every candidate; ``native_batch`` the native engine's preparation of it."""
+        return AutoBatch(detached(x), y.detach(), native=native_batch)
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> AutoBatch:
+        native = self.engines.get("native")
+        return self.batch(x, y, native.prepare(x, y) if native is not None else None)
+
+    def _engine_batch(self, name: str, batch: AutoBatch) -> PreparedBatch:
+        return batch.native if name == "native" else batch
+
+    def bytes_per_direction(self, batch: AutoBatch) -> int:
+        """What the rule's engine (native, else func) needs per direction: the chunks the caller
+        makes; each candidate then works in chunks of its own size within the memory budget."""
+        name = "native" if "native" in self.engines else "func"
+        return int(self.engines[name].bytes_per_direction(self._engine_batch(name, batch)))
+
+    def max_directions(self, batch: AutoBatch) -> int:
+        return MAX_DIRECTIONS_PER_CHUNK
+
+    def _run(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        """Engine ``name``'s products, in chunks of at most its own ``max_directions`` that fit the
+        memory budget (MemoryBudgetError where not one direction does)."""
+        engine = self.compiled if name == "compiled" else self.engines[name]
+        own = self._engine_batch(name, batch)
+        step = min(max(1, int(engine.max_directions(own))),
+                   chunk_size(V.shape[0], int(engine.bytes_per_direction(own)), V.device, what="hvp directions"))
+        if V.shape[0] <= step:
+            return engine.apply(own, V, mode)
+        return torch.cat([engine.apply(own, V[s:s + step], mode) for s in range(0, V.shape[0], step)])
+
+    def _key(self, batch: AutoBatch, V: torch.Tensor, mode: str) -> str:
+        bucket = 1 << max(0, V.shape[0] - 1).bit_length()
+        x = ",".join(f"{n}{tuple(t.shape)}" for n, t in input_tensors(batch.inputs))
+        first, y = input_tensors(batch.inputs)[0][1], batch.target
+        return (f"{self._fingerprint} {x} {first.dtype} {first.device.type} y={tuple(y.shape)} {y.dtype} "
+                f"{mode} D<={bucket} threads={torch.get_num_threads()}")
+
+    def apply(self, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        if not _timing_possible(V):
+            name = default_engine("native" in self.engines, V.shape[0])
+        else:
+            key = self._key(batch, V, mode)
+            names = list(self.engines)
+            name = probe.choose("engine", key, {n: (lambda: None) for n in names},
+                               measure=lambda: self._measure(names, batch, V, mode))
+            if self.expected_products:
+                seconds = probe.decision("engine", key).get("seconds", {}).get(name) or self._eager_seconds.get(key)
+                if seconds is None:
+                    # Decided without timing here (disk cache, override): this product's own time
+                    # per direction decides, from the next chunk on, whether compiling pays.
+                    _sync(V)
+                    start = time.perf_counter()
+                    out = self._run(name, batch, V, mode)
+                    _sync(V)
+                    self._eager_seconds[key] = (time.perf_counter() - start) / V.shape[0]
+                    self.chosen = name
+                    return out
+                if compile_pays(self.expected_products, seconds):
+                    name = probe.choose("compiled", f"{key} eager={name}", {name: lambda: None, "compiled": lambda: None},
+                                        measure=lambda: self._measure_compiled(name, batch, V, mode))
+        self.chosen = name
+        return self._run(name, batch, V, mode)
+
+    def _measure(self, names: List[str], batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:
+        """Seconds per direction of each candidate (inf: failed or left out), within PROBE_SECONDS."""
+        default = default_engine("native" in names, V.shape[0])
+        order = [default] + [n for n in CANDIDATES if n in names and n != default]
+        start = time.perf_counter()
+        failed: Dict[str, BaseException] = {}
+        last: Dict[str, float] = {}  # seconds of each candidate's last call
+
+        def call(n: str, rows: int) -> bool:
+            _sync(V)
+            t = time.perf_counter()
+            try:
+                self._run(n, batch, V[:rows], mode)
+                _sync(V)
+            except (RuntimeError, NotImplementedError, ValueError, TypeError, MemoryBudgetError) as exc:
+                failed[n] = exc
+                logger.debug("twicediff: probe: engine %s failed (%s)", n, exc)
+            last[n] = time.perf_counter() - t
+            return n not in failed
+
+        alive: List[str] = []
+        for n in order:  # warm-up on one direction, while half the budget allows
+            if alive and (time.perf_counter() - start) + max(last.values()) > PROBE_SECONDS / 2:
+                break
+            if call(n, 1):
+                alive.append(n)
+        per_direction = {n: math.inf for n in names}
+        if not alive:  # every candidate failed: the rule's engine raises its own error
+            raise failed[default]
+        if len(alive) == 1:
+            per_direction[alive[0]] = last[alive[0]]
+            return per_direction
+        D = V.shape[0]
+        rows, full_rounds = min(D, 2), 0
+        measured_at: Dict[str, int] = {}
+        while alive:
+            ran = []
+            for n in list(alive):
+                r = min(rows, LOOP_PROBE_DIRECTIONS) if n == "loop" else rows
+                if measured_at.get(n) == r and rows < D:
+                    continue  # the loop, at its most directions already: its time per direction stands
+                if not call(n, r):
+                    alive.remove(n)
+                    per_direction[n] = math.inf
+                    continue
+                ran.append(n)
+                s = last[n] / r
+                per_direction[n] = min(s, per_direction[n]) if measured_at.get(n) == r else s
+                measured_at[n] = r
+            spent, cost = time.perf_counter() - start, sum(last[n] for n in ran)
+            if rows == D:
+                full_rounds += 1
+                if full_rounds >= 3 or spent + cost > PROBE_SECONDS:
+                    break
+            elif spent + 2 * cost > PROBE_SECONDS:
+                break
+            else:
+                rows = min(2 * rows, D)
+        if not alive:
+            raise failed[default]
+        return per_direction
+
+    def _measure_compiled(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:
+        """Seconds per direction of ``name`` and of the compiled engine (compiled first, outside the
+        timing; inf where compilation failed), on the compiled engine's chunk."""
+        block = V[:min(V.shape[0], self.compiled.max_directions(batch))]
+        self._run("compiled", batch, block, mode)  # compiles (reported in build_info()["compiled"])
+        if not self.compiled.is_compiled(batch, mode, block.shape[0]):
+            return {name: 0.0, "compiled": math.inf}
+        best = {name: math.inf, "compiled": math.inf}
+        for _ in range(2):
+            for n in (name, "compiled"):
+                _sync(V)
+                t = time.perf_counter()
+                self._run(n, batch, block, mode)
+                _sync(V)
+                best[n] = min(best[n], (time.perf_counter() - t) / block.shape[0])
+        return best

@@ -1,0 +1,264 @@
+"""The compiled engine: ``torch.compile`` of the batched curvature product, for any model.
+
+The product of one chunk of directions, written with torch.func (forward-over-reverse
+``vmap(jvp(grad(L)))``, reverse-over-reverse ``vmap(vjp(grad(L)))``, or the Gauss-Newton
+``vmap(Jᵀ H_ℓ J)``), is compiled as one function of (trainable parameters, buffers and frozen
+parameters, directions, x, y): the weights are inputs, so training steps between calls do not
+recompile. One compiled function is kept per (model, mode, variant, input shapes, chunk of
+directions); chunks are padded with zero directions to a power of two, so a solver that applies
+the operator to blocks of one size compiles once or twice.
+
+Compiling costs seconds to a minute of CPU (tracing, then generating and compiling C++ kernels),
+so ``engine="auto"`` uses this engine only when the caller expects enough products to repay it
+(:mod:`twicediff.torch.engines.amortise`); ``engine="compiled"`` asks for it outright. When
+compilation fails (an op dynamo or the backend cannot take, a Python construct it cannot trace,
+no C++ compiler), the engine says so in one log line per model and computes with the eager torch.func
+engine from then on, for that model and shape: the products are the same, only slower.
+
+``TWICEDIFF_COMPILE_BACKEND`` names the ``torch.compile`` backend (default ``"inductor"``;
+``"aot_eager"`` traces without generating kernels: quick to compile, slower to run).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import types
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..batch import input_tensors, model_args, squeezed_loss
+from .base import PreparedBatch, generic_directions_per_chunk
+from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp, split_params
+from .generic import GenericEngine, _shape_key
+
+__all__ = ["COMPILED_CHUNK", "VARIANTS", "CompiledEngine", "compiled_functions", "forget_compiled"]
+
+logger = logging.getLogger(__name__)
+
+#: How the Hessian product is differentiated: ``"forward"`` (forward-over-reverse) or
+#: ``"reverse"`` (reverse-over-reverse). The Gauss-Newton product has one form.
+VARIANTS = ("forward", "reverse")
+#: The most directions one compiled call takes (chunks are padded to a power of two up to this).
+COMPILED_CHUNK = 32
+# Compiled functions kept (least recently used dropped first); each holds its model alive.
+MAX_FUNCTIONS = 32
+
+_names = itertools.count()
+_lock = threading.Lock()
+
+
+@dataclass
+class _Compiled:
+    """One compiled product: ``make(variant)`` builds its plain torch.func function; ``fn`` is the
+    compiled one (None before the first call and once compilation failed); what it is for, the
+    seconds its first call took (checking, tracing and compiling included), why it failed."""
+    make: Callable[[str], Callable]
+    variant: str
+    description: str
+    fn: Optional[Callable] = None
+    seconds: Optional[float] = None
+    error: str = ""
+
+
+_functions: "OrderedDict[Tuple, _Compiled]" = OrderedDict()
+_failed_models: set = set()  # ids of models whose compilation failure was logged
+
+
+def compiled_functions() -> List[Dict]:
+    """What this process compiled: one dict per function, {description, compile_seconds,
+    status ("compiled", "not yet called" or "eager fallback: <reason>")}, oldest first."""
+    with _lock:
+        entries = list(_functions.values())
+    return [{"description": e.description, "compile_seconds": e.seconds,
+             "status": ("eager fallback: " + e.error) if e.error else
+                       ("compiled" if e.seconds is not None else "not yet called")} for e in entries]
+
+
+def forget_compiled() -> None:
+    """Drop every compiled function of this process (and the models they hold)."""
+    with _lock:
+        _functions.clear()
+        _failed_models.clear()
+
+
+def _bucket(D: int, cap: int) -> int:
+    """Rows a compiled call of D ≤ cap directions takes: the next power of two, at most cap."""
+    return min(cap, 1 << max(0, D - 1).bit_length())
+
+
+def _fresh_code(fn: Callable, name: str) -> Callable:
+    """``fn`` with a code object of its own: torch.compile keeps its cache and guards per code
+    object, so every (model, shape) gets its own instead of piling up on one shared code object
+    (where the recompile limit would send later models to eager)."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[torch.Size], mode: str,
+             variant: str) -> Callable:
+    """(params, fixed, V [D, P], x, y) → [D, P]: the chunk's products in plain torch.func; x a tensor,
+    tuple, list or dict (:mod:`twicediff.torch.batch`)."""
+    from torch.func import functional_call, grad, jvp, vjp, vmap
+
+    sizes = [s.numel() for s in shapes]
+
+    def product(params, fixed, V, x, y):
+        D = V.shape[0]
+        tangents = {n: t.reshape(D, *s) for n, t, s in zip(names, torch.split(V, sizes, dim=1), shapes)}
+
+        def output_of(p):
+            return functional_call(model, (p, fixed), *model_args(x))
+
+        if mode == "hessian" and variant == "forward":
+            blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
+                                          tangents)
+        elif mode == "hessian":
+            _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
+            blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
+        else:  # Gauss-Newton: J t forward, H_ℓ as the pullback of ∇_z ℓ (symmetric), then Jᵀ
+            z, pullback = vjp(output_of, params)
+            _, loss_hessian = vjp(grad(lambda o: squeezed_loss(loss, o, y)), z.detach())
+            blocks = vmap(lambda t: pullback(loss_hessian(jvp(output_of, (params,), (t,))[1])[0])[0])(tangents)
+        return torch.cat([blocks[n].reshape(D, -1) for n in names], dim=1)
+
+    return product
+
+
+def _backend() -> str:
+    return os.environ.get("TWICEDIFF_COMPILE_BACKEND", "inductor")
+
+
+class CompiledEngine(GenericEngine):
+    """Compiled batched products (see the module docstring).
+
+    Args:
+        variant: ``"forward"`` or ``"reverse"`` for the Hessian product.
+    """
+
+    name = "compiled"
+
+    def __init__(self, model: nn.Module, loss: Callable, variant: str = "forward"):
+        super().__init__(model, loss)
+        if variant not in VARIANTS:
+            raise ValueError(f"CompiledEngine: variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
+
+    def max_directions(self, batch: PreparedBatch) -> int:
+        """The generic engines' chunk (sized by a direction's working memory), at most
+        ``COMPILED_CHUNK``, rounded down to a power of two so that full chunks need no padding."""
+        fit = min(generic_directions_per_chunk(self.bytes_per_direction(batch)), COMPILED_CHUNK)
+        return 1 << (fit.bit_length() - 1)
+
+    def _key(self, batch: PreparedBatch, mode: str, rows: int, names, params, fixed) -> Tuple:
+        def sig(t: torch.Tensor):
+            return (tuple(t.shape), t.dtype, t.device, t.stride())
+        return (id(self.model), id(self.loss), self.model.training, mode, self.variant if mode == "hessian" else "",
+                rows, _shape_key(batch.inputs), tuple(sig(t) for _, t in input_tensors(batch.inputs)),
+                sig(batch.target), tuple((n, sig(params[n])) for n in names),
+                tuple(sorted((n, sig(t)) for n, t in fixed.items())), _backend())
+
+    def _entry(self, key: Tuple, names, params, mode: str, rows: int, batch: PreparedBatch) -> _Compiled:
+        with _lock:
+            entry = _functions.get(key)
+            if entry is not None:
+                _functions.move_to_end(key)
+                return entry
+            shapes = [params[n].shape for n in names]
+            inputs = ",".join(f"{n}{tuple(t.shape)}" for n, t in input_tensors(batch.inputs))
+            first = input_tensors(batch.inputs)[0][1]
+            what = (f"{type(self.model).__name__} {mode}{'/' + self.variant if mode == 'hessian' else ''} "
+                    f"{inputs} D={rows} {first.dtype} {first.device.type}")
+            entry = _functions[key] = _Compiled(
+                lambda variant: _product(self.model, self.loss, names, shapes, mode, variant), self.variant, what)
+            while len(_functions) > MAX_FUNCTIONS:
+                _functions.popitem(last=False)
+            return entry
+
+    def _first_call(self, entry: _Compiled, mode: str, args) -> torch.Tensor:
+        """Check the product eagerly on one direction, then compile and run it (the first call of
+        ``entry``). A forward-over-reverse product that fails eagerly — torch lacks some
+        forward-mode rules and has broken ones (F.mse_loss with mean reduction raises "ZeroTensors
+        are immutable" eagerly, and crashes the process when compiled) — is compiled
+        reverse-over-reverse instead; what fails eagerly either way is not compiled at all."""
+        params, fixed, V, x, y = args
+        variants = [entry.variant] + (["reverse"] if mode == "hessian" and entry.variant == "forward" else [])
+        for i, variant in enumerate(variants):
+            fn = entry.make(variant)
+            try:
+                fn(params, fixed, V[:1], x, y)
+            except Exception:  # noqa: BLE001 - whatever fails eagerly is not compiled
+                if i + 1 == len(variants):
+                    raise
+                continue
+            if variant != entry.variant:
+                entry.variant, entry.description = variant, entry.description.replace("/forward", "/reverse")
+            entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=_backend(),
+                                     dynamic=False, fullgraph=True)
+            return entry.fn(params, fixed, V, x, y)
+        raise AssertionError("unreachable")
+
+    def is_compiled(self, batch: PreparedBatch, mode: str, D: int) -> bool:
+        """Whether a chunk of D directions on ``batch`` runs compiled code without compiling first
+        (False also where compilation failed)."""
+        names, params, fixed = split_params(self.model)
+        cap = self.max_directions(batch)
+        key = self._key(batch, mode, _bucket(min(D, cap), cap), names, params, fixed)
+        with _lock:
+            entry = _functions.get(key)
+        return entry is not None and not entry.error and entry.seconds is not None
+
+    def apply(self, batch: PreparedBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        cap = self.max_directions(batch)
+        if V.shape[0] > cap:
+            return torch.cat([self.apply(batch, V[s:s + cap], mode) for s in range(0, V.shape[0], cap)])
+        names, params, fixed = split_params(self.model)
+        rows = _bucket(V.shape[0], cap)
+        key = self._key(batch, mode, rows, names, params, fixed)
+        entry = self._entry(key, names, params, mode, rows, batch)
+        if entry.error:
+            return func_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
+        padded = V if rows == V.shape[0] else torch.cat([V, V.new_zeros(rows - V.shape[0], V.shape[1])])
+        args = (params, fixed, padded, batch.inputs, batch.target)
+        if entry.seconds is not None:
+            return entry.fn(*args)[:V.shape[0]].detach()
+        with _FORWARD_AD_LOCK:  # checking and tracing run torch.func's forward-mode AD (process-wide state)
+            start = time.perf_counter()
+            try:
+                out = self._first_call(entry, mode, args)
+            except Exception as exc:  # noqa: BLE001 - a failure of the first call may be the compiler's
+                failure = exc
+            else:
+                failure = None
+                entry.seconds = time.perf_counter() - start
+                logger.info("twicediff: compiled the %s product in %.1f s", entry.description, entry.seconds)
+        if failure is None:
+            return out[:V.shape[0]].detach()
+        try:
+            result = func_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
+        except Exception:
+            # The eager engine fails too: the call itself is wrong (bad data), not the compiler.
+            # Forget the entry, so that a corrected call of this shape is compiled again.
+            with _lock:
+                _functions.pop(key, None)
+            raise
+        self._fall_back(entry, failure)
+        return result
+
+    def _fall_back(self, entry: _Compiled, exc: BaseException) -> None:
+        """Mark ``entry`` as not compilable and say so once per model (a warning)."""
+        text = str(exc).strip()
+        reason = type(exc).__name__ + (": " + text.splitlines()[0][:200] if text else "")
+        entry.fn, entry.error = None, reason
+        with _lock:
+            first = id(self.model) not in _failed_models
+            _failed_models.add(id(self.model))
+        if first:
+            logger.warning("twicediff: torch.compile could not compile the products of %s (%s); computing "
+                           "them with the eager torch.func engine", type(self.model).__name__, reason)

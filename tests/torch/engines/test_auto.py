@@ -1,0 +1,217 @@
+"""``engine="auto"``: the measured choice among the engines. What is checked is behaviour — the
+probe runs once per shape class and is then reused, overrides win, the decision is reported, the
+deterministic rule stands in where timing is off, the probe's work is bounded in calls — and that
+whatever engine it picks gives products equal to float64 references. Nothing here asserts a time."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twicediff
+from generated_models import generate_conv_attention, reference_hessian
+from twicediff import TorchTwiceDifferentiable
+from twicediff.app.cli import device_facts
+from twicediff.torch.engines import auto, probe
+from twicediff.torch.engines.amortise import expected_products
+from twicediff.torch.engines.auto import AutoEngine, default_engine
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.delenv("TWICEDIFF_ENGINE", raising=False)
+    monkeypatch.delenv("TWICEDIFF_PROBE", raising=False)
+    monkeypatch.delenv("TWICEDIFF_PROBE_CACHE", raising=False)
+    probe.clear()
+    yield
+    probe.clear()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().eval()
+    return TorchTwiceDifferentiable(model, F.cross_entropy), torch.randn(9, 5, dtype=torch.float64), \
+        torch.randint(0, 3, (9,))
+
+
+def _structured(seed=2):
+    case = generate_conv_attention(seed)
+    return case, TorchTwiceDifferentiable(case.model, case.loss)
+
+
+def _engine_keys():
+    return {k: v for k, v in twicediff.build_info()["probe"].items() if k.startswith("engine: ")}
+
+
+def _counting(monkeypatch):
+    """Counts of AutoEngine._measure calls (one per probe) and of each candidate's calls."""
+    counts = {"probes": 0}
+    measure, run = AutoEngine._measure, AutoEngine._run
+
+    def counted_measure(self, *a, **k):
+        counts["probes"] += 1
+        return measure(self, *a, **k)
+
+    def counted_run(self, name, *a, **k):
+        counts[name] = counts.get(name, 0) + 1
+        return run(self, name, *a, **k)
+    monkeypatch.setattr(AutoEngine, "_measure", counted_measure)
+    monkeypatch.setattr(AutoEngine, "_run", counted_run)
+    return counts
+
+
+def test_the_probe_runs_once_per_shape_class_and_is_reported(monkeypatch):
+    counts = _counting(monkeypatch)
+    case, td = _structured()
+    V = torch.randn(6, td.num_params, dtype=td.dtype)
+    first = td.hvp_function(case.x, case.y)
+    first(V)
+    assert counts["probes"] == 1
+    assert first.engine.chosen in auto.CANDIDATES
+    td.hvp_function(case.x, case.y)(V)  # same shape class: decided
+    td.hvp_function(case.x, case.y)(V[:5])  # 5 directions round up to the same 8
+    assert counts["probes"] == 1
+    td.hvp_function(case.x, case.y)(V[:1])  # another number of directions: another class
+    assert counts["probes"] == 2
+    report = _engine_keys()
+    assert len(report) == 2
+    for key, entry in report.items():
+        assert entry["source"] == "probe" and entry["choice"] in entry["seconds"], (key, entry)
+        assert set(entry["seconds"]) == {"func", "autograd", "loop"}  # not native: a conv / attention model
+    assert device_facts()["build"]["probe"] == twicediff.build_info()["probe"]
+
+
+@pytest.mark.parametrize("which", ["native", "structured"])
+@pytest.mark.parametrize("D", [1, 2, 7, 40])
+def test_whatever_auto_picks_matches_float64(which, D):
+    if which == "native":
+        td, x, y = _mlp()
+        from hessian_reference import explicit_hessian
+        H = explicit_hessian(td.model, td.loss, x, y)
+    else:
+        case, td = _structured(D)
+        x, y = case.x, case.y
+        H = reference_hessian(case)
+    V = torch.randn(D, td.num_params, dtype=torch.float64)
+    product = td.hvp_function(x, y)
+    got = product(V.to(td.dtype)).double()
+    tol = 1e-9 if td.dtype == torch.float64 else 2e-4
+    assert float((got - V @ H).abs().max()) <= tol * max(1.0, float((V @ H).abs().max())), product.engine.chosen
+    if which == "native":
+        assert "native" in next(iter(_engine_keys().values()))["seconds"]
+
+
+@pytest.mark.parametrize("name", ["func", "autograd", "loop", "native"])
+def test_engine_argument_and_environment_override_the_probe(monkeypatch, name):
+    counts = _counting(monkeypatch)
+    td, x, y = _mlp()
+    V = torch.randn(4, td.num_params, dtype=td.dtype)
+    assert td.hvp_function(x, y, engine=name).engine.name == name
+    monkeypatch.setenv("TWICEDIFF_ENGINE", name)
+    product = td.hvp_function(x, y)
+    assert product.engine.name == name
+    torch.testing.assert_close(product(V), td.hvp(x, y, V, engine="autograd"), rtol=1e-10, atol=1e-12)
+    assert counts["probes"] == 0 and _engine_keys() == {}
+    assert twicediff.build_info()["engine"] == name
+
+
+def test_a_bad_environment_override_names_the_variable(monkeypatch):
+    td, x, y = _mlp()
+    monkeypatch.setenv("TWICEDIFF_ENGINE", "fastest")
+    with pytest.raises(ValueError, match="TWICEDIFF_ENGINE.*'fastest'"):
+        td.hvp(x, y, torch.randn(td.num_params, dtype=td.dtype))
+
+
+def test_set_choice_overrides_the_measurement(monkeypatch):
+    counts = _counting(monkeypatch)
+    case, td = _structured()
+    probe.set_choice("engine", "loop")
+    product = td.hvp_function(case.x, case.y)
+    product(torch.randn(3, td.num_params, dtype=td.dtype))
+    assert product.engine.chosen == "loop" and counts["probes"] == 0
+    assert twicediff.build_info()["probe"]["engine: *"] == {"choice": "loop", "source": "override"}
+
+
+@pytest.mark.parametrize("D", [1, 5])
+def test_without_timing_the_deterministic_rule_decides(monkeypatch, D):
+    counts = _counting(monkeypatch)
+    monkeypatch.setenv("TWICEDIFF_PROBE", "0")
+    case, td = _structured()
+    product = td.hvp_function(case.x, case.y)
+    product(torch.randn(D, td.num_params, dtype=td.dtype))
+    assert product.engine.chosen == default_engine(False, D) == ("loop" if D == 1 else "func")
+    td2, x, y = _mlp()
+    product = td2.hvp_function(x, y)
+    product(torch.randn(D, td2.num_params, dtype=td2.dtype))
+    assert product.engine.chosen == "native"
+    assert counts["probes"] == 0 and _engine_keys() == {}
+
+
+def test_the_probe_is_bounded_in_calls(monkeypatch):
+    counts = _counting(monkeypatch)
+    case, td = _structured()
+    V = torch.randn(8, td.num_params, dtype=td.dtype)
+    # No time to spend: the rule's engine runs its warm-up only, and is kept.
+    monkeypatch.setattr(auto, "PROBE_SECONDS", 0.0)
+    product = td.hvp_function(case.x, case.y)
+    product(V)
+    assert product.engine.chosen == "func"
+    assert counts == {"probes": 1, "func": 2}  # the warm-up, then the product itself
+    # Unlimited time: a warm-up on one direction, rounds on 2, 4, 8 directions, two more on 8.
+    probe.clear()
+    counts.clear()
+    counts["probes"] = 0
+    monkeypatch.setattr(auto, "PROBE_SECONDS", 1e9)
+    product = td.hvp_function(case.x, case.y)
+    product(V)
+    chosen = product.engine.chosen
+    assert {n: counts[n] - (n == chosen) for n in ("func", "autograd", "loop")} == {"func": 6, "autograd": 6, "loop": 6}
+
+
+def test_a_candidate_that_fails_is_left_out():
+    class Model(nn.Module):  # grid_sample has no forward-mode derivative: torch.func cannot take it
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 8)
+
+        def forward(self, x):
+            grid = torch.full((x.shape[0], 1, 1, 2), 0.3, dtype=x.dtype)
+            return F.grid_sample(self.lin(x).reshape(-1, 2, 2, 2), grid, align_corners=False).flatten(1)
+
+    torch.manual_seed(0)
+    td = TorchTwiceDifferentiable(Model().double().eval(), F.mse_loss)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    V = torch.randn(4, td.num_params, dtype=torch.float64)
+    product = td.hvp_function(x, y)
+    got = product(V)
+    assert product.engine.chosen in ("autograd", "loop")
+    entry = next(iter(_engine_keys().values()))
+    assert entry["seconds"]["func"] == float("inf")
+    torch.testing.assert_close(got, td.hvp(x, y, V, engine="autograd"), rtol=1e-10, atol=1e-12)
+
+
+def test_expected_products_reach_the_engine_and_are_checked():
+    case, td = _structured()
+    assert td.hvp_function(case.x, case.y).engine.expected_products is None
+    assert td.hvp_function(case.x, case.y, expected_products=500).engine.expected_products == 500
+    with expected_products(10 ** 6):
+        assert td.hvp_function(case.x, case.y).engine.expected_products == 10 ** 6
+        assert td.hvp_function(case.x, case.y, expected_products=3).engine.expected_products == 3
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="hvp_function: expected_products must be None or an int >= 0"):
+            td.hvp_function(case.x, case.y, expected_products=bad)
+    # Without an expectation the compiled engine is never considered.
+    td.hvp_function(case.x, case.y)(torch.randn(4, td.num_params, dtype=td.dtype))
+    assert not any(k.startswith("compiled: ") for k in twicediff.build_info()["probe"])
+
+
+@pytest.mark.parametrize("problem", ["tuple", "dict"])
+def test_auto_on_tuple_and_dict_batches(problem):
+    from structured_models import PROBLEMS, reference
+
+    model, _, x, y = PROBLEMS[problem](10)
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    V = torch.randn(5, td.num_params, dtype=td.dtype)
+    product = td.hvp_function(x, y)
+    torch.testing.assert_close(product(V), V @ reference(problem, 10)[1], rtol=1e-9, atol=1e-10)
+    assert product.engine.chosen in ("func", "autograd", "loop")
+    assert product.nbytes > 0

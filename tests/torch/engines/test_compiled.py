@@ -1,0 +1,175 @@
+"""The compiled engine: its Hessian (forward- and reverse-over-reverse) and Gauss-Newton products
+against float64 references on generated models, one compilation per shape with the weights as
+inputs, padding of odd chunks, the eager fallback with one log line, and ``auto`` compiling only
+when the expected products repay it.
+
+Compiling costs seconds to a minute on two CPU cores, so most checks use the ``aot_eager``
+backend (dynamo and AOT autograd trace the product exactly as inductor receives it, without
+generating C++), and one compiles with inductor. ``TWICEDIFF_COMPILED_CASES=N`` runs the inductor
+check on N generated models of each family (default 1: one structured model).
+"""
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twicediff
+from generated_models import generate, generate_conv_attention, reference_hessian
+from twicediff import TorchTwiceDifferentiable
+from twicediff.torch.engines import compiled, probe
+from twicediff.torch.engines.amortise import DEFAULT_COMPILE_SECONDS, compile_pays, compile_seconds_estimate
+from twicediff.torch.engines.compiled import CompiledEngine, compiled_functions, forget_compiled
+
+INDUCTOR_CASES = int(os.environ.get("TWICEDIFF_COMPILED_CASES", "1"))
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.setenv("TWICEDIFF_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.delenv("TWICEDIFF_ENGINE", raising=False)
+    forget_compiled()
+    probe.clear()
+    yield
+    forget_compiled()
+    probe.clear()
+
+
+def _check(case, td, got, V, M, what):
+    tol = 1e-9 if td.dtype == torch.float64 else 2e-4
+    want = V.double() @ M
+    gap = float((got.double() - want).abs().max())
+    assert gap <= tol * max(1e-3, float(want.abs().max())), f"{what}: max |Δ| {gap:.3g} for {case.description}"
+
+
+def _products(case, variants=("forward", "reverse"), modes=("hessian", "gauss_newton")):
+    td = TorchTwiceDifferentiable(case.model, case.loss)
+    V = torch.randn(3, td.num_params, generator=torch.Generator().manual_seed(1), dtype=td.dtype)
+    for mode in modes:
+        M = reference_hessian(case, gauss_newton=mode == "gauss_newton")
+        for variant in (variants if mode == "hessian" else ("forward",)):
+            engine = CompiledEngine(td.model, td.loss, variant)
+            got = engine.apply(engine.prepare(case.x, case.y), V, mode)
+            _check(case, td, got, V, M, f"compiled {mode}/{variant}")
+    return td
+
+
+@pytest.mark.parametrize("case, variants", [(generate_conv_attention(1), ("forward", "reverse")),
+                                             (generate_conv_attention(3), ("forward",)), (generate(4), ("forward",)),
+                                             (generate(11), ("forward", "reverse"))],
+                         ids=lambda c: c.description.split(":")[0] if hasattr(c, "description") else "+".join(c))
+def test_compiled_products_match_float64(case, variants):
+    _products(case, variants)
+    report = compiled_functions()
+    assert report and all(f["status"] == "compiled" and f["compile_seconds"] > 0 for f in report), report
+
+
+@pytest.mark.parametrize("case", [generate_conv_attention(s) for s in range(INDUCTOR_CASES)]
+                         + [generate(s) for s in range(max(0, INDUCTOR_CASES - 1))],
+                         ids=lambda c: c.description.split(":")[0])
+def test_inductor_products_match_float64(case, monkeypatch):
+    monkeypatch.setenv("TWICEDIFF_COMPILE_BACKEND", "inductor")
+    modes = ("hessian", "gauss_newton") if INDUCTOR_CASES > 1 else ("hessian",)
+    _products(case, variants=("forward",), modes=modes)
+    assert all(f["status"] == "compiled" for f in compiled_functions())
+
+
+@pytest.mark.parametrize("problem", ["tuple", "dict"])
+def test_compiled_products_of_tuple_and_dict_batches(problem):
+    """x as ``(u, w)`` (model(*x)) and as a dict with a non-tensor flag (model(**x))."""
+    import torch.nn.functional as F
+
+    from structured_models import PROBLEMS, reference
+
+    model, _, x, y = PROBLEMS[problem](10)
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    V = torch.randn(3, td.num_params, dtype=td.dtype)
+    got = td.hvp(x, y, V, engine="compiled")
+    torch.testing.assert_close(got, V @ reference(problem, 10)[1], rtol=1e-9, atol=1e-10)
+    assert [f["status"] for f in compiled_functions()] == ["compiled"]
+
+
+def test_one_compilation_per_shape_weights_are_inputs_and_chunks_are_padded():
+    case = generate_conv_attention(2)
+    td = TorchTwiceDifferentiable(case.model, case.loss)
+    product = td.hvp_function(case.x, case.y, engine="compiled")
+    V = torch.randn(3, td.num_params, dtype=td.dtype)
+    product(V)
+    product(torch.randn(4, td.num_params, dtype=td.dtype))  # 3 rows were padded to 4: same function
+    assert len(compiled_functions()) == 1 and "D=4" in compiled_functions()[0]["description"]
+    with torch.no_grad():  # a training step: new weights, no new compilation, products follow them
+        for p in td.model.parameters():
+            p.mul_(1.5)
+    got = product(V)
+    assert len(compiled_functions()) == 1
+    _check(case, td, got, V, reference_hessian(case), "after a weight change")
+    cap = product.max_directions
+    big = torch.randn(cap + 3, td.num_params, dtype=td.dtype)  # a full chunk and a padded one
+    _check(case, td, product(big), big, reference_hessian(case), "two chunks")
+
+
+def test_a_model_that_cannot_be_compiled_falls_back_to_eager_with_one_log_line(caplog):
+    @torch.compiler.disable
+    def opaque(h):
+        return h * 2
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(opaque(self.a(x))))
+
+    torch.manual_seed(0)
+    model = Model().double().eval()
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    V = torch.randn(5, td.num_params, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger=compiled.__name__):
+        first = td.hvp(x, y, V, engine="compiled")
+        second = td.hvp(x, y, V[:2], engine="compiled")
+    lines = [r for r in caplog.records if "could not compile" in r.getMessage()]
+    assert len(lines) == 1 and "Model" in lines[0].getMessage()
+    want = td.hvp(x, y, V, engine="func")
+    torch.testing.assert_close(first, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second, want[:2], rtol=1e-10, atol=1e-12)
+    assert compiled_functions()[0]["status"].startswith("eager fallback")
+
+
+def test_bad_data_is_not_taken_for_a_compiler_failure():
+    case = generate_conv_attention(2)
+    td = TorchTwiceDifferentiable(case.model, case.loss)
+    engine = CompiledEngine(td.model, td.loss)
+    wrong = case.x[..., :-1]  # one feature too few: the model itself fails
+    with pytest.raises(RuntimeError):
+        engine.apply(engine.prepare(wrong, case.y), torch.randn(2, td.num_params, dtype=td.dtype), "hessian")
+    assert compiled_functions() == []  # forgotten: a corrected call compiles again
+
+
+def test_the_amortisation_rule():
+    assert compile_seconds_estimate() == DEFAULT_COMPILE_SECONDS  # nothing compiled yet
+    assert not compile_pays(None, 1.0)
+    assert not compile_pays(0, 1.0)
+    # saved = E · s · (1 − 1/2) against 60 s
+    assert not compile_pays(100, 1.0) and compile_pays(120, 1.0)
+    assert not compile_pays(10 ** 9, 0.0)
+
+
+def test_auto_compiles_only_when_the_expected_products_repay_it():
+    case = generate_conv_attention(2)
+    td = TorchTwiceDifferentiable(case.model, case.loss)
+    V = torch.randn(4, td.num_params, dtype=td.dtype)
+    H = reference_hessian(case)
+    _check(case, td, td.hvp(case.x, case.y, V, expected_products=10), V, H, "auto, few products")
+    assert compiled_functions() == []
+    product = td.hvp_function(case.x, case.y, expected_products=10 ** 12)
+    _check(case, td, product(V), V, H, "auto, many products")
+    decided = {k: v for k, v in twicediff.build_info()["probe"].items() if k.startswith("compiled: ")}
+    assert len(decided) == 1 and len(compiled_functions()) == 1
+    entry = next(iter(decided.values()))
+    assert "compiled" in entry["seconds"] and len(entry["seconds"]) == 2  # against the eager winner
+    assert entry["choice"] == product.engine.chosen
+    assert twicediff.build_info()["compiled"] == compiled_functions()

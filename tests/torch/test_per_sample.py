@@ -1,0 +1,87 @@
+"""Per-sample gradients of batches whose x is a tuple or a dict (twicediff.torch.per_sample): the
+vmapped path and the one-sample-at-a-time fallback against one ``grad`` per point, chunks of samples
+under a small memory budget, and the number of points of a list of such batches."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twicediff
+from twicediff.torch import per_sample
+from twicediff.torch.batch import slice_batch
+from twicediff.torch.per_sample import gradient_matrix, num_points_of, per_sample_grads, sample_chunks
+
+from structured_models import DT, PROBLEMS, batches
+
+
+def one_at_a_time(model, x, y, n):
+    return torch.stack([model.grad(slice_batch(x, i, i + 1), y[i:i + 1]) for i in range(n)])
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_per_sample_grads_equal_one_grad_per_point(name):
+    module, _, x, y = PROBLEMS[name]()
+    model = twicediff.TorchTwiceDifferentiable(module, F.cross_entropy)
+    packed = torch.cat([b.reshape(10, -1) for b in per_sample_grads(model, x, y)], 1)
+    want = one_at_a_time(model, x, y, 10)
+    torch.testing.assert_close(packed, want, rtol=1e-10, atol=1e-12)
+    data = batches(x, y, 4)
+    assert num_points_of(data) == 10
+    torch.testing.assert_close(gradient_matrix(model, data, "test", "data", False), want, rtol=1e-10, atol=1e-12)
+
+
+def test_chunks_of_samples_slice_every_tensor_and_keep_the_other_entries():
+    module, _, x, y = PROBLEMS["dict"]()
+    model = twicediff.TorchTwiceDifferentiable(module, F.cross_entropy)
+    with twicediff.memory_budget(30_000):
+        chunks = list(sample_chunks(model, batches(x, y, 10), "test", "data", False))
+    assert len(chunks) > 1 and sum(c[1].shape[0] for c in chunks) == 10
+    start = 0
+    for cx, cy, name in chunks:
+        n = cy.shape[0]
+        assert name == "data batch 0" and cx["causal"] is False
+        assert torch.equal(cx["input_ids"], x["input_ids"][start:start + n])
+        assert torch.equal(cx["attention_mask"], x["attention_mask"][start:start + n])
+        start += n
+
+
+class _NoVmapTanh(torch.autograd.Function):
+    """tanh as an old-style autograd.Function: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return (1 - out * out) * grad
+
+
+class _TwoInputsNoVmap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, u, w, scale: float = 1.0):
+        return self.head(_NoVmapTanh.apply(self.a(u) + scale * self.b(w)))
+
+
+def test_the_autograd_fallback_takes_tuples_with_other_entries(caplog, monkeypatch):
+    monkeypatch.setattr(per_sample, "_logged_fallback", set())  # the fallback is logged once per process
+    torch.manual_seed(0)
+    model = twicediff.TorchTwiceDifferentiable(_TwoInputsNoVmap().to(DT).eval(), F.cross_entropy)
+    x = (torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT), 0.5)
+    y = torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.WARNING):
+        blocks = per_sample_grads(model, x, y)
+    assert "per_sample_grads: torch.func cannot run this model" in caplog.text
+    packed = torch.cat([b.reshape(5, -1) for b in blocks], 1)
+    torch.testing.assert_close(packed, one_at_a_time(model, x, y, 5), rtol=1e-10, atol=1e-12)
+    full = model.grad(x, y)
+    torch.testing.assert_close(packed.mean(0), full, rtol=1e-10, atol=1e-12)  # the mean loss's gradient
