@@ -84,7 +84,7 @@ def main() -> None:
         child(args)
         return
     sys.path.insert(0, HERE)
-    from harness import git_commit, machine
+    from harness import emit, git_commit, machine
 
     runs = {"lanczos": [], "arpack": []}
     load = os.getloadavg()[0]
@@ -132,11 +132,7 @@ def main() -> None:
               f"Largest relative eigenvalue difference: {ev_diff:.1e}.", "",
               "All times (s): " + "; ".join(f"{m}: " + ", ".join(f"{o['seconds']:.2f}" for o in v)
                                            for m, v in runs.items())]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

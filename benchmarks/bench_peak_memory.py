@@ -247,11 +247,10 @@ def main() -> None:
             print(f"{args.before_name}:" if package_dir else "", method, shown, flush=True)
             if r.get("trace_stack"):
                 print(r["trace_stack"], flush=True)
-    text = table(results, budget, before, args.before_name, tuple(args.widths))
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    sys.path.insert(0, HERE)
+    from harness import emit
+
+    emit(table(results, budget, before, args.before_name, tuple(args.widths)), args.out)
 
 
 if __name__ == "__main__":
