@@ -321,6 +321,17 @@ def test_layers_left_out_are_reported(caplog):
         off += p.numel()
 
 
+def test_leaving_most_parameters_out_is_a_warning(caplog):
+    model = _mlp()
+    x, y = _data("mlp")
+    with caplog.at_level(logging.INFO, logger="twicediff.torch.kfac"):
+        KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 8), layers=["2", "4"])  # 30 + 6 of 75 left out
+        KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 8), layers=["4"])  # 60 of 75 left out
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records if "out of the curvature" in r.getMessage()]
+    assert [lv for lv, _ in levels] == [logging.INFO, logging.WARNING]
+    assert "(60 elements, 80% of the trainable ones)" in levels[1][1] and "0.weight, 0.bias, 2.weight" in levels[1][1]
+
+
 def test_user_named_layers_and_errors():
     model = _mlp()
     assert [t.name for t in find_layers(model, ["2", model[4]])] == ["2", "4"]

@@ -203,11 +203,17 @@ def report_left_out(model: nn.Module, tracked: Sequence[TrackedLayer], why: str 
         inside.add(t.weight_name)
         if t.bias_name:
             inside.add(t.bias_name)
-    left = [n for n, _ in trainable_parameters(model) if n not in inside]
+    params = trainable_parameters(model)
+    left = [n for n, _ in params if n not in inside]
     if left:
-        numel = sum(p.numel() for n, p in trainable_parameters(model) if n in set(left))
-        logger.info("K-FAC leaves %d trainable parameter tensors (%d elements) out of the curvature and the "
-                    "influence%s: %s", len(left), numel, why, ", ".join(left))
+        numel = sum(p.numel() for n, p in params if n in set(left))
+        share = numel / max(1, sum(p.numel() for _, p in params))
+        # One line either way; a warning when most of the model is outside the curvature (an LSTM,
+        # a model of embeddings), where the influence describes a small part of the model only.
+        level = logging.WARNING if share > 0.5 else logging.INFO
+        logger.log(level, "K-FAC leaves %d trainable parameter tensors (%d elements, %.0f%% of the trainable "
+                   "ones) out of the curvature and the influence%s: %s", len(left), numel, 100 * share, why,
+                   ", ".join(left))
     return left
 
 
