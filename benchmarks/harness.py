@@ -32,12 +32,18 @@ def git_commit() -> str:
 
 
 def machine() -> str:
-    """The CPU's model name, its ISA level as torch sees it, and the logical CPU count, as the
-    result tables state the machine."""
+    """The CPU's model name, its ISA level as torch sees it, the logical CPU count and the library
+    of the native ops' float32 GEMMs (with oneDNN's reason when it refused them), as the result
+    tables state the machine."""
     from twicediff.torch.engines.probe import cpu_model
 
+    from twicediff import _C
+
     isa = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu_model()} ({isa}), {os.cpu_count()} logical CPUs"
+    gemm = _C.cpu_gemm()
+    refusal = _C.cpu_gemm_refusal()
+    gemm += " (oneDNN refused: " + refusal.split(":")[-1].strip() + ")" if refusal else ""
+    return f"{cpu_model()} ({isa}), {os.cpu_count()} logical CPUs; native float32 GEMMs: {gemm}"
 
 
 

@@ -27,6 +27,7 @@ BUILD_INFO_TYPES = {
     "nvcc": (str, type(None)),
     "sanitize": (str, type(None)),
     "cpu_gemm": str,
+    "cpu_gemm_refusal": str,
     "probe": dict,
     "engine": (str, type(None)),
     "compiled": list,
@@ -41,6 +42,7 @@ def test_build_info_keys_and_types():
     assert all(re.fullmatch(r"sm_\d+", a) for a in info["cuda_archs"]), info["cuda_archs"]
     assert info["torch_runtime"] == torch.__version__
     assert info["cpu_gemm"] in ("onednn", "blas")
+    assert info["cpu_gemm"] == "blas" or not info["cpu_gemm_refusal"]  # a refusal sends the GEMMs to BLAS
 
 
 def test_build_info_agrees_with_the_record_and_the_module():

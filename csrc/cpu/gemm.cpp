@@ -7,7 +7,9 @@
 // at::native::mkldnn_matmul (out = beta out + alpha a b; a and b contiguous or transposed, else
 // copied; out row-major with any row stride) without shipping its header. It is looked up once at
 // run time, so a torch without it, or with another signature, keeps ATen's GEMM instead of failing
-// to load. float64 has no oneDNN kernel and always goes to ATen. torch's settings that allow reduced
+// to load, and a oneDNN that refuses float32 GEMMs on this CPU (tried once with a 1×1 product;
+// cpu_gemm_refusal() in the Python module gives its message) does too. float64 has no oneDNN
+// kernel and always goes to ATen. torch's settings that allow reduced
 // precision in oneDNN's float32 matmuls (torch.set_float32_matmul_precision("medium"),
 // torch.backends.mkldnn.matmul.fp32_precision) may reach these GEMMs too; in our tests results
 // stayed at float32 accuracy under both.
@@ -26,6 +28,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
 
 #include "gemm_common.h"
 
@@ -38,17 +42,38 @@ using MatmulFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor
 // at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = beta result + alpha mat1 mat2
 constexpr const char* kMatmulSymbol = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
 
-MatmulFn lookup() {
-  if (!at::hasMKLDNN()) return nullptr;
-  void* fn = dlsym(RTLD_DEFAULT, kMatmulSymbol);
-  if (fn == nullptr) {
-    // torch's libraries may have been loaded into a local namespace; ask libtorch_cpu itself.
-    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) fn = dlsym(lib, kMatmulSymbol);
+std::atomic<bool> refused{false};  // oneDNN rejected a float32 GEMM once: ATen from then on
+std::mutex refusal_mutex;
+std::string refusal_message;  // oneDNN's error at that refusal
+
+void refuse(const c10::Error& e) {
+  {
+    std::lock_guard<std::mutex> lock(refusal_mutex);
+    if (refusal_message.empty()) refusal_message = e.what_without_backtrace();
   }
-  return reinterpret_cast<MatmulFn>(fn);
+  refused.store(true, std::memory_order_relaxed);
 }
 
-std::atomic<bool> refused{false};  // oneDNN rejected a float32 GEMM once: ATen from then on
+MatmulFn lookup() {
+  if (!at::hasMKLDNN()) return nullptr;
+  void* sym = dlsym(RTLD_DEFAULT, kMatmulSymbol);
+  if (sym == nullptr) {
+    // torch's libraries may have been loaded into a local namespace; ask libtorch_cpu itself.
+    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) sym = dlsym(lib, kMatmulSymbol);
+  }
+  auto fn = reinterpret_cast<MatmulFn>(sym);
+  if (fn == nullptr) return nullptr;
+  // One 1×1 product first: some builds refuse every float32 GEMM on CPUs without bf16 support
+  // (torch 2.14 on an AVX2-only AMD EPYC: "mkldnn_matmul bf16 path needs ... avx512bw"), and the
+  // backend reported by gemm_backend() should be the one the GEMMs will use from the first call.
+  try {
+    const auto one = at::ones({1, 1}, at::kFloat);
+    fn(one, one, at::empty({1, 1}, at::kFloat), 0.f, 1.f);
+  } catch (const c10::Error& e) {
+    refuse(e);
+  }
+  return fn;
+}
 
 bool blas_forced() {
   const char* env = std::getenv("TWICEDIFF_CPU_GEMM");
@@ -78,14 +103,20 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, doubl
     try {
       fn(a, b, out, static_cast<float>(beta), static_cast<float>(alpha));
       return;
-    } catch (const c10::Error&) {  // its argument checks run before it writes out
-      refused.store(true, std::memory_order_relaxed);
+    } catch (const c10::Error& e) {  // its argument checks run before it writes out
+      refuse(e);
     }
   }
   aten_gemm(out, a, b, beta, alpha);
 }
 
 std::string gemm_backend() { return onednn_matmul() != nullptr ? "onednn" : "blas"; }
+
+std::string gemm_refusal() {
+  onednn_matmul();  // the first-use check above
+  std::lock_guard<std::mutex> lock(refusal_mutex);
+  return refusal_message;
+}
 
 namespace {
 

@@ -15,5 +15,8 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, doubl
 // Which library takes float32 GEMMs in this process now: "onednn" or "blas".
 std::string gemm_backend();
 
+// oneDNN's error message when it refused a float32 GEMM in this process ("" when it never did).
+std::string gemm_refusal();
+
 }  // namespace cpu
 }  // namespace twicediff

@@ -69,7 +69,9 @@ def build_info() -> Dict[str, Any]:
     ``cpu_gemm`` (which library takes the native ops' float32 GEMMs on the CPU: ``"onednn"``, torch's
     bundled oneDNN, or ``"blas"``, ATen's; the environment variable ``TWICEDIFF_CPU_GEMM=blas`` or
     ``torch.backends.mkldnn.enabled = False`` forces the latter; otherwise a timed probe picks one
-    per shape class on first use), ``probe`` (those choices, see twicediff.torch.engines.probe:
+    per shape class on first use), ``cpu_gemm_refusal`` (oneDNN's message when it refused float32
+    GEMMs in this process, as torch 2.14's does on CPUs without bf16 support; then ``cpu_gemm`` is
+    ``"blas"``; "" when it never refused), ``probe`` (those choices, see twicediff.torch.engines.probe:
     ``"cpu_gemm: ..."`` the GEMM library, ``"engine: ..."`` the engine ``engine="auto"`` measured
     fastest per shape class, ``"compiled: ..."`` whether the compiled engine replaced it),
     ``engine`` (``TWICEDIFF_ENGINE``: what ``engine="auto"`` stands for, or None) and ``compiled``
@@ -85,6 +87,7 @@ def build_info() -> Dict[str, Any]:
         "nvcc": _config.NVCC_VERSION,
         "sanitize": _config.SANITIZE,
         "cpu_gemm": _C.cpu_gemm(),
+        "cpu_gemm_refusal": _C.cpu_gemm_refusal(),
         "probe": _probe_choices(),
         "engine": os.environ.get("TWICEDIFF_ENGINE") or None,
         "compiled": _compiled_functions(),
