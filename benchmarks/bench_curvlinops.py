@@ -55,7 +55,8 @@ def run(preset: str, D: int, repeats: int):
     Hc = HessianLinearOperator(model, loss_module, params, [(x, y)], check_deterministic=False)
     Hc.__dict__["_mp"] = torch.compile(Hc._mp)  # its cached per-batch product function, compiled
     fns = {"curvlinops": lambda: H @ V, "curvlinops_compiled": lambda: Hc @ V,
-           "twicediff_auto": lambda: td.hvp(x, y, Vt), "twicediff_compiled": lambda: td.hvp(x, y, Vt, engine="compiled")}
+           "twicediff_auto": lambda: td.hvp(x, y, Vt),
+           "twicediff_compiled": lambda: td.hvp(x, y, Vt, engine="compiled")}
     first = {m: _first_minus_steady(fns[m]) for m in fns}  # compile, probe
     want = td.hvp(x, y, Vt, engine="autograd")
     gaps = {m: float((fns[m]().T if m.startswith("curvlinops") else fns[m]()).sub(want).abs().max()) for m in fns}

@@ -99,6 +99,10 @@ def _timing_possible(V: torch.Tensor) -> bool:
     return not (V.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _nothing() -> None:
+    """A candidate's call for probe.choose where AutoEngine measures the candidates itself."""
+
+
 def _sync(V: torch.Tensor) -> None:
     """Wait for the GPU's queued work, so that a wall-clock time covers the products themselves."""
     if V.is_cuda:
@@ -187,7 +191,7 @@ class AutoEngine:
         else:
             key = self._key(batch, V, mode)
             names = list(self.engines)
-            name = probe.choose("engine", key, {n: (lambda: None) for n in names},
+            name = probe.choose("engine", key, {n: _nothing for n in names},
                                measure=lambda: self._measure(names, batch, V, mode))
             if self.expected_products:
                 seconds = probe.decision("engine", key).get("seconds", {}).get(name) or self._eager_seconds.get(key)
@@ -202,8 +206,9 @@ class AutoEngine:
                     self.chosen = name
                     return out
                 if compile_pays(self.expected_products, seconds):
-                    name = probe.choose("compiled", f"{key} eager={name}", {name: lambda: None, "compiled": lambda: None},
-                                        measure=lambda: self._measure_compiled(name, batch, V, mode))
+                    eager = name
+                    name = probe.choose("compiled", f"{key} eager={eager}", {eager: _nothing, "compiled": _nothing},
+                                        measure=lambda: self._measure_compiled(eager, batch, V, mode))
         self.chosen = name
         return self._run(name, batch, V, mode)
 
