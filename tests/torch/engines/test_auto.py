@@ -215,3 +215,15 @@ def test_auto_on_tuple_and_dict_batches(problem):
     torch.testing.assert_close(product(V), V @ reference(problem, 10)[1], rtol=1e-9, atol=1e-10)
     assert product.engine.chosen in ("func", "autograd", "loop")
     assert product.nbytes > 0
+
+
+def test_the_prediction_from_timed_calls():
+    """t(d) = a + b·d through the two largest timed calls, extrapolated at most 4 times beyond."""
+    predicted = AutoEngine._predicted
+    assert predicted({2: 0.03, 4: 0.04}, 4) == pytest.approx(0.01)             # measured there
+    assert predicted({2: 0.03, 4: 0.04}, 16) == pytest.approx(0.02 / 16 + 0.005)
+    assert predicted({2: 0.03, 4: 0.04}, 64) == predicted({2: 0.03, 4: 0.04}, 16)  # 4x at most
+    assert predicted({1: 0.5, 2: 0.03, 4: 0.04}, 16) == predicted({2: 0.03, 4: 0.04}, 16)
+    assert predicted({8: 0.08}, 64) == pytest.approx(0.01)                     # one size: its own rate
+    assert predicted({2: 0.05, 4: 0.04}, 8) == pytest.approx(0.04 / 8)         # noise: no per-direction part
+    assert predicted({2: 0.001, 4: 0.04}, 8) == pytest.approx(0.01)            # noise: no fixed part

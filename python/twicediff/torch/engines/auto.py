@@ -16,8 +16,12 @@ direction (warm-up, in the order of the rule below; a candidate is left out when
 so far and the slowest warm-up would pass half the budget), then timed rounds on 2, 4, 8, ...
 directions, up to the chunk's own number, while the time spent and the next round (predicted as
 twice the last) stay within the budget; the loop, whose cost per direction does not depend on
-how many there are, stops at ``LOOP_PROBE_DIRECTIONS``. The fastest per direction on the last
-round wins. A candidate that raises (an op without a torch.func rule, a module updating buffers
+how many there are, stops at ``LOOP_PROBE_DIRECTIONS``. Each candidate's time per direction at
+the chunk it would compute is then predicted from its two largest timed calls, t(d) = a + b·d
+(a fixed part per call, b per direction), extrapolated at most ``EXTRAPOLATION`` (4) times beyond
+the directions it was timed on, and the fastest wins: on a slow model or a busy machine the budget
+allows only small calls, where the per-call part would otherwise favour the loop over the
+batched engines. A candidate that raises (an op without a torch.func rule, a module updating buffers
 in training mode) is out. So a probe costs at most about the budget, plus a warm-up where one
 product alone takes longer: there only the engine the rule picks runs, and it is kept.
 
@@ -65,6 +69,8 @@ CANDIDATES = ("native", "func", "autograd", "loop")
 PROBE_SECONDS = 0.4
 #: The most directions the loop is timed on.
 LOOP_PROBE_DIRECTIONS = 8
+#: How far beyond the directions it was timed on a candidate's time is extrapolated.
+EXTRAPOLATION = 4
 
 
 @dataclass(frozen=True)
@@ -167,13 +173,19 @@ class AutoEngine:
     def max_directions(self, batch: AutoBatch) -> int:
         return MAX_DIRECTIONS_PER_CHUNK
 
-    def _run(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
-        """Engine ``name``'s products, in chunks of at most its own ``max_directions`` that fit the
-        memory budget (MemoryBudgetError where not one direction does)."""
+    def _step(self, name: str, batch: AutoBatch, D: int, device: torch.device) -> int:
+        """Directions per call of engine ``name`` for D of them: at most its own ``max_directions``,
+        within the memory budget (MemoryBudgetError where not one direction fits)."""
         engine = self.compiled if name == "compiled" else self.engines[name]
         own = self._engine_batch(name, batch)
-        step = min(max(1, int(engine.max_directions(own))),
-                   chunk_size(V.shape[0], int(engine.bytes_per_direction(own)), V.device, what="hvp directions"))
+        return min(max(1, int(engine.max_directions(own))),
+                   chunk_size(D, int(engine.bytes_per_direction(own)), device, what="hvp directions"))
+
+    def _run(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        """Engine ``name``'s products, in chunks of :meth:`_step` directions."""
+        engine = self.compiled if name == "compiled" else self.engines[name]
+        own = self._engine_batch(name, batch)
+        step = self._step(name, batch, V.shape[0], V.device)
         if V.shape[0] <= step:
             return engine.apply(own, V, mode)
         return torch.cat([engine.apply(own, V[s:s + step], mode) for s in range(0, V.shape[0], step)])
@@ -213,12 +225,14 @@ class AutoEngine:
         return self._run(name, batch, V, mode)
 
     def _measure(self, names: List[str], batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:
-        """Seconds per direction of each candidate (inf: failed or left out), within PROBE_SECONDS."""
+        """Seconds per direction of each candidate at V's number of directions (inf: failed or left
+        out), from calls within PROBE_SECONDS (see the module docstring and :meth:`_predicted`)."""
         default = default_engine("native" in names, V.shape[0])
         order = [default] + [n for n in CANDIDATES if n in names and n != default]
         start = time.perf_counter()
         failed: Dict[str, BaseException] = {}
         last: Dict[str, float] = {}  # seconds of each candidate's last call
+        timed: Dict[str, Dict[int, float]] = {}  # rows -> best seconds, per candidate
 
         def call(n: str, rows: int) -> bool:
             _sync(V)
@@ -238,29 +252,23 @@ class AutoEngine:
                 break
             if call(n, 1):
                 alive.append(n)
-        per_direction = {n: math.inf for n in names}
         if not alive:  # every candidate failed: the rule's engine raises its own error
             raise failed[default]
         if len(alive) == 1:
-            per_direction[alive[0]] = last[alive[0]]
-            return per_direction
+            return {n: (last[n] if n in alive else math.inf) for n in names}
         D = V.shape[0]
         rows, full_rounds = min(D, 2), 0
-        measured_at: Dict[str, int] = {}
         while alive:
             ran = []
             for n in list(alive):
                 r = min(rows, LOOP_PROBE_DIRECTIONS) if n == "loop" else rows
-                if measured_at.get(n) == r and rows < D:
-                    continue  # the loop, at its most directions already: its time per direction stands
+                if r in timed.get(n, {}) and rows < D:
+                    continue  # the loop, at its most directions already
                 if not call(n, r):
                     alive.remove(n)
-                    per_direction[n] = math.inf
                     continue
                 ran.append(n)
-                s = last[n] / r
-                per_direction[n] = min(s, per_direction[n]) if measured_at.get(n) == r else s
-                measured_at[n] = r
+                timed.setdefault(n, {})[r] = min(last[n], timed.get(n, {}).get(r, math.inf))
             spent, cost = time.perf_counter() - start, sum(last[n] for n in ran)
             if rows == D:
                 full_rounds += 1
@@ -272,7 +280,26 @@ class AutoEngine:
                 rows = min(2 * rows, D)
         if not alive:
             raise failed[default]
-        return per_direction
+        return {n: (self._predicted(timed[n], self._step(n, batch, D, V.device)) if n in alive else math.inf)
+                for n in names}
+
+    @staticmethod
+    def _predicted(timed: Dict[int, float], rows: int) -> float:
+        """Seconds per direction of a call of ``rows`` directions, from calls timed on fewer or as
+        many: t(d) = a + b·d fitted through the two largest (a: what a call costs whatever its
+        directions, b: each direction), extrapolated at most EXTRAPOLATION times beyond the
+        largest; with one size, its own time per direction."""
+        sizes = sorted(timed)
+        d2, t2 = sizes[-1], timed[sizes[-1]]
+        target = min(rows, EXTRAPOLATION * d2)
+        if len(sizes) < 2 or target == d2:
+            return t2 / d2
+        d1, t1 = sizes[-2], timed[sizes[-2]]
+        b = max(0.0, (t2 - t1) / (d2 - d1))
+        a = t2 - b * d2
+        if a < 0:  # noise: no fixed part
+            a, b = 0.0, t2 / d2
+        return a / target + b
 
     def _measure_compiled(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:
         """Seconds per direction of ``name`` and of the compiled engine (compiled first, outside the
