@@ -15,6 +15,7 @@ a steady one.
 """
 import argparse
 import os
+import tempfile
 import time
 
 import torch
@@ -102,10 +103,14 @@ def main():
     ap.add_argument("--amortise", type=int, default=1000, help="calls the compile time is spread over")
     ap.add_argument("--chunk", type=int, default=compiled.COMPILED_CHUNK, help="compiled engine's chunk")
     ap.add_argument("--skip", choices=["part1", "part2"], default=None)
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="keep inductor's on-disk caches (default: a fresh one, so compile times are cold)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     compiled.COMPILED_CHUNK = args.chunk
+    if not args.warm_cache:  # compile times as a first run on a machine sees them
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="twicediff_bench_inductor_")
     presets = args.preset or ["d_cnn", "d_transformer"]
     load = os.getloadavg()
     text = [f"# Compiled engine and auto's measured choice (cpu)", "",
@@ -114,7 +119,10 @@ def main():
             f"start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min).", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py "
             + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "
-            f"{args.repeats} --amortise {args.amortise} --chunk {args.chunk}`", ""]
+            f"{args.repeats} --amortise {args.amortise} --chunk {args.chunk}"
+            + (" --warm-cache" if args.warm_cache else "") + "`", "",
+            "Compile times: " + ("inductor's on-disk caches as they were (warm)." if args.warm_cache else
+                                 "a fresh inductor cache directory for the run (cold: what a first run sees)."), ""]
     if args.skip != "part1":
         text += [f"## Compiled engine, D = {args.directions}", "",
                  "ms / call: one call of all D directions (the loop: 16 of them; per HVP it is linear in D). "
