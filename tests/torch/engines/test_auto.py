@@ -75,7 +75,8 @@ def test_the_probe_runs_once_per_shape_class_and_is_reported(monkeypatch):
     report = _engine_keys()
     assert len(report) == 2
     for key, entry in report.items():
-        assert entry["source"] == "probe" and entry["choice"] in entry["seconds"], (key, entry)
+        assert entry["source"] in ("probe", "revised", "confirmed"), (key, entry)  # revised: timed at size
+        assert entry["choice"] in entry["seconds"], (key, entry)
         assert set(entry["seconds"]) == {"func", "autograd", "loop"}  # not native: a conv / attention model
     assert device_facts()["build"]["probe"] == twicediff.build_info()["probe"]
 
@@ -227,3 +228,38 @@ def test_the_prediction_from_timed_calls():
     assert predicted({8: 0.08}, 64) == pytest.approx(0.01)                     # one size: its own rate
     assert predicted({2: 0.05, 4: 0.04}, 8) == pytest.approx(0.04 / 8)         # noise: no per-direction part
     assert predicted({2: 0.001, 4: 0.04}, 8) == pytest.approx(0.01)            # noise: no fixed part
+
+
+def test_the_choice_is_confirmed_at_its_real_size(monkeypatch):
+    """The probe's predictions are checked by timing the choice's own calls: a choice that measures
+    slower than another's prediction gives way to it, which is measured next; then the faster of
+    the two measured stays. Predictions absurdly far from any real time make the outcome certain."""
+    case, td = _structured()
+    H = reference_hessian(case)
+    V = torch.randn(8, td.num_params, dtype=td.dtype)
+    predicted = {"func": 1e-12, "autograd": 2e-12, "loop": 1e3}  # seconds per direction
+    monkeypatch.setattr(AutoEngine, "_measure", lambda self, names, *a: dict(predicted))
+    key = lambda: next(iter(_engine_keys()))  # noqa: E731
+    product = td.hvp_function(case.x, case.y)
+    tol = 2e-4 if td.dtype == torch.float32 else 1e-9
+    for call, (ran, now, source) in enumerate([("func", "autograd", "revised"), ("autograd", None, "confirmed")]):
+        got = product(V)
+        assert product.engine.chosen == ran
+        assert float((got.double() - V.double() @ H).abs().max()) <= tol * max(1.0, float((V.double() @ H).abs().max()))
+        entry = _engine_keys()[key()]
+        assert entry["source"] == source
+        assert set(entry["measured"]) == ({"func"} if call == 0 else {"func", "autograd"})
+        if now is not None:
+            assert entry["choice"] == now
+        else:  # both measured: autograd stays unless func measured faster beyond the margin
+            m = entry["measured"]
+            assert entry["choice"] == ("func" if m["func"] * auto.CONFIRM_MARGIN < m["autograd"] else "autograd")
+            assert entry["seconds"]["loop"] == 1e3
+    product(V)  # confirmed: no more timing, no more changes
+    assert _engine_keys()[key()]["source"] == "confirmed"
+    # A choice that measures no slower than every rival's figure is confirmed at once.
+    probe.clear()
+    predicted.update(func=1e-12, autograd=1e3, loop=1e3)
+    td.hvp_function(case.x, case.y)(V)
+    entry = _engine_keys()[key()]
+    assert entry["choice"] == "func" and entry["source"] == "confirmed" and set(entry["measured"]) == {"func"}

@@ -21,8 +21,12 @@ the chunk it would compute is then predicted from its two largest timed calls, t
 (a fixed part per call, b per direction), extrapolated at most ``EXTRAPOLATION`` (4) times beyond
 the directions it was timed on, and the fastest wins: on a slow model or a busy machine the budget
 allows only small calls, where the per-call part would otherwise favour the loop over the
-batched engines. A candidate that raises (an op without a torch.func rule, a module updating buffers
-in training mode) is out. So a probe costs at most about the budget, plus a warm-up where one
+batched engines. The prediction is then checked where it costs nothing: the choice's first call at
+its real size is timed, and where another candidate's time (predicted, or measured the same way)
+beats it by more than ``CONFIRM_MARGIN`` (5%), that one is chosen and timed on the next call of
+the shape class, until the choice is the fastest known (``source`` "confirmed" in the report);
+a per-direction cost that grows with the chunk (caches) shows up there. A candidate that raises
+(an op without a torch.func rule, a module updating buffers in training mode) is out. So a probe costs at most about the budget, plus a warm-up where one
 product alone takes longer: there only the engine the rule picks runs, and it is kept.
 
 Where timing is not possible or not wanted — ``TWICEDIFF_PROBE=0``, inside ``torch.compile``
@@ -71,6 +75,8 @@ PROBE_SECONDS = 0.4
 LOOP_PROBE_DIRECTIONS = 8
 #: How far beyond the directions it was timed on a candidate's time is extrapolated.
 EXTRAPOLATION = 4
+#: How much slower than another candidate the choice must measure at its real size to be replaced.
+CONFIRM_MARGIN = 1.05
 
 
 @dataclass(frozen=True)
@@ -221,8 +227,40 @@ class AutoEngine:
                     eager = name
                     name = probe.choose("compiled", f"{key} eager={eager}", {eager: _nothing, "compiled": _nothing},
                                         measure=lambda: self._measure_compiled(eager, batch, V, mode))
+                    self.chosen = name
+                    return self._run(name, batch, V, mode)
+            if probe.decision("engine", key).get("source") in ("probe", "revised"):
+                self.chosen = name
+                return self._confirmed_run(key, name, batch, V, mode)
         self.chosen = name
         return self._run(name, batch, V, mode)
+
+    def _confirmed_run(self, key: str, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        """The products of the probe's choice, timed: the probe predicted each candidate's time at
+        the chunk it would compute from calls on fewer directions; this call measures the choice at
+        its real size, at no extra cost (the products are the caller's). Where it measures slower
+        than another candidate's time (measured the same way, else as the probe predicted it) by
+        more than ``CONFIRM_MARGIN``, that one becomes the choice (:func:`probe.revise`); one only
+        predicted is measured on the next call of the shape class. The decision is confirmed once
+        its choice was measured and nothing measured or predicted beats it; each candidate is
+        measured at size at most once per shape class."""
+        _sync(V)
+        start = time.perf_counter()
+        out = self._run(name, batch, V, mode)
+        _sync(V)
+        entry = probe.decision("engine", key)
+        measured = dict(entry.get("measured", {}))
+        measured[name] = (time.perf_counter() - start) / V.shape[0]
+        known = {**entry.get("seconds", {}), **measured}
+        rivals = {n: s for n, s in known.items() if n != name}
+        rival = min(rivals, key=rivals.get) if rivals else None
+        if rival is None or rivals[rival] * CONFIRM_MARGIN >= measured[name]:
+            probe.revise("engine", key, name, measured, final=True)
+        else:  # the rival is faster: confirmed where measured at size too, else measured next
+            logger.debug("twicediff: auto: %s measured %.3g s per direction at size, %s %.3g s", name,
+                         measured[name], rival, rivals[rival])
+            probe.revise("engine", key, rival, measured, final=rival in measured)
+        return out
 
     def _measure(self, names: List[str], batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:
         """Seconds per direction of each candidate at V's number of directions (inf: failed or left
