@@ -72,6 +72,10 @@ def amortised(per_hvp, compile_seconds, m, D, calls):
     return calls * D * per_hvp["loop"] / total
 
 
+def _engine_choice() -> str:
+    return next(val["choice"] for key, val in probe.choices().items() if key.startswith("engine: "))
+
+
 def part2(preset: str, directions, repeats: int):
     td, x, y = bench._setup(preset, "cpu")
     lines = []
@@ -80,13 +84,16 @@ def part2(preset: str, directions, repeats: int):
         v = bench._directions(td, D, x)
         candidates = ["func", "autograd", "loop"] + (["native"] if not td.native_unsupported_reason(x, y) else [])
         fns = {"auto": lambda: td.hvp(x, y, v)}
-        probe_cost = _first_call_seconds(fns["auto"]) - _first_call_seconds(fns["auto"])
+        first = _first_call_seconds(fns["auto"])
+        picked = _engine_choice()  # the probe's pick, before its first call at size was timed
+        probe_cost = first - _first_call_seconds(fns["auto"])
         for e in candidates:
             fns[e] = lambda e=e: td.hvp(x, y, v, engine=e)
         med = bench.interleaved_medians(fns, repeats)
         per = {m: med[m] / D for m in fns}
         best = min(candidates, key=lambda e: per[e])
-        chosen = next(val["choice"] for key, val in probe.choices().items() if key.startswith("engine: "))
+        chosen = _engine_choice()
+        chosen = chosen if chosen == picked else f"{picked} → {chosen}"
         cells = " | ".join(f"{per[e] * 1e3:.3f}" for e in ["func", "autograd", "loop"])
         lines.append(f"| {preset} | {D} | {per['auto'] * 1e3:.3f} ({chosen}) | {cells} | {best} | "
                      f"{per['auto'] / per[best]:.2f} | {probe_cost:.2f} |")
@@ -136,13 +143,17 @@ def main():
             print("\n".join(text))
     if args.skip != "part2":
         text += ["", "## auto against its candidates", "",
-                 "ms per HVP; auto as chosen by its probe (in brackets); best: the fastest candidate in the "
-                 "same run; auto / best > 1 is slower; probe s: auto's first call minus a steady one.", "",
+                 "ms per HVP; auto's engine in brackets (a → b: the probe predicted a, timing a's first call at "
+                 "its size made it b); best: the fastest candidate in the same run; auto / best > 1 is slower; "
+                 "probe s: auto's first call minus its second.", "",
                  "| preset | D | auto | func | autograd | loop | best | auto / best | probe s |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for p in presets:
             text += part2(p, args.auto_directions, args.repeats)
             print("\n".join(text[-len(args.auto_directions):]))
+    load = os.getloadavg()
+    text += ["", f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. Other columns (an Intel "
+             "Xeon with AVX-512) need another machine: only this one was available for this run."]
     harness.emit("\n".join(text), args.out)
 
 
