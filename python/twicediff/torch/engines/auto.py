@@ -22,12 +22,13 @@ the chunk it would compute is then predicted from its two largest timed calls, t
 the directions it was timed on, and the fastest wins: on a slow model or a busy machine the budget
 allows only small calls, where the per-call part would otherwise favour the loop over the
 batched engines. The prediction is then checked where it costs nothing: the choice's first call at
-its real size is timed, and where another candidate's time (predicted, or measured the same way)
-beats it by more than ``CONFIRM_MARGIN`` (5%), that one is chosen and timed on the next call of
-the shape class, until the choice is the fastest known (``source`` "confirmed" in the report);
-a per-direction cost that grows with the chunk (caches) shows up there. A candidate that raises
-(an op without a torch.func rule, a module updating buffers in training mode) is out. So a probe costs at most about the budget, plus a warm-up where one
-product alone takes longer: there only the engine the rule picks runs, and it is kept.
+its real size is timed, and each candidate predicted within ``CONFIRM_MARGIN`` (15%) of the best
+measured so far is chosen for the next call of the shape class and timed there, until the fastest
+measured stays (``source`` "confirmed" in the report): a per-direction cost that grows with the
+chunk (caches), or a fixed part the small calls overstate, shows up there. A candidate that raises
+(an op without a torch.func rule, a module updating buffers in training mode) is out. So a probe
+costs at most about the budget, plus a warm-up where one product alone takes longer: there only
+the engine the rule picks runs, and it is kept.
 
 Where timing is not possible or not wanted — ``TWICEDIFF_PROBE=0``, inside ``torch.compile``
 tracing, during CUDA graph capture — the deterministic rule decides: native where it takes the
@@ -75,8 +76,8 @@ PROBE_SECONDS = 0.4
 LOOP_PROBE_DIRECTIONS = 8
 #: How far beyond the directions it was timed on a candidate's time is extrapolated.
 EXTRAPOLATION = 4
-#: How much slower than another candidate the choice must measure at its real size to be replaced.
-CONFIRM_MARGIN = 1.05
+#: A candidate predicted at most this much slower than the best measured at size is measured too.
+CONFIRM_MARGIN = 1.15
 
 
 @dataclass(frozen=True)
@@ -238,12 +239,12 @@ class AutoEngine:
     def _confirmed_run(self, key: str, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
         """The products of the probe's choice, timed: the probe predicted each candidate's time at
         the chunk it would compute from calls on fewer directions; this call measures the choice at
-        its real size, at no extra cost (the products are the caller's). Where it measures slower
-        than another candidate's time (measured the same way, else as the probe predicted it) by
-        more than ``CONFIRM_MARGIN``, that one becomes the choice (:func:`probe.revise`); one only
-        predicted is measured on the next call of the shape class. The decision is confirmed once
-        its choice was measured and nothing measured or predicted beats it; each candidate is
-        measured at size at most once per shape class."""
+        its real size, at no extra cost (the products are the caller's). A candidate not yet
+        measured so whose predicted time is within ``CONFIRM_MARGIN`` of the best measured one (or
+        below it) becomes the choice for the next call of the shape class, to be measured there
+        (:func:`probe.revise`); once none is left, the fastest measured is the choice, confirmed.
+        So each candidate runs at size at most once per shape class, and one whose prediction is
+        off by less than the margin costs at most that on one call."""
         _sync(V)
         start = time.perf_counter()
         out = self._run(name, batch, V, mode)
@@ -251,15 +252,16 @@ class AutoEngine:
         entry = probe.decision("engine", key)
         measured = dict(entry.get("measured", {}))
         measured[name] = (time.perf_counter() - start) / V.shape[0]
-        known = {**entry.get("seconds", {}), **measured}
-        rivals = {n: s for n, s in known.items() if n != name}
-        rival = min(rivals, key=rivals.get) if rivals else None
-        if rival is None or rivals[rival] * CONFIRM_MARGIN >= measured[name]:
-            probe.revise("engine", key, name, measured, final=True)
-        else:  # the rival is faster: confirmed where measured at size too, else measured next
-            logger.debug("twicediff: auto: %s measured %.3g s per direction at size, %s %.3g s", name,
-                         measured[name], rival, rivals[rival])
-            probe.revise("engine", key, rival, measured, final=rival in measured)
+        fastest = min(measured, key=measured.get)
+        untried = {n: s for n, s in entry.get("seconds", {}).items()
+                   if n not in measured and s <= measured[fastest] * CONFIRM_MARGIN}
+        if untried:
+            following = min(untried, key=untried.get)
+            logger.debug("twicediff: auto: %s measured %.3g s per direction at size; %s (predicted %.3g s) next",
+                         name, measured[name], following, untried[following])
+            probe.revise("engine", key, following, measured, final=False)
+        else:
+            probe.revise("engine", key, fastest, measured, final=True)
         return out
 
     def _measure(self, names: List[str], batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:
