@@ -233,4 +233,4 @@ def generate_conv_attention(seed: int) -> Case:
             m.running_mean.uniform_(-0.5, 0.5, generator=gen)
             m.running_var.uniform_(0.5, 2.0, generator=gen)
     y = _targets(kind, n, outputs, gen, dtype)
-    return Case(model, loss, x, y, f"structured seed {seed}: {dtype} n={n} {what} loss={loss_name}")
+    return Case(model, loss, x, y, f"conv/attention seed {seed}: {dtype} n={n} {what} loss={loss_name}")

@@ -75,7 +75,8 @@ def test_the_probe_runs_once_per_shape_class_and_is_reported(monkeypatch):
     report = _engine_keys()
     assert len(report) == 2
     for key, entry in report.items():
-        assert entry["source"] == "probe" and entry["choice"] in entry["seconds"], (key, entry)
+        assert entry["source"] in ("probe", "revised", "confirmed"), (key, entry)  # revised: timed at size
+        assert entry["choice"] in entry["seconds"], (key, entry)
         assert set(entry["seconds"]) == {"func", "autograd", "loop"}  # not native: a conv / attention model
     assert device_facts()["build"]["probe"] == twicediff.build_info()["probe"]
 
@@ -215,3 +216,49 @@ def test_auto_on_tuple_and_dict_batches(problem):
     torch.testing.assert_close(product(V), V @ reference(problem, 10)[1], rtol=1e-9, atol=1e-10)
     assert product.engine.chosen in ("func", "autograd", "loop")
     assert product.nbytes > 0
+
+
+def test_the_prediction_from_timed_calls():
+    """t(d) = a + b·d through the two largest timed calls, extrapolated at most 4 times beyond."""
+    predicted = AutoEngine._predicted
+    assert predicted({2: 0.03, 4: 0.04}, 4) == pytest.approx(0.01)             # measured there
+    assert predicted({2: 0.03, 4: 0.04}, 16) == pytest.approx(0.02 / 16 + 0.005)
+    assert predicted({2: 0.03, 4: 0.04}, 64) == predicted({2: 0.03, 4: 0.04}, 16)  # 4x at most
+    assert predicted({1: 0.5, 2: 0.03, 4: 0.04}, 16) == predicted({2: 0.03, 4: 0.04}, 16)
+    assert predicted({8: 0.08}, 64) == pytest.approx(0.01)                     # one size: its own rate
+    assert predicted({2: 0.05, 4: 0.04}, 8) == pytest.approx(0.04 / 8)         # noise: no per-direction part
+    assert predicted({2: 0.001, 4: 0.04}, 8) == pytest.approx(0.01)            # noise: no fixed part
+
+
+def test_the_choice_is_confirmed_at_its_real_size(monkeypatch):
+    """The probe's predictions are checked by timing the choice's own calls: a candidate predicted
+    faster than (or within the margin of) the measured choice is taken and measured next; then the
+    fastest measured stays. Predictions absurdly far from any real time make the outcome certain."""
+    case, td = _structured()
+    H = reference_hessian(case)
+    V = torch.randn(8, td.num_params, dtype=td.dtype)
+    predicted = {"func": 1e-12, "autograd": 2e-12, "loop": 1e3}  # seconds per direction
+    monkeypatch.setattr(AutoEngine, "_measure", lambda self, names, *a: dict(predicted))
+    key = lambda: next(iter(_engine_keys()))  # noqa: E731
+    product = td.hvp_function(case.x, case.y)
+    tol = 2e-4 if td.dtype == torch.float32 else 1e-9
+    for call, (ran, now, source) in enumerate([("func", "autograd", "revised"), ("autograd", None, "confirmed")]):
+        got = product(V)
+        assert product.engine.chosen == ran
+        assert float((got.double() - V.double() @ H).abs().max()) <= tol * max(1.0, float((V.double() @ H).abs().max()))
+        entry = _engine_keys()[key()]
+        assert entry["source"] == source
+        assert set(entry["measured"]) == ({"func"} if call == 0 else {"func", "autograd"})
+        if now is not None:
+            assert entry["choice"] == now
+        else:  # both measured: the faster stays; the loop, predicted far slower, is never tried
+            assert entry["choice"] == min(entry["measured"], key=entry["measured"].get)
+            assert entry["seconds"]["loop"] == 1e3
+    product(V)  # confirmed: no more timing, no more changes
+    assert _engine_keys()[key()]["source"] == "confirmed"
+    # A choice that measures no slower than every rival's figure is confirmed at once.
+    probe.clear()
+    predicted.update(func=1e-12, autograd=1e3, loop=1e3)
+    td.hvp_function(case.x, case.y)(V)
+    entry = _engine_keys()[key()]
+    assert entry["choice"] == "func" and entry["source"] == "confirmed" and set(entry["measured"]) == {"func"}

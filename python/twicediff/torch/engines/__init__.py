@@ -17,6 +17,7 @@ module                 what it holds
 ``autograd``           :class:`AutogradEngine`: double backward
 ``loop``               :class:`LoopEngine`: one backward pass per direction
 ``compiled``           :class:`CompiledEngine`: torch.compile of the batched products
+``gemm_fold``          the compiled engine's graph pass: broadcast batched matmuls as one GEMM
 =====================  =============================================================
 """
 from .amortise import expected_products

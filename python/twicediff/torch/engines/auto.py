@@ -16,10 +16,19 @@ direction (warm-up, in the order of the rule below; a candidate is left out when
 so far and the slowest warm-up would pass half the budget), then timed rounds on 2, 4, 8, ...
 directions, up to the chunk's own number, while the time spent and the next round (predicted as
 twice the last) stay within the budget; the loop, whose cost per direction does not depend on
-how many there are, stops at ``LOOP_PROBE_DIRECTIONS``. The fastest per direction on the last
-round wins. A candidate that raises (an op without a torch.func rule, a module updating buffers
-in training mode) is out. So a probe costs at most about the budget, plus a warm-up where one
-product alone takes longer: there only the engine the rule picks runs, and it is kept.
+how many there are, stops at ``LOOP_PROBE_DIRECTIONS``. Each candidate's time per direction at
+the chunk it would compute is then predicted from its two largest timed calls, t(d) = a + b·d
+(a fixed part per call, b per direction), extrapolated at most ``EXTRAPOLATION`` (4) times beyond
+the directions it was timed on, and the fastest wins: on a slow model or a busy machine the budget
+allows only small calls, where the per-call part would otherwise favour the loop over the
+batched engines. The prediction is then checked where it costs nothing: the choice's first call at
+its real size is timed, and each candidate predicted within ``CONFIRM_MARGIN`` (15%) of the best
+measured so far is chosen for the next call of the shape class and timed there, until the fastest
+measured stays (``source`` "confirmed" in the report): a per-direction cost that grows with the
+chunk (caches), or a fixed part the small calls overstate, shows up there. A candidate that raises
+(an op without a torch.func rule, a module updating buffers in training mode) is out. So a probe
+costs at most about the budget, plus a warm-up where one product alone takes longer: there only
+the engine the rule picks runs, and it is kept.
 
 Where timing is not possible or not wanted — ``TWICEDIFF_PROBE=0``, inside ``torch.compile``
 tracing, during CUDA graph capture — the deterministic rule decides: native where it takes the
@@ -65,6 +74,10 @@ CANDIDATES = ("native", "func", "autograd", "loop")
 PROBE_SECONDS = 0.4
 #: The most directions the loop is timed on.
 LOOP_PROBE_DIRECTIONS = 8
+#: How far beyond the directions it was timed on a candidate's time is extrapolated.
+EXTRAPOLATION = 4
+#: A candidate predicted at most this much slower than the best measured at size is measured too.
+CONFIRM_MARGIN = 1.15
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,10 @@ def _timing_possible(V: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (V.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _nothing() -> None:
+    """A candidate's call for probe.choose where AutoEngine measures the candidates itself."""
 
 
 def _sync(V: torch.Tensor) -> None:
@@ -163,13 +180,19 @@ class AutoEngine:
     def max_directions(self, batch: AutoBatch) -> int:
         return MAX_DIRECTIONS_PER_CHUNK
 
-    def _run(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
-        """Engine ``name``'s products, in chunks of at most its own ``max_directions`` that fit the
-        memory budget (MemoryBudgetError where not one direction does)."""
+    def _step(self, name: str, batch: AutoBatch, D: int, device: torch.device) -> int:
+        """Directions per call of engine ``name`` for D of them: at most its own ``max_directions``,
+        within the memory budget (MemoryBudgetError where not one direction fits)."""
         engine = self.compiled if name == "compiled" else self.engines[name]
         own = self._engine_batch(name, batch)
-        step = min(max(1, int(engine.max_directions(own))),
-                   chunk_size(V.shape[0], int(engine.bytes_per_direction(own)), V.device, what="hvp directions"))
+        return min(max(1, int(engine.max_directions(own))),
+                   chunk_size(D, int(engine.bytes_per_direction(own)), device, what="hvp directions"))
+
+    def _run(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        """Engine ``name``'s products, in chunks of :meth:`_step` directions."""
+        engine = self.compiled if name == "compiled" else self.engines[name]
+        own = self._engine_batch(name, batch)
+        step = self._step(name, batch, V.shape[0], V.device)
         if V.shape[0] <= step:
             return engine.apply(own, V, mode)
         return torch.cat([engine.apply(own, V[s:s + step], mode) for s in range(0, V.shape[0], step)])
@@ -187,7 +210,7 @@ class AutoEngine:
         else:
             key = self._key(batch, V, mode)
             names = list(self.engines)
-            name = probe.choose("engine", key, {n: (lambda: None) for n in names},
+            name = probe.choose("engine", key, {n: _nothing for n in names},
                                measure=lambda: self._measure(names, batch, V, mode))
             if self.expected_products:
                 seconds = probe.decision("engine", key).get("seconds", {}).get(name) or self._eager_seconds.get(key)
@@ -202,18 +225,54 @@ class AutoEngine:
                     self.chosen = name
                     return out
                 if compile_pays(self.expected_products, seconds):
-                    name = probe.choose("compiled", f"{key} eager={name}", {name: lambda: None, "compiled": lambda: None},
-                                        measure=lambda: self._measure_compiled(name, batch, V, mode))
+                    eager = name
+                    name = probe.choose("compiled", f"{key} eager={eager}", {eager: _nothing, "compiled": _nothing},
+                                        measure=lambda: self._measure_compiled(eager, batch, V, mode))
+                    self.chosen = name
+                    return self._run(name, batch, V, mode)
+            if probe.decision("engine", key).get("source") in ("probe", "revised"):
+                self.chosen = name
+                return self._confirmed_run(key, name, batch, V, mode)
         self.chosen = name
         return self._run(name, batch, V, mode)
 
+    def _confirmed_run(self, key: str, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
+        """The products of the probe's choice, timed: the probe predicted each candidate's time at
+        the chunk it would compute from calls on fewer directions; this call measures the choice at
+        its real size, at no extra cost (the products are the caller's). A candidate not yet
+        measured so whose predicted time is within ``CONFIRM_MARGIN`` of the best measured one (or
+        below it) becomes the choice for the next call of the shape class, to be measured there
+        (:func:`probe.revise`); once none is left, the fastest measured is the choice, confirmed.
+        So each candidate runs at size at most once per shape class, and one whose prediction is
+        off by less than the margin costs at most that on one call."""
+        _sync(V)
+        start = time.perf_counter()
+        out = self._run(name, batch, V, mode)
+        _sync(V)
+        entry = probe.decision("engine", key)
+        measured = dict(entry.get("measured", {}))
+        measured[name] = (time.perf_counter() - start) / V.shape[0]
+        fastest = min(measured, key=measured.get)
+        untried = {n: s for n, s in entry.get("seconds", {}).items()
+                   if n not in measured and s <= measured[fastest] * CONFIRM_MARGIN}
+        if untried:
+            following = min(untried, key=untried.get)
+            logger.debug("twicediff: auto: %s measured %.3g s per direction at size; %s (predicted %.3g s) next",
+                         name, measured[name], following, untried[following])
+            probe.revise("engine", key, following, measured, final=False)
+        else:
+            probe.revise("engine", key, fastest, measured, final=True)
+        return out
+
     def _measure(self, names: List[str], batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:
-        """Seconds per direction of each candidate (inf: failed or left out), within PROBE_SECONDS."""
+        """Seconds per direction of each candidate at V's number of directions (inf: failed or left
+        out), from calls within PROBE_SECONDS (see the module docstring and :meth:`_predicted`)."""
         default = default_engine("native" in names, V.shape[0])
         order = [default] + [n for n in CANDIDATES if n in names and n != default]
         start = time.perf_counter()
         failed: Dict[str, BaseException] = {}
         last: Dict[str, float] = {}  # seconds of each candidate's last call
+        timed: Dict[str, Dict[int, float]] = {}  # rows -> best seconds, per candidate
 
         def call(n: str, rows: int) -> bool:
             _sync(V)
@@ -233,29 +292,23 @@ class AutoEngine:
                 break
             if call(n, 1):
                 alive.append(n)
-        per_direction = {n: math.inf for n in names}
         if not alive:  # every candidate failed: the rule's engine raises its own error
             raise failed[default]
         if len(alive) == 1:
-            per_direction[alive[0]] = last[alive[0]]
-            return per_direction
+            return {n: (last[n] if n in alive else math.inf) for n in names}
         D = V.shape[0]
         rows, full_rounds = min(D, 2), 0
-        measured_at: Dict[str, int] = {}
         while alive:
             ran = []
             for n in list(alive):
                 r = min(rows, LOOP_PROBE_DIRECTIONS) if n == "loop" else rows
-                if measured_at.get(n) == r and rows < D:
-                    continue  # the loop, at its most directions already: its time per direction stands
+                if r in timed.get(n, {}) and rows < D:
+                    continue  # the loop, at its most directions already
                 if not call(n, r):
                     alive.remove(n)
-                    per_direction[n] = math.inf
                     continue
                 ran.append(n)
-                s = last[n] / r
-                per_direction[n] = min(s, per_direction[n]) if measured_at.get(n) == r else s
-                measured_at[n] = r
+                timed.setdefault(n, {})[r] = min(last[n], timed.get(n, {}).get(r, math.inf))
             spent, cost = time.perf_counter() - start, sum(last[n] for n in ran)
             if rows == D:
                 full_rounds += 1
@@ -267,7 +320,26 @@ class AutoEngine:
                 rows = min(2 * rows, D)
         if not alive:
             raise failed[default]
-        return per_direction
+        return {n: (self._predicted(timed[n], self._step(n, batch, D, V.device)) if n in alive else math.inf)
+                for n in names}
+
+    @staticmethod
+    def _predicted(timed: Dict[int, float], rows: int) -> float:
+        """Seconds per direction of a call of ``rows`` directions, from calls timed on fewer or as
+        many: t(d) = a + b·d fitted through the two largest (a: what a call costs whatever its
+        directions, b: each direction), extrapolated at most EXTRAPOLATION times beyond the
+        largest; with one size, its own time per direction."""
+        sizes = sorted(timed)
+        d2, t2 = sizes[-1], timed[sizes[-1]]
+        target = min(rows, EXTRAPOLATION * d2)
+        if len(sizes) < 2 or target == d2:
+            return t2 / d2
+        d1, t1 = sizes[-2], timed[sizes[-2]]
+        b = max(0.0, (t2 - t1) / (d2 - d1))
+        a = t2 - b * d2
+        if a < 0:  # noise: no fixed part
+            a, b = 0.0, t2 / d2
+        return a / target + b
 
     def _measure_compiled(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:
         """Seconds per direction of ``name`` and of the compiled engine (compiled first, outside the

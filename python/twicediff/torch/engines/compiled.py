@@ -36,6 +36,7 @@ from torch import nn
 from ..batch import input_tensors, model_args, squeezed_loss
 from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp, split_params
+from .gemm_fold import FoldBroadcastBmm
 from .generic import GenericEngine, _shape_key
 
 __all__ = ["COMPILED_CHUNK", "VARIANTS", "CompiledEngine", "compiled_functions", "forget_compiled"]
@@ -199,8 +200,11 @@ class CompiledEngine(GenericEngine):
                 continue
             if variant != entry.variant:
                 entry.variant, entry.description = variant, entry.description.replace("/forward", "/reverse")
-            entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=_backend(),
-                                     dynamic=False, fullgraph=True)
+            backend = _backend()
+            # inductor: the tangent terms' batched matmuls over a broadcast operand become one GEMM each
+            options = {"post_grad_custom_post_pass": FoldBroadcastBmm()} if backend == "inductor" else None
+            entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=backend,
+                                     dynamic=False, fullgraph=True, options=options)
             return entry.fn(params, fixed, V, x, y)
         raise AssertionError("unreachable")
 

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "set_choice"]
+__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "revise", "set_choice"]
 
 _lock = threading.Lock()
 _decided: Dict[Tuple[str, str], Dict] = {}
@@ -56,7 +56,9 @@ def clear() -> None:
 
 def choices() -> Dict[str, Dict]:
     """What was decided: ``"kind: key"`` → {choice, seconds (per candidate, best timed call),
-    source ("probe", "given", "disk")}, plus the overrides as ``"kind: *"``."""
+    source ("probe", "revised" or "confirmed" (:func:`revise`), "given", "disk"), measured (where
+    revised: the seconds measured at size)}, plus the overrides as
+    ``"kind: *"``."""
     with _lock:
         out = {f"{k}: {key}": dict(v) for (k, key), v in _decided.items()}
         out.update({f"{k}: *": {"choice": v, "source": "override"} for k, v in _overrides.items()})
@@ -67,6 +69,22 @@ def decision(kind: str, key: str) -> Dict:
     """This process's decision for ``key`` of ``kind`` as :func:`choices` reports it ({} if none)."""
     with _lock:
         return dict(_decided.get((kind, key), {}))
+
+
+def revise(kind: str, key: str, name: str, measured: Mapping[str, float], *, final: bool) -> None:
+    """Replace the probe's decision for ``key`` of ``kind`` by ``name``, given the seconds of the
+    candidates the caller ``measured`` at the size it uses (where the probe could only predict):
+    they replace the probe's figures and are kept under ``"measured"``; ``final``: the caller
+    measured enough (source ``"confirmed"``), else source ``"revised"``. On disk too where decisions
+    are kept there. A decision not made by a probe of this process (an override, the disk cache,
+    given timings) or already confirmed is left as it is."""
+    with _lock:
+        entry = _decided.get((kind, key))
+        if entry is None or entry.get("source") not in ("probe", "revised") or name not in entry.get("seconds", {}):
+            return
+        _decided[(kind, key)] = {"choice": name, "seconds": {**entry["seconds"], **measured},
+                                 "measured": dict(measured), "source": "confirmed" if final else "revised"}
+    _disk_store(kind, key, name)
 
 
 def cpu_model() -> str:

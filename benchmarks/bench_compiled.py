@@ -1,0 +1,161 @@
+"""The compiled engine and ``auto``'s measured choice on the CNN and transformer presets.
+
+Part 1 (D = 64 by default): the compiled engine (torch.compile of the batched forward-over-reverse
+product, and of reverse-over-reverse) against the per-direction loop (pyDVL 0.7's mvp, timed on
+16 directions: its cost is linear in D) and plain torch.func ``vmap(jvp(grad))``, with the eager
+engines beside them, all timed interleaved in one process. Compile time is measured apart (the
+first call minus one steady call) and amortised over ``--amortise`` calls.
+
+Part 2: ``auto`` (eager: no expected products given, so nothing is compiled) against each of its
+candidates at D in {1, 16, 64, 256}, interleaved per D; the probe's cost is its first call minus
+a steady one.
+
+    flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py \
+        --preset d_cnn --preset d_transformer --out benchmarks/results/compiled_cpu.md
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+import harness
+from twicediff.app import bench
+from twicediff.torch.engines import compiled, probe
+from twicediff.torch.engines.bound_hvp import BoundHvp
+from twicediff.torch.engines.compiled import CompiledEngine
+
+
+def _compiled_call(td, x, y, v, variant):
+    engine = CompiledEngine(td.model, td.loss, variant)
+    product = BoundHvp(engine, engine.prepare(x, y), "hessian", x.device)
+    return lambda: product(v)
+
+
+def _first_call_seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def part1(preset: str, D: int, repeats: int, amortise: int):
+    td, x, y = bench._setup(preset, "cpu")
+    v = bench._directions(td, D, x)
+    loop_rows = min(D, bench.LOOP_MAX_DIRECTIONS)
+    fns = {"loop": bench._method_call("loop", td, x, y, v),
+           "vmap_jvp_grad": bench._method_call("vmap_jvp_grad", td, x, y, v),
+           "func": bench._method_call("func", td, x, y, v),
+           "autograd": bench._method_call("autograd", td, x, y, v)}
+    compile_s = {}
+    for variant in ("forward", "reverse"):
+        name = f"compiled_{variant}"
+        fns[name] = _compiled_call(td, x, y, v, variant)
+        first = _first_call_seconds(fns[name])
+        steady = _first_call_seconds(fns[name])
+        compile_s[name] = first - steady
+        status = compiled.compiled_functions()[-1]["status"]
+        if status != "compiled":
+            print(f"{preset}: {name}: {status}")
+    med = bench.interleaved_medians(fns, repeats)
+    per_hvp = {m: med[m] / (loop_rows if m == "loop" else D) for m in fns}
+    lines = [f"| {preset} | {m} | {med[m] * 1e3:.1f} | {per_hvp[m] * 1e3:.3f} | "
+             f"{per_hvp['loop'] / per_hvp[m]:.2f} | {per_hvp['vmap_jvp_grad'] / per_hvp[m]:.2f} | "
+             + (f"{compile_s[m]:.1f} | {amortised(per_hvp, compile_s[m], m, D, amortise):.2f} |" if m in compile_s
+                else "— | — |") for m in fns]
+    return lines
+
+
+def amortised(per_hvp, compile_seconds, m, D, calls):
+    """Throughput against the loop when the compile time is spread over ``calls`` calls of D."""
+    total = calls * D * per_hvp[m] + compile_seconds
+    return calls * D * per_hvp["loop"] / total
+
+
+def _engine_choice() -> str:
+    return next(val["choice"] for key, val in probe.choices().items() if key.startswith("engine: "))
+
+
+def part2(preset: str, directions, repeats: int):
+    td, x, y = bench._setup(preset, "cpu")
+    lines = []
+    for D in directions:
+        probe.clear()
+        v = bench._directions(td, D, x)
+        candidates = ["func", "autograd", "loop"] + (["native"] if not td.native_unsupported_reason(x, y) else [])
+        fns = {"auto": lambda: td.hvp(x, y, v)}
+        first = _first_call_seconds(fns["auto"])
+        picked = _engine_choice()  # the probe's pick, before its first call at size was timed
+        probe_cost = first - _first_call_seconds(fns["auto"])
+        for e in candidates:
+            fns[e] = lambda e=e: td.hvp(x, y, v, engine=e)
+        med = bench.interleaved_medians(fns, repeats)
+        per = {m: med[m] / D for m in fns}
+        best = min(candidates, key=lambda e: per[e])
+        chosen = _engine_choice()
+        chosen = chosen if chosen == picked else f"{picked} → {chosen}"
+        cells = " | ".join(f"{per[e] * 1e3:.3f}" for e in ["func", "autograd", "loop"])
+        lines.append(f"| {preset} | {D} | {per['auto'] * 1e3:.3f} ({chosen}) | {cells} | {best} | "
+                     f"{per['auto'] / per[best]:.2f} | {probe_cost:.2f} |")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", action="append", choices=["d_cnn", "d_transformer"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--directions", type=int, default=64, help="D of part 1")
+    ap.add_argument("--auto-directions", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--amortise", type=int, default=1000, help="calls the compile time is spread over")
+    ap.add_argument("--chunk", type=int, default=compiled.COMPILED_CHUNK, help="compiled engine's chunk")
+    ap.add_argument("--skip", choices=["part1", "part2"], default=None)
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="keep inductor's on-disk caches (default: a fresh one, so compile times are cold)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    compiled.COMPILED_CHUNK = args.chunk
+    if not args.warm_cache:  # compile times as a first run on a machine sees them
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="twicediff_bench_inductor_")
+    presets = args.preset or ["d_cnn", "d_transformer"]
+    load = os.getloadavg()
+    text = [f"# Compiled engine and auto's measured choice (cpu)", "",
+            f"Machine: {harness.machine()}; torch {torch.__version__}; commit {harness.git_commit()}; "
+            f"{args.threads} threads; float32; medians of {args.repeats} interleaved repeats; load average at "
+            f"start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min).", "",
+            "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py "
+            + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "
+            f"{args.repeats} --amortise {args.amortise} --chunk {args.chunk}"
+            + (" --warm-cache" if args.warm_cache else "") + "`", "",
+            "Compile times: " + ("inductor's on-disk caches as they were (warm)." if args.warm_cache else
+                                 "a fresh inductor cache directory for the run (cold: what a first run sees)."), ""]
+    if args.skip != "part1":
+        text += [f"## Compiled engine, D = {args.directions}", "",
+                 "ms / call: one call of all D directions (the loop: 16 of them; per HVP it is linear in D). "
+                 "× loop, × vmap: HVPs per second relative to the baselines of the same run. compile s: the "
+                 "first call minus a steady one. amortised × loop: throughput against the loop when the "
+                 f"compile time is spread over {args.amortise} calls of D directions.", "",
+                 "| preset | method | ms / call | ms / HVP | × loop | × vmap(jvp(grad)) | compile s | "
+                 "amortised × loop |", "|---|---|---|---|---|---|---|---|"]
+        for p in presets:
+            text += part1(p, args.directions, args.repeats, args.amortise)
+            print("\n".join(text))
+    if args.skip != "part2":
+        text += ["", "## auto against its candidates", "",
+                 "ms per HVP; auto's engine in brackets (a → b: the probe predicted a, timing a's first call at "
+                 "its size made it b); best: the fastest candidate in the same run; auto / best > 1 is slower; "
+                 "probe s: auto's first call minus its second.", "",
+                 "| preset | D | auto | func | autograd | loop | best | auto / best | probe s |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for p in presets:
+            text += part2(p, args.auto_directions, args.repeats)
+            print("\n".join(text[-len(args.auto_directions):]))
+    load = os.getloadavg()
+    text += ["", f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. Other columns (an Intel "
+             "Xeon with AVX-512) need another machine: only this one was available for this run."]
+    harness.emit("\n".join(text), args.out)
+
+
+if __name__ == "__main__":
+    main()
