@@ -146,16 +146,22 @@ def twicediff_child(inputs_path: str, out_path: str, fisher: str) -> None:
 
 
 # ---- the orchestration -------------------------------------------------------------------------
+BASELINE = {"pythonpath": None}  # --baseline: another twicediff tree, run as the side "baseline"
+
+
 def run_side(side: str, inputs_path: str, out: str, workdir: str, fisher: str = "empirical") -> dict:
-    if side == "twicediff":
+    env = None
+    if side in ("twicediff", "baseline"):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", inputs_path, out, fisher]
+        if side == "baseline":
+            env = dict(os.environ, PYTHONPATH=BASELINE["pythonpath"])
     else:
         venv, script = PEERS[side]
         cmd = [os.path.join(HERE, venv, "bin", "python"), os.path.join(HERE, script), inputs_path, out]
         if side == "kronfluence":
             cmd.append(workdir)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PEER_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PEER_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish within {PEER_TIMEOUT_S} s (warm-up included); stopped"}
     if proc.returncode != 0:
@@ -172,10 +178,11 @@ def correlations(a: torch.Tensor, b: torch.Tensor) -> tuple:
     return float(stats.spearmanr(a, b)[0]), float(stats.pearsonr(a, b)[0])
 
 
-def compare(problem: dict, rounds: int, pydvl_rounds: int, tmp: str) -> dict:
+def compare(problem: dict, rounds: int, pydvl_rounds: int, tmp: str, with_pydvl: bool = True) -> dict:
     path = os.path.join(tmp, f"{problem['problem']}.pt")
     torch.save({k: v for k, v in problem.items() if k != "description"}, path)
-    sides = ["twicediff", "kronfluence", "pydvl"]
+    sides = (["twicediff"] + (["baseline"] if BASELINE["pythonpath"] else []) + ["kronfluence"]
+             + (["pydvl"] if with_pydvl and pydvl_rounds > 0 else []))
     runs = {s: [] for s in sides}
     for r in range(rounds):
         for side in sides:
@@ -184,7 +191,8 @@ def compare(problem: dict, rounds: int, pydvl_rounds: int, tmp: str) -> dict:
             info = run_side(side, path, os.path.join(tmp, f"{side}.pt"), os.path.join(tmp, f"kf{r}"))
             runs[side].append(info)
             print(problem["problem"], side, {k: v for k, v in info.items() if k != "values"}, flush=True)
-    matched = run_side("twicediff", path, os.path.join(tmp, "twicediff_pydvl_fisher.pt"), tmp, fisher="pydvl")
+    matched = (run_side("twicediff", path, os.path.join(tmp, "twicediff_pydvl_fisher.pt"), tmp, fisher="pydvl")
+               if "pydvl" in sides else {"error": "pyDVL not run"})
     ours = runs["twicediff"][-1]["values"]
     rows = {}
     for side in sides:
@@ -203,6 +211,8 @@ def compare(problem: dict, rounds: int, pydvl_rounds: int, tmp: str) -> dict:
             if side == "pydvl" and "error" not in matched:
                 row["spearman_matched"], row["pearson_matched"] = correlations(matched["values"], ok[-1]["values"])
         rows[side] = row
+    if "pydvl" not in sides:
+        rows["pydvl"] = {"skipped": "not run (--pydvl-problems leaves this problem out)"}
     return rows
 
 
@@ -216,14 +226,20 @@ def table(problem: dict, rows: dict) -> list:
              "| Spearman with twicediff | Pearson with twicediff |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     kf = rows.get("kronfluence", {})
-    for side in ("twicediff", "kronfluence", "pydvl"):
+    for side in ("twicediff", "baseline", "kronfluence", "pydvl"):
+        if side not in rows:
+            continue
         r = rows[side]
+        if "skipped" in r:
+            lines.append(f"| {side} | {r['skipped']} | | | | | | |")
+            continue
         if "error" in r:
             lines.append(f"| {side} | failed: {r['error'][:160]} | | | | | | |")
             continue
         ratio = f"{kf['total'] / r['total']:.2f}x" if "total" in kf else "-"
         corr = ("1 (itself)", "1 (itself)") if side == "twicediff" else (f"{r['spearman']:.4f}", f"{r['pearson']:.4f}")
-        lines.append(f"| {r['version']} | {r['fit']:.2f} | {r['score']:.2f} | {r['total']:.2f} | {ratio} | "
+        name = f"{r['version']} (baseline: {BASELINE['label']})" if side == "baseline" else r["version"]
+        lines.append(f"| {name} | {r['fit']:.2f} | {r['score']:.2f} | {r['total']:.2f} | {ratio} | "
                      f"{r['peak'] / 2**20:.0f} ({r['before'] / 2**20:.0f}) | {corr[0]} | {corr[1]} |")
     if "spearman_matched" in rows.get("pydvl", {}):
         p = rows["pydvl"]
@@ -238,6 +254,11 @@ def main() -> None:
     p.add_argument("--problems", nargs="+", default=["mlp", "transformer"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pydvl-rounds", type=int, default=1, help="rounds that include pyDVL (the slowest side)")
+    p.add_argument("--pydvl-problems", nargs="*", default=None,
+                   help="problems pyDVL runs on (default: all of --problems); its per-sample gradients of the "
+                   "transformer did not finish within the 900 s timeout, so leaving it out saves that wait")
+    p.add_argument("--baseline", nargs=2, metavar=("PYTHONPATH", "LABEL"), default=None,
+                   help="also run the twicediff of another tree (its python/ folder), interleaved, as a before/after")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -245,6 +266,9 @@ def main() -> None:
         twicediff_child(*args.child)
         return
     import harness
+
+    if args.baseline:
+        BASELINE["pythonpath"], BASELINE["label"] = os.path.abspath(args.baseline[0]), args.baseline[1]
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
@@ -255,12 +279,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.problems:
             problem = digits_problem(args.threads) if name == "mlp" else transformer_problem(args.threads)
-            rows = compare(problem, args.rounds, args.pydvl_rounds, tmp)
+            with_pydvl = args.pydvl_problems is None or name in args.pydvl_problems
+            rows = compare(problem, args.rounds, args.pydvl_rounds, tmp, with_pydvl)
             lines += table(problem, rows)
             print("\n".join(table(problem, rows)), flush=True)
     lines.append(f"Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/kfac_peers_cpu.py "
                  f"--threads {args.threads} --rounds {args.rounds} --pydvl-rounds {args.pydvl_rounds} "
-                 "--out benchmarks/results/kfac_peers_cpu.md`")
+                 + (f"--pydvl-problems {' '.join(args.pydvl_problems)} " if args.pydvl_problems is not None else "")
+                 + (f"--baseline {args.baseline[0]} {args.baseline[1]} " if args.baseline else "")
+                 + "--out benchmarks/results/kfac_peers_cpu.md`")
     harness.emit("\n".join(lines), args.out)
 
 

@@ -93,10 +93,17 @@ inline void covariance(const at::Tensor& out, const at::Tensor& x, const std::op
 
 // out [O, I'] += Σ_n (Q_Sᵀ G_n Q_A)². `square_sum(out, m)` adds Σ_k m[k]² over the leading
 // dimension of a contiguous m [n, O, I'] into out: the device's fused kernel.
+//
+// `tile_elements` bounds the per-sample products formed by one batched GEMM (0: a whole chunk of
+// samples at once). The rotations are GEMMs over all the chunk's tokens either way; only the
+// products Q_Sᵀ G_n Q_A, which are squared and summed right after, are formed a few samples at a
+// time. On the CPU that keeps them in cache between the GEMM that writes them and the loop that
+// squares them (a whole chunk's products are many MB, written to memory and read back); on the GPU
+// one launch over the whole chunk is better, and the CUDA kernels pass 0.
 template <class SquareSum>
 void eigen_correction(const at::Tensor& out, const at::Tensor& g, const at::Tensor& a, const at::Tensor& q_s,
                       const at::Tensor& q_a, const std::optional<at::Tensor>& weights, bool bias, int64_t chunk,
-                      SquareSum&& square_sum) {
+                      SquareSum&& square_sum, int64_t tile_elements = 0) {
   const char* op = "kfac_eigen_correction_";
   TORCH_CHECK_VALUE(g.dim() == 3, op, ": g must be a 3-d [N, T, O] tensor (samples, tokens, outputs), got shape ",
                     g.sizes());
@@ -143,8 +150,13 @@ void eigen_correction(const at::Tensor& out, const at::Tensor& g, const at::Tens
       const at::Tensor a2 = ar.squeeze(1).square();
       out.addmm_(g2.t(), a2);
     } else {
-      const at::Tensor m = at::bmm(gr.transpose(1, 2), ar).contiguous();  // [n, O, I']
-      square_sum(out, m);
+      const int64_t tile = tile_elements > 0 ? std::max<int64_t>(1, tile_elements / std::max<int64_t>(O * Ip, 1)) : n;
+      const at::Tensor grt = gr.transpose(1, 2);  // [n, O, T]
+      for (int64_t k0 = 0; k0 < n; k0 += tile) {
+        const int64_t k = std::min(tile, n - k0);
+        const at::Tensor m = at::bmm(grt.narrow(0, k0, k), ar.narrow(0, k0, k)).contiguous();  // [k, O, I']
+        square_sum(out, m);
+      }
     }
   }
 }

@@ -124,6 +124,26 @@ def test_eigen_correction_non_contiguous(device):
     assert (big[:, 1::2] == 0).all()
 
 
+@pytest.mark.parametrize("strided", [False, True])
+def test_eigen_correction_products_across_tiles(device, strided):
+    """Per-sample products of more than one tile (the CPU forms 2^18 elements of them per batched
+    GEMM): N = 150 samples of [64, 65] products are 2.5M elements, squared and summed tile by
+    tile, into a contiguous or a strided accumulator."""
+    N, T, O, I = 150, 3, 64, 64
+    g = torch.randn(N, T, O, generator=_gen(1), dtype=torch.float64).to(device)
+    a = torch.randn(N, T, I, generator=_gen(2), dtype=torch.float64).to(device)
+    q_s, q_a = _orthogonal(O, device, 3), _orthogonal(I + 1, device, 4)
+    w = _weights("float", (N, T), device, 5)
+    big = torch.zeros(O, 2 * (I + 1), dtype=torch.float64, device=device)
+    out = big[:, ::2] if strided else torch.zeros(O, I + 1, dtype=torch.float64, device=device)
+    ops.eigen_correction_accumulate(out, g, a, q_s, q_a, w, True)
+    want = ref.kfac_eigen_correction_(torch.zeros(O, I + 1, dtype=torch.float64, device=device), g, a, q_s, q_a,
+                                      w, True)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    if strided:
+        assert (big[:, 1::2] == 0).all()
+
+
 def test_one_token_is_the_square_of_per_sample_outer_products(device):
     """T = 1: Σ_n (Q_Sᵀ g_n)² (Q_Aᵀ ā_n)²ᵀ, written out independently."""
     N, O, I = 6, 3, 4

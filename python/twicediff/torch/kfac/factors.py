@@ -11,7 +11,8 @@ F = (1/N) Σ_n vec(G_n) vec(G_n)ᵀ, G_n = Σ_t g_{n,t} ā_{n,t}ᵀ). A_l = Q_A 
 S_l = Q_S diag(λ_S) Q_Sᵀ in float64. K-FAC's eigenvalues are λ_S λ_Aᵀ; EK-FAC replaces them by
 the exact second moments of the per-sample gradients in that basis (George et al., 2018):
 
-    Λ̃_l = (1/N) Σ_n (Q_Sᵀ G_n Q_A)²     [O, I']   (a second pass over the data)
+    Λ̃_l = (1/N) Σ_n (Q_Sᵀ G_n Q_A)²     [O, I']   (a second pass over the data, or over the
+                                                first pass's captures kept in memory: :mod:`.passes`)
 
 The loss convention (Σ_n ℓ_n, mean-reduction scaling) and the Fisher types are those of
 :mod:`.batches`. Fitting leaves the model as it was: hooks are removed, parameters, buffers and
@@ -28,14 +29,14 @@ import torch
 from torch import nn
 
 from ... import distributed as _distributed
+from ...memory import get_memory_budget
 from ...progress import progress_bar
 from ...ops import kfac as _kops
-from .. import batch as _batch
 from . import batches as _b
 from .eigen import symmetric_eigh
 from .inverse import GradsLike, ParameterLayout, _as_blocks, blocks_to_layout, layer_blocks, precondition_block
-from .layers import (DEFAULT_MAX_FACTOR_DIM, LayerCapture, TrackedLayer, find_layers, report_left_out,
-                     trainable_parameters)
+from .layers import DEFAULT_MAX_FACTOR_DIM, TrackedLayer, find_layers, report_left_out, trainable_parameters
+from .passes import CaptureCache, batch_captures
 
 __all__ = ["KFACFactors", "fit_factors", "METHODS"]
 
@@ -177,6 +178,13 @@ class KFACFactors:
             sums_S = {t.name: torch.zeros(t.out_features, t.out_features, dtype=accumulate_dtype, device=device)
                       for t in tracked}
 
+            # With the empirical Fisher the EK-FAC pass would recompute the first pass's inputs and
+            # output gradients; they are kept instead while they fit in a quarter of the memory
+            # budget (as HessianOperator keeps its batches). Sampled targets (the true Fisher) are
+            # drawn afresh on the second pass, and the GGN backpropagates several columns per batch:
+            # those go over the data twice.
+            cache = CaptureCache(get_memory_budget(device) // 4 if ekfac and fisher_type == "empirical" else 0)
+
             def first_pass():
                 # [calls, tokens] per layer (float64: token weights may be fractional), and N
                 counts = torch.zeros(2, len(tracked), dtype=torch.float64)
@@ -197,7 +205,10 @@ class KFACFactors:
                                 counts[0, i] += 1
                                 counts[1, i] += a.shape[0] * a.shape[1] if w is None else float(w.sum())
                             _covariance_accumulate(sums_S[t.name], g.reshape(-1, t.out_features), wr, False)
+                        if first:
+                            cache.add(cap, tracked, B)
                         del cap
+                cache.finish()
                 return counts, N
 
             counts, N = _distributed.sum_over_ranks(group, where, first_pass)
@@ -225,42 +236,12 @@ class KFACFactors:
             del sums_A, sums_S
             if ekfac:
                 self._fit_correction(model, loss, data, sampler, device, accumulate_dtype, progress, token_mask,
-                                     group)
+                                     group, cache)
         return self
 
     def _passes(self, model, loss, batch, reduction, sampler, device, where, token_mask=None):
-        """Yield (capture, B, first) for one batch: once with the gradients of Σ_n ℓ_n (empirical or
-        sampled targets), or, for the GGN, once per column of the loss Hessian's factor (the inputs
-        captured once, ``first`` true on the first)."""
-        x, y = _batch.split_batch(batch, where)
-        B = _batch.batch_size(x, where)
-        x = _batch.move_inputs(x, device)
-        mask = None
-        if token_mask is not None:
-            mask = token_mask(x)
-            if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or mask.shape[0] != B:
-                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise ValueError(f"{where}: token_mask(x) must return a [B, *positions] tensor with B = {B}, got {got}")
-            mask = mask.detach().to(device)
-        cap = LayerCapture(self.layers, B, mask)
-        with torch.enable_grad(), cap:
-            output = _batch.call_model(model, x)
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"{where}: the model must return a tensor, got {type(output).__name__}")
-            if not output.requires_grad:
-                raise ValueError(f"{where}: the model's output does not depend on any tracked layer's parameters")
-            if self.fisher_type == "ggn":
-                columns = _b.loss_hessian_columns(loss, output, reduction, where)
-                for c in range(columns.shape[0]):
-                    cap.backward((output * columns[c]).sum(), retain_graph=c + 1 < columns.shape[0])
-                    yield cap, B, c == 0
-                return
-            target = sampler(output) if sampler is not None else _batch.move_inputs(y, device)
-            total = _b.summed_loss(loss, output, target, reduction, B)
-            if not total.requires_grad:
-                raise ValueError(f"{where}: the loss does not depend on any tracked layer's parameters")
-            cap.backward(total)
-        yield cap, B, True
+        return batch_captures(self.layers, self.fisher_type, model, loss, batch, reduction, sampler, device, where,
+                              token_mask)
 
     def _drop_uncalled(self, model: nn.Module, called: set) -> None:
         never = [t for t in self.layers if t.name not in called]
@@ -275,7 +256,7 @@ class KFACFactors:
         report_left_out(model, self.layers)
 
     def _fit_correction(self, model, loss, data, sampler, device, accumulate_dtype, progress, token_mask,
-                        group=None) -> None:
+                        group=None, cache: Optional[CaptureCache] = None) -> None:
         where = "KFACFactors.fit (EK-FAC pass)"
         sums = {t.name: torch.zeros(t.out_features, t.in_dim, dtype=accumulate_dtype, device=device)
                 for t in self.layers}
@@ -283,6 +264,13 @@ class KFACFactors:
         q_a = {n: q.to(device=device, dtype=accumulate_dtype) for n, q in self.Q_A.items()}
 
         def second_pass():
+            if cache is not None and cache.complete:
+                # Layer by layer over the kept batches, each layer's captures released once used.
+                for t in self.layers:
+                    for a, g, w in cache.layer(t.name):
+                        _eigen_correction_accumulate(sums[t.name], g, a, q_s[t.name], q_a[t.name], w, t.has_bias)
+                cache.drop()
+                return torch.zeros(1, dtype=torch.float64), cache.num_samples
             if sampler is not None:
                 sampler.restart(1)
             N = 0
