@@ -1,0 +1,66 @@
+"""Which side of the curvlinops gap on d_transformer is right: twicediff's and curvlinops 3.0.1's
+Hessian products in float64 against an independent torch.func reference (jvp of grad through
+functional_call, one direction at a time), on bench's d_transformer preset.
+
+    benchmarks/.venv-curvlinops/bin/python benchmarks/curvlinops_reference_check.py [--preset d_transformer]
+
+Prints each side's largest difference from the reference, relative to the reference's largest entry.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from twicediff import TorchTwiceDifferentiable  # noqa: E402
+from twicediff.app import bench  # noqa: E402
+
+
+def reference_products(model, loss, x, y, V):
+    """[P, D] Hessian products of the mean loss, one jvp-of-grad per column."""
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+
+    def mean_loss(*p):
+        return loss(functional_call(model, dict(zip(names, p)), (x,)), y)
+
+    def product(v):
+        parts, off = [], 0
+        for p in params:
+            parts.append(v[off:off + p.numel()].view_as(p))
+            off += p.numel()
+        _, tangent = jvp(lambda *p: grad(mean_loss, argnums=tuple(range(len(p))))(*p), params, tuple(parts))
+        return torch.cat([t.reshape(-1) for t in tangent])
+
+    return torch.stack([product(V[:, j]) for j in range(V.shape[1])], 1)
+
+
+def main():
+    from curvlinops import HessianLinearOperator
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="d_transformer", choices=sorted(bench.PRESETS))
+    ap.add_argument("--directions", type=int, default=4)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, loss, x, y = bench.PRESETS[args.preset][1](torch.device("cpu"))
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    td = TorchTwiceDifferentiable(model, loss)
+    V = torch.randn(td.num_params, args.directions, dtype=torch.float64)
+    ref = reference_products(model, loss, x, y, V)
+    ours = td.hvp(x, y, V.T.contiguous(), engine="autograd").T
+    loss_module = {"cross_entropy": nn.CrossEntropyLoss, "mse_loss": nn.MSELoss}[loss.__name__]()
+    theirs = HessianLinearOperator(model, loss_module, [p for p in model.parameters() if p.requires_grad],
+                                   [(x, y)], check_deterministic=False) @ V
+    scale = float(ref.abs().max())
+    print(f"{args.preset}, float64, {args.directions} directions, P = {td.num_params}")
+    print(f"twicediff  vs reference: {float((ours - ref).abs().max()) / scale:.1e}")
+    print(f"curvlinops vs reference: {float((theirs - ref).abs().max()) / scale:.1e}")
+
+
+if __name__ == "__main__":
+    main()
