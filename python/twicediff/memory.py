@@ -161,6 +161,36 @@ def chunk_size(total: int, bytes_per_item: int, device: Union[torch.device, str,
     return int(min(total, n))
 
 
+class KeptWhileFits:
+    """What a first pass over the data prepares (batches' product functions), kept for later passes
+    while together they fit a quarter of the memory budget and leave the budget room for one more
+    ``room_after`` bytes (a direction of their products) beside ``beside`` bytes held for the pass.
+    The first item that does not fit drops them all: later passes then prepare their data again.
+
+    Attributes:
+        items: what is kept, in the order offered; None once dropped.
+        nbytes: their bytes (0 once dropped).
+    """
+
+    def __init__(self, device: Union[torch.device, str, None] = None, beside: int = 0):
+        self.device, self.beside = device, beside
+        self.room = get_memory_budget(device) // 4
+        self.items: Optional[list] = []
+        self.nbytes = 0
+
+    def offer(self, item, nbytes: int, room_after: int) -> None:
+        """Keep ``item`` of ``nbytes`` bytes if it fits (see the class), else drop everything."""
+        if self.items is None:
+            return
+        self.room -= nbytes
+        left = get_memory_budget(self.device) - self.beside - self.nbytes - nbytes
+        if self.room >= 0 and left >= room_after:
+            self.items.append(item)
+            self.nbytes += nbytes
+        else:
+            self.items, self.nbytes = None, 0
+
+
 def native_scratch_bytes() -> int:
     """Bytes of CPU scratch memory the native HVP op keeps between calls (0 when none)."""
     from ._build import _C

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import distributed as _distributed
-from ..memory import get_memory_budget, reserved
+from ..memory import KeptWhileFits, reserved
 from ..progress import progress_bar
 from ..errors import _DATA_ERRORS, data_errors
 from .batch import check_training_data, move_inputs, num_points, split_batch
@@ -221,22 +221,15 @@ class HessianOperator:
             self._kept_bytes = sum(product.nbytes for _, product in self._products)
             yield from self._products
             return
-        first = self.num_passes == 0
-        room = get_memory_budget(self.device) // 4 if first else 0
-        kept: List[Tuple[int, BoundHvp]] = []
+        keep = KeptWhileFits(self.device, beside) if self.num_passes == 0 else None
         self._kept_bytes = 0
         for i, n, product in self._prepared_batches():
-            if first:
-                room -= product.nbytes
-                left = get_memory_budget(self.device) - beside - self._kept_bytes - product.nbytes
-                if room >= 0 and left >= product.bytes_per_direction:
-                    kept.append((n, product))
-                    self._kept_bytes += product.nbytes
-                else:
-                    first, kept, self._kept_bytes = False, [], 0
+            if keep is not None:
+                keep.offer((n, product), product.nbytes, product.bytes_per_direction)
+                self._kept_bytes = keep.nbytes
             yield n, product
-        if first:
-            self._products = kept
+        if keep is not None and keep.items:
+            self._products = keep.items
 
     def _prepared_batches(self) -> Iterator[Tuple[int, int, BoundHvp]]:
         """(i, n, product function) of every batch of the loader; the first from

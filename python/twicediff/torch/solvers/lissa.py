@@ -10,7 +10,7 @@ import torch
 from ... import distributed as _distributed
 from ... import ops
 from ...errors import data_errors
-from ...memory import chunk_size, get_memory_budget, reserved
+from ...memory import KeptWhileFits, chunk_size, reserved
 from ...progress import close_bar, progress_bar
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data, num_points
@@ -126,21 +126,17 @@ class _Batches:
         return num_points(x), product  # x checked by hvp_function
 
     def __iter__(self) -> Iterator:
-        room = get_memory_budget(self.model.device) // 4
-        kept = []
+        keep = KeptWhileFits(self.model.device)
         empty = True
         for x, y in self.training_data:
             empty = False
             product = self._prepared(x, y)
-            if kept is not None:
-                room -= product[1].nbytes
-                # kept while they fit a quarter of the budget and leave a direction of the products room
-                left = get_memory_budget(self.model.device) - self.kept_bytes - product[1].nbytes
-                kept = kept + [product] if room >= 0 and left >= product[1].bytes_per_direction else None
-                self.kept_bytes = sum(p.nbytes for _, p in kept) if kept else 0
+            keep.offer(product, product[1].nbytes, product[1].bytes_per_direction)
+            self.kept_bytes = keep.nbytes
             yield product
         if empty:
             raise ValueError(f"{self.where}: training_data yielded no batch")
+        kept = keep.items
         # Kept batches are visited as the loader would have given them again: in a fresh random order
         # where it reshuffles (a DataLoader over a map-style dataset), else in its own order.
         while kept:
