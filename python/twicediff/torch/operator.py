@@ -18,7 +18,7 @@ themselves. Larger data is read from the loader on every pass.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from .twice_differentiable import TorchTwiceDifferentiable
 __all__ = ["HessianOperator", "hessian_operator"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class HessianOperator:
@@ -105,28 +106,26 @@ class HessianOperator:
         if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] != self.shape[0]:
             got = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
             raise ValueError(f"HessianOperator.apply_rows: V must be [D, P] with P = {self.shape[0]}, got {got}")
+        return self._in_own_dtype_on_failure(lambda: self._apply_rows(V))
+
+    def _in_own_dtype_on_failure(self, compute: Callable[[], T]) -> T:
+        """``compute()``; where it fails in the product dtype before any pass has completed, the
+        products move to the model's own dtype from then on and ``compute()`` runs again.
+
+        The model or loss may not run in the product dtype (a loss or forward that builds tensors of
+        a fixed dtype): computing in the model's own dtype is what product_dtype=None does. Said
+        only when that works; bad data fails there too, with its own error."""
         try:
-            return self._apply_rows(V)
+            return compute()
         except _DATA_ERRORS as exc:
             if self.model is self._own or self.num_passes > 0:
                 raise
-            # The model or loss may not run in the product dtype (a loss or forward that builds
-            # tensors of a fixed dtype): compute in the model's own dtype, as product_dtype=None
-            # does. Said only when that works; bad data fails there too, with its own error.
-            tried = self._use_own_dtype()
-            out = self._apply_rows(V)
-            self._said_fallback(tried, exc)
+            tried = self.dtype
+            self.model, self.dtype, self._products, self._ahead = self._own, self._own.dtype, [], None
+            out = compute()
+            logger.warning("HessianOperator: products in %s failed (%s); computing them in the model's dtype %s",
+                           tried, str(exc).splitlines()[0][:300], self.dtype)
             return out
-
-    def _use_own_dtype(self) -> torch.dtype:
-        """Products in the model's own dtype from now on; returns the dtype given up."""
-        tried = self.dtype
-        self.model, self.dtype, self._products, self._ahead = self._own, self._own.dtype, [], None
-        return tried
-
-    def _said_fallback(self, tried: torch.dtype, exc: BaseException) -> None:
-        logger.warning("HessianOperator: products in %s failed (%s); computing them in the model's dtype %s",
-                       tried, str(exc).splitlines()[0][:300], self.dtype)
 
     def _apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         out_dtype = V.dtype
@@ -189,14 +188,7 @@ class HessianOperator:
         batch = next(batches, None)
         if batch is None:
             return 0
-        try:
-            self._ahead = (batches, *self._prepared(0, batch))
-        except _DATA_ERRORS as exc:
-            if self.model is self._own or self.num_passes > 0:
-                raise
-            tried = self._use_own_dtype()  # as apply_rows does
-            self._ahead = (batches, *self._prepared(0, batch))
-            self._said_fallback(tried, exc)
+        self._ahead = self._in_own_dtype_on_failure(lambda: (batches, *self._prepared(0, batch)))
         return self._ahead[2].bytes_per_direction
 
     def _prepared(self, i: int, batch) -> Tuple[int, BoundHvp]:
