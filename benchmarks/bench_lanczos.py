@@ -37,14 +37,12 @@ def child(args) -> None:
     import twicediff
     from harness import peak_rss_bytes, reset_peak_rss
     from twicediff.torch import TorchTwiceDifferentiable, hessian_operator
+    from twicediff.app.bench import make_mlp
     from twicediff.torch.solvers.low_rank import _low_rank
 
     twicediff.set_memory_budget(args.budget_mib * 2**20)
     torch.manual_seed(0)
-    layers = []
-    for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(WIDTHS) - 2 else [])
-    model = nn.Sequential(*layers).eval()
+    model = make_mlp(WIDTHS, nn.Tanh, 1)[0]  # bench's MLP of these widths (its one data point is not used)
     g = torch.Generator().manual_seed(1)
     # Inputs with geometrically decaying feature scales: a Hessian whose top eigenvalues are
     # separated (isotropic random inputs give a tight cluster that no Krylov method resolves fast).

@@ -102,14 +102,12 @@ def child(method: str, budget: int, trace: bool, widths=WIDTHS) -> dict:
 
     import twicediff
     from twicediff import TorchTwiceDifferentiable
+    from twicediff.app.bench import make_mlp
     from twicediff.influence import compute_influence_factors
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
-    model = nn.Sequential(*layers).eval()
+    model = make_mlp(widths, nn.Tanh, 1)[0]  # bench's MLP of these widths (its one data point is not used)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N_TRAIN, widths[0], generator=g), torch.randint(0, widths[-1], (N_TRAIN,), generator=g)
     xt, yt = torch.randn(N_TEST, widths[0], generator=g), torch.randint(0, widths[-1], (N_TEST,), generator=g)
