@@ -53,10 +53,10 @@ def setup(seed: int, config: demo.DemoConfig):
     return model, (xt, yt), (xv, yv), flipped
 
 
-def exact_curvature_influences(model, xt, yt, xv, yv, lam: float):
-    """The ceilings of any Kronecker factorisation: (up [N_val, N_train], self [N_train]) with the
-    exact Gauss-Newton matrix and the exact empirical Fisher of the mean training loss (float64,
-    explicit [P, P]: P = 2,410 here) in place of the Hessian, λ absolute."""
+def exact_curvature(model, xt, yt, xv, yv):
+    """float64 per-sample gradients gt [N_train, P], gv [N_val, P], the exact Gauss-Newton matrix and
+    the exact empirical Fisher of the mean training loss (explicit [P, P]: P = 2,410 here), and the
+    layer index of every parameter entry [P]."""
     from torch.func import functional_call, grad, jacrev, vmap
 
     params = {k: v.detach().double() for k, v in model.named_parameters()}
@@ -82,14 +82,24 @@ def exact_curvature_influences(model, xt, yt, xv, yv, lam: float):
     N, P = gt.shape
     ggn = jac.reshape(-1, P).T @ (hess @ jac).reshape(-1, P) / N
     fisher = gt.T @ gt / N
+    layer_of = torch.cat([torch.full((params[k].numel(),), int(k.split(".")[0])) for k in names])
+    model.float()
+    return gt, gv, {"GGN": ggn, "empirical Fisher": fisher}, layer_of
+
+
+def exact_curvature_influences(model, xt, yt, xv, yv, lam: float):
+    """The ceilings of any Kronecker factorisation: (up [N_val, N_train], self [N_train]) with the
+    exact Gauss-Newton matrix and the exact empirical Fisher of the mean training loss (float64,
+    explicit [P, P]: P = 2,410 here) in place of the Hessian, λ absolute."""
+    gt, gv, mats, layer_of = exact_curvature(model, xt, yt, xv, yv)
+    P = gt.shape[1]
     # The block-diagonal restriction K-FAC makes before factorising: one block per Linear layer
     # (its weight and bias), the cross-layer blocks dropped.
-    layer_of = torch.cat([torch.full((params[k].numel(),), int(k.split(".")[0])) for k in names])
     same_layer = layer_of[:, None] == layer_of[None, :]
-    model.float()
     out = {}
-    for name, m in (("GGN", ggn), ("GGN, block-diagonal per layer", ggn * same_layer),
-                    ("empirical Fisher", fisher), ("empirical Fisher, block-diagonal per layer", fisher * same_layer)):
+    for name, m in (("GGN", mats["GGN"]), ("GGN, block-diagonal per layer", mats["GGN"] * same_layer),
+                    ("empirical Fisher", mats["empirical Fisher"]),
+                    ("empirical Fisher, block-diagonal per layer", mats["empirical Fisher"] * same_layer)):
         inv_t = torch.linalg.solve(m + lam * torch.eye(P, dtype=m.dtype), gt.T)  # [P, N]
         out[name] = ((gv @ inv_t).numpy(), (gt * inv_t.T).sum(1).numpy())
     return out
