@@ -86,7 +86,7 @@ def compute(model: TorchTwiceDifferentiable, train, lissa_train, test, sampler_l
                                            rtol=1e-12, atol=1e-14, block_krylov=False,
                                            preconditioner="jacobi").x
     out["arnoldi"] = twicediff.solve_hvp(InversionMethod.Arnoldi, model, train, rhs, hessian_perturbation=LAMBDA,
-                                         rank_estimate=6).x
+                                         rank_estimate=6, block_size=4).x
     out["lissa"] = twicediff.solve_hvp(InversionMethod.Lissa, model, lissa_train, rhs, hessian_perturbation=LAMBDA,
                                        maxiter=15, rtol=0.0, scale=5.0, on_failure="warn").x
     out["influences_cg"] = twicediff.compute_influences(model, train, test_data=test,
@@ -175,6 +175,11 @@ def run_compute(rank: int, world: int) -> dict:
         res["arpack_only"] = twicediff.solve_hvp(InversionMethod.Arnoldi, model, batches(x, y, a, b), rhs,
                                                  hessian_perturbation=LAMBDA, rank_estimate=6,
                                                  eigen_solver="arpack").x
+        # block_size="auto" times products on each rank; the ranks sum their timings and so take
+        # the same block size (they would hang or differ otherwise)
+        res["arnoldi_auto_only"] = twicediff.solve_hvp(InversionMethod.Arnoldi, model, batches(x, y, a, b), rhs,
+                                                       hessian_perturbation=LAMBDA, rank_estimate=6,
+                                                       block_size="auto").x
         res["grads_untouched"] = torch.tensor(all(p.grad is None for p in module.parameters()))
         res.update(dict_results(dtype, a, b))
         results.update({f"{k}/{str(dtype)[6:]}": v for k, v in res.items()})

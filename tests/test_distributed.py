@@ -111,6 +111,8 @@ def test_distributed_equals_one_process_on_the_concatenated_data(world, two_rank
         assert bool(torch.isfinite(got["lissa_sampler_only/float64"]).all())
         assert torch.equal(got["arpack_only/float64"], ranks[0]["arpack_only/float64"])
         assert _rel(got["arpack_only/float64"], got["arnoldi/float64"]) <= 1e-5
+        assert torch.equal(got["arnoldi_auto_only/float64"], ranks[0]["arnoldi_auto_only/float64"])
+        assert _rel(got["arnoldi_auto_only/float64"], got["arnoldi/float64"]) <= 1e-5
     n = worker.N_TRAIN
     assert ranks[0]["influences_all/float64"].shape == (n, n)
     assert ranks[0]["influences_sampler/float64"].shape == (worker.N_TEST, n)

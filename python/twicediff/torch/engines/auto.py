@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -105,7 +104,7 @@ def default_engine(native: bool, directions: int) -> str:
 
 
 def _timing_possible(V: torch.Tensor) -> bool:
-    if os.environ.get("TWICEDIFF_PROBE", "1").strip().lower() in ("0", "off", "no", "false"):
+    if not probe.enabled():
         return False
     if torch.compiler.is_compiling():
         return False

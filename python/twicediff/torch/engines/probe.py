@@ -27,13 +27,19 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "revise", "set_choice"]
+__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "enabled", "revise", "set_choice"]
 
 _lock = threading.Lock()
 _decided: Dict[Tuple[str, str], Dict] = {}
 _overrides: Dict[str, str] = {}
 MAX_SECONDS = 0.2
 MAX_ROUNDS = 3
+
+
+def enabled() -> bool:
+    """False where ``TWICEDIFF_PROBE`` is 0 / off / no / false: the callers then use their fixed
+    rules instead of timing."""
+    return os.environ.get("TWICEDIFF_PROBE", "1").strip().lower() not in ("0", "off", "no", "false")
 
 
 def set_choice(kind: str, name: Optional[str]) -> None:

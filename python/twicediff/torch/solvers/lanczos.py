@@ -4,17 +4,43 @@ eigen computation behind :mod:`twicediff.torch.solvers.low_rank`)."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Tuple
+import time
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from ... import distributed as _distributed
+from ...distributed import collectives as _collectives
 from ...errors import MemoryBudgetError
 from ...memory import get_memory_budget, reserved
 from ...progress import close_bar, progress_bar
+from ..engines import probe as _probe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["lanczos_top_eigenpairs"]
+__all__ = ["BLOCK_SIZE_CHOICES", "check_block_size", "lanczos_top_eigenpairs"]
+
+#: What ``block_size="auto"`` chooses between: single-vector Lanczos, or blocks of 4.
+BLOCK_SIZE_CHOICES = (1, 4)
+
+#: ``"auto"`` takes blocks of 4 when a product with 4 rows costs less than this many products with
+#: one. Block Lanczos needs fewer passes for its wider blocks; over the problems of
+#: ``benchmarks/results/lanczos_cpu.md`` and ``solvers_cpu.md`` block 4 took about 0.6 of block 1's
+#: passes, so it wins while a 4-row pass costs under about 1/0.6 single ones.
+BLOCK_PASS_RATIO = 1.6
+
+# The clock of the block-size probe (tests replace it to give an operator a known cost).
+_clock = time.perf_counter
+_PROBE_KIND = "lanczos_block"
+
+
+def check_block_size(block_size, where: str) -> Union[int, str]:
+    """``block_size`` if it is an int ≥ 1 or ``"auto"``; else ValueError naming ``where``."""
+    if block_size == "auto" and isinstance(block_size, str):
+        return block_size
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{where}: block_size must be an int >= 1 or 'auto', got {block_size!r}")
+    return block_size
 
 def _basis_rows(P: int, k: int, bs: int, krylov_dimension: Optional[int], device: torch.device) -> int:
     """How many basis vectors Lanczos keeps: ``krylov_dimension`` when given, else max(2k + 2·block,
@@ -107,9 +133,88 @@ def _qr_orthonormalize(R: torch.Tensor, threshold: float, cap: int) -> Tuple[tor
     return sig[:g, None] * VsT[:g], g
 
 
+def _start_block(P: int, bs: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The first Lanczos block: the first ``bs`` of max(``bs``, 4) random rows orthonormalised (at
+    most P), drawn alike for every block size up to 4, so that a block size chosen by the probe
+    starts where the same block size given explicitly starts."""
+    n = min(P, max(bs, max(BLOCK_SIZE_CHOICES)))
+    S = torch.randn(n, P, generator=gen, dtype=torch.float64, device=device)
+    _, _, g = _orthonormalize_block(S, 0, n, n, gen, 1.0)
+    return S[:min(bs, g)]
+
+
+def _timed(apply_rows: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    t0 = _clock()
+    W = apply_rows(V)
+    if W.device.type == "cuda":
+        torch.cuda.synchronize(W.device)
+    return W, _clock() - t0
+
+
+def _probe_block_size(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int, device: torch.device,
+                      gen: torch.Generator, start: list) -> Dict[str, float]:
+    """The timings behind ``block_size="auto"``, as seconds per pass over one vector's worth of
+    work (the 4-vector pass divided by :data:`BLOCK_PASS_RATIO`, so the smaller wins).
+
+    The start block S is 4 orthonormal random rows. A·S and A·S[:1] are each applied twice and the
+    second calls timed: a first call of a shape pays for what an operator does once (a first pass
+    that keeps batches, an engine probe per shape) and would bias the choice. Under a process group
+    the timings are summed over the ranks, so every rank takes the same block size (their Lanczos
+    steps are collectives and must match). Appends to ``start`` S, its product, S[:1] and its
+    product, so that the chosen block's product starts the iteration."""
+    b = max(BLOCK_SIZE_CHOICES)
+    S = _start_block(P, b, gen, device)
+    apply_rows(S)
+    apply_rows(S[:1])
+    W1, t1 = _timed(apply_rows, S[:1])
+    Wb, tb = _timed(apply_rows, S)
+    times = torch.tensor([t1, tb], dtype=torch.float64)
+    group = _distributed.current_group()
+    if group is not None:
+        _collectives.all_reduce_sum_(group, times)
+    start.extend([S, Wb, S[:1].clone(), W1])
+    return {"1": float(times[0]), str(b): float(times[1]) / BLOCK_PASS_RATIO}
+
+
+def _auto_block_size(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int, k: int, device: torch.device,
+                     gen: torch.Generator) -> Tuple[int, Optional[list]]:
+    """``block_size="auto"``: (block size, [start block, its product] or None for a random start).
+
+    1 where k < 4; 4 under ``TWICEDIFF_PROBE=0``; else the decision ``"lanczos_block"`` of
+    :mod:`twicediff.torch.engines.probe` for P and the device (an override by
+    ``probe.set_choice("lanczos_block", "1")``, this process' earlier decision or the disk cache,
+    else :func:`_probe_block_size`), reported in ``build_info()["probe"]``. Under a process group the
+    probe runs every time: a cache that one rank has and another has not would desynchronise them."""
+    b = max(BLOCK_SIZE_CHOICES)
+    if k < b:
+        return 1, None
+    if not _probe.enabled():
+        return b, None
+    candidates = {str(c): _nothing for c in BLOCK_SIZE_CHOICES}
+    start: list = []
+    if _distributed.current_group() is not None:
+        seconds = _probe_block_size(apply_rows, P, device, gen, start)
+        choice = min(candidates, key=lambda n: seconds[n])
+    else:
+        choice = _probe.choose(_PROBE_KIND, f"P={P} {device.type}", candidates,
+                               measure=lambda: _probe_block_size(apply_rows, P, device, gen, start))
+    bs = int(choice)
+    logger.info("lanczos: block_size='auto' chose %d (%s)", bs,
+                "timed now" if start else "decided before in this process, on disk or by set_choice")
+    if not start:
+        return bs, None
+    S, Wb, S1, W1 = start
+    del start[:]
+    return bs, ([S, Wb] if bs == b else [S1, W1])
+
+
+def _nothing() -> None:
+    return None
+
+
 def lanczos_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int, k: int, *,
                             device: torch.device, krylov_dimension: Optional[int] = None, tol: float = 1e-6,
-                            max_iter: Optional[int] = None, block_size: int = 1, seed: int = 0,
+                            max_iter: Optional[int] = None, block_size: Union[int, str] = 1, seed: int = 0,
                             progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""The k eigenpairs of a symmetric A ([P, P], given by ``apply_rows`` on [D, P] row blocks)
     largest in absolute value, by thick-restart block Lanczos with full reorthogonalisation, in
@@ -125,6 +230,7 @@ def lanczos_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], P
     the last block to the next. When the basis is full it is restarted in place from the Ritz
     vectors of the largest |θ| (a thick restart: T becomes their θ's, bordered by their coupling to
     the next block). Pair i has converged when ‖A y_i − θ_i y_i‖ ≤ tol·|θ_i| (ARPACK's rule).
+    ``block_size="auto"`` picks 1 or 4 by timing the operator (:func:`_auto_block_size`).
 
     Returns:
         (θ [k] ascending, V [P, k]) float64, V a view of the basis' first k rows (its memory is the
@@ -135,24 +241,38 @@ def lanczos_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], P
     if k <= 0:
         return (torch.zeros(0, dtype=torch.float64, device=device),
                 torch.zeros(P, 0, dtype=torch.float64, device=device))
-    bs = max(1, min(int(block_size), k))
+    block_size = check_block_size(block_size, "lanczos_top_eigenpairs")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    start = None
+    if block_size == "auto":
+        bs, start = _auto_block_size(apply_rows, P, k, device, gen)
+    else:
+        bs = max(1, min(block_size, k))
     m_max = _basis_rows(P, k, bs, krylov_dimension, device)
     tol = tol if tol > 0 else torch.finfo(torch.float64).eps
     max_iter = max(1, 10 * P if max_iter is None else int(max_iter))
-    gen = torch.Generator(device=device).manual_seed(seed)
     cap = min(P, m_max + bs)
     Q = torch.empty(m_max + bs, P, dtype=torch.float64, device=device)
     with reserved(Q.numel() * 8):  # the products are chunked against what the basis leaves
-        return _lanczos_iterate(apply_rows, Q, P, k, bs, m_max, cap, gen, tol, max_iter, progress, device)
+        return _lanczos_iterate(apply_rows, Q, P, k, bs, m_max, cap, gen, tol, max_iter, progress, device, start)
 
 
 def _lanczos_iterate(apply_rows: Callable[[torch.Tensor], torch.Tensor], Q: torch.Tensor, P: int, k: int, bs: int,
                      m_max: int, cap: int, gen: torch.Generator, tol: float, max_iter: int, progress: bool,
-                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The iteration of :func:`lanczos_top_eigenpairs` in the preallocated basis Q."""
+                     device: torch.device, start: Optional[list] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The iteration of :func:`lanczos_top_eigenpairs` in the preallocated basis Q; ``start``: a list
+    [orthonormal start block [bs, P], its product], emptied here so that neither outlives its use,
+    else a random block is drawn."""
     T = torch.zeros(m_max + bs, m_max + bs, dtype=torch.float64)
-    Q[:bs] = torch.randn(bs, P, generator=gen, dtype=torch.float64, device=device)
-    _, _, cur = _orthonormalize_block(Q, 0, bs, cap, gen, 1.0)
+    first = None
+    if start is None:
+        block = _start_block(P, bs, gen, device)
+    else:
+        first = start.pop()
+        block = start.pop()
+    cur = block.shape[0]
+    Q[:cur].copy_(block)
+    del block
     m = 0  # rows [0, m) are the basis before the current block, rows [m, m + cur) the current block
     bar = progress_bar(range(max_iter), progress, desc="lanczos", unit="pass", count_only=True)
     theta = S = sel = Q_final = None
@@ -161,7 +281,8 @@ def _lanczos_iterate(apply_rows: Callable[[torch.Tensor], torch.Tensor], Q: torc
     chunk = max(1, (1 << 24) // (8 * m_max))  # columns per step of the in-place restart
     for _ in bar:
         blk = slice(m, m + cur)
-        W = apply_rows(Q[blk])
+        W = apply_rows(Q[blk]) if first is None else first
+        first = None
         end = m + cur
         Q[end:end + cur].copy_(W)
         anorm = max(anorm, float(Q[end:end + cur].norm(dim=1).max()))

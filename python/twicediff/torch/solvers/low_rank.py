@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple, Union
 
 import torch
 
@@ -15,7 +15,7 @@ from ...twice_differentiable import InverseHvpResult
 from ..operator import HessianOperator
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
 from .common import check_nonnegative, check_rhs
-from .lanczos import lanczos_top_eigenpairs
+from .lanczos import BLOCK_SIZE_CHOICES, check_block_size, lanczos_top_eigenpairs
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ EIGEN_SOLVERS = ("lanczos", "arpack")
 def _expected_products(k, krylov_dimension, bs) -> Optional[int]:
     """One Krylov basis' worth of products (the basis lanczos' _basis_rows aims at), None where the
     arguments are not integers (their own checks then say so)."""
+    bs = max(BLOCK_SIZE_CHOICES) if bs == "auto" else bs
     ints = all(isinstance(a, int) and not isinstance(a, bool) for a in (k, bs))
     if isinstance(krylov_dimension, int) and not isinstance(krylov_dimension, bool):
         return max(0, krylov_dimension)
@@ -105,9 +106,10 @@ def _arpack_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], P
 
 def _low_rank(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int, dtype: torch.dtype, device: torch.device, *,
               rank_estimate: int, krylov_dimension: Optional[int], tol: float, max_iter: Optional[int],
-              eigen_solver: str, block_size: int, progress: bool, where: str) -> LowRankProductRepresentation:
+              eigen_solver: str, block_size: Union[int, str], progress: bool, where: str) -> LowRankProductRepresentation:
     if eigen_solver not in EIGEN_SOLVERS:
         raise ValueError(f"{where}: eigen_solver must be one of {EIGEN_SOLVERS}, got {eigen_solver!r}")
+    check_block_size(block_size, where)
     if isinstance(rank_estimate, bool) or not isinstance(rank_estimate, int) or not 1 <= rank_estimate <= P:
         raise ValueError(f"{where}: rank_estimate must be an int in [1, P = {P}], got {rank_estimate!r}")
     if krylov_dimension is not None and not (isinstance(krylov_dimension, int) and rank_estimate < krylov_dimension):
@@ -133,7 +135,7 @@ def lanzcos_low_rank_hessian_approx(hessian_vp: Callable[[torch.Tensor], torch.T
                                     krylov_dimension: Optional[int] = None, tol: float = 1e-6,
                                     max_iter: Optional[int] = None, device: Optional[torch.device] = None,
                                     eigen_computation_on_gpu: bool = False, torch_dtype: Optional[torch.dtype] = None,
-                                    *, eigen_solver: str = "lanczos", block_size: int = 1,
+                                    *, eigen_solver: str = "lanczos", block_size: Union[int, str] = 1,
                                     progress: bool = False) -> LowRankProductRepresentation:
     r"""The ``rank_estimate`` eigenpairs largest in |θ| of A = H + λI, H given by ``hessian_vp``
     ([P] → [P]), as V D Vᵀ (the name keeps pyDVL's spelling).
@@ -148,7 +150,10 @@ def lanzcos_low_rank_hessian_approx(hessian_vp: Callable[[torch.Tensor], torch.T
         eigen_computation_on_gpu: accepted for compatibility; the Lanczos solver runs on ``device``.
         torch_dtype: dtype of the result (default torch's default dtype).
         eigen_solver: ``"lanczos"`` (torch, on ``device``) or ``"arpack"`` (scipy, CPU).
-        block_size: Lanczos directions added per step (each one product with ``hessian_vp``).
+        block_size: Lanczos directions added per step (each one product with ``hessian_vp``), or
+            ``"auto"``: 1 or 4, whichever a timed probe of the operator favours (see
+            :func:`model_hessian_low_rank`). Products of ``hessian_vp`` are taken one row at a
+            time, so a block costs its rows' products and 1 (the default) is the right choice.
     """
     where = "lanzcos_low_rank_hessian_approx"
     if not callable(hessian_vp):
@@ -172,17 +177,22 @@ def lanzcos_low_rank_hessian_approx(hessian_vp: Callable[[torch.Tensor], torch.T
 def model_hessian_low_rank(model: TorchTwiceDifferentiable, training_data: Iterable, hessian_perturbation: float = 0.0,
                            rank_estimate: int = 10, krylov_dimension: Optional[int] = None, tol: float = 1e-6,
                            max_iter: Optional[int] = None, eigen_computation_on_gpu: bool = False, *,
-                           eigen_solver: str = "lanczos", block_size: int = 4, mode: str = "hessian",
+                           eigen_solver: str = "lanczos", block_size: Union[int, str] = "auto",
+                           mode: str = "hessian",
                            progress: bool = False) -> LowRankProductRepresentation:
     r"""The ``rank_estimate`` eigenpairs largest in |θ| of H + λI, H the Hessian of the model's mean
     training loss, as V D Vᵀ (values and vectors in the model's dtype, on its device).
 
-    Each product with H + λI is one pass over the data for a block of ``block_size`` vectors: the
-    default 4 needs about half the passes of single-vector Lanczos for each pass costing little
-    more (``benchmarks/results/solvers_cpu.md``). Where a pass over 4 vectors costs more than about
-    1.6 single ones (large P, few points: 2.7 on the 2M-parameter MLP of
-    ``benchmarks/results/lanczos_cpu.md``), ``block_size=1`` is faster (0.9× ARPACK's time there,
-    block 4 2.2×). See :func:`lanzcos_low_rank_hessian_approx` for the other arguments.
+    Each product with H + λI is one pass over the data for a block of ``block_size`` vectors. Blocks
+    of 4 need fewer passes than single-vector Lanczos; they are faster where a pass over 4 vectors
+    costs little more than one (small P, many points: ``benchmarks/results/solvers_cpu.md``) and
+    slower where it costs several (large P, few points: ``benchmarks/results/lanczos_cpu.md``).
+    The default ``"auto"`` measures which: before the iteration it applies H + λI twice to 4 and
+    twice to 1 random orthonormal vectors, times the second of each, and takes blocks of 4 when
+    the 4-vector pass costs less than ``lanczos.BLOCK_PASS_RATIO`` single ones (summed over the
+    ranks of a process group, so all ranks choose alike). The probe costs 10 vectors' products, of
+    which the chosen block's start the iteration; the choice is logged at INFO. An int fixes the
+    block size. See :func:`lanzcos_low_rank_hessian_approx` for the other arguments.
     """
     where = "model_hessian_low_rank"
     check_model(model, where)
@@ -198,7 +208,8 @@ def solve_arnoldi(model: TorchTwiceDifferentiable, training_data: Iterable, b: t
                   hessian_perturbation: float = 0.0, *, rank_estimate: int = 10, krylov_dimension: Optional[int] = None,
                   low_rank_representation: Optional[LowRankProductRepresentation] = None, tol: float = 1e-6,
                   max_iter: Optional[int] = None, eigen_computation_on_gpu: bool = False,
-                  eigen_solver: str = "lanczos", block_size: int = 4, progress: bool = False) -> InverseHvpResult:
+                  eigen_solver: str = "lanczos", block_size: Union[int, str] = "auto",
+                  progress: bool = False) -> InverseHvpResult:
     r"""x = V D⁻¹ Vᵀ b, V D Vᵀ the ``rank_estimate`` eigenpairs of H + λI largest in |θ|
     (:func:`model_hessian_low_rank`), or the given ``low_rank_representation`` (then the other
     arguments of the eigen computation are ignored; it is moved to b's device).
