@@ -78,6 +78,7 @@ def test_demo_help_explains_lambda(capsys):
     (("demo", "--n-train", "many"), ("--n-train", "'many'")),
     (("demo", "--regularization", "-1"), ("--regularization", "-1")),
     (("demo", "--regularization", "nan"), ("--regularization", "nan")),
+    (("demo", "--kfac-damping", "0"), ("--kfac-damping", "0")),
     (("demo", "--flip-fraction", "1.5"), ("--flip-fraction", "(0, 1)", "1.5")),
     (("demo", "--weight-decay", "-0.1"), ("--weight-decay", "-0.1")),
     (("demo", "--n-train", "1700", "--n-val", "300"), ("n_train + n_val", "1797", "1700 + 300")),
@@ -215,6 +216,9 @@ def test_demo_with_kfac_methods_prints_the_auc_table(tmp_path, method):
     assert saved["metrics"]["self-influence"]["auc"] >= 0.9, result.stdout
     assert saved["metrics"]["validation harm"]["auc"] >= 0.8, result.stdout
     assert f"{method.upper()} factors" in saved["timings"]
+    # damped by its own rule, relative to each layer's eigenvalues, not by the exact method's λ
+    assert saved["config"]["kfac_damping"] == 0.1
+    assert "damping: 0.1 x each layer's mean eigenvalue" in result.stdout
 
 
 def test_demo_method_argument_and_info_lists_methods(capsys):
@@ -223,6 +227,7 @@ def test_demo_method_argument_and_info_lists_methods(capsys):
     parser = cli.build_parser()
     assert cli.demo_config(parser.parse_args(["demo", "--method", "cg"])).method == "cg"
     assert cli.demo_config(parser.parse_args(["demo"])).method == "direct"
+    assert cli.demo_config(parser.parse_args(["demo", "--kfac-damping", "0.3"])).kfac_damping == 0.3
     assert_usage_error(twicediff_main(capsys, "demo", "--method", "bogus"), "--method", "invalid choice")
     result = twicediff_main(capsys, "info")
     assert result.returncode == 0

@@ -70,6 +70,7 @@ def test_flip_labels_changes_exactly_the_chosen_fraction():
     ("n_val", 1000, r"n_train \+ n_val must be at most 1797"),
     ("flip_fraction", 0.0001, "flip at least one"),
     ("regularization", 0.0, "regularization"),
+    ("kfac_damping", 0.0, "kfac_damping must be > 0, got 0.0"),
     ("weight_decay", -1.0, "weight_decay must be >= 0"),
 ])
 def test_config_validation_names_the_field(field, value, fragment):

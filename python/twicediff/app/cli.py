@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fraction of training labels flipped (default: {defaults.flip_fraction})")
     p.add_argument("--regularization", type=_positive_float, default=defaults.regularization, metavar="LAMBDA",
                    help=f"Hessian damping λ in (H + λI)⁻¹ (default: {defaults.regularization}; see above)")
+    p.add_argument("--kfac-damping", type=_positive_float, default=defaults.kfac_damping, metavar="FACTOR",
+                   help=f"ekfac / kfac: damping as a multiple of each layer's mean eigenvalue (default: "
+                        f"{defaults.kfac_damping}; see above)")
     p.add_argument("--method", choices=demo.METHODS, default=defaults.method,
                    help=f"inversion method: direct (explicit Hessian), cg (conjugate gradients), ekfac or kfac "
                         f"(Kronecker-factored curvature of the Linear layers) (default: {defaults.method})")
@@ -159,6 +162,7 @@ def demo_config(args: argparse.Namespace) -> "DemoConfig":
     sizes = {name: getattr(args, name) if getattr(args, name) is not None else quick.get(name, default)
              for name, default in (("n_train", DemoConfig.n_train), ("n_val", DemoConfig.n_val))}
     return DemoConfig(flip_fraction=args.flip_fraction, regularization=args.regularization, method=args.method,
+                      kfac_damping=args.kfac_damping,
                       weight_decay=args.weight_decay, seed=args.seed, device=args.device,
                       dtype=getattr(torch, args.dtype), progress=args.progress, **sizes)
 
