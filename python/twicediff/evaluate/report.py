@@ -18,6 +18,10 @@ LABELS: Dict[str, str] = {
     "ekfac": "EK-FAC",
     "kfac-ggn": "K-FAC, GGN",
     "ekfac-ggn": "EK-FAC, GGN",
+    "kfac-rel": "K-FAC, 0.1 x mean eigenvalue",
+    "ekfac-rel": "EK-FAC, 0.1 x mean eigenvalue",
+    "kfac-ggn-rel": "K-FAC, GGN, 0.1 x mean eigenvalue",
+    "ekfac-ggn-rel": "EK-FAC, GGN, 0.1 x mean eigenvalue",
 }
 
 
