@@ -58,7 +58,8 @@ def solver(method: str, *, batch_size: Optional[int] = None, damping: Optional[f
 
     def solve(model: Any, training_data: Any, rhs: torch.Tensor, regularization: float) -> torch.Tensor:
         if batch_size is not None and isinstance(training_data, DataLoader):
-            training_data = DataLoader(training_data.dataset, batch_size=batch_size)
+            training_data = DataLoader(training_data.dataset, batch_size=batch_size,
+                                       collate_fn=training_data.collate_fn)
         perturbation = regularization if damping is None else float(damping)
         return solve_hvp(method, model, training_data, rhs, hessian_perturbation=perturbation, **options).x
 
