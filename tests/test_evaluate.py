@@ -324,3 +324,97 @@ def test_margin_measurement_end_to_end_on_logistic_regression():
     assert some.methods["direct"]["self_influence"]["auc"] > 0.8
     with pytest.raises(ValueError, match="self_influence_points must be at most the 90 training points, got 91"):
         evaluate(problem, methods=["direct"], num_subsets=2, self_influence_points=91)
+
+
+# ---- a method's own damping ----------------------------------------------------------------------
+def test_methods_with_their_own_damping_ignore_lambda_and_say_so():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from twicediff import solve_hvp
+    from twicediff.evaluate import solver
+    from twicediff.evaluate.report import format_table
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    model = TorchTwiceDifferentiable(net, F.cross_entropy)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    rhs = torch.randn(3, model.num_params, dtype=torch.float64)
+    for name, kind, fisher in (("ekfac-rel", "ekfac", "empirical"), ("ekfac-ggn-rel", "ekfac", "ggn"),
+                               ("kfac-rel", "kfac", "empirical"), ("kfac-ggn-rel", "kfac", "ggn")):
+        expected = solve_hvp(kind, model, loader, rhs, hessian_perturbation=0.1, relative_damping=True,
+                             fisher_type=fisher).x
+        for lam in (0.0, 0.03, 5.0):
+            torch.testing.assert_close(METHODS[name](model, loader, rhs, lam), expected)
+        assert describe(METHODS[name]) == f"{kind}(damping=0.1, fisher_type='{fisher}', relative_damping=True)"
+        assert QUICK_METHODS[name] is METHODS[name]
+    # The absolute rows are damped by λ, and differ from the relative ones.
+    absolute = METHODS["ekfac"](model, loader, rhs, 0.03)
+    torch.testing.assert_close(absolute, solve_hvp("ekfac", model, loader, rhs, hessian_perturbation=0.03,
+                                                   relative_damping=False, fisher_type="empirical").x)
+    assert not torch.allclose(absolute, METHODS["ekfac-rel"](model, loader, rhs, 0.03))
+    # Any method can carry one: CG damped by 0.5 whatever λ is solves (H + 0.5 I) x = b.
+    cg = solver("cg", damping=0.5, rtol=1e-12, atol=0.0)
+    assert describe(cg) == "cg(atol=0.0, damping=0.5, rtol=1e-12)"
+    torch.testing.assert_close(cg(model, loader, rhs, 0.0),
+                               solve_hvp("direct", model, loader, rhs, hessian_perturbation=0.5).x, rtol=1e-6, atol=1e-8)
+    for bad in (-1.0, "0.1", True):
+        with pytest.raises(ValueError, match=f"solver: damping must be None or a float >= 0, got {bad!r}"):
+            solver("cg", damping=bad)
+    # An evaluation records the damping in its options, and its table prints them.
+    ev = evaluate(ridge_problem(0, n=40, T=5), methods=["direct", "ekfac-rel"], num_subsets=3, num_seeds=1)
+    assert ev.config["method_options"]["ekfac-rel"] == describe(METHODS["ekfac-rel"])
+    assert "EK-FAC, 0.1 x mean eigenvalue: ekfac(damping=0.1, fisher_type='empirical'" in format_table(ev)
+
+
+# ---- inputs in every batch form ------------------------------------------------------------------
+class TwoInputs(torch.nn.Module):
+    """A bias-free linear model over the two parts of x, called model(a, b) or model(a=a, b=b)."""
+
+    def __init__(self, weight, split):
+        super().__init__()
+        self.linear, self.split = torch.nn.Linear(weight.shape[1], 1, bias=False).to(weight.dtype), split
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+
+    def forward(self, a, b, scale=1.0):
+        return self.linear(torch.cat([a, b], dim=1)) * scale
+
+
+class SplitTrainer:
+    """RidgeTrainer's model as TwoInputs: the same weights, the input in two parts."""
+
+    def __init__(self, ridge, split):
+        self.ridge, self.split = ridge, split
+
+    def __call__(self, indices, seed):
+        return TwoInputs(self.ridge(indices, seed).weight.detach(), self.split).eval()
+
+
+def test_tuple_and_dict_inputs_score_as_the_tensor_does():
+    from twicediff.evaluate import solver
+
+    base = ridge_problem(2, n=60, T=8)
+    k = 2
+    trainer = SplitTrainer(base.train, k)
+    forms = {
+        "tuple": lambda x: (x[:, :k], x[:, k:]),
+        "dict": lambda x: {"a": x[:, :k], "b": x[:, k:], "scale": 1.0},  # a leaf passed unchanged
+    }
+    # LiSSA re-batches the training loader (batches of 16): the batches keep x's form.
+    methods = ["identity", "direct", "lissa"]
+    table = dict(METHODS, lissa=solver("lissa", scale=500.0, maxiter=40, rtol=1e-3, batch_size=16,
+                                       on_failure="warn"))
+    reference = evaluate(base, methods=methods, num_subsets=6, num_seeds=1, method_table=table)
+    for form, split in forms.items():
+        problem = dataclasses.replace(base, train=trainer, x_train=split(base.x_train), x_test=split(base.x_test),
+                                      name=f"ridge-{form}")
+        ev = evaluate(problem, methods=methods, num_subsets=6, num_seeds=1, method_table=table)
+        np.testing.assert_allclose(ev.measurements, reference.measurements)
+        for name in methods:
+            np.testing.assert_allclose(ev.methods[name]["lds_per_test"], reference.methods[name]["lds_per_test"])
+        assert ev.config["n_train"] == 60 and ev.config["n_test"] == 8
+    with pytest.raises(ValueError, match="Problem: x_train: the inputs disagree on the batch size"):
+        dataclasses.replace(base, x_train=(base.x_train, base.x_train[:5])).validate()
+    with pytest.raises(TypeError, match="Problem: x_test: x must be a torch.Tensor .*got str"):
+        dataclasses.replace(base, x_test="points").validate()

@@ -38,7 +38,8 @@ and by harm to the validation loss, k = the number flipped.
 
 Methods: identity (plain gradient dot products, the baseline), Direct (exact inverse of H + lambda*I),
 CG, LiSSA, Arnoldi at ranks 10 and 100, K-FAC and EK-FAC (each with the empirical Fisher and with the
-Gauss-Newton matrix); each timed.
+Gauss-Newton matrix; each damped by lambda and, in the "0.1 x mean eigenvalue" rows, by their own rule,
+0.1 times each layer's mean eigenvalue, whatever lambda is); each timed.
 
 Cost: M*K trainings (L-BFGS to convergence, 1-3 s of one core each), spread over --workers processes,
 plus one solve per method with 1,797 right-hand sides (297 test + 300 validation + 1,200 training
@@ -91,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", type=_methods, default=None, metavar="M1,M2,...",
                         help="methods to compare (default: all this twicediff has)")
     parser.add_argument("--regularization", type=_positive_float, default=DemoConfig.regularization,
-                        metavar="LAMBDA", help=f"Hessian damping (default: the demo's {DemoConfig.regularization})")
+                        metavar="LAMBDA", help=f"Hessian damping (default: the demo's {DemoConfig.regularization}; the "
+                             f"K-FAC rows marked 0.1 x mean eigenvalue keep their own)")
     parser.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1),
                         help="processes training at once, one torch thread each (default: min(2, cores))")
     parser.add_argument("--cache", metavar="DIR", default=None,

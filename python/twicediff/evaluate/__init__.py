@@ -3,8 +3,8 @@
 - :func:`evaluate`: the linear datamodeling score (LDS; Park et al. 2023, "TRAK") of every method,
   with a bootstrap interval, and flipped-label detection (ROC AUC, precision at k) from
   self-influence and from validation influence; retrainings in worker processes, cached on disk.
-- :class:`Problem`: what it needs: ``train(indices, seed) -> model``, the data, the measurement
-  (test loss or margin).
+- :class:`Problem`: what it needs: ``train(indices, seed) -> model``, the data (x a tensor, a
+  tuple or a dict of inputs, as anywhere in twicediff), the measurement (test loss or margin).
 - :data:`METHODS`: the methods compared, one line each; :func:`digits_problem`: the demo's digits.
 - :mod:`twicediff.evaluate.lds`: the score itself and its sign convention.
 """

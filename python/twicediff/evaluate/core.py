@@ -11,32 +11,36 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader, TensorDataset
 
 from ..influence import compute_influences_up
 from ..torch import TorchTwiceDifferentiable
+from ..torch.batch import model_args, move_inputs, num_points, per_point, slice_batch, vmap_dims
 from .lds import bootstrap_ci, lds, predict_subsets, sample_subsets, spearman_per_column
 from .methods import METHODS, Solve, available_methods, describe
-from .problem import Problem, resolve_measurement
+from .problem import Problem, points, resolve_measurement
 from .retrain import fingerprint, retrain_measurements
 
 __all__ = ["Evaluation", "evaluate", "point_gradients"]
 
 
-def point_gradients(module: torch.nn.Module, fn, x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def point_gradients(module: torch.nn.Module, fn, x: Any, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """[N, P]: row i is ∇θ fn(module(x_i), y_i) for a batch of one, over the trainable parameters in
-    ``module.parameters()`` order (the order of :class:`twicediff.TorchTwiceDifferentiable`)."""
+    ``module.parameters()`` order (the order of :class:`twicediff.TorchTwiceDifferentiable`); x is
+    a tensor, tuple or dict of inputs (:mod:`twicediff.torch.batch`)."""
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     fixed = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
     fixed.update(dict(module.named_buffers()))
 
+    dims = vmap_dims(x)
+
     def point(p, xi, yi):
-        return fn(functional_call(module, (p, fixed), (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
+        args, kwargs = model_args(per_point(xi, dims))
+        return fn(functional_call(module, (p, fixed), args, kwargs), yi.unsqueeze(0)).sum()
 
     rows = []
-    for s in range(0, x.shape[0], chunk):
-        g = vmap(grad(point), in_dims=(None, 0, 0))(params, x[s:s + chunk], y[s:s + chunk])
+    for s in range(0, num_points(x), chunk):
+        g = vmap(grad(point), in_dims=(None, dims, 0))(params, slice_batch(x, s, s + chunk), y[s:s + chunk])
         rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], dim=1))
     return torch.cat(rows)
 
@@ -132,7 +136,7 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
     seed = _check_int(seed, "seed", 0)
     workers = _check_int(workers, "workers", 1)
     bootstrap = _check_int(bootstrap, "bootstrap", 1)
-    n = problem.x_train.shape[0]
+    n = problem.num_train
     self_points = np.arange(n, dtype=np.int64)
     if self_influence_points is not None:
         count = _check_int(self_influence_points, "self_influence_points", 2)
@@ -154,17 +158,17 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
     if not isinstance(full, torch.nn.Module):
         raise TypeError(f"evaluate: train(indices, seed) must return a torch.nn.Module, got {type(full).__name__}")
     model = TorchTwiceDifferentiable(full, problem.loss)
-    train_loader = DataLoader(TensorDataset(problem.x_train, problem.y_train), batch_size=problem.batch_size)
+    train_loader = problem.training_loader()
 
     def rhs(fn, x, y):
-        return point_gradients(full, fn, x.to(model.device), y.to(model.device))
+        return point_gradients(full, fn, move_inputs(x, model.device), y.to(model.device))
 
     loss_fn = resolve_measurement("loss", problem.loss)
     rows = {"test": rhs(measurement, problem.x_test, problem.y_test)}
     if problem.x_val is not None:
         rows["validation"] = rhs(loss_fn, problem.x_val, problem.y_val)
     if problem.flipped is not None:
-        rows["self"] = rhs(loss_fn, problem.x_train[self_points], problem.y_train[self_points])
+        rows["self"] = rhs(loss_fn, points(problem.x_train, self_points), problem.y_train[self_points])
 
     # One solve per method with every right-hand side stacked (the Direct Hessian or the Arnoldi
     # eigenvectors are then computed once), split afterwards.
@@ -199,8 +203,7 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
     start = time.perf_counter()
     measured, stats = retrain_measurements(
         problem.train, measurement, problem.x_test, problem.y_test, subsets, seeds,
-        problem_key=fingerprint(problem.name, measurement_name, problem.x_train, problem.y_train, problem.x_test,
-                                problem.y_test),
+        problem_key=fingerprint(problem.name, measurement_name, *problem.data_tensors()),
         workers=workers, cache_dir=cache_dir, progress=progress)
     retrain_seconds = time.perf_counter() - start
     actual = measured.mean(axis=1)
@@ -227,8 +230,8 @@ def evaluate(problem: Problem, *, methods: Optional[Sequence[str]] = None, num_s
         results[name] = entry
     config = {"num_subsets": num_subsets, "num_seeds": num_seeds, "fraction": float(fraction), "seed": seed,
               "workers": workers, "measurement": measurement_name, "hessian_regularization": lam,
-              "n_train": n, "n_test": int(problem.x_test.shape[0]), "subset_size": int(subsets.shape[1]),
-              "n_val": None if problem.x_val is None else int(problem.x_val.shape[0]),
+              "n_train": n, "n_test": num_points(problem.x_test), "subset_size": int(subsets.shape[1]),
+              "n_val": None if problem.x_val is None else num_points(problem.x_val),
               "num_flipped": None if flipped is None else int(flipped.sum()), "problem": problem.name,
               "num_params": model.num_params, "methods": names, "bootstrap_resamples": bootstrap,
               "method_options": {name: describe(table[name]) for name in names},

@@ -12,6 +12,13 @@ To add a method, add a line: ``"name": solver("method", option=value)`` for anyt
 function with the signature above. Methods whose inversion method this twicediff does not have are
 left out of :func:`available_methods` (K-FAC and EK-FAC join the table once registered).
 
+A method is damped by the evaluation's λ (``Problem.hessian_regularization``), passed to
+:func:`twicediff.solve_hvp` as ``hessian_perturbation``, unless it carries a damping of its own:
+``solver("ekfac", damping=0.1, relative_damping=True)`` always passes ``hessian_perturbation=0.1``
+whatever λ is (here with ``relative_damping``: 0.1 × each layer's mean eigenvalue, the rule K-FAC
+and EK-FAC are meant to be damped by). :func:`describe` names that damping with the options, and so
+does every saved evaluation.
+
 :data:`QUICK_METHODS` is the same table with cheaper options for ``evaluate --quick``: CG to a
 looser tolerance and LiSSA with fewer steps. Their answers are then less accurate, and their LDS
 may be lower than with :data:`METHODS`; the options used are recorded with every evaluation
@@ -37,17 +44,28 @@ def identity(model: Any, training_data: Any, rhs: torch.Tensor, regularization: 
     return rhs
 
 
-def solver(method: str, *, batch_size: Optional[int] = None, **options: Any) -> Solve:
+def solver(method: str, *, batch_size: Optional[int] = None, damping: Optional[float] = None,
+           **options: Any) -> Solve:
     """The method ``solve_hvp(method, model, training_data, rhs, hessian_perturbation=λ, **options)``;
     ``method`` is an :class:`twicediff.InversionMethod` value (``"direct"``, ``"cg"``, ...).
-    ``batch_size`` re-batches a DataLoader's dataset first (for methods that take one batch a step)."""
+    ``batch_size`` re-batches a DataLoader's dataset first (for methods that take one batch a step).
+    ``damping`` (a float >= 0) is the method's own ``hessian_perturbation``, passed instead of the
+    evaluation's λ (with ``relative_damping=True``, K-FAC's and EK-FAC's factor of each layer's mean
+    eigenvalue); ``None`` (the default) passes λ."""
+    if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float))
+                                or not damping >= 0):
+        raise ValueError(f"solver: damping must be None or a float >= 0, got {damping!r}")
+
     def solve(model: Any, training_data: Any, rhs: torch.Tensor, regularization: float) -> torch.Tensor:
         if batch_size is not None and isinstance(training_data, DataLoader):
-            training_data = DataLoader(training_data.dataset, batch_size=batch_size)
-        return solve_hvp(method, model, training_data, rhs, hessian_perturbation=regularization, **options).x
+            training_data = DataLoader(training_data.dataset, batch_size=batch_size,
+                                       collate_fn=training_data.collate_fn)
+        perturbation = regularization if damping is None else float(damping)
+        return solve_hvp(method, model, training_data, rhs, hessian_perturbation=perturbation, **options).x
 
     solve.inversion_method = method  # type: ignore[attr-defined]
-    solve.options = dict(options, **({} if batch_size is None else {"batch_size": batch_size}))  # type: ignore
+    solve.options = dict(options, **({} if batch_size is None else {"batch_size": batch_size}),  # type: ignore
+                         **({} if damping is None else {"damping": damping}))
     return solve
 
 
@@ -67,10 +85,14 @@ def describe(solve: Solve) -> str:
 # LiSSA, measured as it is used. Batches of 128 halve the cost of a step. Its stopping rule (every
 # entry's relative change below rtol) is rarely met in 300 steps, entries near zero keep it
 # large, so the last iterate is taken with a warning (on_failure="warn"), as a user would.
-# K-FAC and EK-FAC, damped by the same absolute λ as the others (relative_damping off), over every
-# Linear layer (the default selection), with two curvatures: the empirical Fisher (the true labels'
-# gradients, what works with any loss) and the Gauss-Newton matrix (exact in the loss Hessian,
-# closer to the Hessian the other methods invert).
+# K-FAC and EK-FAC over every Linear layer (the default selection), with two curvatures: the
+# empirical Fisher (the true labels' gradients, what works with any loss) and the Gauss-Newton
+# matrix (exact in the loss Hessian, closer to the Hessian the other methods invert); each damped
+# two ways. First by the same absolute λ as the others (relative_damping off): what the exact
+# method's damping does to them. Then ("-rel") by their own rule, damping=0.1 with
+# relative_damping: 0.1 × each layer's mean eigenvalue (Kronfluence's heuristic, the demo's
+# default), whatever λ is: λ suits the exact Hessian, whose spectrum differs from a Kronecker
+# factor's, and a λ chosen for one does not damp the other alike.
 METHODS: Dict[str, Solve] = {
     "identity": identity,
     "direct": solver("direct"),
@@ -82,6 +104,10 @@ METHODS: Dict[str, Solve] = {
     "ekfac": solver("ekfac", fisher_type="empirical", relative_damping=False),
     "kfac-ggn": solver("kfac", fisher_type="ggn", relative_damping=False),
     "ekfac-ggn": solver("ekfac", fisher_type="ggn", relative_damping=False),
+    "kfac-rel": solver("kfac", fisher_type="empirical", relative_damping=True, damping=0.1),
+    "ekfac-rel": solver("ekfac", fisher_type="empirical", relative_damping=True, damping=0.1),
+    "kfac-ggn-rel": solver("kfac", fisher_type="ggn", relative_damping=True, damping=0.1),
+    "ekfac-ggn-rel": solver("ekfac", fisher_type="ggn", relative_damping=True, damping=0.1),
 }
 
 # --quick: CG stops at a relative residual of 1e-4 (or 100 steps) and LiSSA after 100 steps, a

@@ -7,8 +7,35 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["PointLoss", "Problem", "margin", "resolve_measurement"]
+from ..torch.batch import batch_size as _batch_size, input_tensors, map_inputs
+
+__all__ = ["PointLoss", "Problem", "margin", "points", "resolve_measurement"]
+
+
+def points(x: Any, index: Any) -> Any:
+    """The points ``index`` (an int array or tensor) of an x in any batch form: its tensors with a
+    batch dimension indexed, other leaves (0-d tensors, flags) unchanged."""
+    index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+    return map_inputs(lambda t: t[index] if t.dim() > 0 else t, x)
+
+
+class _Points(Dataset):
+    """The n points of (x, y) for a DataLoader whose ``collate_fn`` is :meth:`collate`: item i is
+    the index i, and a batch of indices becomes ``(points(x, indices), y[indices])``."""
+
+    def __init__(self, x: Any, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, indices):
+        return points(self.x, indices), self.y[torch.as_tensor(indices, dtype=torch.long)]
 
 
 class PointLoss:
@@ -46,7 +73,9 @@ class Problem:
         train: ``train(indices, seed) -> nn.Module``: a model trained from scratch with ``seed`` on
             the training points ``indices`` (a sorted int64 array). It must be deterministic given
             its arguments, and picklable to train in worker processes.
-        x_train, y_train: the n training points.
+        x_train, y_train: the n training points. Each x, like any batch of twicediff, is a tensor
+            (``model(x)``), a tuple or list (``model(*x)``) or a dict (``model(**x)``) whose
+            tensors share the leading dimension (see :mod:`twicediff.torch.batch`); y a tensor.
         x_test, y_test: the T test points whose measurement the LDS predicts.
         loss: the training loss of a batch, as :class:`twicediff.TorchTwiceDifferentiable` takes it
             (mean over the batch); its Hessian over the training data is inverted.
@@ -60,14 +89,14 @@ class Problem:
     """
 
     train: Callable[[np.ndarray, int], torch.nn.Module]
-    x_train: torch.Tensor
+    x_train: Any
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Any
     y_test: torch.Tensor
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     measurement: Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = "loss"
     hessian_regularization: float = 0.0
-    x_val: Optional[torch.Tensor] = None
+    x_val: Any = None
     y_val: Optional[torch.Tensor] = None
     flipped: Optional[np.ndarray] = None
     name: str = "problem"
@@ -82,27 +111,45 @@ class Problem:
             x, y = getattr(self, a), getattr(self, b)
             if a == "x_val" and x is None and y is None:
                 continue
-            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-                raise TypeError(f"{where}: {a} and {b} must be torch tensors, got {type(x).__name__} and "
-                                f"{type(y).__name__}")
-            if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"{where}: {b} must be a torch tensor, got {type(y).__name__}")
+            if isinstance(x, torch.Tensor) and x.dim() == 0:
+                raise ValueError(f"{where}: {a} must hold its points along dim 0, got a 0-d tensor")
+            count = _batch_size(x, f"{where}: {a}")
+            if y.dim() == 0 or count != y.shape[0] or count == 0:
                 raise ValueError(f"{where}: {a} and {b} must hold the same number (>= 1) of points along "
-                                 f"dim 0, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
-        if self.x_train.shape[0] < 2:
-            raise ValueError(f"{where}: x_train must hold at least 2 points, got {self.x_train.shape[0]}")
+                                 f"dim 0, got {count} and shape {tuple(y.shape)}")
+        if self.num_train < 2:
+            raise ValueError(f"{where}: x_train must hold at least 2 points, got {self.num_train}")
         resolve_measurement(self.measurement, self.loss)
         if not float(self.hessian_regularization) >= 0:
             raise ValueError(f"{where}: hessian_regularization must be >= 0, got {self.hessian_regularization!r}")
         if self.flipped is not None:
             flipped = np.asarray(self.flipped)
-            if flipped.dtype != bool or flipped.shape != (self.x_train.shape[0],):
-                raise ValueError(f"{where}: flipped must be a bool mask of shape ({self.x_train.shape[0]},), got "
+            if flipped.dtype != bool or flipped.shape != (self.num_train,):
+                raise ValueError(f"{where}: flipped must be a bool mask of shape ({self.num_train},), got "
                                  f"dtype {flipped.dtype} and shape {flipped.shape}")
             if not 0 < flipped.sum() < flipped.size:
                 raise ValueError(f"{where}: flipped must mark at least one point and leave at least one, got "
                                  f"{int(flipped.sum())} of {flipped.size}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"{where}: batch_size must be an int >= 1, got {self.batch_size!r}")
+
+    @property
+    def num_train(self) -> int:
+        """n, the number of training points."""
+        return _batch_size(self.x_train, "Problem: x_train")
+
+    def training_loader(self) -> DataLoader:
+        """The training points in batches of ``batch_size``, as pairs (x, y) in x's form."""
+        data = _Points(self.x_train, self.y_train)
+        return DataLoader(data, batch_size=self.batch_size, collate_fn=data.collate)
+
+    def data_tensors(self) -> list:
+        """Every tensor of the training and test points, in order (what the retraining cache's key
+        hashes: for tensor x, ``[x_train, y_train, x_test, y_test]``)."""
+        return [t for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test))
+                for t in [*(v for _, v in input_tensors(x)), y]]
 
 
 def resolve_measurement(measurement: Any, loss: Callable) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

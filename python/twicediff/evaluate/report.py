@@ -18,6 +18,10 @@ LABELS: Dict[str, str] = {
     "ekfac": "EK-FAC",
     "kfac-ggn": "K-FAC, GGN",
     "ekfac-ggn": "EK-FAC, GGN",
+    "kfac-rel": "K-FAC, 0.1 x mean eigenvalue",
+    "ekfac-rel": "EK-FAC, 0.1 x mean eigenvalue",
+    "kfac-ggn-rel": "K-FAC, GGN, 0.1 x mean eigenvalue",
+    "ekfac-ggn-rel": "EK-FAC, GGN, 0.1 x mean eigenvalue",
 }
 
 
@@ -80,12 +84,17 @@ def plot_lds_time(ev: Evaluation, path: str) -> None:
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    placed: list = []
     for name, m in ev.methods.items():
         t = max(m["seconds"]["total"], 1e-4)
         low, high = m["lds_ci"]
-        ax.errorbar([t], [m["lds"]], yerr=[[m["lds"] - low], [high - m["lds"]]], fmt="o", capsize=4,
-                    label=_label(name))
-        ax.annotate(_label(name), (t, m["lds"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # Past ten methods the colours repeat: a method with its own damping ("-rel") gets squares.
+        ax.errorbar([t], [m["lds"]], yerr=[[m["lds"] - low], [high - m["lds"]]],
+                    fmt="s" if name.endswith("-rel") else "o", capsize=4, label=_label(name))
+        # Labels of points close together (the K-FAC family) are stacked instead of overprinted.
+        near = sum(1 for (u, v) in placed if abs(v - m["lds"]) < 0.02 and 0.5 < u / t < 2)
+        placed.append((t, m["lds"]))
+        ax.annotate(_label(name), (t, m["lds"]), textcoords="offset points", xytext=(6, 4 - 9 * near), fontsize=7)
     if ev.retrain.get("split_half") is not None:
         ax.axhline(ev.retrain["split_half"], color="gray", linestyle="--", linewidth=1,
                    label="retraining noise (split-half)")

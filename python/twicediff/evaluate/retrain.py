@@ -23,23 +23,25 @@ import pickle
 import tempfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..progress import progress_bar
+from ..torch.batch import call_model
 
 __all__ = ["RetrainStats", "fingerprint", "measure", "retrain_measurements"]
 
 
-def measure(model: torch.nn.Module, measurement: Callable, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """``measurement(model(x), y)`` without gradients, as a float64 [T] array."""
+def measure(model: torch.nn.Module, measurement: Callable, x: Any, y: torch.Tensor) -> np.ndarray:
+    """``measurement(model(x), y)`` without gradients (``model(*x)`` / ``model(**x)`` for a tuple /
+    dict x), as a float64 [T] array."""
     with torch.no_grad():
-        values = measurement(model(x), y)
+        values = measurement(call_model(model, x), y)
     values = values.detach().to("cpu", torch.float64).numpy().reshape(-1)
-    if values.shape[0] != x.shape[0]:
-        raise ValueError(f"measurement must return one value per test point ({x.shape[0]}), got {values.shape[0]}")
+    if values.shape[0] != y.shape[0]:
+        raise ValueError(f"measurement must return one value per test point ({y.shape[0]}), got {values.shape[0]}")
     return values
 
 
@@ -119,7 +121,7 @@ def retrain_measurements(train: Callable, measurement: Callable, x_test: torch.T
                 raise ValueError(f"retrain_measurements: with workers={workers}, {name} must be picklable (a "
                                  f"module-level function or an instance of a module-level class), got {obj!r}: "
                                  f"{exc}; pass workers=1 to train in this process") from None
-    M, K, T = subsets.shape[0], len(seeds), x_test.shape[0]
+    M, K, T = subsets.shape[0], len(seeds), y_test.shape[0]
     out = np.full((M, K, T), np.nan)
     stats = RetrainStats()
     todo: List[Tuple[int, int, Optional[str]]] = []
