@@ -24,9 +24,9 @@ __all__ = ["BLOCK_SIZE_CHOICES", "check_block_size", "lanczos_top_eigenpairs"]
 BLOCK_SIZE_CHOICES = (1, 4)
 
 #: ``"auto"`` takes blocks of 4 when a product with 4 rows costs less than this many products with
-#: one. Block Lanczos needs fewer passes for its wider blocks; over the problems of
-#: ``benchmarks/results/lanczos_cpu.md`` and ``solvers_cpu.md`` block 4 took about 0.6 of block 1's
-#: passes, so it wins while a 4-row pass costs under about 1/0.6 single ones.
+#: one. Block Lanczos needs fewer passes for its wider blocks; on the problems of
+#: ``benchmarks/results/lanczos_cpu.md`` block 4 took 0.6–0.7 of block 1's passes, so it wins while
+#: a 4-row pass costs under about 1.5–1.6 single ones.
 BLOCK_PASS_RATIO = 1.6
 
 # The clock of the block-size probe (tests replace it to give an operator a known cost).
