@@ -262,3 +262,34 @@ def test_the_choice_is_confirmed_at_its_real_size(monkeypatch):
     td.hvp_function(case.x, case.y)(V)
     entry = _engine_keys()[key()]
     assert entry["choice"] == "func" and entry["source"] == "confirmed" and set(entry["measured"]) == {"func"}
+
+
+def test_the_runner_up_is_timed_at_size_when_no_rival_is_within_the_margin(monkeypatch):
+    """A prediction off by more than the 15% margin is caught by timing the runner-up once: with a
+    clock that makes every call take 1 s, the choice measures 1/8 s per direction; the runner-up,
+    predicted 1.6x that (outside the margin, inside 2x), is timed on the next call; the loop,
+    predicted far slower, never is."""
+    import types
+
+    from twicediff.torch.engines import auto
+
+    case, td = _structured()
+    V = torch.randn(8, td.num_params, dtype=td.dtype)
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(auto, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    predicted = {"func": 1e-6, "autograd": 0.2, "loop": 1e3}
+    monkeypatch.setattr(AutoEngine, "_measure", lambda self, names, *a: dict(predicted))
+    product = td.hvp_function(case.x, case.y)
+    product(V)
+    entry = next(iter(_engine_keys().values()))
+    assert product.engine.chosen == "func" and entry["choice"] == "autograd" and entry["source"] == "revised"
+    product(V)
+    entry = next(iter(_engine_keys().values()))
+    assert product.engine.chosen == "autograd" and entry["source"] == "confirmed"
+    assert set(entry["measured"]) == {"func", "autograd"}
+    # beyond 2x the runner-up is not timed: the choice is confirmed at once
+    probe.clear()
+    predicted.update(autograd=0.3)
+    td.hvp_function(case.x, case.y)(V)
+    entry = next(iter(_engine_keys().values()))
+    assert entry["choice"] == "func" and entry["source"] == "confirmed" and set(entry["measured"]) == {"func"}

@@ -23,7 +23,8 @@ the directions it was timed on, and the fastest wins: on a slow model or a busy 
 allows only small calls, where the per-call part would otherwise favour the loop over the
 batched engines. The prediction is then checked where it costs nothing: the choice's first call at
 its real size is timed, and each candidate predicted within ``CONFIRM_MARGIN`` (15%) of the best
-measured so far is chosen for the next call of the shape class and timed there, until the fastest
+measured so far is chosen for the next call of the shape class and timed there (where none is, the
+runner-up, if predicted within ``RUNNER_UP_MARGIN``, 2×), until the fastest
 measured stays (``source`` "confirmed" in the report): a per-direction cost that grows with the
 chunk (caches), or a fixed part the small calls overstate, shows up there. A candidate that raises
 (an op without a torch.func rule, a module updating buffers in training mode) is out. So a probe
@@ -77,6 +78,10 @@ LOOP_PROBE_DIRECTIONS = 8
 EXTRAPOLATION = 4
 #: A candidate predicted at most this much slower than the best measured at size is measured too.
 CONFIRM_MARGIN = 1.15
+#: The runner-up (the best-predicted candidate not yet measured) is measured at size once when
+#: predicted at most this much slower than the best measured: predictions from small calls can be
+#: off by more than ``CONFIRM_MARGIN``, and one call of the runner-up bounds what that costs.
+RUNNER_UP_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -241,9 +246,10 @@ class AutoEngine:
         its real size, at no extra cost (the products are the caller's). A candidate not yet
         measured so whose predicted time is within ``CONFIRM_MARGIN`` of the best measured one (or
         below it) becomes the choice for the next call of the shape class, to be measured there
-        (:func:`probe.revise`); once none is left, the fastest measured is the choice, confirmed.
-        So each candidate runs at size at most once per shape class, and one whose prediction is
-        off by less than the margin costs at most that on one call."""
+        (:func:`probe.revise`); where none is, after the first call the runner-up is, if predicted
+        within ``RUNNER_UP_MARGIN``; once none is left, the fastest measured is the choice,
+        confirmed. So each candidate runs at size at most once per shape class, and a wrong
+        prediction costs at most one call of a candidate predicted within those margins."""
         _sync(V)
         start = time.perf_counter()
         out = self._run(name, batch, V, mode)
@@ -252,8 +258,12 @@ class AutoEngine:
         measured = dict(entry.get("measured", {}))
         measured[name] = (time.perf_counter() - start) / V.shape[0]
         fastest = min(measured, key=measured.get)
-        untried = {n: s for n, s in entry.get("seconds", {}).items()
-                   if n not in measured and s <= measured[fastest] * CONFIRM_MARGIN}
+        rivals = {n: s for n, s in entry.get("seconds", {}).items() if n not in measured}
+        untried = {n: s for n, s in rivals.items() if s <= measured[fastest] * CONFIRM_MARGIN}
+        if not untried and len(measured) == 1 and rivals:
+            runner_up = min(rivals, key=rivals.get)
+            if rivals[runner_up] <= measured[fastest] * RUNNER_UP_MARGIN:
+                untried = {runner_up: rivals[runner_up]}
         if untried:
             following = min(untried, key=untried.get)
             logger.debug("twicediff: auto: %s measured %.3g s per direction at size; %s (predicted %.3g s) next",
