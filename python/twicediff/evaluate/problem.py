@@ -9,16 +9,15 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..torch.batch import batch_size as _batch_size, input_tensors, map_inputs
+from ..torch.batch import batch_size as _batch_size, index_batch, input_tensors
 
 __all__ = ["PointLoss", "Problem", "margin", "points", "resolve_measurement"]
 
 
 def points(x: Any, index: Any) -> Any:
-    """The points ``index`` (an int array or tensor) of an x in any batch form: its tensors with a
-    batch dimension indexed, other leaves (0-d tensors, flags) unchanged."""
-    index = torch.as_tensor(np.asarray(index), dtype=torch.long)
-    return map_inputs(lambda t: t[index] if t.dim() > 0 else t, x)
+    """The points ``index`` (an int array, list or tensor) of an x in any batch form
+    (:func:`twicediff.torch.batch.index_batch`)."""
+    return index_batch(x, torch.as_tensor(np.asarray(index), dtype=torch.long))
 
 
 class _Points(Dataset):
@@ -35,7 +34,8 @@ class _Points(Dataset):
         return i
 
     def collate(self, indices):
-        return points(self.x, indices), self.y[torch.as_tensor(indices, dtype=torch.long)]
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return index_batch(self.x, index), self.y[index]
 
 
 class PointLoss:

@@ -33,8 +33,8 @@ from torch import nn
 from ..errors import describe_inputs
 
 __all__ = ["Inputs", "batch_size", "call_model", "check_training_data", "check_vectors", "checked_batch",
-           "detached", "floating_inputs", "input_tensors", "map_inputs", "model_args", "move_inputs",
-           "num_points", "per_point", "slice_batch", "split_batch", "squeezed_loss", "vmap_dims"]
+           "detached", "floating_inputs", "index_batch", "input_tensors", "map_inputs", "model_args",
+           "move_inputs", "num_points", "per_point", "slice_batch", "split_batch", "squeezed_loss", "vmap_dims"]
 
 #: The forms x takes: a tensor, a tuple / list of positional inputs, a dict of keyword inputs.
 Inputs = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]
@@ -167,11 +167,17 @@ def floating_inputs(x: Any) -> List[torch.Tensor]:
     return [t for _, t in input_tensors(x) if t.is_floating_point()]
 
 
-def slice_batch(x: Any, start: int, stop: int) -> Any:
-    """Points ``start:stop`` of x: its tensors with a batch dimension sliced, other leaves unchanged."""
+def index_batch(x: Any, index: Any) -> Any:
+    """Points ``index`` of x (a slice, or an int64 tensor of positions): its tensors with a batch
+    dimension indexed, other leaves (0-d tensors, flags) unchanged."""
     if isinstance(x, torch.Tensor):
-        return x[start:stop]
-    return map_inputs(lambda t: t[start:stop] if t.dim() > 0 else t, x)
+        return x[index]
+    return map_inputs(lambda t: t[index] if t.dim() > 0 else t, x)
+
+
+def slice_batch(x: Any, start: int, stop: int) -> Any:
+    """Points ``start:stop`` of x (views: :func:`index_batch` with a slice)."""
+    return index_batch(x, slice(start, stop))
 
 
 def vmap_dims(x: Any) -> Any:
