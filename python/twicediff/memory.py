@@ -174,17 +174,16 @@ class KeptWhileFits:
 
     def __init__(self, device: Union[torch.device, str, None] = None, beside: int = 0):
         self.device, self.beside = device, beside
-        self.room = get_memory_budget(device) // 4
+        self.quarter = get_memory_budget(device) // 4
         self.items: Optional[list] = []
         self.nbytes = 0
 
-    def offer(self, item, nbytes: int, room_after: int) -> None:
+    def offer(self, item, nbytes: int, room_after: int = 0) -> None:
         """Keep ``item`` of ``nbytes`` bytes if it fits (see the class), else drop everything."""
         if self.items is None:
             return
-        self.room -= nbytes
-        left = get_memory_budget(self.device) - self.beside - self.nbytes - nbytes
-        if self.room >= 0 and left >= room_after:
+        total = self.nbytes + nbytes
+        if total <= self.quarter and get_memory_budget(self.device) - self.beside - total >= room_after:
             self.items.append(item)
             self.nbytes += nbytes
         else:

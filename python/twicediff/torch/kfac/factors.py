@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from ... import distributed as _distributed
-from ...memory import get_memory_budget
 from ...progress import progress_bar
 from ...ops import kfac as _kops
 from . import batches as _b
@@ -183,7 +182,7 @@ class KFACFactors:
             # budget (as HessianOperator keeps its batches). Sampled targets (the true Fisher) are
             # drawn afresh on the second pass, and the GGN backpropagates several columns per batch:
             # those go over the data twice.
-            cache = CaptureCache(get_memory_budget(device) // 4 if ekfac and fisher_type == "empirical" else 0)
+            cache = CaptureCache(device, enabled=ekfac and fisher_type == "empirical")
 
             def first_pass():
                 # [calls, tokens] per layer (float64: token weights may be fractional), and N
@@ -266,11 +265,12 @@ class KFACFactors:
         def second_pass():
             if cache is not None and cache.complete:
                 # Layer by layer over the kept batches, each layer's captures released once used.
+                N = cache.num_samples
                 for t in self.layers:
                     for a, g, w in cache.layer(t.name):
                         _eigen_correction_accumulate(sums[t.name], g, a, q_s[t.name], q_a[t.name], w, t.has_bias)
                 cache.drop()
-                return torch.zeros(1, dtype=torch.float64), cache.num_samples
+                return torch.zeros(1, dtype=torch.float64), N
             if sampler is not None:
                 sampler.restart(1)
             N = 0

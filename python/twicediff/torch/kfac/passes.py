@@ -10,7 +10,8 @@ pass. The second pass would run the forward and backward of every batch again to
 inputs and output gradients (with the empirical Fisher, whose targets are the data's own labels,
 they are the same tensors). The cache keeps them from the first pass while they fit in the room it
 is given, so that the second pass reads memory instead of recomputing the model; when they do not
-fit, it lets go of all of them and the second pass goes over the data as before. What is computed
+fit (a quarter of the memory budget, as :class:`twicediff.memory.KeptWhileFits` rules), it lets go
+of all of them and the second pass goes over the data as before. What is computed
 from the cached tensors is what the second pass would compute, in the same order.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ...memory import KeptWhileFits
 from .. import batch as _batch
 from . import batches as _b
 from .layers import LayerCapture, TrackedLayer
@@ -71,45 +73,46 @@ def _nbytes(t: Optional[torch.Tensor]) -> int:
 
 
 class CaptureCache:
-    """The first pass's captures of every batch, while they fit in ``room`` bytes.
+    """The first pass's captures of every batch, kept while they fit a quarter of the memory budget
+    (the rule of :class:`twicediff.memory.KeptWhileFits`, which HessianOperator and LiSSA keep their
+    batches by too).
 
     Attributes:
         complete: True once the first pass has ended with every batch kept (:meth:`finish`); False
             while filling, and for good once the captures outgrew the room (all dropped then).
-        num_samples: the samples of the batches kept (this process's, under a process group).
     """
 
-    def __init__(self, room: int):
-        self.room = int(room)
-        self.active = self.room > 0
+    def __init__(self, device, enabled: bool = True):
+        self._keep: Optional[KeptWhileFits] = KeptWhileFits(device) if enabled else None
         self.complete = False
-        self.num_samples = 0
-        self.batches: List[Dict[str, Captured]] = []
+
+    @property
+    def num_samples(self) -> int:
+        """The samples of the batches kept (this process's, under a process group)."""
+        return sum(B for _, B in self._kept())
+
+    def _kept(self) -> List[Tuple[Dict[str, Captured], int]]:
+        return [] if self._keep is None or self._keep.items is None else self._keep.items
 
     def add(self, cap: LayerCapture, layers: Sequence[TrackedLayer], B: int) -> None:
         """Keep one batch's captures (the first capture of a batch: one backward per batch)."""
-        if not self.active:
+        if self._keep is None or self._keep.items is None:
             return
         entry = {t.name: (cap.inputs(t.name), cap.grads(t.name), cap.weights(t.name))
                  for t in layers if cap.called(t.name)}
-        self.room -= sum(_nbytes(x) for parts in entry.values() for x in parts)
-        if self.room < 0:
-            self.drop()
-            return
-        self.batches.append(entry)
-        self.num_samples += B
+        self._keep.offer((entry, B), sum(_nbytes(x) for parts in entry.values() for x in parts))
 
     def drop(self) -> None:
         """Let go of every capture: the second pass goes over the data."""
-        self.active, self.complete, self.batches = False, False, []
+        self._keep, self.complete = None, False
 
     def finish(self) -> None:
         """The first pass is over: what is kept is every batch."""
-        self.complete = self.active
+        self.complete = self._keep is not None and self._keep.items is not None
 
     def layer(self, name: str) -> Iterator[Captured]:
         """The captures of layer ``name`` batch by batch, each released once read."""
-        for entry in self.batches:
+        for entry, _ in self._kept():
             parts = entry.pop(name, None)
             if parts is not None:
                 yield parts
