@@ -116,10 +116,6 @@ def _timing_possible(V: torch.Tensor) -> bool:
     return not (V.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _nothing() -> None:
-    """A candidate's call for probe.choose where AutoEngine measures the candidates itself."""
-
-
 def _sync(V: torch.Tensor) -> None:
     """Wait for the GPU's queued work, so that a wall-clock time covers the products themselves."""
     if V.is_cuda:
@@ -214,7 +210,7 @@ class AutoEngine:
         else:
             key = self._key(batch, V, mode)
             names = list(self.engines)
-            name = probe.choose("engine", key, {n: _nothing for n in names},
+            name = probe.choose("engine", key, names,
                                measure=lambda: self._measure(names, batch, V, mode))
             if self.expected_products:
                 seconds = probe.decision("engine", key).get("seconds", {}).get(name) or self._eager_seconds.get(key)
@@ -230,7 +226,7 @@ class AutoEngine:
                     return out
                 if compile_pays(self.expected_products, seconds):
                     eager = name
-                    name = probe.choose("compiled", f"{key} eager={eager}", {eager: _nothing, "compiled": _nothing},
+                    name = probe.choose("compiled", f"{key} eager={eager}", [eager, "compiled"],
                                         measure=lambda: self._measure_compiled(eager, batch, V, mode))
                     self.chosen = name
                     return self._run(name, batch, V, mode)

@@ -23,7 +23,7 @@ import os
 import platform
 import threading
 import time
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -164,7 +164,7 @@ def _measure(candidates: Mapping[str, Callable[[], object]], max_seconds: float)
     return best
 
 
-def choose(kind: str, key: str, candidates: Mapping[str, Callable[[], object]], *,
+def choose(kind: str, key: str, candidates: Union[Mapping[str, Callable[[], object]], Sequence[str]], *,
            timings: Optional[Mapping[str, float]] = None, max_seconds: float = MAX_SECONDS,
            measure: Optional[Callable[[], Mapping[str, float]]] = None) -> str:
     """The name of the fastest of ``candidates`` (name → call of no arguments) for the shape class
@@ -172,9 +172,12 @@ def choose(kind: str, key: str, candidates: Mapping[str, Callable[[], object]], 
     cache, else a probe (see the module docstring). ``timings`` (name → seconds) decides without
     running anything, as a probe that measured them would; ``measure`` replaces the probe's own
     timing (called only when nothing decided before; name → seconds, ``inf`` for a candidate that
-    failed)."""
+    failed). With ``timings`` or ``measure`` the candidates may be given by name alone."""
     if not candidates:
-        raise ValueError(f"probe.choose: candidates must name at least one call, got {dict(candidates)!r}")
+        raise ValueError(f"probe.choose: candidates must name at least one call, got {candidates!r}")
+    if timings is None and measure is None and not isinstance(candidates, Mapping):
+        raise TypeError(f"probe.choose: candidates must map names to calls when neither timings nor measure is "
+                        f"given, got {type(candidates).__name__}")
     names = list(candidates)
     with _lock:
         if kind in _overrides:
