@@ -152,7 +152,7 @@ def _timed(apply_rows: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) 
 
 
 def _probe_block_size(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int, device: torch.device,
-                      gen: torch.Generator, start: list) -> Dict[str, float]:
+                      gen: torch.Generator, starts: Dict[str, list]) -> Dict[str, float]:
     """The timings behind ``block_size="auto"``, as seconds per pass over one vector's worth of
     work (the 4-vector pass divided by :data:`BLOCK_PASS_RATIO`, so the smaller wins).
 
@@ -160,8 +160,8 @@ def _probe_block_size(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int
     second calls timed: a first call of a shape pays for what an operator does once (a first pass
     that keeps batches, an engine probe per shape) and would bias the choice. Under a process group
     the timings are summed over the ranks, so every rank takes the same block size (their Lanczos
-    steps are collectives and must match). Appends to ``start`` S, its product, S[:1] and its
-    product, so that the chosen block's product starts the iteration."""
+    steps are collectives and must match). ``starts`` gets, per block size, its start block and
+    that block's product, so that the chosen one starts the iteration."""
     b = max(BLOCK_SIZE_CHOICES)
     S = _start_block(P, b, gen, device)
     apply_rows(S)
@@ -172,7 +172,7 @@ def _probe_block_size(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int
     group = _distributed.current_group()
     if group is not None:
         _collectives.all_reduce_sum_(group, times)
-    start.extend([S, Wb, S[:1].clone(), W1])
+    starts.update({"1": [S[:1].clone(), W1], str(b): [S, Wb]})
     return {"1": float(times[0]), str(b): float(times[1]) / BLOCK_PASS_RATIO}
 
 
@@ -190,26 +190,17 @@ def _auto_block_size(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int,
         return 1, None
     if not _probe.enabled():
         return b, None
-    candidates = {str(c): _nothing for c in BLOCK_SIZE_CHOICES}
-    start: list = []
+    names = [str(c) for c in BLOCK_SIZE_CHOICES]
+    starts: Dict[str, list] = {}
     if _distributed.current_group() is not None:
-        seconds = _probe_block_size(apply_rows, P, device, gen, start)
-        choice = min(candidates, key=lambda n: seconds[n])
+        seconds = _probe_block_size(apply_rows, P, device, gen, starts)
+        choice = min(names, key=seconds.get)
     else:
-        choice = _probe.choose(_PROBE_KIND, f"P={P} {device.type}", candidates,
-                               measure=lambda: _probe_block_size(apply_rows, P, device, gen, start))
-    bs = int(choice)
-    logger.info("lanczos: block_size='auto' chose %d (%s)", bs,
-                "timed now" if start else "decided before in this process, on disk or by set_choice")
-    if not start:
-        return bs, None
-    S, Wb, S1, W1 = start
-    del start[:]
-    return bs, ([S, Wb] if bs == b else [S1, W1])
-
-
-def _nothing() -> None:
-    return None
+        choice = _probe.choose(_PROBE_KIND, f"P={P} {device.type}", names,
+                               measure=lambda: _probe_block_size(apply_rows, P, device, gen, starts))
+    logger.info("lanczos: block_size='auto' chose %s (%s)", choice,
+                "timed now" if starts else "decided before in this process, on disk or by set_choice")
+    return int(choice), starts.get(choice)
 
 
 def lanczos_top_eigenpairs(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int, k: int, *,
