@@ -180,18 +180,20 @@ class AutoEngine:
     def max_directions(self, batch: AutoBatch) -> int:
         return MAX_DIRECTIONS_PER_CHUNK
 
+    def _engine(self, name: str, batch: AutoBatch):
+        """Engine ``name`` (a candidate or ``"compiled"``) and its own preparation of ``batch``."""
+        return self.compiled if name == "compiled" else self.engines[name], self._engine_batch(name, batch)
+
     def _step(self, name: str, batch: AutoBatch, D: int, device: torch.device) -> int:
         """Directions per call of engine ``name`` for D of them: at most its own ``max_directions``,
         within the memory budget (MemoryBudgetError where not one direction fits)."""
-        engine = self.compiled if name == "compiled" else self.engines[name]
-        own = self._engine_batch(name, batch)
+        engine, own = self._engine(name, batch)
         return min(max(1, int(engine.max_directions(own))),
                    chunk_size(D, int(engine.bytes_per_direction(own)), device, what="hvp directions"))
 
     def _run(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
         """Engine ``name``'s products, in chunks of :meth:`_step` directions."""
-        engine = self.compiled if name == "compiled" else self.engines[name]
-        own = self._engine_batch(name, batch)
+        engine, own = self._engine(name, batch)
         step = self._step(name, batch, V.shape[0], V.device)
         if V.shape[0] <= step:
             return engine.apply(own, V, mode)
