@@ -48,6 +48,15 @@ def test_given_timings_pick_the_fastest_and_the_choice_is_kept():
         probe.choose("k", "bad", cands, timings={"a": 1.0})
 
 
+def test_candidates_by_name_where_the_caller_measures():
+    measured = []
+    assert probe.choose("k", "names", ["a", "b"], measure=lambda: measured.append(1) or {"a": 2.0, "b": 1.0}) == "b"
+    assert measured == [1] and probe.choices()["k: names"]["seconds"] == {"a": 2.0, "b": 1.0}
+    assert probe.choose("k", "given", ("a", "b"), timings={"a": 1.0, "b": 2.0}) == "a"
+    with pytest.raises(TypeError, match="candidates must map names to calls when neither timings nor measure"):
+        probe.choose("k", "unmeasured", ["a", "b"])
+
+
 def test_override_wins_and_is_checked():
     calls, cands = counting(["a", "b"])
     probe.set_choice("k", "b")
