@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import twicediff
 from twicediff import TorchTwiceDifferentiable
 
 THREADS = 4
@@ -97,6 +98,13 @@ def test_threads_sharing_one_model_get_single_threaded_influences(native, kind):
                                   hessian_regularization=0.1, influence_type=kind)
 
     expected = influences()
+    # auto times its choice, and rivals predicted close to it, on the first calls at a size; the
+    # engines agree only to rounding, so the reference is taken once the choice is confirmed.
+    for _ in range(4):
+        if not any(d.get("source") in ("probe", "revised") for key, d in twicediff.build_info()["probe"].items()
+                   if key.startswith("engine: ")):
+            break
+        expected = influences()
     barrier = threading.Barrier(THREADS)
     mismatches, errors = [], []
 
