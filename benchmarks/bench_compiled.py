@@ -10,10 +10,16 @@ Part 2: ``auto`` (eager: no expected products given, so nothing is compiled) aga
 candidates at D in {1, 16, 64, 256}, interleaved per D; the probe's cost is its first call minus
 a steady one.
 
+Part 3 (``--part3``): the evidence for two of the compiled engine's fixed settings, wall and CPU
+time per HVP, interleaved: its chunk (directions per compiled call) swept on each preset, and
+inductor's channels-last layout on and off on three max-pool CNNs of growing width
+(``compiled.CPU_CHANNELS_LAST``).
+
     flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py \
         --preset d_cnn --preset d_transformer --out benchmarks/results/compiled_cpu.md
 """
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -100,6 +106,68 @@ def part2(preset: str, directions, repeats: int):
     return lines
 
 
+def _forced_compiled(model, loss, x, y, v, chunk=None, channels_last=None):
+    """The compiled forward-over-reverse product of ``v`` with its chunk and layout rule forced (a
+    copy of the model each: compiled functions are kept per model)."""
+    engine = CompiledEngine(copy.deepcopy(model), loss, "forward")
+    if chunk is not None:
+        engine.max_directions = lambda batch: chunk
+    product = BoundHvp(engine, engine.prepare(x, y), "hessian", x.device)
+    if channels_last is None:
+        return lambda: product(v)
+    saved = compiled.CPU_CHANNELS_LAST
+    compiled.CPU_CHANNELS_LAST = channels_last
+    try:
+        product(v)  # the first call compiles, under the forced layout
+    finally:
+        compiled.CPU_CHANNELS_LAST = saved
+    return lambda: product(v)
+
+
+def _cnn(widths, size=32, n=32):
+    """conv(3→w1) ReLU conv(w1→w2) ReLU max-pool conv(w2→w3) ReLU global-avg-pool linear→10."""
+    w1, w2, w3 = widths
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, w1, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(w1, w2, 3, padding=1),
+        torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(w2, w3, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(w3, 10)).eval()
+    return model, torch.nn.functional.cross_entropy, torch.randn(n, 3, size, size), torch.randint(0, 10, (n,))
+
+
+def _wall_and_cpu(fns, repeats, D):
+    wall = bench.interleaved_medians(fns, repeats)
+    cpu = bench.interleaved_medians(fns, repeats, clock=time.process_time)
+    return {k: (wall[k] / D * 1e3, cpu[k] / D * 1e3) for k in fns}
+
+
+def part3(presets, repeats: int, D: int = 64, D_cnn: int = 16):
+    lines = ["", f"## The compiled engine's chunk and layout, D = {D} (the wider CNNs: {D_cnn})", "",
+             "ms per HVP, wall / CPU (all threads), medians of interleaved repeats; the engine's own "
+             "setting marked *.", "", "| model | setting | wall ms / HVP | CPU ms / HVP |", "|---|---|---|---|"]
+    for p in presets:
+        torch.manual_seed(0)
+        model, loss, x, y = bench.PRESETS[p][1](torch.device("cpu"))
+        v = torch.randn(D, sum(q.numel() for q in model.parameters()))
+        own = CompiledEngine(model, loss).max_directions(CompiledEngine(model, loss).prepare(x, y))
+        fns = {c: _forced_compiled(model, loss, x, y, v, chunk=c) for c in (4, 8, 16, 32)}
+        for c, f in fns.items():
+            f()
+        for c, (w, cpu) in _wall_and_cpu(fns, repeats, D).items():
+            lines.append(f"| {p} | chunk {c}{' *' if c == own else ''} | {w:.3f} | {cpu:.3f} |")
+        print("\n".join(lines[-4:]), flush=True)
+    for widths in [(8, 8, 16), (16, 16, 32), (32, 32, 64)]:
+        torch.manual_seed(0)
+        model, loss, x, y = _cnn(widths)
+        v = torch.randn(D_cnn, sum(q.numel() for q in model.parameters()))
+        own = compiled.CPU_CHANNELS_LAST
+        fns = {on: _forced_compiled(model, loss, x, y, v, channels_last=on) for on in (False, True)}
+        for on, (w, cpu) in _wall_and_cpu(fns, repeats, D_cnn).items():
+            lines.append(f"| CNN {'-'.join(map(str, widths))} on 3x32x32, N=32 | channels-last "
+                         f"{'on' if on else 'off'}{' *' if on == own else ''} | {w:.3f} | {cpu:.3f} |")
+        print("\n".join(lines[-2:]), flush=True)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", action="append", choices=["d_cnn", "d_transformer"])
@@ -110,6 +178,7 @@ def main():
     ap.add_argument("--amortise", type=int, default=1000, help="calls the compile time is spread over")
     ap.add_argument("--chunk", type=int, default=compiled.COMPILED_CHUNK, help="compiled engine's chunk")
     ap.add_argument("--skip", choices=["part1", "part2"], default=None)
+    ap.add_argument("--part3", action="store_true", help="also time the chunk and layout rules (part 3)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep inductor's on-disk caches (default: a fresh one, so compile times are cold)")
     ap.add_argument("--out", default="")
@@ -127,7 +196,8 @@ def main():
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py "
             + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "
             f"{args.repeats} --amortise {args.amortise} --chunk {args.chunk}"
-            + (" --warm-cache" if args.warm_cache else "") + "`", "",
+            + (" --warm-cache" if args.warm_cache else "") + (f" --skip {args.skip}" if args.skip else "")
+            + (" --part3" if args.part3 else "") + "`", "",
             "Compile times: " + ("inductor's on-disk caches as they were (warm)." if args.warm_cache else
                                  "a fresh inductor cache directory for the run (cold: what a first run sees)."), ""]
     if args.skip != "part1":
@@ -151,6 +221,8 @@ def main():
         for p in presets:
             text += part2(p, args.auto_directions, args.repeats)
             print("\n".join(text[-len(args.auto_directions):]))
+    if args.part3:
+        text += part3(presets, args.repeats)
     load = os.getloadavg()
     text += ["", f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. Other columns (an Intel "
              "Xeon with AVX-512) need another machine: only this one was available for this run."]

@@ -77,6 +77,18 @@ def test_inductor_products_match_float64(case, monkeypatch):
     assert all(f["status"] == "compiled" for f in compiled_functions())
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inductor_products_of_a_max_pool_cnn_in_either_layout(channels_last, monkeypatch):
+    """A conv2d → SiLU → max-pool → conv2d model with a residual (float64), compiled with inductor's
+    channels-last layout on and off (the engine's default on CPU: off)."""
+    monkeypatch.setenv("TWICEDIFF_COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(compiled, "CPU_CHANNELS_LAST", channels_last)
+    case = generate_conv_attention(16)
+    assert "conv2d" in case.description and "MaxPool2d" in case.description, case.description
+    _products(case, variants=("forward",), modes=("hessian",))
+    assert all(f["status"] == "compiled" for f in compiled_functions())
+
+
 @pytest.mark.parametrize("problem", ["tuple", "dict"])
 def test_compiled_products_of_tuple_and_dict_batches(problem):
     """x as ``(u, w)`` (model(*x)) and as a dict with a non-tensor flag (model(**x))."""

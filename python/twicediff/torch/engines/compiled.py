@@ -48,6 +48,13 @@ logger = logging.getLogger(__name__)
 VARIANTS = ("forward", "reverse")
 #: The most directions one compiled call takes (chunks are padded to a power of two up to this).
 COMPILED_CHUNK = 32
+# Inductor lays a CPU graph with convolutions out channels-last, for oneDNN. In a batched product
+# every direction's tangents enter and leave each convolution through vmap's permutes, and the
+# elementwise kernels between them then mix layouts, copy short runs of a pixel's channels and lose
+# vectorisation: the compiled products of narrow CNNs ran 1.2–1.6x faster with it off, and no width
+# measured gained from it reliably (NOTE: the layout rows of benchmarks/results/compiled_cpu.md).
+# Off the CPU inductor decides (not measured there).
+CPU_CHANNELS_LAST = False
 # Compiled functions kept (least recently used dropped first); each holds its model alive.
 MAX_FUNCTIONS = 32
 
@@ -132,6 +139,14 @@ def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[to
     return product
 
 
+def _inductor_options(device: torch.device) -> Dict:
+    """``torch.compile`` options of the compiled products on ``device`` (inductor backend)."""
+    options: Dict = {"post_grad_custom_post_pass": FoldBroadcastBmm()}  # see gemm_fold
+    if device.type == "cpu":
+        options["layout_optimization"] = CPU_CHANNELS_LAST
+    return options
+
+
 def _backend() -> str:
     return os.environ.get("TWICEDIFF_COMPILE_BACKEND", "inductor")
 
@@ -201,8 +216,7 @@ class CompiledEngine(GenericEngine):
             if variant != entry.variant:
                 entry.variant, entry.description = variant, entry.description.replace("/forward", "/reverse")
             backend = _backend()
-            # inductor: the tangent terms' batched matmuls over a broadcast operand become one GEMM each
-            options = {"post_grad_custom_post_pass": FoldBroadcastBmm()} if backend == "inductor" else None
+            options = _inductor_options(V.device) if backend == "inductor" else None
             entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=backend,
                                      dynamic=False, fullgraph=True, options=options)
             return entry.fn(params, fixed, V, x, y)
