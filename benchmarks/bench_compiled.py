@@ -13,7 +13,7 @@ a steady one.
 Part 3 (``--part3``): the evidence for two of the compiled engine's fixed settings, wall and CPU
 time per HVP, interleaved: its chunk (directions per compiled call) swept on each preset, and
 inductor's channels-last layout on and off on three max-pool CNNs of growing width
-(``compiled.CPU_CHANNELS_LAST``).
+(``compiled.CPU_CHANNELS_LAST_MIN_CHANNELS``).
 
     flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py \
         --preset d_cnn --preset d_transformer --out benchmarks/results/compiled_cpu.md
@@ -115,12 +115,12 @@ def _forced_compiled(model, loss, x, y, v, chunk=None, channels_last=None):
     product = BoundHvp(engine, engine.prepare(x, y), "hessian", x.device)
     if channels_last is None:
         return lambda: product(v)
-    saved = compiled.CPU_CHANNELS_LAST
-    compiled.CPU_CHANNELS_LAST = channels_last
+    saved = compiled.CPU_CHANNELS_LAST_MIN_CHANNELS
+    compiled.CPU_CHANNELS_LAST_MIN_CHANNELS = 0 if channels_last else 10**9
     try:
         product(v)  # the first call compiles, under the forced layout
     finally:
-        compiled.CPU_CHANNELS_LAST = saved
+        compiled.CPU_CHANNELS_LAST_MIN_CHANNELS = saved
     return lambda: product(v)
 
 
@@ -155,15 +155,19 @@ def part3(presets, repeats: int, D: int = 64, D_cnn: int = 16):
         for c, (w, cpu) in _wall_and_cpu(fns, repeats, D).items():
             lines.append(f"| {p} | chunk {c}{' *' if c == own else ''} | {w:.3f} | {cpu:.3f} |")
         print("\n".join(lines[-4:]), flush=True)
-    for widths in [(8, 8, 16), (16, 16, 32), (32, 32, 64)]:
+    for widths in [None, (8, 8, 16), (16, 16, 32), (32, 32, 64)]:
         torch.manual_seed(0)
-        model, loss, x, y = _cnn(widths)
-        v = torch.randn(D_cnn, sum(q.numel() for q in model.parameters()))
-        own = compiled.CPU_CHANNELS_LAST
+        if widths is None:  # the d_cnn preset itself, at part 1's D
+            (model, loss, x, y), rows, name = bench.PRESETS["d_cnn"][1](torch.device("cpu")), D, "d_cnn"
+        else:
+            (model, loss, x, y), rows = _cnn(widths), D_cnn
+            name = f"CNN {'-'.join(map(str, widths))} on 3x32x32, N=32"
+        v = torch.randn(rows, sum(q.numel() for q in model.parameters()))
+        own = compiled.channels_last(model, x.device)
         fns = {on: _forced_compiled(model, loss, x, y, v, channels_last=on) for on in (False, True)}
-        for on, (w, cpu) in _wall_and_cpu(fns, repeats, D_cnn).items():
-            lines.append(f"| CNN {'-'.join(map(str, widths))} on 3x32x32, N=32 | channels-last "
-                         f"{'on' if on else 'off'}{' *' if on == own else ''} | {w:.3f} | {cpu:.3f} |")
+        for on, (w, cpu) in _wall_and_cpu(fns, repeats, rows).items():
+            lines.append(f"| {name} | channels-last {'on' if on else 'off'}{' *' if on == own else ''} | "
+                         f"{w:.3f} | {cpu:.3f} |")
         print("\n".join(lines[-2:]), flush=True)
     return lines
 
@@ -177,7 +181,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--amortise", type=int, default=1000, help="calls the compile time is spread over")
     ap.add_argument("--chunk", type=int, default=compiled.COMPILED_CHUNK, help="compiled engine's chunk")
-    ap.add_argument("--skip", choices=["part1", "part2"], default=None)
+    ap.add_argument("--skip", choices=["part1", "part2"], nargs="+", default=[])
     ap.add_argument("--part3", action="store_true", help="also time the chunk and layout rules (part 3)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep inductor's on-disk caches (default: a fresh one, so compile times are cold)")
@@ -196,11 +200,11 @@ def main():
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py "
             + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "
             f"{args.repeats} --amortise {args.amortise} --chunk {args.chunk}"
-            + (" --warm-cache" if args.warm_cache else "") + (f" --skip {args.skip}" if args.skip else "")
+            + (" --warm-cache" if args.warm_cache else "") + (" --skip " + " ".join(args.skip) if args.skip else "")
             + (" --part3" if args.part3 else "") + "`", "",
             "Compile times: " + ("inductor's on-disk caches as they were (warm)." if args.warm_cache else
                                  "a fresh inductor cache directory for the run (cold: what a first run sees)."), ""]
-    if args.skip != "part1":
+    if "part1" not in args.skip:
         text += [f"## Compiled engine, D = {args.directions}", "",
                  "ms / call: one call of all D directions (the loop: 16 of them; per HVP it is linear in D). "
                  "× loop, × vmap: HVPs per second relative to the baselines of the same run. compile s: the "
@@ -211,7 +215,7 @@ def main():
         for p in presets:
             text += part1(p, args.directions, args.repeats, args.amortise)
             print("\n".join(text))
-    if args.skip != "part2":
+    if "part2" not in args.skip:
         text += ["", "## auto against its candidates", "",
                  "ms per HVP; auto's engine in brackets (a → b: the probe predicted a, timing a's first call at "
                  "its size made it b); best: the fastest candidate in the same run; auto / best > 1 is slower; "

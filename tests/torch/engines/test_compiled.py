@@ -80,13 +80,24 @@ def test_inductor_products_match_float64(case, monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_inductor_products_of_a_max_pool_cnn_in_either_layout(channels_last, monkeypatch):
     """A conv2d → SiLU → max-pool → conv2d model with a residual (float64), compiled with inductor's
-    channels-last layout on and off (the engine's default on CPU: off)."""
+    channels-last layout on and off (its 2-3 channels wide convolutions get it off by default)."""
     monkeypatch.setenv("TWICEDIFF_COMPILE_BACKEND", "inductor")
-    monkeypatch.setattr(compiled, "CPU_CHANNELS_LAST", channels_last)
+    monkeypatch.setattr(compiled, "CPU_CHANNELS_LAST_MIN_CHANNELS", 1 if channels_last else 10**6)
     case = generate_conv_attention(16)
     assert "conv2d" in case.description and "MaxPool2d" in case.description, case.description
+    assert compiled.channels_last(case.model, torch.device("cpu")) is channels_last
     _products(case, variants=("forward",), modes=("hessian",))
     assert all(f["status"] == "compiled" for f in compiled_functions())
+
+
+def test_channels_last_on_cpu_only_where_every_convolution_is_wide():
+    cpu, wide = torch.device("cpu"), compiled.CPU_CHANNELS_LAST_MIN_CHANNELS
+    one_narrow = nn.Sequential(nn.Conv2d(3, wide - 1, 3), nn.ReLU(), nn.Conv2d(wide - 1, 2 * wide, 3))
+    all_wide = nn.Sequential(nn.Conv2d(3, wide, 3), nn.ReLU(), nn.Conv1d(wide, wide, 1), nn.ConvTranspose2d(wide, wide, 2))
+    assert not compiled.channels_last(one_narrow, cpu)
+    assert compiled.channels_last(all_wide, cpu)
+    assert compiled.channels_last(nn.Linear(3, 2), cpu)  # no convolution: nothing for it to change
+    assert compiled.channels_last(one_narrow, torch.device("meta"))  # off the CPU: inductor decides
 
 
 @pytest.mark.parametrize("problem", ["tuple", "dict"])

@@ -39,7 +39,8 @@ from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp, split_params
 from .gemm_fold import FoldBroadcastBmm
 from .generic import GenericEngine, _shape_key
 
-__all__ = ["COMPILED_CHUNK", "VARIANTS", "CompiledEngine", "compiled_functions", "forget_compiled"]
+__all__ = ["COMPILED_CHUNK", "VARIANTS", "CompiledEngine", "channels_last", "compiled_functions",
+           "forget_compiled"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,13 @@ VARIANTS = ("forward", "reverse")
 #: The most directions one compiled call takes (chunks are padded to a power of two up to this).
 COMPILED_CHUNK = 32
 # Inductor lays a CPU graph with convolutions out channels-last, for oneDNN. In a batched product
-# every direction's tangents enter and leave each convolution through vmap's permutes, and the
-# elementwise kernels between them then mix layouts, copy short runs of a pixel's channels and lose
-# vectorisation: the compiled products of narrow CNNs ran 1.2–1.6x faster with it off, and no width
-# measured gained from it reliably (NOTE: the layout rows of benchmarks/results/compiled_cpu.md).
-# Off the CPU inductor decides (not measured there).
-CPU_CHANNELS_LAST = False
+# every direction's tangents enter and leave each convolution through vmap's permutes, and where the
+# convolutions are narrow the elementwise kernels between them mix layouts, copy short runs of a
+# pixel's channels and lose vectorisation: d_cnn (8 and 16 channels) ran 1.3–1.6x faster without it.
+# With every convolution 32 channels wide or more it was about 10% faster with it in most runs, so
+# it is kept there (NOTE: the layout rows of benchmarks/results/compiled_cpu.md). Off the CPU
+# inductor decides (not measured there).
+CPU_CHANNELS_LAST_MIN_CHANNELS = 32
 # Compiled functions kept (least recently used dropped first); each holds its model alive.
 MAX_FUNCTIONS = 32
 
@@ -139,12 +141,20 @@ def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[to
     return product
 
 
-def _inductor_options(device: torch.device) -> Dict:
-    """``torch.compile`` options of the compiled products on ``device`` (inductor backend)."""
-    options: Dict = {"post_grad_custom_post_pass": FoldBroadcastBmm()}  # see gemm_fold
-    if device.type == "cpu":
-        options["layout_optimization"] = CPU_CHANNELS_LAST
-    return options
+def channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Whether the compiled products of ``model`` on ``device`` keep inductor's channels-last layout
+    (its ``layout_optimization``): on CPU only where every convolution module has at least
+    ``CPU_CHANNELS_LAST_MIN_CHANNELS`` output channels; elsewhere inductor decides."""
+    if device.type != "cpu":
+        return True
+    return all(m.out_channels >= CPU_CHANNELS_LAST_MIN_CHANNELS
+               for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
+
+
+def _inductor_options(model: nn.Module, device: torch.device) -> Dict:
+    """``torch.compile`` options of the compiled products of ``model`` on ``device`` (inductor)."""
+    return {"post_grad_custom_post_pass": FoldBroadcastBmm(),  # see gemm_fold
+            "layout_optimization": channels_last(model, device)}
 
 
 def _backend() -> str:
@@ -216,7 +226,7 @@ class CompiledEngine(GenericEngine):
             if variant != entry.variant:
                 entry.variant, entry.description = variant, entry.description.replace("/forward", "/reverse")
             backend = _backend()
-            options = _inductor_options(V.device) if backend == "inductor" else None
+            options = _inductor_options(self.model, V.device) if backend == "inductor" else None
             entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=backend,
                                      dynamic=False, fullgraph=True, options=options)
             return entry.fn(params, fixed, V, x, y)
