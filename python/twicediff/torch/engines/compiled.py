@@ -6,7 +6,9 @@ The product of one chunk of directions, written with torch.func (forward-over-re
 parameters, directions, x, y): the weights are inputs, so training steps between calls do not
 recompile. One compiled function is kept per (model, mode, variant, input shapes, chunk of
 directions); chunks are padded with zero directions to a power of two, so a solver that applies
-the operator to blocks of one size compiles once or twice.
+the operator to blocks of one size compiles once or twice. With inductor, two settings differ from
+its defaults: the graph pass of :mod:`.gemm_fold`, and on CPU its channels-last layout only for
+models whose convolutions are all wide (:func:`channels_last`).
 
 Compiling costs seconds to a minute of CPU (tracing, then generating and compiling C++ kernels),
 so ``engine="auto"`` uses this engine only when the caller expects enough products to repay it
