@@ -113,6 +113,16 @@ def test_interleaved_medians_alternates_order_and_repeats_short_calls():
     assert med == {"a": 1.0, "b": 0.25, "c": 1.0}  # one tick per timing, over the calls it covered
 
 
+def test_interleaved_medians_by_clock_reads_every_clock_in_the_same_timings():
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b")}
+    fast, slow = iter(range(10 ** 6)), iter(range(0, 10 ** 6, 3))
+    med = bench.interleaved_medians_by_clock(fns, 3, calls={"b": 2}, clocks={"wall": lambda: float(next(fast)),
+                                                                             "cpu": lambda: float(next(slow))})
+    assert log == ["a", "b"] + ["a", "b", "b"] + ["b", "b", "a"] + ["a", "b", "b"]  # each timed once a round
+    assert med == {"wall": {"a": 1.0, "b": 0.5}, "cpu": {"a": 3.0, "b": 1.5}}
+
+
 def test_machine_and_commit_name_what_the_tables_state():
     from twicediff import _C
 

@@ -37,7 +37,7 @@ from ..memory import memory_budget
 from ..progress import progress_bar
 
 __all__ = ["FULL_DIRECTIONS", "PRESETS", "QUICK_DIRECTIONS", "TABLE_HEADER", "format_row", "format_table",
-           "interleaved_medians", "make_mlp", "plot", "run", "to_json"]
+           "interleaved_medians", "interleaved_medians_by_clock", "make_mlp", "plot", "run", "to_json"]
 
 ENGINES = ("native", "func", "autograd")
 BASELINES = ("loop", "vmap_jvp_grad")
@@ -136,21 +136,31 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int,
     that function so many times back to back per timing and keeps the mean: for calls of a
     millisecond or two, which one preemption would otherwise dominate. ``clock``: wall time by
     default; ``time.process_time`` gives the process's CPU time over all threads."""
+    return interleaved_medians_by_clock(fns, repeats, device, calls=calls, clocks={"": clock})[""]
+
+
+def interleaved_medians_by_clock(fns: Dict[str, Callable[[], object]], repeats: int,
+                                 device: torch.device = torch.device("cpu"), *,
+                                 calls: Optional[Dict[str, int]] = None,
+                                 clocks: Dict[str, Callable[[], float]]) -> Dict[str, Dict[str, float]]:
+    """:func:`interleaved_medians` read on several clocks in the same timings (e.g. ``{"wall":
+    time.perf_counter, "cpu": time.process_time}``): clock name → function name → median."""
     calls = calls or {}
     for f in fns.values():
         f()
     _sync(device)
-    times: Dict[str, List[float]] = {k: [] for k in fns}
+    times: Dict[str, Dict[str, List[float]]] = {c: {k: [] for k in fns} for c in clocks}
     for r in range(repeats):
         for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
             n = max(1, int(calls.get(k, 1)))
             _sync(device)
-            t0 = clock()
+            start = {c: clock() for c, clock in clocks.items()}
             for _ in range(n):
                 fns[k]()
             _sync(device)
-            times[k].append((clock() - t0) / n)
-    return {k: statistics.median(t) for k, t in times.items()}
+            for c, clock in clocks.items():
+                times[c][k].append((clock() - start[c]) / n)
+    return {c: {k: statistics.median(t) for k, t in per.items()} for c, per in times.items()}
 
 
 def _loop_mvp(model, loss, x, y, v):
