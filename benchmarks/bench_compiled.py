@@ -33,8 +33,12 @@ from twicediff.torch.engines.bound_hvp import BoundHvp
 from twicediff.torch.engines.compiled import CompiledEngine
 
 
-def _compiled_call(td, x, y, v, variant):
-    engine = CompiledEngine(td.model, td.loss, variant)
+def _compiled_call(model, loss, x, y, v, variant="forward", chunk=None):
+    """The compiled engine's product of ``v`` as a call of no arguments (``chunk``: directions per
+    compiled call, instead of the engine's own)."""
+    engine = CompiledEngine(model, loss, variant)
+    if chunk is not None:
+        engine.max_directions = lambda batch: chunk
     product = BoundHvp(engine, engine.prepare(x, y), "hessian", x.device)
     return lambda: product(v)
 
@@ -56,7 +60,7 @@ def part1(preset: str, D: int, repeats: int, amortise: int):
     compile_s = {}
     for variant in ("forward", "reverse"):
         name = f"compiled_{variant}"
-        fns[name] = _compiled_call(td, x, y, v, variant)
+        fns[name] = _compiled_call(td.model, td.loss, x, y, v, variant)
         first = _first_call_seconds(fns[name])
         steady = _first_call_seconds(fns[name])
         compile_s[name] = first - steady
@@ -107,21 +111,17 @@ def part2(preset: str, directions, repeats: int):
 
 
 def _forced_compiled(model, loss, x, y, v, chunk=None, channels_last=None):
-    """The compiled forward-over-reverse product of ``v`` with its chunk and layout rule forced (a
-    copy of the model each: compiled functions are kept per model)."""
-    engine = CompiledEngine(copy.deepcopy(model), loss, "forward")
-    if chunk is not None:
-        engine.max_directions = lambda batch: chunk
-    product = BoundHvp(engine, engine.prepare(x, y), "hessian", x.device)
-    if channels_last is None:
-        return lambda: product(v)
-    saved = compiled.CPU_CHANNELS_LAST_MIN_CHANNELS
-    compiled.CPU_CHANNELS_LAST_MIN_CHANNELS = 0 if channels_last else 10**9
-    try:
-        product(v)  # the first call compiles, under the forced layout
-    finally:
-        compiled.CPU_CHANNELS_LAST_MIN_CHANNELS = saved
-    return lambda: product(v)
+    """:func:`_compiled_call` on a copy of the model (compiled functions are kept per model), with
+    its first call, which compiles, under a forced layout when ``channels_last`` is given."""
+    call = _compiled_call(copy.deepcopy(model), loss, x, y, v, chunk=chunk)
+    if channels_last is not None:
+        saved = compiled.CPU_CHANNELS_LAST_MIN_CHANNELS
+        compiled.CPU_CHANNELS_LAST_MIN_CHANNELS = 0 if channels_last else 10**9
+        try:
+            call()
+        finally:
+            compiled.CPU_CHANNELS_LAST_MIN_CHANNELS = saved
+    return call
 
 
 def _cnn(widths, size=32, n=32):
