@@ -89,14 +89,15 @@ class CaptureCache:
     @property
     def num_samples(self) -> int:
         """The samples of the batches kept (this process's, under a process group)."""
-        return sum(B for _, B in self._kept())
+        return sum(B for _, B in self._kept() or [])
 
-    def _kept(self) -> List[Tuple[Dict[str, Captured], int]]:
-        return [] if self._keep is None or self._keep.items is None else self._keep.items
+    def _kept(self) -> Optional[List[Tuple[Dict[str, Captured], int]]]:
+        """The (captures, samples) of each batch kept; None once nothing is (dropped or disabled)."""
+        return None if self._keep is None else self._keep.items
 
     def add(self, cap: LayerCapture, layers: Sequence[TrackedLayer], B: int) -> None:
         """Keep one batch's captures (the first capture of a batch: one backward per batch)."""
-        if self._keep is None or self._keep.items is None:
+        if self._kept() is None:
             return
         entry = {t.name: (cap.inputs(t.name), cap.grads(t.name), cap.weights(t.name))
                  for t in layers if cap.called(t.name)}
@@ -108,11 +109,11 @@ class CaptureCache:
 
     def finish(self) -> None:
         """The first pass is over: what is kept is every batch."""
-        self.complete = self._keep is not None and self._keep.items is not None
+        self.complete = self._kept() is not None
 
     def layer(self, name: str) -> Iterator[Captured]:
         """The captures of layer ``name`` batch by batch, each released once read."""
-        for entry, _ in self._kept():
+        for entry, _ in self._kept() or []:
             parts = entry.pop(name, None)
             if parts is not None:
                 yield parts
