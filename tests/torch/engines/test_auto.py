@@ -242,18 +242,27 @@ def test_the_choice_is_confirmed_at_its_real_size(monkeypatch):
     key = lambda: next(iter(_engine_keys()))  # noqa: E731
     product = td.hvp_function(case.x, case.y)
     tol = 2e-4 if td.dtype == torch.float32 else 1e-9
-    for call, (ran, now, source) in enumerate([("func", "autograd", "revised"), ("autograd", None, "confirmed")]):
+    ran = []
+    for call in range(8):
         got = product(V)
-        assert product.engine.chosen == ran
+        ran.append(product.engine.chosen)
         assert float((got.double() - V.double() @ H).abs().max()) <= tol * max(1.0, float((V.double() @ H).abs().max()))
         entry = _engine_keys()[key()]
-        assert entry["source"] == source
         assert set(entry["measured"]) == ({"func"} if call == 0 else {"func", "autograd"})
-        if now is not None:
-            assert entry["choice"] == now
-        else:  # both measured: the faster stays; the loop, predicted far slower, is never tried
-            assert entry["choice"] == min(entry["measured"], key=entry["measured"].get)
-            assert entry["seconds"]["loop"] == 1e3
+        if call == 0:
+            assert entry["choice"] == "autograd" and entry["source"] == "revised"
+        if entry["source"] == "confirmed":
+            break
+    # Both measured (up to three times each while within 1.5x of the fastest): the lower median
+    # stays; the loop, predicted far slower, is never tried.
+    assert ran[:2] == ["func", "autograd"] and len(ran) <= 6 and "loop" not in ran
+    assert entry["source"] == "confirmed" and entry["seconds"]["loop"] == 1e3
+    assert entry["choice"] == min(entry["measured"], key=entry["measured"].get)
+    times = entry["times"]
+    assert set(times) == {"func", "autograd"} and max(map(len, times.values())) <= 3
+    assert sum(map(len, times.values())) == len(ran)
+    assert all(entry["measured"][n] == pytest.approx(sorted(ts)[len(ts) // 2] if len(ts) % 2 else sum(ts) / 2)
+               for n, ts in times.items())
     product(V)  # confirmed: no more timing, no more changes
     assert _engine_keys()[key()]["source"] == "confirmed"
     # A choice that measures no slower than every rival's figure is confirmed at once.
@@ -285,11 +294,61 @@ def test_the_runner_up_is_timed_at_size_when_no_rival_is_within_the_margin(monke
     assert product.engine.chosen == "func" and entry["choice"] == "autograd" and entry["source"] == "revised"
     product(V)
     entry = next(iter(_engine_keys().values()))
-    assert product.engine.chosen == "autograd" and entry["source"] == "confirmed"
+    assert product.engine.chosen == "autograd" and entry["source"] == "revised"
     assert set(entry["measured"]) == {"func", "autograd"}
+    # Both measured 1/8 s per direction: a tie, so each is timed three times, in turn, before the
+    # choice is final.
+    for again in ("func", "autograd", "func", "autograd"):
+        product(V)
+        assert product.engine.chosen == again
+    entry = next(iter(_engine_keys().values()))
+    assert entry["source"] == "confirmed" and {n: len(ts) for n, ts in entry["times"].items()} == {"func": 3, "autograd": 3}
     # beyond 2x the runner-up is not timed: the choice is confirmed at once
     probe.clear()
     predicted.update(autograd=0.3)
     td.hvp_function(case.x, case.y)(V)
     entry = next(iter(_engine_keys().values()))
     assert entry["choice"] == "func" and entry["source"] == "confirmed" and set(entry["measured"]) == {"func"}
+
+
+def test_candidates_within_the_recheck_margin_are_compared_by_their_medians(monkeypatch):
+    """One slow call must not decide between engines whose speeds are close: with a clock that each
+    call advances by a set time, the loop takes 1 s per call and func 1.4 s (a slow moment), then
+    0.7 s twice; timed three times each, in turn, func has the lower median and is the choice, where
+    one call each would have kept the loop. An engine measured beyond 1.5x of the fastest is not
+    timed again."""
+    import types
+
+    case, td = _structured()
+    V = torch.randn(8, td.num_params, dtype=td.dtype)
+    clock = [0.0]
+    durations = {"loop": [1.0, 1.0, 1.0], "func": [1.4, 0.7, 0.7], "autograd": []}
+    monkeypatch.setattr(auto, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    run = AutoEngine._run
+
+    def timed_run(self, name, *a, **k):
+        clock[0] += durations[name].pop(0) if durations[name] else 0.0
+        return run(self, name, *a, **k)
+    monkeypatch.setattr(AutoEngine, "_run", timed_run)
+    # Per direction: the loop predicted fastest, func within the runner-up margin of it.
+    monkeypatch.setattr(AutoEngine, "_measure", lambda self, names, *a: {"loop": 1e-6, "func": 0.15, "autograd": 1e3})
+    product = td.hvp_function(case.x, case.y)
+    ran = []
+    for _ in range(7):
+        product(V)
+        ran.append(product.engine.chosen)
+    entry = next(iter(_engine_keys().values()))
+    assert ran == ["loop", "func", "func", "loop", "func", "loop", "func"]
+    assert entry["choice"] == "func" and entry["source"] == "confirmed"
+    assert entry["times"] == {"loop": [pytest.approx(1 / 8)] * 3,
+                              "func": [pytest.approx(1.4 / 8), pytest.approx(0.7 / 8), pytest.approx(0.7 / 8)]}
+    assert entry["measured"] == {"loop": pytest.approx(1 / 8), "func": pytest.approx(0.7 / 8)}
+    # A rival measured more than 1.5x slower is left at one call.
+    probe.clear()
+    durations.update(loop=[1.0], func=[1.6])
+    product = td.hvp_function(case.x, case.y)
+    product(V)
+    product(V)
+    entry = next(iter(_engine_keys().values()))
+    assert entry["choice"] == "loop" and entry["source"] == "confirmed"
+    assert {n: len(ts) for n, ts in entry["times"].items()} == {"loop": 1, "func": 1}

@@ -22,12 +22,14 @@ the chunk it would compute is then predicted from its two largest timed calls, t
 the directions it was timed on, and the fastest wins: on a slow model or a busy machine the budget
 allows only small calls, where the per-call part would otherwise favour the loop over the
 batched engines. The prediction is then checked where it costs nothing: the choice's first call at
-its real size is timed, and each candidate predicted within ``CONFIRM_MARGIN`` (15%) of the best
-measured so far is chosen for the next call of the shape class and timed there (where none is, the
-runner-up, if predicted within ``RUNNER_UP_MARGIN``, 2×), until the fastest
-measured stays (``source`` "confirmed" in the report): a per-direction cost that grows with the
-chunk (caches), or a fixed part the small calls overstate, shows up there. A candidate that raises
-(an op without a torch.func rule, a module updating buffers in training mode) is out. So a probe
+its real size is timed, and each candidate not yet timed there whose prediction is within
+``RUNNER_UP_MARGIN`` (2×) of the best measured is chosen for the next call of the shape class and
+timed there; candidates measured within ``RECHECK_MARGIN`` (1.5×) of the fastest are timed
+``RECHECK_CALLS`` (3) times each, in turn, since one call on a busy machine can run slow by more than
+their gap; then the lowest median stays (``source`` "confirmed" in the report): a per-direction
+cost that grows with the chunk (caches), or a fixed part the small calls overstate, shows up
+there. A candidate that raises (an op without a torch.func rule, a module updating buffers in
+training mode) is out. So a probe
 costs at most about the budget, plus a warm-up where one product alone takes longer: there only
 the engine the rule picks runs, and it is kept.
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -76,12 +79,16 @@ PROBE_SECONDS = 0.4
 LOOP_PROBE_DIRECTIONS = 8
 #: How far beyond the directions it was timed on a candidate's time is extrapolated.
 EXTRAPOLATION = 4
-#: A candidate predicted at most this much slower than the best measured at size is measured too.
-CONFIRM_MARGIN = 1.15
-#: The runner-up (the best-predicted candidate not yet measured) is measured at size once when
-#: predicted at most this much slower than the best measured: predictions from small calls can be
-#: off by more than ``CONFIRM_MARGIN``, and one call of the runner-up bounds what that costs.
+#: A candidate not yet timed at size is timed there once when its predicted time is at most this
+#: factor above the best measured: predictions from small calls can be off by more than their gaps
+#: (warm caches, allocations, a busy moment), and one call bounds what that costs.
 RUNNER_UP_MARGIN = 2.0
+#: Candidates measured at size within this factor of the fastest are timed there ``RECHECK_CALLS``
+#: times each, in turn, and compared by their medians before the choice is final: on a loaded
+#: machine one call can run slow (or, the first at a new size, pay for allocations) by more than
+#: the gap between them. Each further call costs at most this factor minus one of a call.
+RECHECK_MARGIN = 1.5
+RECHECK_CALLS = 3
 
 
 @dataclass(frozen=True)
@@ -239,36 +246,40 @@ class AutoEngine:
         return self._run(name, batch, V, mode)
 
     def _confirmed_run(self, key: str, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
-        """The products of the probe's choice, timed: the probe predicted each candidate's time at
-        the chunk it would compute from calls on fewer directions; this call measures the choice at
-        its real size, at no extra cost (the products are the caller's). A candidate not yet
-        measured so whose predicted time is within ``CONFIRM_MARGIN`` of the best measured one (or
-        below it) becomes the choice for the next call of the shape class, to be measured there
-        (:func:`probe.revise`); where none is, after the first call the runner-up is, if predicted
-        within ``RUNNER_UP_MARGIN``; once none is left, the fastest measured is the choice,
-        confirmed. So each candidate runs at size at most once per shape class, and a wrong
-        prediction costs at most one call of a candidate predicted within those margins."""
+        """The products of the current choice, timed: the probe predicted each candidate's time at
+        the chunk it would compute from calls on fewer directions; these calls measure candidates
+        at their real size, at no extra cost (the products are the caller's). After each, the next
+        call of the shape class (:func:`probe.revise`) goes to: a candidate not yet measured whose
+        prediction is within ``RUNNER_UP_MARGIN`` of the best measured (the best-predicted first);
+        else, where several measured candidates are within ``RECHECK_MARGIN`` of the fastest, the
+        one of them with the fewest timed calls, until each has ``RECHECK_CALLS``; else the choice
+        is final (source "confirmed"): the candidate with the lowest median at size. So each
+        candidate runs at size at most ``RECHECK_CALLS`` times per shape class, and only while it
+        is within those margins of the fastest."""
         _sync(V)
         start = time.perf_counter()
         out = self._run(name, batch, V, mode)
         _sync(V)
         entry = probe.decision("engine", key)
-        measured = dict(entry.get("measured", {}))
-        measured[name] = (time.perf_counter() - start) / V.shape[0]
+        times = {n: list(ts) for n, ts in entry.get("times", {}).items()}
+        times.setdefault(name, []).append((time.perf_counter() - start) / V.shape[0])
+        measured = {n: statistics.median(ts) for n, ts in times.items()}
+        calls = {n: len(ts) for n, ts in times.items()}
         fastest = min(measured, key=measured.get)
-        rivals = {n: s for n, s in entry.get("seconds", {}).items() if n not in measured}
-        untried = {n: s for n, s in rivals.items() if s <= measured[fastest] * CONFIRM_MARGIN}
-        if not untried and len(measured) == 1 and rivals:
-            runner_up = min(rivals, key=rivals.get)
-            if rivals[runner_up] <= measured[fastest] * RUNNER_UP_MARGIN:
-                untried = {runner_up: rivals[runner_up]}
+        untried = {n: s for n, s in entry.get("seconds", {}).items()
+                   if n not in measured and s <= measured[fastest] * RUNNER_UP_MARGIN}
+        close = [n for n in measured if measured[n] <= measured[fastest] * RECHECK_MARGIN]
+        again = [n for n in close if calls[n] < RECHECK_CALLS] if len(close) > 1 else []
         if untried:
             following = min(untried, key=untried.get)
             logger.debug("twicediff: auto: %s measured %.3g s per direction at size; %s (predicted %.3g s) next",
                          name, measured[name], following, untried[following])
-            probe.revise("engine", key, following, measured, final=False)
-        else:
-            probe.revise("engine", key, fastest, measured, final=True)
+        elif again:
+            following = min(again, key=lambda n: (calls[n], -measured[n]))
+            logger.debug("twicediff: auto: %s within %.2gx of %s at size; %s timed again",
+                         close, RECHECK_MARGIN, fastest, following)
+        probe.revise("engine", key, following if untried or again else fastest, measured,
+                     final=not (untried or again), times=times)
         return out
 
     def _measure(self, names: List[str], batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:

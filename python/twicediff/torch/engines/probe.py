@@ -63,7 +63,8 @@ def clear() -> None:
 def choices() -> Dict[str, Dict]:
     """What was decided: ``"kind: key"`` → {choice, seconds (per candidate, best timed call),
     source ("probe", "revised" or "confirmed" (:func:`revise`), "given", "disk"), measured (where
-    revised: the seconds measured at size)}, plus the overrides as
+    revised: the seconds measured at size), times (where the reviser gives them: the timed calls
+    behind each measured figure)}, plus the overrides as
     ``"kind: *"``."""
     with _lock:
         out = {f"{k}: {key}": dict(v) for (k, key), v in _decided.items()}
@@ -77,19 +78,23 @@ def decision(kind: str, key: str) -> Dict:
         return dict(_decided.get((kind, key), {}))
 
 
-def revise(kind: str, key: str, name: str, measured: Mapping[str, float], *, final: bool) -> None:
+def revise(kind: str, key: str, name: str, measured: Mapping[str, float], *, final: bool,
+           times: Optional[Mapping[str, Sequence[float]]] = None) -> None:
     """Replace the probe's decision for ``key`` of ``kind`` by ``name``, given the seconds of the
     candidates the caller ``measured`` at the size it uses (where the probe could only predict):
-    they replace the probe's figures and are kept under ``"measured"``; ``final``: the caller
-    measured enough (source ``"confirmed"``), else source ``"revised"``. On disk too where decisions
-    are kept there. A decision not made by a probe of this process (an override, the disk cache,
-    given timings) or already confirmed is left as it is."""
+    they replace the probe's figures and are kept under ``"measured"`` (and the timings behind
+    them under ``"times"``, where the caller gives them); ``final``: the caller measured enough
+    (source ``"confirmed"``), else source ``"revised"``. On disk too where decisions are kept
+    there. A decision not made by a probe of this process (an override, the disk cache, given
+    timings) or already confirmed is left as it is."""
     with _lock:
         entry = _decided.get((kind, key))
         if entry is None or entry.get("source") not in ("probe", "revised") or name not in entry.get("seconds", {}):
             return
         _decided[(kind, key)] = {"choice": name, "seconds": {**entry["seconds"], **measured},
                                  "measured": dict(measured), "source": "confirmed" if final else "revised"}
+        if times is not None:
+            _decided[(kind, key)]["times"] = {n: list(ts) for n, ts in times.items()}
     _disk_store(kind, key, name)
 
 
