@@ -7,8 +7,9 @@ engines beside them, all timed interleaved in one process. Compile time is measu
 first call minus one steady call) and amortised over ``--amortise`` calls.
 
 Part 2: ``auto`` (eager: no expected products given, so nothing is compiled) against each of its
-candidates at D in {1, 16, 64, 256}, interleaved per D; the probe's cost is its first call minus
-a steady one.
+candidates at D in {1, 16, 64, 256}, interleaved per D, once its choice is final; the probe's cost
+(its first call minus a steady one) and the calls it took to settle, with their cost beyond steady
+calls, are reported apart.
 
 Part 3 (``--part3``): the evidence for two of the compiled engine's fixed settings, wall and CPU
 time per HVP, interleaved: its chunk (directions per compiled call) swept on each preset, and
@@ -82,11 +83,11 @@ def amortised(per_hvp, compile_seconds, m, D, calls):
     return calls * D * per_hvp["loop"] / total
 
 
-def _engine_choice() -> str:
-    return next(val["choice"] for key, val in probe.choices().items() if key.startswith("engine: "))
+def _engine_decision() -> dict:
+    return next(val for key, val in probe.choices().items() if key.startswith("engine: "))
 
 
-def part2(preset: str, directions, repeats: int):
+def part2(preset: str, directions, repeats: int, settle_calls: int = 16):
     td, x, y = bench._setup(preset, "cpu")
     lines = []
     for D in directions:
@@ -95,18 +96,24 @@ def part2(preset: str, directions, repeats: int):
         candidates = ["func", "autograd", "loop"] + (["native"] if not td.native_unsupported_reason(x, y) else [])
         fns = {"auto": lambda: td.hvp(x, y, v)}
         first = _first_call_seconds(fns["auto"])
-        picked = _engine_choice()  # the probe's pick, before its first call at size was timed
-        probe_cost = first - _first_call_seconds(fns["auto"])
+        picked = _engine_decision()["choice"]  # the probe's pick, before its calls at size were timed
+        # auto times candidates at size on its first calls of the shape class, so its engine changes
+        # from call to call until the choice is final: those calls are timed apart, and the auto
+        # column is its steady state.
+        settling = []
+        while _engine_decision().get("source") in ("probe", "revised") and len(settling) < settle_calls:
+            settling.append(_first_call_seconds(fns["auto"]))
         for e in candidates:
             fns[e] = lambda e=e: td.hvp(x, y, v, engine=e)
         med = bench.interleaved_medians(fns, repeats)
         per = {m: med[m] / D for m in fns}
         best = min(candidates, key=lambda e: per[e])
-        chosen = _engine_choice()
+        chosen = _engine_decision()["choice"]
         chosen = chosen if chosen == picked else f"{picked} → {chosen}"
         cells = " | ".join(f"{per[e] * 1e3:.3f}" for e in ["func", "autograd", "loop"])
+        extra = sum(settling) - len(settling) * med["auto"]
         lines.append(f"| {preset} | {D} | {per['auto'] * 1e3:.3f} ({chosen}) | {cells} | {best} | "
-                     f"{per['auto'] / per[best]:.2f} | {probe_cost:.2f} |")
+                     f"{per['auto'] / per[best]:.2f} | {first - med['auto']:.2f} | {1 + len(settling)} | {extra:.2f} |")
     return lines
 
 
@@ -219,11 +226,14 @@ def main():
             print("\n".join(text))
     if "part2" not in args.skip:
         text += ["", "## auto against its candidates", "",
-                 "ms per HVP; auto's engine in brackets (a → b: the probe predicted a, timing a's first call at "
-                 "its size made it b); best: the fastest candidate in the same run; auto / best > 1 is slower; "
-                 "probe s: auto's first call minus its second.", "",
-                 "| preset | D | auto | func | autograd | loop | best | auto / best | probe s |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "ms per HVP; auto once its choice is final, its engine in brackets (a → b: the probe predicted "
+                 "a, timing candidates at size made it b); best: the fastest candidate in the same run; auto / "
+                 "best > 1 is slower; probe s: auto's first call minus a steady one; calls to settle: auto's calls "
+                 "until its choice was final (the first included), the later ones timing candidates at size; "
+                 "settling s: what those later calls took beyond as many steady calls.", "",
+                 "| preset | D | auto | func | autograd | loop | best | auto / best | probe s | calls to settle | "
+                 "settling s |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in presets:
             text += part2(p, args.auto_directions, args.repeats)
             print("\n".join(text[-len(args.auto_directions):]))
