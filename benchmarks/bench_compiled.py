@@ -100,9 +100,7 @@ def part2(preset: str, directions, repeats: int, settle_calls: int = 16):
         # auto times candidates at size on its first calls of the shape class, so its engine changes
         # from call to call until the choice is final: those calls are timed apart, and the auto
         # column is its steady state.
-        settling = []
-        while _engine_decision().get("source") in ("probe", "revised") and len(settling) < settle_calls:
-            settling.append(_first_call_seconds(fns["auto"]))
+        settling = bench.settle_auto(fns["auto"], settle_calls) if bench.auto_still_timing() else []
         for e in candidates:
             fns[e] = lambda e=e: td.hvp(x, y, v, engine=e)
         med = bench.interleaved_medians(fns, repeats)

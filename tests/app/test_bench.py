@@ -146,3 +146,24 @@ def test_the_installed_package_does_no_benchmark_plumbing():
     strings = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
                and not node.value.startswith(("The ", "One ", "Benchmark", "A ", "Write", "HVPs", "``"))]
     assert not [s for s in strings if "/proc" in s or s == "git"]
+
+
+def test_settle_auto_calls_until_auto_keeps_one_engine():
+    """auto times candidates at size on its first calls of a shape class; settle_auto calls until
+    that is over (so a benchmark times the engine kept), and stops at max_calls whatever happens."""
+    from twicediff.torch.engines import probe
+
+    probe.clear()
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv1d(1, 3, 3), torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+        td = TorchTwiceDifferentiable(model, torch.nn.functional.cross_entropy)
+        x, y, v = torch.randn(16, 1, 6), torch.randint(0, 3, (16,)), torch.randn(4, td.num_params)
+        assert len(bench.settle_auto(lambda: td.hvp(x, y, v), max_calls=1)) == 1
+        seconds = bench.settle_auto(lambda: td.hvp(x, y, v), max_calls=32)
+        assert 1 <= len(seconds) < 32 and all(s > 0 for s in seconds)
+        assert not bench.auto_still_timing()
+        entry = next(d for k, d in probe.choices().items() if k.startswith("engine: "))
+        assert entry["source"] == "confirmed"
+    finally:
+        probe.clear()

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import twicediff
 from twicediff import TorchTwiceDifferentiable
+from twicediff.app.bench import settle_auto
 
 THREADS = 4
 ROUNDS = 100
@@ -25,21 +25,6 @@ def _run_threads(work, errors, mismatches):
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors
     assert not mismatches, mismatches[:5]
-
-
-def _auto_still_timing() -> bool:
-    """Whether ``auto`` still times candidates at size for a shape class: until its choice is final
-    its engine changes from call to call, and the engines agree only up to rounding."""
-    return any(d.get("source") in ("probe", "revised") for key, d in twicediff.build_info()["probe"].items()
-               if key.startswith("engine: "))
-
-
-def _settle(td, x, y, v, engine, calls: int = 16):
-    """Calls until ``auto``'s choice for this shape class is final (see :func:`_auto_still_timing`)."""
-    for _ in range(calls if engine == "auto" else 0):
-        td.hvp(x, y, v, engine=engine)
-        if not _auto_still_timing():
-            return
 
 
 def _problem(seed):
@@ -61,8 +46,9 @@ def test_threads_released_together_match_single_threaded(engine):
     """"auto": the native engine where the model qualifies (it does, once built), else torch.func;
     "autograd": double backward vmapped over the directions (mvp)."""
     problems = [_problem(seed) for seed in range(THREADS)]
-    for td, x, y, v in problems:
-        _settle(td, x, y, v, engine)
+    if engine == "auto":  # until its choices are final auto's engine changes between calls, and
+        for td, x, y, v in problems:  # the engines agree only up to rounding
+            settle_auto(lambda: td.hvp(x, y, v))
     expected = [td.hvp(x, y, v, engine=engine) for td, x, y, v in problems]
     barrier = threading.Barrier(THREADS)
     mismatches, errors = [], []
@@ -116,11 +102,7 @@ def test_threads_sharing_one_model_get_single_threaded_influences(native, kind):
 
     # auto times its choice, and rivals close to it, on the first calls at a size; the engines
     # agree only to rounding, so the reference is taken once the choice is confirmed.
-    influences()
-    for _ in range(16):
-        if not _auto_still_timing():
-            break
-        influences()
+    settle_auto(influences)
     expected = influences()
     barrier = threading.Barrier(THREADS)
     mismatches, errors = [], []

@@ -127,6 +127,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def auto_still_timing() -> bool:
+    """Whether ``engine="auto"`` is still timing candidates at size for some shape class: on its
+    first calls of a shape class its engine changes from call to call (engines/auto.py)."""
+    from ..torch.engines import probe
+
+    return any(d.get("source") in ("probe", "revised") for key, d in probe.choices().items()
+               if key.startswith("engine: "))
+
+
+def settle_auto(fn: Callable[[], object], max_calls: int = 16,
+                device: torch.device = torch.device("cpu")) -> List[float]:
+    """Calls ``fn`` (which uses ``engine="auto"``) until auto's choices are final, at most
+    ``max_calls`` times, so that timing it afterwards times the engine it keeps; the seconds of
+    each call made."""
+    seconds: List[float] = []
+    while len(seconds) < max_calls and (not seconds or auto_still_timing()):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int,
                         device: torch.device = torch.device("cpu"), *, calls: Optional[Dict[str, int]] = None,
                         clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
@@ -300,6 +324,9 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = FULL
             if fn is not None:
                 fns[name] = fn
         timed = list(fns)
+        for m in timed:
+            if m == "auto" or m.startswith("auto@"):
+                settle_auto(fns[m], device=dev)  # time the engine auto keeps, not its first choices
         # "grad", the unit of hvp_in_grads, is timed like every other method (one call per
         # round); "grad_warm" is the same gradient run GRAD_CALLS times back to back, caches and
         # allocator warm, as in a training loop's steady state.
