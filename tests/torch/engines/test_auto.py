@@ -352,3 +352,33 @@ def test_candidates_within_the_recheck_margin_are_compared_by_their_medians(monk
     entry = next(iter(_engine_keys().values()))
     assert entry["choice"] == "loop" and entry["source"] == "confirmed"
     assert {n: len(ts) for n, ts in entry["times"].items()} == {"loop": 1, "func": 1}
+
+
+def test_the_probe_key_follows_the_model_as_it_changes_in_place():
+    """The key auto's decisions are kept under names the model's structure. It is kept per model
+    between calls, so it must follow what can change in place: train/eval flags, frozen
+    parameters, a replaced module; and models built alike share it."""
+    from twicediff.torch.engines.auto import _fingerprint
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).eval()
+
+    model = build()
+    first = _fingerprint(model, F.cross_entropy)
+    assert _fingerprint(model, F.cross_entropy) == first == _fingerprint(build(), F.cross_entropy)
+    assert _fingerprint(model, F.mse_loss) != first
+    keys = {first}
+    model.train()
+    keys.add(_fingerprint(model, F.cross_entropy))
+    model.eval()
+    assert _fingerprint(model, F.cross_entropy) == first
+    model[0].weight.requires_grad_(False)
+    keys.add(_fingerprint(model, F.cross_entropy))
+    model[0].weight.requires_grad_(True)
+    model[1] = nn.ReLU()
+    keys.add(_fingerprint(model, F.cross_entropy))
+    model[1] = nn.Tanh()
+    model[2] = nn.Linear(7, 4)
+    keys.add(_fingerprint(model, F.cross_entropy))
+    assert len(keys) == 5

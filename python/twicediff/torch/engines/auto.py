@@ -49,9 +49,11 @@ import hashlib
 import logging
 import math
 import statistics
+import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -129,13 +131,35 @@ def _sync(V: torch.Tensor) -> None:
         torch.cuda.synchronize(V.device)
 
 
+# model -> (what its structure text depends on that can change in place, that text): repr(model)
+# costs about as much as a small model's forward pass, and hvp() builds an AutoEngine per call.
+_structure_texts: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+_structure_lock = threading.Lock()
+
+
+def _structure_text(model: nn.Module) -> str:
+    """The model's modules as printed, its trainable parameters' shapes and its train/eval flags.
+    Kept per model while its modules, parameters (identity, shape, requires_grad) and flags stay
+    the same; an attribute changed in place (a stride, a dropout rate) is not seen, which can only
+    make a speed decision stale, never a product wrong."""
+    modules = list(model.modules())
+    check = (tuple((id(m), m.training) for m in modules),
+             tuple((id(p), p.requires_grad, tuple(p.shape)) for p in model.parameters()))
+    with _structure_lock:
+        kept = _structure_texts.get(model)
+    if kept is not None and kept[0] == check:
+        return kept[1]
+    text = repr(model) + "|" + ";".join(f"{n}:{tuple(p.shape)}:{p.requires_grad}" for n, p in model.named_parameters())
+    text += "|" + "".join("t" if m.training else "e" for m in modules)  # train/eval per module
+    with _structure_lock:
+        _structure_texts[model] = (check, text)
+    return text
+
+
 def _fingerprint(model: nn.Module, loss: Callable) -> str:
-    """The model's structure (its modules as printed, its trainable parameters' shapes) and loss, as
-    a short digest: models built alike share their decisions, within and (through the disk cache)
-    across processes."""
-    text = repr(model) + "|" + ";".join(f"{n}:{tuple(p.shape)}:{p.requires_grad}"
-                                        for n, p in model.named_parameters())
-    text += "|" + "".join("t" if m.training else "e" for m in model.modules())  # train/eval per module
+    """The model's structure (:func:`_structure_text`) and loss, as a short digest: models built
+    alike share their decisions, within and (through the disk cache) across processes."""
+    text = _structure_text(model)
     text += "|" + getattr(loss, "__qualname__", type(loss).__qualname__) + repr(getattr(loss, "keywords", ""))
     return f"{type(model).__name__}#{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
