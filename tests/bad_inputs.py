@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import twicediff
 from twicediff import ops as _ops
-from twicediff.influence import compute_influences
+from twicediff.influence import compute_influences, compute_self_influences
 from twicediff.inversion import solve_hvp
 from twicediff.torch import TorchTensorUtilities, TorchTwiceDifferentiable, hessian_operator
 from twicediff.torch.functional import get_hvp_function
@@ -229,7 +229,22 @@ CASES = [
     ("solve_hvp (Direct)", "a P whose [P, P] Hessian cannot fit in memory",
      _direct_too_large, MemoryError, ["P = 20,004,000", "bytes", "'cg'", "'arnoldi'", "EK-FAC"]),
     ("solve_hvp (Direct)", "a singular H + λI (λ = 0, cross-entropy)",
-     _direct_singular, RuntimeError, ["singular", "hessian_perturbation"]),
+     _direct_singular, RuntimeError, ["singular", "hessian_perturbation", "hessian_regularization"]),
+    ("compute_influences", "a negative hessian_regularization (the solvers call it hessian_perturbation)",
+     lambda: compute_influences(_mlp(), _loader(), inversion_method="cg", hessian_regularization=-1.0), ValueError,
+     ["compute_influences", "hessian_regularization", ">= 0", "-1.0"]),
+    ("compute_influences", "a NaN hessian_regularization",
+     lambda: compute_influences(_mlp(), _loader(), inversion_method="lissa", hessian_regularization=float("nan")),
+     ValueError, ["compute_influences", "hessian_regularization", "nan"]),
+    ("compute_influences", "hessian_regularization=None",
+     lambda: compute_influences(_mlp(), _loader(), hessian_regularization=None), TypeError,
+     ["compute_influences", "hessian_regularization", "a number", "None"]),
+    ("compute_self_influences", "hessian_regularization given as a string",
+     lambda: compute_self_influences(_mlp(), _loader(), hessian_regularization="0.1"), TypeError,
+     ["compute_self_influences", "hessian_regularization", "a number", "'0.1'"]),
+    ("solve_hvp", "hessian_perturbation=True",
+     lambda: solve_hvp("cg", _mlp(), _loader(), torch.randn(_mlp().num_params), hessian_perturbation=True), TypeError,
+     ["hessian_perturbation", "a number", "bool"]),
     ("grad / hvp / any entry point", "called under torch.inference_mode()",
      _under_inference_mode, RuntimeError, ["grad", "inference_mode"]),
     ("hessian_operator", "unknown mode",

@@ -43,6 +43,7 @@ from .inversion import InversionMethod, InversionRegistry, solve_hvp
 from .memory import chunk_size, get_memory_budget, reserved
 from .errors import data_errors, describe_inputs
 from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
+from .torch.solvers.common import check_nonnegative
 from .torch.solvers.kfac import kfac_factors, pydvl_loss
 from .torch.tensor_utilities import TorchTensorUtilities
 from .torch.twice_differentiable import TorchTwiceDifferentiable, check_model
@@ -125,8 +126,7 @@ def _kfac_setup(model: TorchTwiceDifferentiable, training_data: DataLoaderType, 
     if unknown:
         raise TypeError(f"{where}: unexpected options {unknown} for inversion method {method!r}; it takes "
                         f"{list(_KFAC_OPTIONS)}")
-    if not float(lam) >= 0 or float(lam) == float("inf"):
-        raise ValueError(f"{where}: hessian_regularization must be a finite number >= 0, got {lam!r}")
+    check_nonnegative(lam, "hessian_regularization", where)
     relative = kwargs.get("relative_damping", False)
     if not isinstance(relative, bool):
         raise TypeError(f"{where}: relative_damping must be a bool, got {relative!r}")
@@ -319,6 +319,8 @@ def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_
                        test_data_given=test_data is not None, input_data_given=input_data is not None, options=kwargs)
     model = check_model(differentiable_model, "compute_influences")
     kind = _as_influence_type(influence_type)
+    # Checked here, under the name the caller used: the solvers call it hessian_perturbation.
+    check_nonnegative(hessian_regularization, "hessian_regularization", "compute_influences")
     if test_data is None:  # with a process group, the training points of every rank
         test_data = _distributed.Sharded(training_data) if _distributed.current_group() is not None else training_data
     input_data = training_data if input_data is None else input_data
@@ -382,6 +384,7 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     group = _distributed.enter(where, model, inversion_method=inversion_method,
                                hessian_regularization=hessian_regularization, options=kwargs)
     model = check_model(model, where)
+    check_nonnegative(hessian_regularization, "hessian_regularization", where)
     method = _kfac_method(inversion_method)
     if method is not None:  # streamed in the factors' eigenbasis, no solve per block
         fitted, relative = _kfac_setup(model, training_data, method, hessian_regularization, progress, kwargs, where)

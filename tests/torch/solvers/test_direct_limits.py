@@ -38,7 +38,8 @@ def test_singular_system_raises_runtime_error(kind):
         x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
         td = TorchTwiceDifferentiable(model, F.cross_entropy)
     b = torch.randn(2, td.num_params, dtype=td.dtype)
-    with pytest.raises(RuntimeError, match=r"singular.*increase hessian_perturbation \(now 0.0\)"):
+    advice = r"increase λ \(hessian_perturbation; hessian_regularization in compute_influences\) \(now 0.0\)"
+    with pytest.raises(RuntimeError, match=r"singular.*" + advice):
         solve_hvp("direct", td, [(x, y)], b)
     assert torch.isfinite(solve_hvp("direct", td, [(x, y)], b, hessian_perturbation=0.1).x).all()
 

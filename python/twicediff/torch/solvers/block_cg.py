@@ -8,6 +8,7 @@ import torch
 
 from ... import ops
 from ...progress import close_bar, progress_bar
+from .common import LAMBDA
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor
         done = converged | ~curvature_ok | ~torch.isfinite(g)
         if bool(done.any()):
             if not bool(curvature_ok.all()):
-                logger.warning("cg: %d system(s) broke down (pᵀ(H + λI)p = 0 or not finite); increase "
-                               "hessian_perturbation", int((~curvature_ok).sum()))
+                logger.warning("cg: %d system(s) broke down (pᵀ(H + λI)p = 0 or not finite); increase %s",
+                               int((~curvature_ok).sum()), LAMBDA)
             out[active[done]] = X[done]
             keep = torch.nonzero(~done).flatten()
             active = active[keep]
@@ -92,7 +93,7 @@ def block_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor
         out[active] = X
     if negative_curvature:
         logger.warning("cg: H + λI has negative curvature along some search directions (it is not positive "
-                       "definite); CG may converge slowly or not at all: consider a larger hessian_perturbation")
+                       "definite); CG may converge slowly or not at all: consider a larger %s", LAMBDA)
     return out, {"niter": niter, "optimal": optimal, "gamma": final_gamma}
 
 
@@ -239,6 +240,5 @@ def block_krylov_cg(apply_rows: Callable[[torch.Tensor], torch.Tensor], B: torch
     close_bar(bar)
     if indefinite:
         logger.warning("cg: H + λI is not positive definite on the search directions (it is indefinite); "
-                       "block CG still converges when no row breaks down, but consider a larger "
-                       "hessian_perturbation")
+                       "block CG still converges when no row breaks down, but consider a larger %s", LAMBDA)
     return X, {"niter": niter, "optimal": gamma <= stop, "gamma": gamma}

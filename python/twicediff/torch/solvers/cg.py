@@ -12,7 +12,7 @@ from ...twice_differentiable import InverseHvpResult
 from ..engines.amortise import solver_products
 from ..operator import HessianOperator
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
-from .common import check_nonnegative, check_rhs, initial_guess
+from .common import LAMBDA, check_nonnegative, check_rhs, initial_guess
 
 from .block_cg import block_cg, block_krylov_cg
 from .preconditioners import PRECONDITIONERS, jacobi_preconditioner, nystrom_preconditioner
@@ -112,7 +112,7 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
             precondition = nystrom_preconditioner(op, preconditioner_rank)
             if precondition is None:
                 logger.warning("%s: H + λI is not positive definite on the Nyström sketch; running without "
-                               "preconditioner (increase hessian_perturbation)", where)
+                               "preconditioner (increase %s)", where, LAMBDA)
                 used = None
     held += getattr(precondition, "nbytes", 0)
     solver = block_krylov_cg if block_krylov else block_cg

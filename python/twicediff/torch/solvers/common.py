@@ -16,9 +16,20 @@ def check_rhs(model: TorchTwiceDifferentiable, b, where: str, name: str = "b") -
     return (b.unsqueeze(0) if one else b), one
 
 
+#: How advice to raise λ names it: the solvers call it ``hessian_perturbation`` (pyDVL's
+#: ``solve_hvp``), the influence functions ``hessian_regularization``.
+LAMBDA = "λ (hessian_perturbation; hessian_regularization in compute_influences)"
+
+
 def check_nonnegative(value, name: str, where: str) -> float:
-    """``value`` as a float, or a ValueError naming ``where`` and ``name`` unless finite and >= 0."""
-    v = float(value)
+    """``value`` as a float: a TypeError naming ``where`` and ``name`` unless it is a real number
+    (a string or a bool is not), a ValueError unless it is finite and >= 0."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):  # None, a list, a tensor of several elements
+        raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__} {value!r}") from None
     if not v >= 0 or v == float("inf"):
         raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
     return v

@@ -12,7 +12,7 @@ from ...errors import MemoryBudgetError
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
-from .common import check_nonnegative, check_rhs
+from .common import LAMBDA, check_nonnegative, check_rhs
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def solve_linear(model: TorchTwiceDifferentiable, training_data: Iterable, b: to
         try:
             x = torch.linalg.solve(matrix, rhs)
         except torch.linalg.LinAlgError as exc:
-            raise RuntimeError(f"{where}: H + λI is singular; increase hessian_perturbation (now {lam}). "
+            raise RuntimeError(f"{where}: H + λI is singular; increase {LAMBDA} (now {lam}). "
                                f"{exc}") from exc
         solver = "lu"
     if solver != "cholesky":
@@ -73,7 +73,7 @@ def solve_linear(model: TorchTwiceDifferentiable, training_data: Iterable, b: to
     worst = float((residual / rhs.double().norm(dim=0).clamp_min(1e-300)).max()) if rhs.shape[1] else 0.0
     if not worst <= 0.1:
         raise RuntimeError(f"{where}: H + λI is singular (or nearly): the solution leaves a residual of "
-                           f"{worst:.3g}·‖b‖; increase hessian_perturbation (now {lam})")
+                           f"{worst:.3g}·‖b‖; increase {LAMBDA} (now {lam})")
     x = x.T.to(model.dtype)
     x = x.contiguous()
     return InverseHvpResult(x=x[0] if one else x,
