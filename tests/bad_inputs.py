@@ -73,6 +73,16 @@ def _direct_singular():
     solve_hvp("direct", m, _loader(), torch.randn(2, m.num_params))
 
 
+def _train_mode_batchnorm_float_target():
+    """A model in training mode with BatchNorm (torch.func refuses it) and a float target for
+    cross-entropy: every engine fails, and the error must be about the target."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = _data(12)
+    td.hvp(x, y.float(), torch.randn(2, td.num_params))
+
+
 def _native_on(model, loss):
     x = torch.randn(2, 1, 4, 4) if isinstance(model[0], nn.Conv2d) else torch.randn(2, 3)
     TorchTwiceDifferentiable(model.eval(), loss).hvp(x, torch.randint(0, 2, (2,)), torch.randn(
@@ -242,6 +252,14 @@ CASES = [
     ("compute_self_influences", "hessian_regularization given as a string",
      lambda: compute_self_influences(_mlp(), _loader(), hessian_regularization="0.1"), TypeError,
      ["compute_self_influences", "hessian_regularization", "a number", "'0.1'"]),
+    ("hvp (auto)", "a float target for cross-entropy on a model torch.func refuses (BatchNorm in training mode)",
+     _train_mode_batchnorm_float_target, RuntimeError, ["hvp", "y (12,) torch.float32", "target", "Long"]),
+    ("solve_hvp", "an option the inversion method does not take",
+     lambda: solve_hvp("cg", _mlp(), _loader(), torch.randn(_mlp().num_params), hessian_perturbation=0.1,
+                       tolerance=1e-3), TypeError, ["solve_hvp", "['tolerance']", "'cg'", "rtol", "maxiter"]),
+    ("compute_influences", "an option the inversion method does not take",
+     lambda: compute_influences(_mlp(), _loader(), inversion_method="lissa", hessian_regularization=0.1, tol=1e-3),
+     TypeError, ["compute_influence_factors", "['tol']", "'lissa'", "scale"]),
     ("solve_hvp", "hessian_perturbation=True",
      lambda: solve_hvp("cg", _mlp(), _loader(), torch.randn(_mlp().num_params), hessian_perturbation=True), TypeError,
      ["hessian_perturbation", "a number", "bool"]),

@@ -39,7 +39,7 @@ import torch
 
 from . import distributed as _distributed
 from . import ops
-from .inversion import InversionMethod, InversionRegistry, solve_hvp
+from .inversion import InversionMethod, InversionRegistry, check_options, solve_hvp
 from .memory import chunk_size, get_memory_budget, reserved
 from .errors import data_errors, describe_inputs
 from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
@@ -90,10 +90,12 @@ def _check_factors(model: TorchTwiceDifferentiable, factors: Any, where: str) ->
     return factors.to(model.device)
 
 
-def _solver_options(model: TorchTwiceDifferentiable, inversion_method: Any, progress: bool, kwargs: dict) -> dict:
+def _solver_options(model: TorchTwiceDifferentiable, inversion_method: Any, progress: bool, kwargs: dict,
+                    where: str) -> dict:
     """The options for :func:`solve_hvp`: ``kwargs``, plus ``progress`` when the solver registered
-    for the method takes it. Checks the method before any work is done."""
+    for the method takes it. Checks the method and the options before any work is done."""
     solver = InversionRegistry.get(type(model), inversion_method)
+    check_options(solver, kwargs, InversionMethod(inversion_method), where)
     if progress and "progress" in inspect.signature(solver).parameters:
         return {**kwargs, "progress": progress}
     return kwargs
@@ -178,7 +180,7 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
     group = _distributed.enter("compute_influence_factors", model, inversion_method=inversion_method,
                                hessian_perturbation=hessian_perturbation, options=kwargs)
     model = check_model(model, "compute_influence_factors")
-    options = _solver_options(model, inversion_method, progress, kwargs)
+    options = _solver_options(model, inversion_method, progress, kwargs, "compute_influence_factors")
     solver = InversionRegistry.get(type(model), inversion_method)
     held = 0
     if group is None and callable(getattr(solver, "prepare", None)):
@@ -395,7 +397,7 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
                                                         relative_damping=relative, progress=progress).unsqueeze(0),
                 training_data)[0]
         return values.to(device=model.device, dtype=model.dtype)
-    options = _solver_options(model, inversion_method, progress, kwargs)
+    options = _solver_options(model, inversion_method, progress, kwargs, where)
     P = model.num_params
     elem = torch.finfo(model.dtype).bits // 8
     n = num_points_of(training_data)

@@ -100,6 +100,25 @@ class InversionRegistry:
         return cls.get(type(model), inversion_method)(model, training_data, b, hessian_perturbation, **kwargs)
 
 
+def check_options(func: Callable[..., InverseHvpResult], options: Dict[str, Any], method: InversionMethod,
+                  where: str) -> None:
+    """A TypeError naming ``where``, the method and the options it takes, for options the solver
+    ``func`` does not take (instead of Python's error naming the solver's own function). A solver
+    taking ``**kwargs``, or without a signature to read, takes anything."""
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    takes = [p.name for p in params[4:] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                       inspect.Parameter.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise TypeError(f"{where}: unexpected option{'s' if len(unknown) > 1 else ''} {unknown} for inversion "
+                        f"method {method.value!r}; it takes {takes}")
+
+
 def _as_method(inversion_method: Any, where: str) -> InversionMethod:
     try:
         return InversionMethod(inversion_method)
@@ -128,5 +147,6 @@ def solve_hvp(inversion_method: InversionMethod, model: TwiceDifferentiable, tra
                                hessian_perturbation=hessian_perturbation, options=kwargs)
     b = _distributed.same_on_every_rank(group, "solve_hvp", "b", b)
     method = _as_method(inversion_method, "solve_hvp")
+    check_options(InversionRegistry.get(type(model), method), kwargs, method, "solve_hvp")
     return InversionRegistry.call(method, model, training_data, b, hessian_perturbation=hessian_perturbation,
                                   **kwargs)

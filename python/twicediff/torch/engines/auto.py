@@ -164,6 +164,14 @@ def _fingerprint(model: nn.Module, loss: Callable) -> str:
     return f"{type(model).__name__}#{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
+def _telling_failure(failed: Dict[str, BaseException], default: str) -> BaseException:
+    """The error to raise when every candidate failed: the loop's where it ran, since it takes any
+    model in any mode and so fails only on what every engine would (a target of the wrong dtype, a
+    loss that is not a scalar), where another engine's error can be about itself (torch.func
+    refusing a model in training mode); else the rule's engine's."""
+    return failed.get("loop") or failed[default]
+
+
 class AutoEngine:
     """The measured choice among the candidates (see the module docstring).
 
@@ -334,8 +342,8 @@ class AutoEngine:
                 break
             if call(n, 1):
                 alive.append(n)
-        if not alive:  # every candidate failed: the rule's engine raises its own error
-            raise failed[default]
+        if not alive:
+            raise _telling_failure(failed, default)
         if len(alive) == 1:
             return {n: (last[n] if n in alive else math.inf) for n in names}
         D = V.shape[0]
@@ -361,7 +369,7 @@ class AutoEngine:
             else:
                 rows = min(2 * rows, D)
         if not alive:
-            raise failed[default]
+            raise _telling_failure(failed, default)
         return {n: (self._predicted(timed[n], self._step(n, batch, D, V.device)) if n in alive else math.inf)
                 for n in names}
 
