@@ -9,7 +9,6 @@ the native engine's check, the memory budget.
         [--preset d_transformer --preset d_cnn --preset a] [--directions 1 16] [--sets 3]
 """
 import argparse
-import os
 
 import torch
 
@@ -48,12 +47,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     presets = args.preset or ["d_transformer", "d_cnn", "a"]
-    load = os.getloadavg()
     text = ["# auto's cost per call (cpu)", "",
             f"Machine: {harness.machine()}; torch {torch.__version__}; commit {harness.git_commit()}; "
             f"{args.threads} threads; float32; {args.sets} sets of medians of {args.repeats} interleaved repeats, "
-            f"{args.calls} calls back to back per timing; load average at start {load[0]:.1f} / {load[1]:.1f} / "
-            f"{load[2]:.1f}.", "",
+            f"{args.calls} calls back to back per timing; load average at start {harness.load_average()}.", "",
             f"Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_auto_overhead.py "
             f"{' '.join('--preset ' + p for p in presets)} --directions {' '.join(map(str, args.directions))} "
             f"--sets {args.sets}`", "",

@@ -199,11 +199,10 @@ def main():
     if not args.warm_cache:  # compile times as a first run on a machine sees them
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="twicediff_bench_inductor_")
     presets = args.preset or ["d_cnn", "d_transformer"]
-    load = os.getloadavg()
     text = [f"# Compiled engine and auto's measured choice (cpu)", "",
             f"Machine: {harness.machine()}; torch {torch.__version__}; commit {harness.git_commit()}; "
             f"{args.threads} threads; float32; medians of {args.repeats} interleaved repeats; load average at "
-            f"start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min).", "",
+            f"start {harness.load_average()} (1 / 5 / 15 min).", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py "
             + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "
             f"{args.repeats} --amortise {args.amortise} --chunk {args.chunk}"
@@ -237,8 +236,7 @@ def main():
             print("\n".join(text[-len(args.auto_directions):]))
     if args.part3:
         text += part3(presets, args.repeats)
-    load = os.getloadavg()
-    text += ["", f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. Other columns (an Intel "
+    text += ["", f"Load average at the end: {harness.load_average()}. Other columns (an Intel "
              "Xeon with AVX-512) need another machine: only this one was available for this run."]
     harness.emit("\n".join(text), args.out)
 

@@ -19,7 +19,6 @@ Methods (each computes H V for V [P, D], H the Hessian of the mean loss on the b
 Compile times (first call minus a steady one) are reported apart.
 """
 import argparse
-import os
 import time
 
 import torch
@@ -84,12 +83,10 @@ def main():
     from importlib.metadata import version
 
     presets = args.preset or ["d_cnn", "d_transformer", "a"]
-    load = os.getloadavg()
     text = ["# twicediff against curvlinops' HessianLinearOperator (cpu)", "",
             f"Machine: {harness.machine()}; torch {torch.__version__}; curvlinops-for-pytorch "
             f"{version('curvlinops-for-pytorch')}; commit {harness.git_commit()}; {args.threads} threads; float32; "
-            f"medians of {args.repeats} interleaved repeats; load average at start {load[0]:.1f} / {load[1]:.1f} / "
-            f"{load[2]:.1f}.", "",
+            f"medians of {args.repeats} interleaved repeats; load average at start {harness.load_average()}.", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python benchmarks/.venv-curvlinops/bin/python "
             f"benchmarks/bench_curvlinops.py {' '.join('--preset ' + p for p in presets)} --directions "
             f"{args.directions} --repeats {args.repeats}`", "",

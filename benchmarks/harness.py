@@ -257,6 +257,11 @@ def _native_gemms_or_none(td, x, y, v):
 EXTRA_METHODS: Dict[str, Callable] = {"native_gemms": _native_gemms_or_none, "native_blas": _native_blas}
 
 
+def load_average() -> str:
+    """The host's load average now, as the tables give it: "1-min / 5-min / 15-min"."""
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def header(title: str, threads: int) -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"## {title}\n\nmachine: {machine()} ({torch.get_num_threads()} torch threads available, "
