@@ -104,7 +104,8 @@ def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tens
                 raise
             # A module in training mode updates a buffer in place (BatchNorm's running statistics),
             # which torch.func transforms cannot trace.
-            raise RuntimeError(f"hvp: the torch.func engine cannot run {type(model).__name__} in training mode: "
+            raise RuntimeError(f"hvp: torch.func (the func engine, and the compiled engine's trace and eager "
+                               f"fallback) cannot run {type(model).__name__} in training mode: "
                                "a module updates its buffers in place (e.g. BatchNorm's running statistics); "
                                "call model.eval(), or use engine='autograd' or 'auto'") from exc
 
