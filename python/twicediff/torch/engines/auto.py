@@ -29,9 +29,8 @@ timed there; candidates measured within ``RECHECK_MARGIN`` (1.5×) of the fastes
 their gap; then the lowest median stays (``source`` "confirmed" in the report): a per-direction
 cost that grows with the chunk (caches), or a fixed part the small calls overstate, shows up
 there. A candidate that raises (an op without a torch.func rule, a module updating buffers in
-training mode) is out. So a probe
-costs at most about the budget, plus a warm-up where one product alone takes longer: there only
-the engine the rule picks runs, and it is kept.
+training mode) is out. So a probe costs at most about the budget, plus a warm-up where one product
+alone takes longer: there only the engine the rule picks runs, and it is kept.
 
 Where timing is not possible or not wanted — ``TWICEDIFF_PROBE=0``, inside ``torch.compile``
 tracing, during CUDA graph capture — the deterministic rule decides: native where it takes the
@@ -306,12 +305,14 @@ class AutoEngine:
             following = min(untried, key=untried.get)
             logger.debug("twicediff: auto: %s measured %.3g s per direction at size; %s (predicted %.3g s) next",
                          name, measured[name], following, untried[following])
+            probe.revise("engine", key, following, measured, final=False, times=times)
         elif again:
             following = min(again, key=lambda n: (calls[n], -measured[n]))
             logger.debug("twicediff: auto: %s within %.2gx of %s at size; %s timed again",
                          close, RECHECK_MARGIN, fastest, following)
-        probe.revise("engine", key, following if untried or again else fastest, measured,
-                     final=not (untried or again), times=times)
+            probe.revise("engine", key, following, measured, final=False, times=times)
+        else:
+            probe.revise("engine", key, fastest, measured, final=True, times=times)
         return out
 
     def _measure(self, names: List[str], batch: AutoBatch, V: torch.Tensor, mode: str) -> Dict[str, float]:
