@@ -83,6 +83,11 @@ def _train_mode_batchnorm_float_target():
     td.hvp(x, y.float(), torch.randn(2, td.num_params))
 
 
+def _per_point_loss():
+    """_mlp()'s model under cross-entropy without reduction: a loss of one value per point."""
+    return TorchTwiceDifferentiable(_mlp().model, functools.partial(F.cross_entropy, reduction="none"))
+
+
 def _native_on(model, loss):
     x = torch.randn(2, 1, 4, 4) if isinstance(model[0], nn.Conv2d) else torch.randn(2, 3)
     TorchTwiceDifferentiable(model.eval(), loss).hvp(x, torch.randint(0, 2, (2,)), torch.randn(
@@ -254,6 +259,11 @@ CASES = [
      ["compute_self_influences", "hessian_regularization", "a number", "'0.1'"]),
     ("hvp (auto)", "a float target for cross-entropy on a model torch.func refuses (BatchNorm in training mode)",
      _train_mode_batchnorm_float_target, RuntimeError, ["hvp", "y (12,) torch.float32", "target", "Long"]),
+    ("hvp", "a loss that returns one value per point (reduction='none')",
+     lambda: _per_point_loss().hvp(*_data(), torch.randn(2, _mlp().num_params)), ValueError,
+     ["hvp", "the loss must return a scalar", "(8,)", "reduction='mean'"]),
+    ("grad", "a loss that returns one value per point (reduction='none')",
+     lambda: _per_point_loss().grad(*_data()), ValueError, ["grad", "the loss must return a scalar", "(8,)"]),
     ("solve_hvp", "an option the inversion method does not take",
      lambda: solve_hvp("cg", _mlp(), _loader(), torch.randn(_mlp().num_params), hessian_perturbation=0.1,
                        tolerance=1e-3), TypeError, ["solve_hvp", "['tolerance']", "'cg'", "rtol", "maxiter"]),

@@ -199,3 +199,17 @@ def test_batches_move_to_the_models_device(device):
     assert got.device.type == device.type
     close(got.cpu(), on_cpu, 1e-9)
     assert x["attention_mask"].shape == (6, TOKENS)
+
+
+@pytest.mark.parametrize("engine", ["auto", "func", "autograd", "loop", "compiled"])
+def test_a_loss_of_one_element_is_taken_as_its_scalar(engine):
+    """A loss returning a [1] tensor (a custom loss with keepdim) gives every engine the products of
+    the scalar loss: autograd takes a one-element output, torch.func's grad does not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(16, 3)).double().eval()
+    x, y = torch.randn(5, 1, 10, dtype=torch.float64), torch.randint(0, 3, (5,))
+    scalar = TorchTwiceDifferentiable(model, F.cross_entropy)
+    one = TorchTwiceDifferentiable(model, lambda o, t: F.cross_entropy(o, t).reshape(1))
+    V = torch.randn(3, scalar.num_params, dtype=torch.float64)
+    torch.testing.assert_close(one.hvp(x, y, V, engine=engine), scalar.hvp(x, y, V, engine="loop"))
+    torch.testing.assert_close(one.grad(x, y), scalar.grad(x, y))

@@ -44,8 +44,18 @@ _FORMS = ("a torch.Tensor (model(x)), a tuple/list of inputs (model(*x)) or a di
 
 
 def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """pyDVL 0.7's convention for the loss of a batch: ``loss(squeeze(output), squeeze(y))``."""
-    return loss(torch.squeeze(output), torch.squeeze(y))
+    """pyDVL 0.7's convention for the loss of a batch: ``loss(squeeze(output), squeeze(y))``, a
+    scalar. A one-element result is taken as that scalar (autograd takes it, torch.func's grad does
+    not, so every engine would not agree on it otherwise); a larger one is a ValueError saying so,
+    where torch would fail later with a message about gradients."""
+    value = loss(torch.squeeze(output), torch.squeeze(y))
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
+        if value.numel() == 1:
+            return value.reshape(())
+        raise ValueError(f"the loss must return a scalar (the batch's mean or sum), got a tensor of shape "
+                         f"{tuple(value.shape)}; a loss with reduction='none' gives one value per point: use "
+                         f"reduction='mean'")
+    return value
 
 
 # ---- the structure of x ---------------------------------------------------------------------------
