@@ -22,7 +22,7 @@ def run(preset: str, D: int, sets: int, repeats: int, calls: int):
     probe.clear()
     v = bench._directions(td, D, x)
     bench.settle_auto(lambda: td.hvp(x, y, v))
-    kept = next(d["choice"] for k, d in probe.choices().items() if k.startswith("engine: "))
+    kept = next(iter(probe.decisions("engine").values()))["choice"]
     bound = td.hvp_function(x, y)
     fns = {"hvp auto": lambda: td.hvp(x, y, v), f"hvp engine={kept}": lambda: td.hvp(x, y, v, engine=kept),
            "hvp_function auto": lambda: bound(v)}

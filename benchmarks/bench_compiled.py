@@ -84,7 +84,8 @@ def amortised(per_hvp, compile_seconds, m, D, calls):
 
 
 def _engine_decision() -> dict:
-    return next(val for key, val in probe.choices().items() if key.startswith("engine: "))
+    """part 2's one engine decision (it clears the probe for each D)."""
+    return next(iter(probe.decisions("engine").values()))
 
 
 def part2(preset: str, directions, repeats: int, settle_calls: int = 16):
@@ -100,7 +101,7 @@ def part2(preset: str, directions, repeats: int, settle_calls: int = 16):
         # auto times candidates at size on its first calls of the shape class, so its engine changes
         # from call to call until the choice is final: those calls are timed apart, and the auto
         # column is its steady state.
-        settling = bench.settle_auto(fns["auto"], settle_calls) if bench.auto_still_timing() else []
+        settling = bench.settle_auto(fns["auto"], settle_calls) if probe.unsettled("engine") else []
         for e in candidates:
             fns[e] = lambda e=e: td.hvp(x, y, v, engine=e)
         med = bench.interleaved_medians(fns, repeats)

@@ -162,7 +162,7 @@ def test_settle_auto_calls_until_auto_keeps_one_engine():
         assert len(bench.settle_auto(lambda: td.hvp(x, y, v), max_calls=1)) == 1
         seconds = bench.settle_auto(lambda: td.hvp(x, y, v), max_calls=32)
         assert 1 <= len(seconds) < 32 and all(s > 0 for s in seconds)
-        assert not bench.auto_still_timing()
+        assert not probe.unsettled("engine")
         entry = next(d for k, d in probe.choices().items() if k.startswith("engine: "))
         assert entry["source"] == "confirmed"
     finally:

@@ -127,22 +127,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def auto_still_timing() -> bool:
-    """Whether ``engine="auto"`` is still timing candidates at size for some shape class: on its
-    first calls of a shape class its engine changes from call to call (engines/auto.py)."""
-    from ..torch.engines import probe
-
-    return any(d.get("source") in ("probe", "revised") for key, d in probe.choices().items()
-               if key.startswith("engine: "))
-
-
 def settle_auto(fn: Callable[[], object], max_calls: int = 16,
                 device: torch.device = torch.device("cpu")) -> List[float]:
-    """Calls ``fn`` (which uses ``engine="auto"``) until auto's choices are final, at most
-    ``max_calls`` times, so that timing it afterwards times the engine it keeps; the seconds of
-    each call made."""
+    """Calls ``fn`` (which uses ``engine="auto"``) once, then again while auto still times
+    candidates at size (its engine decisions unsettled, engines/auto.py), at most ``max_calls``
+    times, so that timing it afterwards times the engine it keeps; the seconds of each call made."""
+    from ..torch.engines import probe
+
     seconds: List[float] = []
-    while len(seconds) < max_calls and (not seconds or auto_still_timing()):
+    while len(seconds) < max_calls and (not seconds or probe.unsettled("engine")):
         _sync(device)
         start = time.perf_counter()
         fn()

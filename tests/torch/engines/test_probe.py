@@ -120,3 +120,17 @@ def test_native_products_on_either_gemm_library_match_float64(backend):
     want = torch.stack([torch.func.jvp(torch.func.grad(loss), (flat,), (d,))[1] for d in v.double()])
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     assert any(k.startswith("cpu_gemm") for k in twicediff.build_info()["probe"])
+
+
+def test_a_probed_decision_stays_unsettled_until_revised_as_final():
+    """unsettled: a decision this process's probe made may still be revised until its caller
+    confirms it; one given timings is final from the start. decisions lists one kind's."""
+    probe.choose("k", "probed", ["a", "b"], measure=lambda: {"a": 1.0, "b": 2.0})
+    probe.choose("k", "given", ["a", "b"], timings={"a": 1.0, "b": 2.0})
+    probe.choose("other", "x", ["a"], timings={"a": 1.0})
+    assert set(probe.decisions("k")) == {"probed", "given"}
+    assert probe.unsettled("k") and probe.unsettled("k", "probed") and not probe.unsettled("k", "given")
+    probe.revise("k", "probed", "b", {"b": 0.5}, final=False)
+    assert probe.unsettled("k", "probed") and probe.decisions("k")["probed"]["choice"] == "b"
+    probe.revise("k", "probed", "b", {"a": 1.0, "b": 0.5}, final=True)
+    assert not probe.unsettled("k") and not probe.unsettled("other")

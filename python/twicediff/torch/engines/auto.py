@@ -270,7 +270,7 @@ class AutoEngine:
                                         measure=lambda: self._measure_compiled(eager, batch, V, mode))
                     self.chosen = name
                     return self._run(name, batch, V, mode)
-            if probe.decision("engine", key).get("source") in ("probe", "revised"):
+            if probe.unsettled("engine", key):
                 self.chosen = name
                 return self._confirmed_run(key, name, batch, V, mode)
         self.chosen = name
@@ -295,19 +295,19 @@ class AutoEngine:
         times = {n: list(ts) for n, ts in entry.get("times", {}).items()}
         times.setdefault(name, []).append((time.perf_counter() - start) / V.shape[0])
         measured = {n: statistics.median(ts) for n, ts in times.items()}
-        calls = {n: len(ts) for n, ts in times.items()}
         fastest = min(measured, key=measured.get)
         untried = {n: s for n, s in entry.get("seconds", {}).items()
                    if n not in measured and s <= measured[fastest] * RUNNER_UP_MARGIN}
-        close = [n for n in measured if measured[n] <= measured[fastest] * RECHECK_MARGIN]
-        again = [n for n in close if calls[n] < RECHECK_CALLS] if len(close) > 1 else []
         if untried:
             following = min(untried, key=untried.get)
             logger.debug("twicediff: auto: %s measured %.3g s per direction at size; %s (predicted %.3g s) next",
                          name, measured[name], following, untried[following])
             probe.revise("engine", key, following, measured, final=False, times=times)
-        elif again:
-            following = min(again, key=lambda n: (calls[n], -measured[n]))
+            return out
+        close = [n for n in measured if measured[n] <= measured[fastest] * RECHECK_MARGIN]
+        again = [n for n in close if len(times[n]) < RECHECK_CALLS] if len(close) > 1 else []
+        if again:
+            following = min(again, key=lambda n: (len(times[n]), -measured[n]))
             logger.debug("twicediff: auto: %s within %.2gx of %s at size; %s timed again",
                          close, RECHECK_MARGIN, fastest, following)
             probe.revise("engine", key, following, measured, final=False, times=times)

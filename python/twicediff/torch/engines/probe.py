@@ -27,13 +27,16 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "enabled", "revise", "set_choice"]
+__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "decisions", "enabled", "revise", "set_choice",
+           "unsettled"]
 
 _lock = threading.Lock()
 _decided: Dict[Tuple[str, str], Dict] = {}
 _overrides: Dict[str, str] = {}
 MAX_SECONDS = 0.2
 MAX_ROUNDS = 3
+# The sources of a decision this process's probe made that :func:`revise` may still change.
+_REVISABLE = ("probe", "revised")
 
 
 def enabled() -> bool:
@@ -78,6 +81,20 @@ def decision(kind: str, key: str) -> Dict:
         return dict(_decided.get((kind, key), {}))
 
 
+def decisions(kind: str) -> Dict[str, Dict]:
+    """This process's decisions of ``kind``: key → the entry :func:`choices` reports."""
+    with _lock:
+        return {key: dict(v) for (k, key), v in _decided.items() if k == kind}
+
+
+def unsettled(kind: str, key: Optional[str] = None) -> bool:
+    """Whether a decision of ``kind`` (``key``'s, or any) was made by this process's probe and not
+    yet confirmed: its caller may still revise it (:func:`revise`), so its choice can change."""
+    with _lock:
+        return any(v.get("source") in _REVISABLE for (k, kk), v in _decided.items()
+                   if k == kind and (key is None or kk == key))
+
+
 def revise(kind: str, key: str, name: str, measured: Mapping[str, float], *, final: bool,
            times: Optional[Mapping[str, Sequence[float]]] = None) -> None:
     """Replace the probe's decision for ``key`` of ``kind`` by ``name``, given the seconds of the
@@ -89,7 +106,7 @@ def revise(kind: str, key: str, name: str, measured: Mapping[str, float], *, fin
     timings) or already confirmed is left as it is."""
     with _lock:
         entry = _decided.get((kind, key))
-        if entry is None or entry.get("source") not in ("probe", "revised") or name not in entry.get("seconds", {}):
+        if entry is None or entry.get("source") not in _REVISABLE or name not in entry.get("seconds", {}):
             return
         _decided[(kind, key)] = {"choice": name, "seconds": {**entry["seconds"], **measured},
                                  "measured": dict(measured), "source": "confirmed" if final else "revised"}
