@@ -39,7 +39,7 @@ import torch
 
 from . import distributed as _distributed
 from . import ops
-from .inversion import InversionMethod, InversionRegistry, check_options, solve_hvp
+from .inversion import InversionMethod, InversionRegistry, check_options, options_taken, solve_hvp
 from .memory import chunk_size, get_memory_budget, reserved
 from .errors import data_errors, describe_inputs
 from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
@@ -95,7 +95,7 @@ def _solver_options(model: TorchTwiceDifferentiable, inversion_method: Any, prog
     """The options for :func:`solve_hvp`: ``kwargs``, plus ``progress`` when the solver registered
     for the method takes it. Checks the method and the options before any work is done."""
     solver = InversionRegistry.get(type(model), inversion_method)
-    check_options(solver, kwargs, InversionMethod(inversion_method), where)
+    check_options(options_taken(solver), kwargs, InversionMethod(inversion_method).value, where)
     if progress and "progress" in inspect.signature(solver).parameters:
         return {**kwargs, "progress": progress}
     return kwargs
@@ -121,14 +121,11 @@ def _kfac_method(inversion_method: Any) -> Optional[str]:
         return None
 
 
-def _kfac_setup(model: TorchTwiceDifferentiable, training_data: DataLoaderType, method: str, lam: float,
-                progress: bool, kwargs: dict, where: str):
-    """(fitted factors, relative_damping) for a K-FAC influence call; unknown options are an error."""
-    unknown = sorted(set(kwargs) - set(_KFAC_OPTIONS))
-    if unknown:
-        raise TypeError(f"{where}: unexpected options {unknown} for inversion method {method!r}; it takes "
-                        f"{list(_KFAC_OPTIONS)}")
-    check_nonnegative(lam, "hessian_regularization", where)
+def _kfac_setup(model: TorchTwiceDifferentiable, training_data: DataLoaderType, method: str, progress: bool,
+                kwargs: dict, where: str):
+    """(fitted factors, relative_damping) for a K-FAC influence call (λ checked by the caller);
+    unknown options are an error."""
+    check_options(_KFAC_OPTIONS, kwargs, method, where)
     relative = kwargs.get("relative_damping", False)
     if not isinstance(relative, bool):
         raise TypeError(f"{where}: relative_damping must be a bool, got {relative!r}")
@@ -345,7 +342,7 @@ def _kfac_influences(model: TorchTwiceDifferentiable, training_data: DataLoaderT
     zero outside the tracked layers, so those parameters drop out there too)."""
     where = "compute_influences"
     group = _distributed.current_group()
-    fitted, relative = _kfac_setup(model, training_data, method, lam, progress, kwargs, where)
+    fitted, relative = _kfac_setup(model, training_data, method, progress, kwargs, where)
     rhs = _test_gradients(group, model, test_data, where, progress)
     pre = fitted.solve(rhs, damping=float(lam), method=method, relative_damping=relative).to(rhs.dtype)
     if kind is InfluenceType.Perturbation:
@@ -389,7 +386,7 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
     check_nonnegative(hessian_regularization, "hessian_regularization", where)
     method = _kfac_method(inversion_method)
     if method is not None:  # streamed in the factors' eigenbasis, no solve per block
-        fitted, relative = _kfac_setup(model, training_data, method, hessian_regularization, progress, kwargs, where)
+        fitted, relative = _kfac_setup(model, training_data, method, progress, kwargs, where)
         with _distributed.local_only():  # each rank's points; gathered in the global order
             values = _distributed.gather_columns(
                 group, where, lambda: fitted.self_score(model.model, pydvl_loss(model), training_data,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from enum import Enum
-from typing import Any, Callable, Dict, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import distributed as _distributed
 from .twice_differentiable import DataLoaderType, InverseHvpResult, TensorType, TwiceDifferentiable
@@ -100,23 +100,26 @@ class InversionRegistry:
         return cls.get(type(model), inversion_method)(model, training_data, b, hessian_perturbation, **kwargs)
 
 
-def check_options(func: Callable[..., InverseHvpResult], options: Dict[str, Any], method: InversionMethod,
-                  where: str) -> None:
-    """A TypeError naming ``where``, the method and the options it takes, for options the solver
-    ``func`` does not take (instead of Python's error naming the solver's own function). A solver
-    taking ``**kwargs``, or without a signature to read, takes anything."""
+def options_taken(solver: Callable[..., InverseHvpResult]) -> Optional[List[str]]:
+    """The options a registered solver takes after its four arguments (model, training_data, b,
+    hessian_perturbation); None where it takes any (``**kwargs``, or no signature to read)."""
     try:
-        params = list(inspect.signature(func).parameters.values())
+        params = list(inspect.signature(solver).parameters.values())
     except (TypeError, ValueError):
-        return
+        return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    takes = [p.name for p in params[4:] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                       inspect.Parameter.KEYWORD_ONLY)]
-    unknown = sorted(set(options) - set(takes))
+        return None
+    return [p.name for p in params[4:] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)]
+
+
+def check_options(takes: Optional[Sequence[str]], options: Dict[str, Any], method: str, where: str) -> None:
+    """A TypeError naming ``where``, the inversion method and the options it ``takes`` (None: any)
+    for options it does not take, instead of Python's error naming the solver's own function."""
+    unknown = sorted(set(options) - set(takes)) if takes is not None else []
     if unknown:
-        raise TypeError(f"{where}: unexpected option{'s' if len(unknown) > 1 else ''} {unknown} for inversion "
-                        f"method {method.value!r}; it takes {takes}")
+        raise TypeError(f"{where}: unexpected options {unknown} for inversion method {method!r}; it takes "
+                        f"{list(takes)}")
 
 
 def _as_method(inversion_method: Any, where: str) -> InversionMethod:
@@ -147,6 +150,6 @@ def solve_hvp(inversion_method: InversionMethod, model: TwiceDifferentiable, tra
                                hessian_perturbation=hessian_perturbation, options=kwargs)
     b = _distributed.same_on_every_rank(group, "solve_hvp", "b", b)
     method = _as_method(inversion_method, "solve_hvp")
-    check_options(InversionRegistry.get(type(model), method), kwargs, method, "solve_hvp")
+    check_options(options_taken(InversionRegistry.get(type(model), method)), kwargs, method.value, "solve_hvp")
     return InversionRegistry.call(method, model, training_data, b, hessian_perturbation=hessian_perturbation,
                                   **kwargs)
