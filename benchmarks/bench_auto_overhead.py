@@ -48,8 +48,7 @@ def main():
     torch.set_num_threads(args.threads)
     presets = args.preset or ["d_transformer", "d_cnn", "a"]
     text = ["# auto's cost per call (cpu)", "",
-            f"Machine: {harness.machine()}; torch {torch.__version__}; commit {harness.git_commit()}; "
-            f"{args.threads} threads; float32; {args.sets} sets of medians of {args.repeats} interleaved repeats, "
+            f"{harness.run_facts()}; {args.threads} threads; float32; {args.sets} sets of medians of {args.repeats} interleaved repeats, "
             f"{args.calls} calls back to back per timing; load average at start {harness.load_average()}.", "",
             f"Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_auto_overhead.py "
             f"{' '.join('--preset ' + p for p in presets)} --directions {' '.join(map(str, args.directions))} "

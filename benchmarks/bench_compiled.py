@@ -201,8 +201,7 @@ def main():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="twicediff_bench_inductor_")
     presets = args.preset or ["d_cnn", "d_transformer"]
     text = [f"# Compiled engine and auto's measured choice (cpu)", "",
-            f"Machine: {harness.machine()}; torch {torch.__version__}; commit {harness.git_commit()}; "
-            f"{args.threads} threads; float32; medians of {args.repeats} interleaved repeats; load average at "
+            f"{harness.run_facts()}; {args.threads} threads; float32; medians of {args.repeats} interleaved repeats; load average at "
             f"start {harness.load_average()} (1 / 5 / 15 min).", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py "
             + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "

@@ -83,10 +83,10 @@ def main():
     from importlib.metadata import version
 
     presets = args.preset or ["d_cnn", "d_transformer", "a"]
+    peer = "curvlinops-for-pytorch " + version("curvlinops-for-pytorch")
     text = ["# twicediff against curvlinops' HessianLinearOperator (cpu)", "",
-            f"Machine: {harness.machine()}; torch {torch.__version__}; curvlinops-for-pytorch "
-            f"{version('curvlinops-for-pytorch')}; commit {harness.git_commit()}; {args.threads} threads; float32; "
-            f"medians of {args.repeats} interleaved repeats; load average at start {harness.load_average()}.", "",
+            f"{harness.run_facts(peer)}; {args.threads} threads; float32; medians of {args.repeats} interleaved "
+            f"repeats; load average at start {harness.load_average()}.", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python benchmarks/.venv-curvlinops/bin/python "
             f"benchmarks/bench_curvlinops.py {' '.join('--preset ' + p for p in presets)} --directions "
             f"{args.directions} --repeats {args.repeats}`", "",

@@ -74,8 +74,7 @@ def main():
     fns = {name: (lambda td=td: td.hvp(x, y, V, engine="compiled")) for name, td in tds.items()}
     fns["loop"] = lambda: tds["conv"].hvp(x, y, V[:16], engine="loop")
     med = bench.interleaved_medians(fns, args.repeats)
-    print(f"Machine: {harness.machine()}; torch {torch.__version__}; commit {harness.git_commit()}; "
-          f"load average {harness.load_average()}")
+    print(f"{harness.run_facts()}; load average {harness.load_average()}")
     print("ms per HVP:", {k: round(v * 1e3 / (16 if k == "loop" else D), 3) for k, v in med.items()})
 
 

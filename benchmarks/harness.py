@@ -257,6 +257,12 @@ def _native_gemms_or_none(td, x, y, v):
 EXTRA_METHODS: Dict[str, Callable] = {"native_gemms": _native_gemms_or_none, "native_blas": _native_blas}
 
 
+def run_facts(*also: str) -> str:
+    """The facts a result table's first line starts with: "Machine: ...; torch ...; commit ...",
+    with ``also`` (other versions) after torch's."""
+    return "; ".join([f"Machine: {machine()}", f"torch {torch.__version__}", *also, f"commit {git_commit()}"])
+
+
 def load_average() -> str:
     """The host's load average now, as the tables give it: "1-min / 5-min / 15-min"."""
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
