@@ -91,8 +91,9 @@ def unsettled(kind: str, key: Optional[str] = None) -> bool:
     """Whether a decision of ``kind`` (``key``'s, or any) was made by this process's probe and not
     yet confirmed: its caller may still revise it (:func:`revise`), so its choice can change."""
     with _lock:
-        return any(v.get("source") in _REVISABLE for (k, kk), v in _decided.items()
-                   if k == kind and (key is None or kk == key))
+        if key is not None:  # auto asks on every call: one lookup
+            return _decided.get((kind, key), {}).get("source") in _REVISABLE
+        return any(v.get("source") in _REVISABLE for (k, _), v in _decided.items() if k == kind)
 
 
 def revise(kind: str, key: str, name: str, measured: Mapping[str, float], *, final: bool,
