@@ -12,9 +12,10 @@ candidates at D in {1, 16, 64, 256}, interleaved per D, once its choice is final
 calls, are reported apart.
 
 Part 3 (``--part3``): the evidence for two of the compiled engine's fixed settings, wall and CPU
-time per HVP, interleaved: its chunk (directions per compiled call) swept on each preset, and
-inductor's channels-last layout on and off on three max-pool CNNs of growing width
-(``compiled.CPU_CHANNELS_LAST_MIN_CHANNELS``).
+time per HVP, interleaved: its chunk (directions per compiled call; ``--chunks``) swept on each
+preset (or on the ``--chunk-preset`` ones, any of the bench presets), and inductor's channels-last
+layout on and off on three max-pool CNNs of growing width (``compiled.CPU_CHANNELS_LAST_MIN_CHANNELS``;
+``--skip layout`` leaves these out).
 
     flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py \
         --preset d_cnn --preset d_transformer --out benchmarks/results/compiled_cpu.md
@@ -147,7 +148,7 @@ def _wall_and_cpu(fns, repeats, D):
     return {k: (med["wall"][k] / D * 1e3, med["cpu"][k] / D * 1e3) for k in fns}
 
 
-def part3(presets, repeats: int, D: int = 64, D_cnn: int = 16):
+def part3(presets, repeats: int, D: int = 64, D_cnn: int = 16, chunks=(4, 8, 16, 32), layout: bool = True):
     lines = ["", f"## The compiled engine's chunk and layout, D = {D} (the wider CNNs: {D_cnn})", "",
              "ms per HVP, wall / CPU (all threads), medians of interleaved repeats; the engine's own "
              "setting marked *.", "", "| model | setting | wall ms / HVP | CPU ms / HVP |", "|---|---|---|---|"]
@@ -157,13 +158,13 @@ def part3(presets, repeats: int, D: int = 64, D_cnn: int = 16):
         v = torch.randn(D, sum(q.numel() for q in model.parameters()))
         engine = CompiledEngine(model, loss)
         own = engine.max_directions(engine.prepare(x, y))
-        fns = {c: _forced_compiled(model, loss, x, y, v, chunk=c) for c in (4, 8, 16, 32)}
+        fns = {c: _forced_compiled(model, loss, x, y, v, chunk=c) for c in chunks}
         for c, f in fns.items():
             f()
         for c, (w, cpu) in _wall_and_cpu(fns, repeats, D).items():
             lines.append(f"| {p} | chunk {c}{' *' if c == own else ''} | {w:.3f} | {cpu:.3f} |")
-        print("\n".join(lines[-4:]), flush=True)
-    for widths in [None, (8, 8, 16), (16, 16, 32), (32, 32, 64)]:
+        print("\n".join(lines[-len(chunks):]), flush=True)
+    for widths in [None, (8, 8, 16), (16, 16, 32), (32, 32, 64)] if layout else []:
         torch.manual_seed(0)
         if widths is None:  # the d_cnn preset itself, at part 1's D
             (model, loss, x, y), rows, name = bench.PRESETS["d_cnn"][1](torch.device("cpu")), D, "d_cnn"
@@ -189,8 +190,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--amortise", type=int, default=1000, help="calls the compile time is spread over")
     ap.add_argument("--chunk", type=int, default=compiled.COMPILED_CHUNK, help="compiled engine's chunk")
-    ap.add_argument("--skip", choices=["part1", "part2"], nargs="+", default=[])
+    ap.add_argument("--skip", choices=["part1", "part2", "layout"], nargs="+", default=[],
+                    help="parts not to run (layout: part 3's layout rows)")
     ap.add_argument("--part3", action="store_true", help="also time the chunk and layout rules (part 3)")
+    ap.add_argument("--chunk-preset", action="append", choices=sorted(bench.PRESETS),
+                    help="part 3's chunk sweep on this preset (default: the --preset ones)")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16, 32], help="part 3's chunks")
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep inductor's on-disk caches (default: a fresh one, so compile times are cold)")
     ap.add_argument("--out", default="")
@@ -207,7 +212,9 @@ def main():
             + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "
             f"{args.repeats} --amortise {args.amortise} --chunk {args.chunk}"
             + (" --warm-cache" if args.warm_cache else "") + (" --skip " + " ".join(args.skip) if args.skip else "")
-            + (" --part3" if args.part3 else "") + "`", "",
+            + (" --part3" if args.part3 else "")
+            + "".join(f" --chunk-preset {p}" for p in args.chunk_preset or [])
+            + (" --chunks " + " ".join(map(str, args.chunks)) if args.part3 else "") + "`", "",
             "Compile times: " + ("inductor's on-disk caches as they were (warm)." if args.warm_cache else
                                  "a fresh inductor cache directory for the run (cold: what a first run sees)."), ""]
     if "part1" not in args.skip:
@@ -235,7 +242,8 @@ def main():
             text += part2(p, args.auto_directions, args.repeats)
             print("\n".join(text[-len(args.auto_directions):]))
     if args.part3:
-        text += part3(presets, args.repeats)
+        text += part3(args.chunk_preset or presets, args.repeats, args.directions, chunks=args.chunks,
+                      layout="layout" not in args.skip)
     text += ["", f"Load average at the end: {harness.load_average()}. Other columns (an Intel "
              "Xeon with AVX-512) need another machine: only this one was available for this run."]
     harness.emit("\n".join(text), args.out)
