@@ -154,6 +154,46 @@ def _tiny_budget():
         m.hvp(*_data(), torch.randn(4, m.num_params))
 
 
+def _square_function(vmap_rule: bool):
+    """x², as a custom autograd.Function with a backward only (and a generated vmap rule or none)."""
+    class Square(torch.autograd.Function):
+        generate_vmap_rule = vmap_rule
+
+        @staticmethod
+        def forward(x):
+            return x * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * ctx.saved_tensors[0] * g
+
+    return Square
+
+
+def _func_engine_through(op):
+    """engine='func' on Linear → op → Linear, which torch.func cannot transform."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(op(self.a(x)))
+
+    torch.manual_seed(0)
+    m = TorchTwiceDifferentiable(Model().eval(), F.cross_entropy)
+    m.hvp(*_data(), torch.randn(m.num_params), engine="func")
+
+
+def _grid_sample(h):
+    grid = torch.full((h.shape[0], 1, 1, 2), 0.3, dtype=h.dtype)
+    return F.grid_sample(h.reshape(-1, 2, 2, 2), grid, align_corners=False).flatten(1).repeat(1, 4)
+
+
 # (where, bad input, call, expected exception classes, words the message must contain)
 CASES = [
     ("TorchTwiceDifferentiable", "model is not an nn.Module",
@@ -196,6 +236,15 @@ CASES = [
     ("hvp", "engine='native' with a loss option it cannot take",
      lambda: _native_on(nn.Sequential(nn.Linear(3, 2)), functools.partial(F.cross_entropy, label_smoothing=0.1)),
      ValueError, ["native", "label_smoothing"]),
+    ("hvp", "engine='func' on a model calling an op without a forward-mode derivative (grid_sample)",
+     lambda: _func_engine_through(_grid_sample), NotImplementedError,
+     ["hvp", "no forward-mode derivative of grid_sampler_2d", "engine='autograd'", "'auto'"]),
+    ("hvp", "engine='func' on a model calling a custom autograd.Function without jvp",
+     lambda: _func_engine_through(_square_function(True).apply), NotImplementedError,
+     ["hvp", "custom autograd.Function has no jvp", "engine='autograd'"]),
+    ("hvp", "engine='func' on a model calling a custom autograd.Function without a vmap rule",
+     lambda: _func_engine_through(_square_function(False).apply), RuntimeError,
+     ["hvp", "Square has no vmap rule", "engine='autograd'"]),
     ("hvp_function", "a negative expected_products",
      lambda: _mlp().hvp_function(*_data(), expected_products=-5), ValueError, ["expected_products", "-5"]),
     ("hvp", "an unknown engine in TWICEDIFF_ENGINE",

@@ -15,6 +15,7 @@ failed on.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -84,11 +85,37 @@ def batch_summary(x, y) -> str:
     return f"x {describe_inputs(x)}, y {describe_inputs(y)}"
 
 
+# torch's words when the model or loss calls something torch.func cannot transform: an op without a
+# forward-mode derivative, a custom autograd.Function without jvp, or one without a vmap rule. The
+# data is fine; the engines built on torch.func are not, and the message should say so.
+_NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it")
+_NO_CUSTOM_JVP = "implement the jvp function for custom autograd.Function"
+_NO_VMAP = re.compile(r"You tried to vmap over (\S+), but it does not have vmap support")
+
+
+def _untransformable(message: str, where: str, data: str) -> str:
+    """The message for a torch.func transform error named above, or "" for any other error."""
+    op, vmap = _NO_FORWARD_AD.search(message), _NO_VMAP.search(message)
+    if op:
+        what, how = f"torch has no forward-mode derivative of {op.group(1)}", "differentiate in forward mode"
+    elif _NO_CUSTOM_JVP in message:
+        what, how = "a custom autograd.Function has no jvp", "differentiate in forward mode"
+    elif vmap:
+        what, how = (f"the custom autograd.Function {vmap.group(1)} has no vmap rule",
+                     "batch the directions with torch.func.vmap")
+    else:
+        return ""
+    return (f"{where}: {what}, and the model or loss calls it on {data}, so the engines that {how} "
+            "(engine='func', and 'compiled' where it falls back to eager) cannot take this model: use "
+            "engine='autograd' or 'loop', or 'auto', which uses the engines that run. torch says: ")
+
+
 @contextlib.contextmanager
 def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
     """Re-raises an error of the model or loss (or a native kernel's check) on a batch as the same
     exception type, with ``"{where}: the model or loss failed on {name} (x ..., y ...): "`` before
-    its message.
+    its message. Where torch says the model calls something torch.func cannot transform (no
+    forward-mode derivative, no vmap rule), the prefix says that instead, and which engines take it.
 
     torch's own messages (e.g. ``mat1 and mat2 shapes cannot be multiplied``) name neither the
     function nor the data. Nothing is formatted unless something fails. Nested uses keep the
@@ -103,7 +130,8 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
         original = getattr(exc, "_twicediff_original", exc)
         batch = getattr(exc, "_twicediff_batch", "") or (batch_summary(x, y) if x is not None else "")
         data = f"{name} ({batch})" if name and batch else name or batch
-        message = f"{where}: the model or loss failed on {data}: {original}"
+        prefix = _untransformable(str(original), where, data) or f"{where}: the model or loss failed on {data}: "
+        message = prefix + str(original)
         try:
             wrapped = type(original)(message)
         except Exception:  # a type that takes other arguments: the builtin one it derives from
