@@ -12,6 +12,11 @@ Linear layers after the first trainable one, losses with options) exercise the f
 (Conv1d / Conv2d, pooling, BatchNorm in eval mode, residual additions) and attention blocks
 (LayerNorm, softmax attention written out, a GELU/SiLU MLP, mean pooling), for the generic and
 compiled engines and the Gauss-Newton product of any model.
+
+``generate_recurrent(seed)`` draws the other spellings users' models have: recurrent layers (RNN, GRU,
+LSTM; batch-first or not, one or two layers, read out at the last step or by the mean), token models
+whose output layer shares the embedding's weight, and around either a frozen parameter, a 0-d
+temperature parameter and a buffer the forward multiplies by.
 """
 from __future__ import annotations
 
@@ -134,7 +139,7 @@ def reference_hessian(case: Case, gauss_newton: bool = False) -> torch.Tensor:
 
     model = copy.deepcopy(case.model).double()
     params = [p for p in model.parameters() if p.requires_grad]
-    x = case.x.double()
+    x = case.x.double() if case.x.is_floating_point() else case.x  # token ids stay integers
     y = case.y.double() if case.y.is_floating_point() else case.y
 
     def loss_of_output(o):
@@ -234,3 +239,76 @@ def generate_conv_attention(seed: int) -> Case:
             m.running_var.uniform_(0.5, 2.0, generator=gen)
     y = _targets(kind, n, outputs, gen, dtype)
     return Case(model, loss, x, y, f"conv/attention seed {seed}: {dtype} n={n} {what} loss={loss_name}")
+
+
+class _Recurrent(nn.Module):
+    """RNN / GRU / LSTM over [N, T, F] sequences, read out at the last step or by the mean, into a
+    Linear head; a buffer masks the input features, a 0-d parameter scales the logits."""
+
+    def __init__(self, r: random.Random, features: int, outputs: int):
+        super().__init__()
+        cell = r.choice([nn.RNN, nn.GRU, nn.LSTM])
+        self.batch_first = r.random() < 0.5
+        extra = {"nonlinearity": r.choice(["tanh", "relu"])} if cell is nn.RNN else {}
+        self.rnn = cell(features, r.choice([2, 3]), num_layers=r.choice([1, 2]), batch_first=self.batch_first,
+                        bias=r.random() < 0.8, **extra)
+        self.readout = r.choice(["last", "mean"])
+        self.head = nn.Linear(self.rnn.hidden_size, outputs)
+        self.register_buffer("mask", (torch.arange(features) % 3 != 1).to(torch.get_default_dtype()))
+        self.temperature = nn.Parameter(torch.tensor(1.3)) if r.random() < 0.5 else None
+
+    def forward(self, x):
+        x = x * self.mask
+        h = self.rnn(x if self.batch_first else x.transpose(0, 1))[0]
+        h = h if self.batch_first else h.transpose(0, 1)
+        out = self.head(h[:, -1] if self.readout == "last" else h.mean(dim=1))
+        return out / self.temperature if self.temperature is not None else out
+
+
+class _TiedTokens(nn.Module):
+    """Token ids → embedding → mean over tokens → tanh Linear → logits over the vocabulary by the
+    embedding's own weight (tied, one Parameter in two modules), plus a bias of their own."""
+
+    def __init__(self, r: random.Random, vocab: int, d: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.out = nn.Linear(d, vocab, bias=r.random() < 0.5)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mix(self.embed(ids).mean(dim=1))))
+
+
+def generate_recurrent(seed: int) -> Case:
+    """A small recurrent or tied-weight model (P up to about a hundred), loss and batch."""
+    r = random.Random(2_000_003 + seed)
+    dtype = torch.float64 if r.random() < 0.6 else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    n, steps = r.choice([1, 3, 4]), r.choice([1, 2, 4])
+    if r.random() < 0.65:
+        features, outputs = r.choice([2, 3]), r.choice([1, 2, 3])
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = _Recurrent(r, features, outputs)
+        x = torch.randn(n, steps, features, generator=gen, dtype=dtype)
+        rnn = model.rnn
+        what = (f"{type(rnn).__name__} layers={rnn.num_layers} batch_first={model.batch_first} bias={rnn.bias} "
+                f"readout={model.readout} temperature={model.temperature is not None}")
+    else:
+        vocab, d = r.choice([3, 5]), r.choice([2, 3])
+        outputs = vocab
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = _TiedTokens(r, vocab, d)
+        x = torch.randint(0, vocab, (n, steps), generator=gen)
+        what = f"tied embedding vocab={vocab} d={d} out bias={model.out.bias is not None}"
+    kind, reduction, loss, loss_name = _loss(r, outputs)
+    frozen = [name for name, _ in model.named_parameters()]
+    if r.random() < 0.4:  # one parameter frozen, anywhere
+        name = r.choice(frozen)
+        model.get_parameter(name).requires_grad_(False)
+        what += f" frozen={name}"
+    model = model.to(dtype).eval()
+    y = _targets(kind, n, outputs, gen, dtype)
+    return Case(model, loss, x, y, f"recurrent/tied seed {seed}: {dtype} n={n} steps={steps} {what} loss={loss_name}")

@@ -7,6 +7,8 @@ A failure names the seed and the architecture, and ``generate(seed)`` rebuilds i
 TWICEDIFF_STRUCTURED_CASES sets how many convolutional / attention models
 (``generate_conv_attention``) every eager engine and the Gauss-Newton product are checked on
 (default 24); the compiled engine's checks are in tests/torch/engines/test_compiled.py.
+TWICEDIFF_RECURRENT_CASES: the same for recurrent and tied-weight models (``generate_recurrent``,
+default 24).
 """
 import os
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from generated_models import flat_params, generate, generate_conv_attention, reference_hessian
+from generated_models import flat_params, generate, generate_conv_attention, generate_recurrent, reference_hessian
 from twicediff import TorchTwiceDifferentiable
 from twicediff.inversion import solve_hvp
 
@@ -22,6 +24,7 @@ CASES = int(os.environ.get("TWICEDIFF_DIFFERENTIAL_CASES", "200"))
 FIRST = int(os.environ.get("TWICEDIFF_DIFFERENTIAL_SEED", "0"))
 SEEDS = range(FIRST, FIRST + CASES)
 STRUCTURED = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_STRUCTURED_CASES", "24")))
+RECURRENT = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_RECURRENT_CASES", "24")))
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -82,6 +85,44 @@ def test_structured_models_every_eager_engine_and_gauss_newton(seed, device):
             for rows in (V[:1], V):  # one direction (the loop's case) and several
                 got = td.hvp(x, y, rows.to(td.dtype), engine=engine, mode=mode)
                 _close(got, rows @ M, td.dtype, f"hvp engine={engine} mode={mode} D={rows.shape[0]}", case)
+
+
+@pytest.mark.parametrize("seed", RECURRENT)
+def test_recurrent_and_tied_weight_models_every_eager_engine(seed, device):
+    """RNN / GRU / LSTM and token models with a tied output layer: the Hessian and Gauss-Newton
+    products of every eager engine and the explicit Hessian against float64 autograd, the model
+    left as it was. Where torch has no forward-mode derivative of an op the model calls (its
+    float32 LSTM on the CPU, through oneDNN), the func engine must say so and name the engines that
+    take the model, and those must be right."""
+    case = generate_recurrent(seed)
+    td = TorchTwiceDifferentiable(case.model.to(device), case.loss)
+    x, y = case.x.to(device), case.y.to(device)
+    before = {k: v.clone() for k, v in case.model.state_dict().items()}
+    H = reference_hessian(case).to(device)
+    G = reference_hessian(case, gauss_newton=True).to(device)
+    V = torch.randn(3, td.num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+    for engine in ("auto", "func", "autograd", "loop"):
+        for mode, M in (("hessian", H), ("gauss_newton", G)):
+            try:
+                got = td.hvp(x, y, V.to(td.dtype), engine=engine, mode=mode)
+            except NotImplementedError as exc:
+                assert engine == "func" and "no forward-mode derivative" in str(exc), f"{exc} for {case.description}"
+                assert "engine='autograd' or 'loop'" in str(exc)
+                continue
+            _close(got, V @ M, td.dtype, f"hvp engine={engine} mode={mode}", case)
+    _close(td.hessian(x, y), H, td.dtype, "hessian", case)
+    after = case.model.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before), case.description
+
+
+def test_the_recurrent_generator_covers_what_it_promises():
+    seen = set()
+    for seed in RECURRENT:
+        words = generate_recurrent(seed).description
+        seen |= {w for w in ("RNN", "GRU", "LSTM", "tied", "layers=2", "batch_first=False", "batch_first=True",
+                             "temperature=True", "frozen=", "float32", "readout=mean", "readout=last", "n=1")
+                 if w in words}
+    assert len(seen) == 13, seen
 
 
 @pytest.mark.parametrize("seed", SEEDS[:50])
