@@ -284,6 +284,31 @@ def test_mlp_up_and_perturbation_match_the_slow_reference(in_shape):
                                rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 10, 12, 15, 21])  # LSTM, tied, RNN ×2 (one not batch-first), GRU, tied
+@pytest.mark.parametrize("method", ["direct", "cg"])
+def test_up_influences_of_recurrent_and_tied_weight_models_match_the_slow_reference(seed, method):
+    """RNN / GRU / LSTM and tied-embedding models (tests/generated_models.py) in float64: the
+    per-sample gradients (torch.func, or one point at a time where it cannot run the model) and the
+    solve, against the explicit Hessian and one-point autograd."""
+    import copy
+
+    from generated_models import generate_recurrent, reference_hessian
+
+    case = generate_recurrent(seed)
+    model = copy.deepcopy(case.model).double()
+    x = case.x.double() if case.x.is_floating_point() else case.x
+    y = case.y.double() if case.y.is_floating_point() else case.y
+    H = reference_hessian(case)
+    lam = 1.0 + abs(float(torch.linalg.eigvalsh(H).min()))  # H + λI well conditioned
+    G = reference_grads(model, case.loss, x, y)
+    want = G @ torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=F64), G.T)
+    td = twicediff.TorchTwiceDifferentiable(model, case.loss)
+    options = {"rtol": 1e-12} if method == "cg" else {}
+    got = twicediff.compute_influences(td, loader(x, y, x.shape[0]), inversion_method=method,
+                                       hessian_regularization=lam, **options)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9 * float(want.abs().max()), msg=case.description)
+
+
 def test_streamed_and_unstreamed_up_influence_agree_and_chunks_follow_the_budget():
     module, model, x, y, factors = mlp_problem(N=40)
     data = loader(x, y, 16)
