@@ -332,6 +332,27 @@ def test_leaving_most_parameters_out_is_a_warning(caplog):
     assert "(60 elements, 80% of the trainable ones)" in levels[1][1] and "0.weight, 0.bias, 2.weight" in levels[1][1]
 
 
+def test_a_tied_weight_used_outside_its_tracked_layer_is_a_warning(caplog):
+    class Tied(nn.Module):  # the output layer's matrix is the embedding's
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mix, self.out = nn.Embedding(5, 3), nn.Linear(3, 3), nn.Linear(3, 5)
+            self.out.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.mix(self.embed(ids).mean(dim=1))))
+
+    torch.manual_seed(0)
+    model = Tied().to(DT).eval()
+    ids, y = torch.randint(0, 5, (8, 4)), torch.randint(0, 5, (8,))
+    with caplog.at_level(logging.INFO, logger="twicediff.torch.kfac"):
+        KFACFactors.fit(model, F.cross_entropy, _loader(ids, y, 4))
+        KFACFactors.fit(_mlp(), F.cross_entropy, _loader(*_data("mlp"), 8))  # nothing shared: nothing said
+    said = [r for r in caplog.records if "also used by other modules" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert said[0].getMessage().endswith("out: embed (Embedding)")
+
+
 def test_user_named_layers_and_errors():
     model = _mlp()
     assert [t.name for t in find_layers(model, ["2", model[4]])] == ["2", "4"]

@@ -34,7 +34,8 @@ from ...ops import kfac as _kops
 from . import batches as _b
 from .eigen import symmetric_eigh
 from .inverse import GradsLike, ParameterLayout, _as_blocks, blocks_to_layout, layer_blocks, precondition_block
-from .layers import DEFAULT_MAX_FACTOR_DIM, TrackedLayer, find_layers, report_left_out, trainable_parameters
+from .layers import (DEFAULT_MAX_FACTOR_DIM, TrackedLayer, find_layers, report_left_out, report_shared_uses,
+                     trainable_parameters)
 from .passes import CaptureCache, batch_captures
 
 __all__ = ["KFACFactors", "fit_factors", "METHODS"]
@@ -253,6 +254,7 @@ class KFACFactors:
         inside = {n for t in self.layers for n in (t.weight_name, t.bias_name) if n}
         self.left_out = [n for n in self.layout.names if n not in inside]
         report_left_out(model, self.layers)
+        report_shared_uses(model, self.layers)
 
     def _fit_correction(self, model, loss, data, sampler, device, accumulate_dtype, progress, token_mask,
                         group=None, cache: Optional[CaptureCache] = None) -> None:

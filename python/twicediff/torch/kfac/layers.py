@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TrackedLayer", "find_layers", "DEFAULT_MAX_FACTOR_DIM", "LayerCapture", "trainable_parameters", "report_left_out"]
+__all__ = ["TrackedLayer", "find_layers", "DEFAULT_MAX_FACTOR_DIM", "LayerCapture", "trainable_parameters", "report_left_out",
+           "report_shared_uses"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,30 @@ def report_left_out(model: nn.Module, tracked: Sequence[TrackedLayer], why: str 
                    "ones) out of the curvature and the influence%s: %s", len(left), numel, 100 * share, why,
                    ", ".join(left))
     return left
+
+
+def report_shared_uses(model: nn.Module, tracked: Sequence[TrackedLayer]) -> List[str]:
+    """``"layer: module (Type)"`` for every tracked layer's weight or bias that another module also
+    holds (tied weights: an output layer sharing its matrix with an embedding), logged as a warning
+    in one line. The layer's factors come from its own calls; the other module's use of the same
+    tensor adds to its gradient but not to its curvature, so the influence of that block is off by
+    more than K-FAC's own approximation."""
+    owner = {}
+    for t in tracked:
+        if t.module is not None:
+            for p in (t.module.weight, t.module.bias):
+                if p is not None:
+                    owner[id(p)] = (t.name, t.module)
+    shared = []
+    for name, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None and id(p) in owner and owner[id(p)][1] is not m:
+                shared.append(f"{owner[id(p)][0]}: {name} ({type(m).__name__})")
+    if shared:
+        logger.warning("K-FAC: parameters of tracked layers are also used by other modules, whose use their "
+                       "factors leave out (tied weights; the curvature of those blocks covers the tracked "
+                       "layer's calls only): %s", ", ".join(shared))
+    return shared
 
 
 def _as_tokens_linear(t: torch.Tensor, width: int, batch: int, layer: TrackedLayer, what: str) -> torch.Tensor:
