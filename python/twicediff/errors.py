@@ -8,6 +8,7 @@ failed on.
 - :class:`ModelMisreadError`: the native engine's reading of a model disagrees with its forward.
 - :class:`GraphInputError`: ``mvp``'s ``backprop_on`` holds a tensor that ``grad_xy`` does not depend on.
 - :class:`BadBatchError`: a batch no engine can take (wrong feature count, class index out of range).
+- :class:`EngineChoiceError`: ``engine=`` names an engine that cannot take the model, loss or batch.
 - :class:`DistributedError`: under a process group, the local work of some ranks failed (raised on
   every rank, naming them), or the ranks' iterates diverged (:mod:`twicediff.distributed`).
 - :func:`data_errors`: re-raises what a model or loss raised on a batch with the function and batch named.
@@ -20,8 +21,8 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-__all__ = ["BadBatchError", "DistributedError", "GraphInputError", "MemoryBudgetError", "ModelMisreadError",
-           "NotNativeError", "data_errors", "describe_inputs"]
+__all__ = ["BadBatchError", "DistributedError", "EngineChoiceError", "GraphInputError", "MemoryBudgetError",
+           "ModelMisreadError", "NotNativeError", "data_errors", "describe_inputs"]
 
 
 class MemoryBudgetError(MemoryError):
@@ -42,6 +43,12 @@ class ModelMisreadError(NotNativeError):
 class BadBatchError(ValueError):
     """A batch no engine can take (a wrong feature count, a class index out of range): the caller's
     error, raised whatever the engine."""
+
+
+class EngineChoiceError(ValueError):
+    """``engine=`` names an engine that cannot take this model, loss or batch (``engine="native"`` on
+    a convolutional model, say); ``str(exc)`` says why. The caller's choice, not the data, so
+    :func:`data_errors` passes it through as it is."""
 
 
 class DistributedError(RuntimeError):
@@ -120,12 +127,12 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
     torch's own messages (e.g. ``mat1 and mat2 shapes cannot be multiplied``) name neither the
     function nor the data. Nothing is formatted unless something fails. Nested uses keep the
     outermost ``where`` and ``name`` (the user's argument) and the innermost batch shapes (the batch
-    that failed); out-of-memory errors pass unchanged.
+    that failed); out-of-memory errors and :class:`EngineChoiceError` pass unchanged.
     """
     try:
         yield
     except _DATA_ERRORS as exc:
-        if isinstance(exc, torch.OutOfMemoryError):
+        if isinstance(exc, (torch.OutOfMemoryError, EngineChoiceError)):
             raise
         original = getattr(exc, "_twicediff_original", exc)
         batch = getattr(exc, "_twicediff_batch", "") or (batch_summary(x, y) if x is not None else "")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from twicediff.errors import EngineChoiceError
 from twicediff.torch import TorchTwiceDifferentiable
 from twicediff.torch import batch as tb
 
@@ -163,8 +164,8 @@ def test_a_sequential_called_with_a_tuple_or_dict_goes_to_a_generic_engine_with_
         close(bound(V), native)
         assert "native" not in bound.engine.engines and bound.engine.chosen in ("func", "autograd", "loop", "compiled")
         close(td.hessian(form, y), td.hessian(x, y))
-        with pytest.raises(ValueError, match="engine='native' cannot take this model: the native engine takes x "
-                                             "as one tensor"):
+        with pytest.raises(EngineChoiceError, match="^hvp: engine='native' cannot take this model, loss or batch: "
+                                                    "the native engine takes x as one tensor"):
             td.hvp(form, y, V, engine="native")
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from ...errors import ModelMisreadError, NotNativeError
+from ...errors import EngineChoiceError, ModelMisreadError, NotNativeError
 from .auto import AutoEngine
 from .autograd import AutogradEngine
 from .base import Engine, PreparedBatch
@@ -67,8 +67,8 @@ def prepare(engine: str, model: nn.Module, loss: Callable, x: Any, y: torch.Tens
     (``"auto"`` considers the compiled engine when they repay compiling, engines/amortise.py).
 
     Raises:
-        ValueError: an unknown engine name, or ``engine="native"`` for a model it cannot take
-            (the message gives the reason).
+        ValueError: an unknown engine name; :class:`~twicediff.errors.EngineChoiceError` (a
+            ValueError) for ``engine="native"`` and a model it cannot take (the message gives the reason).
     """
     engine = resolve(engine)
     native, native_batch = None, None
@@ -77,7 +77,7 @@ def prepare(engine: str, model: nn.Module, loss: Callable, x: Any, y: torch.Tens
             native, native_batch = native_engine(model, loss, x, y)
         except NotNativeError as exc:
             if engine == "native":
-                raise ValueError(f"hvp: engine='native' cannot take this model: {exc}") from None
+                raise EngineChoiceError(f"hvp: engine='native' cannot take this model, loss or batch: {exc}") from None
             if isinstance(exc, ModelMisreadError) and id(model) not in _warned:
                 _warned.add(id(model))
                 logger.warning("twicediff: the native engine does not take %s (%s); using the generic engines",
