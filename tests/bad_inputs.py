@@ -190,6 +190,21 @@ def _func_engine_through(op):
     m.hvp(*_data(), torch.randn(m.num_params), engine="func")
 
 
+def _returns_tuple():
+    """A model whose forward returns (logits, features), as many do."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h), h
+
+    torch.manual_seed(0)
+    return TorchTwiceDifferentiable(Model().eval(), F.cross_entropy)
+
+
 def _grid_sample(h):
     grid = torch.full((h.shape[0], 1, 1, 2), 0.3, dtype=h.dtype)
     return F.grid_sample(h.reshape(-1, 2, 2, 2), grid, align_corners=False).flatten(1).repeat(1, 4)
@@ -237,6 +252,9 @@ CASES = [
     ("hvp", "engine='native' with a loss option it cannot take",
      lambda: _native_on(nn.Sequential(nn.Linear(3, 2)), functools.partial(F.cross_entropy, label_smoothing=0.1)),
      ValueError, ["native", "label_smoothing"]),
+    ("hvp", "a model whose forward returns a tuple",
+     lambda: _returns_tuple().hvp(*_data(), torch.randn(14)), TypeError,
+     ["hvp", "x (8, 3)", "the model must return one tensor", "returned a tuple of 2"]),
     ("hvp", "engine='func' on a model calling an op without a forward-mode derivative (grid_sample)",
      lambda: _func_engine_through(_grid_sample), NotImplementedError,
      ["hvp", "no forward-mode derivative of grid_sampler_2d", "engine='autograd'", "'auto'"]),

@@ -47,7 +47,17 @@ def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor) -> torc
     """pyDVL 0.7's convention for the loss of a batch: ``loss(squeeze(output), squeeze(y))``, a
     scalar. A one-element result is taken as that scalar (autograd takes it, torch.func's grad does
     not, so every engine would not agree on it otherwise); a larger one is a ValueError saying so,
-    where torch would fail later with a message about gradients."""
+    where torch would fail later with a message about gradients. A model output that is not a
+    tensor (a tuple, a dict, an output object) is a TypeError saying which."""
+    if not isinstance(output, torch.Tensor):
+        what = type(output).__name__
+        if isinstance(output, dict):
+            what += f" with keys {list(output)[:6]}"
+        elif isinstance(output, (tuple, list)):
+            what += f" of {len(output)}"
+        raise TypeError(f"the model must return one tensor, which the loss takes as loss(squeeze(model(x)), "
+                        f"squeeze(y)); it returned a {what}: wrap it in a module whose forward returns the "
+                        "tensor the loss takes (the logits, say)")
     value = loss(torch.squeeze(output), torch.squeeze(y))
     if isinstance(value, torch.Tensor) and value.dim() != 0:
         if value.numel() == 1:

@@ -75,6 +75,23 @@ def test_a_model_the_reading_misses_is_refused_with_the_reason(caplog, monkeypat
         _products(model, x, y, "native")
 
 
+def test_a_batch_with_nan_is_not_taken_for_a_misread_model(caplog):
+    """NaN in a row reaches the model's output and the reading's alike: the reading stands, no
+    warning, and the native engine's products are what the generic engines give (NaN)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().eval()
+    x, y = _batch()
+    x[3, 1] = float("nan")
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    assert td.native_unsupported_reason(x, y) == ""
+    with caplog.at_level(logging.WARNING, logger="twicediff"):
+        native = _products(model, x, y, "native")
+        auto = _products(model, x, y, "auto")
+    assert not [r for r in caplog.records if "native engine does not take" in r.getMessage()]
+    generic = _products(model, x, y, "autograd")
+    assert torch.isnan(generic).all() and torch.isnan(native).all() and torch.isnan(auto).all()
+
+
 class _Doubled(nn.Sequential):
     def forward(self, x):
         return 2 * super().forward(x)
