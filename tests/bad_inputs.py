@@ -190,6 +190,12 @@ def _func_engine_through(op):
     m.hvp(*_data(), torch.randn(m.num_params), engine="func")
 
 
+def _func_on(model):
+    torch.manual_seed(0)
+    m = TorchTwiceDifferentiable(model, F.cross_entropy)
+    m.hvp(*_data(), torch.randn(m.num_params), engine="func")
+
+
 def _returns_tuple():
     """A model whose forward returns (logits, features), as many do."""
     class Model(nn.Module):
@@ -252,6 +258,12 @@ CASES = [
     ("hvp", "engine='native' with a loss option it cannot take",
      lambda: _native_on(nn.Sequential(nn.Linear(3, 2)), functools.partial(F.cross_entropy, label_smoothing=0.1)),
      ValueError, ["native", "label_smoothing"]),
+    ("hvp", "engine='func' on a model with BatchNorm in training mode",
+     lambda: _func_on(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).train()),
+     RuntimeError, ["hvp", "updates a buffer in place", "model.eval()", "engine='autograd'"]),
+    ("hvp", "engine='func' on a model with Dropout in training mode",
+     lambda: _func_on(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).train()),
+     RuntimeError, ["hvp", "draws random numbers", "model.eval()", "engine='autograd'"]),
     ("hvp", "a model whose forward returns a tuple",
      lambda: _returns_tuple().hvp(*_data(), torch.randn(14)), TypeError,
      ["hvp", "x (8, 3)", "the model must return one tensor", "returned a tuple of 2"]),

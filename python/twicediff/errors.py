@@ -92,12 +92,15 @@ def batch_summary(x, y) -> str:
     return f"x {describe_inputs(x)}, y {describe_inputs(y)}"
 
 
-# torch's words when the model or loss calls something torch.func cannot transform: an op without a
-# forward-mode derivative, a custom autograd.Function without jvp, or one without a vmap rule. The
-# data is fine; the engines built on torch.func are not, and the message should say so.
+# torch's words when the model or loss does something torch.func cannot transform: calls an op
+# without a forward-mode derivative, a custom autograd.Function without jvp or vmap rule, or a module
+# in training mode that updates a buffer or draws random numbers. The data is fine; the engines built
+# on torch.func are not, and the message should say so.
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it")
 _NO_CUSTOM_JVP = "implement the jvp function for custom autograd.Function"
 _NO_VMAP = re.compile(r"You tried to vmap over (\S+), but it does not have vmap support")
+_BUFFER_UPDATE = "mutate a captured Tensor"
+_RANDOM = "called random operation while in randomness error mode"
 
 
 def _untransformable(message: str, where: str, data: str) -> str:
@@ -110,6 +113,16 @@ def _untransformable(message: str, where: str, data: str) -> str:
     elif vmap:
         what, how = (f"the custom autograd.Function {vmap.group(1)} has no vmap rule",
                      "batch the directions with torch.func.vmap")
+    elif _BUFFER_UPDATE in message or _RANDOM in message:
+        # A module in training mode: BatchNorm updates its running statistics in place, Dropout draws
+        # a mask; torch.func traces neither. The other engines run it, every product then random or
+        # normalised by the batch's statistics, so eval() comes first in the advice.
+        what = ("a module updates a buffer in place (BatchNorm's running statistics in training mode, say)"
+                if _BUFFER_UPDATE in message else "a module draws random numbers (a Dropout in training mode, say)")
+        return (f"{where}: {what} when the model runs on {data}, which torch.func cannot trace, so the engines "
+                "built on it (engine='func', and 'compiled' where it falls back to eager) cannot take this model: "
+                "call model.eval() first, or use engine='autograd' or 'loop', or 'auto', which uses the engines "
+                "that run. torch says: ")
     else:
         return ""
     return (f"{where}: {what}, and the model or loss calls it on {data}, so the engines that {how} "

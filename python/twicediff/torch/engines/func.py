@@ -95,19 +95,11 @@ def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tens
     vmapped over the D directions; returns [D, P] in the layout of ``grad``. x: a tensor, tuple,
     list or dict (:mod:`twicediff.torch.batch`).
 
-    Calls from several threads take turns (forward-mode AD state is process-wide in torch)."""
+    Calls from several threads take turns (forward-mode AD state is process-wide in torch). What
+    torch.func refuses (a BatchNorm or Dropout in training mode, an op without a forward-mode
+    derivative) is explained by :func:`twicediff.errors.data_errors`, which every caller runs it in."""
     with model_call(model, "hvp"), _FORWARD_AD_LOCK:  # the model's lock first, always
-        try:
-            return _func_hvp_unlocked(model, loss, x, y, v, mode)
-        except RuntimeError as exc:
-            if "mutate a captured Tensor" not in str(exc) or not model.training:
-                raise
-            # A module in training mode updates a buffer in place (BatchNorm's running statistics),
-            # which torch.func transforms cannot trace.
-            raise RuntimeError(f"hvp: torch.func (the func engine, and the compiled engine's trace and eager "
-                               f"fallback) cannot run {type(model).__name__} in training mode: "
-                               "a module updates its buffers in place (e.g. BatchNorm's running statistics); "
-                               "call model.eval(), or use engine='autograd' or 'auto'") from exc
+        return _func_hvp_unlocked(model, loss, x, y, v, mode)
 
 
 def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tensor,
