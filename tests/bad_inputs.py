@@ -264,6 +264,13 @@ CASES = [
     ("hvp", "engine='func' on a model with Dropout in training mode",
      lambda: _func_on(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).train()),
      RuntimeError, ["hvp", "draws random numbers", "model.eval()", "engine='autograd'"]),
+    ("compute_influences", "test_data of single points without a batch dimension (batch_size=None)",
+     lambda: compute_influences(_mlp(), _loader(), test_data=DataLoader(TensorDataset(*_data()), batch_size=None),
+                                hessian_regularization=0.1),
+     ValueError, ["compute_influence_factors", "test_data batch 0", "0-d y", "batch_size=None", "batch_size=1"]),
+    ("hvp", "a loss that returns a Python float",
+     lambda: TorchTwiceDifferentiable(_mlp().model, lambda out, y: float(F.cross_entropy(out, y))).hvp(
+         *_data(), torch.randn(26)), TypeError, ["hvp", "the loss must return a scalar tensor", "float", ".item()"]),
     ("hvp", "a model whose forward returns a tuple",
      lambda: _returns_tuple().hvp(*_data(), torch.randn(14)), TypeError,
      ["hvp", "x (8, 3)", "the model must return one tensor", "returned a tuple of 2"]),

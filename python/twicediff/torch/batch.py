@@ -47,8 +47,8 @@ def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor) -> torc
     """pyDVL 0.7's convention for the loss of a batch: ``loss(squeeze(output), squeeze(y))``, a
     scalar. A one-element result is taken as that scalar (autograd takes it, torch.func's grad does
     not, so every engine would not agree on it otherwise); a larger one is a ValueError saying so,
-    where torch would fail later with a message about gradients. A model output that is not a
-    tensor (a tuple, a dict, an output object) is a TypeError saying which."""
+    where torch would fail later with a message about gradients. A model output or a loss value that
+    is not a tensor (a tuple, a dict, an output object; a Python float) is a TypeError saying which."""
     if not isinstance(output, torch.Tensor):
         what = type(output).__name__
         if isinstance(output, dict):
@@ -59,7 +59,11 @@ def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor) -> torc
                         f"squeeze(y)); it returned a {what}: wrap it in a module whose forward returns the "
                         "tensor the loss takes (the logits, say)")
     value = loss(torch.squeeze(output), torch.squeeze(y))
-    if isinstance(value, torch.Tensor) and value.dim() != 0:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"the loss must return a scalar tensor (the batch's mean or sum), got a {type(value).__name__}"
+                        + ("; a Python number has no gradient: return the tensor, not its .item()"
+                           if isinstance(value, (int, float)) else ""))
+    if value.dim() != 0:
         if value.numel() == 1:
             return value.reshape(())
         raise ValueError(f"the loss must return a scalar (the batch's mean or sum), got a tensor of shape "

@@ -185,6 +185,10 @@ def loader_batches(model: TorchTwiceDifferentiable, data: Any, where: str, name:
         x, y = model.checked_batch(batch[0], batch[1], where)
         if isinstance(x, torch.Tensor) and x.dim() == 0:
             raise ValueError(f"{where}: {name} batch {i} has a 0-d x; x must be [B, *x_i.shape]")
+        if y.dim() == 0:  # otherwise x's first axis would be taken for B points
+            raise ValueError(f"{where}: {name} batch {i} has a 0-d y (one point without a batch dimension, as a "
+                             "DataLoader with batch_size=None yields it); per-point work needs batches [B, ...] of "
+                             "B points: use batch_size=1 or more")
         points += num_points(x)
         yield x, y
     if points == 0:
