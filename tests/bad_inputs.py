@@ -271,6 +271,10 @@ CASES = [
     ("hvp", "a loss that returns a Python float",
      lambda: TorchTwiceDifferentiable(_mlp().model, lambda out, y: float(F.cross_entropy(out, y))).hvp(
          *_data(), torch.randn(26)), TypeError, ["hvp", "the loss must return a scalar tensor", "float", ".item()"]),
+    ("hvp", "a loss without a gradient (a 0-1 loss of argmax)",
+     lambda: TorchTwiceDifferentiable(_mlp().model, lambda out, y: (out.argmax(-1) != y).float().mean()).hvp(
+         *_data(), torch.randn(26)), ValueError, ["hvp", "the loss does not depend on the model's trainable parameters",
+                                                  "argmax"]),
     ("hvp", "a model whose forward returns a tuple",
      lambda: _returns_tuple().hvp(*_data(), torch.randn(14)), TypeError,
      ["hvp", "x (8, 3)", "the model must return one tensor", "returned a tuple of 2"]),

@@ -43,12 +43,15 @@ _FORMS = ("a torch.Tensor (model(x)), a tuple/list of inputs (model(*x)) or a di
           "(model(**x))")
 
 
-def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor, *, gradient_check: bool = True
+                  ) -> torch.Tensor:
     """pyDVL 0.7's convention for the loss of a batch: ``loss(squeeze(output), squeeze(y))``, a
     scalar. A one-element result is taken as that scalar (autograd takes it, torch.func's grad does
     not, so every engine would not agree on it otherwise); a larger one is a ValueError saying so,
     where torch would fail later with a message about gradients. A model output or a loss value that
-    is not a tensor (a tuple, a dict, an output object; a Python float) is a TypeError saying which."""
+    is not a tensor (a tuple, a dict, an output object; a Python float) is a TypeError saying which;
+    a loss without a gradient, where one is being taken, a ValueError (``gradient_check=False``: not
+    checked, for a caller inside a bare ``vmap``, where the batched value does not show its graph)."""
     if not isinstance(output, torch.Tensor):
         what = type(output).__name__
         if isinstance(output, dict):
@@ -65,10 +68,19 @@ def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor) -> torc
                            if isinstance(value, (int, float)) else ""))
     if value.dim() != 0:
         if value.numel() == 1:
-            return value.reshape(())
-        raise ValueError(f"the loss must return a scalar (the batch's mean or sum), got a tensor of shape "
-                         f"{tuple(value.shape)}; a loss with reduction='none' gives one value per point: use "
-                         f"reduction='mean'")
+            value = value.reshape(())
+        else:
+            raise ValueError(f"the loss must return a scalar (the batch's mean or sum), got a tensor of shape "
+                             f"{tuple(value.shape)}; a loss with reduction='none' gives one value per point: use "
+                             f"reduction='mean'")
+    # Differentiated, a value without a graph would give zeros from torch.func and an autograd error
+    # from the rest, so every engine refuses it alike (torch.func's grad reports requires_grad as
+    # autograd does; a compiled trace is not checked, its eager fallback is).
+    if gradient_check and not torch.compiler.is_compiling() and torch.is_grad_enabled() and not value.requires_grad:
+        raise ValueError("the loss does not depend on the model's trainable parameters on this batch (its value has "
+                         "no gradient), so every gradient, Hessian product and influence would be zero: a loss "
+                         "of argmax or of a rounded output has no gradient, and neither has a model that detaches "
+                         "its output or runs under torch.no_grad")
     return value
 
 

@@ -63,12 +63,14 @@ def bytes_per_sample(model: TorchTwiceDifferentiable, x: Any, directions: int = 
     return elem * (6 * activations + directions * (2 + point))
 
 
-def _point_loss(model: TorchTwiceDifferentiable, params, fixed, x_i, y_i: torch.Tensor, dims=0) -> torch.Tensor:
+def _point_loss(model: TorchTwiceDifferentiable, params, fixed, x_i, y_i: torch.Tensor, dims=0,
+                gradient_check: bool = True) -> torch.Tensor:
     """The loss of one point inside vmap: x_i (a tensor, or a tuple / dict of them, ``dims`` saying
-    which entries vmap took a row of) made a batch of one."""
+    which entries vmap took a row of) made a batch of one. ``gradient_check``: as in
+    :func:`~twicediff.torch.batch.squeezed_loss`, False under a bare vmap."""
     args, kwargs = model_args(per_point(x_i, dims))
     output = torch.func.functional_call(model.model, (params, fixed), args, kwargs)
-    return squeezed_loss(model.loss, output, y_i.unsqueeze(0))
+    return squeezed_loss(model.loss, output, y_i.unsqueeze(0), gradient_check=gradient_check)
 
 
 def per_sample_grads(model: TorchTwiceDifferentiable, x: Any, y: torch.Tensor) -> List[torch.Tensor]:
@@ -127,7 +129,8 @@ def per_sample_mixed_products(model: TorchTwiceDifferentiable, x: torch.Tensor, 
         names, _, fixed = split_params(model.model)
         params = dict(zip(names, trainable))  # the live parameters: the graph reaches them
         try:
-            losses = torch.func.vmap(lambda xi, yi: _point_loss(model, params, fixed, xi, yi))(xg, y)
+            losses = torch.func.vmap(
+                lambda xi, yi: _point_loss(model, params, fixed, xi, yi, gradient_check=False))(xg, y)
         except _FUNC_ERRORS as exc:
             losses = torch.stack([squeezed_loss(model.loss, model.model(xg[i:i + 1]), y[i:i + 1])
                                   for i in range(B)])
