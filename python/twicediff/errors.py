@@ -104,30 +104,28 @@ _RANDOM = "called random operation while in randomness error mode"
 
 
 def _untransformable(message: str, where: str, data: str) -> str:
-    """The message for a torch.func transform error named above, or "" for any other error."""
+    """The prefix for a torch.func transform error named above, or "" for any other error."""
     op, vmap = _NO_FORWARD_AD.search(message), _NO_VMAP.search(message)
+    forward_mode, first = "the engines that differentiate in forward mode", ""
     if op:
-        what, how = f"torch has no forward-mode derivative of {op.group(1)}", "differentiate in forward mode"
+        what, engines = f"torch has no forward-mode derivative of {op.group(1)}", forward_mode
     elif _NO_CUSTOM_JVP in message:
-        what, how = "a custom autograd.Function has no jvp", "differentiate in forward mode"
+        what, engines = "a custom autograd.Function has no jvp", forward_mode
     elif vmap:
-        what, how = (f"the custom autograd.Function {vmap.group(1)} has no vmap rule",
-                     "batch the directions with torch.func.vmap")
+        what = f"the custom autograd.Function {vmap.group(1)} has no vmap rule"
+        engines = "the engines that batch the directions with torch.func.vmap"
     elif _BUFFER_UPDATE in message or _RANDOM in message:
         # A module in training mode: BatchNorm updates its running statistics in place, Dropout draws
-        # a mask; torch.func traces neither. The other engines run it, every product then random or
-        # normalised by the batch's statistics, so eval() comes first in the advice.
+        # a mask. The other engines run it, every product then random or normalised by the batch's
+        # statistics, so eval() comes first in the advice.
         what = ("a module updates a buffer in place (BatchNorm's running statistics in training mode, say)"
                 if _BUFFER_UPDATE in message else "a module draws random numbers (a Dropout in training mode, say)")
-        return (f"{where}: {what} when the model runs on {data}, which torch.func cannot trace, so the engines "
-                "built on it (engine='func', and 'compiled' where it falls back to eager) cannot take this model: "
-                "call model.eval() first, or use engine='autograd' or 'loop', or 'auto', which uses the engines "
-                "that run. torch says: ")
+        engines, first = "torch.func cannot trace that, so the engines built on it", "call model.eval() first, or "
     else:
         return ""
-    return (f"{where}: {what}, and the model or loss calls it on {data}, so the engines that {how} "
-            "(engine='func', and 'compiled' where it falls back to eager) cannot take this model: use "
-            "engine='autograd' or 'loop', or 'auto', which uses the engines that run. torch says: ")
+    return (f"{where}: {what} (met running the model and loss on {data}); {engines} (engine='func', and "
+            f"'compiled' where it falls back to eager) cannot take this model: {first}use engine='autograd' or "
+            "'loop', or 'auto', which uses the engines that run. torch says: ")
 
 
 @contextlib.contextmanager
