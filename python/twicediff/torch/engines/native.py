@@ -119,13 +119,14 @@ class NativeEngine:
             raise ModelMisreadError(f"the model's output {got} is not what its layers as read compute "
                                  f"{tuple(ours.shape)}")
         theirs = theirs.reshape(ours.shape).to(ours.dtype)
-        # A NaN or inf in the batch reaches both outputs alike; only the finite entries are compared,
-        # so such a batch is not taken for a misread model.
+        # A NaN or inf in the batch reaches both outputs alike; only the finite entries are compared
+        # (the others set to 0, with no data-dependent shapes), so such a batch is not taken for a
+        # misread model.
         finite = torch.isfinite(theirs)
         if not torch.equal(finite, torch.isfinite(ours)):
             raise ModelMisreadError("the model's forward gives NaN or inf in other places than the native engine's "
                                     "reading of it: it computes something its modules as listed do not")
-        theirs, ours = theirs[finite], ours[finite]
+        theirs, ours = theirs.where(finite, 0), ours.where(finite, 0)
         tol = _rounding(ours.dtype) * (1.0 + float(theirs.abs().max()) if theirs.numel() else 1.0)
         gap = float((ours - theirs).abs().max()) if ours.numel() else 0.0
         if not gap <= tol:
