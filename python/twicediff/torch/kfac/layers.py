@@ -230,11 +230,8 @@ def report_shared_uses(model: nn.Module, tracked: Sequence[TrackedLayer]) -> Lis
             for p in (t.module.weight, t.module.bias):
                 if p is not None:
                     owner[id(p)] = (t.name, t.module)
-    shared = []
-    for name, m in model.named_modules():
-        for p in m._parameters.values():
-            if p is not None and id(p) in owner and owner[id(p)][1] is not m:
-                shared.append(f"{owner[id(p)][0]}: {name} ({type(m).__name__})")
+    shared = [f"{owner[id(p)][0]}: {name} ({type(m).__name__})" for name, m in model.named_modules()
+              for p in m.parameters(recurse=False) if id(p) in owner and owner[id(p)][1] is not m]
     if shared:
         logger.warning("K-FAC: parameters of tracked layers are also used by other modules, whose use their "
                        "factors leave out (tied weights; the curvature of those blocks covers the tracked "
