@@ -175,6 +175,13 @@ def _square_function(vmap_rule: bool):
     return Square
 
 
+def _func_on(model):
+    """engine='func' on ``model`` under cross-entropy, on _data()."""
+    torch.manual_seed(0)
+    m = TorchTwiceDifferentiable(model, F.cross_entropy)
+    m.hvp(*_data(), torch.randn(m.num_params), engine="func")
+
+
 def _func_engine_through(op):
     """engine='func' on Linear → op → Linear, which torch.func cannot transform."""
     class Model(nn.Module):
@@ -185,15 +192,7 @@ def _func_engine_through(op):
         def forward(self, x):
             return self.b(op(self.a(x)))
 
-    torch.manual_seed(0)
-    m = TorchTwiceDifferentiable(Model().eval(), F.cross_entropy)
-    m.hvp(*_data(), torch.randn(m.num_params), engine="func")
-
-
-def _func_on(model):
-    torch.manual_seed(0)
-    m = TorchTwiceDifferentiable(model, F.cross_entropy)
-    m.hvp(*_data(), torch.randn(m.num_params), engine="func")
+    _func_on(Model().eval())
 
 
 def _returns_tuple():

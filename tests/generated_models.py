@@ -128,6 +128,17 @@ def flat_params(model: nn.Module) -> List[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def float64_copy(case: Case):
+    """(model, x, y) of ``case`` in float64: a copy of the model, floating tensors cast (token ids
+    and class indices stay integers)."""
+    import copy
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.double() if t.is_floating_point() else t
+
+    return copy.deepcopy(case.model).double(), cast(case.x), cast(case.y)
+
+
 def reference_hessian(case: Case, gauss_newton: bool = False) -> torch.Tensor:
     """The float64 Hessian (or Gauss-Newton matrix JᵀH_ℓJ) of the batch loss
     ``loss(squeeze(model(x)), squeeze(y))`` in the trainable parameters, on a float64 copy of the
@@ -135,12 +146,8 @@ def reference_hessian(case: Case, gauss_newton: bool = False) -> torch.Tensor:
     independent of the batching and forward-mode rules the engines rely on. (torch.func.hessian
     and jacrev(jacrev) of a model with LayerNorm before attention come out asymmetric in
     torch 2.14: a batching rule of the second backward pass is wrong there.)"""
-    import copy
-
-    model = copy.deepcopy(case.model).double()
+    model, x, y = float64_copy(case)
     params = [p for p in model.parameters() if p.requires_grad]
-    x = case.x.double() if case.x.is_floating_point() else case.x  # token ids stay integers
-    y = case.y.double() if case.y.is_floating_point() else case.y
 
     def loss_of_output(o):
         return case.loss(torch.squeeze(o), torch.squeeze(y))
@@ -286,27 +293,26 @@ def generate_recurrent(seed: int) -> Case:
     dtype = torch.float64 if r.random() < 0.6 else torch.float32
     gen = torch.Generator().manual_seed(seed)
     n, steps = r.choice([1, 3, 4]), r.choice([1, 2, 4])
-    if r.random() < 0.65:
+    recurrent = r.random() < 0.65
+    if recurrent:
         features, outputs = r.choice([2, 3]), r.choice([1, 2, 3])
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = _Recurrent(r, features, outputs)
+    else:
+        vocab, d = r.choice([3, 5]), r.choice([2, 3])
+        outputs = vocab
+    with torch.random.fork_rng():  # the weights from the seed, the global generator left alone
+        torch.manual_seed(seed)
+        model = _Recurrent(r, features, outputs) if recurrent else _TiedTokens(r, vocab, d)
+    if recurrent:
         x = torch.randn(n, steps, features, generator=gen, dtype=dtype)
         rnn = model.rnn
         what = (f"{type(rnn).__name__} layers={rnn.num_layers} batch_first={model.batch_first} bias={rnn.bias} "
                 f"readout={model.readout} temperature={model.temperature is not None}")
     else:
-        vocab, d = r.choice([3, 5]), r.choice([2, 3])
-        outputs = vocab
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = _TiedTokens(r, vocab, d)
         x = torch.randint(0, vocab, (n, steps), generator=gen)
         what = f"tied embedding vocab={vocab} d={d} out bias={model.out.bias is not None}"
     kind, reduction, loss, loss_name = _loss(r, outputs)
-    frozen = [name for name, _ in model.named_parameters()]
     if r.random() < 0.4:  # one parameter frozen, anywhere
-        name = r.choice(frozen)
+        name = r.choice([name for name, _ in model.named_parameters()])
         model.get_parameter(name).requires_grad_(False)
         what += f" frozen={name}"
     model = model.to(dtype).eval()

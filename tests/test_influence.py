@@ -290,14 +290,10 @@ def test_up_influences_of_recurrent_and_tied_weight_models_match_the_slow_refere
     """RNN / GRU / LSTM and tied-embedding models (tests/generated_models.py) in float64: the
     per-sample gradients (torch.func, or one point at a time where it cannot run the model) and the
     solve, against the explicit Hessian and one-point autograd."""
-    import copy
-
-    from generated_models import generate_recurrent, reference_hessian
+    from generated_models import float64_copy, generate_recurrent, reference_hessian
 
     case = generate_recurrent(seed)
-    model = copy.deepcopy(case.model).double()
-    x = case.x.double() if case.x.is_floating_point() else case.x
-    y = case.y.double() if case.y.is_floating_point() else case.y
+    model, x, y = float64_copy(case)
     H = reference_hessian(case)
     lam = 1.0 + abs(float(torch.linalg.eigvalsh(H).min()))  # H + λI well conditioned
     G = reference_grads(model, case.loss, x, y)
