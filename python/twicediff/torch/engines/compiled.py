@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..batch import input_tensors, model_args, squeezed_loss
+from ..padding import padding_rows_constant
 from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp, split_params
 from .gemm_fold import FoldBroadcastBmm
@@ -128,16 +129,17 @@ def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[to
         def output_of(p):
             return functional_call(model, (p, fixed), *model_args(x))
 
-        if mode == "hessian" and variant == "forward":
-            blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
-                                          tangents)
-        elif mode == "hessian":
-            _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
-            blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
-        else:  # Gauss-Newton: J t forward, H_ℓ as the pullback of ∇_z ℓ (symmetric), then Jᵀ
-            z, pullback = vjp(output_of, params)
-            _, loss_hessian = vjp(grad(lambda o: squeezed_loss(loss, o, y)), z.detach())
-            blocks = vmap(lambda t: pullback(loss_hessian(jvp(output_of, (params,), (t,))[1])[0])[0])(tangents)
+        with padding_rows_constant():  # an embedding's padding row is a constant, as in reverse mode
+            if mode == "hessian" and variant == "forward":
+                blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
+                                              tangents)
+            elif mode == "hessian":
+                _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
+                blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
+            else:  # Gauss-Newton: J t forward, H_ℓ as the pullback of ∇_z ℓ (symmetric), then Jᵀ
+                z, pullback = vjp(output_of, params)
+                _, loss_hessian = vjp(grad(lambda o: squeezed_loss(loss, o, y)), z.detach())
+                blocks = vmap(lambda t: pullback(loss_hessian(jvp(output_of, (params,), (t,))[1])[0])[0])(tangents)
         return torch.cat([blocks[n].reshape(D, -1) for n in names], dim=1)
 
     return product
