@@ -382,3 +382,16 @@ def test_the_probe_key_follows_the_model_as_it_changes_in_place():
     model[2] = nn.Linear(7, 4)
     keys.add(_fingerprint(model, F.cross_entropy))
     assert len(keys) == 5
+
+
+def test_a_model_alike_but_not_native_does_not_reuse_a_native_choice():
+    """Two models that print alike share a fingerprint, but a forward hook keeps the second from
+    the native engine: auto used to hand it the first one's decision, "native", and fail with a
+    KeyError. Its products must match autograd's."""
+    td, x, y = _mlp()
+    v = torch.randn(3, td.num_params, dtype=torch.float64)
+    for _ in range(3):
+        td.hvp(x, y, v)
+    hooked = TorchTwiceDifferentiable(_mlp()[0].model, F.cross_entropy)
+    hooked.model[0].register_forward_hook(lambda module, args, out: 2.0 * out)
+    torch.testing.assert_close(hooked.hvp(x, y, v), hooked.hvp(x, y, v, engine="autograd"))

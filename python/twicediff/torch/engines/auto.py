@@ -241,8 +241,10 @@ class AutoEngine:
         bucket = 1 << max(0, V.shape[0] - 1).bit_length()
         x = ",".join(f"{n}{tuple(t.shape)}" for n, t in input_tensors(batch.inputs))
         first, y = input_tensors(batch.inputs)[0][1], batch.target
+        # The candidates too: two models alike but for a hook or an overridden forward share a
+        # fingerprint, and only one of them may be native.
         return (f"{self._fingerprint} {x} {first.dtype} {first.device.type} y={tuple(y.shape)} {y.dtype} "
-                f"{mode} D<={bucket} threads={torch.get_num_threads()}")
+                f"{mode} D<={bucket} threads={torch.get_num_threads()} {'+'.join(self.engines)}")
 
     def apply(self, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
         if not _timing_possible(V):

@@ -207,7 +207,7 @@ def choose(kind: str, key: str, candidates: Union[Mapping[str, Callable[[], obje
             if _overrides[kind] not in names:
                 raise ValueError(f"probe: the override for {kind!r} must be one of {names}, got {_overrides[kind]!r}")
             return _overrides[kind]
-        if (kind, key) in _decided:
+        if (kind, key) in _decided and _decided[(kind, key)]["choice"] in names:
             return _decided[(kind, key)]["choice"]
     if timings is not None:
         missing = [n for n in names if n not in timings]
