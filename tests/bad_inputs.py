@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import twicediff
 from twicediff import ops as _ops
-from twicediff.errors import EngineChoiceError
+from twicediff.errors import EngineChoiceError, ModelChangedError
 from twicediff.influence import compute_influences, compute_self_influences
 from twicediff.inversion import solve_hvp
 from twicediff.torch import TorchTensorUtilities, TorchTwiceDifferentiable, hessian_operator
@@ -210,6 +210,31 @@ def _returns_tuple():
     return TorchTwiceDifferentiable(Model().eval(), F.cross_entropy)
 
 
+def _embedding_hvp(**options):
+    """hvp on token ids → nn.Embedding(5, 3, **options) → Flatten → Linear under cross-entropy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, **options), nn.Flatten(), nn.Linear(6, 2)).eval()
+    m = TorchTwiceDifferentiable(model, F.cross_entropy)
+    m.hvp(torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,)), torch.randn(m.num_params))
+
+
+def _writes_its_weights():
+    """hvp on a model whose forward clamps its own weight in place (a hand-made constraint)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.a.weight.clamp_(-0.1, 0.1)
+            return self.a(x)
+
+    torch.manual_seed(0)
+    m = TorchTwiceDifferentiable(Model().eval(), F.cross_entropy)
+    m.hvp(*_data(), torch.randn(m.num_params))
+
+
 def _grid_sample(h):
     grid = torch.full((h.shape[0], 1, 1, 2), 0.3, dtype=h.dtype)
     return F.grid_sample(h.reshape(-1, 2, 2, 2), grid, align_corners=False).flatten(1).repeat(1, 4)
@@ -219,6 +244,12 @@ def _grid_sample(h):
 CASES = [
     ("TorchTwiceDifferentiable", "model is not an nn.Module",
      lambda: TorchTwiceDifferentiable("net", F.mse_loss), TypeError, ["model", "nn.Module", "str"]),
+    ("TorchTwiceDifferentiable", "a torch.jit.ScriptModule",
+     lambda: TorchTwiceDifferentiable(torch.jit.script(nn.Linear(2, 1)), F.mse_loss), TypeError,
+     ["model", "ScriptModule", "before scripting"]),
+    ("TorchTwiceDifferentiable", "lazy parameters not yet initialized",
+     lambda: TorchTwiceDifferentiable(nn.Sequential(nn.LazyLinear(2)), F.mse_loss), ValueError,
+     ["model", "uninitialized lazy parameters", "'0.weight'", "forward pass"]),
     ("TorchTwiceDifferentiable", "no parameter requires grad",
      lambda: TorchTwiceDifferentiable(nn.Linear(2, 1).requires_grad_(False), F.mse_loss), ValueError,
      ["no parameter that requires grad"]),
@@ -257,6 +288,10 @@ CASES = [
     ("hvp", "engine='native' with a loss option it cannot take",
      lambda: _native_on(nn.Sequential(nn.Linear(3, 2)), functools.partial(F.cross_entropy, label_smoothing=0.1)),
      ValueError, ["native", "label_smoothing"]),
+    ("hvp", "a sparse embedding (sparse=True)", lambda: _embedding_hvp(sparse=True),
+     ValueError, ["hvp", "module '0'", "Embedding", "sparse=True", "sparse=False"]),
+    ("hvp", "a forward that writes to its own weights", _writes_its_weights,
+     ModelChangedError, ["hvp", "'a.weight'", "in place", "cannot undo"]),
     ("hvp", "engine='func' on a model with BatchNorm in training mode",
      lambda: _func_on(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).train()),
      RuntimeError, ["hvp", "updates a buffer in place", "model.eval()", "engine='autograd'"]),

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, Optional
 import torch
 
 __all__ = ["BadBatchError", "DistributedError", "EngineChoiceError", "GraphInputError", "MemoryBudgetError",
-           "ModelMisreadError", "NotNativeError", "data_errors", "describe_inputs"]
+           "ModelChangedError", "ModelMisreadError", "NotNativeError", "data_errors", "describe_inputs"]
 
 
 class MemoryBudgetError(MemoryError):
@@ -49,6 +49,12 @@ class EngineChoiceError(ValueError):
     """``engine=`` names an engine that cannot take this model, loss or batch (``engine="native"`` on
     a convolutional model, say); ``str(exc)`` says why. The caller's choice, not the data, so
     :func:`data_errors` passes it through as it is."""
+
+
+class ModelChangedError(RuntimeError):
+    """The model's forward changed one of its parameters in place during a call (a forward that
+    writes to its own weights), which twicediff cannot undo; ``str(exc)`` names the parameter. Not
+    a failure on the data, so :func:`data_errors` passes it through as it is."""
 
 
 class DistributedError(RuntimeError):
@@ -138,12 +144,13 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
     torch's own messages (e.g. ``mat1 and mat2 shapes cannot be multiplied``) name neither the
     function nor the data. Nothing is formatted unless something fails. Nested uses keep the
     outermost ``where`` and ``name`` (the user's argument) and the innermost batch shapes (the batch
-    that failed); out-of-memory errors and :class:`EngineChoiceError` pass unchanged.
+    that failed); out-of-memory errors, :class:`EngineChoiceError` and :class:`ModelChangedError` pass
+    unchanged.
     """
     try:
         yield
     except _DATA_ERRORS as exc:
-        if isinstance(exc, (torch.OutOfMemoryError, EngineChoiceError)):
+        if isinstance(exc, (torch.OutOfMemoryError, EngineChoiceError, ModelChangedError)):
             raise
         original = getattr(exc, "_twicediff_original", exc)
         batch = getattr(exc, "_twicediff_batch", "") or (batch_summary(x, y) if x is not None else "")

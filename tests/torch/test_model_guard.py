@@ -2,6 +2,7 @@
 parameters left as found (a training-mode BatchNorm included), a training-mode Dropout reported once
 per model, gradients under torch.no_grad(), a clear error under torch.inference_mode(), and stock
 attention (scaled_dot_product_attention, nn.TransformerEncoderLayer) differentiable twice."""
+import copy
 import logging
 
 import pytest
@@ -132,3 +133,30 @@ def test_stock_attention_is_twice_differentiable(which):
         out = compute_influences(td, loader, influence_type=kind, hessian_regularization=0.1,
                                  inversion_method="direct")
         assert torch.isfinite(out).all()
+
+
+def test_max_norm_embedding_weights_left_as_found_and_every_engine_agrees(monkeypatch):
+    """nn.Embedding(max_norm=...) renormalizes the rows it looks up, in place, in every forward
+    pass: every call used to leave the user's table renormalized. The weights are now written back;
+    every engine differentiates at the renormalized values (what the model's own first forward
+    uses), so all agree with autograd on an already renormalized copy."""
+    monkeypatch.setenv("TWICEDIFF_COMPILE_BACKEND", "aot_eager")  # traced as inductor would be, no C++
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3, max_norm=1.0), nn.Flatten(), nn.Tanh(), nn.Linear(6, 2)).double().eval()
+    with torch.no_grad():
+        model[0].weight.mul_(4)  # every row longer than max_norm
+    x, y = torch.randint(0, 6, (5, 2)), torch.randint(0, 2, (5,))
+    renormalized = copy.deepcopy(model)
+    renormalized(x)
+    want = TorchTwiceDifferentiable(renormalized, F.cross_entropy)
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    v = torch.randn(2, td.num_params, dtype=torch.float64)
+    before = _state(model)
+    for engine in ("auto", "func", "autograd", "loop", "compiled"):
+        torch.testing.assert_close(td.hvp(x, y, v, engine=engine), want.hvp(x, y, v, engine="autograd"))
+        _assert_same_state(model, before)
+    torch.testing.assert_close(td.grad(x, y), want.grad(x, y))
+    td.hessian(x, y)
+    compute_influences(td, DataLoader(TensorDataset(x, y), batch_size=5), hessian_regularization=0.1,
+                       inversion_method="direct")
+    _assert_same_state(model, before)

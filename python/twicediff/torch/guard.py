@@ -12,6 +12,14 @@
   a forward pass (BatchNorm's running statistics, its ``num_batches_tracked``); twicediff's passes
   are not training steps, so when any module is in training mode the buffers are saved before and
   written back after the call.
+- The model's parameters are left as they were. ``nn.Embedding(max_norm=...)`` (and
+  ``nn.EmbeddingBag``) renormalizes the rows it looks up in place, in every forward pass: those
+  weights are saved before the call and written back after it (the call differentiates at the
+  renormalized values, as the model's own first forward would). Any other in-place change of a
+  parameter shows in its version counter, and the call raises a RuntimeError naming it: it cannot
+  be undone, and derivatives taken while the weights moved belong to no single point.
+- A sparse embedding (``sparse=True``) is refused before anything runs, with a ValueError naming
+  the module: its gradients are sparse tensors, which no flat parameter vector holds.
 - A Dropout in training mode makes every product random: said once per model (a warning).
 - Stock attention: ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention`` and
   ``nn.TransformerEncoderLayer``) picks a fused CPU kernel that has no second derivative; inside
@@ -30,6 +38,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..errors import ModelChangedError
+
 __all__ = ["model_call", "model_lock"]
 
 logger = logging.getLogger(__name__)
@@ -37,6 +47,7 @@ logger = logging.getLogger(__name__)
 _locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 _dropout_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_nesting = threading.local()
 
 
 def model_lock(model: nn.Module) -> threading.RLock:
@@ -58,6 +69,28 @@ def _math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def _depths() -> dict:
+    """{id(model): how many model_call of it this thread is inside}."""
+    if not hasattr(_nesting, "depth"):
+        _nesting.depth = {}
+    return _nesting.depth
+
+
+def _renormed_weights(model: nn.Module, where: str) -> list:
+    """The weights the model's forward renormalizes in place (embeddings with ``max_norm``); a
+    ValueError for a sparse embedding (see the module docstring)."""
+    weights = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            if m.sparse:
+                raise ValueError(f"{where}: module '{name or type(m).__name__}' ({type(m).__name__}) has sparse=True, "
+                                 "so its gradients are sparse tensors; twicediff works with dense gradients: build it "
+                                 "with sparse=False (the same function)")
+            if m.max_norm is not None:
+                weights.append(m.weight)
+    return weights
+
+
 def _warn_training_dropout(model: nn.Module, where: str) -> None:
     if model in _dropout_warned:
         return
@@ -73,26 +106,44 @@ def _warn_training_dropout(model: nn.Module, where: str) -> None:
 @contextlib.contextmanager
 def model_call(model: nn.Module, where: str) -> Iterator[None]:
     """Run a computation on ``model`` (see the module docstring): its lock held, gradients enabled,
-    attention on the math backend, buffers restored when a module is in training mode, a warning
-    once per model for a training-mode Dropout.
+    attention on the math backend, buffers restored when a module is in training mode, embedding
+    weights renormalized by ``max_norm`` restored, a warning once per model for a training-mode
+    Dropout.
 
     Raises:
         RuntimeError: called under ``torch.inference_mode()``.
+        ValueError: the model has a sparse embedding.
+        ModelChangedError: the model's forward changed a parameter in place.
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(f"{where}: called under torch.inference_mode(), where nothing can be differentiated; "
                            "call it outside the inference_mode block (torch.no_grad() is fine)")
     with model_lock(model):
+        depth = _depths()
+        outermost = id(model) not in depth  # nested calls (a probe inside hvp) leave the checks to the first
+        renormed = _renormed_weights(model, where) if outermost else []
         training = any(m.training for m in model.modules())
-        saved = None
+        saved = []
         if training:
             _warn_training_dropout(model, where)
             saved = [(b, b.detach().clone()) for b in model.buffers()]
+        saved += [(w, w.detach().clone()) for w in renormed]
+        versions = [(n, p, p._version) for n, p in model.named_parameters()] if outermost else []
+        depth[id(model)] = depth.get(id(model), 0) + 1
         try:
             with torch.enable_grad(), _math_attention():
                 yield
         finally:
+            depth[id(model)] -= 1
+            if not depth[id(model)]:
+                del depth[id(model)]
             if saved:
                 with torch.no_grad():
-                    for b, value in saved:
-                        b.copy_(value)
+                    for t, value in saved:
+                        t.copy_(value)
+        restored = {id(w) for w in renormed}
+        moved = [n for n, p, version in versions if p._version != version and id(p) not in restored]
+        if moved:
+            raise ModelChangedError(f"{where}: the model changed its parameter '{moved[0]}' in place during the call "
+                                    "(its forward writes to its weights); derivatives need the parameters fixed, and "
+                                    "twicediff cannot undo the change: take the in-place update out of the forward")

@@ -69,12 +69,20 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         if not isinstance(model, nn.Module):
             raise TypeError(f"TorchTwiceDifferentiable: model must be a torch.nn.Module, got {type(model).__name__}")
         model = _distributed.unwrap_model(model)  # DDP: its .module; FSDP: a TypeError
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError("TorchTwiceDifferentiable: model is a torch.jit.ScriptModule, whose parameters torch.func "
+                            "cannot swap and whose forward takes no hooks; pass the nn.Module before scripting it")
         if not callable(loss):
             raise TypeError(f"TorchTwiceDifferentiable: loss must be callable (prediction, target) -> scalar, "
                             f"got {type(loss).__name__}")
         first = next(model.parameters(), None)
         if first is None:
             raise ValueError(f"TorchTwiceDifferentiable: model {type(model).__name__} has no parameters")
+        lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:
+            raise ValueError(f"TorchTwiceDifferentiable: model {type(model).__name__} has uninitialized lazy "
+                             f"parameters ('{lazy[0]}'); run one forward pass on a batch first, which sets their "
+                             "shapes")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"TorchTwiceDifferentiable: model {type(model).__name__} has no parameter that "
                              "requires grad; there is nothing to differentiate")
