@@ -218,6 +218,18 @@ def _embedding_hvp(**options):
     m.hvp(torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,)), torch.randn(m.num_params))
 
 
+def _hooked(where):
+    """hvp on an MLP with a gradient hook on its first weight or a backward hook on its Tanh."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
+    if where == "parameter":
+        model[0].weight.register_hook(lambda g: 0.5 * g)
+    else:
+        model[1].register_full_backward_hook(lambda module, grad_in, grad_out: (0.5 * grad_in[0],))
+    m = TorchTwiceDifferentiable(model, F.cross_entropy)
+    m.hvp(*_data(), torch.randn(m.num_params))
+
+
 def _writes_its_weights():
     """hvp on a model whose forward clamps its own weight in place (a hand-made constraint)."""
     class Model(nn.Module):
@@ -290,6 +302,10 @@ CASES = [
      ValueError, ["native", "label_smoothing"]),
     ("hvp", "a sparse embedding (sparse=True)", lambda: _embedding_hvp(sparse=True),
      ValueError, ["hvp", "module '0'", "Embedding", "sparse=True", "sparse=False"]),
+    ("hvp", "a gradient hook on a parameter", lambda: _hooked("parameter"),
+     ValueError, ["hvp", "parameter '0.weight'", "gradient hook", "handle.remove()"]),
+    ("hvp", "a backward hook on a module", lambda: _hooked("module"),
+     ValueError, ["hvp", "module '1' (Tanh)", "backward hook", "handle.remove()"]),
     ("hvp", "a forward that writes to its own weights", _writes_its_weights,
      ModelChangedError, ["hvp", "'a.weight'", "in place", "cannot undo"]),
     ("hvp", "engine='func' on a model with BatchNorm in training mode",

@@ -20,6 +20,10 @@
   be undone, and derivatives taken while the weights moved belong to no single point.
 - A sparse embedding (``sparse=True``) is refused before anything runs, with a ValueError naming
   the module: its gradients are sparse tensors, which no flat parameter vector holds.
+- So is a gradient hook on a parameter (``p.register_hook``) or a module (a backward hook, or a
+  global one): it changes what autograd returns as the gradient, which the reverse-mode engines
+  then differentiate again, while forward mode and the native engine never see it; the engines
+  would compute different matrices, and ``auto`` would pick one of them by speed.
 - A Dropout in training mode makes every product random: said once per model (a warning).
 - Stock attention: ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention`` and
   ``nn.TransformerEncoderLayer``) picks a fused CPU kernel that has no second derivative; inside
@@ -76,9 +80,30 @@ def _depths() -> dict:
     return _nesting.depth
 
 
+def _gradient_hook(model: nn.Module) -> str:
+    """Where the model has a hook that rewrites gradients ("" where none; module docstring)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+        return "a global module backward hook (register_module_full_backward_hook)"
+    for name, m in model.named_modules():
+        if m._backward_hooks or m._backward_pre_hooks:
+            return f"module '{name or type(m).__name__}' ({type(m).__name__}) has a backward hook"
+    for name, p in model.named_parameters():
+        if getattr(p, "_backward_hooks", None):
+            return f"parameter '{name}' has a gradient hook (register_hook)"
+    return ""
+
+
 def _renormed_weights(model: nn.Module, where: str) -> list:
     """The weights the model's forward renormalizes in place (embeddings with ``max_norm``); a
-    ValueError for a sparse embedding (see the module docstring)."""
+    ValueError for a sparse embedding or a gradient hook (see the module docstring)."""
+    hook = _gradient_hook(model)
+    if hook:
+        raise ValueError(f"{where}: {hook}, which changes the gradients autograd returns; twicediff's engines "
+                         "differentiate the loss itself (forward mode and the native engine never see such a hook, "
+                         "reverse mode would differentiate it again): remove the hook for these calls "
+                         "(handle.remove(), and register it again after)")
     weights = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
@@ -112,7 +137,7 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
 
     Raises:
         RuntimeError: called under ``torch.inference_mode()``.
-        ValueError: the model has a sparse embedding.
+        ValueError: the model has a sparse embedding or a gradient hook.
         ModelChangedError: the model's forward changed a parameter in place.
     """
     if torch.is_inference_mode_enabled():
