@@ -99,7 +99,7 @@ def per_sample_grads(model: TorchTwiceDifferentiable, x: Any, y: torch.Tensor) -
         # Bad data (a wrong shape, a class index out of range) fails here too, and raises plain
         # autograd's error: the fallback is logged only when it works.
         rows = [torch.autograd.grad(squeezed_loss(model.loss, call_model(model.model, slice_batch(x, i, i + 1)),
-                                                  y[i:i + 1]), trainable)
+                                                  y[i:i + 1]), trainable, allow_unused=True, materialize_grads=True)
                 for i in range(num_points(x))]
         _log_fallback("per_sample_grads", func_error)
         return [torch.stack([r[k] for r in rows]) if rows else p.new_empty(0, *p.shape)
@@ -135,7 +135,7 @@ def per_sample_mixed_products(model: TorchTwiceDifferentiable, x: torch.Tensor, 
             losses = torch.stack([squeezed_loss(model.loss, model.model(xg[i:i + 1]), y[i:i + 1])
                                   for i in range(B)])
             _log_fallback("per_sample_mixed_products", exc)  # once it worked (see per_sample_grads)
-        g = torch.autograd.grad(losses.sum(), trainable, create_graph=True)
+        g = torch.autograd.grad(losses.sum(), trainable, create_graph=True, allow_unused=True, materialize_grads=True)
         g = torch.cat([t.reshape(-1) for t in g])
         return batched_mvp(g, v, xg, allow_unused=True).reshape(T, *x.shape)
 

@@ -154,7 +154,9 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                     t.requires_grad_(True)
         with model_call(self.model, "grad"), data_errors("grad", "", x, y):
             value = squeezed_loss(self.loss, _batch.call_model(self.model, x), y)
-            grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph)
+            # A parameter the loss does not reach (unused, or used under torch.no_grad): zero.
+            grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph, allow_unused=True,
+                                        materialize_grads=True)
         return torch.cat([g.reshape(-1) for g in grads])
 
     def hessian(self, x: Inputs, y: torch.Tensor, *, method: str = "auto",

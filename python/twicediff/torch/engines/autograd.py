@@ -35,17 +35,23 @@ def _autograd_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor, mode: str) -
     output = call_model(model, x)
     value = squeezed_loss(loss, output, y)
     if mode == "hessian":
-        g = torch.autograd.grad(value, params, create_graph=True)
-        # A parameter the gradient does not reach has a zero Hessian block.
+        # A parameter the loss does not reach (unused, or used under torch.no_grad) has a zero
+        # gradient and a zero Hessian block.
+        g = torch.autograd.grad(value, params, create_graph=True, allow_unused=True, materialize_grads=True)
         return batched_mvp(torch.cat([t.reshape(-1) for t in g]), v, params, allow_unused=True)
     # Gauss-Newton: J v by the double-vjp trick (Jᵀu is linear in u), then H_ℓ, then Jᵀ.
     g_out = torch.autograd.grad(value, output, create_graph=True)[0]
     u = torch.zeros_like(output, requires_grad=True)
-    jt_u = torch.autograd.grad(output, params, u, create_graph=True)
+    jt_u = torch.autograd.grad(output, params, u, create_graph=True, allow_unused=True)
+    reached = [k for k, t in enumerate(jt_u) if t is not None]  # J is zero in the other parameters
     rows = []
     for d in range(v.shape[0]):
         vd = [b.reshape(p.shape) for b, p in zip(torch.split(v[d], [p.numel() for p in params]), params)]
-        jv = torch.autograd.grad(jt_u, u, vd, retain_graph=True)[0]
+        if reached:
+            jv = torch.autograd.grad([jt_u[k] for k in reached], u, [vd[k] for k in reached], retain_graph=True)[0]
+        else:
+            jv = torch.zeros_like(output)
         hjv = torch.autograd.grad(g_out, output, jv, retain_graph=True)[0]
-        rows.append(flat_grads(torch.autograd.grad(output, params, hjv, retain_graph=True), params))
+        rows.append(flat_grads(torch.autograd.grad(output, params, hjv, retain_graph=True, allow_unused=True),
+                               params))
     return torch.stack(rows).detach()

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..batch import input_tensors, model_args, squeezed_loss
-from ..padding import padding_rows_constant
+from ..forward_mode import reverse_mode_constants
 from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp, split_params
 from .gemm_fold import FoldBroadcastBmm
@@ -129,7 +129,7 @@ def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[to
         def output_of(p):
             return functional_call(model, (p, fixed), *model_args(x))
 
-        with padding_rows_constant():  # an embedding's padding row is a constant, as in reverse mode
+        with reverse_mode_constants():  # what reverse mode holds constant (padding rows, no_grad values)
             if mode == "hessian" and variant == "forward":
                 blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
                                               tangents)

@@ -14,7 +14,7 @@ from ..batch import model_args, squeezed_loss
 from .base import PreparedBatch
 from .generic import GenericEngine
 from ..guard import model_call
-from ..padding import padding_rows_constant
+from ..forward_mode import reverse_mode_constants
 
 __all__ = ["FuncEngine", "forward_over_reverse", "func_hvp", "split_params"]
 
@@ -99,7 +99,7 @@ def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tens
     Calls from several threads take turns (forward-mode AD state is process-wide in torch). What
     torch.func refuses (a BatchNorm or Dropout in training mode, an op without a forward-mode
     derivative) is explained by :func:`twicediff.errors.data_errors`, which every caller runs it in."""
-    with model_call(model, "hvp"), _FORWARD_AD_LOCK, padding_rows_constant():  # the model's lock first, always
+    with model_call(model, "hvp"), _FORWARD_AD_LOCK, reverse_mode_constants():  # the model's lock first, always
         return _func_hvp_unlocked(model, loss, x, y, v, mode)
 
 

@@ -39,7 +39,8 @@ def loop_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor, mode: str = "hess
         return autograd_hvp(model, loss, x, y, v, mode)
     with model_call(model, "hvp"):
         params = [p for p in model.parameters() if p.requires_grad]
-        g = torch.autograd.grad(squeezed_loss(loss, call_model(model, x), y), params, create_graph=True)
+        g = torch.autograd.grad(squeezed_loss(loss, call_model(model, x), y), params, create_graph=True,
+                                allow_unused=True, materialize_grads=True)  # unreached: zero
         flat = torch.cat([t.reshape(-1) for t in g])
         out = torch.empty_like(v)
         if flat.requires_grad:

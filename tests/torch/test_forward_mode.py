@@ -1,7 +1,9 @@
-"""An embedding's padding row is a constant in every engine: forward-mode products (func,
-compiled, their Gauss-Newton products) equal the reverse-mode ones and a float64 reference, for
-``nn.Embedding(padding_idx=...)``, a negative padding index, a padding row tied to the output layer,
-and lookups spelled ``F.embedding`` or ``torch.embedding`` in a custom forward."""
+"""What reverse mode holds constant, every engine holds constant: forward-mode products (func,
+compiled, their Gauss-Newton products) equal the reverse-mode ones and a float64 reference for an
+embedding's padding row (``nn.Embedding(padding_idx=...)``, a negative padding index, a padding row
+tied to the output layer, lookups spelled ``F.embedding`` or ``torch.embedding``) and for
+parameters used with gradients disabled (``torch.no_grad``, ``set_grad_enabled(False)``) or not
+used at all, where the gradient, the Hessian and per-sample gradients are zero."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import nn
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch.engines import probe
 from twicediff.torch.engines.compiled import forget_compiled
+from twicediff.torch.per_sample import per_sample_grads
 
 ENGINES = ["func", "compiled", "autograd", "loop", "auto"]
 
@@ -52,8 +55,11 @@ def reference(model, x, y, mode):
     params = list(model.parameters())
     z = model(x)
     if mode == "hessian":
-        g = torch.autograd.grad(F.cross_entropy(z, y), params, create_graph=True)
-        return _rows(torch.cat([t.reshape(-1) for t in g]), params)
+        g = torch.autograd.grad(F.cross_entropy(z, y), params, create_graph=True, allow_unused=True,
+                                materialize_grads=True)
+        flat = torch.cat([t.reshape(-1) for t in g])
+        return _rows(flat, params) if flat.requires_grad else torch.zeros(flat.numel(), flat.numel(),
+                                                                           dtype=flat.dtype)
     J = _rows(z, params)
     zd = z.detach().requires_grad_(True)
     gz = torch.autograd.grad(F.cross_entropy(zd, y), zd, create_graph=True)[0]
@@ -89,3 +95,48 @@ def test_padding_row_is_constant_in_every_engine(spelling, tied, padding_idx, mo
     for engine in ENGINES:
         got = td.hvp(x, y, V, mode=mode, engine=engine)
         torch.testing.assert_close(got, V @ H, rtol=1e-9, atol=1e-12, msg=lambda m: f"{engine}: {m}")
+
+
+class Frozen(nn.Module):
+    """A backbone run with gradients disabled (``how``: "no_grad" or "set_grad_enabled"), or a
+    layer never used ("unused"), before a trainable head; every parameter requires grad."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.backbone, self.head, self.spare = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(2, 2)
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "no_grad":
+            with torch.no_grad():
+                h = torch.tanh(self.backbone(x))
+        elif self.how == "set_grad_enabled":
+            with torch.set_grad_enabled(False):
+                h = self.backbone(x).tanh()
+        else:
+            h = torch.tanh(self.backbone(x))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["no_grad", "set_grad_enabled", "unused"])
+@pytest.mark.parametrize("mode", ["hessian", "gauss_newton"])
+def test_parameters_without_a_gradient_are_constants_in_every_engine(how, mode):
+    torch.manual_seed(0)
+    model = Frozen(how).double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    H = reference(model, x, y, mode)
+    assert torch.allclose(H, H.T, atol=1e-12)
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    V = torch.randn(3, td.num_params, dtype=torch.float64)
+    for engine in ENGINES:
+        got = td.hvp(x, y, V, mode=mode, engine=engine)
+        torch.testing.assert_close(got, V @ H, rtol=1e-9, atol=1e-12, msg=lambda m: f"{engine}: {m}")
+    if mode == "hessian":
+        torch.testing.assert_close(td.hessian(x, y), H, rtol=1e-9, atol=1e-12)
+        zero = torch.cat([torch.full((p.numel(),), n.startswith("spare") or
+                                     (how != "unused" and n.startswith("backbone")))
+                          for n, p in model.named_parameters()])
+        g = td.grad(x, y)
+        assert (g[zero] == 0).all() and (g[~zero] != 0).any()
+        per_point = torch.cat([t.reshape(len(x), -1) for t in per_sample_grads(td, x, y)], 1)
+        torch.testing.assert_close(per_point.mean(0), g)

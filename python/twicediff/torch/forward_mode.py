@@ -1,0 +1,76 @@
+"""Forward-mode products hold constant what reverse mode holds constant.
+
+The reverse-mode engines (autograd, the loop) differentiate the gradient that torch's backward
+returns. Two things the model's forward does make that gradient treat a value as a constant, and
+forward mode (``jvp``, under the func and compiled engines and their Gauss-Newton products) does
+not follow either on its own:
+
+- an embedding's padding row. ``nn.Embedding(padding_idx=k)`` (and ``F.embedding``,
+  ``torch.embedding`` with a padding index) looks row k up like any other, but its backward gives
+  row k no gradient. ``jvp`` of the lookup carries the row's tangent on;
+- values computed with gradients disabled (``torch.no_grad()``, ``torch.set_grad_enabled(False)``
+  inside the forward, a frozen backbone, say). Their parameters get no gradient, but grad mode does
+  not switch forward mode off: ``jvp`` carries their tangents on.
+
+In both cases ``vmap(jvp(grad(L)))`` applied ``∂grad/∂θ_c`` for the constant's parameters θ_c, a
+column reverse mode never sees: another matrix than the reverse-mode engines', not symmetric, and
+``auto`` would pick one or the other by speed. :func:`reverse_mode_constants` removes those
+tangents: under it, an embedding lookup's output at padding positions, and the output of any
+function run with gradients disabled, are detached. Values are unchanged, and so are gradients
+(reverse mode gives those values none). Dynamo traces the mode into the compiled engine's graphs.
+An in-place op's output is left as it is (it is the tensor it was given).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+__all__ = ["reverse_mode_constants"]
+
+
+def _lookup_padding(func: Callable, args: Tuple, kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, Optional[int]]:
+    """(indices, padding row) of an embedding lookup, the row None when it has none."""
+    if func is F.embedding:  # F.embedding(input, weight, padding_idx=None, ...)
+        names = ("input", "weight", "padding_idx")
+        bound = dict(zip(names, args))
+        bound.update({k: v for k, v in kwargs.items() if k in names})
+        pad = bound.get("padding_idx")
+        if pad is not None and pad < 0:
+            pad += bound["weight"].shape[0]
+    else:  # torch.embedding(weight, indices, padding_idx=-1, ...): a negative index means none
+        names = ("weight", "input", "padding_idx")
+        bound = dict(zip(names, args))
+        bound.update({k: v for k, v in kwargs.items() if k in ("weight", "padding_idx")})
+        bound.setdefault("input", kwargs.get("indices"))
+        pad = bound.get("padding_idx", -1)
+        pad = None if pad < 0 else pad
+    return bound["input"], pad
+
+
+def _detach(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+class _ReverseModeConstants(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            if isinstance(out, torch.Tensor) and any(out is a for a in args):
+                return out  # in place: the caller's own tensor
+            return tree_map(_detach, out)
+        if func is F.embedding or func is torch.embedding:
+            indices, pad = _lookup_padding(func, args, kwargs)
+            if pad is not None:
+                out = torch.where((indices == pad).unsqueeze(-1), out.detach(), out)
+        return out
+
+
+def reverse_mode_constants() -> TorchFunctionMode:
+    """A context under which forward mode holds constant what reverse mode does (see the module
+    docstring). Enter it around a forward-mode product."""
+    return _ReverseModeConstants()
