@@ -10,6 +10,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 import twicediff
@@ -337,6 +338,12 @@ CASES = [
     ("hvp", "engine='func' on a model calling a custom autograd.Function without a vmap rule",
      lambda: _func_engine_through(_square_function(False).apply), RuntimeError,
      ["hvp", "Square has no vmap rule", "engine='autograd'"]),
+    ("hvp", "engine='func' on a model with activation checkpointing (saved-tensor hooks)",
+     lambda: _func_engine_through(functools.partial(checkpoint, torch.tanh, use_reentrant=False)), RuntimeError,
+     ["hvp", "saved-tensor hooks", "torch.utils.checkpoint", "engine='autograd'"]),
+    ("hvp", "engine='func' on a model with reentrant checkpointing (an old-style autograd.Function)",
+     lambda: _func_engine_through(functools.partial(checkpoint, torch.tanh, use_reentrant=True)), RuntimeError,
+     ["hvp", "no setup_context", "use_reentrant=True", "engine='autograd'"]),
     ("hvp_function", "a negative expected_products",
      lambda: _mlp().hvp_function(*_data(), expected_products=-5), ValueError, ["expected_products", "-5"]),
     ("hvp", "an unknown engine in TWICEDIFF_ENGINE",

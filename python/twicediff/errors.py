@@ -99,14 +99,17 @@ def batch_summary(x, y) -> str:
 
 
 # torch's words when the model or loss does something torch.func cannot transform: calls an op
-# without a forward-mode derivative, a custom autograd.Function without jvp or vmap rule, or a module
-# in training mode that updates a buffer or draws random numbers. The data is fine; the engines built
+# without a forward-mode derivative, a custom autograd.Function without jvp, vmap rule or
+# setup_context, saved-tensor hooks (activation checkpointing), or a module in training mode that
+# updates a buffer or draws random numbers. The data is fine; the engines built
 # on torch.func are not, and the message should say so.
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it")
 _NO_CUSTOM_JVP = "implement the jvp function for custom autograd.Function"
 _NO_VMAP = re.compile(r"You tried to vmap over (\S+), but it does not have vmap support")
 _BUFFER_UPDATE = "mutate a captured Tensor"
 _RANDOM = "called random operation while in randomness error mode"
+_SAVED_TENSOR_HOOKS = "support saved tensor hooks"
+_NO_SETUP_CONTEXT = "it must override the setup_context staticmethod"
 
 
 def _untransformable(message: str, where: str, data: str) -> str:
@@ -120,6 +123,14 @@ def _untransformable(message: str, where: str, data: str) -> str:
     elif vmap:
         what = f"the custom autograd.Function {vmap.group(1)} has no vmap rule"
         engines = "the engines that batch the directions with torch.func.vmap"
+    elif _SAVED_TENSOR_HOOKS in message:
+        what = ("the model uses saved-tensor hooks (activation checkpointing with torch.utils.checkpoint, or "
+                "torch.autograd.graph.saved_tensors_hooks)")
+        engines = "torch.func cannot trace those, so the engines built on it"
+    elif _NO_SETUP_CONTEXT in message:
+        what = ("a custom autograd.Function has no setup_context (an old-style one, as "
+                "torch.utils.checkpoint(use_reentrant=True) uses)")
+        engines = "torch.func cannot transform it, so the engines built on it"
     elif _BUFFER_UPDATE in message or _RANDOM in message:
         # A module in training mode: BatchNorm updates its running statistics in place, Dropout draws
         # a mask. The other engines run it, every product then random or normalised by the batch's
