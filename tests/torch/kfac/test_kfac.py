@@ -57,6 +57,24 @@ class _Transformer(nn.Module):
         return self.head(self.block(x).mean(1))
 
 
+class _CNN1d(nn.Module):
+    """Conv1d layers with padding, stride, dilation, a circular padding mode and no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 3, padding=1, dilation=2)
+        self.c2 = nn.Conv1d(3, 4, 2, stride=2, padding=1, padding_mode="circular", bias=False)
+        self.head = nn.Linear(4 * 3, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.c2(torch.tanh(self.c1(x)))).flatten(1))
+
+
+def _cnn1d(seed=0):
+    torch.manual_seed(seed)
+    return _CNN1d().to(DT)
+
+
 def _transformer(seed=0):
     torch.manual_seed(seed)
     return _Transformer().to(DT)
@@ -64,11 +82,11 @@ def _transformer(seed=0):
 
 def _data(kind, n=24, seed=1):
     g = torch.Generator().manual_seed(seed)
-    shape = {"mlp": (n, 5), "cnn": (n, 2, 4, 4), "transformer": (n, 5, 8)}[kind]
+    shape = {"mlp": (n, 5), "cnn": (n, 2, 4, 4), "cnn1d": (n, 2, 6), "transformer": (n, 5, 8)}[kind]
     return torch.randn(*shape, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer}
+MODELS = {"mlp": _mlp, "cnn": _cnn, "cnn1d": _cnn1d, "transformer": _transformer}
 
 
 def _per_sample_grads(model, loss, x, y):
@@ -156,6 +174,15 @@ def test_factors_equal_their_definitions(kind):
     idx, _ = _layer_index(model, head)
     gb = G[:, idx].reshape(-1, head.out_features, head.in_dim)[:, :, -1]
     torch.testing.assert_close(factors.S[head.name], gb.T @ gb / x.shape[0], rtol=1e-10, atol=1e-14)
+
+
+def test_conv1d_layers_are_tracked():
+    """Conv1d layers carry factors of their own (the definition and solve tests above then check
+    them on the "cnn1d" model); they used to be left out of the curvature and reported."""
+    x, y = _data("cnn1d")
+    factors = KFACFactors.fit(_cnn1d(), F.cross_entropy, _loader(x, y, 10))
+    assert [(t.name, t.kind, t.in_features) for t in factors.layers] == [
+        ("c1", "conv1d", 2 * 3), ("c2", "conv1d", 3 * 2), ("head", "linear", 12)]
 
 
 def test_one_linear_layer_equals_exact_hessian_where_theory_says():
@@ -358,7 +385,7 @@ def test_user_named_layers_and_errors():
     assert [t.name for t in find_layers(model, ["2", model[4]])] == ["2", "4"]
     with pytest.raises(ValueError, match="not a module of the model"):
         find_layers(model, ["nope"])
-    with pytest.raises(ValueError, match="is a Tanh; expected an nn.Linear or an nn.Conv2d"):
+    with pytest.raises(ValueError, match="is a Tanh; expected an nn.Linear, an nn.Conv1d or an nn.Conv2d"):
         find_layers(model, ["1"])
     x, y = _data("mlp")
     f = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 8), layers=["4"])

@@ -1,4 +1,4 @@
-"""Kronecker-factored curvature (K-FAC and EK-FAC) for the Linear and Conv2d layers of any model.
+"""Kronecker-factored curvature (K-FAC and EK-FAC) for the Linear, Conv1d and Conv2d layers of any model.
 
 - :mod:`.layers`: which layers are tracked (module hooks), and how their inputs / output
   gradients are read as [B, T, ·] tokens.

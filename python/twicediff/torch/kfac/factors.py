@@ -119,7 +119,7 @@ class KFACFactors:
         """Fit the factors of ``model`` under ``loss`` over ``data``.
 
         Args:
-            model: any ``nn.Module``; its tracked layers (``layers``, default every Linear / Conv2d
+            model: any ``nn.Module``; its tracked layers (``layers``, default every Linear / Conv1d / Conv2d
                 whose parameters require grad) get factors; the rest is reported and left out.
             loss: ``loss(output, target) -> scalar`` on a batch (e.g. ``F.cross_entropy``).
             data: an iterable of ``(x, y)`` batches (a DataLoader); ``x`` a tensor, tuple or dict.

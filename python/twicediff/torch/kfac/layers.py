@@ -1,7 +1,7 @@
 r"""Which layers carry Kronecker-factored curvature, and how their inputs and output gradients are
 read during a forward/backward pass.
 
-A tracked layer is an ``nn.Linear`` or an ``nn.Conv2d`` (groups = 1) whose weight requires grad,
+A tracked layer is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (groups = 1) whose weight requires grad,
 found anywhere in a model by walking its modules, so the architecture around it does not matter.
 Its weight gradient for one sample is a sum over "tokens" t:
 
@@ -11,6 +11,7 @@ Its weight gradient for one sample is a sum over "tokens" t:
   (flattened to [B, T, in]); g is the gradient at the output [B, ..., out] -> [B, T, out].
 - Conv2d: the tokens are the output pixels; ā is the unfolded input patch (``F.unfold`` order:
   channel, then kernel row, then kernel column, the order of ``weight.reshape(out, -1)``).
+- Conv1d: the same with the output positions as tokens (the input unfolded as a one-row image).
 - ā is the input with a trailing 1 when the layer has a bias: the bias is the last column of the
   combined [out, in'] weight. Everything downstream keeps that 1 implied rather than stored.
 
@@ -43,8 +44,8 @@ class TrackedLayer:
 
     Attributes:
         name: the module's qualified name in the model ("" for the model itself).
-        kind: "linear" or "conv2d".
-        in_features: width of one input token without the bias column (in; C·kh·kw for a conv).
+        kind: "linear", "conv1d" or "conv2d".
+        in_features: width of one input token without the bias column (in; C·k or C·kh·kw for a conv).
         out_features: width of one output-gradient token (out; output channels for a conv).
         has_bias: whether the layer has a bias (then ā carries an implied trailing 1).
         weight_name, bias_name: qualified parameter names in ``model.named_parameters()``.
@@ -99,11 +100,13 @@ def _supported(module: nn.Module) -> Optional[str]:
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
     return None
 
 
 def _unsupported_reason(module: nn.Module) -> Optional[str]:
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
         return f"a grouped convolution (groups = {module.groups})"
     if not module.weight.requires_grad:
         return "its weight does not require grad"
@@ -117,8 +120,8 @@ def _make(name: str, module: nn.Module, param_names: Dict[int, str]) -> TrackedL
     w = module.weight
     if kind == "linear":
         in_f, out_f = module.in_features, module.out_features
-    else:
-        in_f, out_f = w.shape[1] * w.shape[2] * w.shape[3], w.shape[0]
+    else:  # a convolution: weight [out, C, *kernel]
+        in_f, out_f = w[0].numel(), w.shape[0]
     return TrackedLayer(name=name, kind=kind, in_features=int(in_f), out_features=int(out_f),
                         has_bias=module.bias is not None, weight_name=param_names[id(w)],
                         bias_name=param_names[id(module.bias)] if module.bias is not None else None,
@@ -134,7 +137,7 @@ def find_layers(model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module
 
     Args:
         model: any ``nn.Module``.
-        layers: None to track every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) whose parameters
+        layers: None to track every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (groups = 1) whose parameters
             require grad; or the layers to track, as module names (``model.named_modules()``) or
             the modules themselves. A named layer that cannot be tracked is an error.
         max_factor_dim: with ``layers=None``, a layer whose A or S would be wider than this is
@@ -163,8 +166,8 @@ def find_layers(model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module
                         "them in layers= or raise max_factor_dim to track them): %s", len(too_wide), max_factor_dim,
                         ", ".join(too_wide))
         if not found:
-            raise ValueError(f"find_layers: model {type(model).__name__} has no nn.Linear or nn.Conv2d layer whose "
-                             "parameters require grad; K-FAC has nothing to track")
+            raise ValueError(f"find_layers: model {type(model).__name__} has no nn.Linear, nn.Conv1d or nn.Conv2d "
+                             "layer whose parameters require grad; K-FAC has nothing to track")
         return found
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
@@ -185,8 +188,8 @@ def find_layers(model: nn.Module, layers: Optional[Iterable[Union[str, nn.Module
             raise TypeError(f"find_layers: layers[{k}] must be a module name or an nn.Module, got {type(item).__name__}")
         m = by_name[name]
         if _supported(m) is None:
-            raise ValueError(f"find_layers: layers[{k}] = {name!r} is a {type(m).__name__}; expected an nn.Linear or "
-                             "an nn.Conv2d")
+            raise ValueError(f"find_layers: layers[{k}] = {name!r} is a {type(m).__name__}; expected an nn.Linear, "
+                             "an nn.Conv1d or an nn.Conv2d")
         reason = _unsupported_reason(m)
         if reason is not None:
             raise ValueError(f"find_layers: layers[{k}] = {name!r} cannot be tracked: {reason}")
@@ -247,13 +250,17 @@ def _as_tokens_linear(t: torch.Tensor, width: int, batch: int, layer: TrackedLay
     return t.reshape(batch, -1, width)
 
 
-def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """[B, L, C·kh·kw] patches of a conv's input (L output pixels), padding as the module applies it."""
+def _conv_patches(module: Union[nn.Conv1d, nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
+    """[B, L, C·kh·kw] patches of a conv's input (L output positions), padding as the module applies
+    it; a Conv1d's input [B, C, W] is unfolded as the one-row image [B, C, 1, W]."""
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     pad = list(module._reversed_padding_repeated_twice)
     if any(pad):
         x = F.pad(x, pad, mode=mode)
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=0, stride=module.stride)
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    if isinstance(module, nn.Conv1d):
+        x, kernel, dilation, stride = x.unsqueeze(2), (1, *kernel), (1, *dilation), (1, *stride)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)
     return cols.transpose(1, 2)
 
 
@@ -339,9 +346,11 @@ class LayerCapture:
     def _tokens_in(self, layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
         if layer.kind == "linear":
             return _as_tokens_linear(x, layer.in_features, self.batch_size, layer, "an input")
-        if x.dim() != 4 or x.shape[0] != self.batch_size:
+        dims = 3 if layer.kind == "conv1d" else 4
+        if x.dim() != dims or x.shape[0] != self.batch_size:
+            spatial = "W" if dims == 3 else "H, W"
             raise ValueError(f"K-FAC: conv layer {layer.name!r} got an input of shape {tuple(x.shape)}; expected "
-                             f"[B, C, H, W] with B = {self.batch_size}")
+                             f"[B, C, {spatial}] with B = {self.batch_size}")
         return _conv_patches(layer.module, x)
 
     def _tokens_out(self, layer: TrackedLayer, g: torch.Tensor) -> torch.Tensor:

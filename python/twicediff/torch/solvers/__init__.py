@@ -13,7 +13,7 @@ Cg          :func:`solve_batch_cg`   ``cg``, ``block_cg``  block CG, optional ``
 Lissa       :func:`solve_lissa`      ``lissa``            stochastic Neumann series, all columns at once
 Arnoldi     :func:`solve_arnoldi`    ``low_rank``,        top eigenpairs of H + λI (Lanczos or ARPACK)
                                      ``lanczos``
-Ekfac       :func:`solve_ekfac`      ``kfac``             EK-FAC curvature of the Linear/Conv2d layers
+Ekfac       :func:`solve_ekfac`      ``kfac``             EK-FAC curvature of the Linear/Conv layers
 Kfac        :func:`solve_kfac`       ``kfac``             K-FAC curvature (A ⊗ S) of those layers
 ==========  =======================  ===================  ===========================================
 

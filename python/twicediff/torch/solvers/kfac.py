@@ -11,7 +11,7 @@ Options (keyword arguments of :func:`twicediff.inversion.solve_hvp` and of the i
 - ``factors``: a fitted :class:`~twicediff.torch.kfac.KFACFactors` (method "ekfac" needs one fitted
   with the EK-FAC pass);
 - ``fisher_type``: "empirical" (default), "true" or "ggn", for fitting;
-- ``layers``: which Linear / Conv2d modules (names or modules) to track, for fitting;
+- ``layers``: which Linear / Conv1d / Conv2d modules (names or modules) to track, for fitting;
 - ``relative_damping``: λ (``hessian_perturbation`` / ``hessian_regularization``) scales each
   layer's mean eigenvalue instead of being absolute;
 - ``fit_options``: a dict of further :meth:`KFACFactors.fit` arguments (``seed``,
