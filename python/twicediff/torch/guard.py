@@ -17,7 +17,8 @@
   weights are saved before the call and written back after it (the call differentiates at the
   renormalized values, as the model's own first forward would). Any other in-place change of a
   parameter shows in its version counter, and the call raises a RuntimeError naming it: it cannot
-  be undone, and derivatives taken while the weights moved belong to no single point.
+  be undone, and derivatives taken while the weights moved belong to no single point. (An RNN's
+  weights are not watched: cuDNN re-seats them in place on CUDA, values unchanged.)
 - A sparse embedding (``sparse=True``) is refused before anything runs, with a ValueError naming
   the module: its gradients are sparse tensors, which no flat parameter vector holds.
 - So is a gradient hook on a parameter (``p.register_hook``) or a module (a backward hook, or a
@@ -95,6 +96,15 @@ def _gradient_hook(model: nn.Module) -> str:
     return ""
 
 
+def _watched_parameters(model: nn.Module) -> list:
+    """(name, parameter) whose version counter must not move during a call: all but an RNN's. On
+    CUDA, an RNN re-seats its weights into one flat cuDNN buffer whenever they are set (as
+    ``functional_call`` does), an in-place ``set_`` that keeps their values but moves the version
+    counter the swapped-in tensors share with the parameters."""
+    rnn = {id(p) for m in model.modules() if isinstance(m, nn.RNNBase) for p in m.parameters(recurse=False)}
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in rnn]
+
+
 def _renormed_weights(model: nn.Module, where: str) -> list:
     """The weights the model's forward renormalizes in place (embeddings with ``max_norm``); a
     ValueError for a sparse embedding or a gradient hook (see the module docstring)."""
@@ -153,7 +163,7 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
             _warn_training_dropout(model, where)
             saved = [(b, b.detach().clone()) for b in model.buffers()]
         saved += [(w, w.detach().clone()) for w in renormed]
-        versions = [(n, p, p._version) for n, p in model.named_parameters()] if outermost else []
+        versions = [(n, p, p._version) for n, p in _watched_parameters(model)] if outermost else []
         depth[id(model)] = depth.get(id(model), 0) + 1
         try:
             with torch.enable_grad(), _math_attention():
