@@ -140,3 +140,24 @@ def test_parameters_without_a_gradient_are_constants_in_every_engine(how, mode):
         assert (g[zero] == 0).all() and (g[~zero] != 0).any()
         per_point = torch.cat([t.reshape(len(x), -1) for t in per_sample_grads(td, x, y)], 1)
         torch.testing.assert_close(per_point.mean(0), g)
+
+
+@pytest.mark.parametrize("model", [Bag("module", tied=True), Frozen("no_grad")], ids=["padding", "no_grad"])
+def test_pydvl_functional_hvp_agrees_in_both_directions(model):
+    """pyDVL's functional ``hvp(func, params, vec, reverse_only=...)``: forward over reverse gives
+    the pullback's product on models with padding rows and no_grad values too."""
+    from twicediff.torch.functional import batch_loss_function, hvp
+
+    torch.manual_seed(0)
+    model = model.double().eval()
+    if isinstance(model, Bag):
+        x, y = torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6,))
+        x[:3, 0] = 0
+    else:
+        x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    vec = {n: torch.randn_like(p) for n, p in params.items()}
+    f = batch_loss_function(model, F.cross_entropy, x, y)
+    reverse, forward = hvp(f, params, vec, reverse_only=True), hvp(f, params, vec, reverse_only=False)
+    for n in params:
+        torch.testing.assert_close(forward[n], reverse[n], rtol=1e-9, atol=1e-12)

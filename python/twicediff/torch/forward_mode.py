@@ -2,8 +2,8 @@
 
 The reverse-mode engines (autograd, the loop) differentiate the gradient that torch's backward
 returns. Two things the model's forward does make that gradient treat a value as a constant, and
-forward mode (``jvp``, under the func and compiled engines and their Gauss-Newton products) does
-not follow either on its own:
+forward mode (``jvp``, under the func and compiled engines, their Gauss-Newton products and pyDVL's
+functional ``hvp(..., reverse_only=False)``) does not follow either on its own:
 
 - an embedding's padding row. ``nn.Embedding(padding_idx=k)`` (and ``F.embedding``,
   ``torch.embedding`` with a padding index) looks row k up like any other, but its backward gives

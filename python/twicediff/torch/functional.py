@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import NotNativeError
 from .engines import NativeEngine
+from .forward_mode import reverse_mode_constants
 from .util import TorchTensorContainerType, align_structure, flatten_tensors_to_vector, to_model_device
 
 __all__ = [
@@ -42,14 +43,16 @@ def hvp(func: Callable[[TorchTensorContainerType], torch.Tensor], params: TorchT
     ``params`` (a tensor, a tuple or a dict of tensors; ``vec`` has the same structure).
 
     ``reverse_only=True``: the pullback of v through ∇f (reverse over reverse); False: the tangent
-    of ∇f along v (forward over reverse). Both are exact; where torch's forward-mode formula of an
+    of ∇f along v (forward over reverse, holding constant what reverse mode does:
+    :mod:`twicediff.torch.forward_mode`). Both are exact; where torch's forward-mode formula of an
     op fails (``F.mse_loss`` raises "ZeroTensors are immutable" in some torch versions), the
     forward-over-reverse product is taken reverse over reverse instead.
     """
     if reverse_only:
         return vjp(grad(func), params)[1](vec)[0]
     try:
-        return jvp(grad(func), (params,), (vec,))[1]
+        with reverse_mode_constants():  # padding rows and no_grad values stay constants, as in reverse mode
+            return jvp(grad(func), (params,), (vec,))[1]
     except RuntimeError as exc:
         if "ZeroTensor" not in str(exc):
             raise
