@@ -161,3 +161,26 @@ def test_pydvl_functional_hvp_agrees_in_both_directions(model):
     reverse, forward = hvp(f, params, vec, reverse_only=True), hvp(f, params, vec, reverse_only=False)
     for n in params:
         torch.testing.assert_close(forward[n], reverse[n], rtol=1e-9, atol=1e-12)
+
+
+def test_a_failing_forward_mode_formula_falls_back_to_reverse_mode(monkeypatch):
+    """torch's forward-mode formula of mse_loss's backward fails on an integer target ("result
+    type Double can't be cast to the desired output type Long", torch 2.14) where reverse mode
+    computes; the func and compiled engines and the functional hvp used to raise it."""
+    from twicediff.torch.functional import batch_loss_function, hvp
+
+    monkeypatch.setenv("TWICEDIFF_COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7, 3))
+    td = TorchTwiceDifferentiable(model, F.mse_loss)
+    V = torch.randn(2, td.num_params, dtype=torch.float64)
+    want = td.hvp(x, y, V, engine="autograd")
+    for engine in ("func", "compiled", "auto"):
+        torch.testing.assert_close(td.hvp(x, y, V, engine=engine), want, msg=lambda m: f"{engine}: {m}")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    vec = {n: torch.randn_like(p) for n, p in params.items()}
+    f = batch_loss_function(model, F.mse_loss, x, y)
+    forward, reverse = hvp(f, params, vec, reverse_only=False), hvp(f, params, vec, reverse_only=True)
+    for n in params:
+        torch.testing.assert_close(forward[n], reverse[n])

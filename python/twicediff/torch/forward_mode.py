@@ -19,6 +19,9 @@ tangents: under it, an embedding lookup's output at padding positions, and the o
 function run with gradients disabled, are detached. Values are unchanged, and so are gradients
 (reverse mode gives those values none). Dynamo traces the mode into the compiled engine's graphs.
 An in-place op's output is left as it is (it is the tensor it was given).
+
+The module also names the forward-mode formulas of torch that fail where reverse mode computes
+(:data:`FORMULA_FAILURES`): there the callers take the product reverse over reverse, which is exact too.
 """
 from __future__ import annotations
 
@@ -29,7 +32,18 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["reverse_mode_constants"]
+__all__ = ["FORMULA_FAILURES", "formula_failure", "reverse_mode_constants"]
+
+#: torch's words where one of its forward-mode formulas fails on input reverse mode takes: an
+#: implicit zero tangent written into ("ZeroTensors are immutable", ``mse_loss``'s backward), and
+#: an integer target in ``mse_loss``'s backward ("result type Double can't be cast to the desired
+#: output type Long", torch 2.14). Reverse over reverse is exact there too, and callers use it.
+FORMULA_FAILURES = ("ZeroTensor", "can't be cast to the desired output type")
+
+
+def formula_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of :data:`FORMULA_FAILURES`."""
+    return isinstance(exc, RuntimeError) and any(words in str(exc) for words in FORMULA_FAILURES)
 
 
 def _lookup_padding(func: Callable, args: Tuple, kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, Optional[int]]:

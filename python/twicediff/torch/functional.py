@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import NotNativeError
 from .engines import NativeEngine
-from .forward_mode import reverse_mode_constants
+from .forward_mode import formula_failure, reverse_mode_constants
 from .util import TorchTensorContainerType, align_structure, flatten_tensors_to_vector, to_model_device
 
 __all__ = [
@@ -45,8 +45,8 @@ def hvp(func: Callable[[TorchTensorContainerType], torch.Tensor], params: TorchT
     ``reverse_only=True``: the pullback of v through ∇f (reverse over reverse); False: the tangent
     of ∇f along v (forward over reverse, holding constant what reverse mode does:
     :mod:`twicediff.torch.forward_mode`). Both are exact; where torch's forward-mode formula of an
-    op fails (``F.mse_loss`` raises "ZeroTensors are immutable" in some torch versions), the
-    forward-over-reverse product is taken reverse over reverse instead.
+    op fails (``F.mse_loss``'s, on an implicit zero tangent or an integer target:
+    ``forward_mode.FORMULA_FAILURES``), the product is taken reverse over reverse instead.
     """
     if reverse_only:
         return vjp(grad(func), params)[1](vec)[0]
@@ -54,7 +54,7 @@ def hvp(func: Callable[[TorchTensorContainerType], torch.Tensor], params: TorchT
         with reverse_mode_constants():  # padding rows and no_grad values stay constants, as in reverse mode
             return jvp(grad(func), (params,), (vec,))[1]
     except RuntimeError as exc:
-        if "ZeroTensor" not in str(exc):
+        if not formula_failure(exc):
             raise
         return vjp(grad(func), params)[1](vec)[0]
 

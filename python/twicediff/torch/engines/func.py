@@ -14,7 +14,7 @@ from ..batch import model_args, squeezed_loss
 from .base import PreparedBatch
 from .generic import GenericEngine
 from ..guard import model_call
-from ..forward_mode import reverse_mode_constants
+from ..forward_mode import formula_failure, reverse_mode_constants
 
 __all__ = ["FuncEngine", "forward_over_reverse", "func_hvp", "split_params"]
 
@@ -119,9 +119,9 @@ def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: 
             blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
                                           tangents)
         except RuntimeError as exc:
-            # Should another forward-mode formula fail on an implicit zero tangent as mse_loss's
-            # does (see forward_over_reverse): reverse-over-reverse is exact too.
-            if "ZeroTensor" not in str(exc):
+            # A forward-mode formula of torch that fails where reverse mode works (an implicit zero
+            # tangent, an integer regression target): reverse-over-reverse is exact too.
+            if not formula_failure(exc):
                 raise
             _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
             blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
