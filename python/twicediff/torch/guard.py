@@ -38,7 +38,8 @@ import contextlib
 import logging
 import threading
 import weakref
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -81,49 +82,65 @@ def _depths() -> dict:
     return _nesting.depth
 
 
-def _gradient_hook(model: nn.Module) -> str:
-    """Where the model has a hook that rewrites gradients ("" where none; module docstring)."""
+def _name(model: nn.Module, obj) -> str:
+    """The qualified name of a module or parameter of ``model``, for an error message."""
+    pairs = model.named_parameters() if isinstance(obj, torch.Tensor) else model.named_modules()
+    name = next(n for n, o in pairs if o is obj)
+    return name or type(obj).__name__
+
+
+def _refuse_hook(where: str, what: str):
+    return ValueError(f"{where}: {what}, which changes the gradients autograd returns; twicediff's engines "
+                      "differentiate the loss itself (forward mode and the native engine never see such a hook, "
+                      "reverse mode would differentiate it again): remove the hook for these calls "
+                      "(handle.remove(), and register it again after)")
+
+
+@dataclass
+class _Reading:
+    """What a call must guard in a model (see the module docstring), from one walk over its modules.
+
+    Attributes:
+        training: a module is in training mode.
+        renormed: the weights the forward renormalizes in place (embeddings with ``max_norm``).
+        versions: (parameter, version counter) of every parameter but an RNN's. On CUDA an RNN
+            re-seats its weights into one flat cuDNN buffer whenever they are set (as
+            ``functional_call`` does): an in-place ``set_`` that keeps their values but moves the
+            version counter the swapped-in tensors share with the parameters.
+    """
+    training: bool
+    renormed: List[torch.Tensor]
+    versions: List[Tuple[torch.Tensor, int]]
+
+
+def _read(model: nn.Module, where: str) -> _Reading:
+    """The model's :class:`_Reading`; a ValueError for a gradient hook or a sparse embedding. Names
+    are looked up only for an error: building them costs more than the walk itself."""
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
-        return "a global module backward hook (register_module_full_backward_hook)"
-    for name, m in model.named_modules():
+        raise _refuse_hook(where, "a global module backward hook (register_module_full_backward_hook) is set")
+    training, renormed, versions, rnn = False, [], {}, set()
+    for m in model.modules():
+        training = training or m.training
         if m._backward_hooks or m._backward_pre_hooks:
-            return f"module '{name or type(m).__name__}' ({type(m).__name__}) has a backward hook"
-    for name, p in model.named_parameters():
-        if getattr(p, "_backward_hooks", None):
-            return f"parameter '{name}' has a gradient hook (register_hook)"
-    return ""
-
-
-def _watched_parameters(model: nn.Module) -> list:
-    """(name, parameter) whose version counter must not move during a call: all but an RNN's. On
-    CUDA, an RNN re-seats its weights into one flat cuDNN buffer whenever they are set (as
-    ``functional_call`` does), an in-place ``set_`` that keeps their values but moves the version
-    counter the swapped-in tensors share with the parameters."""
-    rnn = {id(p) for m in model.modules() if isinstance(m, nn.RNNBase) for p in m.parameters(recurse=False)}
-    return [(n, p) for n, p in model.named_parameters() if id(p) not in rnn]
-
-
-def _renormed_weights(model: nn.Module, where: str) -> list:
-    """The weights the model's forward renormalizes in place (embeddings with ``max_norm``); a
-    ValueError for a sparse embedding or a gradient hook (see the module docstring)."""
-    hook = _gradient_hook(model)
-    if hook:
-        raise ValueError(f"{where}: {hook}, which changes the gradients autograd returns; twicediff's engines "
-                         "differentiate the loss itself (forward mode and the native engine never see such a hook, "
-                         "reverse mode would differentiate it again): remove the hook for these calls "
-                         "(handle.remove(), and register it again after)")
-    weights = []
-    for name, m in model.named_modules():
+            raise _refuse_hook(where, f"module '{_name(model, m)}' ({type(m).__name__}) has a backward hook")
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             if m.sparse:
-                raise ValueError(f"{where}: module '{name or type(m).__name__}' ({type(m).__name__}) has sparse=True, "
-                                 "so its gradients are sparse tensors; twicediff works with dense gradients: build it "
-                                 "with sparse=False (the same function)")
+                raise ValueError(f"{where}: module '{_name(model, m)}' ({type(m).__name__}) has sparse=True, so its "
+                                 "gradients are sparse tensors; twicediff works with dense gradients: build it with "
+                                 "sparse=False (the same function)")
             if m.max_norm is not None:
-                weights.append(m.weight)
-    return weights
+                renormed.append(m.weight)
+        for p in m._parameters.values():
+            if p is None:
+                continue
+            if p._backward_hooks:
+                raise _refuse_hook(where, f"parameter '{_name(model, p)}' has a gradient hook (register_hook)")
+            if isinstance(m, nn.RNNBase):
+                rnn.add(id(p))
+            versions[id(p)] = (p, p._version)
+    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn])
 
 
 def _warn_training_dropout(model: nn.Module, where: str) -> None:
@@ -156,14 +173,12 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
     with model_lock(model):
         depth = _depths()
         outermost = id(model) not in depth  # nested calls (a probe inside hvp) leave the checks to the first
-        renormed = _renormed_weights(model, where) if outermost else []
-        training = any(m.training for m in model.modules())
+        reading = _read(model, where) if outermost else _Reading(any(m.training for m in model.modules()), [], [])
         saved = []
-        if training:
+        if reading.training:
             _warn_training_dropout(model, where)
             saved = [(b, b.detach().clone()) for b in model.buffers()]
-        saved += [(w, w.detach().clone()) for w in renormed]
-        versions = [(n, p, p._version) for n, p in _watched_parameters(model)] if outermost else []
+        saved += [(w, w.detach().clone()) for w in reading.renormed]
         depth[id(model)] = depth.get(id(model), 0) + 1
         try:
             with torch.enable_grad(), _math_attention():
@@ -176,9 +191,10 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
                 with torch.no_grad():
                     for t, value in saved:
                         t.copy_(value)
-        restored = {id(w) for w in renormed}
-        moved = [n for n, p, version in versions if p._version != version and id(p) not in restored]
+        restored = {id(w) for w in reading.renormed}
+        moved = [p for p, version in reading.versions if p._version != version and id(p) not in restored]
         if moved:
-            raise ModelChangedError(f"{where}: the model changed its parameter '{moved[0]}' in place during the call "
-                                    "(its forward writes to its weights); derivatives need the parameters fixed, and "
-                                    "twicediff cannot undo the change: take the in-place update out of the forward")
+            raise ModelChangedError(f"{where}: the model changed its parameter '{_name(model, moved[0])}' in place "
+                                    "during the call (its forward writes to its weights); derivatives need the "
+                                    "parameters fixed, and twicediff cannot undo the change: take the in-place update "
+                                    "out of the forward")
