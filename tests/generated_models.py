@@ -164,7 +164,9 @@ def reference_hessian(case: Case, gauss_newton: bool = False) -> torch.Tensor:
 
     z = model(x)
     if not gauss_newton:
-        g = torch.autograd.grad(loss_of_output(z), params, create_graph=True)
+        # A parameter the loss does not reach (unused, or used under torch.no_grad): a zero block.
+        g = torch.autograd.grad(loss_of_output(z), params, create_graph=True, allow_unused=True,
+                                materialize_grads=True)
         flat = torch.cat([t.reshape(-1) for t in g])
         if not flat.requires_grad:  # a loss linear in every parameter
             return torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)

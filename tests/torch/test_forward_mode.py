@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generated_models import Case, reference_hessian
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch.engines import probe
 from twicediff.torch.engines.compiled import forget_compiled
@@ -43,28 +44,9 @@ class Bag(nn.Module):
         return self.out(torch.tanh(self.hidden(e.mean(1))))
 
 
-def _rows(outputs, params):
-    flat = outputs.reshape(-1)
-    return torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in
-                                   zip(torch.autograd.grad(flat[i], params, retain_graph=True, allow_unused=True),
-                                       params)]) for i in range(flat.numel())])
-
-
 def reference(model, x, y, mode):
     """The float64 curvature matrix of the mean cross-entropy, by plain reverse mode (row by row)."""
-    params = list(model.parameters())
-    z = model(x)
-    if mode == "hessian":
-        g = torch.autograd.grad(F.cross_entropy(z, y), params, create_graph=True, allow_unused=True,
-                                materialize_grads=True)
-        flat = torch.cat([t.reshape(-1) for t in g])
-        return _rows(flat, params) if flat.requires_grad else torch.zeros(flat.numel(), flat.numel(),
-                                                                           dtype=flat.dtype)
-    J = _rows(z, params)
-    zd = z.detach().requires_grad_(True)
-    gz = torch.autograd.grad(F.cross_entropy(zd, y), zd, create_graph=True)[0]
-    H_out = _rows(gz, [zd])
-    return J.T @ H_out @ J
+    return reference_hessian(Case(model, F.cross_entropy, x, y, ""), gauss_newton=mode == "gauss_newton")
 
 
 @pytest.fixture(autouse=True)
