@@ -36,7 +36,7 @@ from .batch import (batch_size, call_model, input_tensors, model_args, num_point
 from .engines.func import split_params
 from .engines.generic import activation_numel
 from .guard import model_call
-from .mvp import batched_mvp
+from .mvp import batched_mvp, flat_grads
 from .tensor_utilities import TorchTensorUtilities
 from .twice_differentiable import TorchTwiceDifferentiable
 
@@ -135,8 +135,7 @@ def per_sample_mixed_products(model: TorchTwiceDifferentiable, x: torch.Tensor, 
             losses = torch.stack([squeezed_loss(model.loss, model.model(xg[i:i + 1]), y[i:i + 1])
                                   for i in range(B)])
             _log_fallback("per_sample_mixed_products", exc)  # once it worked (see per_sample_grads)
-        g = torch.autograd.grad(losses.sum(), trainable, create_graph=True, allow_unused=True, materialize_grads=True)
-        g = torch.cat([t.reshape(-1) for t in g])
+        g = flat_grads(torch.autograd.grad(losses.sum(), trainable, create_graph=True, allow_unused=True), trainable)
         return batched_mvp(g, v, xg, allow_unused=True).reshape(T, *x.shape)
 
 

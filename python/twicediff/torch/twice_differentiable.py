@@ -25,7 +25,7 @@ from .engines.amortise import products_expected
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
 from .guard import model_call
-from .mvp import batched_mvp
+from .mvp import batched_mvp, flat_grads
 
 __all__ = ["TorchTwiceDifferentiable", "check_model"]
 
@@ -154,10 +154,9 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                     t.requires_grad_(True)
         with model_call(self.model, "grad"), data_errors("grad", "", x, y):
             value = squeezed_loss(self.loss, _batch.call_model(self.model, x), y)
-            # A parameter the loss does not reach (unused, or used under torch.no_grad): zero.
-            grads = torch.autograd.grad(value, self.parameters, create_graph=create_graph, allow_unused=True,
-                                        materialize_grads=True)
-        return torch.cat([g.reshape(-1) for g in grads])
+            params = self.parameters
+            # A parameter the loss does not reach (unused, or used under torch.no_grad): zeros.
+            return flat_grads(torch.autograd.grad(value, params, create_graph=create_graph, allow_unused=True), params)
 
     def hessian(self, x: Inputs, y: torch.Tensor, *, method: str = "auto",
                 progress: bool = False) -> torch.Tensor:

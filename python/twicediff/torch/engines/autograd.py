@@ -37,8 +37,8 @@ def _autograd_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor, mode: str) -
     if mode == "hessian":
         # A parameter the loss does not reach (unused, or used under torch.no_grad) has a zero
         # gradient and a zero Hessian block.
-        g = torch.autograd.grad(value, params, create_graph=True, allow_unused=True, materialize_grads=True)
-        return batched_mvp(torch.cat([t.reshape(-1) for t in g]), v, params, allow_unused=True)
+        g = flat_grads(torch.autograd.grad(value, params, create_graph=True, allow_unused=True), params)
+        return batched_mvp(g, v, params, allow_unused=True)
     # Gauss-Newton: J v by the double-vjp trick (Jᵀu is linear in u), then H_ℓ, then Jᵀ.
     g_out = torch.autograd.grad(value, output, create_graph=True)[0]
     u = torch.zeros_like(output, requires_grad=True)

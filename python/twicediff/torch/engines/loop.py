@@ -8,7 +8,7 @@ import torch
 
 from ..batch import call_model, squeezed_loss
 from ..guard import model_call
-from ..mvp import mvp_loop
+from ..mvp import flat_grads, mvp_loop
 from .base import PreparedBatch
 from .generic import GenericEngine
 
@@ -39,9 +39,8 @@ def loop_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor, mode: str = "hess
         return autograd_hvp(model, loss, x, y, v, mode)
     with model_call(model, "hvp"):
         params = [p for p in model.parameters() if p.requires_grad]
-        g = torch.autograd.grad(squeezed_loss(loss, call_model(model, x), y), params, create_graph=True,
-                                allow_unused=True, materialize_grads=True)  # unreached: zero
-        flat = torch.cat([t.reshape(-1) for t in g])
+        flat = flat_grads(torch.autograd.grad(squeezed_loss(loss, call_model(model, x), y), params, create_graph=True,
+                                              allow_unused=True), params)  # a parameter not reached: zeros
         out = torch.empty_like(v)
         if flat.requires_grad:
             mvp_loop(flat, v, params, out)
