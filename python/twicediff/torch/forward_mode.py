@@ -46,23 +46,20 @@ def formula_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(words in str(exc) for words in FORMULA_FAILURES)
 
 
+# The leading positional arguments of each spelling of an embedding lookup.
+_LOOKUP_ARGUMENTS = {F.embedding: ("input", "weight", "padding_idx"),
+                     torch.embedding: ("weight", "indices", "padding_idx")}
+
+
 def _lookup_padding(func: Callable, args: Tuple, kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, Optional[int]]:
-    """(indices, padding row) of an embedding lookup, the row None when it has none."""
-    if func is F.embedding:  # F.embedding(input, weight, padding_idx=None, ...)
-        names = ("input", "weight", "padding_idx")
-        bound = dict(zip(names, args))
-        bound.update({k: v for k, v in kwargs.items() if k in names})
-        pad = bound.get("padding_idx")
-        if pad is not None and pad < 0:
-            pad += bound["weight"].shape[0]
-    else:  # torch.embedding(weight, indices, padding_idx=-1, ...): a negative index means none
-        names = ("weight", "input", "padding_idx")
-        bound = dict(zip(names, args))
-        bound.update({k: v for k, v in kwargs.items() if k in ("weight", "padding_idx")})
-        bound.setdefault("input", kwargs.get("indices"))
-        pad = bound.get("padding_idx", -1)
-        pad = None if pad < 0 else pad
-    return bound["input"], pad
+    """(indices, padding row) of an embedding lookup, the row None when it has none. F.embedding
+    counts a negative index from the end; torch.embedding (which F.embedding calls with -1 for
+    none) takes any negative index for none."""
+    bound = {**dict(zip(_LOOKUP_ARGUMENTS[func], args)), **kwargs}
+    pad = bound.get("padding_idx")
+    if func is F.embedding:
+        return bound["input"], pad if pad is None or pad >= 0 else pad + bound["weight"].shape[0]
+    return bound["indices"], pad if pad is not None and pad >= 0 else None
 
 
 def _detach(value):
