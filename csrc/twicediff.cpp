@@ -2,8 +2,8 @@
 //
 // The kernels live in cpu/<op>.cpp (TORCH_LIBRARY_IMPL(twicediff, CPU, m)) and cuda/<op>.cu
 // (TORCH_LIBRARY_IMPL(twicediff, CUDA, m)); a CPU-only build leaves the .cu files out and the
-// dispatcher routes. Python wrappers, fake (meta) kernels and autograd formulas are in
-// python/twicediff/_ops.py; a pure-torch reference of every op is in python/twicediff/_reference.py.
+// dispatcher routes. Python wrappers, fake (meta) kernels and batching rules are in
+// python/twicediff/ops/<op>.py; a pure-torch reference of every op is in python/twicediff/ops/reference.py.
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
@@ -57,6 +57,20 @@ TORCH_LIBRARY(twicediff, m) {
   // [O, I'] matrices exist at once (0: a bounded automatic chunk). Not differentiable.
   m.def("kfac_eigen_correction_(Tensor(a!) out, Tensor g, Tensor a, Tensor q_s, Tensor q_a, Tensor? weights, "
         "bool bias, int chunk=0) -> ()");
+
+  // ---- LayerNorm tangent ops (csrc/{cpu,cuda}/layer_norm.*, csrc/layer_norm_common.h) -------------
+  // The forward-mode rules of layer_norm over the last dimension, batched over B directions, for the
+  // eager forward-over-reverse products (python/twicediff/torch/layer_norm.py). Rows: xhat [R, d] =
+  // (x - mean) * rstd, rstd [R], weight [d] or None; tangents x_t [B, R, d], weight_t, bias_t [B, d],
+  // each None for zero (at least one given). float32 or float64. Not differentiable.
+  // out [B, R, d]: the tangent of xhat * weight + bias.
+  m.def("layer_norm_tangent(Tensor? x_t, Tensor xhat, Tensor rstd, Tensor? weight, Tensor? weight_t, "
+        "Tensor? bias_t) -> Tensor");
+  // The tangents (grad_x_t [B, R, d], grad_weight_t [B, d], grad_bias_t [B, d]) of layer_norm's
+  // backward (grad_x, grad_weight, grad_bias) at grad_out [R, d], for grad_out_t [B, R, d], x_t,
+  // weight_t (None for zero; at least one given).
+  m.def("layer_norm_backward_tangent(Tensor grad_out, Tensor? grad_out_t, Tensor? x_t, Tensor xhat, Tensor rstd, "
+        "Tensor? weight, Tensor? weight_t) -> (Tensor, Tensor, Tensor)");
 
   // ---- solver ops (csrc/{cpu,cuda}/solver_step.*) --------------------------------------------
   // Blocks are [D, P], one row per right-hand side; alpha, beta are float64 [D]; norms are float64.

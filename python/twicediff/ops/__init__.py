@@ -12,14 +12,18 @@ module               ops                                         what they do
 ``mlp_hvp``          mlp_hvp                                     batched HVPs of an MLP's loss
 ``kfac``             covariance_accumulate,                      K-FAC factors and EK-FAC
                      eigen_correction_accumulate                 eigenvalue corrections
+``layer_norm``       layer_norm_tangent,                         LayerNorm's forward-mode
+                     layer_norm_backward_tangent                 rules, one pass per row
 ===================  ==========================================  =============================
 """
 from .blockwise import blockwise_contract, blockwise_dot
 from .gemm import gemm_
 from .kfac import covariance_accumulate, eigen_correction_accumulate
+from .layer_norm import layer_norm_backward_tangent, layer_norm_tangent
 from .mlp_hvp import mlp_hvp
 from .pack import pack, pack_into, unpack_into
 from .solver_step import cg_direction, cg_step, lissa_step
 
 __all__ = ["blockwise_contract", "blockwise_dot", "cg_direction", "cg_step", "covariance_accumulate",
-           "eigen_correction_accumulate", "gemm_", "lissa_step", "mlp_hvp", "pack", "pack_into", "unpack_into"]
+           "eigen_correction_accumulate", "gemm_", "layer_norm_backward_tangent", "layer_norm_tangent", "lissa_step",
+           "mlp_hvp", "pack", "pack_into", "unpack_into"]

@@ -119,6 +119,69 @@ def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0
     return out
 
 
+# ---- LayerNorm tangent ops ----------------------------------------------------------------------
+# Stated by automatic differentiation, not by the hand-derived formulas the kernels use: a row x
+# with mean 0 and a per-row eps that give back xhat and rstd (x = xhat / rstd, eps = (1 - mean(xhat²))
+# / rstd²), layer_norm of it written in primitive ops, and torch.func's jvp (and vjp) of that.
+
+
+def _layer_norm_rows(xhat: torch.Tensor, rstd: torch.Tensor):
+    """(x, layer_norm) such that layer_norm(x) is xhat with 1 / sqrt(var + eps) = rstd per row."""
+    r = rstd.unsqueeze(-1)
+    x = xhat / r
+    eps = (1 - (xhat * xhat).mean(-1, keepdim=True)) / (r * r)
+
+    def layer_norm(x, weight, bias):
+        xc = x - x.mean(-1, keepdim=True)
+        y = xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+        y = y if weight is None else y * weight
+        return y if bias is None else y + bias
+    return x, layer_norm
+
+
+def _each_direction(f, *tangents: Optional[torch.Tensor]):
+    """vmap of f over the leading direction dimension of the tangents given (None passes through)."""
+    B = next(t.shape[0] for t in tangents if t is not None)
+    if B == 0:  # vmap maps no empty dimension: one zero direction, then none of it
+        one = f(*(None if t is None else t.new_zeros(t.shape[1:]) for t in tangents))
+        return torch.utils._pytree.tree_map(lambda o: o.unsqueeze(0)[:0], one)
+    dims = tuple(None if t is None else 0 for t in tangents)
+    return torch.func.vmap(f, in_dims=dims)(*tangents)
+
+
+def layer_norm_tangent(x_t: Optional[torch.Tensor], xhat: torch.Tensor, rstd: torch.Tensor,
+                       weight: Optional[torch.Tensor] = None, weight_t: Optional[torch.Tensor] = None,
+                       bias_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, R, d]: jvp of y = layer_norm(x) · weight + bias in (x, weight, bias) along (x_t, weight_t,
+    bias_t), None for zero."""
+    x, layer_norm = _layer_norm_rows(xhat, rstd)
+    w = weight if weight is not None else xhat.new_ones(xhat.shape[-1])
+    b = xhat.new_zeros(xhat.shape[-1])
+
+    def one(xt, wt, bt):
+        tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in ((x, xt), (w, wt), (b, bt)))
+        return torch.func.jvp(layer_norm, (x, w, b), tangents)[1]
+    return _each_direction(one, x_t, weight_t, bias_t)
+
+
+def layer_norm_backward_tangent(grad_out: torch.Tensor, grad_out_t: Optional[torch.Tensor],
+                                x_t: Optional[torch.Tensor], xhat: torch.Tensor, rstd: torch.Tensor,
+                                weight: Optional[torch.Tensor] = None, weight_t: Optional[torch.Tensor] = None):
+    """([B, R, d], [B, d], [B, d]): jvp of layer_norm's vjp (grad_x, grad_weight, grad_bias) at
+    grad_out, in (grad_out, x, weight) along (grad_out_t, x_t, weight_t), None for zero."""
+    x, layer_norm = _layer_norm_rows(xhat, rstd)
+    w = weight if weight is not None else xhat.new_ones(xhat.shape[-1])
+    b = xhat.new_zeros(xhat.shape[-1])
+
+    def backward(gy, x, w):
+        return torch.func.vjp(layer_norm, x, w, b)[1](gy)
+
+    def one(gyt, xt, wt):
+        tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in ((grad_out, gyt), (x, xt), (w, wt)))
+        return torch.func.jvp(backward, (grad_out, x, w), tangents)[1]
+    return _each_direction(one, grad_out_t, x_t, weight_t)
+
+
 # ---- solver ops ---------------------------------------------------------------------------------
 
 
