@@ -20,6 +20,11 @@ function run with gradients disabled, are detached. Values are unchanged, and so
 (reverse mode gives those values none). Dynamo traces the mode into the compiled engine's graphs.
 An in-place op's output is left as it is (it is the tensor it was given).
 
+Eager callers also ask it to route ``F.layer_norm`` (``nn.LayerNorm``) to
+:func:`twicediff.torch.layer_norm.layer_norm`, whose forward-mode rules are fused native ops: same
+values, same derivatives, fewer passes over the batched tangents. The compiled engine does not: its
+compiler fuses torch's own rules.
+
 The module also names the forward-mode formulas of torch that fail where reverse mode computes
 (:data:`FORMULA_FAILURES`): there the callers take the product reverse over reverse, which is exact too.
 """
@@ -31,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
+
+from .layer_norm import applies as _fused_applies, layer_norm as _fused_layer_norm
 
 __all__ = ["FORMULA_FAILURES", "formula_failure", "reverse_mode_constants"]
 
@@ -66,9 +73,25 @@ def _detach(value):
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
+def _layer_norm_call(args: Tuple, kwargs: Dict[str, Any]) -> Optional[Tuple]:
+    """F.layer_norm's (input, normalized_shape, weight, bias, eps) when the fused rules take it."""
+    bound = {**dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
+    call = (bound.get("input"), bound.get("normalized_shape"), bound.get("weight"), bound.get("bias"),
+            bound.get("eps", 1e-5))
+    return call if len(args) <= 5 and _fused_applies(*call[:4]) else None
+
+
 class _ReverseModeConstants(TorchFunctionMode):
+    def __init__(self, fused_layer_norm: bool):
+        super().__init__()
+        self.fused_layer_norm = fused_layer_norm
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.layer_norm and self.fused_layer_norm and torch.is_grad_enabled():
+            call = _layer_norm_call(args, kwargs)
+            if call is not None:
+                return _fused_layer_norm(*call)
         out = func(*args, **kwargs)
         if not torch.is_grad_enabled():
             if isinstance(out, torch.Tensor) and any(out is a for a in args):
@@ -81,7 +104,8 @@ class _ReverseModeConstants(TorchFunctionMode):
         return out
 
 
-def reverse_mode_constants() -> TorchFunctionMode:
+def reverse_mode_constants(fused_layer_norm: bool = False) -> TorchFunctionMode:
     """A context under which forward mode holds constant what reverse mode does (see the module
-    docstring). Enter it around a forward-mode product."""
-    return _ReverseModeConstants()
+    docstring). Enter it around a forward-mode product; ``fused_layer_norm``: route the model's
+    layer_norm calls to the fused rules (eager products)."""
+    return _ReverseModeConstants(fused_layer_norm)

@@ -99,7 +99,7 @@ def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tens
     Calls from several threads take turns (forward-mode AD state is process-wide in torch). What
     torch.func refuses (a BatchNorm or Dropout in training mode, an op without a forward-mode
     derivative) is explained by :func:`twicediff.errors.data_errors`, which every caller runs it in."""
-    with model_call(model, "hvp"), _FORWARD_AD_LOCK, reverse_mode_constants():  # the model's lock first, always
+    with model_call(model, "hvp"), _FORWARD_AD_LOCK, reverse_mode_constants(fused_layer_norm=True):  # the model's lock first, always
         return _func_hvp_unlocked(model, loss, x, y, v, mode)
 
 
