@@ -1,16 +1,16 @@
-"""The fused LayerNorm rules (twicediff.torch.layer_norm) in the eager forward-over-reverse
-products: the func engine's Hessian and Gauss-Newton products and pyDVL's functional hvp equal the
-float64 reverse-mode reference on every spelling of a LayerNorm (nn.LayerNorm with and without
-affine parameters or bias, a 2-d normalized shape, F.layer_norm with a weight only, a LayerNorm of
-the data itself, of a non-contiguous view), the fused path is the one taken, and what it does not
-take (float16, shapes torch refuses) is left to torch."""
+"""The fused LayerNorm rules (twicediff.torch.layer_norm) in the func engine's forward-over-reverse
+products: its Hessian and Gauss-Newton products equal the float64 reverse-mode reference on every
+spelling of a LayerNorm (nn.LayerNorm with and without affine parameters or bias, a 2-d normalized
+shape, F.layer_norm with a weight only, a LayerNorm of the data itself, of a non-contiguous view),
+the fused path is the one taken from MIN_DIRECTIONS directions on and not below, and what it does
+not take (float16, shapes torch refuses) is left to torch."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import twicediff.torch.layer_norm as fused
-from generated_models import Case, reference_hessian
+from generated_models import Case, float64_copy, generate_conv_attention, reference_hessian
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch.engines import probe
 
@@ -70,24 +70,36 @@ def test_func_engine_matches_reverse_mode_reference(spelling, mode):
     x, y = torch.randn(5, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     H = reference_hessian(Case(model, F.cross_entropy, x, y, ""), gauss_newton=mode == "gauss_newton")
     td = TorchTwiceDifferentiable(model, F.cross_entropy)
-    V = torch.randn(6, td.num_params, dtype=torch.float64)
+    V = torch.randn(fused.MIN_DIRECTIONS + 1, td.num_params, dtype=torch.float64)
     got = td.hvp(x, y, V, mode=mode, engine="func")
     torch.testing.assert_close(got, V @ H, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("spelling", SPELLINGS)
-def test_functional_hvp_agrees_in_both_directions(spelling):
-    from twicediff.torch.functional import batch_loss_function, hvp
+def _attention_cases(count):
+    cases, seed = [], 0
+    while len(cases) < count:
+        case = generate_conv_attention(seed)
+        if " attention d=" in case.description:
+            cases.append(case)
+        seed += 1
+    return cases
 
-    torch.manual_seed(1)
-    model = Normed(spelling).double().eval()
-    x, y = torch.randn(5, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    vec = {n: torch.randn_like(p) for n, p in params.items()}
-    f = batch_loss_function(model, F.cross_entropy, x, y)
-    reverse, forward = hvp(f, params, vec, reverse_only=True), hvp(f, params, vec, reverse_only=False)
-    for n in params:
-        torch.testing.assert_close(forward[n], reverse[n], rtol=1e-9, atol=1e-11)
+
+@pytest.mark.parametrize("case", _attention_cases(4), ids=lambda c: c.description)
+def test_generated_attention_blocks_match_the_reference(case):
+    """Generated pre-norm attention blocks (random widths, activations, losses) whose LayerNorms get
+    weights and biases that are not ones and zeros."""
+    model, x, y = float64_copy(case)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_()
+                m.bias.normal_()
+    H = reference_hessian(Case(model, case.loss, x, y, case.description))
+    td = TorchTwiceDifferentiable(model, case.loss)
+    V = torch.randn(fused.MIN_DIRECTIONS + 3, td.num_params, dtype=torch.float64)
+    torch.testing.assert_close(td.hvp(x, y, V, engine="func"), V @ H, rtol=1e-8, atol=1e-10)
 
 
 def _count_fused_calls(monkeypatch):
@@ -103,13 +115,15 @@ def _count_fused_calls(monkeypatch):
     return calls
 
 
-def test_the_func_engine_takes_the_fused_rules(monkeypatch):
+def test_the_func_engine_takes_the_fused_rules_from_enough_directions(monkeypatch):
     calls = _count_fused_calls(monkeypatch)
     model = Normed("module").eval()
     td = TorchTwiceDifferentiable(model, F.cross_entropy)
     x, y = torch.randn(5, 4, 4), torch.randint(0, 3, (5,))
-    td.hvp(x, y, torch.randn(3, td.num_params), engine="func")
-    assert calls == {"tangent": 1, "backward_tangent": 1}  # one call each for all three directions
+    td.hvp(x, y, torch.randn(fused.MIN_DIRECTIONS - 1, td.num_params), engine="func")
+    assert calls == {"tangent": 0, "backward_tangent": 0}
+    td.hvp(x, y, torch.randn(fused.MIN_DIRECTIONS, td.num_params), engine="func")
+    assert calls == {"tangent": 1, "backward_tangent": 1}  # one call each for all the directions
 
 
 def test_what_the_rules_do_not_take_stays_with_torch(monkeypatch):
@@ -124,7 +138,7 @@ def test_what_the_rules_do_not_take_stays_with_torch(monkeypatch):
     td = TorchTwiceDifferentiable(model, F.cross_entropy)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     with pytest.raises(Exception) as info:
-        td.hvp(torch.randn(5, 6), y, torch.randn(2, td.num_params), engine="func")
+        td.hvp(torch.randn(5, 6), y, torch.randn(fused.MIN_DIRECTIONS, td.num_params), engine="func")
     assert "6" in str(info.value)
     assert calls == {"tangent": 0, "backward_tangent": 0}
     del x
@@ -135,6 +149,7 @@ def test_the_model_is_unchanged():
     model = Normed("module").eval()
     before = {n: t.clone() for n, t in model.state_dict().items()}
     td = TorchTwiceDifferentiable(model, F.cross_entropy)
-    td.hvp(torch.randn(5, 4, 4), torch.randint(0, 3, (5,)), torch.randn(2, td.num_params), engine="func")
+    td.hvp(torch.randn(5, 4, 4), torch.randint(0, 3, (5,)), torch.randn(fused.MIN_DIRECTIONS, td.num_params),
+           engine="func")
     for n, t in model.state_dict().items():
         assert torch.equal(t, before[n])

@@ -20,7 +20,7 @@ function run with gradients disabled, are detached. Values are unchanged, and so
 (reverse mode gives those values none). Dynamo traces the mode into the compiled engine's graphs.
 An in-place op's output is left as it is (it is the tensor it was given).
 
-Eager callers also ask it to route ``F.layer_norm`` (``nn.LayerNorm``) to
+The func engine also asks it to route ``F.layer_norm`` (``nn.LayerNorm``) to
 :func:`twicediff.torch.layer_norm.layer_norm`, whose forward-mode rules are fused native ops: same
 values, same derivatives, fewer passes over the batched tangents. The compiled engine does not: its
 compiler fuses torch's own rules.

@@ -51,7 +51,7 @@ def hvp(func: Callable[[TorchTensorContainerType], torch.Tensor], params: TorchT
     if reverse_only:
         return vjp(grad(func), params)[1](vec)[0]
     try:
-        with reverse_mode_constants(fused_layer_norm=True):  # padding rows and no_grad values stay constants, as in reverse mode
+        with reverse_mode_constants():  # padding rows and no_grad values stay constants, as in reverse mode
             return jvp(grad(func), (params,), (vec,))[1]
     except RuntimeError as exc:
         if not formula_failure(exc):

@@ -1,8 +1,7 @@
 """LayerNorm whose forward-mode rules are twicediff's fused native ops.
 
-The eager forward-over-reverse products (``vmap(jvp(grad(L)))``: the func engine, pyDVL's functional
-``hvp(..., reverse_only=False)``) push a batch of tangents through the forward pass and through the
-backward pass. torch's forward-mode formulas for ``layer_norm`` and ``native_layer_norm_backward``
+The func engine's forward-over-reverse products (``vmap(jvp(grad(L)))``) push a batch of tangents
+through the forward pass and through the backward pass. torch's forward-mode formulas for ``layer_norm`` and ``native_layer_norm_backward``
 recompute the primal's row statistics and make a dozen passes over the batched tangents; on a small
 transformer block the two LayerNorms took about a third of the product. :func:`layer_norm` computes
 what ``F.layer_norm`` computes, with the same values and gradients, but its jvp and the jvp of its
@@ -11,7 +10,9 @@ backward are one call each of :func:`twicediff.ops.layer_norm_tangent` and
 
 :func:`twicediff.torch.forward_mode.reverse_mode_constants` routes a model's ``F.layer_norm`` calls
 (``nn.LayerNorm`` included) here during those products when :func:`applies`; anything else (half
-precision, an unusual device, shapes torch would refuse) goes to torch as it was.
+precision, an unusual device, shapes torch would refuse) goes to torch as it was. The func engine
+asks for it on chunks of at least :data:`MIN_DIRECTIONS` directions: on fewer, the two
+``autograd.Function`` layers cost more than the passes they save.
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ from torch.autograd import Function
 
 from ..ops.layer_norm import layer_norm_backward_tangent, layer_norm_tangent
 
-__all__ = ["applies", "layer_norm"]
+__all__ = ["MIN_DIRECTIONS", "applies", "layer_norm"]
+
+#: Directions per product from which the fused rules pay (NOTE: measured in
+#: benchmarks/results/curvlinops_cpu.md: slower at 1 direction, even at 4 and 8, faster from 16).
+MIN_DIRECTIONS = 8
 
 
 def _one(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -15,6 +15,7 @@ from .base import PreparedBatch
 from .generic import GenericEngine
 from ..guard import model_call
 from ..forward_mode import formula_failure, reverse_mode_constants
+from ..layer_norm import MIN_DIRECTIONS as FUSED_LAYER_NORM_MIN_DIRECTIONS
 
 __all__ = ["FuncEngine", "forward_over_reverse", "func_hvp", "split_params"]
 
@@ -99,7 +100,8 @@ def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tens
     Calls from several threads take turns (forward-mode AD state is process-wide in torch). What
     torch.func refuses (a BatchNorm or Dropout in training mode, an op without a forward-mode
     derivative) is explained by :func:`twicediff.errors.data_errors`, which every caller runs it in."""
-    with model_call(model, "hvp"), _FORWARD_AD_LOCK, reverse_mode_constants(fused_layer_norm=True):  # the model's lock first, always
+    fused = v.shape[0] >= FUSED_LAYER_NORM_MIN_DIRECTIONS
+    with model_call(model, "hvp"), _FORWARD_AD_LOCK, reverse_mode_constants(fused_layer_norm=fused):  # model's lock first
         return _func_hvp_unlocked(model, loss, x, y, v, mode)
 
 
