@@ -395,3 +395,66 @@ def test_a_model_alike_but_not_native_does_not_reuse_a_native_choice():
     hooked = TorchTwiceDifferentiable(_mlp()[0].model, F.cross_entropy)
     hooked.model[0].register_forward_hook(lambda module, args, out: 2.0 * out)
     torch.testing.assert_close(hooked.hvp(x, y, v), hooked.hvp(x, y, v, engine="autograd"))
+
+
+def _split_func_chunks(monkeypatch):
+    """func's chunks forced to their least (MIN_GENERIC_DIRECTIONS), so that more directions split."""
+    from twicediff.torch.engines import base
+
+    monkeypatch.setattr(base, "GENERIC_CHUNK_BYTES", 1)
+    return base.MIN_GENERIC_DIRECTIONS
+
+
+def _func_calls(monkeypatch):
+    from twicediff.torch.engines.func import FuncEngine
+
+    calls = []
+    apply = FuncEngine.apply
+
+    def counted(self, batch, V, mode):
+        calls.append((self.wide, V.shape[0]))
+        return apply(self, batch, V, mode)
+    monkeypatch.setattr(FuncEngine, "apply", counted)
+    return calls
+
+
+def test_func_in_one_chunk_is_a_candidate_where_func_would_split(monkeypatch):
+    cap = _split_func_chunks(monkeypatch)
+    case, td = _structured()
+    for D, wide in ((cap, False), (2 * cap + 3, True)):
+        probe.clear()
+        td.hvp(case.x, case.y, torch.randn(D, td.num_params, dtype=td.dtype))
+        (entry,) = probe.decisions("engine").values()
+        assert ("func_wide" in entry["seconds"]) == wide
+
+
+def test_func_in_one_chunk_gives_the_products_in_one_call(monkeypatch):
+    cap = _split_func_chunks(monkeypatch)
+    calls = _func_calls(monkeypatch)
+    case, td = _structured()
+    H = reference_hessian(case).to(td.dtype)
+    V = torch.randn(2 * cap + 3, td.num_params, dtype=td.dtype)
+    probe.set_choice("engine", "func_wide")
+    got = td.hvp(case.x, case.y, V)
+    assert calls == [(True, V.shape[0])]
+    probe.set_choice("engine", "func")
+    calls.clear()
+    torch.testing.assert_close(got, td.hvp(case.x, case.y, V), rtol=1e-5, atol=1e-6)
+    assert calls == [(False, cap), (False, cap), (False, 3)]
+    torch.testing.assert_close(got.double(), V.double() @ H.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_func_in_one_chunk_is_timed_at_size_after_func(monkeypatch):
+    """The probe cannot see what fewer calls save (it times small calls): once func has run at size,
+    its one-chunk twin runs there too, and the faster stays."""
+    cap = _split_func_chunks(monkeypatch)
+    monkeypatch.setattr(auto, "PROBE_SECONDS", 0.0)  # the rule's engine (func) only, then calls at size
+    case, td = _structured()
+    V = torch.randn(2 * cap + 3, td.num_params, dtype=td.dtype)
+    for _ in range(8):
+        td.hvp(case.x, case.y, V)
+        if not probe.unsettled("engine"):
+            break
+    (entry,) = probe.decisions("engine").values()
+    assert {"func", "func_wide"} <= set(entry["times"])
+    assert entry["source"] == "confirmed" and entry["choice"] in ("func", "func_wide")
