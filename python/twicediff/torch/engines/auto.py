@@ -4,12 +4,7 @@ The candidates are the native engine (where it takes the model; behind a frozen 
 weights it is used without measuring, engines/select.py), torch.func forward-over-reverse
 (``func``), autograd reverse-over-reverse (``autograd``) and the per-direction loop (``loop``).
 Each runs in chunks of its own size within the memory budget; one that cannot fit a single
-direction is out. Where func's chunks (a cap on their working memory) would split the call, func
-in one chunk of all the directions (``func_wide``, the budget permitting) is a candidate too:
-every call pays a fixed cost, which some models (a small transformer block) repay with fewer
-calls and others (a CNN, whose large vmapped convolutions slow down) do not. The probe does not
-run it: up to func's chunk the two are the same computation, so func's timed calls predict it at
-its own chunk, and its calls at size confirm it or not (below).
+direction is out.
 On the first chunk of directions of a shape class — the model's structure, the batch's shape,
 dtype and device, the mode, the chunk's number of directions rounded up to a power of two, the
 number of threads — a short timed probe runs them on the chunk's first directions and keeps the
@@ -78,10 +73,7 @@ __all__ = ["CANDIDATES", "LOOP_PROBE_DIRECTIONS", "PROBE_SECONDS", "AutoBatch", 
 logger = logging.getLogger(__name__)
 
 #: The eager candidates, in the deterministic rule's order of preference.
-CANDIDATES = ("native", "func", "func_wide", "autograd", "loop")
-#: A candidate → the candidate whose calls it repeats on as many directions as that one's chunk
-#: holds: the probe predicts it from that one's timed calls instead of running it.
-SAME_CALLS = {"func_wide": "func"}
+CANDIDATES = ("native", "func", "autograd", "loop")
 #: The time a probe may take, in seconds.
 PROBE_SECONDS = 0.4
 #: The most directions the loop is timed on.
@@ -198,8 +190,8 @@ class AutoEngine:
         self.engines: Dict[str, object] = {}
         if native is not None:
             self.engines["native"] = native
-        self.engines.update(func=FuncEngine(model, loss), func_wide=FuncEngine(model, loss, wide=True),
-                            autograd=AutogradEngine(model, loss), loop=LoopEngine(model, loss))
+        self.engines.update(func=FuncEngine(model, loss), autograd=AutogradEngine(model, loss),
+                            loop=LoopEngine(model, loss))
         self.compiled = CompiledEngine(model, loss)
         self.expected_products = expected_products
         self.chosen: Optional[str] = None
@@ -245,31 +237,21 @@ class AutoEngine:
             return engine.apply(own, V, mode)
         return torch.cat([engine.apply(own, V[s:s + step], mode) for s in range(0, V.shape[0], step)])
 
-    def _candidates(self, batch: AutoBatch, V: torch.Tensor) -> List[str]:
-        """The engines worth timing for V's directions: all but a ``SAME_CALLS`` candidate whose
-        chunk is no larger than its twin's (it would repeat the twin's calls)."""
-        def splits(n: str) -> bool:  # would n's twin split the call where n does not?
-            try:
-                return self._step(n, batch, V.shape[0], V.device) > self._step(SAME_CALLS[n], batch, V.shape[0], V.device)
-            except MemoryBudgetError:  # not one direction fits: the twin is out (the probe says so)
-                return False
-        return [n for n in self.engines if n not in SAME_CALLS or splits(n)]
-
-    def _key(self, batch: AutoBatch, V: torch.Tensor, mode: str, names: List[str]) -> str:
+    def _key(self, batch: AutoBatch, V: torch.Tensor, mode: str) -> str:
         bucket = 1 << max(0, V.shape[0] - 1).bit_length()
         x = ",".join(f"{n}{tuple(t.shape)}" for n, t in input_tensors(batch.inputs))
         first, y = input_tensors(batch.inputs)[0][1], batch.target
         # The candidates too: two models alike but for a hook or an overridden forward share a
         # fingerprint, and only one of them may be native.
         return (f"{self._fingerprint} {x} {first.dtype} {first.device.type} y={tuple(y.shape)} {y.dtype} "
-                f"{mode} D<={bucket} threads={torch.get_num_threads()} {'+'.join(names)}")
+                f"{mode} D<={bucket} threads={torch.get_num_threads()} {'+'.join(self.engines)}")
 
     def apply(self, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
         if not _timing_possible(V):
             name = default_engine("native" in self.engines, V.shape[0])
         else:
-            names = self._candidates(batch, V)
-            key = self._key(batch, V, mode, names)
+            key = self._key(batch, V, mode)
+            names = list(self.engines)
             name = probe.choose("engine", key, names,
                                measure=lambda: self._measure(names, batch, V, mode))
             if self.expected_products:
@@ -316,11 +298,8 @@ class AutoEngine:
         times.setdefault(name, []).append((time.perf_counter() - start) / V.shape[0])
         measured = {n: statistics.median(ts) for n, ts in times.items()}
         fastest = min(measured, key=measured.get)
-        # A SAME_CALLS candidate's prediction is its twin's on small calls (the probe cannot see
-        # what fewer calls save); once the twin is measured at size, it is tried there too.
-        predicted = {n: (measured[SAME_CALLS[n]] if SAME_CALLS.get(n) in measured else s)
-                     for n, s in entry.get("seconds", {}).items()}
-        untried = {n: s for n, s in predicted.items() if n not in measured and s <= measured[fastest] * RUNNER_UP_MARGIN}
+        untried = {n: s for n, s in entry.get("seconds", {}).items()
+                   if n not in measured and s <= measured[fastest] * RUNNER_UP_MARGIN}
         if untried:
             following = min(untried, key=untried.get)
             logger.debug("twicediff: auto: %s measured %.3g s per direction at size; %s (predicted %.3g s) next",
@@ -342,7 +321,7 @@ class AutoEngine:
         """Seconds per direction of each candidate at V's number of directions (inf: failed or left
         out), from calls within PROBE_SECONDS (see the module docstring and :meth:`_predicted`)."""
         default = default_engine("native" in names, V.shape[0])
-        order = [default] + [n for n in CANDIDATES if n in names and n != default and n not in SAME_CALLS]
+        order = [default] + [n for n in CANDIDATES if n in names and n != default]
         start = time.perf_counter()
         failed: Dict[str, BaseException] = {}
         last: Dict[str, float] = {}  # seconds of each candidate's last call
@@ -368,9 +347,9 @@ class AutoEngine:
                 alive.append(n)
         if not alive:
             raise _telling_failure(failed, default)
-        D = V.shape[0]
-        if len(alive) == 1 and not any(SAME_CALLS.get(n) in alive for n in names):
+        if len(alive) == 1:
             return {n: (last[n] if n in alive else math.inf) for n in names}
+        D = V.shape[0]
         rows, full_rounds = min(D, 2), 0
         while alive:
             ran = []
@@ -394,14 +373,8 @@ class AutoEngine:
                 rows = min(2 * rows, D)
         if not alive:
             raise _telling_failure(failed, default)
-        out = {n: (self._predicted(timed[n], self._step(n, batch, D, V.device)) if n in alive else math.inf)
-               for n in names if n not in SAME_CALLS}
-        for n in names:
-            twin = SAME_CALLS.get(n)
-            if twin is not None:  # the twin's calls within its own chunk, predicted at n's chunk
-                within = {r: t for r, t in timed.get(twin, {}).items() if r <= self._step(twin, batch, r, V.device)}
-                out[n] = self._predicted(within, self._step(n, batch, D, V.device)) if within else math.inf
-        return out
+        return {n: (self._predicted(timed[n], self._step(n, batch, D, V.device)) if n in alive else math.inf)
+                for n in names}
 
     @staticmethod
     def _predicted(timed: Dict[int, float], rows: int) -> float:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ... import ops
 from ..batch import model_args, squeezed_loss
-from .base import MAX_DIRECTIONS_PER_CHUNK, PreparedBatch
+from .base import PreparedBatch
 from .generic import GenericEngine
 from ..guard import model_call
 from ..forward_mode import formula_failure, reverse_mode_constants
@@ -31,22 +31,13 @@ _FORWARD_AD_LOCK = threading.Lock()
 class FuncEngine(GenericEngine):
     """torch.func forward-over-reverse; with ``fallback=True`` (what ``engine="auto"`` uses for a
     model the native engine does not take) a model with an op lacking a torch.func rule goes to
-    the autograd engine instead, with one log line; ``wide``: see :meth:`max_directions`."""
+    the autograd engine instead, with one log line."""
 
     name = "func"
 
-    def __init__(self, model: nn.Module, loss: Callable, fallback: bool = False, wide: bool = False):
+    def __init__(self, model: nn.Module, loss: Callable, fallback: bool = False):
         super().__init__(model, loss)
         self.fallback = fallback
-        self.wide = wide
-
-    def max_directions(self, batch: PreparedBatch) -> int:
-        """``wide``: every direction up to ``MAX_DIRECTIONS_PER_CHUNK`` in one call (the memory budget
-        permitting), not the generic working-memory cap. Every call pays a fixed cost (the primal
-        passes and torch.func's dispatch through each op), which on a small transformer block is
-        several directions' worth; on a CNN the cap's smaller calls are faster. ``engine="auto"``
-        times both where they differ."""
-        return MAX_DIRECTIONS_PER_CHUNK if self.wide else super().max_directions(batch)
 
     def apply(self, batch: PreparedBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
         if not self.fallback:
