@@ -14,7 +14,8 @@ Methods (each computes H V for V [P, D], H the Hessian of the mean loss on the b
   columns of jvp(jacrev(loss)), all at once);
 - ``curvlinops_compiled``: the same with its per-batch product function (``_mp``) under
   ``torch.compile`` (curvlinops has no compiled mode of its own);
-- ``twicediff_auto``: ``TorchTwiceDifferentiable.hvp(x, y, V.T)`` as a user calls it (eager);
+- ``twicediff_auto``: ``TorchTwiceDifferentiable.hvp(x, y, V.T)`` as a user calls it (eager), with the
+  engine auto kept in parentheses;
 - ``twicediff_compiled``: ``hvp(..., engine="compiled")``.
 Compile times (first call minus a steady one) are reported apart.
 """
@@ -58,13 +59,17 @@ def run(preset: str, D: int, repeats: int):
            "twicediff_compiled": lambda: td.hvp(x, y, Vt, engine="compiled")}
     first = {m: _first_minus_steady(fns[m]) for m in fns}  # compile, probe
     bench.settle_auto(fns["twicediff_auto"])  # time the engine auto keeps, not its first choices
+    from twicediff.torch.engines import probe
+
+    kept = sorted({e["choice"] for k, e in probe.decisions("engine").items() if k.startswith(type(model).__name__)})
     want = td.hvp(x, y, Vt, engine="autograd")
     gaps = {m: float((fns[m]().T if m.startswith("curvlinops") else fns[m]()).sub(want).abs().max()) for m in fns}
     med = bench.interleaved_medians(fns, repeats)
     best_cl = min(med["curvlinops"], med["curvlinops_compiled"])
     lines = []
     for m in fns:
-        lines.append(f"| {preset} | {D} | {m} | {med[m] * 1e3:.1f} | {med['curvlinops'] / med[m]:.2f} | "
+        label = f"{m} ({'+'.join(kept)})" if m == "twicediff_auto" else m
+        lines.append(f"| {preset} | {D} | {label} | {med[m] * 1e3:.1f} | {med['curvlinops'] / med[m]:.2f} | "
                      f"{med['curvlinops_compiled'] / med[m]:.2f} | {best_cl / med[m]:.2f} | {first[m]:.1f} | "
                      f"{gaps[m]:.1e} |")
     return lines
