@@ -25,8 +25,9 @@ MODES = ("hessian", "gauss_newton")
 MAX_DIRECTIONS_PER_CHUNK = 128
 # The generic engines (torch.func, autograd) slow down when one chunk's working memory grows past a
 # few hundred MiB, well before any memory budget binds: vmapped convolutions and attention then
-# stream large fresh intermediates. Their chunks are kept near this size (NOTE: measured in
-# benchmarks/results/func_chunks_cpu.md) ...
+# stream large fresh intermediates, which glibc maps afresh, page by page, on every call (with its
+# mmap threshold raised, the largest chunks were fastest: benchmarks/results/allocator_cpu.md).
+# Their chunks are kept near this size (NOTE: measured in benchmarks/results/func_chunks_cpu.md) ...
 GENERIC_CHUNK_BYTES = 256 * 2**20
 # ... but hold at least this many directions (the budget permitting): every chunk recomputes the
 # primal forward and backward pass, which on a large model costs as much as a direction's tangents

@@ -1,0 +1,100 @@
+"""How the CPU allocator's settings change the generic engine's speed at large chunks of directions.
+
+On Linux, glibc hands large blocks (above its mmap threshold, at most 32 MiB) to the kernel with
+mmap and returns them on free, so a vmapped product whose intermediates are that large touches
+fresh pages, and takes a page fault for each, on every call. This script times
+``hvp(engine="func")`` on D = 64 directions, with chunks of 16 and of 64 directions (forced as in
+bench_func_chunks.py), in child processes under three settings, alternated round by round so that
+the host's load hits them alike:
+
+- ``default``: the environment as it is;
+- ``thp``: ``THP_MEM_ALLOC_ENABLE=1``, PyTorch's switch for transparent huge pages on its CPU
+  allocations of 2 MiB and more (512 times fewer faults where the kernel grants them);
+- ``glibc``: ``MALLOC_MMAP_THRESHOLD_=1 GiB MALLOC_TRIM_THRESHOLD_=4 GiB MALLOC_TOP_PAD_=256 MiB``:
+  blocks stay on the heap and are reused (the process keeps its peak memory).
+
+Both are settings a user makes before starting Python; twicediff changes neither.
+
+    PYTHONPATH=python python benchmarks/bench_allocator.py [--threads 2] [--rounds 3] [--out FILE]
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from harness import bench_args, emit, header
+
+SETTINGS = {
+    "default": {},
+    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "glibc": {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32),
+              "MALLOC_TOP_PAD_": str(2**28)},
+}
+PRESETS = ("d_cnn", "d_transformer")
+CHUNKS = (16, 64)
+D = 64
+CALLS = 5
+
+
+def child(threads: int) -> None:
+    """One process's medians: {preset: {chunk: ms per call}} as JSON on stdout."""
+    import torch
+
+    from harness import median_ms
+    from twicediff.app import bench
+    from twicediff.torch.engines import base as chunks
+
+    torch.set_num_threads(threads)
+    out = {}
+    for preset in PRESETS:
+        td, x, y = bench._setup(preset, "cpu")
+        v = bench._directions(td, D, x)
+        per = td.hvp_function(x, y, engine="func").bytes_per_direction
+        out[preset] = {}
+        for chunk in CHUNKS:
+            chunks.GENERIC_CHUNK_BYTES, chunks.MIN_GENERIC_DIRECTIONS = chunk * per, 1
+            out[preset][chunk] = median_ms(lambda: td.hvp(x, y, v, engine="func"), CALLS)
+    print(json.dumps(out))
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(int(sys.argv[2]))
+        return
+    args = bench_args(__doc__, rounds=3)
+    runs = {name: [] for name in SETTINGS}
+    for r in range(args.rounds):
+        order = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))
+        for name in order:
+            env = {**os.environ, **SETTINGS[name]}
+            done = subprocess.run([sys.executable, __file__, "--child", str(args.threads)], env=env, check=True,
+                                  capture_output=True, text=True)
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = []
+    for preset in PRESETS:
+        for chunk in CHUNKS:
+            ms = {n: statistics.median(run[preset][str(chunk)] for run in runs[n]) for n in SETTINGS}
+            rows.append(f"| {preset} | {chunk} | " + " | ".join(f"{ms[n]:.0f}" for n in SETTINGS)
+                        + " | " + " | ".join(f"{ms['default'] / ms[n]:.2f}" for n in SETTINGS if n != "default") + " |")
+    others = [n for n in SETTINGS if n != "default"]
+    text = "\n".join([
+        header(f"hvp(engine='func') at D = {D}: the CPU allocator's settings", args.threads),
+        "",
+        f"Command: `PYTHONPATH=python python benchmarks/bench_allocator.py --threads {args.threads} --rounds "
+        f"{args.rounds}`; ms per call: in each child process the median of {CALLS} calls, then the median over "
+        f"{args.rounds} child processes per setting, the settings alternated round by round. "
+        f"Settings: {'; '.join(f'{n}: ' + (' '.join(f'{k}={v}' for k, v in e.items()) or 'as it is') for n, e in SETTINGS.items())}.",
+        "",
+        "| preset | directions per chunk | " + " | ".join(f"{n} ms" for n in SETTINGS) + " | "
+        + " | ".join(f"× default ({n})" for n in others) + " |",
+        "|---|---|" + "---|" * (len(SETTINGS) + len(others)),
+        *rows,
+    ])
+    emit(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
