@@ -144,6 +144,19 @@ def test_what_the_rules_do_not_take_stays_with_torch(monkeypatch):
     del x
 
 
+def test_a_reverse_over_reverse_fallback_takes_torch_rules():
+    """mse_loss's forward-mode formula fails on an integer target (forward_mode.FORMULA_FAILURES):
+    the func engine takes that product reverse over reverse, which differentiates LayerNorm's
+    backward in reverse mode; the fused rules, which do not, step aside."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7, 3))
+    td = TorchTwiceDifferentiable(model, F.mse_loss)
+    V = torch.randn(fused.MIN_DIRECTIONS + 1, td.num_params, dtype=torch.float64)
+    torch.testing.assert_close(td.hvp(x, y, V, engine="func"), td.hvp(x, y, V, engine="autograd"),
+                               rtol=1e-9, atol=1e-11)
+
+
 def test_the_model_is_unchanged():
     torch.manual_seed(2)
     model = Normed("module").eval()

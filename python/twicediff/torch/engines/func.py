@@ -14,7 +14,7 @@ from ..batch import model_args, squeezed_loss
 from .base import PreparedBatch
 from .generic import GenericEngine
 from ..guard import model_call
-from ..forward_mode import formula_failure, reverse_mode_constants
+from ..forward_mode import formula_failure, reverse_mode_constants, torch_layer_norm_rules
 from ..layer_norm import MIN_DIRECTIONS as FUSED_LAYER_NORM_MIN_DIRECTIONS
 
 __all__ = ["FuncEngine", "forward_over_reverse", "func_hvp", "split_params"]
@@ -125,8 +125,9 @@ def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: 
             # tangent, an integer regression target): reverse-over-reverse is exact too.
             if not formula_failure(exc):
                 raise
-            _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
-            blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
+            with torch_layer_norm_rules():  # reverse mode through LayerNorm's backward: torch's rules
+                _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
+                blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
     else:
         z, pullback = vjp(output_of, params)
         z = z.detach()
