@@ -68,5 +68,59 @@ inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return given(t) ? t->contiguous() : at::Tensor();
 }
 
+// The kernels' pointer to an optional tensor's data: null where it is undefined (None).
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// layer_norm_tangent's arguments, checked and contiguous (undefined where None), and its output.
+struct TangentCall {
+  at::Tensor x_t, xhat, rstd, weight, weight_t, bias_t, out;
+  int64_t B, R, d;
+};
+
+inline TangentCall tangent_call(const std::optional<at::Tensor>& x_t, const at::Tensor& xhat,
+                                const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& weight_t, const std::optional<at::Tensor>& bias_t) {
+  const int64_t B = check("layer_norm_tangent", xhat, rstd, weight, {{"x_t", &x_t}},
+                          {{"weight_t", &weight_t}, {"bias_t", &bias_t}});
+  TangentCall c{contiguous_or_undefined(x_t), xhat.contiguous(), rstd.contiguous(), contiguous_or_undefined(weight),
+                contiguous_or_undefined(weight_t), contiguous_or_undefined(bias_t), at::Tensor(), B, xhat.size(0),
+                xhat.size(1)};
+  c.out = at::empty({B, c.R, c.d}, xhat.options());
+  return c;
+}
+
+// layer_norm_backward_tangent's arguments, checked and contiguous (undefined where None), its outputs
+// (the weight and bias tangents zeroed), and, where there is work, the primal's g = grad_out * weight
+// and row statistics (backward_row_stats).
+struct BackwardTangentCall {
+  at::Tensor grad_out, grad_out_t, x_t, xhat, rstd, weight, weight_t;
+  at::Tensor grad_x_t, grad_weight_t, grad_bias_t, g, stats;
+  int64_t B, R, d;
+  bool empty() const { return B == 0 || R == 0 || d == 0; }
+};
+
+inline BackwardTangentCall backward_tangent_call(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_out_t,
+                                                 const std::optional<at::Tensor>& x_t, const at::Tensor& xhat,
+                                                 const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                                                 const std::optional<at::Tensor>& weight_t) {
+  const int64_t B = check("layer_norm_backward_tangent", xhat, rstd, weight, {{"grad_out_t", &grad_out_t}, {"x_t", &x_t}},
+                          {{"weight_t", &weight_t}}, &grad_out);
+  BackwardTangentCall c{grad_out.contiguous(), contiguous_or_undefined(grad_out_t), contiguous_or_undefined(x_t),
+                        xhat.contiguous(), rstd.contiguous(), contiguous_or_undefined(weight),
+                        contiguous_or_undefined(weight_t), {}, {}, {}, {}, {}, B, xhat.size(0), xhat.size(1)};
+  c.grad_x_t = at::empty({B, c.R, c.d}, xhat.options());
+  c.grad_weight_t = at::zeros({B, c.d}, xhat.options());
+  c.grad_bias_t = at::zeros({B, c.d}, xhat.options());
+  if (!c.empty()) {
+    const std::optional<at::Tensor> w = c.weight.defined() ? std::optional<at::Tensor>(c.weight) : std::nullopt;
+    c.stats = backward_row_stats(c.grad_out, c.xhat, w);
+    c.g = (c.weight.defined() ? c.grad_out * c.weight : c.grad_out).contiguous();
+  }
+  return c;
+}
+
 }  // namespace layer_norm
 }  // namespace twicediff

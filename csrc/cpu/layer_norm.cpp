@@ -20,31 +20,20 @@
 namespace twicediff {
 namespace {
 
-using layer_norm::contiguous_or_undefined;
-using layer_norm::given;
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
+using layer_norm::ptr_or_null;
 
 at::Tensor tangent_cpu(const std::optional<at::Tensor>& x_t, const at::Tensor& xhat_, const at::Tensor& rstd_,
                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& weight_t,
                        const std::optional<at::Tensor>& bias_t) {
-  const int64_t B = layer_norm::check("layer_norm_tangent", xhat_, rstd_, weight, {{"x_t", &x_t}},
-                                      {{"weight_t", &weight_t}, {"bias_t", &bias_t}});
-  const at::Tensor xhat = xhat_.contiguous(), rstd = rstd_.contiguous();
-  const at::Tensor xt = contiguous_or_undefined(x_t), w = contiguous_or_undefined(weight),
-                   wt = contiguous_or_undefined(weight_t), bt = contiguous_or_undefined(bias_t);
-  const int64_t R = xhat.size(0), d = xhat.size(1);
-  at::Tensor out = at::empty({B, R, d}, xhat.options());
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(xhat.scalar_type(), "layer_norm_tangent_cpu", [&] {
+  const layer_norm::TangentCall c = layer_norm::tangent_call(x_t, xhat_, rstd_, weight, weight_t, bias_t);
+  const int64_t B = c.B, R = c.R, d = c.d;
+  if (c.out.numel() == 0) return c.out;
+  AT_DISPATCH_FLOATING_TYPES(c.xhat.scalar_type(), "layer_norm_tangent_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *X = ptr_or_null<scalar_t>(xt), *H = xhat.const_data_ptr<scalar_t>(),
-                   *RS = rstd.const_data_ptr<scalar_t>(), *W = ptr_or_null<scalar_t>(w),
-                   *WT = ptr_or_null<scalar_t>(wt), *BT = ptr_or_null<scalar_t>(bt);
-    scalar_t* O = out.mutable_data_ptr<scalar_t>();
+    const scalar_t *X = ptr_or_null<scalar_t>(c.x_t), *H = c.xhat.const_data_ptr<scalar_t>(),
+                   *RS = c.rstd.const_data_ptr<scalar_t>(), *W = ptr_or_null<scalar_t>(c.weight),
+                   *WT = ptr_or_null<scalar_t>(c.weight_t), *BT = ptr_or_null<scalar_t>(c.bias_t);
+    scalar_t* O = c.out.mutable_data_ptr<scalar_t>();
     const acc_t inv = acc_t(1) / acc_t(d);
     at::parallel_for(0, B * R, std::max<int64_t>(1, 8192 / d), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -83,7 +72,7 @@ at::Tensor tangent_cpu(const std::optional<at::Tensor>& x_t, const at::Tensor& x
       }
     });
   });
-  return out;
+  return c.out;
 }
 
 // Rows per tile of layer_norm_backward_tangent: enough work per task, few partial rows to add up.
@@ -93,17 +82,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_tangent_cpu(
     const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_out_t, const std::optional<at::Tensor>& x_t,
     const at::Tensor& xhat_, const at::Tensor& rstd_, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& weight_t) {
-  const int64_t B = layer_norm::check("layer_norm_backward_tangent", xhat_, rstd_, weight,
-                                      {{"grad_out_t", &grad_out_t}, {"x_t", &x_t}}, {{"weight_t", &weight_t}}, &grad_out_);
-  const at::Tensor xhat = xhat_.contiguous(), rstd = rstd_.contiguous(), gy = grad_out_.contiguous();
-  const at::Tensor gyt = contiguous_or_undefined(grad_out_t), xt = contiguous_or_undefined(x_t),
-                   w = contiguous_or_undefined(weight), wt = contiguous_or_undefined(weight_t);
-  const int64_t R = xhat.size(0), d = xhat.size(1);
-  at::Tensor gx_t = at::empty({B, R, d}, xhat.options());
-  at::Tensor gw_t = at::zeros({B, d}, xhat.options()), gb_t = at::zeros({B, d}, xhat.options());
-  if (B == 0 || R == 0 || d == 0) return {gx_t, gw_t, gb_t};
-  const at::Tensor stats = layer_norm::backward_row_stats(gy, xhat, w.defined() ? std::optional<at::Tensor>(w) : std::nullopt);
-  const at::Tensor g = (w.defined() ? gy * w : gy).contiguous();
+  const layer_norm::BackwardTangentCall c =
+      layer_norm::backward_tangent_call(grad_out_, grad_out_t, x_t, xhat_, rstd_, weight, weight_t);
+  if (c.empty()) return {c.grad_x_t, c.grad_weight_t, c.grad_bias_t};
+  const at::Tensor &gy = c.grad_out, &gyt = c.grad_out_t, &xt = c.x_t, &xhat = c.xhat, &rstd = c.rstd, &w = c.weight,
+                   &wt = c.weight_t, &g = c.g, &stats = c.stats, &gx_t = c.grad_x_t;
+  const int64_t B = c.B, R = c.R, d = c.d;
   const int64_t rows_per_tile = std::max<int64_t>(1, kTileElements / d);
   const int64_t C = (R + rows_per_tile - 1) / rows_per_tile;  // row blocks
   at::Tensor partial = at::zeros({B, C, 2, d}, xhat.options());  // per tile: weight and bias tangent sums
@@ -187,9 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_tangent_cpu(
     });
   });
   const at::Tensor sums = partial.sum(1);  // [B, 2, d], the row blocks added in order
-  gw_t.copy_(sums.select(1, 0));
-  gb_t.copy_(sums.select(1, 1));
-  return {gx_t, gw_t, gb_t};
+  c.grad_weight_t.copy_(sums.select(1, 0));
+  c.grad_bias_t.copy_(sums.select(1, 1));
+  return {c.grad_x_t, c.grad_weight_t, c.grad_bias_t};
 }
 
 }  // namespace

@@ -19,7 +19,7 @@
 namespace twicediff {
 namespace {
 
-using layer_norm::contiguous_or_undefined;
+using layer_norm::ptr_or_null;
 
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
@@ -28,11 +28,6 @@ template <typename T>
 __device__ T warp_sum(T v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 unsigned row_blocks(int64_t rows) {
@@ -147,42 +142,32 @@ __global__ void column_sums_kernel(const T* __restrict__ GY, const T* __restrict
 at::Tensor tangent_cuda(const std::optional<at::Tensor>& x_t, const at::Tensor& xhat_, const at::Tensor& rstd_,
                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& weight_t,
                         const std::optional<at::Tensor>& bias_t) {
-  const int64_t B = layer_norm::check("layer_norm_tangent", xhat_, rstd_, weight, {{"x_t", &x_t}},
-                                      {{"weight_t", &weight_t}, {"bias_t", &bias_t}});
   const c10::cuda::CUDAGuard guard(xhat_.device());
-  const at::Tensor xhat = xhat_.contiguous(), rstd = rstd_.contiguous();
-  const at::Tensor xt = contiguous_or_undefined(x_t), w = contiguous_or_undefined(weight),
-                   wt = contiguous_or_undefined(weight_t), bt = contiguous_or_undefined(bias_t);
-  const int64_t R = xhat.size(0), d = xhat.size(1);
-  at::Tensor out = at::empty({B, R, d}, xhat.options());
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(xhat.scalar_type(), "layer_norm_tangent_cuda", [&] {
+  const layer_norm::TangentCall c = layer_norm::tangent_call(x_t, xhat_, rstd_, weight, weight_t, bias_t);
+  if (c.out.numel() == 0) return c.out;
+  AT_DISPATCH_FLOATING_TYPES(c.xhat.scalar_type(), "layer_norm_tangent_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    tangent_kernel<scalar_t, acc_t><<<row_blocks(B * R), kWarp * kWarpsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-        ptr_or_null<scalar_t>(xt), xhat.const_data_ptr<scalar_t>(), rstd.const_data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(w), ptr_or_null<scalar_t>(wt), ptr_or_null<scalar_t>(bt), out.mutable_data_ptr<scalar_t>(),
-        B, R, d);
+    tangent_kernel<scalar_t, acc_t><<<row_blocks(c.B * c.R), kWarp * kWarpsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+        ptr_or_null<scalar_t>(c.x_t), c.xhat.const_data_ptr<scalar_t>(), c.rstd.const_data_ptr<scalar_t>(),
+        ptr_or_null<scalar_t>(c.weight), ptr_or_null<scalar_t>(c.weight_t), ptr_or_null<scalar_t>(c.bias_t),
+        c.out.mutable_data_ptr<scalar_t>(), c.B, c.R, c.d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return c.out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_tangent_cuda(
     const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_out_t, const std::optional<at::Tensor>& x_t,
     const at::Tensor& xhat_, const at::Tensor& rstd_, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& weight_t) {
-  const int64_t B = layer_norm::check("layer_norm_backward_tangent", xhat_, rstd_, weight,
-                                      {{"grad_out_t", &grad_out_t}, {"x_t", &x_t}}, {{"weight_t", &weight_t}}, &grad_out_);
   const c10::cuda::CUDAGuard guard(xhat_.device());
-  const at::Tensor xhat = xhat_.contiguous(), rstd = rstd_.contiguous(), gy = grad_out_.contiguous();
-  const at::Tensor gyt = contiguous_or_undefined(grad_out_t), xt = contiguous_or_undefined(x_t),
-                   w = contiguous_or_undefined(weight), wt = contiguous_or_undefined(weight_t);
-  const int64_t R = xhat.size(0), d = xhat.size(1);
-  at::Tensor gx_t = at::empty({B, R, d}, xhat.options());
-  at::Tensor gw_t = at::zeros({B, d}, xhat.options()), gb_t = at::zeros({B, d}, xhat.options());
-  if (B == 0 || R == 0 || d == 0) return {gx_t, gw_t, gb_t};
-  const at::Tensor stats = layer_norm::backward_row_stats(gy, xhat, w.defined() ? std::optional<at::Tensor>(w) : std::nullopt);
-  const at::Tensor g = (w.defined() ? gy * w : gy).contiguous();
+  const layer_norm::BackwardTangentCall c =
+      layer_norm::backward_tangent_call(grad_out_, grad_out_t, x_t, xhat_, rstd_, weight, weight_t);
+  if (c.empty()) return {c.grad_x_t, c.grad_weight_t, c.grad_bias_t};
+  const at::Tensor &gy = c.grad_out, &gyt = c.grad_out_t, &xt = c.x_t, &xhat = c.xhat, &rstd = c.rstd, &w = c.weight,
+                   &wt = c.weight_t, &g = c.g, &stats = c.stats, &gx_t = c.grad_x_t, &gw_t = c.grad_weight_t,
+                   &gb_t = c.grad_bias_t;
+  const int64_t B = c.B, R = c.R, d = c.d;
   AT_DISPATCH_FLOATING_TYPES(xhat.scalar_type(), "layer_norm_backward_tangent_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor xs = at::empty({B, R, 2}, xhat.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
