@@ -469,6 +469,15 @@ CASES = [
     ("cg_step", "blocks of different shapes",
      lambda: _ops.cg_step(*(torch.zeros(2, 3) for _ in range(3)), torch.zeros(2, 4), torch.zeros(2, dtype=torch.float64)),
      ValueError, ["Ap", "shape"]),
+    ("layer_norm_tangent", "no tangent at all",
+     lambda: _ops.layer_norm_tangent(None, torch.zeros(3, 4), torch.ones(3)), ValueError, ["x_t", "weight_t", "None"]),
+    ("layer_norm_tangent", "a tangent of another row count",
+     lambda: _ops.layer_norm_tangent(torch.zeros(2, 5, 4), torch.zeros(3, 4), torch.ones(3)),
+     ValueError, ["x_t", "[2, 3, 4]", "[2, 5, 4]"]),
+    ("layer_norm_backward_tangent", "a tangent of another dtype",
+     lambda: _ops.layer_norm_backward_tangent(torch.zeros(3, 4), torch.zeros(2, 3, 4, dtype=torch.float64), None,
+                                              torch.zeros(3, 4), torch.ones(3)),
+     TypeError, ["grad_out_t", "float32", "float64"]),
 ]
 
 

@@ -1,9 +1,10 @@
 """LayerNorm whose forward-mode rules are twicediff's fused native ops.
 
 The func engine's forward-over-reverse products (``vmap(jvp(grad(L)))``) push a batch of tangents
-through the forward pass and through the backward pass. torch's forward-mode formulas for ``layer_norm`` and ``native_layer_norm_backward``
-recompute the primal's row statistics and make a dozen passes over the batched tangents; on a small
-transformer block the two LayerNorms took about a third of the product. :func:`layer_norm` computes
+through the forward pass and through the backward pass. torch's forward-mode formulas for
+``layer_norm`` and ``native_layer_norm_backward`` recompute the primal's row statistics and make a
+dozen passes over the batched tangents; on a small transformer block the two LayerNorms took
+about a third of the product. :func:`layer_norm` computes
 what ``F.layer_norm`` computes, with the same values and gradients, but its jvp and the jvp of its
 backward are one call each of :func:`twicediff.ops.layer_norm_tangent` and
 :func:`twicediff.ops.layer_norm_backward_tangent`, one pass per row over all directions at once.
@@ -28,6 +29,7 @@ __all__ = ["MIN_DIRECTIONS", "applies", "layer_norm"]
 
 #: Directions per product from which the fused rules pay (NOTE: measured in
 #: benchmarks/results/curvlinops_cpu.md: slower at 1 direction, even at 4 and 8, faster from 16).
+#: The func engine's chunks below it keep torch's rules.
 MIN_DIRECTIONS = 8
 
 
