@@ -23,17 +23,15 @@ An in-place op's output is left as it is (it is the tensor it was given).
 The func engine also asks it to route ``F.layer_norm`` (``nn.LayerNorm``) to
 :func:`twicediff.torch.layer_norm.layer_norm`, whose forward-mode rules are fused native ops: same
 values, same derivatives, fewer passes over the batched tangents. The compiled engine does not: its
-compiler fuses torch's own rules. Those rules differentiate LayerNorm's backward forward only; a
-reverse-over-reverse fallback inside the context runs under :func:`torch_layer_norm_rules`.
+compiler fuses torch's own rules. Those rules differentiate LayerNorm's backward forward only: a
+product taken reverse over reverse runs under a context without them.
 
 The module also names the forward-mode formulas of torch that fail where reverse mode computes
 (:data:`FORMULA_FAILURES`): there the callers take the product reverse over reverse, which is exact too.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +40,7 @@ from torch.utils._pytree import tree_map
 
 from .layer_norm import applies as _fused_applies, layer_norm as _fused_layer_norm
 
-__all__ = ["FORMULA_FAILURES", "formula_failure", "reverse_mode_constants", "torch_layer_norm_rules"]
+__all__ = ["FORMULA_FAILURES", "formula_failure", "reverse_mode_constants"]
 
 #: torch's words where one of its forward-mode formulas fails on input reverse mode takes: an
 #: implicit zero tangent written into ("ZeroTensors are immutable", ``mse_loss``'s backward), and
@@ -81,23 +79,7 @@ def _layer_norm_call(args: Tuple, kwargs: Dict[str, Any]) -> Optional[Tuple]:
     bound = {**dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
     call = (bound.get("input"), bound.get("normalized_shape"), bound.get("weight"), bound.get("bias"),
             bound.get("eps", 1e-5))
-    return call if len(args) <= 5 and _fused_applies(*call[:4]) else None
-
-
-# Set by torch_layer_norm_rules: the fused LayerNorm routing of every active context is off.
-_TORCH_LAYER_NORM = contextvars.ContextVar("twicediff_torch_layer_norm", default=False)
-
-
-@contextlib.contextmanager
-def torch_layer_norm_rules() -> Iterator[None]:
-    """Within a ``reverse_mode_constants(fused_layer_norm=True)`` context, LayerNorms go to torch's
-    own rules again: for a product taken reverse over reverse, which differentiates LayerNorm's
-    backward in reverse mode (the fused rules refuse that)."""
-    token = _TORCH_LAYER_NORM.set(True)
-    try:
-        yield
-    finally:
-        _TORCH_LAYER_NORM.reset(token)
+    return call if _fused_applies(*call[:4]) else None
 
 
 class _ReverseModeConstants(TorchFunctionMode):
@@ -107,7 +89,7 @@ class _ReverseModeConstants(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.layer_norm and self.fused_layer_norm and torch.is_grad_enabled() and not _TORCH_LAYER_NORM.get():
+        if func is F.layer_norm and self.fused_layer_norm and torch.is_grad_enabled():
             call = _layer_norm_call(args, kwargs)
             if call is not None:
                 return _fused_layer_norm(*call)

@@ -14,7 +14,7 @@ from ..batch import model_args, squeezed_loss
 from .base import PreparedBatch
 from .generic import GenericEngine
 from ..guard import model_call
-from ..forward_mode import formula_failure, reverse_mode_constants, torch_layer_norm_rules
+from ..forward_mode import formula_failure, reverse_mode_constants
 from ..layer_norm import MIN_DIRECTIONS as FUSED_LAYER_NORM_MIN_DIRECTIONS
 
 __all__ = ["FuncEngine", "forward_over_reverse", "func_hvp", "split_params"]
@@ -100,8 +100,7 @@ def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tens
     Calls from several threads take turns (forward-mode AD state is process-wide in torch). What
     torch.func refuses (a BatchNorm or Dropout in training mode, an op without a forward-mode
     derivative) is explained by :func:`twicediff.errors.data_errors`, which every caller runs it in."""
-    fused = v.shape[0] >= FUSED_LAYER_NORM_MIN_DIRECTIONS
-    with model_call(model, "hvp"), _FORWARD_AD_LOCK, reverse_mode_constants(fused_layer_norm=fused):  # model's lock first
+    with model_call(model, "hvp"), _FORWARD_AD_LOCK:  # the model's lock first, always
         return _func_hvp_unlocked(model, loss, x, y, v, mode)
 
 
@@ -116,29 +115,35 @@ def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: 
         return functional_call(model, (p, fixed), args, kwargs)
 
     tangents = _directions_as_params(v, names, params)
+    # Forward mode holds constant what reverse mode does; its products take the fused LayerNorm
+    # rules on enough directions. The reverse-over-reverse fallback differentiates LayerNorm's
+    # backward in reverse mode, which those rules do not: it runs under torch's.
+    forward = reverse_mode_constants(fused_layer_norm=v.shape[0] >= FUSED_LAYER_NORM_MIN_DIRECTIONS)
     if mode == "hessian":
         try:
-            blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
-                                          tangents)
+            with forward:
+                blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
+                                              tangents)
         except RuntimeError as exc:
             # A forward-mode formula of torch that fails where reverse mode works (an implicit zero
             # tangent, an integer regression target): reverse-over-reverse is exact too.
             if not formula_failure(exc):
                 raise
-            with torch_layer_norm_rules():  # reverse mode through LayerNorm's backward: torch's rules
+            with reverse_mode_constants():
                 _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
                 blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
     else:
-        z, pullback = vjp(output_of, params)
-        z = z.detach()
-        # H_ℓ is symmetric, so H_ℓ u is the pullback of u through ∇_z ℓ (reverse-over-reverse in
-        # the small output space; avoids forward-mode loss formulas, see above).
-        _, loss_hessian = vjp(grad(lambda o: squeezed_loss(loss, o, y)), z)
+        with forward:
+            z, pullback = vjp(output_of, params)
+            z = z.detach()
+            # H_ℓ is symmetric, so H_ℓ u is the pullback of u through ∇_z ℓ (reverse-over-reverse in
+            # the small output space; avoids forward-mode loss formulas, see above).
+            _, loss_hessian = vjp(grad(lambda o: squeezed_loss(loss, o, y)), z)
 
-        def ggn_one(t):
-            jt = jvp(output_of, (params,), (t,))[1]
-            return pullback(loss_hessian(jt)[0])[0]
+            def ggn_one(t):
+                jt = jvp(output_of, (params,), (t,))[1]
+                return pullback(loss_hessian(jt)[0])[0]
 
-        blocks = vmap(ggn_one)(tangents)
+            blocks = vmap(ggn_one)(tangents)
     out = torch.empty_like(v)
     return ops.pack_into([blocks[n] for n in names], out, 0)
