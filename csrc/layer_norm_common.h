@@ -58,9 +58,7 @@ inline int64_t check(const char* op, const at::Tensor& xhat, const at::Tensor& r
 }
 
 // [R, 2] per row of the primal backward: mean(g) and mean(g * xhat), g = grad_out * weight.
-inline at::Tensor backward_row_stats(const at::Tensor& grad_out, const at::Tensor& xhat,
-                                     const std::optional<at::Tensor>& weight) {
-  const at::Tensor g = given(weight) ? grad_out * *weight : grad_out;
+inline at::Tensor backward_row_stats(const at::Tensor& g, const at::Tensor& xhat) {
   return at::stack({g.mean(-1), (g * xhat).mean(-1)}, -1).contiguous();
 }
 
@@ -115,9 +113,8 @@ inline BackwardTangentCall backward_tangent_call(const at::Tensor& grad_out, con
   c.grad_weight_t = at::zeros({B, c.d}, xhat.options());
   c.grad_bias_t = at::zeros({B, c.d}, xhat.options());
   if (!c.empty()) {
-    const std::optional<at::Tensor> w = c.weight.defined() ? std::optional<at::Tensor>(c.weight) : std::nullopt;
-    c.stats = backward_row_stats(c.grad_out, c.xhat, w);
     c.g = (c.weight.defined() ? c.grad_out * c.weight : c.grad_out).contiguous();
+    c.stats = backward_row_stats(c.g, c.xhat);
   }
   return c;
 }
