@@ -109,6 +109,10 @@ class _LayerNorm(Function):
         return gx, gw, gb, None
 
 
+def _shape(normalized_shape) -> tuple:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
 def applies(input, normalized_shape, weight=None, bias=None) -> bool:
     """Whether :func:`layer_norm` takes this call: a float32 or float64 CPU or CUDA input whose
     trailing dimensions are ``normalized_shape``, weight and bias None or of that shape, dtype and
@@ -117,7 +121,7 @@ def applies(input, normalized_shape, weight=None, bias=None) -> bool:
         return False
     if input.device.type not in ("cpu", "cuda") or input.numel() == 0:
         return False
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    shape = _shape(normalized_shape)
     if not shape or input.dim() < len(shape) or tuple(input.shape[-len(shape):]) != shape:
         return False
     for t in (weight, bias):
@@ -131,7 +135,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: Sequence[int], weight: Opt
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
     """``F.layer_norm(input, normalized_shape, weight, bias, eps)`` with fused forward-mode rules, for
     calls where :func:`applies`."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    shape = _shape(normalized_shape)
     d = math.prod(shape)
     y = _LayerNorm.apply(input.reshape(-1, d), None if weight is None else weight.reshape(d),
                          None if bias is None else bias.reshape(d), float(eps))[0]
