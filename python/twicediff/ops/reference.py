@@ -126,16 +126,14 @@ def gemm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0
 
 
 def _layer_norm_rows(xhat: torch.Tensor, rstd: torch.Tensor):
-    """(x, layer_norm) such that layer_norm(x) is xhat with 1 / sqrt(var + eps) = rstd per row."""
+    """(x, layer_norm) such that layer_norm(x, 1, 0) is xhat with 1 / sqrt(var + eps) = rstd per row."""
     r = rstd.unsqueeze(-1)
     x = xhat / r
     eps = (1 - (xhat * xhat).mean(-1, keepdim=True)) / (r * r)
 
     def layer_norm(x, weight, bias):
         xc = x - x.mean(-1, keepdim=True)
-        y = xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
-        y = y if weight is None else y * weight
-        return y if bias is None else y + bias
+        return xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps) * weight + bias
     return x, layer_norm
 
 
