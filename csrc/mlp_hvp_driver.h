@@ -43,6 +43,9 @@ namespace mlp_hvp {
 //                                                       R(g_a)^T h [D*out, in] (the BLAS's faster form)
 //   direction_parts(D)                                 into how many parts to split the D directions,
 //                                                       each part's R-passes run by one thread at once
+//   caller_settings(), in_worker(settings)             the calling thread's per-thread settings, and an
+//                                                       object that applies them in a worker thread
+//                                                       while it lives
 //                                                       (1: one R-pass over all D, the BLAS threaded)
 //   kFusedHead                                         true: the device has fuses_head(plan, dtype), whether it
 //                                                       takes the last layer in one pass, and
@@ -306,7 +309,9 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
     scratch::Arena arena(x_in.device(), Kernels::kCacheScratch);
     r_passes<Kernels>(plan, f, v, result, arena);
   } else {
+    const auto caller = Kernels::caller_settings();
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      [[maybe_unused]] const auto settings = Kernels::in_worker(caller);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t d0 = t * D / parts, d1 = (t + 1) * D / parts;
         scratch::Arena arena(x_in.device(), Kernels::kCacheScratch, t);

@@ -93,6 +93,9 @@ PYBIND11_MODULE(_C, mod) {
           "Free the CPU scratch the native ops keep between calls.");
   mod.def("cpu_gemm", &twicediff::cpu::gemm_backend,
           "Which library takes the native ops' float32 GEMMs on the CPU now: 'onednn' or 'blas'.");
+  mod.def("set_blas_in_thread", &twicediff::cpu::set_blas_in_thread,
+          "Send this thread's float32 GEMMs of the native ops to ATen's BLAS (True) or not; returns the "
+          "previous setting.");
   mod.def("cpu_gemm_refusal", &twicediff::cpu::gemm_refusal,
           "oneDNN's message when it refused a float32 GEMM of this process ('' when it never did).");
 #ifdef TWICEDIFF_WITH_CUDA

@@ -82,6 +82,9 @@ bool blas_forced() {
   return true;
 }
 
+// This thread's GEMMs on ATen's BLAS whatever oneDNN could do (set_blas_in_thread, gemm.h).
+thread_local bool t_blas = false;
+
 MatmulFn onednn_matmul() {
   static const MatmulFn fn = lookup();
   if (blas_forced() || fn == nullptr || refused.load(std::memory_order_relaxed)) return nullptr;
@@ -98,7 +101,8 @@ bool rows_with_stride(const at::Tensor& t) {
 }  // namespace
 
 void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
-  const MatmulFn fn = onednn_matmul();  // checks TWICEDIFF_CPU_GEMM whatever the dtype
+  const MatmulFn fn = onednn_matmul();  // checks TWICEDIFF_CPU_GEMM whatever the dtype and thread
+  if (t_blas) return aten_gemm(out, a, b, beta, alpha);
   if (fn != nullptr && out.scalar_type() == at::kFloat && rows_with_stride(out) && a.numel() > 0 && b.numel() > 0) {
     try {
       fn(a, b, out, static_cast<float>(beta), static_cast<float>(alpha));
@@ -111,6 +115,14 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, doubl
 }
 
 std::string gemm_backend() { return onednn_matmul() != nullptr ? "onednn" : "blas"; }
+
+bool blas_in_thread() { return t_blas; }
+
+bool set_blas_in_thread(bool on) {
+  const bool was = t_blas;
+  t_blas = on;
+  return was;
+}
 
 std::string gemm_refusal() {
   onednn_matmul();  // the first-use check above

@@ -15,6 +15,26 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, doubl
 // Which library takes float32 GEMMs in this process now: "onednn" or "blas".
 std::string gemm_backend();
 
+// Whether this thread's GEMMs are sent to ATen's BLAS whatever gemm_backend() says: the choice of
+// the native engine's probe (python/twicediff/torch/engines/native.py) for the call this thread
+// runs. Per thread, so that concurrent calls choosing differently do not switch each other's
+// GEMMs. A parallel region carries it into its workers with a BlasInThread of the caller's value.
+bool blas_in_thread();
+// Sets this thread's choice; returns the one it replaces.
+bool set_blas_in_thread(bool on);
+
+// This thread on ATen's BLAS (on = true) or not, for the scope's life.
+class BlasInThread {
+ public:
+  explicit BlasInThread(bool on) : was_(set_blas_in_thread(on)) {}
+  ~BlasInThread() { set_blas_in_thread(was_); }
+  BlasInThread(const BlasInThread&) = delete;
+  BlasInThread& operator=(const BlasInThread&) = delete;
+
+ private:
+  bool was_;
+};
+
 // oneDNN's error message when it refused a float32 GEMM in this process ("" when it never did).
 std::string gemm_refusal();
 

@@ -64,6 +64,10 @@ struct CpuKernels {
     while (parts > 1 && 4 * ((D + parts - 1) / parts) * parts > 5 * D) --parts;
     return std::max<int64_t>(parts, 1);
   }
+  // The calling thread's GEMM library (cpu/gemm.h: the probe's choice for this call), taken by the
+  // threads that run the parts.
+  static bool caller_settings() { return twicediff::cpu::blas_in_thread(); }
+  static twicediff::cpu::BlasInThread in_worker(bool blas) { return twicediff::cpu::BlasInThread(blas); }
 
   // The output layer's narrow GEMMs, loss curvature and bias sums in one pass, in float64
   // (cpu/mlp_hvp_fused_head.cpp).

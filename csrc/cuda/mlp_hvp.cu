@@ -142,6 +142,9 @@ struct CudaKernels {
   static bool weight_grad_input_major(at::ScalarType) { return false; }
   // One R-pass over all directions: the GPU runs each GEMM across its whole width.
   static int64_t direction_parts(int64_t) { return 1; }
+  // Nothing per thread to carry (one part, run by the calling thread).
+  static int caller_settings() { return 0; }
+  static int in_worker(int) { return 0; }
   // No fused output-layer pass: that is a CPU cache measure; here its work stays in cuBLAS GEMMs.
   static constexpr bool kFusedHead = false;
   // cuBLAS through ATen.

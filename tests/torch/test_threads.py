@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import twicediff
 from twicediff import TorchTwiceDifferentiable
 from twicediff.app.bench import settle_auto
+from twicediff.torch.engines import probe
 
 THREADS = 4
 ROUNDS = 100
@@ -121,3 +123,43 @@ def test_threads_sharing_one_model_get_single_threaded_influences(native, kind):
     assert all(type(p) is nn.Parameter for p in model.parameters())
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     copy.deepcopy(model)
+
+
+
+@pytest.mark.skipif(twicediff.build_info()["cpu_gemm"] != "onednn", reason="oneDNN takes no GEMM here: no choice to make")
+def test_gemm_library_choice_stays_in_its_thread():
+    """Sending the native op's GEMMs to ATen's BLAS (the probe's choice, here set with
+    probe.set_choice) is a setting of the calling thread: threads doing it at once get their
+    single-threaded results, and torch's own oneDNN switch, which other code reads, is never touched
+    (it was toggled per call before, and concurrent calls switched each other back mid-call)."""
+    problems = [_problem(seed) for seed in range(THREADS)]
+    probe.set_choice("cpu_gemm", "blas")
+    try:
+        expected = [td.hvp(x, y, v, engine="native") for td, x, y, v in problems]
+        barrier = threading.Barrier(THREADS + 1)
+        mismatches, errors, flags = [], [], []
+
+        def work(i):
+            td, x, y, v = problems[i]
+            try:
+                barrier.wait(timeout=60)
+                for r in range(ROUNDS):
+                    out = td.hvp(x, y, v, engine="native")
+                    if not torch.equal(out, expected[i]):
+                        mismatches.append((i, r, (out - expected[i]).abs().max().item()))
+            except Exception as exc:  # reported below, with the thread it happened in
+                errors.append((i, repr(exc)))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+        for t in threads:
+            t.start()
+        barrier.wait(timeout=60)
+        while any(t.is_alive() for t in threads):
+            flags.append(torch.backends.mkldnn.enabled)
+        for t in threads:
+            t.join(timeout=600)
+        assert not errors, errors
+        assert not mismatches, mismatches[:5]
+        assert all(flags), f"torch.backends.mkldnn.enabled was False in {flags.count(False)} of {len(flags)} looks"
+    finally:
+        probe.set_choice("cpu_gemm", None)

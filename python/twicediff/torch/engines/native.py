@@ -27,13 +27,14 @@ def _rounding(dtype: torch.dtype) -> float:
 
 
 def _on_blas(call):
-    """``call()`` with the native op's float32 GEMMs on ATen's BLAS."""
-    was = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    """``call()`` with the native op's float32 GEMMs on ATen's BLAS: a setting of this thread only
+    (the op's worker threads take it from the caller), so that calls in other threads, and torch's
+    own use of oneDNN, keep theirs."""
+    was = _C.set_blas_in_thread(True)
     try:
         return call()
     finally:
-        torch.backends.mkldnn.enabled = was
+        _C.set_blas_in_thread(was)
 
 
 def single_tensor_input(x: Any) -> None:
@@ -164,7 +165,7 @@ class NativeEngine:
         if V.device.type != "cpu" or V.dtype != torch.float32 or _C.cpu_gemm() != "onednn":
             return "default"
         # The float32 GEMMs' library (oneDNN or ATen's BLAS) is picked by a timed probe per shape
-        # class; torch.backends.mkldnn.enabled = False sends them to ATen.
+        # class (torch.backends.mkldnn.enabled = False sends them all to ATen).
         key = (f"N={batch.inputs.shape[0]} widths={[tuple(lin.weight.shape) for lin in self.linears]} "
                f"D<={1 << max(0, V.shape[0] - 1).bit_length()} {mode} threads={torch.get_num_threads()}")
         return probe.choose("cpu_gemm", key, {"onednn": call, "blas": lambda: _on_blas(call)})
