@@ -4,16 +4,18 @@ On Linux, glibc hands large blocks (above its mmap threshold, at most 32 MiB) to
 mmap and returns them on free, so a vmapped product whose intermediates are that large touches
 fresh pages, and takes a page fault for each, on every call. This script times
 ``hvp(engine="func")`` on D = 64 directions, with chunks of 16 and of 64 directions (forced as in
-bench_func_chunks.py), in child processes under three settings, alternated round by round so that
+bench_func_chunks.py), in child processes under four settings, alternated round by round so that
 the host's load hits them alike:
 
-- ``default``: the environment as it is;
-- ``thp``: ``THP_MEM_ALLOC_ENABLE=1``, PyTorch's switch for transparent huge pages on its CPU
-  allocations of 2 MiB and more (512 times fewer faults where the kernel grants them);
-- ``glibc``: ``MALLOC_MMAP_THRESHOLD_=1 GiB MALLOC_TRIM_THRESHOLD_=4 GiB MALLOC_TOP_PAD_=256 MiB``:
-  blocks stay on the heap and are reused (the process keeps its peak memory).
+- ``default``: glibc as it is, twicediff's CPU block cache off (``TWICEDIFF_CPU_BLOCK_CACHE=0``);
+- ``thp``: that and ``THP_MEM_ALLOC_ENABLE=1``, PyTorch's switch for transparent huge pages on its
+  CPU allocations of 2 MiB and more (512 times fewer faults where the kernel grants them);
+- ``glibc``: that and ``MALLOC_MMAP_THRESHOLD_=1 GiB MALLOC_TRIM_THRESHOLD_=4 GiB
+  MALLOC_TOP_PAD_=256 MiB``: blocks stay on the heap and are reused (the process keeps its peak memory);
+- ``block_cache``: twicediff's default since the block cache landed (twicediff.torch.block_cache):
+  the products reuse their large blocks, at most 1 GiB held.
 
-Both are settings a user makes before starting Python; twicediff changes neither.
+The first three are settings a user makes before starting Python; twicediff changes neither.
 
     PYTHONPATH=python python benchmarks/bench_allocator.py [--threads 2] [--rounds 3] [--out FILE]
 """
@@ -28,10 +30,11 @@ import sys
 from harness import bench_args, emit, header
 
 SETTINGS = {
-    "default": {},
-    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
-    "glibc": {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32),
-              "MALLOC_TOP_PAD_": str(2**28)},
+    "default": {"TWICEDIFF_CPU_BLOCK_CACHE": "0"},
+    "thp": {"TWICEDIFF_CPU_BLOCK_CACHE": "0", "THP_MEM_ALLOC_ENABLE": "1"},
+    "glibc": {"TWICEDIFF_CPU_BLOCK_CACHE": "0", "MALLOC_MMAP_THRESHOLD_": str(2**30),
+              "MALLOC_TRIM_THRESHOLD_": str(2**32), "MALLOC_TOP_PAD_": str(2**28)},
+    "block_cache": {"TWICEDIFF_CPU_BLOCK_CACHE": "1"},
 }
 PRESETS = ("d_cnn", "d_transformer")
 CHUNKS = (16, 64)
@@ -55,7 +58,8 @@ def child(threads: int) -> None:
         per = td.hvp_function(x, y, engine="func").bytes_per_direction
         out[preset] = {}
         for chunk in CHUNKS:
-            chunks.GENERIC_CHUNK_BYTES, chunks.MIN_GENERIC_DIRECTIONS = chunk * per, 1
+            chunks.GENERIC_CHUNK_BYTES = chunks.CACHED_GENERIC_CHUNK_BYTES = chunk * per
+            chunks.MIN_GENERIC_DIRECTIONS = 1
             out[preset][chunk] = median_ms(lambda: td.hvp(x, y, v, engine="func"), CALLS)
     print(json.dumps(out))
 

@@ -3,8 +3,9 @@
 ``hvp(engine="func")`` on D = 64 directions with the chunk size forced to 4 ... 64, for the small CNN
 and transformer block (presets d_cnn, d_transformer of twicediff.app.bench) and model (a); the
 per-direction loop (pyDVL 0.7's method) as the baseline. It is the evidence for
-``twicediff.torch.engines.base.GENERIC_CHUNK_BYTES``, the working memory the generic engines' chunks are kept
-near (the estimated bytes per direction are in the table).
+``twicediff.torch.engines.base.CACHED_GENERIC_CHUNK_BYTES`` (``GENERIC_CHUNK_BYTES`` with the CPU block
+cache off), the working memory the generic engines' chunks are kept near (the estimated bytes per
+direction are in the table).
 
     PYTHONPATH=python python benchmarks/bench_func_chunks.py [--threads 2] [--out benchmarks/results/func_chunks_cpu.md]
 """
@@ -24,7 +25,7 @@ D = 64
 def main() -> None:
     args = bench_args(__doc__, rounds=5)
     rows = []
-    default_cap = _chunks.GENERIC_CHUNK_BYTES
+    default_caps = _chunks.GENERIC_CHUNK_BYTES, _chunks.CACHED_GENERIC_CHUNK_BYTES
     for preset in PRESETS:
         td, x, y = bench._setup(preset, "cpu")
         v = bench._directions(td, D, x)
@@ -33,9 +34,10 @@ def main() -> None:
         floor = _chunks.MIN_GENERIC_DIRECTIONS
         _chunks.MIN_GENERIC_DIRECTIONS = 1
         for chunk in CHUNKS:
-            _chunks.GENERIC_CHUNK_BYTES = chunk * per  # exactly `chunk` directions per chunk
+            # exactly `chunk` directions per chunk, the block cache on or off
+            _chunks.GENERIC_CHUNK_BYTES = _chunks.CACHED_GENERIC_CHUNK_BYTES = chunk * per
             times[chunk] = median_ms(lambda: td.hvp(x, y, v, engine="func"), args.rounds)
-        _chunks.GENERIC_CHUNK_BYTES, _chunks.MIN_GENERIC_DIRECTIONS = default_cap, floor
+        (_chunks.GENERIC_CHUNK_BYTES, _chunks.CACHED_GENERIC_CHUNK_BYTES), _chunks.MIN_GENERIC_DIRECTIONS = default_caps, floor
         loop = bench._method_call("loop", td, x, y, v)  # times LOOP_MAX_DIRECTIONS directions
         loop_ms = median_ms(loop, args.rounds) * D / min(D, bench.LOOP_MAX_DIRECTIONS)
         default_chunk = _chunks.generic_directions_per_chunk(per)
@@ -53,7 +55,8 @@ def main() -> None:
         "|---|---|" + "---|" * len(CHUNKS) + "---|---|",
         *rows,
         "",
-        f"default chunk: directions per chunk under GENERIC_CHUNK_BYTES = {default_cap // 2**20} MiB, at least "
+        f"default chunk: directions per chunk under CACHED_GENERIC_CHUNK_BYTES = {default_caps[1] // 2**20} MiB "
+        f"(GENERIC_CHUNK_BYTES = {default_caps[0] // 2**20} MiB with the block cache off), at least "
         f"MIN_GENERIC_DIRECTIONS = {_chunks.MIN_GENERIC_DIRECTIONS} (twicediff.torch.engines.base.generic_directions_per_chunk).",
     ])
     emit(text, args.out)

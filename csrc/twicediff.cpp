@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include "cpu/block_cache.h"
 #include "cpu/gemm.h"
 #include "mlp_hvp_codes.h"
 #include "util/scratch.h"
@@ -84,13 +85,22 @@ TORCH_LIBRARY(twicediff, m) {
 }
 
 // The module carries the registrations above (loaded for its side effects), a few facts about how
-// it was compiled, and the CPU scratch cache of the native ops (csrc/util/scratch.h).
+// it was compiled, the CPU scratch cache of the native ops (csrc/util/scratch.h) and the CPU block
+// cache of the generic engines' products (csrc/cpu/block_cache.h).
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "twicediff native ops; use them through torch.ops.twicediff or twicediff._ops";
   mod.def("scratch_bytes", &twicediff::scratch::cached_bytes,
           "Bytes of CPU scratch the native ops keep between calls (0 when none).");
   mod.def("release_scratch", &twicediff::scratch::release,
           "Free the CPU scratch the native ops keep between calls.");
+  mod.def("block_cache_enter", &twicediff::block_cache::enter,
+          "Open a scope in which large CPU blocks are cached for reuse (nested scopes counted).");
+  mod.def("block_cache_exit", &twicediff::block_cache::exit, "Close a scope of block_cache_enter.");
+  mod.def("block_cache_bytes", &twicediff::block_cache::held_bytes,
+          "Bytes of freed CPU blocks the block cache holds for reuse.");
+  mod.def("block_cache_release", &twicediff::block_cache::release, "Free the blocks the block cache holds.");
+  mod.def("block_cache_installed", &twicediff::block_cache::installed,
+          "Whether a scope is open and the block cache is torch's CPU allocator.");
   mod.def("cpu_gemm", &twicediff::cpu::gemm_backend,
           "Which library takes the native ops' float32 GEMMs on the CPU now: 'onednn' or 'blas'.");
   mod.def("set_blas_in_thread", &twicediff::cpu::set_blas_in_thread,

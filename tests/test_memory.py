@@ -163,6 +163,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
     import json, torch
     from torch import nn
     torch.set_num_threads(1)
+    import twicediff
     from twicediff import TorchTwiceDifferentiable, memory_budget
     import sys; sys.path.insert(0, BENCHMARKS)
     from harness import peak_rss_bytes, reset_peak_rss
@@ -175,6 +176,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
     def extra_bytes(D, budget, kind):
         v = torch.randn(D, P)
         g = td.grad(x, y, create_graph=True) if kind == "mvp" else None
+        twicediff.release_cpu_block_cache()  # blocks held from the call before are not this call's
         reset_peak_rss()
         base = peak_rss_bytes()
         with memory_budget(budget):
@@ -301,6 +303,7 @@ def test_generic_engines_keep_chunks_near_their_working_set_cap(engine, monkeypa
     whole = td.hvp(x, y, v, engine=engine)
     per_direction = td.hvp_function(x, y, engine=engine).bytes_per_direction
     monkeypatch.setattr(engine_caps, "GENERIC_CHUNK_BYTES", 3 * per_direction)
+    monkeypatch.setattr(engine_caps, "CACHED_GENERIC_CHUNK_BYTES", 3 * per_direction)
     monkeypatch.setattr(engine_caps, "MIN_GENERIC_DIRECTIONS", 2)
     product = td.hvp_function(x, y, engine=engine)
     assert _rel(product(v), whole) <= 1e-12
@@ -316,6 +319,7 @@ def test_generic_chunks_hold_a_floor_of_directions(monkeypatch):
     td, x, y = _model("cpu")
     v = torch.randn(10, td.num_params, dtype=torch.float64)
     monkeypatch.setattr(engine_caps, "GENERIC_CHUNK_BYTES", 1)
+    monkeypatch.setattr(engine_caps, "CACHED_GENERIC_CHUNK_BYTES", 1)
     monkeypatch.setattr(engine_caps, "MIN_GENERIC_DIRECTIONS", 4)
     product = td.hvp_function(x, y, engine="func")
     product(v)
@@ -324,3 +328,18 @@ def test_generic_chunks_hold_a_floor_of_directions(monkeypatch):
     with memory_budget(2 * product.bytes_per_direction):
         product(v)
     assert product.calls == 5  # the budget holds 2
+
+
+def test_even_step_covers_the_items_in_as_few_chunks_of_about_one_size():
+    from twicediff.memory import even_step
+
+    assert even_step(64, 43) == 32  # two of 32, not 43 and 21
+    assert even_step(64, 64) == 64 and even_step(64, 200) == 64
+    assert even_step(10, 3) == 3  # four chunks are needed either way
+    assert even_step(100, 28) == 25
+    assert even_step(1, 1) == 1 and even_step(0, 5) == 1
+    for total in range(1, 60):
+        for most in range(1, 70):
+            step = even_step(total, most)
+            chunks = -(-total // step)
+            assert 1 <= step <= max(most, 1) and chunks == -(-total // most), (total, most, step)

@@ -17,9 +17,11 @@ from .inversion import InversionMethod, InversionRegistry, solve_hvp  # noqa: F4
 from .errors import BadBatchError, DistributedError, GraphInputError, MemoryBudgetError, NotNativeError  # noqa: F401
 from . import general  # noqa: F401,E402  (pyDVL's pydvl.influence.general, an alias of .influence)
 from .memory import (  # noqa: F401
+    cpu_block_cache_bytes,
     get_memory_budget,
     memory_budget,
     native_scratch_bytes,
+    release_cpu_block_cache,
     release_native_scratch,
     set_memory_budget,
 )

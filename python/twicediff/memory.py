@@ -26,6 +26,9 @@ allocator does on the GPU: fresh large blocks from the CPU allocator are faulted
 by page on every call, a large share of a call's time on small MLPs. During a computation it is part
 of its products' share of the budget; after it, it stays held for the next one.
 :func:`native_scratch_bytes` says how much is held and :func:`release_native_scratch` frees it.
+The generic engines' products (torch.func, autograd, compiled) keep the large blocks torch's
+operators free in the same way, at most 1 GiB (twicediff.torch.block_cache):
+:func:`cpu_block_cache_bytes` and :func:`release_cpu_block_cache`.
 
 Their float32 GEMMs go through torch's bundled oneDNN (``build_info()["cpu_gemm"]``) or, where a
 timed probe on first use of a shape class finds it faster, ATen's BLAS (``build_info()["probe"]``,
@@ -50,8 +53,9 @@ import torch
 
 from .errors import MemoryBudgetError
 
-__all__ = ["MemoryBudgetError", "chunk_size", "free_bytes", "get_memory_budget", "held_bytes", "memory_budget",
-           "native_scratch_bytes", "release_native_scratch", "reserved", "set_memory_budget"]
+__all__ = ["MemoryBudgetError", "chunk_size", "cpu_block_cache_bytes", "even_step", "free_bytes", "get_memory_budget", "held_bytes",
+           "memory_budget", "native_scratch_bytes", "release_cpu_block_cache", "release_native_scratch", "reserved",
+           "set_memory_budget"]
 
 _budget: Optional[int] = None
 _DEFAULT_FRACTION = 0.5
@@ -167,6 +171,18 @@ def chunk_size(total: int, bytes_per_item: int, device: Union[torch.device, str,
     return int(min(total, n))
 
 
+def even_step(total: int, most: int) -> int:
+    """The chunk length that covers ``total`` items in as few chunks of at most ``most`` as possible,
+    all of about one size: 64 in chunks of at most 43 gives 32 (two of 32, not 43 and 21). Equal
+    chunks reuse each other's memory (the CPU block cache matches blocks by size) and, compiled,
+    each other's code."""
+    most = max(1, int(most))
+    if total <= most:
+        return max(int(total), 1)
+    chunks = -(-int(total) // most)
+    return -(-int(total) // chunks)
+
+
 class KeptWhileFits:
     """What a first pass over the data prepares (batches' product functions), kept for later passes
     while together they fit a quarter of the memory budget and leave the budget room for one more
@@ -209,3 +225,19 @@ def release_native_scratch() -> None:
     from ._build import _C
 
     _C.release_scratch()
+
+
+def cpu_block_cache_bytes() -> int:
+    """Bytes of freed CPU blocks the generic engines' products keep for the next ones (0 when none;
+    twicediff.torch.block_cache)."""
+    from ._build import _C
+
+    return int(_C.block_cache_bytes())
+
+
+def release_cpu_block_cache() -> None:
+    """Free the CPU blocks the generic engines' products keep for the next ones; the next product
+    allocates afresh."""
+    from ._build import _C
+
+    _C.block_cache_release()

@@ -8,6 +8,7 @@ from ..batch import call_model, squeezed_loss
 from ..mvp import batched_mvp, flat_grads
 from .base import PreparedBatch
 from .generic import GenericEngine
+from ..block_cache import reusing_cpu_blocks
 from ..guard import model_call
 
 __all__ = ["AutogradEngine", "autograd_hvp"]
@@ -26,7 +27,7 @@ def autograd_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor,
                  mode: str = "hessian") -> torch.Tensor:
     """H v (or JᵀH_ℓJ v) for v [D, P] by double backward through autograd; [D, P]. x: a tensor,
     tuple, list or dict (:mod:`twicediff.torch.batch`)."""
-    with model_call(model, "hvp"):
+    with model_call(model, "hvp"), reusing_cpu_blocks(v.device):
         return _autograd_hvp(model, loss, x, y, v, mode)
 
 

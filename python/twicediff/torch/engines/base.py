@@ -12,9 +12,10 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import block_cache
 from ..batch import input_tensors, num_points
 
-__all__ = ["GENERIC_CHUNK_BYTES", "MAX_DIRECTIONS_PER_CHUNK", "MIN_GENERIC_DIRECTIONS", "MODES", "Engine",
+__all__ = ["CACHED_GENERIC_CHUNK_BYTES", "GENERIC_CHUNK_BYTES", "MAX_DIRECTIONS_PER_CHUNK", "MIN_GENERIC_DIRECTIONS", "MODES", "Engine",
            "PreparedBatch", "generic_directions_per_chunk"]
 
 #: The curvature an engine applies: the exact Hessian, or the generalized Gauss-Newton matrix JᵀH_ℓJ.
@@ -23,11 +24,13 @@ MODES = ("hessian", "gauss_newton")
 # Directions per chunk above which bigger chunks stop paying off (GEMMs are already large) while
 # memory keeps growing; the memory budget may make chunks smaller still.
 MAX_DIRECTIONS_PER_CHUNK = 128
-# The generic engines (torch.func, autograd) slow down when one chunk's working memory grows past a
-# few hundred MiB, well before any memory budget binds: vmapped convolutions and attention then
-# stream large fresh intermediates, which glibc maps afresh, page by page, on every call (with its
-# mmap threshold raised, the largest chunks were fastest: benchmarks/results/allocator_cpu.md).
-# Their chunks are kept near this size (NOTE: measured in benchmarks/results/func_chunks_cpu.md) ...
+# The generic engines (torch.func, autograd) pay a fixed cost per call (torch.func's layers, the
+# primal passes), so fewer, larger chunks are faster - while their large intermediates are reused.
+# With the CPU block cache (twicediff.torch.block_cache, on by default) they are, up to its 1 GiB,
+# and chunks are kept near that size. Without it glibc maps them afresh, page by page, on every
+# call, and chunks past a few hundred MiB slow down (NOTE: measured in
+# benchmarks/results/allocator_cpu.md and func_chunks_cpu.md): they are kept near the smaller size.
+CACHED_GENERIC_CHUNK_BYTES = 2**30
 GENERIC_CHUNK_BYTES = 256 * 2**20
 # ... but hold at least this many directions (the budget permitting): every chunk recomputes the
 # primal forward and backward pass, which on a large model costs as much as a direction's tangents
@@ -37,8 +40,9 @@ MIN_GENERIC_DIRECTIONS = 16
 
 def generic_directions_per_chunk(bytes_per_direction: int) -> int:
     """The most directions one chunk of a generic engine takes (before the memory budget): about
-    ``GENERIC_CHUNK_BYTES`` of working memory, within [MIN_GENERIC_DIRECTIONS, MAX_DIRECTIONS_PER_CHUNK]."""
-    fit = GENERIC_CHUNK_BYTES // max(int(bytes_per_direction), 1)
+    ``CACHED_GENERIC_CHUNK_BYTES`` of working memory (``GENERIC_CHUNK_BYTES`` with the block cache
+    off), within [MIN_GENERIC_DIRECTIONS, MAX_DIRECTIONS_PER_CHUNK]."""
+    fit = (CACHED_GENERIC_CHUNK_BYTES if block_cache.enabled() else GENERIC_CHUNK_BYTES) // max(int(bytes_per_direction), 1)
     return max(MIN_GENERIC_DIRECTIONS, min(MAX_DIRECTIONS_PER_CHUNK, fit))
 
 

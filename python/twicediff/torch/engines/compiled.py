@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..batch import input_tensors, model_args, squeezed_loss
+from ..block_cache import reusing_cpu_blocks
 from ..forward_mode import reverse_mode_constants
 from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp, split_params
@@ -259,7 +260,8 @@ class CompiledEngine(GenericEngine):
         padded = V if rows == V.shape[0] else torch.cat([V, V.new_zeros(rows - V.shape[0], V.shape[1])])
         args = (params, fixed, padded, batch.inputs, batch.target)
         if entry.seconds is not None:
-            return entry.fn(*args)[:V.shape[0]].detach()
+            with reusing_cpu_blocks(V.device):
+                return entry.fn(*args)[:V.shape[0]].detach()
         with _FORWARD_AD_LOCK:  # checking and tracing run torch.func's forward-mode AD (process-wide state)
             start = time.perf_counter()
             try:
