@@ -80,6 +80,23 @@ def test_probe_cost_is_bounded_in_calls():
     assert calls["a"] == calls["b"] == 1 + probe.MAX_ROUNDS
 
 
+def test_a_probe_inside_a_candidate_is_not_that_candidate_s_time():
+    """A candidate whose calls each start a probe of their own (the native engine's first call of a
+    GEMM shape class, inside auto's timing of the engines) is timed without that probe's calls:
+    here "a" costs nothing itself and each call runs an inner probe of 4 × 10 ms or more; "b" sleeps
+    5 ms. Counting the inner probes, "a" would look 8 times slower than "b"."""
+    calls, inner = counting(["x", "y"], sleep=0.01)
+    fresh_keys = iter(range(10**6))
+
+    def a():
+        probe.choose("inner", f"shape class {next(fresh_keys)}", inner, max_seconds=0.0)
+
+    assert probe.choose("outer", "k", {"a": a, "b": lambda: time.sleep(0.005)}) == "a"
+    assert calls["x"] >= 4  # the inner probes ran
+    _, seconds = probe.timed_call(a)
+    assert seconds < 0.005  # about a's own overhead (the inner probe alone sleeps 40 ms)
+
+
 def test_disk_cache_survives_the_process_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TWICEDIFF_PROBE_CACHE", str(tmp_path / "probe.json"))
     calls, cands = counting(["a", "b"])

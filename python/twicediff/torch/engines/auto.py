@@ -130,6 +130,19 @@ def _sync(V: torch.Tensor) -> None:
         torch.cuda.synchronize(V.device)
 
 
+def _timed(call: Callable[[], torch.Tensor], V: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """``call()`` and its seconds (V's device synchronised before and after), less what probes
+    inside it spent measuring: the native engine's first call of a shape class probes its GEMM
+    library, which is not what the engine costs."""
+    def synced():
+        out = call()
+        _sync(V)
+        return out
+
+    _sync(V)
+    return probe.timed_call(synced)
+
+
 # model -> (what its structure text depends on that can change in place, that text): repr(model)
 # costs about as much as a small model's forward pass, and hvp() builds an AutoEngine per call.
 _structure_texts: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, str]]" = weakref.WeakKeyDictionary()
@@ -259,11 +272,8 @@ class AutoEngine:
                 if seconds is None:
                     # Decided without timing here (disk cache, override): this product's own time
                     # per direction decides, from the next chunk on, whether compiling pays.
-                    _sync(V)
-                    start = time.perf_counter()
-                    out = self._run(name, batch, V, mode)
-                    _sync(V)
-                    self._eager_seconds[key] = (time.perf_counter() - start) / V.shape[0]
+                    out, seconds = _timed(lambda: self._run(name, batch, V, mode), V)
+                    self._eager_seconds[key] = seconds / V.shape[0]
                     self.chosen = name
                     return out
                 if compile_pays(self.expected_products, seconds):
@@ -289,13 +299,10 @@ class AutoEngine:
         is final (source "confirmed"): the candidate with the lowest median at size. So each
         candidate runs at size at most ``RECHECK_CALLS`` times per shape class, and only while it
         is within those margins of the fastest."""
-        _sync(V)
-        start = time.perf_counter()
-        out = self._run(name, batch, V, mode)
-        _sync(V)
+        out, seconds = _timed(lambda: self._run(name, batch, V, mode), V)
         entry = probe.decision("engine", key)
         times = {n: list(ts) for n, ts in entry.get("times", {}).items()}
-        times.setdefault(name, []).append((time.perf_counter() - start) / V.shape[0])
+        times.setdefault(name, []).append(seconds / V.shape[0])
         measured = {n: statistics.median(ts) for n, ts in times.items()}
         fastest = min(measured, key=measured.get)
         untried = {n: s for n, s in entry.get("seconds", {}).items()
@@ -328,15 +335,13 @@ class AutoEngine:
         timed: Dict[str, Dict[int, float]] = {}  # rows -> best seconds, per candidate
 
         def call(n: str, rows: int) -> bool:
-            _sync(V)
             t = time.perf_counter()
             try:
-                self._run(n, batch, V[:rows], mode)
-                _sync(V)
+                last[n] = _timed(lambda: self._run(n, batch, V[:rows], mode), V)[1]
             except (RuntimeError, NotImplementedError, ValueError, TypeError, MemoryBudgetError) as exc:
                 failed[n] = exc
                 logger.debug("twicediff: probe: engine %s failed (%s)", n, exc)
-            last[n] = time.perf_counter() - t
+                last[n] = time.perf_counter() - t
             return n not in failed
 
         alive: List[str] = []
@@ -404,9 +409,5 @@ class AutoEngine:
         best = {name: math.inf, "compiled": math.inf}
         for _ in range(2):
             for n in (name, "compiled"):
-                _sync(V)
-                t = time.perf_counter()
-                self._run(n, batch, block, mode)
-                _sync(V)
-                best[n] = min(best[n], (time.perf_counter() - t) / block.shape[0])
+                best[n] = min(best[n], _timed(lambda: self._run(n, batch, block, mode), V)[1] / block.shape[0])
         return best

@@ -8,7 +8,9 @@ as oneDNN's kernel generation stay out), one timed round, then more timed rounds
 candidates while the probe has spent less than ``max_seconds`` (default 0.2 s), three rounds at
 most: a probe costs about max(``max_seconds``, two calls of each candidate). The
 candidates' results are discarded (each call is a pure function of its inputs): only speed
-depends on the choice, and the candidates differ at most in floating-point rounding.
+depends on the choice, and the candidates differ at most in floating-point rounding. Probes nest:
+the native engine's first call of a shape class probes its GEMM library while auto times the
+engines, and a timed call counts without the probes inside it (:func:`timed_call`).
 
 A choice is overridden by :func:`set_choice` (for example ``set_choice("cpu_gemm", "blas")``) or,
 for the GEMM backend, by ``TWICEDIFF_CPU_GEMM=blas`` / ``torch.backends.mkldnn.enabled = False``
@@ -27,8 +29,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "decisions", "enabled", "revise", "set_choice",
-           "unsettled"]
+__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "decisions", "enabled", "revise", "seconds_measuring",
+           "set_choice", "timed_call", "unsettled"]
 
 _lock = threading.Lock()
 _decided: Dict[Tuple[str, str], Dict] = {}
@@ -167,21 +169,37 @@ def _disk_store(kind: str, key: str, name: str) -> None:
         pass
 
 
+# Seconds this thread has spent measuring in probes (each probe's whole measurement, nested ones
+# counted once): a probe runs inside the calls of another (the native engine's first call of a
+# shape class probes its GEMM library while auto times the engines), and the outer one must leave
+# that out of the candidate's time, or the candidate looks as slow as the inner probe's calls.
+_spent = threading.local()
+
+
+def seconds_measuring() -> float:
+    """Seconds this thread's probes have spent measuring so far (see :func:`timed_call`)."""
+    return getattr(_spent, "seconds", 0.0)
+
+
+def timed_call(call: Callable[[], object]) -> Tuple[object, float]:
+    """``call()`` and the seconds it took, less what probes that ran inside it spent measuring."""
+    before = seconds_measuring()
+    start = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - start - (seconds_measuring() - before)
+
+
 def _measure(candidates: Mapping[str, Callable[[], object]], max_seconds: float) -> Dict[str, float]:
     start = time.perf_counter()
     best: Dict[str, float] = {}
     for name, call in candidates.items():  # warm-up: first-call costs (kernel generation) stay out
-        t = time.perf_counter()
-        call()
-        best[name] = time.perf_counter() - t
+        best[name] = timed_call(call)[1]
     timed = False
     for r in range(MAX_ROUNDS):
         if r and time.perf_counter() - start >= max_seconds:
             break
         for name, call in candidates.items():
-            t = time.perf_counter()
-            call()
-            s = time.perf_counter() - t
+            s = timed_call(call)[1]
             best[name] = s if not timed else min(best[name], s)
         timed = True
     return best
@@ -220,7 +238,11 @@ def choose(kind: str, key: str, candidates: Union[Mapping[str, Callable[[], obje
             with _lock:
                 _decided[(kind, key)] = {"choice": cached, "source": "disk"}
             return cached
-        seconds = dict(measure()) if measure is not None else _measure(candidates, max_seconds)
+        before, start = seconds_measuring(), time.perf_counter()
+        try:
+            seconds = dict(measure()) if measure is not None else _measure(candidates, max_seconds)
+        finally:  # this measurement's time, the probes nested in it included once
+            _spent.seconds = before + (time.perf_counter() - start)
         source = "probe"
     name = min(names, key=lambda n: (seconds.get(n, float("inf")), names.index(n)))
     with _lock:
