@@ -63,7 +63,7 @@ from ..batch import detached, input_tensors
 from . import probe
 from .amortise import compile_pays
 from .autograd import AutogradEngine
-from .base import MAX_DIRECTIONS_PER_CHUNK, PreparedBatch
+from .base import PreparedBatch
 from .compiled import CompiledEngine
 from .func import FuncEngine
 from .loop import LoopEngine
@@ -90,6 +90,8 @@ RUNNER_UP_MARGIN = 2.0
 #: the gap between them. Each further call costs at most this factor minus one of a call.
 RECHECK_MARGIN = 1.5
 RECHECK_CALLS = 3
+# auto's own cap on the directions of one call: none (the candidates chunk them, see max_directions).
+UNCAPPED_DIRECTIONS = 2**62
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,10 @@ class AutoEngine:
         return int(self.engines[name].bytes_per_direction(self._engine_batch(name, batch)))
 
     def max_directions(self, batch: AutoBatch) -> int:
-        return MAX_DIRECTIONS_PER_CHUNK
+        """No cap of its own beyond the memory budget: each candidate chunks the directions by its
+        own ``max_directions`` in :meth:`_run`. A cap here would chunk them twice (256 directions
+        as two calls of 128, each func's two of 64, where func alone makes three of 86)."""
+        return UNCAPPED_DIRECTIONS
 
     def _engine(self, name: str, batch: AutoBatch):
         """Engine ``name`` (a candidate or ``"compiled"``) and its own preparation of ``batch``."""
