@@ -61,7 +61,9 @@ def run(preset: str, D: int, repeats: int):
     bench.settle_auto(fns["twicediff_auto"])  # time the engine auto keeps, not its first choices
     from twicediff.torch.engines import probe
 
-    kept = sorted({e["choice"] for k, e in probe.decisions("engine").items() if k.startswith(type(model).__name__)})
+    # This model's decisions only: presets of one class (d_cnn and a are Sequentials) differ in x.
+    kept = sorted({e["choice"] for k, e in probe.decisions("engine").items()
+                   if k.startswith(type(model).__name__) and f" x{tuple(x.shape)} " in k})
     want = td.hvp(x, y, Vt, engine="autograd")
     gaps = {m: float((fns[m]().T if m.startswith("curvlinops") else fns[m]()).sub(want).abs().max()) for m in fns}
     med = bench.interleaved_medians(fns, repeats)
