@@ -19,10 +19,14 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["ENV", "enabled", "reusing_cpu_blocks"]
+from .._build import _C
+
+__all__ = ["CAP_BYTES", "ENV", "enabled", "reusing_cpu_blocks"]
 
 #: The environment variable that turns the cache off when set to ``0``.
 ENV = "TWICEDIFF_CPU_BLOCK_CACHE"
+#: The most bytes the cache holds (csrc/cpu/block_cache.h, kCapBytes).
+CAP_BYTES = int(_C.block_cache_cap_bytes)
 
 
 def enabled() -> bool:
@@ -42,8 +46,6 @@ def reusing_cpu_blocks(device: torch.device) -> Iterator[None]:
     if torch.device(device).type != "cpu" or not enabled():
         yield
         return
-    from .._build import _C
-
     _C.block_cache_enter()
     try:
         yield

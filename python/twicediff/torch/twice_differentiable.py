@@ -19,7 +19,6 @@ from ..errors import NotNativeError, data_errors
 from ..twice_differentiable import TwiceDifferentiable
 from . import hessian as _hessian
 from . import batch as _batch
-from . import block_cache
 from .batch import Inputs, check_vectors, squeezed_loss
 from .engines import select
 from .engines.amortise import products_expected
@@ -281,7 +280,6 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         if mode not in MODES:
             raise ValueError(f"hvp: mode must be one of {MODES}, got {mode!r}")
         engine = select.resolve(engine)  # "auto" may stand for TWICEDIFF_ENGINE's engine
-        block_cache.enabled()  # TWICEDIFF_CPU_BLOCK_CACHE checked here, not blamed on the data below
         expected = products_expected(expected_products, "hvp_function")
         x, y = self.checked_batch(x, y, "hvp")
         x, y = _batch.detached(x), y.detach()  # products are not differentiated further

@@ -26,11 +26,11 @@ MODES = ("hessian", "gauss_newton")
 MAX_DIRECTIONS_PER_CHUNK = 128
 # The generic engines (torch.func, autograd) pay a fixed cost per call (torch.func's layers, the
 # primal passes), so fewer, larger chunks are faster - while their large intermediates are reused.
-# With the CPU block cache (twicediff.torch.block_cache, on by default) they are, up to its 1 GiB,
+# With the CPU block cache (twicediff.torch.block_cache, on by default) they are, up to its cap,
 # and chunks are kept near that size. Without it glibc maps them afresh, page by page, on every
 # call, and chunks past a few hundred MiB slow down (NOTE: measured in
 # benchmarks/results/allocator_cpu.md and func_chunks_cpu.md): they are kept near the smaller size.
-CACHED_GENERIC_CHUNK_BYTES = 2**30
+CACHED_GENERIC_CHUNK_BYTES = block_cache.CAP_BYTES
 GENERIC_CHUNK_BYTES = 256 * 2**20
 # ... but hold at least this many directions (the budget permitting): every chunk recomputes the
 # primal forward and backward pass, which on a large model costs as much as a direction's tangents

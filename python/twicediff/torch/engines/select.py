@@ -19,7 +19,9 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from ..._build import _C
 from ...errors import EngineChoiceError, ModelMisreadError, NotNativeError
+from .. import block_cache
 from .auto import AutoEngine
 from .autograd import AutogradEngine
 from .base import Engine, PreparedBatch
@@ -38,9 +40,14 @@ ENGINES = ("auto", "native", "func", "autograd", "loop", "compiled")
 
 
 def resolve(engine: str, where: str = "hvp") -> str:
-    """``engine`` checked; ``"auto"`` replaced by ``TWICEDIFF_ENGINE`` where that is set."""
+    """``engine`` checked; ``"auto"`` replaced by ``TWICEDIFF_ENGINE`` where that is set. The
+    engines' other environment settings are checked here too (``TWICEDIFF_CPU_BLOCK_CACHE``,
+    ``TWICEDIFF_CPU_GEMM``): read later, inside a product, a bad value would be reported as the
+    model failing on the batch."""
     if engine not in ENGINES:
         raise ValueError(f"{where}: engine must be one of {ENGINES}, got {engine!r}")
+    block_cache.enabled()
+    _C.cpu_gemm()
     if engine == "auto":
         chosen = os.environ.get("TWICEDIFF_ENGINE", "").strip()
         if chosen and chosen not in ENGINES:
