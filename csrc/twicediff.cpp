@@ -99,8 +99,6 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("block_cache_bytes", &twicediff::block_cache::held_bytes,
           "Bytes of freed CPU blocks the block cache holds for reuse.");
   mod.def("block_cache_release", &twicediff::block_cache::release, "Free the blocks the block cache holds.");
-  mod.def("block_cache_installed", &twicediff::block_cache::installed,
-          "Whether a scope is open and the block cache is torch's CPU allocator.");
   mod.attr("block_cache_cap_bytes") = twicediff::block_cache::kCapBytes;
   mod.def("cpu_gemm", &twicediff::cpu::gemm_backend,
           "Which library takes the native ops' float32 GEMMs on the CPU now: 'onednn' or 'blas'.");

@@ -343,3 +343,12 @@ def test_even_step_covers_the_items_in_as_few_chunks_of_about_one_size():
             step = even_step(total, most)
             chunks = -(-total // step)
             assert 1 <= step <= max(most, 1) and chunks == -(-total // most), (total, most, step)
+
+
+def test_chunk_size_takes_a_cap_and_evens_the_chunks():
+    with memory_budget(10_000):
+        assert chunk_size(64, 100) == 64  # all fit
+        assert chunk_size(64, 100, most=43) == 32  # two of 32 under the cap, not 43 and 21
+        assert chunk_size(10, 4_000) == 2  # the budget holds 2 of 4,000 bytes: 5 chunks of 2
+        assert chunk_size(7, 4_000) == 2  # 4 chunks either way: 2, 2, 2, 1
+        assert chunk_size(9, 300, most=5) == 5 and chunk_size(11, 300, most=5) == 4

@@ -73,11 +73,6 @@ class Cache final : public c10::Allocator {
     return held_;
   }
 
-  bool is_installed() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return installed_;
-  }
-
   void release() {
     std::vector<Block> dropped;
     {
@@ -155,7 +150,6 @@ void enter() { Cache::instance().enter(); }
 void exit() { Cache::instance().exit(); }
 int64_t held_bytes() { return Cache::instance().held(); }
 void release() { Cache::instance().release(); }
-bool installed() { return Cache::instance().is_installed(); }
 
 }  // namespace block_cache
 }  // namespace twicediff

@@ -36,8 +36,6 @@ int64_t held_bytes();
 // Frees every held block (blocks in use go back to the replaced allocator when their tensors die
 // outside a scope, or to the cache inside one).
 void release();
-// Whether a scope is open and the cache is the CPU allocator.
-bool installed();
 
 }  // namespace block_cache
 }  // namespace twicediff

@@ -26,7 +26,7 @@ allocator does on the GPU: fresh large blocks from the CPU allocator are faulted
 by page on every call, a large share of a call's time on small MLPs. During a computation it is part
 of its products' share of the budget; after it, it stays held for the next one.
 :func:`native_scratch_bytes` says how much is held and :func:`release_native_scratch` frees it.
-The generic engines' products (torch.func, autograd, compiled) keep the large blocks torch's
+The generic engines' products (torch.func, autograd, loop, compiled) keep the large blocks torch's
 operators free in the same way, at most 1 GiB (twicediff.torch.block_cache):
 :func:`cpu_block_cache_bytes` and :func:`release_cpu_block_cache`.
 
@@ -147,10 +147,11 @@ def get_memory_budget(device: Union[torch.device, str, None] = None) -> int:
 
 
 def chunk_size(total: int, bytes_per_item: int, device: Union[torch.device, str, None] = None, *,
-               fixed_bytes: int = 0, what: str = "items") -> int:
+               fixed_bytes: int = 0, most: Optional[int] = None, what: str = "items") -> int:
     """How many of ``total`` items (directions, columns, samples) one chunk may hold when each
-    costs ``bytes_per_item`` and the chunk has ``fixed_bytes`` of overhead. At least 1 and at most
-    ``total`` (``total`` = 0 gives 0).
+    costs ``bytes_per_item`` and the chunk has ``fixed_bytes`` of overhead, and at most ``most``
+    (the caller's own cap): the chunks the budget allows, made about equal (:func:`even_step`). At
+    least 1 and at most ``total`` (``total`` = 0 gives 0).
 
     Raises:
         MemoryBudgetError: when not even one item fits, naming the setting to change.
@@ -168,7 +169,7 @@ def chunk_size(total: int, bytes_per_item: int, device: Union[torch.device, str,
             f"one chunk of {what} needs about {int(bytes_per_item) + int(fixed_bytes):,} bytes but the "
             f"memory budget is {budget:,} bytes{beside}; raise it with twicediff.set_memory_budget(nbytes) "
             f"(or the twicediff.memory_budget context manager), or reduce the batch size")
-    return int(min(total, n))
+    return even_step(total, n if most is None else min(n, int(most)))
 
 
 def even_step(total: int, most: int) -> int:

@@ -55,7 +55,7 @@ def add_hessian_(td: "TorchTwiceDifferentiable", x: torch.Tensor, y: torch.Tenso
         product = td.hvp_function(x, y, engine="auto", expected_products=P)
         # A chunk of c columns holds the c unit directions, their products and the engine's work.
         per_column = 2 * P * out.element_size() + product.bytes_per_direction
-        step = min(MAX_DIRECTIONS_PER_CHUNK, chunk_size(P, per_column, td.device, what="Hessian columns"))
+        step = chunk_size(P, per_column, td.device, most=MAX_DIRECTIONS_PER_CHUNK, what="Hessian columns")
         for start in progress_bar(range(0, P, step), progress, desc="hessian", unit="chunk"):
             stop = min(P, start + step)
             eye = torch.zeros(stop - start, P, dtype=td.dtype, device=td.device)

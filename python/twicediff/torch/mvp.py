@@ -175,7 +175,7 @@ def batched_mvp(grad_xy: torch.Tensor, v: torch.Tensor, backprop_on: TensorOrTen
     if D == 0:
         return out
     per_direction = grad_xy.element_size() * (2 * (grad_xy.numel() + M) + _graph_saved_numel(grad_xy))
-    step = min(MAX_DIRECTIONS_PER_CHUNK, chunk_size(D, per_direction, grad_xy.device, what="mvp directions"))
+    step = chunk_size(D, per_direction, grad_xy.device, most=MAX_DIRECTIONS_PER_CHUNK, what="mvp directions")
     batching_works = True
     for start in progress_bar(range(0, D, step), progress, desc="mvp", unit="chunk"):
         vc, oc = v[start:start + step], out[start:start + step]

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from ...errors import MemoryBudgetError
-from ...memory import chunk_size, even_step
+from ...memory import chunk_size
 from ..batch import detached, input_tensors
 from . import probe
 from .amortise import compile_pays
@@ -244,8 +244,8 @@ class AutoEngine:
         """Directions per call of engine ``name`` for D of them: at most its own ``max_directions``,
         within the memory budget (MemoryBudgetError where not one direction fits)."""
         engine, own = self._engine(name, batch)
-        return even_step(D, min(max(1, int(engine.max_directions(own))),
-                                chunk_size(D, int(engine.bytes_per_direction(own)), device, what="hvp directions")))
+        return chunk_size(D, int(engine.bytes_per_direction(own)), device, most=max(1, int(engine.max_directions(own))),
+                          what="hvp directions")
 
     def _run(self, name: str, batch: AutoBatch, V: torch.Tensor, mode: str) -> torch.Tensor:
         """Engine ``name``'s products, in chunks of :meth:`_step` directions."""

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ...memory import chunk_size, even_step
+from ...memory import chunk_size
 from ...progress import progress_bar
 from ..guard import model_call
 from .base import Engine, PreparedBatch
@@ -55,8 +55,7 @@ class BoundHvp:
         D = V.shape[0]
         if D == 0:
             return torch.empty_like(V)
-        step = even_step(D, min(self.max_directions,
-                                chunk_size(D, self.bytes_per_direction, self._device, what="hvp directions")))
+        step = chunk_size(D, self.bytes_per_direction, self._device, most=self.max_directions, what="hvp directions")
         if step >= D and not self._progress:  # one chunk: the engine's own result, without a copy
             return self._compute(V)
         out = torch.empty_like(V)
