@@ -5,7 +5,8 @@ maps every block above its mmap threshold afresh and the kernel faults in and ze
 each call (benchmarks/results/allocator_cpu.md). Inside :func:`reusing_cpu_blocks`, torch's CPU
 allocator is the native block cache (csrc/cpu/block_cache.h): blocks of 1 MiB and more freed in
 the scope are kept and handed to the next allocation of about their size, in this product or the
-next one. At most 1 GiB is held, between products too; :func:`twicediff.memory.cpu_block_cache_bytes`
+next one. At most 1 GiB is held, between products too (not under a memory budget set with
+:func:`twicediff.set_memory_budget`: then only within a product); :func:`twicediff.memory.cpu_block_cache_bytes`
 says how much and :func:`twicediff.memory.release_cpu_block_cache` frees it.
 
 ``TWICEDIFF_CPU_BLOCK_CACHE=0`` in the environment turns the scope into a no-op (read on every
@@ -19,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from .. import memory
 from .._build import _C
 
 __all__ = ["CAP_BYTES", "ENV", "enabled", "reusing_cpu_blocks"]
@@ -51,3 +53,9 @@ def reusing_cpu_blocks(device: torch.device) -> Iterator[None]:
         yield
     finally:
         _C.block_cache_exit()
+        if memory._budget is not None:
+            # Under a budget the user set, blocks held after a product would sit beside the next
+            # computation's own (a native product, say), uncounted: the budget bounds what a
+            # computation adds, so nothing is kept past a product. (Without one, the budget is read
+            # from the free memory, which already lacks what the cache holds.)
+            _C.block_cache_release()
