@@ -51,7 +51,7 @@ def _first_call_seconds(fn) -> float:
     return time.perf_counter() - t
 
 
-def part1(preset: str, D: int, repeats: int, amortise: int):
+def part1(preset: str, D: int, repeats: int, amortise: int, untimed_first: int):
     td, x, y = bench._setup(preset, "cpu")
     v = bench._directions(td, D, x)
     loop_rows = min(D, bench.LOOP_MAX_DIRECTIONS)
@@ -69,7 +69,7 @@ def part1(preset: str, D: int, repeats: int, amortise: int):
         status = compiled.compiled_functions()[-1]["status"]
         if status != "compiled":
             print(f"{preset}: {name}: {status}")
-    med = bench.interleaved_medians(fns, repeats)
+    med = bench.interleaved_medians(fns, repeats, untimed_first=untimed_first)
     per_hvp = {m: med[m] / (loop_rows if m == "loop" else D) for m in fns}
     lines = [f"| {preset} | {m} | {med[m] * 1e3:.1f} | {per_hvp[m] * 1e3:.3f} | "
              f"{per_hvp['loop'] / per_hvp[m]:.2f} | {per_hvp['vmap_jvp_grad'] / per_hvp[m]:.2f} | "
@@ -89,7 +89,7 @@ def _engine_decision() -> dict:
     return next(iter(probe.decisions("engine").values()))
 
 
-def part2(preset: str, directions, repeats: int, settle_calls: int = 16):
+def part2(preset: str, directions, repeats: int, untimed_first: int, settle_calls: int = 16):
     td, x, y = bench._setup(preset, "cpu")
     lines = []
     for D in directions:
@@ -105,7 +105,7 @@ def part2(preset: str, directions, repeats: int, settle_calls: int = 16):
         settling = bench.settle_auto(fns["auto"], settle_calls) if probe.unsettled("engine") else []
         for e in candidates:
             fns[e] = lambda e=e: td.hvp(x, y, v, engine=e)
-        med = bench.interleaved_medians(fns, repeats)
+        med = bench.interleaved_medians(fns, repeats, untimed_first=untimed_first)
         per = {m: med[m] / D for m in fns}
         best = min(candidates, key=lambda e: per[e])
         chosen = _engine_decision()["choice"]
@@ -141,14 +141,16 @@ def _cnn(widths, size=32, n=32):
     return model, torch.nn.functional.cross_entropy, torch.randn(n, 3, size, size), torch.randint(0, 10, (n,))
 
 
-def _wall_and_cpu(fns, repeats, D):
+def _wall_and_cpu(fns, repeats, D, untimed_first):
     """ms per HVP of each function, (wall, CPU), from the same interleaved timings."""
     med = bench.interleaved_medians_by_clock(fns, repeats, clocks={"wall": time.perf_counter,
-                                                                   "cpu": time.process_time})
+                                                                   "cpu": time.process_time},
+                                             untimed_first=untimed_first)
     return {k: (med["wall"][k] / D * 1e3, med["cpu"][k] / D * 1e3) for k in fns}
 
 
-def part3(presets, repeats: int, D: int = 64, D_cnn: int = 16, chunks=(4, 8, 16, 32), layout: bool = True):
+def part3(presets, repeats: int, untimed_first: int, D: int = 64, D_cnn: int = 16, chunks=(4, 8, 16, 32),
+          layout: bool = True):
     lines = ["", f"## The compiled engine's chunk and layout, D = {D} (the wider CNNs: {D_cnn})", "",
              "ms per HVP, wall / CPU (all threads), medians of interleaved repeats; the engine's own "
              "setting marked *.", "", "| model | setting | wall ms / HVP | CPU ms / HVP |", "|---|---|---|---|"]
@@ -161,7 +163,7 @@ def part3(presets, repeats: int, D: int = 64, D_cnn: int = 16, chunks=(4, 8, 16,
         fns = {c: _forced_compiled(model, loss, x, y, v, chunk=c) for c in chunks}
         for c, f in fns.items():
             f()
-        for c, (w, cpu) in _wall_and_cpu(fns, repeats, D).items():
+        for c, (w, cpu) in _wall_and_cpu(fns, repeats, D, untimed_first).items():
             lines.append(f"| {p} | chunk {c}{' *' if c == own else ''} | {w:.3f} | {cpu:.3f} |")
         print("\n".join(lines[-len(chunks):]), flush=True)
     for widths in [None, (8, 8, 16), (16, 16, 32), (32, 32, 64)] if layout else []:
@@ -174,7 +176,7 @@ def part3(presets, repeats: int, D: int = 64, D_cnn: int = 16, chunks=(4, 8, 16,
         v = torch.randn(rows, sum(q.numel() for q in model.parameters()))
         own = compiled.channels_last(model, x.device)
         fns = {on: _forced_compiled(model, loss, x, y, v, channels_last=on) for on in (False, True)}
-        for on, (w, cpu) in _wall_and_cpu(fns, repeats, rows).items():
+        for on, (w, cpu) in _wall_and_cpu(fns, repeats, rows, untimed_first).items():
             lines.append(f"| {name} | channels-last {'on' if on else 'off'}{' *' if on == own else ''} | "
                          f"{w:.3f} | {cpu:.3f} |")
         print("\n".join(lines[-2:]), flush=True)
@@ -188,6 +190,8 @@ def main():
     ap.add_argument("--directions", type=int, default=64, help="D of part 1")
     ap.add_argument("--auto-directions", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--untimed-first", type=int, default=1,
+                    help="untimed calls of a method right before each of its timings (see harness)")
     ap.add_argument("--amortise", type=int, default=1000, help="calls the compile time is spread over")
     ap.add_argument("--chunk", type=int, default=compiled.COMPILED_CHUNK, help="compiled engine's chunk")
     ap.add_argument("--skip", choices=["part1", "part2", "layout"], nargs="+", default=[],
@@ -206,11 +210,12 @@ def main():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="twicediff_bench_inductor_")
     presets = args.preset or ["d_cnn", "d_transformer"]
     text = [f"# Compiled engine and auto's measured choice (cpu)", "",
-            f"{harness.run_facts()}; {args.threads} threads; float32; medians of {args.repeats} interleaved repeats; load average at "
+            f"{harness.run_facts()}; {args.threads} threads; float32; medians of {args.repeats} interleaved repeats, "
+            f"each after {args.untimed_first} untimed call(s) of the same method; load average at "
             f"start {harness.load_average()} (1 / 5 / 15 min).", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py "
             + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "
-            f"{args.repeats} --amortise {args.amortise} --chunk {args.chunk}"
+            f"{args.repeats} --untimed-first {args.untimed_first} --amortise {args.amortise} --chunk {args.chunk}"
             + (" --warm-cache" if args.warm_cache else "") + (" --skip " + " ".join(args.skip) if args.skip else "")
             + (" --part3" if args.part3 else "")
             + "".join(f" --chunk-preset {p}" for p in args.chunk_preset or [])
@@ -226,7 +231,7 @@ def main():
                  "| preset | method | ms / call | ms / HVP | × loop | × vmap(jvp(grad)) | compile s | "
                  "amortised × loop |", "|---|---|---|---|---|---|---|---|"]
         for p in presets:
-            text += part1(p, args.directions, args.repeats, args.amortise)
+            text += part1(p, args.directions, args.repeats, args.amortise, args.untimed_first)
             print("\n".join(text))
     if "part2" not in args.skip:
         text += ["", "## auto against its candidates", "",
@@ -239,11 +244,11 @@ def main():
                  "settling s |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in presets:
-            text += part2(p, args.auto_directions, args.repeats)
+            text += part2(p, args.auto_directions, args.repeats, args.untimed_first)
             print("\n".join(text[-len(args.auto_directions):]))
     if args.part3:
-        text += part3(args.chunk_preset or presets, args.repeats, args.directions, chunks=args.chunks,
-                      layout="layout" not in args.skip)
+        text += part3(args.chunk_preset or presets, args.repeats, args.untimed_first, args.directions,
+                      chunks=args.chunks, layout="layout" not in args.skip)
     text += ["", f"Load average at the end: {harness.load_average()}. Other columns (an Intel "
              "Xeon with AVX-512) need another machine: only this one was available for this run."]
     harness.emit("\n".join(text), args.out)

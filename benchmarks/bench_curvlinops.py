@@ -41,7 +41,7 @@ def _first_minus_steady(fn) -> float:
     return first - (time.perf_counter() - t)
 
 
-def run(preset: str, D: int, repeats: int):
+def run(preset: str, D: int, repeats: int, untimed_first: int):
     from curvlinops import HessianLinearOperator
 
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def run(preset: str, D: int, repeats: int):
                    if k.startswith(type(model).__name__) and f" x{tuple(x.shape)} " in k})
     want = td.hvp(x, y, Vt, engine="autograd")
     gaps = {m: float((fns[m]().T if m.startswith("curvlinops") else fns[m]()).sub(want).abs().max()) for m in fns}
-    med = bench.interleaved_medians(fns, repeats)
+    med = bench.interleaved_medians(fns, repeats, untimed_first=untimed_first)
     best_cl = min(med["curvlinops"], med["curvlinops_compiled"])
     lines = []
     for m in fns:
@@ -83,6 +83,8 @@ def main():
     ap.add_argument("--directions", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--untimed-first", type=int, default=1,
+                    help="untimed calls of a method right before each of its timings (see harness)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,17 +95,18 @@ def main():
     peer = "curvlinops-for-pytorch " + version("curvlinops-for-pytorch")
     text = ["# twicediff against curvlinops' HessianLinearOperator (cpu)", "",
             f"{harness.run_facts(peer)}; {args.threads} threads; float32; medians of {args.repeats} interleaved "
-            f"repeats; load average at start {harness.load_average()}.", "",
+            f"repeats, each after {args.untimed_first} untimed call(s) of the same method; load average at start "
+            f"{harness.load_average()}.", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python benchmarks/.venv-curvlinops/bin/python "
             f"benchmarks/bench_curvlinops.py {' '.join('--preset ' + p for p in presets)} --directions "
-            f"{args.directions} --repeats {args.repeats}`", "",
+            f"{args.directions} --repeats {args.repeats} --untimed-first {args.untimed_first}`", "",
             "One call: H V for V of D columns on one batch. × curvlinops (eager / compiled / best of the two): its "
             "time over this method's (> 1: this method is faster). first − steady s: compile time (compiled "
             "methods), the probe (twicediff_auto). max |Δ|: against twicediff's autograd engine.", "",
             "| preset | D | method | ms / call | × curvlinops | × curvlinops compiled | × best curvlinops | "
             "first − steady s | max abs Δ |", "|---|---|---|---|---|---|---|---|---|"]
     for p in presets:
-        text += run(p, args.directions, args.repeats)
+        text += run(p, args.directions, args.repeats, args.untimed_first)
         print("\n".join(text[-4:]), flush=True)
     text += ["", "curvlinops_compiled: `torch.compile` (default options) of curvlinops' per-batch product. Dynamo "
              "cannot trace it whole: with `TORCH_LOGS=graph_breaks` it reports a graph break inside the vmapped "

@@ -113,6 +113,22 @@ def test_interleaved_medians_alternates_order_and_repeats_short_calls():
     assert med == {"a": 1.0, "b": 0.25, "c": 1.0}  # one tick per timing, over the calls it covered
 
 
+def test_untimed_first_calls_run_before_each_timing_and_are_not_timed():
+    """Each timing is preceded by the function's own untimed calls, so what the function before it
+    left behind is not in its time."""
+    log = []
+    now = [0.0]
+
+    def step(name, cost):
+        log.append(name)
+        now[0] += cost
+
+    fns = {"a": lambda: step("a", 1.0), "b": lambda: step("b", 5.0)}
+    med = bench.interleaved_medians(fns, 2, untimed_first=2, clock=lambda: now[0])
+    assert log == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    assert med == {"a": 1.0, "b": 5.0}
+
+
 def test_interleaved_medians_by_clock_reads_every_clock_in_the_same_timings():
     log = []
     fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b")}

@@ -146,20 +146,29 @@ def settle_auto(fn: Callable[[], object], max_calls: int = 16,
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int,
                         device: torch.device = torch.device("cpu"), *, calls: Optional[Dict[str, int]] = None,
-                        clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+                        clock: Callable[[], float] = time.perf_counter, untimed_first: int = 0) -> Dict[str, float]:
     """Median seconds per call of each function: one warm-up call each, then ``repeats`` rounds in
     which every function is timed once, in turn (so load changes hit all of them alike), the order
     reversed every other round (so none always follows the same neighbour). ``calls[name]`` runs
     that function so many times back to back per timing and keeps the mean: for calls of a
     millisecond or two, which one preemption would otherwise dominate. ``clock``: wall time by
-    default; ``time.process_time`` gives the process's CPU time over all threads."""
-    return interleaved_medians_by_clock(fns, repeats, device, calls=calls, clocks={"": clock})[""]
+    default; ``time.process_time`` gives the process's CPU time over all threads.
+
+    ``untimed_first``: calls of a function made, untimed, right before each of its timings. Without
+    them a call pays for what the function before it left behind: glibc gives back a freed heap
+    only when a later ``free`` shrinks it, so a method that follows one with large heap
+    allocations (torch.func's vmap, for one) spends tens of milliseconds of system time returning
+    that method's pages. With them, every method is timed in its own steady state, as a user who
+    calls it repeatedly (an iterative solver) sees it."""
+    return interleaved_medians_by_clock(fns, repeats, device, calls=calls, clocks={"": clock},
+                                        untimed_first=untimed_first)[""]
 
 
 def interleaved_medians_by_clock(fns: Dict[str, Callable[[], object]], repeats: int,
                                  device: torch.device = torch.device("cpu"), *,
                                  calls: Optional[Dict[str, int]] = None,
-                                 clocks: Dict[str, Callable[[], float]]) -> Dict[str, Dict[str, float]]:
+                                 clocks: Dict[str, Callable[[], float]],
+                                 untimed_first: int = 0) -> Dict[str, Dict[str, float]]:
     """:func:`interleaved_medians` read on several clocks in the same timings (e.g. ``{"wall":
     time.perf_counter, "cpu": time.process_time}``): clock name → function name → median."""
     calls = calls or {}
@@ -170,6 +179,8 @@ def interleaved_medians_by_clock(fns: Dict[str, Callable[[], object]], repeats: 
     for r in range(repeats):
         for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
             n = max(1, int(calls.get(k, 1)))
+            for _ in range(untimed_first):
+                fns[k]()
             _sync(device)
             start = {c: clock() for c, clock in clocks.items()}
             for _ in range(n):
