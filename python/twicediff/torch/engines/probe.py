@@ -16,7 +16,8 @@ A choice is overridden by :func:`set_choice` (for example ``set_choice("cpu_gemm
 for the GEMM backend, by ``TWICEDIFF_CPU_GEMM=blas`` / ``torch.backends.mkldnn.enabled = False``
 (which the native op honours whatever the probe says). :func:`choices` lists what was decided
 (``twicediff.build_info()["probe"]``). Setting ``TWICEDIFF_PROBE_CACHE`` to a file path keeps the
-decisions on disk between processes (JSON, keyed by the CPU model, torch version and shape class).
+decisions on disk between processes (JSON, keyed by the CPU model with its family and model numbers,
+its ISA level, the torch version and the shape class).
 """
 from __future__ import annotations
 
@@ -119,13 +120,24 @@ def revise(kind: str, key: str, name: str, measured: Mapping[str, float], *, fin
 
 
 def cpu_model() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo; else what the platform module says)."""
+    """The CPU's model name with its x86 family and model numbers (Linux's /proc/cpuinfo; else what
+    the platform module says). Virtual machines often show a bare "AMD EPYC" for every generation,
+    and the generations differ in their GEMM libraries' speed; the numbers tell them apart (Zen 4 is
+    family 25, Zen 5 family 26), in the probe's disk cache and in the benchmark tables."""
     model = platform.processor() or platform.machine()
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
+    model = fields.get("model name", model)
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
     return model
 
 
