@@ -21,6 +21,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--directions", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--untimed-first", type=int, default=1,
+                    help="untimed calls of a method right before each of its timings (see harness)")
     ap.add_argument("--quick", action="store_true",
                     help="D in {1, 16, 64}, 3 repeats: runnable in minutes on a shared 2-core machine")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -37,10 +39,12 @@ def main() -> None:
     command = ("PYTHONPATH=python python benchmarks/bench_mvp.py " + " ".join(f"--preset {p}" for p in presets)
                + f" --device {args.device} --threads {args.threads}" + (" --quick" if args.quick else
                f" --directions {' '.join(map(str, directions))} --repeats {repeats}")
+               + f" --untimed-first {args.untimed_first}"
                + (" --no-memory" if args.no_memory else ""))
     header = [f"# Batched HVPs ({args.device})", "",
               f"Machine: {machine}; torch {torch.__version__}; commit {harness.git_commit()}; "
-              f"{args.threads} threads; float32; medians of {repeats} interleaved repeats.", "",
+              f"{args.threads} threads; float32; medians of {repeats} interleaved repeats, each after "
+              f"{args.untimed_first} untimed call(s) of the same method.", "",
               f"Command: `{command}`", "",
               "Presets: " + "; ".join(f"**{p}** {bench.PRESETS[p][0]}" for p in presets) + ".", "",
               "× loop and × vmap(jvp(grad)): throughput relative to the baselines in the same run "
@@ -51,7 +55,7 @@ def main() -> None:
     rows = []
     for preset in presets:  # the files are rewritten after each preset, so a cut-off run keeps the finished ones
         rows += bench.run(preset, args.device, directions, threads=args.threads, repeats=repeats,
-                          progress=True, extra_methods=harness.EXTRA_METHODS,
+                          progress=True, extra_methods=harness.EXTRA_METHODS, untimed_first=args.untimed_first,
                           memory=None if args.no_memory else harness.memory_of(args.device))
         with open(out, "w") as f:
             f.write("\n".join(header) + "\n" + bench.format_table(rows) + "\n")

@@ -278,7 +278,7 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = FULL
         engines: Optional[Sequence[str]] = None, threads: Optional[int] = None, repeats: int = FULL_REPEATS,
         progress: bool = False, extra_methods: Optional[Dict[str, MethodFactory]] = None,
         memory: Optional[Callable[[str, str, int, int], Dict[str, float]]] = None,
-        on_rows: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+        on_rows: Optional[Callable[[List[dict]], None]] = None, untimed_first: int = 0) -> List[dict]:
     """Benchmark one preset on one device; returns one row (dict) per (D, method).
 
     Args:
@@ -297,6 +297,8 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = FULL
         memory: ``memory(preset, method, D, threads) -> {"peak_mb", "extra_mb"}`` for each timed
             method (the benchmark scripts measure it in a fresh subprocess); default: not measured.
         on_rows: called with each D's rows as soon as they are measured (the CLI prints them).
+        untimed_first: untimed calls of each method right before each of its timings
+            (:func:`interleaved_medians`).
 
     Row keys: preset, device, threads, D, method, seconds (median per call), hvps_per_s,
     hvp_in_grads, vs_loop and vs_vmap_jvp_grad (throughput ratios; > 1 is faster than the baseline),
@@ -335,7 +337,7 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = FULL
         # round); "grad_warm" is the same gradient run GRAD_CALLS times back to back, caches and
         # allocator warm, as in a training loop's steady state.
         fns["grad"] = fns["grad_warm"] = lambda: _plain_grad(td.model, td.loss, x, y)
-        med = interleaved_medians(fns, repeats, dev, calls={"grad_warm": GRAD_CALLS})
+        med = interleaved_medians(fns, repeats, dev, calls={"grad_warm": GRAD_CALLS}, untimed_first=untimed_first)
         per_hvp = {m: med[m] / (min(D, LOOP_MAX_DIRECTIONS) if m == "loop" else D) for m in timed}
         batch = []
         for m in timed + ["grad", "grad_warm"]:
