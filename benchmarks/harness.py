@@ -31,19 +31,37 @@ def git_commit() -> str:
     return (sha + (" (with uncommitted changes)" if dirty else "")) if sha else "unknown"
 
 
+# The CPU flags that decide which GEMM and vector kernels run (oneDNN's and MKL's paths, AMX on
+# Intel Xeons from Sapphire Rapids on), as /proc/cpuinfo spells them.
+GEMM_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The :data:`GEMM_FLAGS` this CPU has, space-separated ("" where /proc/cpuinfo is not there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        have = []
+    return " ".join(flag for flag in GEMM_FLAGS if flag in have)
+
+
 def machine() -> str:
-    """The CPU's model name, its ISA level as torch sees it, the logical CPU count and the library
-    of the native ops' float32 GEMMs (with oneDNN's reason when it refused them), as the result
-    tables state the machine."""
+    """The CPU's model name (with its family and model numbers), its ISA level as torch sees it
+    and its GEMM-relevant flags, the logical CPU count and the library of the native ops' float32
+    GEMMs (with oneDNN's reason when it refused them), as the result tables state the machine."""
     from twicediff.torch.engines.probe import cpu_model
 
     from twicediff import _C
 
     isa = torch.backends.cpu.get_cpu_capability()
+    flags = cpu_flags()
     gemm = _C.cpu_gemm()
     refusal = _C.cpu_gemm_refusal()
     gemm += " (oneDNN refused: " + refusal.split(":")[-1].strip() + ")" if refusal else ""
-    return f"{cpu_model()} ({isa}), {os.cpu_count()} logical CPUs; native float32 GEMMs: {gemm}"
+    return (f"{cpu_model()}; ISA {isa}" + (f", flags {flags}" if flags else "")
+            + f"; {os.cpu_count()} logical CPUs; native float32 GEMMs: {gemm}")
 
 
 

@@ -144,6 +144,9 @@ def test_machine_and_commit_name_what_the_tables_state():
 
     stated = harness.machine()
     assert "logical CPUs; native float32 GEMMs: " + _C.cpu_gemm() in stated, stated
+    assert "ISA " + torch.backends.cpu.get_cpu_capability() in stated, stated
+    flags = harness.cpu_flags().split()
+    assert all(f in harness.GEMM_FLAGS for f in flags) and (not flags or "flags " + " ".join(flags) in stated)
     assert ("oneDNN refused" in stated) == bool(_C.cpu_gemm_refusal()), stated
     sha = harness.git_commit()
     assert sha == "unknown" or sha.split()[0].isalnum()
