@@ -190,8 +190,7 @@ def main():
     ap.add_argument("--directions", type=int, default=64, help="D of part 1")
     ap.add_argument("--auto-directions", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--untimed-first", type=int, default=1,
-                    help="untimed calls of a method right before each of its timings (see harness)")
+    harness.add_untimed_first(ap)
     ap.add_argument("--amortise", type=int, default=1000, help="calls the compile time is spread over")
     ap.add_argument("--chunk", type=int, default=compiled.COMPILED_CHUNK, help="compiled engine's chunk")
     ap.add_argument("--skip", choices=["part1", "part2", "layout"], nargs="+", default=[],

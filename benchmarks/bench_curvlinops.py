@@ -83,8 +83,7 @@ def main():
     ap.add_argument("--directions", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--untimed-first", type=int, default=1,
-                    help="untimed calls of a method right before each of its timings (see harness)")
+    harness.add_untimed_first(ap)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -21,8 +21,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--directions", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--untimed-first", type=int, default=1,
-                    help="untimed calls of a method right before each of its timings (see harness)")
+    harness.add_untimed_first(ap)
     ap.add_argument("--quick", action="store_true",
                     help="D in {1, 16, 64}, 3 repeats: runnable in minutes on a shared 2-core machine")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")

@@ -47,6 +47,14 @@ def cpu_flags() -> str:
     return " ".join(flag for flag in GEMM_FLAGS if flag in have)
 
 
+def add_untimed_first(ap) -> None:
+    """The benchmarks' ``--untimed-first N`` option (default 1): untimed calls of a method right
+    before each of its timings (``twicediff.app.bench.interleaved_medians``), so that no method
+    pays for the heap the one before it left."""
+    ap.add_argument("--untimed-first", type=int, default=1,
+                    help="untimed calls of a method right before each of its timings (see harness)")
+
+
 def machine() -> str:
     """The CPU's model name (with its family and model numbers), its ISA level as torch sees it
     and its GEMM-relevant flags, the logical CPU count and the library of the native ops' float32
