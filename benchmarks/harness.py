@@ -48,10 +48,10 @@ def cpu_flags() -> str:
 
 
 def add_untimed_first(ap) -> None:
-    """The benchmarks' ``--untimed-first N`` option (default 1): untimed calls of a method right
+    """The benchmarks' ``--untimed-first N`` option (default ``bench.UNTIMED_FIRST``): untimed calls of a method right
     before each of its timings (``twicediff.app.bench.interleaved_medians``), so that no method
     pays for the heap the one before it left."""
-    ap.add_argument("--untimed-first", type=int, default=1,
+    ap.add_argument("--untimed-first", type=int, default=bench.UNTIMED_FIRST,
                     help="untimed calls of a method right before each of its timings (see harness)")
 
 

@@ -88,6 +88,7 @@ def test_demo_help_explains_lambda(capsys):
     (("demo", "--bogus",), ("unrecognized arguments: --bogus",)),
     (("bench", "--directions", "1,x"), ("--directions", "'x'")),
     (("bench", "--repeats", "0"), ("--repeats", "0")),
+    (("bench", "--untimed-first", "-1"), ("--untimed-first", "-1")),
     (("info", "--threads", "0"), ("--threads", "0")),
     (("info", "--seed", "1"), ("unrecognized arguments: --seed",)),
 ])
@@ -193,6 +194,7 @@ def test_bench_prints_rows_as_they_finish_and_writes_files(tmp_path):
     assert "func" in {r["method"] for r in rows} and "autograd" not in {r["method"] for r in rows}
     lines = result.stdout.splitlines()
     assert lines[0].startswith("bench: preset a") and "D = 1, 4" in lines[0]
+    assert f"each after {bench.UNTIMED_FIRST} untimed call(s) of the same method" in lines[0]
     assert lines[1] == bench.TABLE_HEADER.splitlines()[0]
     assert [bench.format_row(r) for r in rows] == [line for line in lines if line.startswith("| a |")]
     assert (tmp_path / "bench_a_cpu.png").read_bytes()[:4] == b"\x89PNG"

@@ -36,7 +36,7 @@ from torch import nn
 from ..memory import memory_budget
 from ..progress import progress_bar
 
-__all__ = ["FULL_DIRECTIONS", "PRESETS", "QUICK_DIRECTIONS", "TABLE_HEADER", "format_row", "format_table",
+__all__ = ["FULL_DIRECTIONS", "PRESETS", "QUICK_DIRECTIONS", "TABLE_HEADER", "UNTIMED_FIRST", "format_row", "format_table",
            "interleaved_medians", "interleaved_medians_by_clock", "make_mlp", "plot", "run", "to_json"]
 
 ENGINES = ("native", "func", "autograd")
@@ -269,6 +269,9 @@ QUICK_REPEATS = 3
 #: ``--full``: the sweep the committed tables use.
 FULL_DIRECTIONS = (1, 16, 64, 256)
 FULL_REPEATS = 5
+#: Untimed calls of a method right before each of its timings (:func:`interleaved_medians`): the
+#: default of :func:`run`, of ``twicediff bench`` and of the benchmark scripts.
+UNTIMED_FIRST = 1
 
 # An extra method: name -> factory(td, x, y, v) -> a no-argument callable, or None where it does not apply.
 MethodFactory = Callable[[object, torch.Tensor, torch.Tensor, torch.Tensor], Optional[Callable[[], object]]]
@@ -278,7 +281,7 @@ def run(preset: str = "a", device: str = "cpu", directions: Iterable[int] = FULL
         engines: Optional[Sequence[str]] = None, threads: Optional[int] = None, repeats: int = FULL_REPEATS,
         progress: bool = False, extra_methods: Optional[Dict[str, MethodFactory]] = None,
         memory: Optional[Callable[[str, str, int, int], Dict[str, float]]] = None,
-        on_rows: Optional[Callable[[List[dict]], None]] = None, untimed_first: int = 0) -> List[dict]:
+        on_rows: Optional[Callable[[List[dict]], None]] = None, untimed_first: int = UNTIMED_FIRST) -> List[dict]:
     """Benchmark one preset on one device; returns one row (dict) per (D, method).
 
     Args:

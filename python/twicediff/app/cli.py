@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="twicediff engines to time, among native, func, autograd (default: all); the "
                         "baselines are always timed")
     p.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (default: 3; --full: 5)")
+    p.add_argument("--untimed-first", type=_non_negative_int, default=None, metavar="N",
+                   help="untimed calls of a method right before each of its timings, so that none pays "
+                        "for what the one before it left on the heap (default: 1)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--plot", action="store_true", help="also save a PNG plot under --output")
@@ -214,9 +217,10 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             parser.error("argument --plot: needs matplotlib (pip install 'twicediff[plot]')")
     directions = args.directions or (bench.FULL_DIRECTIONS if args.full else bench.QUICK_DIRECTIONS)
     repeats = args.repeats or (bench.FULL_REPEATS if args.full else bench.QUICK_REPEATS)
+    untimed = bench.UNTIMED_FIRST if args.untimed_first is None else args.untimed_first
     print(f"bench: preset {args.preset} ({bench.PRESETS[args.preset][0]}) on {args.device}, "
-          f"D = {', '.join(map(str, directions))}, medians of {repeats} interleaved repeats; "
-          "a block of rows per D as it finishes", flush=True)
+          f"D = {', '.join(map(str, directions))}, medians of {repeats} interleaved repeats, each after "
+          f"{untimed} untimed call(s) of the same method; a block of rows per D as it finishes", flush=True)
     print(bench.TABLE_HEADER, flush=True)
 
     def show(rows):
@@ -224,7 +228,8 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     torch.manual_seed(args.seed)
     rows = bench.run(preset=args.preset, device=args.device, directions=directions, repeats=repeats,
-                     engines=args.engines, threads=args.threads, progress=args.progress, on_rows=show)
+                     engines=args.engines, threads=args.threads, progress=args.progress, on_rows=show,
+                     untimed_first=untimed)
     summary = bench.format_table(rows).split("\n\nBudget check", 1)
     if len(summary) == 2:
         print("\nBudget check" + summary[1])
