@@ -57,8 +57,10 @@ COMPILED_CHUNK = 32
 # every direction's tangents enter and leave each convolution through vmap's permutes, and where the
 # convolutions are narrow the elementwise kernels between them mix layouts, copy short runs of a
 # pixel's channels and lose vectorisation: d_cnn (8 and 16 channels) ran 1.3–1.6x faster without it.
-# With every convolution 32 channels wide or more it was about 10% faster with it in most runs, so
-# it is kept there (NOTE: the layout rows of benchmarks/results/compiled_cpu.md). Off the CPU
+# With every convolution 32 channels wide or more it was about 10% faster with it in most runs on
+# the AVX2 EPYC the rule was measured on, so it is kept there; on a Zen 5 it was slower at every
+# width, so the best layout of wide convolutions depends on the CPU, and measuring it would take a
+# second compilation (NOTE: the layout rows of benchmarks/results/compiled_cpu.md). Off the CPU
 # inductor decides (not measured there).
 CPU_CHANNELS_LAST_MIN_CHANNELS = 32
 # Compiled functions kept (least recently used dropped first); each holds its model alive.
