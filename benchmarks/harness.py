@@ -39,11 +39,9 @@ GEMM_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx
 
 def cpu_flags() -> str:
     """The :data:`GEMM_FLAGS` this CPU has, space-separated ("" where /proc/cpuinfo is not there)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        have = []
+    from twicediff.torch.engines.probe import cpu_info
+
+    have = cpu_info().get("flags", "").split()
     return " ".join(flag for flag in GEMM_FLAGS if flag in have)
 
 

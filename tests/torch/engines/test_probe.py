@@ -111,33 +111,26 @@ def test_disk_cache_survives_the_process_cache(tmp_path, monkeypatch):
     assert probe.choose("k", "s", cands, timings={"a": 1.0, "b": 0.5}) == "b"
 
 
-def _fake_cpuinfo(family):
+def _cpuinfo(family):
+    """probe's ``open``, with /proc/cpuinfo that of a two-CPU "AMD EPYC" of this family."""
     text = (f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: 2\n"
             f"model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 99\nmodel\t\t: 9\n")
-    return lambda *a, **k: io.StringIO(text)
+    real_open = open
+    return lambda path, *a, **k: io.StringIO(text) if path == "/proc/cpuinfo" else real_open(path, *a, **k)
 
 
 def test_a_disk_choice_is_not_reused_on_another_cpu_generation(tmp_path, monkeypatch):
     """Virtual machines name Zen 4 and Zen 5 alike ("AMD EPYC", both AVX-512): the family tells
     them apart, so a choice timed on one is not taken as the other's."""
     monkeypatch.setenv("TWICEDIFF_PROBE_CACHE", str(tmp_path / "probe.json"))
-    monkeypatch.setattr(probe, "open", _fake_cpuinfo(25), raising=False)
+    monkeypatch.setattr(probe, "open", _cpuinfo(25), raising=False)
     assert probe.cpu_model() == "AMD EPYC (family 25, model 2)"  # the first CPU's block
-    monkeypatch.undo()
-    monkeypatch.setenv("TWICEDIFF_PROBE_CACHE", str(tmp_path / "probe.json"))
-    real_open = open
-
-    def cpuinfo_or_file(family):
-        fake = _fake_cpuinfo(family)
-        return lambda path, *a, **k: fake() if path == "/proc/cpuinfo" else real_open(path, *a, **k)
-
-    monkeypatch.setattr(probe, "open", cpuinfo_or_file(25), raising=False)
     probe.clear()
     assert probe.choose("k", "s", {"a": lambda: time.sleep(0.02), "b": lambda: None}) == "b"  # probed, stored
     probe.clear()
     assert probe.choose("k", "s", counting(["a", "b"])[1]) == "b"
     assert probe.choices()["k: s"]["source"] == "disk"  # same generation: the stored choice
-    monkeypatch.setattr(probe, "open", cpuinfo_or_file(26), raising=False)
+    monkeypatch.setattr(probe, "open", _cpuinfo(26), raising=False)
     probe.clear()
     probe.choose("k", "s", counting(["a", "b"])[1])
     assert probe.choices()["k: s"]["source"] == "probe"  # timed afresh

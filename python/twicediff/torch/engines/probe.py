@@ -30,7 +30,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["choices", "choose", "clear", "cpu_model", "decision", "decisions", "enabled", "revise", "seconds_measuring",
+__all__ = ["choices", "choose", "clear", "cpu_info", "cpu_model", "decision", "decisions", "enabled", "revise", "seconds_measuring",
            "set_choice", "timed_call", "unsettled"]
 
 _lock = threading.Lock()
@@ -119,13 +119,10 @@ def revise(kind: str, key: str, name: str, measured: Mapping[str, float], *, fin
     _disk_store(kind, key, name)
 
 
-def cpu_model() -> str:
-    """The CPU's model name with its x86 family and model numbers (Linux's /proc/cpuinfo; else what
-    the platform module says). Virtual machines often show a bare "AMD EPYC" for every generation,
-    and the generations differ in their GEMM libraries' speed; the numbers tell them apart (Zen 4 is
-    family 25, Zen 5 family 26), in the probe's disk cache and in the benchmark tables."""
-    model = platform.processor() or platform.machine()
-    fields = {}
+def cpu_info() -> Dict[str, str]:
+    """The first CPU's fields of Linux's /proc/cpuinfo ("model name", "cpu family", "flags", ...);
+    empty where there is no such file."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -135,7 +132,16 @@ def cpu_model() -> str:
                 fields[key.strip()] = value.strip()
     except OSError:
         pass
-    model = fields.get("model name", model)
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its x86 family and model numbers (:func:`cpu_info`; else what
+    the platform module says). Virtual machines often show a bare "AMD EPYC" for every generation,
+    and the generations differ in their GEMM libraries' speed; the numbers tell them apart (Zen 4 is
+    family 25, Zen 5 family 26), in the probe's disk cache and in the benchmark tables."""
+    fields = cpu_info()
+    model = fields.get("model name", platform.processor() or platform.machine())
     if "cpu family" in fields and "model" in fields:
         model += f" (family {fields['cpu family']}, model {fields['model']})"
     return model
