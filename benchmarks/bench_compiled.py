@@ -209,9 +209,8 @@ def main():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="twicediff_bench_inductor_")
     presets = args.preset or ["d_cnn", "d_transformer"]
     text = [f"# Compiled engine and auto's measured choice (cpu)", "",
-            f"{harness.run_facts()}; {args.threads} threads; float32; medians of {args.repeats} interleaved repeats, "
-            f"each after {args.untimed_first} untimed call(s) of the same method; load average at "
-            f"start {harness.load_average()} (1 / 5 / 15 min).", "",
+            f"{harness.run_facts()}; {args.threads} threads; float32; "
+            f"{bench.timing_words(args.repeats, args.untimed_first)}; load average at start {harness.load_average()} (1 / 5 / 15 min).", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py "
             + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "
             f"{args.repeats} --untimed-first {args.untimed_first} --amortise {args.amortise} --chunk {args.chunk}"

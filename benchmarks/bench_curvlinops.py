@@ -93,8 +93,8 @@ def main():
     presets = args.preset or ["d_cnn", "d_transformer", "a"]
     peer = "curvlinops-for-pytorch " + version("curvlinops-for-pytorch")
     text = ["# twicediff against curvlinops' HessianLinearOperator (cpu)", "",
-            f"{harness.run_facts(peer)}; {args.threads} threads; float32; medians of {args.repeats} interleaved "
-            f"repeats, each after {args.untimed_first} untimed call(s) of the same method; load average at start "
+            f"{harness.run_facts(peer)}; {args.threads} threads; float32; "
+            f"{bench.timing_words(args.repeats, args.untimed_first)}; load average at start "
             f"{harness.load_average()}.", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python benchmarks/.venv-curvlinops/bin/python "
             f"benchmarks/bench_curvlinops.py {' '.join('--preset ' + p for p in presets)} --directions "

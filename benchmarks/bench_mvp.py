@@ -42,8 +42,7 @@ def main() -> None:
                + (" --no-memory" if args.no_memory else ""))
     header = [f"# Batched HVPs ({args.device})", "",
               f"Machine: {machine}; torch {torch.__version__}; commit {harness.git_commit()}; "
-              f"{args.threads} threads; float32; medians of {repeats} interleaved repeats, each after "
-              f"{args.untimed_first} untimed call(s) of the same method.", "",
+              f"{args.threads} threads; float32; {bench.timing_words(repeats, args.untimed_first)}.", "",
               f"Command: `{command}`", "",
               "Presets: " + "; ".join(f"**{p}** {bench.PRESETS[p][0]}" for p in presets) + ".", "",
               "× loop and × vmap(jvp(grad)): throughput relative to the baselines in the same run "

@@ -37,7 +37,7 @@ from ..memory import memory_budget
 from ..progress import progress_bar
 
 __all__ = ["FULL_DIRECTIONS", "PRESETS", "QUICK_DIRECTIONS", "TABLE_HEADER", "UNTIMED_FIRST", "format_row", "format_table",
-           "interleaved_medians", "interleaved_medians_by_clock", "make_mlp", "plot", "run", "to_json"]
+           "interleaved_medians", "interleaved_medians_by_clock", "make_mlp", "plot", "run", "timing_words", "to_json"]
 
 ENGINES = ("native", "func", "autograd")
 BASELINES = ("loop", "vmap_jvp_grad")
@@ -272,6 +272,12 @@ FULL_REPEATS = 5
 #: Untimed calls of a method right before each of its timings (:func:`interleaved_medians`): the
 #: default of :func:`run`, of ``twicediff bench`` and of the benchmark scripts.
 UNTIMED_FIRST = 1
+
+
+def timing_words(repeats: int, untimed_first: int) -> str:
+    """How :func:`interleaved_medians` took a run's times, in the words its header gives them."""
+    return (f"medians of {repeats} interleaved repeats, each after {untimed_first} untimed call(s) of the "
+            "same method")
 
 # An extra method: name -> factory(td, x, y, v) -> a no-argument callable, or None where it does not apply.
 MethodFactory = Callable[[object, torch.Tensor, torch.Tensor, torch.Tensor], Optional[Callable[[], object]]]

@@ -36,6 +36,7 @@ from .arguments import (fraction as _fraction, int_list as _int_list, name_list 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from . import demo
+    from .bench import UNTIMED_FIRST
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
@@ -98,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="twicediff engines to time, among native, func, autograd (default: all); the "
                         "baselines are always timed")
     p.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (default: 3; --full: 5)")
-    p.add_argument("--untimed-first", type=_non_negative_int, default=None, metavar="N",
+    p.add_argument("--untimed-first", type=_non_negative_int, default=UNTIMED_FIRST, metavar="N",
                    help="untimed calls of a method right before each of its timings, so that none pays "
-                        "for what the one before it left on the heap (default: 1)")
+                        f"for what the one before it left on the heap (default: {UNTIMED_FIRST})")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--plot", action="store_true", help="also save a PNG plot under --output")
@@ -217,10 +218,9 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             parser.error("argument --plot: needs matplotlib (pip install 'twicediff[plot]')")
     directions = args.directions or (bench.FULL_DIRECTIONS if args.full else bench.QUICK_DIRECTIONS)
     repeats = args.repeats or (bench.FULL_REPEATS if args.full else bench.QUICK_REPEATS)
-    untimed = bench.UNTIMED_FIRST if args.untimed_first is None else args.untimed_first
     print(f"bench: preset {args.preset} ({bench.PRESETS[args.preset][0]}) on {args.device}, "
-          f"D = {', '.join(map(str, directions))}, medians of {repeats} interleaved repeats, each after "
-          f"{untimed} untimed call(s) of the same method; a block of rows per D as it finishes", flush=True)
+          f"D = {', '.join(map(str, directions))}, {bench.timing_words(repeats, args.untimed_first)}; "
+          "a block of rows per D as it finishes", flush=True)
     print(bench.TABLE_HEADER, flush=True)
 
     def show(rows):
@@ -229,7 +229,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     torch.manual_seed(args.seed)
     rows = bench.run(preset=args.preset, device=args.device, directions=directions, repeats=repeats,
                      engines=args.engines, threads=args.threads, progress=args.progress, on_rows=show,
-                     untimed_first=untimed)
+                     untimed_first=args.untimed_first)
     summary = bench.format_table(rows).split("\n\nBudget check", 1)
     if len(summary) == 2:
         print("\nBudget check" + summary[1])
