@@ -1,7 +1,8 @@
 """What every call guarantees about the user's model and the context it is called in: buffers and
 parameters left as found (a training-mode BatchNorm included), a training-mode Dropout reported once
 per model, gradients under torch.no_grad(), a clear error under torch.inference_mode(), and stock
-attention (scaled_dot_product_attention, nn.TransformerEncoderLayer) differentiable twice."""
+attention (scaled_dot_product_attention, nn.TransformerEncoderLayer) differentiable twice, and
+the same Parameter objects in every slot (a module registered twice, a shared weight)."""
 import copy
 import logging
 
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from twicediff import TorchTwiceDifferentiable
+from twicediff.errors import ModelChangedError
 from twicediff.influence import compute_influences
 
 
@@ -160,3 +162,118 @@ def test_max_norm_embedding_weights_left_as_found_and_every_engine_agrees(monkey
     compute_influences(td, DataLoader(TensorDataset(x, y), batch_size=5), hessian_regularization=0.1,
                        inversion_method="direct")
     _assert_same_state(model, before)
+
+
+class _SharedTwice(nn.Module):
+    """A Linear registered under two names (``self.b = self.a``: one slot, two names) and a weight
+    shared by two Linears (two slots, one Parameter), beside a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.head, self.tail = nn.Linear(4, 3), nn.Linear(4, 3, bias=False)
+        self.tail.weight = self.head.weight
+        self.register_buffer("scale", torch.tensor(1.5))
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x) * self.scale)))
+        return self.head(h) + self.tail(h * h)
+
+
+def _block_twice():
+    block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    return nn.Sequential(block, block, nn.Linear(4, 3))
+
+
+def _slots(model):
+    return [(m, kind, name, t) for m in model.modules() for kind in ("_parameters", "_buffers")
+            for name, t in getattr(m, kind).items()]
+
+
+def _double_backward_hessian(model, x, y):
+    params = list(model.parameters())
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.cross_entropy(model(x), y), params,
+                                                                  create_graph=True)])
+    return torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(gi, params, retain_graph=True)])
+                        for gi in g])
+
+
+@pytest.mark.parametrize("build", [_SharedTwice, _block_twice], ids=["module_twice_and_shared_weight", "block_twice"])
+def test_a_module_under_two_names_keeps_its_parameters_and_every_engine_is_exact(build, monkeypatch):
+    """torch.func.functional_call with its default tie_weights=True swaps a slot once per name and
+    puts the first swap's substitute back last: after one func-engine product, a module registered
+    twice held a detached plain tensor instead of its Parameter, and every later grad, product and
+    Hessian (reverse mode, on the Parameter) came out wrong with no error. Checked here: every slot
+    holds the same object after each call, and every result equals double backward in float64."""
+    monkeypatch.setenv("TWICEDIFF_COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = build().double().eval()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    H = _double_backward_hessian(model, x, y)
+    slots, before = _slots(model), _state(model)
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    v = torch.randn(3, td.num_params, dtype=torch.float64)
+
+    def unchanged():
+        now = _slots(model)
+        assert len(now) == len(slots) and all(s[3] is n[3] for s, n in zip(slots, now))
+        assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+        _assert_same_state(model, before)
+
+    for engine in ("func", "auto", "autograd", "loop", "compiled"):
+        torch.testing.assert_close(td.hvp(x, y, v, engine=engine), v @ H, msg=engine)
+        unchanged()
+    grad = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    torch.testing.assert_close(td.grad(x, y), torch.cat([g.reshape(-1) for g in grad]))
+    torch.testing.assert_close(td.hessian(x, y), H)
+    unchanged()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    for kind in ("up", "perturbation"):
+        assert torch.isfinite(compute_influences(td, loader, influence_type=kind, hessian_regularization=0.1,
+                                                 inversion_method="direct")).all()
+        unchanged()
+
+
+class _AssignsParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        self.lin.weight = nn.Parameter(self.lin.weight.detach() * 1.0)  # a new Parameter at every call
+        return self.lin(x)
+
+
+def test_a_forward_that_assigns_a_new_parameter_is_undone_and_refused():
+    torch.manual_seed(0)
+    model = _AssignsParameter().eval()
+    weight = model.lin.weight
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    with pytest.raises(ModelChangedError, match="^grad: the call left another tensor in place of parameter "
+                                                "'weight' of module 'lin' \\(Linear\\); the original is back"):
+        td.grad(x, y)
+    assert model.lin.weight is weight
+
+
+class _ReassignsBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls = self.calls + 1  # not in place: a new tensor in the buffer's slot
+        return self.lin(x)
+
+
+def test_a_forward_that_reassigns_a_buffer_finds_it_back_after_every_call():
+    torch.manual_seed(0)
+    model = _ReassignsBuffer().eval()
+    calls = model.calls
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    td.grad(x, y)
+    td.hvp(x, y, torch.randn(2, td.num_params), engine="autograd")
+    assert model.calls is calls and float(calls) == 0.0

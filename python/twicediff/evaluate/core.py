@@ -10,11 +10,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..influence import compute_influences_up
 from ..torch import TorchTwiceDifferentiable
 from ..torch.batch import model_args, move_inputs, num_points, per_point, slice_batch, vmap_dims
+from ..torch.stateless import functional_call, slot_names, split_params
 from .lds import bootstrap_ci, lds, predict_subsets, sample_subsets, spearman_per_column
 from .methods import METHODS, Solve, available_methods, describe
 from .problem import Problem, points, resolve_measurement
@@ -27,16 +28,14 @@ def point_gradients(module: torch.nn.Module, fn, x: Any, y: torch.Tensor, chunk:
     """[N, P]: row i is ∇θ fn(module(x_i), y_i) for a batch of one, over the trainable parameters in
     ``module.parameters()`` order (the order of :class:`twicediff.TorchTwiceDifferentiable`); x is
     a tensor, tuple or dict of inputs (:mod:`twicediff.torch.batch`)."""
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
-    fixed = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
-    fixed.update(dict(module.named_buffers()))
+    names, params, fixed = split_params(module)
+    slots = slot_names(module)
 
     dims = vmap_dims(x)
 
     def point(p, xi, yi):
         args, kwargs = model_args(per_point(xi, dims))
-        return fn(functional_call(module, (p, fixed), args, kwargs), yi.unsqueeze(0)).sum()
+        return fn(functional_call(module, (p, fixed), args, kwargs, slots), yi.unsqueeze(0)).sum()
 
     rows = []
     for s in range(0, num_points(x), chunk):

@@ -24,12 +24,13 @@ from __future__ import annotations
 from typing import Callable, Dict, Generator, Iterable, Optional, Tuple
 
 import torch
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, grad, jvp, vjp  # functional_call: in pyDVL's namespace too
 from torch.utils.data import DataLoader
 
 from ..errors import NotNativeError
 from .engines import NativeEngine
 from .forward_mode import formula_failure, reverse_mode_constants
+from . import stateless
 from .util import TorchTensorContainerType, align_structure, flatten_tensors_to_vector, to_model_device
 
 __all__ = [
@@ -65,7 +66,7 @@ def batch_loss_function(model: torch.nn.Module, loss: Callable[[torch.Tensor, to
     parameters given by name (those not given are the module's own)."""
 
     def batch_loss(params: Dict[str, torch.Tensor]):
-        return loss(functional_call(model, params, (to_model_device(x, model),)), y)
+        return loss(stateless.functional_call(model, params, (to_model_device(x, model),)), y)
 
     return batch_loss
 
@@ -83,7 +84,8 @@ def empirical_loss_function(model: torch.nn.Module, loss: Callable[[torch.Tensor
     def empirical_loss(params: Dict[str, torch.Tensor]):
         total, count = None, 0
         for x, y in iter(data_loader):
-            value = loss(functional_call(model, params, (to_model_device(x, model),)), to_model_device(y, model))
+            output = stateless.functional_call(model, params, (to_model_device(x, model),))
+            value = loss(output, to_model_device(y, model))
             total = value * x.size(0) if total is None else total + value * x.size(0)
             count += x.size(0)
         if count == 0:

@@ -19,6 +19,11 @@
   parameter shows in its version counter, and the call raises a RuntimeError naming it: it cannot
   be undone, and derivatives taken while the weights moved belong to no single point. (An RNN's
   weights are not watched: cuDNN re-seats them in place on CUDA, values unchanged.)
+- The model's tensors stay its own: whatever sits in a module's parameter or buffer slot after a
+  call is the tensor that sat there before it (``torch.func.functional_call`` left a substitute
+  behind on a module registered under two names, see :mod:`twicediff.torch.stateless`; a forward
+  may assign a new buffer). A parameter found swapped also raises a ModelChangedError naming it:
+  what was computed after the swap may have used the other tensor.
 - A sparse embedding (``sparse=True``) is refused before anything runs, with a ValueError naming
   the module: its gradients are sparse tensors, which no flat parameter vector holds.
 - So is a gradient hook on a parameter (``p.register_hook``) or a module (a backward hook, or a
@@ -107,10 +112,12 @@ class _Reading:
             re-seats its weights into one flat cuDNN buffer whenever they are set (as
             ``functional_call`` does): an in-place ``set_`` that keeps their values but moves the
             version counter the swapped-in tensors share with the parameters.
+        slots: (module, its ``_parameters`` or ``_buffers``, name, tensor) of every parameter and buffer.
     """
     training: bool
     renormed: List[torch.Tensor]
     versions: List[Tuple[torch.Tensor, int]]
+    slots: List[Tuple[nn.Module, dict, str, torch.Tensor]]
 
 
 def _read(model: nn.Module, where: str) -> _Reading:
@@ -120,7 +127,7 @@ def _read(model: nn.Module, where: str) -> _Reading:
 
     if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
         raise _refuse_hook(where, "a global module backward hook (register_module_full_backward_hook) is set")
-    training, renormed, versions, rnn = False, [], {}, set()
+    training, renormed, versions, rnn, slots = False, [], {}, set(), []
     for m in model.modules():
         training = training or m.training
         if m._backward_hooks or m._backward_pre_hooks:
@@ -140,7 +147,8 @@ def _read(model: nn.Module, where: str) -> _Reading:
             if isinstance(m, nn.RNNBase):
                 rnn.add(id(p))
             versions[id(p)] = (p, p._version)
-    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn])
+        slots += [(m, table, name, t) for table in (m._parameters, m._buffers) for name, t in table.items()]
+    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots)
 
 
 def _warn_training_dropout(model: nn.Module, where: str) -> None:
@@ -173,7 +181,7 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
     with model_lock(model):
         depth = _depths()
         outermost = id(model) not in depth  # nested calls (a probe inside hvp) leave the checks to the first
-        reading = _read(model, where) if outermost else _Reading(any(m.training for m in model.modules()), [], [])
+        reading = _read(model, where) if outermost else _Reading(any(m.training for m in model.modules()), [], [], [])
         saved = []
         if reading.training:
             _warn_training_dropout(model, where)
@@ -191,6 +199,17 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
                 with torch.no_grad():
                     for t, value in saved:
                         t.copy_(value)
+            swapped = [(m, name) for m, table, name, t in reading.slots
+                       if table.get(name) is not t and table is m._parameters]
+            for m, table, name, t in reading.slots:
+                table[name] = t
+        if swapped:
+            m, name = swapped[0]
+            raise ModelChangedError(f"{where}: the call left another tensor in place of parameter '{name}' of module "
+                                    f"'{_name(model, m)}' ({type(m).__name__}); the original is back, but what was "
+                                    "computed after the swap may have used the other tensor: twicediff needs the "
+                                    "model's parameters to stay its own (a forward that assigns a new parameter "
+                                    "cannot be differentiated in them)")
         restored = {id(w) for w in reading.renormed}
         moved = [p for p, version in reading.versions if p._version != version and id(p) not in restored]
         if moved:

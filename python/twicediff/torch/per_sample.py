@@ -33,10 +33,10 @@ from ..memory import chunk_size
 from ..progress import progress_bar
 from .batch import (batch_size, call_model, input_tensors, model_args, num_points, per_point, slice_batch,
                     squeezed_loss, vmap_dims)
-from .engines.func import split_params
 from .engines.generic import activation_numel
 from .guard import model_call
 from .mvp import batched_mvp, flat_grads
+from .stateless import functional_call, split_params
 from .tensor_utilities import TorchTensorUtilities
 from .twice_differentiable import TorchTwiceDifferentiable
 
@@ -69,7 +69,7 @@ def _point_loss(model: TorchTwiceDifferentiable, params, fixed, x_i, y_i: torch.
     which entries vmap took a row of) made a batch of one. ``gradient_check``: as in
     :func:`~twicediff.torch.batch.squeezed_loss`, False under a bare vmap."""
     args, kwargs = model_args(per_point(x_i, dims))
-    output = torch.func.functional_call(model.model, (params, fixed), args, kwargs)
+    output = functional_call(model.model, (params, fixed), args, kwargs)
     return squeezed_loss(model.loss, output, y_i.unsqueeze(0), gradient_check=gradient_check)
 
 

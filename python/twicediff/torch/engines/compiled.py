@@ -39,7 +39,8 @@ from ..batch import input_tensors, model_args, squeezed_loss
 from ..block_cache import reusing_cpu_blocks
 from ..forward_mode import reverse_mode_constants
 from .base import PreparedBatch, generic_directions_per_chunk
-from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp, split_params
+from ..stateless import functional_call, slot_names, split_params
+from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp
 from .gemm_fold import FoldBroadcastBmm
 from .generic import GenericEngine, _shape_key
 
@@ -121,16 +122,17 @@ def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[to
              variant: str) -> Callable:
     """(params, fixed, V [D, P], x, y) → [D, P]: the chunk's products in plain torch.func; x a tensor,
     tuple, list or dict (:mod:`twicediff.torch.batch`)."""
-    from torch.func import functional_call, grad, jvp, vjp, vmap
+    from torch.func import grad, jvp, vjp, vmap
 
     sizes = [s.numel() for s in shapes]
+    slots = slot_names(model)  # a constant of the compiled function
 
     def product(params, fixed, V, x, y):
         D = V.shape[0]
         tangents = {n: t.reshape(D, *s) for n, t, s in zip(names, torch.split(V, sizes, dim=1), shapes)}
 
         def output_of(p):
-            return functional_call(model, (p, fixed), *model_args(x))
+            return functional_call(model, (p, fixed), *model_args(x), slots)
 
         with reverse_mode_constants():  # what reverse mode holds constant (padding rows, no_grad values)
             if mode == "hessian" and variant == "forward":

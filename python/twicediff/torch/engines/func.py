@@ -17,8 +17,9 @@ from ..block_cache import reusing_cpu_blocks
 from ..guard import model_call
 from ..forward_mode import formula_failure, reverse_mode_constants
 from ..layer_norm import MIN_DIRECTIONS as FUSED_LAYER_NORM_MIN_DIRECTIONS
+from ..stateless import functional_call, slot_names, split_params
 
-__all__ = ["FuncEngine", "forward_over_reverse", "func_hvp", "split_params"]
+__all__ = ["FuncEngine", "forward_over_reverse", "func_hvp"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +51,6 @@ class FuncEngine(GenericEngine):
 
             logger.info("hvp: torch.func engine failed (%s); using autograd", exc)
             return autograd_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
-
-
-def split_params(model: nn.Module) -> Tuple[List[str], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    names, trainable, fixed = [], {}, {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            names.append(n)
-            trainable[n] = p.detach()
-        else:
-            fixed[n] = p.detach()
-    fixed.update({n: b for n, b in model.named_buffers()})
-    return names, trainable, fixed
 
 
 def _directions_as_params(v: torch.Tensor, names: List[str], params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -107,13 +96,14 @@ def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tens
 
 def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tensor,
                        mode: str) -> torch.Tensor:
-    from torch.func import functional_call, grad, jvp, vjp, vmap
+    from torch.func import grad, jvp, vjp, vmap
 
     names, params, fixed = split_params(model)
     args, kwargs = model_args(x)
+    slots = slot_names(model)
 
     def output_of(p):
-        return functional_call(model, (p, fixed), args, kwargs)
+        return functional_call(model, (p, fixed), args, kwargs, slots)
 
     tangents = _directions_as_params(v, names, params)
     # Forward mode holds constant what reverse mode does; its products take the fused LayerNorm
