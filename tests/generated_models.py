@@ -100,6 +100,15 @@ def generate(seed: int) -> Case:
                     ACTIVATIONS[r.randrange(len(ACTIVATIONS))](r)
                 layers.append(act)
                 described.append(type(act).__name__ + ("*" if act is shared_act else ""))
+    # A Linear registered twice: a square one applied again after its own activations. Drawn from
+    # a stream of its own, so that every other choice of a seed stays what it was.
+    again = random.Random(f"registered twice {seed}")
+    squares = [k for k, m in enumerate(layers) if isinstance(m, nn.Linear) and m.in_features == m.out_features]
+    if squares and again.random() < 0.3:
+        k = again.choice(squares)
+        end = next((j for j in range(k + 1, len(layers)) if isinstance(layers[j], nn.Linear)), len(layers))
+        layers = layers[:end] + layers[k:end] + layers[end:]
+        described = described[:end] + [described[k] + "(again)"] + described[k + 1:end] + described[end:]
     # nesting: wrap a random run of modules in an inner Sequential
     if len(layers) >= 3 and r.random() < 0.4:
         a = r.randrange(len(layers) - 1)
