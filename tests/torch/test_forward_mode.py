@@ -166,3 +166,19 @@ def test_a_failing_forward_mode_formula_falls_back_to_reverse_mode(monkeypatch):
     forward, reverse = hvp(f, params, vec, reverse_only=False), hvp(f, params, vec, reverse_only=True)
     for n in params:
         torch.testing.assert_close(forward[n], reverse[n])
+
+
+def test_the_first_forward_mode_product_of_a_process_does_not_warn():
+    """torch's first forward-mode product loads decompositions it scripts with torch.jit.script,
+    which warns that it is deprecated: a FutureWarning about torch's own code that users saw at
+    their first hvp. A fresh process, every warning an error."""
+    import subprocess
+    import sys
+
+    code = ("import torch, torch.nn as nn, torch.nn.functional as F\n"
+            "from twicediff import TorchTwiceDifferentiable\n"
+            "m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()\n"
+            "td = TorchTwiceDifferentiable(m, F.cross_entropy)\n"
+            "td.hvp(torch.randn(5, 3), torch.randint(0, 2, (5,)), torch.randn(2, td.num_params), engine='func')\n")
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -31,6 +31,7 @@ The module also names the forward-mode formulas of torch that fail where reverse
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -109,4 +110,25 @@ def reverse_mode_constants(fused_layer_norm: bool = False) -> TorchFunctionMode:
     """A context under which forward mode holds constant what reverse mode does (see the module
     docstring). Enter it around a forward-mode product; ``fused_layer_norm``: route the model's
     layer_norm calls to the fused rules (eager products)."""
+    _load_jvp_decompositions()
     return _ReverseModeConstants(fused_layer_norm)
+
+
+_jvp_decompositions_loaded = False
+
+
+def _load_jvp_decompositions() -> None:
+    """Load what torch loads on the first forward-mode product of a process, without its warning.
+    torch (2.14) scripts a few of its own functions then, with ``torch.jit.script``, which warns
+    that it is deprecated: a FutureWarning about torch's code, not the user's, that surfaced at
+    their first hvp. Loaded on first use, not at import: it takes about 75 ms."""
+    global _jvp_decompositions_loaded
+    if _jvp_decompositions_loaded:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        try:
+            from torch._decomp import decompositions_for_jvp  # noqa: F401
+        except ImportError:  # another torch: it loads what it needs itself
+            pass
+    _jvp_decompositions_loaded = True
