@@ -189,3 +189,18 @@ def test_data_errors_keeps_the_type_and_names_the_outermost_data():
     with pytest.raises(torch.OutOfMemoryError) as caught, data_errors("w", "d"):
         raise oom
     assert caught.value is oom
+
+
+def test_a_torch_compiled_model_is_read_as_its_module():
+    """``model = torch.compile(model)`` is what training scripts do. Wrapped, the native engine
+    refused it ("the model is a OptimizedModule") and auto ran torch.func over the compiled
+    forward: 2.5× slower on an MLP. Its forward is its module's, so the module is what is read."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    want = TorchTwiceDifferentiable(model, F.cross_entropy)
+    v = torch.randn(2, want.num_params, dtype=torch.float64)
+    for wrapped in (torch.compile(model), torch.compile(nn.DataParallel(model))):
+        td = TorchTwiceDifferentiable(wrapped, F.cross_entropy)
+        assert td.model is model and td.native_unsupported_reason(x, y) == ""
+        torch.testing.assert_close(td.hvp(x, y, v, engine="native"), want.hvp(x, y, v, engine="autograd"))
