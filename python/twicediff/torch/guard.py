@@ -36,6 +36,11 @@
   the call only the math backend is allowed, which every derivative supports.
 - Under ``torch.inference_mode()`` nothing can be differentiated: a RuntimeError naming it. Under
   ``torch.no_grad()`` gradients are enabled inside the call (twicediff's functions are derivatives).
+- Autocast (``torch.autocast``, as around a mixed-precision training step) is off inside the call:
+  the native engine computes in the model's dtype whatever autocast says, and the generic engines
+  computed the same products in bfloat16 under it, 0.6% apart, so ``auto`` would have picked a
+  precision by speed. Every engine computes in the model's dtype (cast the model to compute in a
+  lower one).
 """
 from __future__ import annotations
 
@@ -78,6 +83,20 @@ def _math_attention():
     except ImportError:  # older torch: no selection API, and no fused CPU kernel either
         return contextlib.nullcontext()
     return sdpa_kernel(SDPBackend.MATH)
+
+
+def _without_autocast() -> contextlib.ExitStack:
+    """A context with autocast off on every device type it is on for (none entered where it is off:
+    naming a device type torch cannot use warns)."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda", "xpu", "mps"):
+        try:
+            on = torch.is_autocast_enabled(device_type)
+        except (RuntimeError, ValueError, TypeError):  # a device type this torch does not know
+            continue
+        if on:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def _depths() -> dict:
@@ -166,9 +185,9 @@ def _warn_training_dropout(model: nn.Module, where: str) -> None:
 @contextlib.contextmanager
 def model_call(model: nn.Module, where: str) -> Iterator[None]:
     """Run a computation on ``model`` (see the module docstring): its lock held, gradients enabled,
-    attention on the math backend, buffers restored when a module is in training mode, embedding
-    weights renormalized by ``max_norm`` restored, a warning once per model for a training-mode
-    Dropout.
+    autocast off, attention on the math backend, buffers restored when a module is in training
+    mode, embedding weights renormalized by ``max_norm`` restored, every parameter and buffer slot
+    as found, a warning once per model for a training-mode Dropout.
 
     Raises:
         RuntimeError: called under ``torch.inference_mode()``.
@@ -189,7 +208,7 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
         saved += [(w, w.detach().clone()) for w in reading.renormed]
         depth[id(model)] = depth.get(id(model), 0) + 1
         try:
-            with torch.enable_grad(), _math_attention():
+            with torch.enable_grad(), _math_attention(), _without_autocast():
                 yield
         finally:
             depth[id(model)] -= 1
