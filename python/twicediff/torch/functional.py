@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Generator, Iterable, Optional, Tuple
 
 import torch
-from torch.func import functional_call, grad, jvp, vjp  # functional_call: in pyDVL's namespace too
+from torch.func import functional_call, grad, jvp, vjp  # noqa: F401  (functional_call: in pyDVL's namespace too)
 from torch.utils.data import DataLoader
 
 from ..errors import NotNativeError

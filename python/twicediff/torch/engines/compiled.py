@@ -38,8 +38,8 @@ from torch import nn
 from ..batch import input_tensors, model_args, squeezed_loss
 from ..block_cache import reusing_cpu_blocks
 from ..forward_mode import reverse_mode_constants
-from .base import PreparedBatch, generic_directions_per_chunk
 from ..stateless import functional_call, slot_names, split_params
+from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp
 from .gemm_fold import FoldBroadcastBmm
 from .generic import GenericEngine, _shape_key
