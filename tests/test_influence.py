@@ -377,7 +377,7 @@ def test_data_the_model_cannot_take_names_the_argument_and_batch(caplog):
     per_sample._logged_fallback.clear()  # the notice is logged once per process
     with caplog.at_level(logging.WARNING, logger="twicediff"):
         # the per-sample gradients' fallback fails too: its error, not a fallback notice
-        with pytest.raises(IndexError, match="compute_influence_factors: the model or loss failed on test_data "
+        with pytest.raises(IndexError, match="compute_influences: the model or loss failed on test_data "
                                              "batch 0 \\(x \\(4, 3\\) torch.float64, y \\(4,\\) torch.int64\\): "
                                              "Target 7 is out of bounds") as caught:
             inf.compute_influences(model, good, test_data=bad_labels)

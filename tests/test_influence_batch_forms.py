@@ -103,7 +103,7 @@ def test_perturbation_influence_asks_for_a_single_tensor_x(name):
 def test_bad_test_data_is_named():
     model, _, x, y = problem("dict")
     bad = [({**x, "attention_mask": x["attention_mask"][:3]}, y)]
-    with pytest.raises(ValueError, match=r"compute_influence_factors: the inputs disagree on the batch size.*"
+    with pytest.raises(ValueError, match=r"compute_influences: the inputs disagree on the batch size.*"
                                          r"x\['attention_mask'\] has shape \(3, 5\)"):
         twicediff.compute_influences(model, batches(x, y, 4), test_data=bad, hessian_regularization=1.7)
     with pytest.raises(TypeError, match=r"compute_influences_up: x\['input_ids'\] has dtype torch.float32"):

@@ -142,15 +142,15 @@ def _kfac_setup(model: TorchTwiceDifferentiable, training_data: DataLoaderType, 
 
 
 def _test_gradients(group, model: TorchTwiceDifferentiable, test_data: Any, where: str, progress: bool, *,
-                    broadcast: bool = True) -> torch.Tensor:
+                    broadcast: bool = True, name: str = "test_data") -> torch.Tensor:
     """The test gradients [N_test, P]: of the test data every rank holds (rank 0's, checked to be the
     same on every rank; ``broadcast=False`` leaves that to a following solve_hvp) or, for :class:`twicediff.distributed.Sharded` test data, of
     every rank's test points gathered in the global order."""
     if isinstance(test_data, _distributed.Sharded):
         data = test_data.data
         return _distributed.gather_columns(
-            group, where, lambda: gradient_matrix(model, data, where, "test_data", progress).unsqueeze(0), data)[0]
-    rhs = _distributed.guarded(group, where, lambda: gradient_matrix(model, test_data, where, "test_data", progress))
+            group, where, lambda: gradient_matrix(model, data, where, name, progress).unsqueeze(0), data)[0]
+    rhs = _distributed.guarded(group, where, lambda: gradient_matrix(model, test_data, where, name, progress))
     return _distributed.same_on_every_rank(group, where, "test gradients", rhs) if broadcast else rhs
 
 
@@ -172,12 +172,21 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
     Returns:
         InverseHvpResult: x [N_test, P] (on the model's device) and the solver's info.
     """
+    return _influence_factors(model, training_data, test_data, inversion_method, hessian_perturbation, progress,
+                              kwargs, "compute_influence_factors", "test_data")
+
+
+def _influence_factors(model: TorchTwiceDifferentiable, training_data: DataLoaderType, test_data: DataLoaderType,
+                       inversion_method: InversionMethod, hessian_perturbation: float, progress: bool, kwargs: dict,
+                       where: str, test_name: str) -> InverseHvpResult:
+    """:func:`compute_influence_factors` for the entry point ``where``, whose errors about the test
+    data name it ``test_name`` (compute_influences takes the training data when none is given)."""
     # With a process group: the ranks agree on the call; the test gradients are computed on every
     # rank, a failure on one reported to all (twicediff.distributed); solve_hvp makes them rank 0's.
-    group = _distributed.enter("compute_influence_factors", model, inversion_method=inversion_method,
+    group = _distributed.enter(where, model, inversion_method=inversion_method,
                                hessian_perturbation=hessian_perturbation, options=kwargs)
-    model = check_model(model, "compute_influence_factors")
-    options = _solver_options(model, inversion_method, progress, kwargs, "compute_influence_factors")
+    model = check_model(model, where)
+    options = _solver_options(model, inversion_method, progress, kwargs, where)
     solver = InversionRegistry.get(type(model), inversion_method)
     held = 0
     if group is None and callable(getattr(solver, "prepare", None)):
@@ -185,7 +194,7 @@ def compute_influence_factors(model: TorchTwiceDifferentiable, training_data: Da
         # so that its working memory and the test gradients are not held at once.
         options, held = solver.prepare(model, training_data, hessian_perturbation, **options)
     with reserved(held):
-        rhs = _test_gradients(group, model, test_data, "compute_influence_factors", progress, broadcast=False)
+        rhs = _test_gradients(group, model, test_data, where, progress, broadcast=False, name=test_name)
     if group is None and "out" in inspect.signature(solver).parameters and "out" not in options:
         options = {**options, "out": rhs}  # the factors overwrite the test gradients they are solved from
     with reserved(held + rhs.numel() * rhs.element_size()):  # the right-hand sides, held during the solve
@@ -320,22 +329,23 @@ def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_
     kind = _as_influence_type(influence_type)
     # Checked here, under the name the caller used: the solvers call it hessian_perturbation.
     check_nonnegative(hessian_regularization, "hessian_regularization", "compute_influences")
+    # An error about the test points names what the caller passed: training_data when test_data is None.
+    test_name = "test_data" if test_data is not None else "training_data (the test points, as test_data is None)"
     if test_data is None:  # with a process group, the training points of every rank
         test_data = _distributed.Sharded(training_data) if _distributed.current_group() is not None else training_data
     input_data = training_data if input_data is None else input_data
     method = _kfac_method(inversion_method)
     if method is not None:
         return _kfac_influences(model, training_data, test_data, input_data, method, kind, hessian_regularization,
-                                progress, kwargs)
-    factors, _ = compute_influence_factors(model, training_data, test_data, inversion_method,
-                                           hessian_perturbation=hessian_regularization, progress=progress,
-                                           **kwargs)
+                                progress, kwargs, test_name)
+    factors, _ = _influence_factors(model, training_data, test_data, inversion_method, hessian_regularization,
+                                    progress, kwargs, "compute_influences", test_name)
     return influence_type_registry[kind](model, input_data, factors, progress=progress)
 
 
 def _kfac_influences(model: TorchTwiceDifferentiable, training_data: DataLoaderType, test_data: DataLoaderType,
                      input_data: DataLoaderType, method: str, kind: InfluenceType, lam: float, progress: bool,
-                     kwargs: dict) -> torch.Tensor:
+                     kwargs: dict, test_name: str = "test_data") -> torch.Tensor:
     """compute_influences with K-FAC: the factors fitted once, the test gradients preconditioned
     layer by layer, then up-weighting scores streamed over ``input_data`` (per-sample gradients of the
     tracked layers only, a chunk at a time), or the generic perturbation products (the factors are
@@ -343,7 +353,7 @@ def _kfac_influences(model: TorchTwiceDifferentiable, training_data: DataLoaderT
     where = "compute_influences"
     group = _distributed.current_group()
     fitted, relative = _kfac_setup(model, training_data, method, progress, kwargs, where)
-    rhs = _test_gradients(group, model, test_data, where, progress)
+    rhs = _test_gradients(group, model, test_data, where, progress, name=test_name)
     pre = fitted.solve(rhs, damping=float(lam), method=method, relative_damping=relative).to(rhs.dtype)
     if kind is InfluenceType.Perturbation:
         return compute_influences_pert(model, input_data, pre, progress=progress)
