@@ -37,6 +37,19 @@ def _loader(n=8):
     return DataLoader(TensorDataset(*_data(n)), batch_size=4)
 
 
+def _nan_row(n=8):
+    """(x, y) with one NaN feature in point 5."""
+    x, y = _data(n)
+    x[5, 1] = float("nan")
+    return x, y
+
+
+def _b_with_nan():
+    b = torch.randn(2, 26)
+    b[1, 3] = float("nan")
+    return b
+
+
 def _lissa_diverges():
     m = _mlp()
     solve_hvp("lissa", m, _loader(), torch.randn(2, m.num_params), scale=1e-4, maxiter=200)
@@ -396,6 +409,21 @@ CASES = [
      ["product_dtype", "floating", "int32"]),
     ("solve_hvp", "an empty training loader",
      lambda: solve_hvp("direct", _mlp(), [], torch.randn(1, 26)), ValueError, ["empty"]),
+    ("solve_hvp", "b with a NaN (CG, Arnoldi and K-FAC returned a NaN row, Direct blamed a singular H)",
+     lambda: solve_hvp("cg", _mlp(), _loader(), _b_with_nan()), ValueError, ["solve_batch_cg", "b must be finite",
+                                                                             "row 1", "NaN or inf"]),
+    ("compute_influences", "test_data with a NaN in x",
+     lambda: compute_influences(_mlp(), _loader(), test_data=DataLoader(TensorDataset(*_nan_row()), batch_size=4),
+                                hessian_regularization=0.1),
+     ValueError, ["compute_influences", "point 5 of test_data", "NaN or inf", "not finite"]),
+    ("compute_influences (CG)", "training_data with a NaN in x (CG iterated on NaN to maxiter)",
+     lambda: compute_influences(_mlp(), DataLoader(TensorDataset(*_nan_row()), batch_size=4), test_data=_loader(),
+                                inversion_method="cg", hessian_regularization=0.1),
+     ValueError, ["HessianOperator", "training_data batch 1", "NaN or inf", "not finite"]),
+    ("compute_influences (Direct)", "training_data with a NaN in x (it blamed a singular H + λI)",
+     lambda: compute_influences(_mlp(), DataLoader(TensorDataset(*_nan_row()), batch_size=4), test_data=_loader(),
+                                hessian_regularization=0.1),
+     ValueError, ["solve_linear", "Hessian of training_data", "NaN or inf"]),
     ("solve_hvp (LiSSA)", "iterates that become non-finite",
      _lissa_diverges, RuntimeError, ["scale", "dampen"]),
     ("solve_hvp (LiSSA)", "too few steps to converge (or a scale that diverges without overflow)",

@@ -42,7 +42,8 @@ from . import ops
 from .inversion import InversionMethod, InversionRegistry, check_options, options_taken, solve_hvp
 from .memory import chunk_size, get_memory_budget, reserved
 from .errors import data_errors, describe_inputs
-from .torch.per_sample import gradient_blocks, gradient_matrix, num_points_of, per_sample_mixed_products, sample_chunks
+from .torch.per_sample import (finite_gradients, gradient_blocks, gradient_matrix, num_points_of,
+                               per_sample_mixed_products, sample_chunks)
 from .torch.solvers.common import check_nonnegative
 from .torch.solvers.kfac import kfac_factors, pydvl_loss
 from .torch.tensor_utilities import TorchTensorUtilities
@@ -146,11 +147,13 @@ def _test_gradients(group, model: TorchTwiceDifferentiable, test_data: Any, wher
     """The test gradients [N_test, P]: of the test data every rank holds (rank 0's, checked to be the
     same on every rank; ``broadcast=False`` leaves that to a following solve_hvp) or, for :class:`twicediff.distributed.Sharded` test data, of
     every rank's test points gathered in the global order."""
+    def gradients(data) -> torch.Tensor:  # inside the guards: a NaN on one rank is reported to all
+        return finite_gradients(gradient_matrix(model, data, where, name, progress), where, name)
+
     if isinstance(test_data, _distributed.Sharded):
         data = test_data.data
-        return _distributed.gather_columns(
-            group, where, lambda: gradient_matrix(model, data, where, name, progress).unsqueeze(0), data)[0]
-    rhs = _distributed.guarded(group, where, lambda: gradient_matrix(model, test_data, where, name, progress))
+        return _distributed.gather_columns(group, where, lambda: gradients(data).unsqueeze(0), data)[0]
+    rhs = _distributed.guarded(group, where, lambda: gradients(test_data))
     return _distributed.same_on_every_rank(group, where, "test gradients", rhs) if broadcast else rhs
 
 

@@ -28,6 +28,7 @@ from ..memory import KeptWhileFits, reserved
 from ..progress import progress_bar
 from ..errors import _DATA_ERRORS, data_errors
 from .batch import check_training_data, move_inputs, num_points, split_batch
+from .finite import all_finite
 from .engines.amortise import products_expected
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
@@ -160,10 +161,17 @@ class HessianOperator:
         total = 0
         acc_bytes = Vm.shape[0] * Vm.shape[1] * torch.empty(0, dtype=out_dtype).element_size()
         passing = self._pass(acc_bytes + held)
+        # A non-finite product of finite directions is the data's (or the loss's) doing: said here,
+        # naming the batch, or CG would iterate on NaN to maxiter and return it.
+        finite_directions = all_finite(Vm)
         for i, (n, product) in enumerate(progress_bar(passing, self.progress, desc="hvp pass", unit="batch")):
             with data_errors("HessianOperator", f"training_data batch {i}"), \
                     reserved(acc_bytes + held + self._kept_bytes):  # shapes: from hvp's own
                 part = product(Vm)
+            if finite_directions and not all_finite(part):
+                raise ValueError(f"HessianOperator: the Hessian products on training_data batch {i} hold NaN or inf: "
+                                 "the loss or its curvature is not finite on some of its points (NaN or inf in x, "
+                                 "or a loss that overflows there)")
             if acc is None:
                 acc = part.to(out_dtype).mul_(n)
             else:

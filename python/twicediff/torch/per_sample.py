@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from ..errors import data_errors
 from ..memory import chunk_size
 from ..progress import progress_bar
+from .finite import all_finite, nonfinite_rows
 from .batch import (batch_size, call_model, input_tensors, model_args, num_points, per_point, slice_batch,
                     squeezed_loss, vmap_dims)
 from .engines.generic import activation_numel
@@ -40,12 +41,24 @@ from .stateless import functional_call, split_params
 from .tensor_utilities import TorchTensorUtilities
 from .twice_differentiable import TorchTwiceDifferentiable
 
-__all__ = ["bytes_per_sample", "gradient_blocks", "gradient_matrix", "loader_batches", "num_points_of",
-           "per_sample_grads", "per_sample_mixed_products", "sample_chunks"]
+__all__ = ["bytes_per_sample", "finite_gradients", "gradient_blocks", "gradient_matrix", "loader_batches",
+           "num_points_of", "per_sample_grads", "per_sample_mixed_products", "sample_chunks"]
 
 logger = logging.getLogger(__name__)
 
 _FUNC_ERRORS = (RuntimeError, NotImplementedError)
+
+
+def finite_gradients(gradients: torch.Tensor, where: str, name: str) -> torch.Tensor:
+    """``gradients`` [N, P] (of the points of ``name``, in order), after a ValueError naming the first
+    point whose gradient holds NaN or inf: its influence factor would be NaN, and Direct would blame
+    a singular H + λI."""
+    if not all_finite(gradients):
+        rows = nonfinite_rows(gradients)
+        raise ValueError(f"{where}: the loss gradient at point {int(rows[0])} of {name} (counted across its batches) "
+                         f"holds NaN or inf ({rows.numel()} of {gradients.shape[0]} points do): the loss or its "
+                         "gradient is not finite there (NaN or inf in x, or a loss that overflows)")
+    return gradients
 
 
 def bytes_per_sample(model: TorchTwiceDifferentiable, x: Any, directions: int = 0) -> int:

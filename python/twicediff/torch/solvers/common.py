@@ -5,15 +5,23 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..finite import all_finite, nonfinite_rows
 from ..twice_differentiable import TorchTwiceDifferentiable
 
 
 
 def check_rhs(model: TorchTwiceDifferentiable, b, where: str, name: str = "b") -> Tuple[torch.Tensor, bool]:
-    """b as [N, P] (one right-hand side per row) on the model's device, and whether it was one [P]."""
+    """b as [N, P] (one right-hand side per row) on the model's device, and whether it was one [P].
+    A ValueError for NaN or inf in b: CG, Arnoldi and K-FAC returned NaN rows for it without a
+    word, and Direct blamed a singular H + λI."""
     b = model.check_vectors(b, where, name=name, rows="N")
     one = b.dim() == 1
-    return (b.unsqueeze(0) if one else b), one
+    B = b.unsqueeze(0) if one else b
+    if not all_finite(B):
+        rows = nonfinite_rows(B)
+        raise ValueError(f"{where}: {name} must be finite, but {'it' if one else f'row {int(rows[0])}'} holds NaN or "
+                         f"inf ({rows.numel()} of {B.shape[0]} row(s) do)")
+    return B, one
 
 
 #: How advice to raise λ names it: the solvers call it ``hessian_perturbation`` (pyDVL's

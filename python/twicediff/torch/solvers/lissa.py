@@ -238,8 +238,10 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
                     h[active] = hv
                 del hv, Bv, Hh
             if bool(torch.isnan(mx).any()):
-                raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf); LiSSA diverges when "
-                                   f"‖I − (H + λI)/scale‖ ≥ 1: increase scale (now {scale}) or dampen (now {dampen})")
+                raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf) at step {step + 1}; LiSSA "
+                                   f"diverges when ‖I − (H + λI)/scale‖ ≥ 1: increase scale (now {scale}) or dampen "
+                                   f"(now {dampen}); a training batch whose loss or curvature is not finite (NaN or "
+                                   "inf in x, or a loss that overflows) does it at once")
             niter[active] += 1
             max_rel[active], sum_rel[active] = mx, sm
             active = active[~(mx < rtol)]
