@@ -547,3 +547,22 @@ def test_errors_name_argument_expected_and_given():
             torch.ones(2, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64)))
     with pytest.raises(ValueError, match="must be \\[r\\] and projections \\[P, r\\]"):
         LowRankProductRepresentation(torch.ones(2), torch.zeros(5, 3))
+
+
+@pytest.mark.parametrize("block_krylov", [True, False])
+def test_cg_says_when_rows_miss_the_stopping_rule(block_krylov, caplog):
+    """pyDVL's CG returns such rows with optimal=False in info, which compute_influences never
+    shows: a warning now names how many missed and their largest relative residual."""
+    import logging
+
+    model, data, _ = linear_regression()
+    b = rhs(3, 4)
+    with caplog.at_level(logging.WARNING, logger="twicediff"):
+        result = solve_hvp("cg", model, data, b, hessian_perturbation=0.1, maxiter=1, block_krylov=block_krylov)
+    missed = sum(not result.info[f"batch_{i}"]["optimal"] for i in range(3))
+    assert missed > 0 and f"{missed} of 3 system(s) did not meet the stopping rule in maxiter=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="twicediff"):
+        result = solve_hvp("cg", model, data, b, hessian_perturbation=0.1, block_krylov=block_krylov)
+    assert all(result.info[f"batch_{i}"]["optimal"] for i in range(3))
+    assert "stopping rule" not in caplog.text

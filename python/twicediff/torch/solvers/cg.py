@@ -118,6 +118,7 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
     solver = block_krylov_cg if block_krylov else block_cg
     group = _group_size(N, P, held, op.bytes_per_direction(), model.device)
     stats = {"niter": [], "optimal": [], "gamma": []}
+    b_norms = B.norm(dim=1).double()  # for the warning below: out may overwrite b
     # The products get what the blocks leave: while a product runs, a group of g rows holds 6g - 2
     # blocks (the product's own result is reserved by the operator; see _group_size).
     with reserved(held + (6 * group - 2) * P * 8):
@@ -129,6 +130,15 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
             for key in stats:
                 stats[key].append(st[key])
     stats = {key: torch.cat(parts) for key, parts in stats.items()}
+    missed = ~stats["optimal"]
+    if bool(missed.any()):
+        # pyDVL returns such rows with optimal=False in info, which influence callers never see.
+        relative = stats["gamma"][missed].sqrt() / b_norms.to(stats["gamma"].device)[missed].clamp_min(1e-300)
+        logger.warning("%s: %d of %d system(s) did not meet the stopping rule in maxiter=%d iterations (largest "
+                       "relative residual ‖(H + λI)x − b‖/‖b‖ = %.3g); their x is the last iterate: increase "
+                       "maxiter, rtol or %s, or use a preconditioner (info['batch_i']['optimal'] says "
+                       "which)",
+                       where, int(missed.sum()), N, maxiter, float(relative.max()), LAMBDA)
     info = _cg_info(stats)
     info.update(num_passes=op.num_passes, preconditioner=used)
     return InverseHvpResult(x=X[0] if one else X, info=info)
