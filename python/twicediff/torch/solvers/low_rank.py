@@ -115,6 +115,9 @@ def _low_rank(apply_rows: Callable[[torch.Tensor], torch.Tensor], P: int, dtype:
     if krylov_dimension is not None and not (isinstance(krylov_dimension, int) and rank_estimate < krylov_dimension):
         raise ValueError(f"{where}: krylov_dimension must be None or an int > rank_estimate = {rank_estimate}, "
                          f"got {krylov_dimension!r}")
+    tol = check_nonnegative(tol, "tol", where)
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
+        raise ValueError(f"{where}: max_iter must be None or an int >= 1, got {max_iter!r}")
     if eigen_solver == "arpack":
         _arpack_fits(P, rank_estimate, krylov_dimension, device)
         vals, vecs = _arpack_top_eigenpairs(apply_rows, P, rank_estimate, krylov_dimension=krylov_dimension, tol=tol,
