@@ -50,6 +50,18 @@ def _b_with_nan():
     return b
 
 
+def _frozen_after_binding():
+    """A native hvp_function whose model has its first layer frozen before the call (it failed as
+    "the model or loss failed on x ...: NativeEngine.apply: V must have shape [D, 26]")."""
+    m = _mlp()
+    product = m.hvp_function(*_data(), engine="native")
+    m.model[0].requires_grad_(False)
+    try:
+        product(torch.randn(2, m.num_params))
+    finally:
+        m.model[0].requires_grad_(True)
+
+
 def _lissa_diverges():
     m = _mlp()
     solve_hvp("lissa", m, _loader(), torch.randn(2, m.num_params), scale=1e-4, maxiter=200)
@@ -377,6 +389,9 @@ CASES = [
      lambda: _mlp().hvp_function(*_data())(torch.randn(26)), ValueError, ["V", "[D, P]", "(26,)"]),
     ("hvp_function", "V of the wrong width",
      lambda: _mlp().hvp_function(*_data())(torch.randn(2, 5)), ValueError, ["V", "P = 26", "(2, 5)"]),
+    ("hvp_function", "requires_grad switched after the function was made",
+     _frozen_after_binding, ValueError, ["hvp_function", "trainable parameters changed", "P = 26 then, 10 now",
+                                         "make a new one"]),
     ("mean_hessian", "training_data that is not iterable",
      lambda: _mlp().mean_hessian(None), TypeError, ["training_data", "iterable"]),
     ("mvp", "grad_xy without a graph",

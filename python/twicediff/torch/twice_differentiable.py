@@ -274,7 +274,8 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
                      progress: bool = False, expected_products: Optional[int] = None) -> "BoundHvp":
         r"""``V ↦ H(x, y) V`` for V [D, P] in the model's dtype (→ [D, P]): :meth:`hvp` with the engine
         chosen and the batch prepared once (for the native engine, the frozen prefix applied), for
-        many products on one batch. The trainable parameters are read at each call; the batch (or
+        many products on one batch. The trainable parameters' values are read at each call (a
+        change of which parameters are trainable is refused: make a new function); the batch (or
         the prefix's output) is held until the function is dropped (``nbytes``). ``expected_products``
         as for :meth:`hvp`."""
         if mode not in MODES:
@@ -283,7 +284,13 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         expected = products_expected(expected_products, "hvp_function")
         x, y = self.checked_batch(x, y, "hvp")
         x, y = _batch.detached(x), y.detach()  # products are not differentiated further
+        bound_params = self.num_params  # the native engine's plan is of these parameters
+
         def checked(V: torch.Tensor) -> torch.Tensor:
+            if self.num_params != bound_params:
+                raise ValueError(f"hvp_function: the model's trainable parameters changed since this function was "
+                                 f"made (P = {bound_params} then, {self.num_params} now: requires_grad was switched); "
+                                 "make a new one with hvp_function")
             V = self.check_vectors(V, "hvp_function", "V")
             if V.dim() != 2:
                 raise ValueError(f"hvp_function: V must be [D, P] with P = {self.num_params}, got shape "
