@@ -566,3 +566,14 @@ def test_cg_says_when_rows_miss_the_stopping_rule(block_krylov, caplog):
         result = solve_hvp("cg", model, data, b, hessian_perturbation=0.1, block_krylov=block_krylov)
     assert all(result.info[f"batch_{i}"]["optimal"] for i in range(3))
     assert "stopping rule" not in caplog.text
+
+
+@pytest.mark.parametrize("method", ["direct", "cg", "cg-rows", "lissa", "arnoldi", "kfac", "ekfac"])
+def test_no_right_hand_side_gives_an_empty_solution(method):
+    """b [0, P] (an empty set of test points after filtering): CG failed in torch.cat and K-FAC with
+    an IndexError from its layout code; every method now returns x [0, P]."""
+    model, data = tanh_classifier()
+    options = {"cg-rows": {"block_krylov": False}, "arnoldi": {"rank_estimate": 3}}.get(method, {})
+    result = solve_hvp(method.split("-")[0], model, data, torch.zeros(0, model.num_params, dtype=torch.float64),
+                       hessian_perturbation=0.5, **options)
+    assert result.x.shape == (0, model.num_params) and result.x.dtype == torch.float64

@@ -152,7 +152,7 @@ def blocks_to_layout(form: str, out_layers: Dict[str, torch.Tensor], layers: Seq
             parts.append((layer.bias_name, r[:, :, layer.in_features]))
         for name, part in parts:
             if flat is not None:
-                n = part[0].numel()
+                n = part.shape[1:].numel()  # not part[0]: N may be 0
                 flat[:, offs[name]:offs[name] + n] = part.reshape(N, n)
             else:
                 per_param[name] = part.reshape(N, *shapes[name]).contiguous()

@@ -98,6 +98,8 @@ def solve_batch_cg(model: TorchTwiceDifferentiable, training_data: Iterable, b: 
         raise TypeError(f"{where}: product_dtype must be None or a floating torch.dtype, got {product_dtype!r}")
     X = _check_out(out, B, one, model, where)
     N, P = B.shape
+    if N == 0:  # no system to solve (an empty set of test points), no pass over the data
+        return InverseHvpResult(x=X[0] if one else X, info={"num_passes": 0, "preconditioner": None})
     maxiter = 10 * model.num_params if maxiter is None else maxiter
     op = HessianOperator(model, training_data, hessian_perturbation=lam, mode=mode, dtype=product_dtype,
                          expected_products=solver_products(N, maxiter))
