@@ -21,6 +21,7 @@ from twicediff.inversion import solve_hvp
 from twicediff.torch import TorchTensorUtilities, TorchTwiceDifferentiable, hessian_operator
 from twicediff.torch.functional import get_hvp_function
 from twicediff.torch.util import align_structure, reshape_vector_to_tensors
+from twicediff.torch.kfac import KFACFactors
 
 
 def _mlp():
@@ -389,6 +390,12 @@ CASES = [
      lambda: _mlp().hvp_function(*_data())(torch.randn(26)), ValueError, ["V", "[D, P]", "(26,)"]),
     ("hvp_function", "V of the wrong width",
      lambda: _mlp().hvp_function(*_data())(torch.randn(2, 5)), ValueError, ["V", "P = 26", "(2, 5)"]),
+    ("KFACFactors.fit", "an accumulate_dtype that is not float32 or float64 (the op's check named its accumulator)",
+     lambda: KFACFactors.fit(_mlp().model, F.cross_entropy, _loader(), accumulate_dtype=torch.int32), ValueError,
+     ["KFACFactors.fit", "accumulate_dtype", "torch.int32"]),
+    ("KFACFactors.fit", "a seed that is not an int (int()'s error)",
+     lambda: KFACFactors.fit(_mlp().model, F.cross_entropy, _loader(), fisher_type="true", seed="x"), TypeError,
+     ["KFACFactors.fit", "seed must be an int", "'x'"]),
     ("hvp_function", "requires_grad switched after the function was made",
      _frozen_after_binding, ValueError, ["hvp_function", "trainable parameters changed", "P = 26 then, 10 now",
                                          "make a new one"]),

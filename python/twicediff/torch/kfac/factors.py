@@ -23,6 +23,7 @@ inputs and output gradients, and [O, I'] per sample for a bounded chunk of sampl
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -156,6 +157,11 @@ class KFACFactors:
         factor_dtype = torch.float64 if factor_dtype is None else factor_dtype
         if factor_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"{where}: factor_dtype must be torch.float32 or torch.float64, got {factor_dtype!r}")
+        if accumulate_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"{where}: accumulate_dtype must be None, torch.float32 or torch.float64, got "
+                             f"{accumulate_dtype!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy's ints too
+            raise TypeError(f"{where}: seed must be an int, got {type(seed).__name__} {seed!r}")
         sampler = _b.TargetSampler(loss, seed, sample_targets) if fisher_type == "true" else None
         tracked = find_layers(model, layers, max_factor_dim=max_factor_dim)
         params = trainable_parameters(model)
