@@ -63,6 +63,16 @@ def _frozen_after_binding():
         m.model[0].requires_grad_(True)
 
 
+class _ScalesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        x.mul_(0.5)  # writes to the tensor it is given
+        return self.lin(x)
+
+
 def _lissa_diverges():
     m = _mlp()
     solve_hvp("lissa", m, _loader(), torch.randn(2, m.num_params), scale=1e-4, maxiter=200)
@@ -335,6 +345,9 @@ CASES = [
      ValueError, ["hvp", "module '1' (Tanh)", "backward hook", "handle.remove()"]),
     ("hvp", "a forward that writes to its own weights", _writes_its_weights,
      ModelChangedError, ["hvp", "'a.weight'", "in place", "cannot undo"]),
+    ("hvp", "a forward that writes to its input x in place (auto took products at x, x/2, x/4 ...)",
+     lambda: TorchTwiceDifferentiable(_ScalesItsInput().eval(), F.cross_entropy).hvp(*_data(), torch.randn(8)),
+     ModelChangedError, ["hvp", "writes to the batch's x in place", "several times per call", "x = x.clone()"]),
     ("hvp", "engine='func' on a model with BatchNorm in training mode",
      lambda: _func_on(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).train()),
      RuntimeError, ["hvp", "updates a buffer in place", "model.eval()", "engine='autograd'"]),

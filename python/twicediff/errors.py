@@ -135,7 +135,8 @@ def _untransformable(message: str, where: str, data: str) -> str:
         # A module in training mode: BatchNorm updates its running statistics in place, Dropout draws
         # a mask. The other engines run it, every product then random or normalised by the batch's
         # statistics, so eval() comes first in the advice.
-        what = ("a module updates a buffer in place (BatchNorm's running statistics in training mode, say)"
+        what = ("a module updates a buffer in place (BatchNorm's running statistics in training mode, say), or "
+                "the forward writes to a tensor it is given (x.mul_(...), x += ...)"
                 if _BUFFER_UPDATE in message else "a module draws random numbers (a Dropout in training mode, say)")
         engines, first = "torch.func cannot trace that, so the engines built on it", "call model.eval() first, or "
     else:
@@ -158,11 +159,13 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
     that failed); out-of-memory errors, :class:`EngineChoiceError` and :class:`ModelChangedError` pass
     unchanged.
     """
+    versions = [(key, t, t._version) for key, t in _batch_tensors(x, y)]
     try:
         yield
     except _DATA_ERRORS as exc:
         if isinstance(exc, (torch.OutOfMemoryError, EngineChoiceError, ModelChangedError)):
             raise
+        _check_inputs_unchanged(versions, where, exc)
         original = getattr(exc, "_twicediff_original", exc)
         batch = getattr(exc, "_twicediff_batch", "") or (batch_summary(x, y) if x is not None else "")
         data = f"{name} ({batch})" if name and batch else name or batch
@@ -174,3 +177,33 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
             wrapped = next(t for t in _DATA_ERRORS if isinstance(original, t))(message)
         wrapped._twicediff_original, wrapped._twicediff_batch = original, batch
         raise wrapped from original
+    _check_inputs_unchanged(versions, where)
+
+
+def _batch_tensors(x, y) -> list:
+    """(name, tensor) of the tensors in a batch's x (a tensor, tuple / list or dict) and y."""
+    out = []
+    if isinstance(x, torch.Tensor):
+        out.append(("x", x))
+    elif isinstance(x, (tuple, list)):
+        out += [(f"x[{i}]", t) for i, t in enumerate(x) if isinstance(t, torch.Tensor)]
+    elif isinstance(x, dict):
+        out += [(f"x[{k!r}]", t) for k, t in x.items() if isinstance(t, torch.Tensor)]
+    if isinstance(y, torch.Tensor):
+        out.append(("y", y))
+    return out
+
+
+def _check_inputs_unchanged(versions: list, where: str, cause: Optional[BaseException] = None) -> None:
+    """A ModelChangedError when the model or loss wrote to a tensor of the batch in place (its
+    version counter moved): twicediff runs the forward more than once per call (preparing, probing,
+    each chunk of products), so each run saw other data, and products, gradients and influences
+    would mix them. Under torch.func the write fails instead, with an error about buffers: this
+    names the cause."""
+    changed = [key for key, t, version in versions if t._version != version]
+    if changed:
+        raise ModelChangedError(f"{where}: the model or loss writes to the batch's {changed[0]} in place (its forward "
+                                "changes the tensor it is given, e.g. x.mul_(...) or x += ...); twicediff runs the "
+                                "forward several times per call, so each run saw other data, and the tensor you "
+                                "passed has been changed: clone it inside forward before changing it (x = x.clone()) "
+                                "or change it out of place") from cause
