@@ -44,26 +44,16 @@ from .memory import chunk_size, get_memory_budget, reserved
 from .errors import data_errors, describe_inputs
 from .torch.per_sample import (finite_gradients, gradient_blocks, gradient_matrix, num_points_of,
                                per_sample_mixed_products, sample_chunks)
+from .torch.batch import check_reread
 from .torch.solvers.common import check_nonnegative
 from .torch.solvers.kfac import kfac_factors, pydvl_loss
 from .torch.tensor_utilities import TorchTensorUtilities
 from .torch.twice_differentiable import TorchTwiceDifferentiable, check_model
-from .twice_differentiable import (  # noqa: F401  (also pyDVL's names of general.py)
-    DataLoaderType,
-    InverseHvpResult,
-    TensorType,
-    TensorUtilities,
-    TwiceDifferentiable,
-)
+from .twice_differentiable import (DataLoaderType, InverseHvpResult, TensorType,  # noqa: F401  (pyDVL's
+                                   TensorUtilities, TwiceDifferentiable)  # names of general.py too)
 
-__all__ = [
-    "InfluenceType",
-    "compute_influence_factors",
-    "compute_influences",
-    "compute_influences_pert",
-    "compute_influences_up",
-    "compute_self_influences",
-]
+__all__ = ["InfluenceType", "compute_influence_factors", "compute_influences", "compute_influences_pert",
+           "compute_influences_up", "compute_self_influences"]
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +322,9 @@ def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_
     kind = _as_influence_type(influence_type)
     # Checked here, under the name the caller used: the solvers call it hessian_perturbation.
     check_nonnegative(hessian_regularization, "hessian_regularization", "compute_influences")
+    if test_data is None or input_data is None:
+        check_reread(training_data, "compute_influences", "training_data", "it is read again as the "
+                     + ("test points (test_data is None)" if test_data is None else "input points (input_data is None)"))
     # An error about the test points names what the caller passed: training_data when test_data is None.
     test_name = "test_data" if test_data is not None else "training_data (the test points, as test_data is None)"
     if test_data is None:  # with a process group, the training points of every rank
@@ -397,6 +390,7 @@ def compute_self_influences(model: TorchTwiceDifferentiable, training_data: Data
                                hessian_regularization=hessian_regularization, options=kwargs)
     model = check_model(model, where)
     check_nonnegative(hessian_regularization, "hessian_regularization", where)
+    check_reread(training_data, where, "training_data", "it is read for the points' gradients and again for H")
     method = _kfac_method(inversion_method)
     if method is not None:  # streamed in the factors' eigenbasis, no solve per block
         fitted, relative = _kfac_setup(model, training_data, method, progress, kwargs, where)

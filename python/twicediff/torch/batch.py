@@ -25,6 +25,7 @@ given.
 """
 from __future__ import annotations
 
+import collections.abc
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,8 +33,8 @@ from torch import nn
 
 from ..errors import describe_inputs
 
-__all__ = ["Inputs", "batch_size", "call_model", "check_training_data", "check_vectors", "checked_batch",
-           "detached", "floating_inputs", "index_batch", "input_tensors", "map_inputs", "model_args",
+__all__ = ["Inputs", "batch_size", "call_model", "check_reread", "check_training_data", "check_vectors",
+           "checked_batch", "detached", "floating_inputs", "index_batch", "input_tensors", "map_inputs", "model_args",
            "move_inputs", "num_points", "per_point", "slice_batch", "split_batch", "squeezed_loss", "vmap_dims"]
 
 #: The forms x takes: a tensor, a tuple / list of positional inputs, a dict of keyword inputs.
@@ -306,6 +307,21 @@ def check_training_data(training_data, where: str) -> Optional[int]:
 
     return distributed.guarded(distributed.current_group(), where,
                                 lambda: _check_training_data(training_data, where))
+
+
+def check_reread(data, where: str, name: str, why: str) -> None:
+    """A TypeError for a one-shot iterator (a generator, ``iter(loader)``) that ``where`` must read
+    more than once: the second reading found it exhausted, and an influence came out of the wrong
+    points or failed with "holds no points" for data that held some. With a process group, raised
+    on every rank when it holds on one."""
+    from .. import distributed
+
+    def check() -> None:
+        if isinstance(data, collections.abc.Iterator):
+            raise TypeError(f"{where}: {name} is a one-shot iterator ({type(data).__name__}), but {why}: pass a "
+                            "DataLoader or a list of (x, y) batches")
+
+    distributed.guarded(distributed.current_group(), where, check)
 
 
 def _check_training_data(training_data, where: str) -> Optional[int]:
