@@ -73,6 +73,16 @@ class _ScalesItsInput(nn.Module):
         return self.lin(x)
 
 
+def _one_shot_cg():
+    """A generator of 40 batches under a 2 MB budget: the first pass cannot keep them all, so the
+    second finds the generator empty (it said "training_data yielded no points")."""
+    m = _mlp()
+    x, y = _data(40000)
+    with twicediff.memory_budget(2_000_000):
+        solve_hvp("cg", m, ((x[i:i + 1000], y[i:i + 1000]) for i in range(0, 40000, 1000)), torch.randn(2, 26),
+                  hessian_perturbation=1.0)
+
+
 def _lissa_diverges():
     m = _mlp()
     solve_hvp("lissa", m, _loader(), torch.randn(2, m.num_params), scale=1e-4, maxiter=200)
@@ -471,6 +481,9 @@ CASES = [
     ("solve_hvp (Arnoldi)", "a tol that is not a number (torch's comparison error)",
      lambda: solve_hvp("arnoldi", _mlp(), _loader(), torch.randn(1, 26), hessian_perturbation=0.1, rank_estimate=3,
                        tol="small"), TypeError, ["tol", "must be a number", "'small'"]),
+    ("solve_hvp (CG)", "a generator as training_data whose batches the budget cannot keep between passes",
+     _one_shot_cg, TypeError, ["HessianOperator", "one-shot iterator (generator)", "later pass",
+                               "DataLoader or a list"]),
     ("solve_hvp (LiSSA)", "iterates that become non-finite",
      _lissa_diverges, RuntimeError, ["scale", "dampen"]),
     ("solve_hvp (LiSSA)", "too few steps to converge (or a scale that diverges without overflow)",

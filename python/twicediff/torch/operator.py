@@ -141,6 +141,11 @@ class HessianOperator:
                                                  lambda: self._local_sums(Vm, out_dtype, copy), key=V.shape[0],
                                                  check=V)
         if total == 0:
+            if self.num_passes > 0:  # it held points on the first pass
+                raise TypeError("HessianOperator: training_data yielded no points on a later pass: it is a one-shot "
+                                f"iterator ({type(self.training_data).__name__}), read up by the first pass, and its "
+                                "batches did not fit the memory budget to be kept; every product needs a pass: pass a "
+                                "DataLoader or a list of (x, y) batches")
             raise ValueError("HessianOperator: training_data yielded no points; the Hessian of the mean loss "
                              "needs at least one batch")
         self.num_points = total
