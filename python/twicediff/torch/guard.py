@@ -218,10 +218,10 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
                 with torch.no_grad():
                     for t, value in saved:
                         t.copy_(value)
-            swapped = [(m, name) for m, table, name, t in reading.slots
-                       if table.get(name) is not t and table is m._parameters]
-            for m, table, name, t in reading.slots:
+            changed = [(m, table, name, t) for m, table, name, t in reading.slots if table.get(name) is not t]
+            for m, table, name, t in changed:
                 table[name] = t
+            swapped = [(m, name) for m, table, name, t in changed if table is m._parameters]
         if swapped:
             m, name = swapped[0]
             raise ModelChangedError(f"{where}: the call left another tensor in place of parameter '{name}' of module "
