@@ -159,7 +159,9 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
     that failed); out-of-memory errors, :class:`EngineChoiceError` and :class:`ModelChangedError` pass
     unchanged.
     """
-    versions = [(key, t, t._version) for key, t in _batch_tensors(x, y)]
+    from .torch.batch import input_tensors  # (errors is imported by batch)
+
+    versions = [(key, t, t._version) for key, t in input_tensors(x) + input_tensors(y, "y")]
     try:
         yield
     except _DATA_ERRORS as exc:
@@ -178,20 +180,6 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
         wrapped._twicediff_original, wrapped._twicediff_batch = original, batch
         raise wrapped from original
     _check_inputs_unchanged(versions, where)
-
-
-def _batch_tensors(x, y) -> list:
-    """(name, tensor) of the tensors in a batch's x (a tensor, tuple / list or dict) and y."""
-    out = []
-    if isinstance(x, torch.Tensor):
-        out.append(("x", x))
-    elif isinstance(x, (tuple, list)):
-        out += [(f"x[{i}]", t) for i, t in enumerate(x) if isinstance(t, torch.Tensor)]
-    elif isinstance(x, dict):
-        out += [(f"x[{k!r}]", t) for k, t in x.items() if isinstance(t, torch.Tensor)]
-    if isinstance(y, torch.Tensor):
-        out.append(("y", y))
-    return out
 
 
 def _check_inputs_unchanged(versions: list, where: str, cause: Optional[BaseException] = None) -> None:
