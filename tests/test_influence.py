@@ -117,6 +117,7 @@ class _NoVmapModel(nn.Module):
 
 
 def test_per_sample_falls_back_to_autograd_when_torch_func_cannot_run_the_model(caplog):
+    per_sample._logged_fallback.clear()  # the notice is logged once per process
     torch.manual_seed(1)
     module = _NoVmapModel().eval()
     model = twicediff.TorchTwiceDifferentiable(module, nn.functional.mse_loss)
