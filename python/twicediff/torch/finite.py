@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["all_finite", "nonfinite_rows"]
+__all__ = ["CAUSE", "all_finite", "nonfinite_rows"]
+
+#: What makes a loss, gradient or curvature non-finite, as the errors that find one say it.
+CAUSE = "NaN or inf in x, or a loss that overflows there"
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -20,6 +23,8 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
-    """The indices of the rows of a 2-d ``t`` that hold a NaN or an inf (for an error message: it
-    makes the mask, one row at a time would be slower and the caller is failing anyway)."""
+    """The indices of the rows of a 2-d ``t`` that hold a NaN or an inf, empty when none does (the
+    row mask is made only then: :func:`all_finite` first)."""
+    if all_finite(t):
+        return torch.empty(0, dtype=torch.long, device=t.device)
     return (~torch.isfinite(t).all(dim=1)).nonzero().flatten()

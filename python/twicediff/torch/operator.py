@@ -28,7 +28,7 @@ from ..memory import KeptWhileFits, reserved
 from ..progress import progress_bar
 from ..errors import _DATA_ERRORS, data_errors
 from .batch import check_training_data, move_inputs, num_points, split_batch
-from .finite import all_finite
+from .finite import CAUSE, all_finite
 from .engines.amortise import products_expected
 from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
@@ -175,8 +175,7 @@ class HessianOperator:
                 part = product(Vm)
             if finite_directions and not all_finite(part):
                 raise ValueError(f"HessianOperator: the Hessian products on training_data batch {i} hold NaN or inf: "
-                                 "the loss or its curvature is not finite on some of its points (NaN or inf in x, "
-                                 "or a loss that overflows there)")
+                                 f"the loss or its curvature is not finite on some of its points ({CAUSE})")
             if acc is None:
                 acc = part.to(out_dtype).mul_(n)
             else:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from ..errors import data_errors
 from ..memory import chunk_size
 from ..progress import progress_bar
-from .finite import all_finite, nonfinite_rows
+from .finite import CAUSE, nonfinite_rows
 from .batch import (batch_size, call_model, input_tensors, model_args, num_points, per_point, slice_batch,
                     squeezed_loss, vmap_dims)
 from .engines.generic import activation_numel
@@ -53,11 +53,11 @@ def finite_gradients(gradients: torch.Tensor, where: str, name: str) -> torch.Te
     """``gradients`` [N, P] (of the points of ``name``, in order), after a ValueError naming the first
     point whose gradient holds NaN or inf: its influence factor would be NaN, and Direct would blame
     a singular H + λI."""
-    if not all_finite(gradients):
-        rows = nonfinite_rows(gradients)
+    rows = nonfinite_rows(gradients)
+    if rows.numel():
         raise ValueError(f"{where}: the loss gradient at point {int(rows[0])} of {name} (counted across its batches) "
                          f"holds NaN or inf ({rows.numel()} of {gradients.shape[0]} points do): the loss or its "
-                         "gradient is not finite there (NaN or inf in x, or a loss that overflows)")
+                         f"gradient is not finite ({CAUSE})")
     return gradients
 
 

@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..finite import all_finite, nonfinite_rows
+from ..finite import nonfinite_rows
 from ..twice_differentiable import TorchTwiceDifferentiable
 
 
@@ -17,8 +17,8 @@ def check_rhs(model: TorchTwiceDifferentiable, b, where: str, name: str = "b") -
     b = model.check_vectors(b, where, name=name, rows="N")
     one = b.dim() == 1
     B = b.unsqueeze(0) if one else b
-    if not all_finite(B):
-        rows = nonfinite_rows(B)
+    rows = nonfinite_rows(B)
+    if rows.numel():
         raise ValueError(f"{where}: {name} must be finite, but {'it' if one else f'row {int(rows[0])}'} holds NaN or "
                          f"inf ({rows.numel()} of {B.shape[0]} row(s) do)")
     return B, one

@@ -11,7 +11,7 @@ from ... import ops
 from ...errors import MemoryBudgetError
 from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data
-from ..finite import all_finite
+from ..finite import CAUSE, all_finite
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
 from .common import LAMBDA, check_nonnegative, check_rhs
 
@@ -52,7 +52,7 @@ def solve_linear(model: TorchTwiceDifferentiable, training_data: Iterable, b: to
     hessian = model.mean_hessian(training_data, progress=progress)
     if not all_finite(hessian):
         raise ValueError(f"{where}: the Hessian of training_data has NaN or inf entries: the loss or its curvature is "
-                         "not finite on some training points (NaN or inf in x, or a loss that overflows there)")
+                         f"not finite on some training points ({CAUSE})")
     # The factorizations take float32 and float64; a half-precision model's Hessian (assembled in
     # its dtype, as hessian() returns it) is factored in float32 and the solution cast back.
     work = torch.float32 if hessian.dtype in (torch.bfloat16, torch.float16) else hessian.dtype

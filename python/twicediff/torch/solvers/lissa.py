@@ -16,6 +16,7 @@ from ...twice_differentiable import InverseHvpResult
 from ..batch import check_training_data, num_points
 from ..engines.amortise import solver_products
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
+from ..finite import CAUSE
 from .common import check_nonnegative, check_rhs, initial_guess
 
 logger = logging.getLogger(__name__)
@@ -240,8 +241,8 @@ def solve_lissa(model: TorchTwiceDifferentiable, training_data: Iterable, b: tor
             if bool(torch.isnan(mx).any()):
                 raise RuntimeError(f"{where}: the iterate h became non-finite (NaN or inf) at step {step + 1}; LiSSA "
                                    f"diverges when ‖I − (H + λI)/scale‖ ≥ 1: increase scale (now {scale}) or dampen "
-                                   f"(now {dampen}); a training batch whose loss or curvature is not finite (NaN or "
-                                   "inf in x, or a loss that overflows) does it at once")
+                                   f"(now {dampen}); a training batch whose loss or curvature is not finite "
+                                   f"({CAUSE}) does it at once")
             niter[active] += 1
             max_rel[active], sum_rel[active] = mx, sm
             active = active[~(mx < rtol)]
