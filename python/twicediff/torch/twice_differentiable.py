@@ -287,15 +287,12 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
         bound_params = self.num_params  # the native engine's plan is of these parameters
 
         def checked(V: torch.Tensor) -> torch.Tensor:
-            if self.num_params != bound_params:
+            P = self.num_params  # a walk over the parameters: once per call
+            if P != bound_params:
                 raise ValueError(f"hvp_function: the model's trainable parameters changed since this function was "
-                                 f"made (P = {bound_params} then, {self.num_params} now: requires_grad was switched); "
+                                 f"made (P = {bound_params} then, {P} now: requires_grad was switched); "
                                  "make a new one with hvp_function")
-            V = self.check_vectors(V, "hvp_function", "V")
-            if V.dim() != 2:
-                raise ValueError(f"hvp_function: V must be [D, P] with P = {self.num_params}, got shape "
-                                 f"{tuple(V.shape)}")
-            return V
+            return _batch.check_vectors(V, P, self.dtype, self.device, "hvp_function", "V", dims=(2,))
 
         # preparing runs the model (or its frozen prefix) on the batch
         with model_call(self.model, "hvp"), data_errors("hvp", "", x, y):
