@@ -210,7 +210,8 @@ def main():
     presets = args.preset or ["d_cnn", "d_transformer"]
     text = [f"# Compiled engine and auto's measured choice (cpu)", "",
             f"{harness.run_facts()}; {args.threads} threads; float32; "
-            f"{bench.timing_words(args.repeats, args.untimed_first)}; load average at start {harness.load_average()} (1 / 5 / 15 min).", "",
+            f"{bench.timing_words(args.repeats, args.untimed_first)}; load average at start "
+            f"{harness.load_average()} (1 / 5 / 15 min).", "",
             "Command: `flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py "
             + " ".join(f"--preset {p}" for p in presets) + f" --directions {args.directions} --repeats "
             f"{args.repeats} --untimed-first {args.untimed_first} --amortise {args.amortise} --chunk {args.chunk}"

@@ -323,8 +323,8 @@ def compute_influences(differentiable_model: TorchTwiceDifferentiable, training_
     # Checked here, under the name the caller used: the solvers call it hessian_perturbation.
     check_nonnegative(hessian_regularization, "hessian_regularization", "compute_influences")
     if test_data is None or input_data is None:
-        check_reread(training_data, "compute_influences", "training_data", "it is read again as the "
-                     + ("test points (test_data is None)" if test_data is None else "input points (input_data is None)"))
+        reread = "test points (test_data is None)" if test_data is None else "input points (input_data is None)"
+        check_reread(training_data, "compute_influences", "training_data", f"it is read again as the {reread}")
     # An error about the test points names what the caller passed: training_data when test_data is None.
     test_name = "test_data" if test_data is not None else "training_data (the test points, as test_data is None)"
     if test_data is None:  # with a process group, the training points of every rank

@@ -36,8 +36,9 @@ from torch import nn
 from ..memory import memory_budget
 from ..progress import progress_bar
 
-__all__ = ["FULL_DIRECTIONS", "PRESETS", "QUICK_DIRECTIONS", "TABLE_HEADER", "UNTIMED_FIRST", "format_row", "format_table",
-           "interleaved_medians", "interleaved_medians_by_clock", "make_mlp", "plot", "run", "timing_words", "to_json"]
+__all__ = ["FULL_DIRECTIONS", "PRESETS", "QUICK_DIRECTIONS", "TABLE_HEADER", "UNTIMED_FIRST", "format_row",
+           "format_table", "interleaved_medians", "interleaved_medians_by_clock", "make_mlp", "plot", "run",
+           "timing_words", "to_json"]
 
 ENGINES = ("native", "func", "autograd")
 BASELINES = ("loop", "vmap_jvp_grad")

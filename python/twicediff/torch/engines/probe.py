@@ -30,8 +30,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["choices", "choose", "clear", "cpu_info", "cpu_model", "decision", "decisions", "enabled", "revise", "seconds_measuring",
-           "set_choice", "timed_call", "unsettled"]
+__all__ = ["choices", "choose", "clear", "cpu_info", "cpu_model", "decision", "decisions", "enabled", "revise",
+           "seconds_measuring", "set_choice", "timed_call", "unsettled"]
 
 _lock = threading.Lock()
 _decided: Dict[Tuple[str, str], Dict] = {}
