@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/block_cache.h"
+#include "cpu/matmul_route.h"
 #include "cpu/gemm.h"
 #include "mlp_hvp_codes.h"
 #include "util/scratch.h"
@@ -85,8 +86,9 @@ TORCH_LIBRARY(twicediff, m) {
 }
 
 // The module carries the registrations above (loaded for its side effects), a few facts about how
-// it was compiled, the CPU scratch cache of the native ops (csrc/util/scratch.h) and the CPU block
-// cache of the generic engines' products (csrc/cpu/block_cache.h).
+// it was compiled, the CPU scratch cache of the native ops (csrc/util/scratch.h), the CPU block
+// cache of the generic engines' products (csrc/cpu/block_cache.h) and the routing of their float32
+// matmuls (csrc/cpu/matmul_route.h).
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "twicediff native ops; use them through torch.ops.twicediff or twicediff._ops";
   mod.def("scratch_bytes", &twicediff::scratch::cached_bytes,
@@ -105,6 +107,17 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("set_blas_in_thread", &twicediff::cpu::set_blas_in_thread,
           "Send this thread's float32 GEMMs of the native ops to ATen's BLAS (True) or not; returns the "
           "previous setting.");
+  mod.def("matmul_route_enter", &twicediff::cpu::matmul_route::enter,
+          "Route this thread's float32 aten mm/addmm/bmm on the CPU to the faster of oneDNN and ATen's BLAS "
+          "(nested scopes counted; timed=False: to oneDNN without timing); False, and nothing opened, when "
+          "oneDNN may not take them.", pybind11::arg("timed"));
+  mod.def("matmul_route_exit", &twicediff::cpu::matmul_route::exit, "Close a scope of matmul_route_enter.");
+  mod.def("matmul_route_classes", &twicediff::cpu::matmul_route::classes, "Shape classes decided so far.");
+  mod.def("matmul_route_onednn_classes", &twicediff::cpu::matmul_route::onednn_classes,
+          "Shape classes decided for oneDNN so far.");
+  mod.def("matmul_route_seconds", &twicediff::cpu::matmul_route::deciding_seconds,
+          "Seconds spent timing shape classes so far.");
+  mod.def("matmul_route_forget", &twicediff::cpu::matmul_route::forget, "Forget every routing decision.");
   mod.def("cpu_gemm_refusal", &twicediff::cpu::gemm_refusal,
           "oneDNN's message when it refused a float32 GEMM of this process ('' when it never did).");
 #ifdef TWICEDIFF_WITH_CUDA

@@ -6,6 +6,9 @@
   one masked self-attention layer, LayerNorm, masked mean pooling, a classifier head), a batch's x
   the dict; :class:`Stacked` takes ``stack([input_ids, attention_mask], 1)``.
 
+And :class:`Attention`, a tensor-x block of LayerNorm, attention and a GELU MLP, for the engines'
+CPU memory and GEMM routing.
+
 Both spellings share the module, so their parameters (and their order) are the same objects.
 """
 from __future__ import annotations
@@ -71,6 +74,23 @@ class TinyTransformer(nn.Module):
         h = self.norm(h + torch.softmax(scores, -1) @ self.v(h))
         m = attention_mask[..., None].to(h.dtype)
         return self.head((h * m).sum(-2) / m.sum(-2))
+
+
+class Attention(nn.Module):
+    """A LayerNorm, single-head attention and a GELU MLP over [N, L, d] tokens (GELU's CPU kernel
+    takes its buffers through torch's raw allocation path), mean-pooled into a linear head."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        x = x + torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1) @ v
+        return self.head((x + self.mlp(x)).mean(dim=1))
 
 
 class Stacked(nn.Module):

@@ -29,6 +29,7 @@ BUILD_INFO_TYPES = {
     "cpu_gemm": str,
     "cpu_gemm_refusal": str,
     "probe": dict,
+    "cpu_matmul_route": dict,
     "engine": (str, type(None)),
     "compiled": list,
 }
@@ -43,6 +44,8 @@ def test_build_info_keys_and_types():
     assert info["torch_runtime"] == torch.__version__
     assert info["cpu_gemm"] in ("onednn", "blas")
     assert info["cpu_gemm"] == "blas" or not info["cpu_gemm_refusal"]  # a refusal sends the GEMMs to BLAS
+    assert set(info["cpu_matmul_route"]) == {"classes", "onednn", "seconds"}
+    assert 0 <= info["cpu_matmul_route"]["onednn"] <= info["cpu_matmul_route"]["classes"]
 
 
 def test_build_info_agrees_with_the_record_and_the_module():

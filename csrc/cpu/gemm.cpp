@@ -37,7 +37,7 @@ namespace twicediff {
 namespace cpu {
 namespace {
 
-using MatmulFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+using MatmulFn = OneDnnMatmul;
 
 // at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = beta result + alpha mat1 mat2
 constexpr const char* kMatmulSymbol = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
@@ -46,13 +46,17 @@ std::atomic<bool> refused{false};  // oneDNN rejected a float32 GEMM once: ATen 
 std::mutex refusal_mutex;
 std::string refusal_message;  // oneDNN's error at that refusal
 
-void refuse(const c10::Error& e) {
+}  // namespace
+
+void refuse_onednn(const c10::Error& e) {
   {
     std::lock_guard<std::mutex> lock(refusal_mutex);
     if (refusal_message.empty()) refusal_message = e.what_without_backtrace();
   }
   refused.store(true, std::memory_order_relaxed);
 }
+
+namespace {
 
 MatmulFn lookup() {
   if (!at::hasMKLDNN()) return nullptr;
@@ -70,7 +74,7 @@ MatmulFn lookup() {
     const auto one = at::ones({1, 1}, at::kFloat);
     fn(one, one, at::empty({1, 1}, at::kFloat), 0.f, 1.f);
   } catch (const c10::Error& e) {
-    refuse(e);
+    refuse_onednn(e);
   }
   return fn;
 }
@@ -85,6 +89,8 @@ bool blas_forced() {
 // This thread's GEMMs on ATen's BLAS whatever oneDNN could do (set_blas_in_thread, gemm.h).
 thread_local bool t_blas = false;
 
+}  // namespace
+
 MatmulFn onednn_matmul() {
   static const MatmulFn fn = lookup();
   if (blas_forced() || fn == nullptr || refused.load(std::memory_order_relaxed)) return nullptr;
@@ -92,6 +98,8 @@ MatmulFn onednn_matmul() {
   if (!at::globalContext().userEnabledMkldnn()) return nullptr;
   return fn;
 }
+
+namespace {
 
 // oneDNN writes a row-major out with any row stride (a block of a larger matrix), not other layouts.
 bool rows_with_stride(const at::Tensor& t) {
@@ -108,7 +116,7 @@ void gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, doubl
       fn(a, b, out, static_cast<float>(beta), static_cast<float>(alpha));
       return;
     } catch (const c10::Error& e) {  // its argument checks run before it writes out
-      refuse(e);
+      refuse_onednn(e);
     }
   }
   aten_gemm(out, a, b, beta, alpha);

@@ -35,6 +35,15 @@ class BlasInThread {
   bool was_;
 };
 
+// at::native::mkldnn_matmul (result = beta result + alpha mat1 mat2), when float32 GEMMs may go to
+// oneDNN in this process now; nullptr when they may not (TWICEDIFF_CPU_GEMM=blas, oneDNN disabled in
+// torch, absent or refused). Its argument checks run before it writes; a c10::Error it throws should
+// be passed to refuse_onednn, which keeps every later GEMM on ATen.
+using OneDnnMatmul = void (*)(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                              float alpha);
+OneDnnMatmul onednn_matmul();
+void refuse_onednn(const c10::Error& e);
+
 // oneDNN's error message when it refused a float32 GEMM in this process ("" when it never did).
 std::string gemm_refusal();
 

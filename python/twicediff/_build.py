@@ -74,7 +74,9 @@ def build_info() -> Dict[str, Any]:
     ``"blas"``; "" when it never refused), ``probe`` (those choices, see twicediff.torch.engines.probe:
     ``"cpu_gemm: ..."`` the GEMM library, ``"engine: ..."`` the engine ``engine="auto"`` measured
     fastest per shape class, ``"compiled: ..."`` whether the compiled engine replaced it),
-    ``engine`` (``TWICEDIFF_ENGINE``: what ``engine="auto"`` stands for, or None) and ``compiled``
+    ``cpu_matmul_route`` (the shape classes of torch's own float32 matmuls in the generic engines'
+    products timed so far, and how many went to oneDNN: twicediff.torch.matmul_route), ``engine``
+    (``TWICEDIFF_ENGINE``: what ``engine="auto"`` stands for, or None) and ``compiled``
     (the products torch.compile compiled in this process, with their compile seconds).
     """
     return {
@@ -89,6 +91,7 @@ def build_info() -> Dict[str, Any]:
         "cpu_gemm": _C.cpu_gemm(),
         "cpu_gemm_refusal": _C.cpu_gemm_refusal(),
         "probe": _probe_choices(),
+        "cpu_matmul_route": _matmul_route_decisions(),
         "engine": os.environ.get("TWICEDIFF_ENGINE") or None,
         "compiled": _compiled_functions(),
     }
@@ -99,6 +102,13 @@ def _probe_choices() -> Dict[str, Any]:
     from .torch.engines import probe
 
     return probe.choices()
+
+
+def _matmul_route_decisions() -> Dict[str, Any]:
+    """The routing of the generic engines' float32 CPU matmuls so far (twicediff.torch.matmul_route)."""
+    from .torch import matmul_route
+
+    return matmul_route.decisions()
 
 
 def _compiled_functions():

@@ -14,24 +14,9 @@ import twicediff
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch import block_cache
 
+from structured_models import Attention
+
 MIB = 2**20
-
-
-class Attention(nn.Module):
-    """A LayerNorm, single-head attention and a GELU MLP over [N, L, d] tokens (GELU's CPU kernel
-    takes its buffers through torch's raw allocation path), mean-pooled into a linear head."""
-
-    def __init__(self, d=16):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.head = nn.Linear(d, 5)
-
-    def forward(self, x):
-        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
-        x = x + torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1) @ v
-        return self.head((x + self.mlp(x)).mean(dim=1))
 
 
 def _problem(seed=0):

@@ -14,6 +14,7 @@ from ..batch import model_args, squeezed_loss
 from .base import PreparedBatch
 from .generic import GenericEngine
 from ..block_cache import reusing_cpu_blocks
+from ..matmul_route import routing_matmuls
 from ..guard import model_call
 from ..forward_mode import formula_failure, reverse_mode_constants
 from ..layer_norm import MIN_DIRECTIONS as FUSED_LAYER_NORM_MIN_DIRECTIONS
@@ -90,7 +91,8 @@ def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tens
     Calls from several threads take turns (forward-mode AD state is process-wide in torch). What
     torch.func refuses (a BatchNorm or Dropout in training mode, an op without a forward-mode
     derivative) is explained by :func:`twicediff.errors.data_errors`, which every caller runs it in."""
-    with model_call(model, "hvp"), _FORWARD_AD_LOCK, reusing_cpu_blocks(v.device):  # the model's lock first
+    # The model's lock first.
+    with model_call(model, "hvp"), _FORWARD_AD_LOCK, reusing_cpu_blocks(v.device), routing_matmuls(v):
         return _func_hvp_unlocked(model, loss, x, y, v, mode)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ..batch import call_model, squeezed_loss
 from ..block_cache import reusing_cpu_blocks
+from ..matmul_route import routing_matmuls
 from ..guard import model_call
 from ..mvp import flat_grads, mvp_loop
 from .base import PreparedBatch
@@ -38,7 +39,7 @@ def loop_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor, mode: str = "hess
         from .autograd import autograd_hvp
 
         return autograd_hvp(model, loss, x, y, v, mode)
-    with model_call(model, "hvp"), reusing_cpu_blocks(v.device):
+    with model_call(model, "hvp"), reusing_cpu_blocks(v.device), routing_matmuls(v):
         params = [p for p in model.parameters() if p.requires_grad]
         flat = flat_grads(torch.autograd.grad(squeezed_loss(loss, call_model(model, x), y), params, create_graph=True,
                                               allow_unused=True), params)  # a parameter not reached: zeros

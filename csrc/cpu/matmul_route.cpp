@@ -1,0 +1,250 @@
+// Routing of torch's float32 CPU matmuls inside the generic engines' products: see matmul_route.h.
+#include "cpu/matmul_route.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUFunctions.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+
+#include "cpu/gemm.h"
+
+namespace twicediff {
+namespace cpu {
+namespace matmul_route {
+namespace {
+
+thread_local int t_depth = 0;        // open scopes on this thread
+thread_local uint64_t t_untimed = 0;  // bit k: scope k (0 the outermost) sends everything to oneDNN
+
+enum Op : int64_t { kMm = 1, kAddmm = 2, kBmm = 3 };
+
+// A shape class: the operator, alpha and beta, and each operand's sizes and strides.
+using Key = std::array<int64_t, 24>;
+
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t v : k) h = (h ^ static_cast<uint64_t>(v)) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+class KeyBuilder {
+ public:
+  explicit KeyBuilder(Op op) { key_[0] = op; }
+  KeyBuilder& scalar(double x) {
+    int64_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    key_[at_++] = bits;
+    return *this;
+  }
+  KeyBuilder& tensor(const at::Tensor& t) {
+    key_[at_++] = t.dim();
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      key_[at_++] = t.size(d);
+      key_[at_++] = t.stride(d);
+    }
+    return *this;
+  }
+  const Key& key() const { return key_; }
+
+ private:
+  Key key_{};
+  int at_ = 1;
+};
+
+std::mutex mutex;
+std::unordered_map<Key, bool, KeyHash> chosen;  // true: oneDNN
+int64_t onednn_count = 0;
+double seconds_deciding = 0.0;
+
+double seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+// Runs a oneDNN call; true when oneDNN refused it (its argument checks run before it writes), which
+// keeps every later GEMM of the process on ATen. Running out of memory is not a refusal.
+template <class Call>
+bool refused_by_onednn(Call call) {
+  try {
+    call();
+    return false;
+  } catch (const c10::OutOfMemoryError&) {
+    throw;
+  } catch (const c10::Error& e) {
+    refuse_onednn(e);
+    return true;
+  }
+}
+
+// ATen's result, or oneDNN's where this shape class is (or is now found to be) faster there.
+template <class Aten, class Ours>
+at::Tensor route(const Key& key, Aten aten, Ours ours) {
+  if (t_untimed >> (t_depth - 1) & 1) {
+    at::Tensor out;
+    if (refused_by_onednn([&] { out = ours(); })) return aten();
+    return out;
+  }
+  bool known = false, to_onednn = false, full = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = chosen.find(key);
+    known = it != chosen.end();
+    if (known) to_onednn = it->second;
+    full = seconds_deciding >= kDecideBudgetSeconds || static_cast<int64_t>(chosen.size()) >= kMaxClasses;
+  }
+  if (known || full) {
+    // A refusal since the choice (another thread's) sends the class back to ATen.
+    if (to_onednn && onednn_matmul() != nullptr) {
+      at::Tensor out;
+      if (refused_by_onednn([&] { out = ours(); })) return aten();
+      return out;
+    }
+    return aten();
+  }
+  // New class: one untimed oneDNN call (it creates and caches its kernel for the shape), then the
+  // best of up to three alternations of each; a single one when the GEMM is long, where the choice
+  // matters less than the time it would take. The winner's result is returned, so that every call
+  // of a class gives the same library's result, the first one too.
+  const auto start = std::chrono::steady_clock::now();
+  at::Tensor by_aten, by_onednn;
+  bool onednn = !refused_by_onednn([&] { by_onednn = ours(); });
+  double t_aten = 1e300, t_ours = 1e300;
+  for (int i = 0; i < 3 && onednn; ++i) {
+    auto s = std::chrono::steady_clock::now();
+    by_aten = aten();
+    t_aten = std::min(t_aten, seconds(s));
+    s = std::chrono::steady_clock::now();
+    onednn = !refused_by_onednn([&] { by_onednn = ours(); });
+    t_ours = std::min(t_ours, seconds(s));
+    if (t_aten > 0.02) break;
+  }
+  onednn = onednn && t_ours < t_aten;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    seconds_deciding += seconds(start);
+    const auto placed = chosen.emplace(key, onednn);
+    if (placed.second && onednn) ++onednn_count;
+    onednn = placed.first->second;  // another thread's decision, if it came first
+  }
+  if (onednn && by_onednn.defined()) return by_onednn;
+  return by_aten.defined() ? by_aten : aten();
+}
+
+bool routed(std::initializer_list<const at::Tensor*> ts) {
+  if (t_depth == 0) return false;
+  for (const at::Tensor* t : ts) {
+    if (t->scalar_type() != at::kFloat || t->numel() == 0) return false;
+  }
+  return onednn_matmul() != nullptr;
+}
+
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  if (!routed({&a, &b}) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0)) return at::cpu::mm(a, b);
+  return route(
+      KeyBuilder(kMm).tensor(a).tensor(b).key(), [&] { return at::cpu::mm(a, b); },
+      [&] {
+        auto out = at::empty({a.size(0), b.size(1)}, a.options());
+        onednn_matmul()(a, b, out, 0.f, 1.f);
+        return out;
+      });
+}
+
+at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
+  if (!routed({&a, &b}) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1)) {
+    return at::cpu::bmm(a, b);
+  }
+  return route(
+      KeyBuilder(kBmm).tensor(a).tensor(b).key(), [&] { return at::cpu::bmm(a, b); },
+      [&] {
+        auto out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+        onednn_matmul()(a, b, out, 0.f, 1.f);
+        return out;
+      });
+}
+
+// c broadcasts to [m, n] as addmm's self must.
+bool broadcasts(const at::Tensor& c, int64_t m, int64_t n) {
+  if (c.dim() == 1) return c.size(0) == 1 || c.size(0) == n;
+  return c.dim() == 2 && (c.size(0) == 1 || c.size(0) == m) && (c.size(1) == 1 || c.size(1) == n);
+}
+
+at::Tensor addmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Scalar& beta,
+                 const at::Scalar& alpha) {
+  if (!routed({&c, &a, &b}) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
+      !broadcasts(c, a.size(0), b.size(1)) || beta.isComplex() || alpha.isComplex()) {
+    return at::cpu::addmm(c, a, b, beta, alpha);
+  }
+  const double beta_ = beta.toDouble(), alpha_ = alpha.toDouble();
+  return route(
+      KeyBuilder(kAddmm).scalar(beta_).scalar(alpha_).tensor(c).tensor(a).tensor(b).key(),
+      [&] { return at::cpu::addmm(c, a, b, beta, alpha); },
+      [&] {
+        // A fresh out, whatever c's layout: expand(...).contiguous() would be c itself when c is
+        // [m, n] and contiguous, and oneDNN would write the result into the caller's tensor. beta = 0:
+        // c is not read, as in ATen (its NaNs do not reach the result).
+        auto out = at::empty({a.size(0), b.size(1)}, a.options());
+        if (beta_ != 0.0) out.copy_(c.expand({a.size(0), b.size(1)}));
+        onednn_matmul()(a, b, out, static_cast<float>(beta_), static_cast<float>(alpha_));
+        return out;
+      });
+}
+
+void register_kernels() {
+  // Never destroyed: the kernels stay registered for the process (destroying the Library would
+  // deregister them, and at exit it could run after the dispatcher is gone).
+  auto* lib = new torch::Library(torch::Library::IMPL, "aten", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  lib->impl("mm", TORCH_FN(mm));
+  lib->impl("bmm", TORCH_FN(bmm));
+  lib->impl("addmm", TORCH_FN(addmm));
+}
+
+}  // namespace
+
+bool enter(bool timed) {
+  if (onednn_matmul() == nullptr) return false;
+  TORCH_CHECK(t_depth < 64, "matmul_route::enter: more than 64 nested scopes");
+  static std::once_flag registered;
+  std::call_once(registered, register_kernels);
+  const uint64_t bit = uint64_t(1) << t_depth;
+  t_untimed = timed ? t_untimed & ~bit : t_untimed | bit;
+  ++t_depth;
+  return true;
+}
+
+void exit() {
+  TORCH_CHECK(t_depth > 0, "matmul_route::exit without an open scope on this thread");
+  --t_depth;
+}
+
+int64_t classes() {
+  std::lock_guard<std::mutex> lock(mutex);
+  return static_cast<int64_t>(chosen.size());
+}
+
+int64_t onednn_classes() {
+  std::lock_guard<std::mutex> lock(mutex);
+  return onednn_count;
+}
+
+double deciding_seconds() {
+  std::lock_guard<std::mutex> lock(mutex);
+  return seconds_deciding;
+}
+
+void forget() {
+  std::lock_guard<std::mutex> lock(mutex);
+  chosen.clear();
+  onednn_count = 0;
+  seconds_deciding = 0.0;
+}
+
+}  // namespace matmul_route
+}  // namespace cpu
+}  // namespace twicediff
