@@ -117,6 +117,8 @@ PYBIND11_MODULE(_C, mod) {
           "Shape classes decided for oneDNN so far.");
   mod.def("matmul_route_seconds", &twicediff::cpu::matmul_route::deciding_seconds,
           "Seconds spent timing shape classes so far.");
+  mod.def("matmul_route_thread_seconds", &twicediff::cpu::matmul_route::thread_deciding_seconds,
+          "Seconds this thread spent timing shape classes so far.");
   mod.def("matmul_route_forget", &twicediff::cpu::matmul_route::forget, "Forget every routing decision.");
   mod.def("cpu_gemm_refusal", &twicediff::cpu::gemm_refusal,
           "oneDNN's message when it refused a float32 GEMM of this process ('' when it never did).");

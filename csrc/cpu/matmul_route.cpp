@@ -21,6 +21,7 @@ namespace {
 
 thread_local int t_depth = 0;        // open scopes on this thread
 thread_local uint64_t t_untimed = 0;  // bit k: scope k (0 the outermost) sends everything to oneDNN
+thread_local double t_deciding = 0.0;  // seconds this thread spent timing classes
 
 enum Op : int64_t { kMm = 1, kAddmm = 2, kBmm = 3 };
 
@@ -128,7 +129,9 @@ at::Tensor route(const Key& key, Aten aten, Ours ours) {
   onednn = onednn && t_ours < t_aten;
   {
     std::lock_guard<std::mutex> lock(mutex);
-    seconds_deciding += seconds(start);
+    const double spent = seconds(start);
+    seconds_deciding += spent;
+    t_deciding += spent;
     const auto placed = chosen.emplace(key, onednn);
     if (placed.second && onednn) ++onednn_count;
     onednn = placed.first->second;  // another thread's decision, if it came first
@@ -237,6 +240,8 @@ double deciding_seconds() {
   std::lock_guard<std::mutex> lock(mutex);
   return seconds_deciding;
 }
+
+double thread_deciding_seconds() { return t_deciding; }
 
 void forget() {
   std::lock_guard<std::mutex> lock(mutex);

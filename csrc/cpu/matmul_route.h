@@ -41,6 +41,9 @@ int64_t classes();
 int64_t onednn_classes();
 // Seconds spent timing so far.
 double deciding_seconds();
+// Seconds this thread spent timing so far: what a timed call of an engine must leave out, the
+// engine's later calls not paying it (python/twicediff/torch/engines/probe.py).
+double thread_deciding_seconds();
 // Forgets every decision (and the time spent), so the next calls decide again.
 void forget();
 

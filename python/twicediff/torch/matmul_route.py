@@ -28,7 +28,7 @@ import torch
 
 from .._build import _C
 
-__all__ = ["ENV", "decisions", "forget", "mode", "routing_matmuls"]
+__all__ = ["ENV", "decisions", "forget", "mode", "routing_matmuls", "thread_seconds"]
 
 #: The environment variable that picks the routing: ``auto``, ``onednn`` or ``aten``.
 ENV = "TWICEDIFF_MATMUL_ROUTE"
@@ -66,6 +66,12 @@ def decisions() -> Dict[str, Union[int, float]]:
     ``TWICEDIFF_MATMUL_ROUTE=onednn`` are not timed, so not counted."""
     return {"classes": int(_C.matmul_route_classes()), "onednn": int(_C.matmul_route_onednn_classes()),
             "seconds": float(_C.matmul_route_seconds())}
+
+
+def thread_seconds() -> float:
+    """Seconds the calling thread has spent timing shape classes (never reset by :func:`forget`): a
+    timed probe of the engines leaves them out of the engine's time."""
+    return float(_C.matmul_route_thread_seconds())
 
 
 def forget() -> None:

@@ -10,7 +10,8 @@ most: a probe costs about max(``max_seconds``, two calls of each candidate). The
 candidates' results are discarded (each call is a pure function of its inputs): only speed
 depends on the choice, and the candidates differ at most in floating-point rounding. Probes nest:
 the native engine's first call of a shape class probes its GEMM library while auto times the
-engines, and a timed call counts without the probes inside it (:func:`timed_call`).
+engines, and a timed call counts without the probes inside it (:func:`timed_call`), nor the timing of
+new matmul shape classes in generic products (twicediff.torch.matmul_route).
 
 A choice is overridden by :func:`set_choice` (for example ``set_choice("cpu_gemm", "blas")``) or,
 for the GEMM backend, by ``TWICEDIFF_CPU_GEMM=blas`` / ``torch.backends.mkldnn.enabled = False``
@@ -29,6 +30,8 @@ import time
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+
+from ..matmul_route import thread_seconds
 
 __all__ = ["choices", "choose", "clear", "cpu_info", "cpu_model", "decision", "decisions", "enabled", "revise",
            "seconds_measuring", "set_choice", "timed_call", "unsettled"]
@@ -195,8 +198,9 @@ _spent = threading.local()
 
 
 def seconds_measuring() -> float:
-    """Seconds this thread's probes have spent measuring so far (see :func:`timed_call`)."""
-    return getattr(_spent, "seconds", 0.0)
+    """Seconds this thread's probes have spent measuring so far (see :func:`timed_call`), the timing
+    of new matmul shape classes in the generic engines' products included (twicediff.torch.matmul_route)."""
+    return getattr(_spent, "seconds", 0.0) + thread_seconds()
 
 
 def timed_call(call: Callable[[], object]) -> Tuple[object, float]:
@@ -260,7 +264,7 @@ def choose(kind: str, key: str, candidates: Union[Mapping[str, Callable[[], obje
         try:
             seconds = dict(measure()) if measure is not None else _measure(candidates, max_seconds)
         finally:  # this measurement's time, the probes nested in it included once
-            _spent.seconds = before + (time.perf_counter() - start)
+            _spent.seconds = before + (time.perf_counter() - start) - thread_seconds()
         source = "probe"
     name = min(names, key=lambda n: (seconds.get(n, float("inf")), names.index(n)))
     with _lock:
