@@ -159,6 +159,9 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
       });
 }
 
+// The same matrix for every batch entry (an expand of one), in a batch of more than one.
+bool broadcast_batch(const at::Tensor& t) { return t.size(0) > 1 && t.stride(0) == 0; }
+
 at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
   if (!routed({&a, &b}) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1)) {
     return at::cpu::bmm(a, b);
@@ -167,7 +170,12 @@ at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
       KeyBuilder(kBmm).tensor(a).tensor(b).key(), [&] { return at::cpu::bmm(a, b); },
       [&] {
         auto out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-        onednn_matmul()(a, b, out, 0.f, 1.f);
+        // vmap hands a Linear's directions over as bmm with the unbatched operand expanded (batch
+        // stride 0). oneDNN broadcasts a batch of one itself; given the expanded one, it would
+        // first copy it out batch by batch.
+        const bool a_one = broadcast_batch(a), b_one = broadcast_batch(b);
+        onednn_matmul()(a_one && !b_one ? a.narrow(0, 0, 1) : a, b_one && !a_one ? b.narrow(0, 0, 1) : b, out, 0.f,
+                        1.f);
         return out;
       });
 }

@@ -71,12 +71,12 @@ def _cases(seed=0, count=60):
             batch = pick([1, 3, 8])
             first = torch.stack([_operand(g, m, kk, "contiguous") for _ in range(batch)])
             second = torch.stack([_operand(g, kk, n, "contiguous") for _ in range(batch)])
-            form = pick(["plain", "first broadcast", "second broadcast", "transposed"])
-            if form == "first broadcast":
+            form = pick(["plain", "first broadcast", "second broadcast", "both broadcast", "transposed"])
+            if form in ("first broadcast", "both broadcast"):
                 first = first[:1].expand(batch, m, kk)
-            elif form == "second broadcast":
+            if form in ("second broadcast", "both broadcast"):
                 second = second[:1].expand(batch, kk, n)
-            elif form == "transposed":
+            if form == "transposed":
                 first = first.transpose(1, 2).contiguous().transpose(1, 2)
             cases.append((f"bmm {batch}x{m}x{kk}x{n} {form}", torch.bmm, (first, second), {}))
     return cases
