@@ -140,7 +140,7 @@ def test_the_environment_turns_routing_off(setting, monkeypatch):
 def test_a_bad_route_setting_is_named(monkeypatch):
     td, x, y = _problem()
     monkeypatch.setenv(matmul_route.ENV, "fastest")
-    with pytest.raises(ValueError, match="TWICEDIFF_MATMUL_ROUTE must be one of auto, onednn, aten, got 'fastest'"):
+    with pytest.raises(ValueError, match="^TWICEDIFF_MATMUL_ROUTE must be one of auto, onednn, aten, got .fastest.$"):
         td.hvp(x, y, torch.randn(2, td.num_params), engine="func")
 
 

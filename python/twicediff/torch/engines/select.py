@@ -21,7 +21,7 @@ from torch import nn
 
 from ..._build import _C
 from ...errors import EngineChoiceError, ModelMisreadError, NotNativeError
-from .. import block_cache
+from .. import block_cache, matmul_route
 from .auto import AutoEngine
 from .autograd import AutogradEngine
 from .base import Engine, PreparedBatch
@@ -42,12 +42,13 @@ ENGINES = ("auto", "native", "func", "autograd", "loop", "compiled")
 def resolve(engine: str, where: str = "hvp") -> str:
     """``engine`` checked; ``"auto"`` replaced by ``TWICEDIFF_ENGINE`` where that is set. The
     engines' other environment settings are checked here too (``TWICEDIFF_CPU_BLOCK_CACHE``,
-    ``TWICEDIFF_CPU_GEMM``): read later, inside a product, a bad value would be reported as the
-    model failing on the batch."""
+    ``TWICEDIFF_CPU_GEMM``, ``TWICEDIFF_MATMUL_ROUTE``): read later, inside a product, a bad value
+    would be reported as the model failing on the batch."""
     if engine not in ENGINES:
         raise ValueError(f"{where}: engine must be one of {ENGINES}, got {engine!r}")
     block_cache.enabled()
     _C.cpu_gemm()
+    matmul_route.mode()
     if engine == "auto":
         chosen = os.environ.get("TWICEDIFF_ENGINE", "").strip()
         if chosen and chosen not in ENGINES:
