@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,7 +24,7 @@ thread_local int t_depth = 0;        // open scopes on this thread
 thread_local uint64_t t_untimed = 0;  // bit k: scope k (0 the outermost) sends everything to oneDNN
 thread_local double t_deciding = 0.0;  // seconds this thread spent timing classes
 
-enum Op : int64_t { kMm = 1, kAddmm = 2, kBmm = 3 };
+enum Op : int64_t { kMm = 1, kAddmm = 2, kBmm = 3, kMmOut = 4, kAddmmOut = 5, kBmmOut = 6 };
 
 // A shape class: the operator, alpha and beta, and each operand's sizes and strides.
 using Key = std::array<int64_t, 24>;
@@ -85,8 +86,10 @@ bool refused_by_onednn(Call call) {
 }
 
 // ATen's result, or oneDNN's where this shape class is (or is now found to be) faster there.
+// writes_out: both calls write the caller's out= tensor, so the timing's last write is oneDNN's and
+// the winner runs once more.
 template <class Aten, class Ours>
-at::Tensor route(const Key& key, Aten aten, Ours ours) {
+at::Tensor route(const Key& key, Aten aten, Ours ours, bool writes_out = false) {
   if (t_untimed >> (t_depth - 1) & 1) {
     at::Tensor out;
     if (refused_by_onednn([&] { out = ours(); })) return aten();
@@ -136,6 +139,10 @@ at::Tensor route(const Key& key, Aten aten, Ours ours) {
     if (placed.second && onednn) ++onednn_count;
     onednn = placed.first->second;  // another thread's decision, if it came first
   }
+  if (writes_out) {
+    if (onednn && by_onednn.defined() && !refused_by_onednn([&] { ours(); })) return by_onednn;
+    return aten();
+  }
   if (onednn && by_onednn.defined()) return by_onednn;
   return by_aten.defined() ? by_aten : aten();
 }
@@ -162,6 +169,14 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
 // The same matrix for every batch entry (an expand of one), in a batch of more than one.
 bool broadcast_batch(const at::Tensor& t) { return t.size(0) > 1 && t.stride(0) == 0; }
 
+// out = a b by oneDNN. vmap hands a Linear's directions over as bmm with the unbatched operand
+// expanded (batch stride 0). oneDNN broadcasts a batch of one itself; given the expanded one, it
+// would first copy it out batch by batch.
+void onednn_bmm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+  const bool a_one = broadcast_batch(a), b_one = broadcast_batch(b);
+  onednn_matmul()(a_one && !b_one ? a.narrow(0, 0, 1) : a, b_one && !a_one ? b.narrow(0, 0, 1) : b, out, 0.f, 1.f);
+}
+
 at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
   if (!routed({&a, &b}) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1)) {
     return at::cpu::bmm(a, b);
@@ -170,12 +185,7 @@ at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
       KeyBuilder(kBmm).tensor(a).tensor(b).key(), [&] { return at::cpu::bmm(a, b); },
       [&] {
         auto out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-        // vmap hands a Linear's directions over as bmm with the unbatched operand expanded (batch
-        // stride 0). oneDNN broadcasts a batch of one itself; given the expanded one, it would
-        // first copy it out batch by batch.
-        const bool a_one = broadcast_batch(a), b_one = broadcast_batch(b);
-        onednn_matmul()(a_one && !b_one ? a.narrow(0, 0, 1) : a, b_one && !a_one ? b.narrow(0, 0, 1) : b, out, 0.f,
-                        1.f);
+        onednn_bmm(a, b, out);
         return out;
       });
 }
@@ -207,6 +217,72 @@ at::Tensor addmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, 
       });
 }
 
+// out= may take the result without a copy: its exact shape (ATen would resize it), rows with any row
+// stride for a matrix, contiguous for a batch, and no storage shared with an input (oneDNN reads the
+// inputs while it writes).
+bool writable_out(const at::Tensor& out, at::IntArrayRef shape, std::initializer_list<const at::Tensor*> inputs) {
+  if (out.sizes() != shape) return false;
+  const bool rows = out.dim() == 2 && out.stride(1) == 1 && out.stride(0) >= std::max<int64_t>(out.size(1), 1);
+  if (!(out.dim() == 2 ? rows : out.is_contiguous())) return false;
+  if (at::has_internal_overlap(out) != at::MemOverlap::No) return false;
+  // Another storage cannot overlap (an expanded input's overlap status would be "too hard").
+  for (const at::Tensor* t : inputs) {
+    if (out.is_alias_of(*t)) return false;
+  }
+  return true;
+}
+
+// The out= forms, which inductor's compiled products call (its extern GEMM kernels).
+at::Tensor& mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  if (!routed({&a, &b, &out}) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
+      !writable_out(out, {a.size(0), b.size(1)}, {&a, &b})) {
+    return at::cpu::mm_outf(a, b, out);
+  }
+  route(
+      KeyBuilder(kMmOut).tensor(a).tensor(b).tensor(out).key(), [&] { return at::cpu::mm_outf(a, b, out); },
+      [&] {
+        onednn_matmul()(a, b, out, 0.f, 1.f);
+        return out;
+      },
+      /*writes_out=*/true);
+  return out;
+}
+
+at::Tensor& bmm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  if (!routed({&a, &b, &out}) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1) ||
+      !writable_out(out, {a.size(0), a.size(1), b.size(2)}, {&a, &b})) {
+    return at::cpu::bmm_outf(a, b, out);
+  }
+  route(
+      KeyBuilder(kBmmOut).tensor(a).tensor(b).tensor(out).key(), [&] { return at::cpu::bmm_outf(a, b, out); },
+      [&] {
+        onednn_bmm(a, b, out);
+        return out;
+      },
+      /*writes_out=*/true);
+  return out;
+}
+
+at::Tensor& addmm_out(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Scalar& beta,
+                      const at::Scalar& alpha, at::Tensor& out) {
+  if (!routed({&c, &a, &b, &out}) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
+      !broadcasts(c, a.size(0), b.size(1)) || beta.isComplex() || alpha.isComplex() ||
+      !writable_out(out, {a.size(0), b.size(1)}, {&a, &b, &c})) {
+    return at::cpu::addmm_outf(c, a, b, beta, alpha, out);
+  }
+  const double beta_ = beta.toDouble(), alpha_ = alpha.toDouble();
+  route(
+      KeyBuilder(kAddmmOut).scalar(beta_).scalar(alpha_).tensor(c).tensor(a).tensor(b).tensor(out).key(),
+      [&] { return at::cpu::addmm_outf(c, a, b, beta, alpha, out); },
+      [&] {
+        if (beta_ != 0.0) out.copy_(c.expand({a.size(0), b.size(1)}));
+        onednn_matmul()(a, b, out, beta_ == 0.0 ? 0.f : static_cast<float>(beta_), static_cast<float>(alpha_));
+        return out;
+      },
+      /*writes_out=*/true);
+  return out;
+}
+
 void register_kernels() {
   // Never destroyed: the kernels stay registered for the process (destroying the Library would
   // deregister them, and at exit it could run after the dispatcher is gone).
@@ -214,6 +290,9 @@ void register_kernels() {
   lib->impl("mm", TORCH_FN(mm));
   lib->impl("bmm", TORCH_FN(bmm));
   lib->impl("addmm", TORCH_FN(addmm));
+  lib->impl("mm.out", TORCH_FN(mm_out));
+  lib->impl("bmm.out", TORCH_FN(bmm_out));
+  lib->impl("addmm.out", TORCH_FN(addmm_out));
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // torch's own float32 matmuls on the CPU (aten::mm, addmm, bmm) inside the generic engines'
-// products, each shape class sent to the faster of oneDNN and ATen's BLAS, chosen by timing both.
+// products (func, autograd, loop and compiled), each shape class sent to the faster of oneDNN and
+// ATen's BLAS, chosen by timing both.
 //
 // Why: a vmapped forward-over-reverse product is GEMM-bound on a transformer, and ATen sends
 // float32 GEMMs to MKL, which runs its AVX2 code path on AMD CPUs that have AVX-512; oneDNN's
@@ -7,13 +8,15 @@
 // faster at full float32 precision (benchmarks/results/curvlinops_cpu.md). torch offers no switch
 // for that: it sends float32 matmuls to oneDNN only where reduced precision is allowed.
 //
-// How: the first enter() of the process registers kernels for those three operators under the CPU
-// dispatch key, ahead of ATen's. Outside a scope, and for anything they do not take (another dtype,
-// an empty operand, arguments ATen would refuse), they call ATen's CPU kernel itself (at::cpu::),
-// so every other caller in the process gets ATen's results, bit for bit. Inside a scope (per
-// thread: the products run their autograd on the calling thread on the CPU), the first call of a
-// shape class (operator, sizes, strides, alpha and beta) times both libraries a few times and keeps
-// the faster for the process. Deciding stops when kDecideBudgetSeconds have gone on it or
+// How: the first enter() of the process registers kernels for those three operators and their
+// out= forms (which inductor's compiled code calls) under the CPU dispatch key, ahead of ATen's.
+// Outside a scope, and for anything they do not take (another dtype, an empty operand, arguments
+// ATen would refuse, an out= ATen would resize or that shares an input's storage), they call ATen's
+// CPU kernel itself (at::cpu::), so every other caller in the process gets ATen's results, bit for
+// bit. Inside a scope (per thread: the products run their autograd on the calling thread on the
+// CPU), the first call of a shape class (operator, sizes, strides, alpha and beta) times both
+// libraries a few times and keeps the faster for the process; that call returns the winner's
+// result, as every later one does. Deciding stops when kDecideBudgetSeconds have gone on it or
 // kMaxClasses classes are known: later new classes stay on ATen.
 //
 // Results differ from ATen's by float32 rounding only (another order of summation). Not entered

@@ -90,22 +90,41 @@ def _float64(fn, args, kwargs):
     return fn(*(t.double() for t in args))
 
 
+def _out(form, shape):
+    """An out= tensor: of the result's shape, rows of a wider matrix, or empty (ATen resizes it)."""
+    if form == "out":
+        return torch.full(shape, float("nan"))
+    if form == "padded out":
+        return torch.full((*shape[:-1], shape[-1] + 5), float("nan"))[..., 2:shape[-1] + 2]
+    return torch.empty(0)
+
+
 @needs_onednn
 @pytest.mark.parametrize("route", ["auto", "onednn"])
-def test_routed_matmuls_agree_with_float64_and_repeat_exactly(route, monkeypatch):
+@pytest.mark.parametrize("form", ["result", "out", "padded out", "resized out"])
+def test_routed_matmuls_agree_with_float64_and_repeat_exactly(route, form, monkeypatch):
+    """mm, addmm and bmm, returning their result or writing out= (compiled products call those)."""
     monkeypatch.setenv(matmul_route.ENV, route)
     for name, fn, args, kwargs in _cases(seed=1 if route == "auto" else 2):
         want = _float64(fn, args, kwargs)
         copies = [t.clone() for t in args]
+        got = []
         with matmul_route.routing_matmuls(torch.empty(1)):
-            got = [fn(*args, **kwargs) for _ in range(3)]  # the first call of a class times both libraries
+            for _ in range(3):  # the first call of a class times both libraries
+                if form == "result":
+                    got.append(fn(*args, **kwargs))
+                    assert got[-1].is_contiguous(), name
+                else:
+                    out = _out(form, want.shape)
+                    assert fn(*args, **kwargs, out=out) is out, name
+                    got.append(out)
         unchanged = [torch.allclose(t, c, rtol=0, atol=0, equal_nan=True) for t, c in zip(args, copies)]
         assert all(unchanged), f"{name}: an input changed"
         scale = _float64(torch.bmm if fn is torch.bmm else torch.mm, [t.abs() for t in args[-2:]], {}).max()
         for r in got:
-            assert r.dtype == torch.float32 and r.shape == want.shape and r.is_contiguous(), name
-            assert (r.double() - want).abs().max() <= 1e-5 * (scale + 1), name
-            assert torch.equal(r, got[0]), f"{name}: another library's result on a later call"
+            assert r.dtype == torch.float32 and r.shape == want.shape, name
+            assert (r.double() - want).abs().max() <= 1e-5 * (scale + 1), f"{name}, {form}"
+            assert torch.equal(r, got[0]), f"{name}, {form}: another library's result on a later call"
 
 
 @needs_onednn
@@ -271,3 +290,13 @@ def test_a_timed_engine_call_leaves_the_routing_timing_out():
     timing = matmul_route.thread_seconds() - before
     assert timing > 0 and matmul_route.decisions()["classes"] == 4
     assert seconds <= wall - timing
+
+
+def test_an_out_sharing_an_input_is_left_to_aten():
+    a, b = torch.randn(20, 20), torch.randn(20, 20)
+    plain = a.clone()
+    torch.mm(plain, b, out=plain)
+    routed = a.clone()
+    with matmul_route.routing_matmuls(routed):
+        torch.mm(routed, b, out=routed)
+    assert torch.equal(routed, plain)

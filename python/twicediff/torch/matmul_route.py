@@ -5,16 +5,17 @@ A vmapped product on a transformer is GEMM-bound, and ATen sends float32 GEMMs t
 its AVX2 code path on AMD CPUs with AVX-512; torch's bundled oneDNN runs many of the product's
 shapes 2-3x faster there at full float32 precision (benchmarks/results/curvlinops_cpu.md). Inside
 :func:`routing_matmuls`, the calling thread's ``aten::mm``, ``addmm`` and ``bmm`` on float32 CPU
-tensors go to whichever of the two was faster for their shape class (operator, sizes, strides,
-alpha, beta), timed on the first call of the class in the process (csrc/cpu/matmul_route.h). The
-timing costs a few GEMMs per class, at most 2 s per process (later new classes stay on ATen).
+tensors, and their ``out=`` forms (which compiled code calls), go to whichever of the two was
+faster for their shape class (operator, sizes, strides, alpha, beta), timed on the first call of
+the class in the process (csrc/cpu/matmul_route.h). The timing costs a few GEMMs per class, at
+most 2 s per process (later new classes stay on ATen).
 
 Results differ from ATen's by float32 rounding (another order of summation); everything outside a
 scope, and in other threads, gets ATen's own results bit for bit. :func:`decisions` says what was
 chosen (``build_info()["cpu_matmul_route"]``).
 
 ``TWICEDIFF_MATMUL_ROUTE`` (read at every scope): ``auto`` (or unset) as above; ``onednn`` sends
-every float32 matmul in a scope to oneDNN without timing; ``aten`` leaves them all on ATen. So do
+every float32 matmul in a scope to oneDNN without timing; ``aten`` leaves them all on ATen, as do
 ``TWICEDIFF_CPU_GEMM=blas``, ``torch.backends.mkldnn.enabled = False`` and a oneDNN that refuses
 float32 GEMMs on this CPU (``build_info()["cpu_gemm_refusal"]``).
 """

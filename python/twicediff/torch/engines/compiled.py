@@ -37,6 +37,7 @@ from torch import nn
 
 from ..batch import input_tensors, model_args, squeezed_loss
 from ..block_cache import reusing_cpu_blocks
+from ..matmul_route import routing_matmuls
 from ..forward_mode import reverse_mode_constants
 from ..stateless import functional_call, slot_names, split_params
 from .base import PreparedBatch, generic_directions_per_chunk
@@ -238,7 +239,8 @@ class CompiledEngine(GenericEngine):
             options = _inductor_options(self.model, V.device) if backend == "inductor" else None
             entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=backend,
                                      dynamic=False, fullgraph=True, options=options)
-            return entry.fn(params, fixed, V, x, y)
+            with routing_matmuls(V):  # as its later calls run
+                return entry.fn(params, fixed, V, x, y)
         raise AssertionError("unreachable")
 
     def is_compiled(self, batch: PreparedBatch, mode: str, D: int) -> bool:
@@ -264,7 +266,7 @@ class CompiledEngine(GenericEngine):
         padded = V if rows == V.shape[0] else torch.cat([V, V.new_zeros(rows - V.shape[0], V.shape[1])])
         args = (params, fixed, padded, batch.inputs, batch.target)
         if entry.seconds is not None:
-            with reusing_cpu_blocks(V.device):
+            with reusing_cpu_blocks(V.device), routing_matmuls(V):
                 return entry.fn(*args)[:V.shape[0]].detach()
         with _FORWARD_AD_LOCK:  # checking and tracing run torch.func's forward-mode AD (process-wide state)
             start = time.perf_counter()
