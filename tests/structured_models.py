@@ -105,6 +105,13 @@ class Stacked(nn.Module):
         return self.inner(x[:, 0], x[:, 1], causal=self.causal)
 
 
+def attention_problem(n: int, tokens: int, seed: int = 0):
+    """(an :class:`Attention` in eval mode, x [n, tokens, 16], y of 5 classes) in float32."""
+    torch.manual_seed(seed)
+    model = Attention().eval()
+    return model, torch.randn(n, tokens, 16), torch.randint(0, 5, (n,))
+
+
 def two_inputs_problem(n: int = 10, seed: int = 0):
     """(module, its tensor-x spelling, x = (u, w), y) in float64."""
     torch.manual_seed(seed)

@@ -14,17 +14,14 @@ import twicediff
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch import block_cache
 
-from structured_models import Attention
+from structured_models import attention_problem
 
 MIB = 2**20
 
 
 def _problem(seed=0):
     """Intermediates above the cache's 1 MiB threshold even for one direction (GELU's [160, 32, 64])."""
-    torch.manual_seed(seed)
-    model = Attention().eval()
-    x = torch.randn(160, 32, 16)
-    y = torch.randint(0, 5, (160,))
+    model, x, y = attention_problem(160, 32, seed)
     return TorchTwiceDifferentiable(model, F.cross_entropy), x, y
 
 

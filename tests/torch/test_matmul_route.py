@@ -18,7 +18,7 @@ import twicediff
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch import matmul_route
 
-from structured_models import Attention
+from structured_models import attention_problem
 
 ONEDNN = twicediff.build_info()["cpu_gemm"] == "onednn"
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="oneDNN does not take float32 GEMMs in this process")
@@ -218,22 +218,24 @@ def test_outside_a_scope_matmuls_are_atens_bit_for_bit():
     script = r"""
 import torch, torch.nn.functional as F
 import twicediff
-from structured_models import Attention
+from structured_models import attention_problem
 g = torch.Generator().manual_seed(0)
 a, b, c = torch.randn(300, 70, generator=g), torch.randn(70, 90, generator=g), torch.randn(90, generator=g)
 A, B = torch.randn(6, 40, 30, generator=g), torch.randn(6, 30, 20, generator=g)
 def all_():
-    return [torch.mm(a, b), torch.addmm(c, a, b), torch.bmm(A, B), a @ b, F.linear(a, b.t(), c), A @ B[0]]
+    return [torch.mm(a, b), torch.addmm(c, a, b), torch.bmm(A, B), a @ b, F.linear(a, b.t(), c), A @ B[0],
+            torch.mm(a, b, out=torch.empty(300, 90)), torch.addmm(c, a, b, out=torch.empty(300, 90)),
+            torch.bmm(A, B, out=torch.empty(6, 40, 20))]
 before = all_()
-torch.manual_seed(0)
-model = Attention().eval()
+model, x, y = attention_problem(20, 8)
 td = twicediff.TorchTwiceDifferentiable(model, F.cross_entropy)
-x, y = torch.randn(20, 8, 16), torch.randint(0, 5, (20,))
 for _ in range(2):
     td.hvp(x, y, torch.randn(9, td.num_params), engine="func")
+classes = twicediff.build_info()["cpu_matmul_route"]["classes"]
 after = all_()
 assert all(torch.equal(p, q) for p, q in zip(before, after)), "outside a scope, results changed"
-print("ok", twicediff.build_info()["cpu_matmul_route"]["classes"])
+assert twicediff.build_info()["cpu_matmul_route"]["classes"] == classes, "matmuls outside a scope were timed"
+print("ok", classes)
 """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "python"), os.path.join(root, "tests")]))
@@ -247,10 +249,7 @@ print("ok", twicediff.build_info()["cpu_matmul_route"]["classes"])
 
 
 def _problem(seed=0):
-    torch.manual_seed(seed)
-    model = Attention().eval()
-    x = torch.randn(24, 8, 16)
-    y = torch.randint(0, 5, (24,))
+    model, x, y = attention_problem(24, 8, seed)
     return TorchTwiceDifferentiable(model, F.cross_entropy), x, y
 
 
@@ -261,8 +260,7 @@ def test_routed_products_agree_with_float64(route, engine, mode, monkeypatch):
     monkeypatch.setenv(matmul_route.ENV, route)
     td, x, y = _problem()
     v = torch.randn(6, td.num_params)
-    torch.manual_seed(0)  # _problem's model, in float64
-    td64 = TorchTwiceDifferentiable(Attention().eval().double(), F.cross_entropy)
+    td64 = TorchTwiceDifferentiable(attention_problem(24, 8)[0].double(), F.cross_entropy)  # _problem's model
     want = td64.hvp(x.double(), y, v.double(), engine="autograd", mode=mode)
     got = [td.hvp(x, y, v, engine=engine, mode=mode) for _ in range(2)]
     for r in got:
