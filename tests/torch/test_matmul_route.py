@@ -238,7 +238,9 @@ assert twicediff.build_info()["cpu_matmul_route"]["classes"] == classes, "matmul
 print("ok", classes)
 """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "python"), os.path.join(root, "tests")]))
+    # twicediff from where this process imported it (the source tree or an install), and the test helpers.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(twicediff.__file__)), os.path.join(root, "tests")]))
     env.pop(matmul_route.ENV, None)
     out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
