@@ -41,12 +41,15 @@ class KeyBuilder {
  public:
   explicit KeyBuilder(Op op) { key_[0] = op; }
   KeyBuilder& scalar(double x) {
+    TORCH_INTERNAL_ASSERT(at_ < static_cast<int64_t>(key_.size()), "matmul_route: key too long");
     int64_t bits;
     std::memcpy(&bits, &x, sizeof bits);
     key_[at_++] = bits;
     return *this;
   }
   KeyBuilder& tensor(const at::Tensor& t) {
+    // The callers check the operands' dims first: at most 2 scalars and 4 tensors of 2, or 3 of 3.
+    TORCH_INTERNAL_ASSERT(at_ + 1 + 2 * t.dim() <= static_cast<int64_t>(key_.size()), "matmul_route: key too long");
     key_[at_++] = t.dim();
     for (int64_t d = 0; d < t.dim(); ++d) {
       key_[at_++] = t.size(d);
