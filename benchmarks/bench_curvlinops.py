@@ -19,7 +19,6 @@ Methods (each computes H V for V [P, D], H the Hessian of the mean loss on the b
 - ``twicediff_compiled``: ``hvp(..., engine="compiled")``.
 Compile times (first call minus a steady one) are reported apart.
 """
-import argparse
 import time
 
 import torch
@@ -78,15 +77,7 @@ def run(preset: str, D: int, repeats: int, untimed_first: int):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", action="append", choices=sorted(bench.PRESETS))
-    ap.add_argument("--directions", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
-    harness.add_untimed_first(ap)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = harness.preset_args(__doc__)
     import curvlinops  # noqa: F401  (fails early outside its venv)
     from importlib.metadata import version
 

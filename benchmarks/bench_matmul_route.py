@@ -13,7 +13,6 @@ added, and how many went to oneDNN, are reported with the time spent timing them
     flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_matmul_route.py \\
         --out benchmarks/results/matmul_route_cpu.md
 """
-import argparse
 import contextlib
 import os
 
@@ -65,16 +64,8 @@ def run(preset: str, engine: str, D: int, repeats: int, untimed_first: int):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", action="append", choices=sorted(bench.PRESETS))
-    ap.add_argument("--engine", action="append", choices=["func", "autograd", "loop", "compiled"])
-    ap.add_argument("--directions", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
-    harness.add_untimed_first(ap)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = harness.preset_args(__doc__, lambda ap: ap.add_argument(
+        "--engine", action="append", choices=["func", "autograd", "loop", "compiled"]))
     presets = args.preset or ["d_transformer", "d_cnn", "a"]
     engines = args.engine or ["func", "compiled"]
     command = ("flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_matmul_route.py "

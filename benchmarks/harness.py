@@ -311,6 +311,24 @@ def median_ms(fn, rounds: int) -> float:
     return 1e3 * interleaved_medians({"fn": fn}, rounds)["fn"]
 
 
+def preset_args(doc: str, add: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+    """The options of the scripts that time presets at D directions: --preset (repeatable), --directions
+    (default 64), --threads (default 2, applied to torch), --repeats (default 7), --untimed-first
+    and --out; ``add(parser)`` adds a script's own."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--preset", action="append", choices=sorted(bench.PRESETS))
+    ap.add_argument("--directions", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    add_untimed_first(ap)
+    ap.add_argument("--out", default="")
+    if add is not None:
+        add(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def bench_args(doc: str, rounds: int, thread_counts: bool = False) -> argparse.Namespace:
     """--threads (default 2, applied to torch; with ``thread_counts``, a list of counts, default 1 2,
     for the script to apply in turn), --rounds and --out (a markdown path, or print only)."""
