@@ -66,7 +66,6 @@ class KeyBuilder {
 
 std::mutex mutex;
 std::unordered_map<Key, bool, KeyHash> chosen;  // true: oneDNN
-int64_t onednn_count = 0;
 double seconds_deciding = 0.0;
 
 double seconds(std::chrono::steady_clock::time_point since) {
@@ -107,8 +106,7 @@ at::Tensor route(const Key& key, Aten aten, Ours ours, bool writes_out = false) 
     full = seconds_deciding >= kDecideBudgetSeconds || static_cast<int64_t>(chosen.size()) >= kMaxClasses;
   }
   if (known || full) {
-    // A refusal since the choice (another thread's) sends the class back to ATen.
-    if (to_onednn && onednn_matmul() != nullptr) {
+    if (to_onednn) {
       at::Tensor out;
       if (refused_by_onednn([&] { out = ours(); })) return aten();
       return out;
@@ -138,9 +136,7 @@ at::Tensor route(const Key& key, Aten aten, Ours ours, bool writes_out = false) 
     const double spent = seconds(start);
     seconds_deciding += spent;
     t_deciding += spent;
-    const auto placed = chosen.emplace(key, onednn);
-    if (placed.second && onednn) ++onednn_count;
-    onednn = placed.first->second;  // another thread's decision, if it came first
+    onednn = chosen.emplace(key, onednn).first->second;  // another thread's decision, if it came first
   }
   if (writes_out) {
     if (onednn && by_onednn.defined() && !refused_by_onednn([&] { ours(); })) return by_onednn;
@@ -150,21 +146,25 @@ at::Tensor route(const Key& key, Aten aten, Ours ours, bool writes_out = false) 
   return by_aten.defined() ? by_aten : aten();
 }
 
-bool routed(std::initializer_list<const at::Tensor*> ts) {
-  if (t_depth == 0) return false;
+// oneDNN's matmul when this call is routed: inside a scope, float32 non-empty tensors, and oneDNN
+// still allowed (read once per call: another thread's refusal or TWICEDIFF_CPU_GEMM=blas set since
+// the scope opened send the call to ATen). nullptr otherwise.
+OneDnnMatmul routed(std::initializer_list<const at::Tensor*> ts) {
+  if (t_depth == 0) return nullptr;
   for (const at::Tensor* t : ts) {
-    if (t->scalar_type() != at::kFloat || t->numel() == 0) return false;
+    if (t->scalar_type() != at::kFloat || t->numel() == 0) return nullptr;
   }
-  return onednn_matmul() != nullptr;
+  return onednn_matmul();
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
-  if (!routed({&a, &b}) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0)) return at::cpu::mm(a, b);
+  const OneDnnMatmul fn = routed({&a, &b});
+  if (fn == nullptr || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0)) return at::cpu::mm(a, b);
   return route(
       KeyBuilder(kMm).tensor(a).tensor(b).key(), [&] { return at::cpu::mm(a, b); },
       [&] {
         auto out = at::empty({a.size(0), b.size(1)}, a.options());
-        onednn_matmul()(a, b, out, 0.f, 1.f);
+        fn(a, b, out, 0.f, 1.f);
         return out;
       });
 }
@@ -175,20 +175,21 @@ bool broadcast_batch(const at::Tensor& t) { return t.size(0) > 1 && t.stride(0) 
 // out = a b by oneDNN. vmap hands a Linear's directions over as bmm with the unbatched operand
 // expanded (batch stride 0). oneDNN broadcasts a batch of one itself; given the expanded one, it
 // would first copy it out batch by batch.
-void onednn_bmm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+void onednn_bmm(OneDnnMatmul fn, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
   const bool a_one = broadcast_batch(a), b_one = broadcast_batch(b);
-  onednn_matmul()(a_one && !b_one ? a.narrow(0, 0, 1) : a, b_one && !a_one ? b.narrow(0, 0, 1) : b, out, 0.f, 1.f);
+  fn(a_one && !b_one ? a.narrow(0, 0, 1) : a, b_one && !a_one ? b.narrow(0, 0, 1) : b, out, 0.f, 1.f);
 }
 
 at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
-  if (!routed({&a, &b}) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1)) {
+  const OneDnnMatmul fn = routed({&a, &b});
+  if (fn == nullptr || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1)) {
     return at::cpu::bmm(a, b);
   }
   return route(
       KeyBuilder(kBmm).tensor(a).tensor(b).key(), [&] { return at::cpu::bmm(a, b); },
       [&] {
         auto out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-        onednn_bmm(a, b, out);
+        onednn_bmm(fn, a, b, out);
         return out;
       });
 }
@@ -201,7 +202,8 @@ bool broadcasts(const at::Tensor& c, int64_t m, int64_t n) {
 
 at::Tensor addmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Scalar& beta,
                  const at::Scalar& alpha) {
-  if (!routed({&c, &a, &b}) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
+  const OneDnnMatmul fn = routed({&c, &a, &b});
+  if (fn == nullptr || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
       !broadcasts(c, a.size(0), b.size(1)) || beta.isComplex() || alpha.isComplex()) {
     return at::cpu::addmm(c, a, b, beta, alpha);
   }
@@ -215,7 +217,7 @@ at::Tensor addmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, 
         // c is not read, as in ATen (its NaNs do not reach the result).
         auto out = at::empty({a.size(0), b.size(1)}, a.options());
         if (beta_ != 0.0) out.copy_(c.expand({a.size(0), b.size(1)}));
-        onednn_matmul()(a, b, out, static_cast<float>(beta_), static_cast<float>(alpha_));
+        fn(a, b, out, static_cast<float>(beta_), static_cast<float>(alpha_));
         return out;
       });
 }
@@ -237,14 +239,15 @@ bool writable_out(const at::Tensor& out, at::IntArrayRef shape, std::initializer
 
 // The out= forms, which inductor's compiled products call (its extern GEMM kernels).
 at::Tensor& mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
-  if (!routed({&a, &b, &out}) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
+  const OneDnnMatmul fn = routed({&a, &b, &out});
+  if (fn == nullptr || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
       !writable_out(out, {a.size(0), b.size(1)}, {&a, &b})) {
     return at::cpu::mm_outf(a, b, out);
   }
   route(
       KeyBuilder(kMmOut).tensor(a).tensor(b).tensor(out).key(), [&] { return at::cpu::mm_outf(a, b, out); },
       [&] {
-        onednn_matmul()(a, b, out, 0.f, 1.f);
+        fn(a, b, out, 0.f, 1.f);
         return out;
       },
       /*writes_out=*/true);
@@ -252,14 +255,15 @@ at::Tensor& mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
 }
 
 at::Tensor& bmm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
-  if (!routed({&a, &b, &out}) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1) ||
+  const OneDnnMatmul fn = routed({&a, &b, &out});
+  if (fn == nullptr || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1) ||
       !writable_out(out, {a.size(0), a.size(1), b.size(2)}, {&a, &b})) {
     return at::cpu::bmm_outf(a, b, out);
   }
   route(
       KeyBuilder(kBmmOut).tensor(a).tensor(b).tensor(out).key(), [&] { return at::cpu::bmm_outf(a, b, out); },
       [&] {
-        onednn_bmm(a, b, out);
+        onednn_bmm(fn, a, b, out);
         return out;
       },
       /*writes_out=*/true);
@@ -268,7 +272,8 @@ at::Tensor& bmm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
 
 at::Tensor& addmm_out(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Scalar& beta,
                       const at::Scalar& alpha, at::Tensor& out) {
-  if (!routed({&c, &a, &b, &out}) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
+  const OneDnnMatmul fn = routed({&c, &a, &b, &out});
+  if (fn == nullptr || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
       !broadcasts(c, a.size(0), b.size(1)) || beta.isComplex() || alpha.isComplex() ||
       !writable_out(out, {a.size(0), b.size(1)}, {&a, &b, &c})) {
     return at::cpu::addmm_outf(c, a, b, beta, alpha, out);
@@ -279,7 +284,7 @@ at::Tensor& addmm_out(const at::Tensor& c, const at::Tensor& a, const at::Tensor
       [&] { return at::cpu::addmm_outf(c, a, b, beta, alpha, out); },
       [&] {
         if (beta_ != 0.0) out.copy_(c.expand({a.size(0), b.size(1)}));
-        onednn_matmul()(a, b, out, beta_ == 0.0 ? 0.f : static_cast<float>(beta_), static_cast<float>(alpha_));
+        fn(a, b, out, static_cast<float>(beta_), static_cast<float>(alpha_));
         return out;
       },
       /*writes_out=*/true);
@@ -323,7 +328,7 @@ int64_t classes() {
 
 int64_t onednn_classes() {
   std::lock_guard<std::mutex> lock(mutex);
-  return onednn_count;
+  return std::count_if(chosen.begin(), chosen.end(), [](const auto& entry) { return entry.second; });
 }
 
 double deciding_seconds() {
@@ -336,7 +341,6 @@ double thread_deciding_seconds() { return t_deciding; }
 void forget() {
   std::lock_guard<std::mutex> lock(mutex);
   chosen.clear();
-  onednn_count = 0;
   seconds_deciding = 0.0;
 }
 
