@@ -7,9 +7,7 @@ import torch
 from ..batch import call_model, squeezed_loss
 from ..mvp import batched_mvp, flat_grads
 from .base import PreparedBatch
-from .generic import GenericEngine
-from ..block_cache import reusing_cpu_blocks
-from ..matmul_route import routing_matmuls
+from .generic import GenericEngine, product_scope
 from ..guard import model_call
 
 __all__ = ["AutogradEngine", "autograd_hvp"]
@@ -28,7 +26,7 @@ def autograd_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor,
                  mode: str = "hessian") -> torch.Tensor:
     """H v (or JᵀH_ℓJ v) for v [D, P] by double backward through autograd; [D, P]. x: a tensor,
     tuple, list or dict (:mod:`twicediff.torch.batch`)."""
-    with model_call(model, "hvp"), reusing_cpu_blocks(v.device), routing_matmuls(v):
+    with model_call(model, "hvp"), product_scope(v):
         return _autograd_hvp(model, loss, x, y, v, mode)
 
 

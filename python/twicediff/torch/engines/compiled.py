@@ -36,14 +36,12 @@ import torch
 from torch import nn
 
 from ..batch import input_tensors, model_args, squeezed_loss
-from ..block_cache import reusing_cpu_blocks
-from ..matmul_route import routing_matmuls
 from ..forward_mode import reverse_mode_constants
 from ..stateless import functional_call, slot_names, split_params
 from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp
 from .gemm_fold import FoldBroadcastBmm
-from .generic import GenericEngine, _shape_key
+from .generic import GenericEngine, _shape_key, product_scope
 
 __all__ = ["COMPILED_CHUNK", "VARIANTS", "CompiledEngine", "channels_last", "compiled_functions",
            "forget_compiled"]
@@ -239,7 +237,7 @@ class CompiledEngine(GenericEngine):
             options = _inductor_options(self.model, V.device) if backend == "inductor" else None
             entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=backend,
                                      dynamic=False, fullgraph=True, options=options)
-            with routing_matmuls(V):  # as its later calls run
+            with product_scope(V):  # as its later calls run
                 return entry.fn(params, fixed, V, x, y)
         raise AssertionError("unreachable")
 
@@ -266,7 +264,7 @@ class CompiledEngine(GenericEngine):
         padded = V if rows == V.shape[0] else torch.cat([V, V.new_zeros(rows - V.shape[0], V.shape[1])])
         args = (params, fixed, padded, batch.inputs, batch.target)
         if entry.seconds is not None:
-            with reusing_cpu_blocks(V.device), routing_matmuls(V):
+            with product_scope(V):
                 return entry.fn(*args)[:V.shape[0]].detach()
         with _FORWARD_AD_LOCK:  # checking and tracing run torch.func's forward-mode AD (process-wide state)
             start = time.perf_counter()

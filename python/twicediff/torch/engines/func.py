@@ -12,9 +12,7 @@ from torch import nn
 from ... import ops
 from ..batch import model_args, squeezed_loss
 from .base import PreparedBatch
-from .generic import GenericEngine
-from ..block_cache import reusing_cpu_blocks
-from ..matmul_route import routing_matmuls
+from .generic import GenericEngine, product_scope
 from ..guard import model_call
 from ..forward_mode import formula_failure, reverse_mode_constants
 from ..layer_norm import MIN_DIRECTIONS as FUSED_LAYER_NORM_MIN_DIRECTIONS
@@ -91,8 +89,7 @@ def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tens
     Calls from several threads take turns (forward-mode AD state is process-wide in torch). What
     torch.func refuses (a BatchNorm or Dropout in training mode, an op without a forward-mode
     derivative) is explained by :func:`twicediff.errors.data_errors`, which every caller runs it in."""
-    # The model's lock first.
-    with model_call(model, "hvp"), _FORWARD_AD_LOCK, reusing_cpu_blocks(v.device), routing_matmuls(v):
+    with model_call(model, "hvp"), _FORWARD_AD_LOCK, product_scope(v):  # the model's lock first
         return _func_hvp_unlocked(model, loss, x, y, v, mode)
 
 

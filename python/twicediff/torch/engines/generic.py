@@ -2,16 +2,28 @@
 is, and estimate a direction's working memory from the model's activations."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..batch import call_model, detached, input_tensors
+from ..block_cache import reusing_cpu_blocks
 from ..guard import model_call
+from ..matmul_route import routing_matmuls
 from .base import PreparedBatch, generic_directions_per_chunk
 
-__all__ = ["GenericEngine", "activation_numel"]
+__all__ = ["GenericEngine", "activation_numel", "product_scope"]
+
+
+@contextlib.contextmanager
+def product_scope(v: torch.Tensor) -> Iterator[None]:
+    """What every generic product runs in, for directions ``v``: on the CPU, large blocks reused
+    (:mod:`~twicediff.torch.block_cache`) and float32 matmuls routed
+    (:mod:`~twicediff.torch.matmul_route`); on a GPU, nothing."""
+    with reusing_cpu_blocks(v.device), routing_matmuls(v):
+        yield
 
 
 class GenericEngine:

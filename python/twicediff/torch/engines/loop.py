@@ -7,12 +7,10 @@ from __future__ import annotations
 import torch
 
 from ..batch import call_model, squeezed_loss
-from ..block_cache import reusing_cpu_blocks
-from ..matmul_route import routing_matmuls
 from ..guard import model_call
 from ..mvp import flat_grads, mvp_loop
 from .base import PreparedBatch
-from .generic import GenericEngine
+from .generic import GenericEngine, product_scope
 
 __all__ = ["LoopEngine", "loop_hvp"]
 
@@ -39,7 +37,7 @@ def loop_hvp(model, loss, x, y: torch.Tensor, v: torch.Tensor, mode: str = "hess
         from .autograd import autograd_hvp
 
         return autograd_hvp(model, loss, x, y, v, mode)
-    with model_call(model, "hvp"), reusing_cpu_blocks(v.device), routing_matmuls(v):
+    with model_call(model, "hvp"), product_scope(v):
         params = [p for p in model.parameters() if p.requires_grad]
         flat = flat_grads(torch.autograd.grad(squeezed_loss(loss, call_model(model, x), y), params, create_graph=True,
                                               allow_unused=True), params)  # a parameter not reached: zeros
