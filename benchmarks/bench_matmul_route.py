@@ -13,28 +13,12 @@ added, and how many went to oneDNN, are reported with the time spent timing them
     flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_matmul_route.py \\
         --out benchmarks/results/matmul_route_cpu.md
 """
-import contextlib
-import os
-
 import torch
 
 import harness
 from twicediff import TorchTwiceDifferentiable
 from twicediff.app import bench
 from twicediff.torch import matmul_route
-
-
-@contextlib.contextmanager
-def _route(mode: str):
-    old = os.environ.get(matmul_route.ENV)
-    os.environ[matmul_route.ENV] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[matmul_route.ENV]
-        else:
-            os.environ[matmul_route.ENV] = old
 
 
 def run(preset: str, engine: str, D: int, repeats: int, untimed_first: int):
@@ -45,7 +29,7 @@ def run(preset: str, engine: str, D: int, repeats: int, untimed_first: int):
 
     def call(mode):
         def product():
-            with _route(mode):
+            with harness.environment(matmul_route.ENV, mode):
                 return td.hvp(x, y, V, engine=engine)
         return product
 

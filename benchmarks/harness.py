@@ -165,23 +165,32 @@ def native_gemms(td, x, y, v) -> Callable[[], object]:
 
 
 @contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` within the block, then as it was."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def cpu_gemm(backend: str) -> Iterator[None]:
     """Within the block, the native ops' CPU GEMMs go to ``backend`` (``"auto"``: oneDNN where
     possible; ``"blas"``: ATen's), through the ``TWICEDIFF_CPU_GEMM`` environment variable and,
     for ``"auto"``, an override of the op's timed probe (which would otherwise pick per shape)."""
     from twicediff.torch.engines import probe
 
-    old = os.environ.get("TWICEDIFF_CPU_GEMM")
-    os.environ["TWICEDIFF_CPU_GEMM"] = backend
     probe.set_choice("cpu_gemm", "onednn" if backend == "auto" else None)
     try:
-        yield
+        with environment("TWICEDIFF_CPU_GEMM", backend):
+            yield
     finally:
         probe.set_choice("cpu_gemm", None)
-        if old is None:
-            del os.environ["TWICEDIFF_CPU_GEMM"]
-        else:
-            os.environ["TWICEDIFF_CPU_GEMM"] = old
 
 
 
