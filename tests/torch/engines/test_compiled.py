@@ -163,6 +163,78 @@ def test_a_model_that_cannot_be_compiled_falls_back_to_eager_with_one_log_line(c
     assert compiled_functions()[0]["status"].startswith("eager fallback")
 
 
+class _Encoder(nn.Module):
+    """nn.TransformerEncoderLayer (or a lone nn.MultiheadAttention) under a mean-pooled head: in
+    eval mode, with batch_first and an even head count, torch runs such layers through a fused
+    inference kernel that has no derivatives, unless something keeps it off."""
+
+    def __init__(self, layer: str):
+        super().__init__()
+        self.layer = layer
+        if layer == "encoder":
+            self.body = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        else:
+            self.body = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.body(x) if self.layer == "encoder" else self.body(x, x, x, need_weights=False)[0]
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("layer", ["encoder", "attention"])
+def test_torch_transformer_layers_compile_with_their_fast_path_kept_off(layer):
+    torch.manual_seed(0)
+    model = _Encoder(layer).double().eval()
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = torch.randn(6, 5, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    V = torch.randn(4, td.num_params, dtype=torch.float64)
+    want = td.hvp(x, y, V, engine="autograd")
+    got = td.hvp(x, y, V, engine="compiled")
+    assert [f["status"] for f in compiled_functions()] == ["compiled"]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert torch.backends.mha.get_fastpath_enabled()  # the user's setting, back after the call
+    try:  # a later call whatever the user's setting: compiled code, no recompilation into the kernel
+        torch.backends.mha.set_fastpath_enabled(False)
+        torch.testing.assert_close(td.hvp(x, y, V[:3], engine="compiled"), want[:3], rtol=1e-9, atol=1e-10)
+        assert not torch.backends.mha.get_fastpath_enabled()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(td.hvp(x, y, V, engine="compiled"), want, rtol=1e-9, atol=1e-10)
+    assert [f["status"] for f in compiled_functions()] == ["compiled"]
+
+
+def test_a_later_call_that_cannot_be_compiled_again_falls_back_to_eager(caplog):
+    """A model whose forward branches on an attribute: flipped between calls, the compiled
+    function's guard fails and its new trace has an op dynamo cannot take."""
+    @torch.compiler.disable
+    def opaque(h):
+        return h * 2
+
+    class Switchable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.doubled = nn.Linear(3, 4), nn.Linear(4, 2), False
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.tanh(opaque(h) if self.doubled else h))
+
+    torch.manual_seed(0)
+    model = Switchable().double().eval()
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    V = torch.randn(4, td.num_params, dtype=torch.float64)
+    torch.testing.assert_close(td.hvp(x, y, V, engine="compiled"), td.hvp(x, y, V, engine="autograd"))
+    assert compiled_functions()[0]["status"] == "compiled"
+    model.doubled = True
+    with caplog.at_level(logging.WARNING, logger=compiled.__name__):
+        got = td.hvp(x, y, V, engine="compiled")
+    torch.testing.assert_close(got, td.hvp(x, y, V, engine="autograd"), rtol=1e-10, atol=1e-12)
+    assert compiled_functions()[0]["status"].startswith("eager fallback")
+    assert [r for r in caplog.records if "could not compile" in r.getMessage()]
+
+
 def test_bad_data_is_not_taken_for_a_compiler_failure():
     case = generate_conv_attention(2)
     td = TorchTwiceDifferentiable(case.model, case.loss)

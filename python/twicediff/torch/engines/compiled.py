@@ -14,7 +14,8 @@ Compiling costs seconds to a minute of CPU (tracing, then generating and compili
 so ``engine="auto"`` uses this engine only when the caller expects enough products to repay it
 (:mod:`twicediff.torch.engines.amortise`); ``engine="compiled"`` asks for it outright. When
 compilation fails (an op dynamo or the backend cannot take, a Python construct it cannot trace,
-no C++ compiler), the engine says so in one log line per model and computes with the eager torch.func
+no C++ compiler), on the first call or on a later one that dynamo traces again because one of its
+guards failed (an attribute the forward branches on changed), the engine says so in one log line per model and computes with the eager torch.func
 engine from then on, for that model and shape: the products are the same, only slower.
 
 ``TWICEDIFF_COMPILE_BACKEND`` names the ``torch.compile`` backend (default ``"inductor"``;
@@ -22,6 +23,7 @@ engine from then on, for that model and shape: the products are the same, only s
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -68,6 +70,34 @@ MAX_FUNCTIONS = 32
 
 _names = itertools.count()
 _lock = threading.Lock()
+
+# nn.TransformerEncoderLayer and nn.MultiheadAttention in eval mode run a fused inference kernel (the
+# "fast path", e.g. torch._transformer_encoder_layer_fwd) when no input requires grad. Eagerly,
+# torch.func's transforms keep it off; traced by dynamo under them, the inputs look as if they did
+# not require grad, the graph calls the kernel, which has no derivatives, and compilation fails.
+# The compiled products are traced and run with the fast path off (torch.backends.mha's flag is
+# process-wide: it is set back when the last product in flight ends). Values are the same, and
+# dynamo's guard on the flag holds at every call, so a later call does not recompile into it.
+_fastpath_lock = threading.Lock()
+_fastpath_users = 0
+_fastpath_saved = True
+
+
+@contextlib.contextmanager
+def _without_mha_fastpath():
+    global _fastpath_users, _fastpath_saved
+    with _fastpath_lock:
+        if _fastpath_users == 0:
+            _fastpath_saved = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _fastpath_users += 1
+    try:
+        yield
+    finally:
+        with _fastpath_lock:
+            _fastpath_users -= 1
+            if _fastpath_users == 0:
+                torch.backends.mha.set_fastpath_enabled(_fastpath_saved)
 
 
 @dataclass
@@ -237,7 +267,7 @@ class CompiledEngine(GenericEngine):
             options = _inductor_options(self.model, V.device) if backend == "inductor" else None
             entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=backend,
                                      dynamic=False, fullgraph=True, options=options)
-            with product_scope(V):  # as its later calls run
+            with product_scope(V), _without_mha_fastpath():  # as its later calls run
                 return entry.fn(params, fixed, V, x, y)
         raise AssertionError("unreachable")
 
@@ -264,8 +294,13 @@ class CompiledEngine(GenericEngine):
         padded = V if rows == V.shape[0] else torch.cat([V, V.new_zeros(rows - V.shape[0], V.shape[1])])
         args = (params, fixed, padded, batch.inputs, batch.target)
         if entry.seconds is not None:
-            with product_scope(V):
-                return entry.fn(*args)[:V.shape[0]].detach()
+            try:
+                with product_scope(V), _without_mha_fastpath():
+                    return entry.fn(*args)[:V.shape[0]].detach()
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                # A guard failed (say, an attribute the model's forward branches on changed) and
+                # the new trace could not be compiled: eager from then on, as on a first call.
+                return self._eager_after(entry, key, batch, V, mode, exc, compiled_before=True)
         with _FORWARD_AD_LOCK:  # checking and tracing run torch.func's forward-mode AD (process-wide state)
             start = time.perf_counter()
             try:
@@ -278,13 +313,20 @@ class CompiledEngine(GenericEngine):
                 logger.info("twicediff: compiled the %s product in %.1f s", entry.description, entry.seconds)
         if failure is None:
             return out[:V.shape[0]].detach()
+        return self._eager_after(entry, key, batch, V, mode, failure, compiled_before=False)
+
+    def _eager_after(self, entry: _Compiled, key: Tuple, batch: PreparedBatch, V: torch.Tensor, mode: str,
+                     failure: BaseException, compiled_before: bool) -> torch.Tensor:
+        """The eager product after the compiled call failed with ``failure``, and ``entry`` marked
+        as failed; if the eager product fails too, the call itself is wrong (bad data), not the
+        compiler: its error is raised, and an entry that never compiled is forgotten, so that a
+        corrected call of this shape is compiled again."""
         try:
             result = func_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
         except Exception:
-            # The eager engine fails too: the call itself is wrong (bad data), not the compiler.
-            # Forget the entry, so that a corrected call of this shape is compiled again.
-            with _lock:
-                _functions.pop(key, None)
+            if not compiled_before:
+                with _lock:
+                    _functions.pop(key, None)
             raise
         self._fall_back(entry, failure)
         return result
