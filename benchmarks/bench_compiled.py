@@ -185,7 +185,7 @@ def part3(presets, repeats: int, untimed_first: int, D: int = 64, D_cnn: int = 1
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", action="append", choices=["d_cnn", "d_transformer"])
+    ap.add_argument("--preset", action="append", choices=["d_cnn", "d_transformer", "d_encoder"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--directions", type=int, default=64, help="D of part 1")
     ap.add_argument("--auto-directions", type=int, nargs="+", default=[1, 16, 64, 256])

@@ -39,7 +39,7 @@ def child(args) -> None:
     import twicediff
     from harness import peak_rss_bytes, reset_peak_rss
     from twicediff.torch import TorchTwiceDifferentiable, hessian_operator
-    from twicediff.app.bench import make_mlp
+    from twicediff.app.presets import make_mlp
     from twicediff.torch.solvers.low_rank import _low_rank
 
     twicediff.set_memory_budget(args.budget_mib * 2**20)

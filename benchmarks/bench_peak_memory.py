@@ -102,7 +102,7 @@ def child(method: str, budget: int, trace: bool, widths=WIDTHS) -> dict:
 
     import twicediff
     from twicediff import TorchTwiceDifferentiable
-    from twicediff.app.bench import make_mlp
+    from twicediff.app.presets import make_mlp
     from twicediff.influence import compute_influence_factors
 
     torch.set_num_threads(2)

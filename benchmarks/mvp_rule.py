@@ -11,7 +11,7 @@ import os
 import torch
 
 from harness import git_commit, interleaved_medians, machine
-from twicediff.app.bench import make_mlp
+from twicediff.app.presets import make_mlp
 from twicediff.torch.batch import squeezed_loss
 from twicediff.torch.engines.func import func_hvp
 from twicediff.torch.mvp import mvp_batched, mvp_loop

@@ -167,7 +167,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
     from twicediff import TorchTwiceDifferentiable, memory_budget
     import sys; sys.path.insert(0, BENCHMARKS)
     from harness import peak_rss_bytes, reset_peak_rss
-    from twicediff.app.bench import make_mlp
+    from twicediff.app.presets import make_mlp
     torch.manual_seed(0)
     model, loss, x, y = make_mlp([32, 256, 256, 10], nn.Tanh, 512)
     td = TorchTwiceDifferentiable(model, loss)

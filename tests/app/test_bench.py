@@ -8,6 +8,7 @@ from torch import nn
 
 from twicediff import TorchTwiceDifferentiable
 from twicediff.app import bench
+from twicediff.app.presets import make_mlp
 
 harness = pytest.importorskip("harness", reason="benchmarks/harness.py (tests/conftest.py puts benchmarks/ on sys.path)")
 
@@ -15,7 +16,7 @@ harness = pytest.importorskip("harness", reason="benchmarks/harness.py (tests/co
 @pytest.fixture
 def tiny_preset(monkeypatch):
     presets = dict(bench.PRESETS)
-    presets["tiny"] = ("MLP 4-6-3 Tanh, N=8", lambda device: bench.make_mlp([4, 6, 3], nn.Tanh, 8, device=device))
+    presets["tiny"] = ("MLP 4-6-3 Tanh, N=8", lambda device: make_mlp([4, 6, 3], nn.Tanh, 8, device=device))
     monkeypatch.setattr(bench, "PRESETS", presets)
     return "tiny"
 

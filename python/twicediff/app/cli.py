@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "runs the sweep of the committed tables (D up to 256, 5 repeats). Peak memory "
                     "and the native op's GEMMs alone are measured by benchmarks/bench_mvp.py.")
     p.add_argument("--preset", default="a", help="which model (default: a); the list is in the error for "
-                                                  "an unknown name and in twicediff.app.bench.PRESETS")
+                                                  "an unknown name and in twicediff.app.presets.PRESETS")
     p.add_argument("--full", action="store_true",
                    help="the full sweep: D = 1,16,64,256 and 5 repeats (minutes on a small CPU)")
     p.add_argument("--directions", type=_int_list, default=None, metavar="D1,D2,...",
