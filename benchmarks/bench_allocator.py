@@ -17,7 +17,12 @@ the host's load hits them alike:
 
 The first three are settings a user makes before starting Python; twicediff changes neither.
 
-    PYTHONPATH=python python benchmarks/bench_allocator.py [--threads 2] [--rounds 3] [--out FILE]
+``--baseline`` times the plain-torch per-direction loop instead (the benchmarks' baseline, 16
+directions), in a fresh process per preset, under the default and glibc settings: first alone, then
+after one call of ``vmap(jvp(grad))``, whose large blocks, once freed, raise glibc's mmap threshold.
+It shows how much the baseline's speed depends on what ran before it in the process.
+
+    PYTHONPATH=python python benchmarks/bench_allocator.py [--baseline] [--threads 2] [--rounds 3] [--out FILE]
 """
 from __future__ import annotations
 
@@ -64,11 +69,57 @@ def child(threads: int) -> None:
     print(json.dumps(out))
 
 
+def baseline_child(threads: int, preset: str) -> None:
+    """The loop's ms per call in this fresh process, alone and after one vmap(jvp(grad)) call, as JSON."""
+    import torch
+
+    from harness import median_ms
+    from twicediff.app import bench
+
+    torch.set_num_threads(threads)
+    td, x, y = bench._setup(preset, "cpu")
+    v = bench._directions(td, D, x)
+    loop = bench._method_call("loop", td, x, y, v)
+    loop()  # untimed, as in the benchmarks
+    alone = median_ms(loop, CALLS)
+    bench._method_call("vmap_jvp_grad", td, x, y, v)()
+    print(json.dumps({"alone": alone, "after_vmap": median_ms(loop, CALLS)}))
+
+
+def baseline(args) -> None:
+    settings = {n: {k: v for k, v in SETTINGS[n].items() if k != "TWICEDIFF_CPU_BLOCK_CACHE"}
+                for n in ("default", "glibc")}
+    runs = {(p, n): [] for p in PRESETS for n in settings}
+    for r in range(args.rounds):
+        for p in PRESETS:
+            for n in (list(settings) if r % 2 == 0 else list(reversed(settings))):
+                done = subprocess.run([sys.executable, __file__, "--baseline-child", str(args.threads), p],
+                                      env={**os.environ, **settings[n]}, check=True, capture_output=True, text=True)
+                runs[p, n].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = [f"| {p} | {n} | " + " | ".join(f"{statistics.median(r[k] for r in runs[p, n]):.1f}"
+                                            for k in ("alone", "after_vmap")) + " |" for p, n in runs]
+    emit("\n".join([
+        header("The per-direction loop baseline (16 directions): the CPU allocator's settings", args.threads), "",
+        f"Command: `PYTHONPATH=python python benchmarks/bench_allocator.py --baseline --threads {args.threads} "
+        f"--rounds {args.rounds}`; ms per call of the loop: in each fresh child process (one per preset and "
+        f"setting) the median of {CALLS} calls after one untimed call, then again after one call of "
+        f"vmap(jvp(grad)) on D = {D}; the median over {args.rounds} child processes, the settings alternated. "
+        f"Settings: {'; '.join(f'{n}: ' + (' '.join(f'{k}={v}' for k, v in e.items()) or 'as it is') for n, e in settings.items())}.",
+        "", "| preset | setting | loop alone ms | loop after one vmap call ms |", "|---|---|---|---|", *rows]), args.out)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(int(sys.argv[2]))
         return
-    args = bench_args(__doc__, rounds=3)
+    if sys.argv[1:2] == ["--baseline-child"]:
+        baseline_child(int(sys.argv[2]), sys.argv[3])
+        return
+    args = bench_args(__doc__, rounds=3, add=lambda ap: ap.add_argument(
+        "--baseline", action="store_true", help="time the plain-torch loop baseline instead (see above)"))
+    if args.baseline:
+        baseline(args)
+        return
     runs = {name: [] for name in SETTINGS}
     for r in range(args.rounds):
         order = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))

@@ -338,10 +338,14 @@ def preset_args(doc: str, add: Optional[Callable[[argparse.ArgumentParser], None
     return args
 
 
-def bench_args(doc: str, rounds: int, thread_counts: bool = False) -> argparse.Namespace:
+def bench_args(doc: str, rounds: int, thread_counts: bool = False,
+               add: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
     """--threads (default 2, applied to torch; with ``thread_counts``, a list of counts, default 1 2,
-    for the script to apply in turn), --rounds and --out (a markdown path, or print only)."""
+    for the script to apply in turn), --rounds and --out (a markdown path, or print only); ``add``
+    adds a script's own options."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if add is not None:
+        add(ap)
     if thread_counts:
         ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     else:
