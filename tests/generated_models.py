@@ -17,6 +17,13 @@ compiled engines and the Gauss-Newton product of any model.
 LSTM; batch-first or not, one or two layers, read out at the last step or by the mean), token models
 whose output layer shares the embedding's weight, and around either a frozen parameter, a 0-d
 temperature parameter and a buffer the forward multiplies by.
+
+``generate_torch_attention(seed)`` draws transformers written with torch's own layers:
+nn.TransformerEncoderLayer (pre- or post-norm, ReLU / GELU / a callable activation, with or without
+biases) or nn.MultiheadAttention (attention weights returned or not, extra key/value biases, a
+cross-attention over a second sequence of another width), batch-first or not, with a key-padding or
+causal mask where drawn (a padding mask passed with the batch as a tuple (x, mask); a causal one
+built in the forward).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ACTIVATIONS: List[Callable[[random.Random], nn.Module]] = [
     lambda r: nn.ReLU(),
@@ -142,8 +150,10 @@ def float64_copy(case: Case):
     and class indices stay integers)."""
     import copy
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.double() if t.is_floating_point() else t
+    def cast(t):
+        if isinstance(t, tuple):
+            return tuple(cast(u) for u in t)
+        return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     return copy.deepcopy(case.model).double(), cast(case.x), cast(case.y)
 
@@ -171,7 +181,12 @@ def reference_hessian(case: Case, gauss_newton: bool = False) -> torch.Tensor:
                                   for g, w in zip(grads, wrt)]))
         return torch.stack(out)
 
-    z = model(x)
+    with sdpa_kernel(SDPBackend.MATH):  # torch's fused CPU attention has no double backward
+        return _reference(case, model, x, y, params, loss_of_output, rows, gauss_newton)
+
+
+def _reference(case, model, x, y, params, loss_of_output, rows, gauss_newton):
+    z = model(*x) if isinstance(x, tuple) else model(x)
     if not gauss_newton:
         # A parameter the loss does not reach (unused, or used under torch.no_grad): a zero block.
         g = torch.autograd.grad(loss_of_output(z), params, create_graph=True, allow_unused=True,
@@ -329,3 +344,83 @@ def generate_recurrent(seed: int) -> Case:
     model = model.to(dtype).eval()
     y = _targets(kind, n, outputs, gen, dtype)
     return Case(model, loss, x, y, f"recurrent/tied seed {seed}: {dtype} n={n} steps={steps} {what} loss={loss_name}")
+
+
+class _TorchAttention(nn.Module):
+    """torch's nn.TransformerEncoderLayer or nn.MultiheadAttention (self- or cross-attention) over
+    [N, T, d] (or [T, N, d]) sequences, an optional mask as the forward's second argument, the
+    tokens averaged into a Linear head."""
+
+    def __init__(self, r: random.Random, d: int, outputs: int):
+        super().__init__()
+        self.batch_first = r.random() < 0.6
+        heads = r.choice([h for h in (1, 2, 4) if d % h == 0])
+        bias = r.random() < 0.8
+        self.kind = r.choice(["encoder", "encoder", "self", "cross"])
+        if self.kind == "encoder":
+            activation = r.choice(["relu", "gelu", F.silu])
+            self.body = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, activation=activation,
+                                                   batch_first=self.batch_first, norm_first=r.random() < 0.5,
+                                                   bias=bias)
+            self.what = (f"encoder heads={heads} norm_first={self.body.norm_first} "
+                         f"activation={getattr(activation, '__name__', activation)} bias={bias}")
+        else:
+            self.kv_width = d + 1 if self.kind == "cross" else None
+            self.need_weights = r.random() < 0.5
+            self.body = nn.MultiheadAttention(d, heads, bias=bias, add_bias_kv=r.random() < 0.3,
+                                              kdim=self.kv_width, vdim=self.kv_width, batch_first=self.batch_first)
+            self.what = (f"{self.kind}-attention heads={heads} bias={bias} bias_kv={self.body.bias_k is not None} "
+                         f"need_weights={self.need_weights}")
+        self.head = nn.Linear(d, outputs)
+        self.causal = False
+
+    def forward(self, x, mask=None, memory=None):
+        seq = (lambda t: t) if self.batch_first else (lambda t: t.transpose(0, 1))
+        if self.causal:  # built here: a tensor of the batch has the batch's leading dimension
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype, device=x.device)
+        if self.kind == "encoder":
+            h = self.body(seq(x), **self._masks(mask, x))
+        else:
+            kv = x if memory is None else memory
+            h = self.body(seq(x), seq(kv), seq(kv), need_weights=self.need_weights, **self._masks(mask, x, "mha"))[0]
+        return self.head(seq(h).mean(dim=1))
+
+    @staticmethod
+    def _masks(mask, x, where="encoder"):
+        if mask is None:
+            return {}
+        if mask.dim() == 2 and mask.shape == (x.shape[1], x.shape[1]) and mask.dtype != torch.bool:
+            return {"src_mask" if where == "encoder" else "attn_mask": mask}  # float causal mask
+        return {"src_key_padding_mask" if where == "encoder" else "key_padding_mask": mask}
+
+
+def generate_torch_attention(seed: int) -> Case:
+    """A transformer of torch's own layers (P up to a few hundred), loss and batch (x, or a tuple
+    (x, mask) or (x, None, memory))."""
+    r = random.Random(3_000_017 + seed)
+    dtype = torch.float64 if r.random() < 0.6 else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    n, tokens, d = r.choice([1, 3, 4]), r.choice([2, 3, 5]), r.choice([4, 8])
+    outputs = r.choice([1, 2, 3])
+    with torch.random.fork_rng():  # the weights from the seed, the global generator left alone
+        torch.manual_seed(seed)
+        model = _TorchAttention(r, d, outputs)
+    x = torch.randn(n, tokens, d, generator=gen, dtype=dtype)
+    what = model.what + f" batch_first={model.batch_first}"
+    mask = r.choice([None, "padding", "causal"])
+    if model.kind == "cross":
+        memory = torch.randn(n, tokens + 1, model.kv_width, generator=gen, dtype=dtype)
+        inputs, mask = (x, None, memory), None
+    elif mask == "padding":  # True: a padded key; every row keeps its first token
+        pad = torch.rand(n, tokens, generator=gen) < 0.4
+        pad[:, 0] = False
+        inputs = (x, pad)
+    elif mask == "causal":
+        model.causal, inputs = True, x
+    else:
+        inputs = x
+    kind, reduction, loss, loss_name = _loss(r, outputs)
+    model = model.to(dtype).eval()
+    y = _targets(kind, n, outputs, gen, dtype)
+    return Case(model, loss, inputs, y, f"torch attention seed {seed}: {dtype} n={n} tokens={tokens} d={d} {what} "
+                                        f"mask={mask} loss={loss_name}")

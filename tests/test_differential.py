@@ -8,7 +8,8 @@ TWICEDIFF_STRUCTURED_CASES sets how many convolutional / attention models
 (``generate_conv_attention``) every eager engine and the Gauss-Newton product are checked on
 (default 24); the compiled engine's checks are in tests/torch/engines/test_compiled.py.
 TWICEDIFF_RECURRENT_CASES: the same for recurrent and tied-weight models (``generate_recurrent``,
-default 24).
+default 24). TWICEDIFF_TORCH_ATTENTION_CASES: the same for transformers of torch's own layers
+(``generate_torch_attention``, default 24).
 """
 import os
 
@@ -16,7 +17,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from generated_models import flat_params, generate, generate_conv_attention, generate_recurrent, reference_hessian
+from generated_models import (flat_params, generate, generate_conv_attention, generate_recurrent,
+                              generate_torch_attention, reference_hessian)
 from twicediff import TorchTwiceDifferentiable
 from twicediff.inversion import solve_hvp
 
@@ -25,6 +27,7 @@ FIRST = int(os.environ.get("TWICEDIFF_DIFFERENTIAL_SEED", "0"))
 SEEDS = range(FIRST, FIRST + CASES)
 STRUCTURED = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_STRUCTURED_CASES", "24")))
 RECURRENT = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_RECURRENT_CASES", "24")))
+TORCH_ATTENTION = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_TORCH_ATTENTION_CASES", "24")))
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -123,6 +126,41 @@ def test_the_recurrent_generator_covers_what_it_promises():
                              "temperature=True", "frozen=", "float32", "readout=mean", "readout=last", "n=1")
                  if w in words}
     assert len(seen) == 13, seen
+
+
+def _on(device, x):
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in x) if isinstance(x, tuple) \
+        else x.to(device)
+
+
+@pytest.mark.parametrize("seed", TORCH_ATTENTION)
+def test_torch_attention_layers_every_eager_engine(seed, device):
+    """nn.TransformerEncoderLayer and nn.MultiheadAttention (self and cross, masks, extra key/value
+    biases, returned weights): the Hessian and Gauss-Newton products of every eager engine against
+    float64 autograd, the model left as it was."""
+    case = generate_torch_attention(seed)
+    td = TorchTwiceDifferentiable(case.model.to(device), case.loss)
+    x, y = _on(device, case.x), case.y.to(device)
+    before = {k: v.clone() for k, v in case.model.state_dict().items()}
+    H = reference_hessian(case).to(device)
+    G = reference_hessian(case, gauss_newton=True).to(device)
+    V = torch.randn(3, td.num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+    for engine in ("auto", "func", "autograd", "loop"):
+        for mode, M in (("hessian", H), ("gauss_newton", G)):
+            for rows in (V[:1], V):
+                got = td.hvp(x, y, rows.to(td.dtype), engine=engine, mode=mode)
+                _close(got, rows @ M, td.dtype, f"hvp engine={engine} mode={mode} D={rows.shape[0]}", case)
+    after = case.model.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before), case.description
+
+
+def test_the_torch_attention_generator_covers_what_it_promises():
+    words = ("encoder", "self-attention", "cross-attention", "norm_first=True", "norm_first=False",
+             "activation=silu", "activation=gelu", "activation=relu", "bias=False", "bias_kv=True",
+             "need_weights=True", "batch_first=False", "batch_first=True", "mask=padding", "mask=causal",
+             "float32", "n=1")
+    seen = {w for seed in TORCH_ATTENTION for w in words if w in generate_torch_attention(seed).description}
+    assert seen == set(words), set(words) - seen
 
 
 @pytest.mark.parametrize("seed", SEEDS[:50])

@@ -56,7 +56,7 @@ from torch import nn
 
 from ..errors import ModelChangedError
 
-__all__ = ["model_call", "model_lock"]
+__all__ = ["math_attention", "model_call", "model_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
-def _math_attention():
+def math_attention():
     """A context that restricts scaled-dot-product attention to its math backend (a no-op on a
     torch without ``torch.nn.attention``)."""
     try:
@@ -208,7 +208,7 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
         saved += [(w, w.detach().clone()) for w in reading.renormed]
         depth[id(model)] = depth.get(id(model), 0) + 1
         try:
-            with torch.enable_grad(), _math_attention(), _without_autocast():
+            with torch.enable_grad(), math_attention(), _without_autocast():
                 yield
         finally:
             depth[id(model)] -= 1

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import twicediff
-from generated_models import generate, generate_conv_attention, reference_hessian
+from generated_models import generate, generate_conv_attention, generate_torch_attention, reference_hessian
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch.engines import compiled, probe
 from twicediff.torch.engines.amortise import DEFAULT_COMPILE_SECONDS, compile_pays, compile_seconds_estimate
@@ -59,7 +59,9 @@ def _products(case, variants=("forward", "reverse"), modes=("hessian", "gauss_ne
 
 @pytest.mark.parametrize("case, variants", [(generate_conv_attention(1), ("forward", "reverse")),
                                              (generate_conv_attention(3), ("forward",)), (generate(4), ("forward",)),
-                                             (generate(11), ("forward", "reverse"))],
+                                             (generate(11), ("forward", "reverse")),
+                                             (generate_torch_attention(0), ("forward",)),
+                                             (generate_torch_attention(1), ("forward", "reverse"))],
                          ids=lambda c: c.description.split(":")[0] if hasattr(c, "description") else "+".join(c))
 def test_compiled_products_match_float64(case, variants):
     _products(case, variants)

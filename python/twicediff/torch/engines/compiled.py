@@ -39,6 +39,7 @@ from torch import nn
 
 from ..batch import input_tensors, model_args, squeezed_loss
 from ..forward_mode import reverse_mode_constants
+from ..guard import math_attention
 from ..stateless import functional_call, slot_names, split_params
 from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp
@@ -71,20 +72,23 @@ MAX_FUNCTIONS = 32
 _names = itertools.count()
 _lock = threading.Lock()
 
-# nn.TransformerEncoderLayer and nn.MultiheadAttention in eval mode run a fused inference kernel (the
-# "fast path", e.g. torch._transformer_encoder_layer_fwd) when no input requires grad. Eagerly,
-# torch.func's transforms keep it off; traced by dynamo under them, the inputs look as if they did
-# not require grad, the graph calls the kernel, which has no derivatives, and compilation fails.
-# The compiled products are traced and run with the fast path off (torch.backends.mha's flag is
-# process-wide: it is set back when the last product in flight ends). Values are the same, and
-# dynamo's guard on the flag holds at every call, so a later call does not recompile into it.
+# Attention, as every derivative needs it. nn.TransformerEncoderLayer and nn.MultiheadAttention in eval
+# mode run a fused inference kernel (the "fast path", e.g. torch._transformer_encoder_layer_fwd) when
+# no input requires grad. Eagerly, torch.func's transforms keep it off; traced by dynamo under them,
+# the inputs look as if they did not require grad, the graph calls the kernel, which has no
+# derivatives, and compilation fails. The compiled products are traced and run with the fast path
+# off (torch.backends.mha's flag is process-wide: it is set back when the last product in flight
+# ends), and with scaled-dot-product attention on its math backend (guard.math_attention; the
+# fused CPU kernel has neither forward-mode nor double-backward rules), also where the engine is
+# called without twicediff's guard. Values are the same, and dynamo's guards on both hold at every
+# call, so a later call does not recompile into either kernel.
 _fastpath_lock = threading.Lock()
 _fastpath_users = 0
 _fastpath_saved = True
 
 
 @contextlib.contextmanager
-def _without_mha_fastpath():
+def _attention_for_derivatives():
     global _fastpath_users, _fastpath_saved
     with _fastpath_lock:
         if _fastpath_users == 0:
@@ -92,7 +96,8 @@ def _without_mha_fastpath():
             torch.backends.mha.set_fastpath_enabled(False)
         _fastpath_users += 1
     try:
-        yield
+        with math_attention():
+            yield
     finally:
         with _fastpath_lock:
             _fastpath_users -= 1
@@ -267,7 +272,7 @@ class CompiledEngine(GenericEngine):
             options = _inductor_options(self.model, V.device) if backend == "inductor" else None
             entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=backend,
                                      dynamic=False, fullgraph=True, options=options)
-            with product_scope(V), _without_mha_fastpath():  # as its later calls run
+            with product_scope(V):  # as its later calls run
                 return entry.fn(params, fixed, V, x, y)
         raise AssertionError("unreachable")
 
@@ -285,6 +290,10 @@ class CompiledEngine(GenericEngine):
         cap = self.max_directions(batch)
         if V.shape[0] > cap:
             return torch.cat([self.apply(batch, V[s:s + cap], mode) for s in range(0, V.shape[0], cap)])
+        with _attention_for_derivatives():  # checking, tracing, running and any eager fallback alike
+            return self._apply_chunk(batch, V, mode, cap)
+
+    def _apply_chunk(self, batch: PreparedBatch, V: torch.Tensor, mode: str, cap: int) -> torch.Tensor:
         names, params, fixed = split_params(self.model)
         rows = _bucket(V.shape[0], cap)
         key = self._key(batch, mode, rows, names, params, fixed)
@@ -295,7 +304,7 @@ class CompiledEngine(GenericEngine):
         args = (params, fixed, padded, batch.inputs, batch.target)
         if entry.seconds is not None:
             try:
-                with product_scope(V), _without_mha_fastpath():
+                with product_scope(V):
                     return entry.fn(*args)[:V.shape[0]].detach()
             except torch._dynamo.exc.TorchDynamoException as exc:
                 # A guard failed (say, an attribute the model's forward branches on changed) and
