@@ -137,6 +137,24 @@ def test_stock_attention_is_twice_differentiable(which):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("setting", [True, False])
+def test_the_transformer_fast_path_setting_is_left_as_the_user_set_it(setting):
+    """Inside a call the MHA / transformer inference fast path is off (it has no derivatives);
+    after it, torch.backends.mha's flag is what the user set, nested calls included."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(3 * 8, 2)).eval().double()
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = torch.randn(4, 3, 8, dtype=torch.float64), torch.randint(0, 2, (4,))
+    torch.backends.mha.set_fastpath_enabled(setting)
+    try:
+        td.hvp(x, y, torch.randn(2, td.num_params, dtype=torch.float64))  # auto: probes nest calls
+        td.hessian(x, y)
+        assert torch.backends.mha.get_fastpath_enabled() is setting
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
 def test_max_norm_embedding_weights_left_as_found_and_every_engine_agrees(monkeypatch):
     """nn.Embedding(max_norm=...) renormalizes the rows it looks up, in place, in every forward
     pass: every call used to leave the user's table renormalized. The weights are now written back;

@@ -85,3 +85,32 @@ def test_the_autograd_fallback_takes_tuples_with_other_entries(caplog, monkeypat
     torch.testing.assert_close(packed, one_at_a_time(model, x, y, 5), rtol=1e-10, atol=1e-12)
     full = model.grad(x, y)
     torch.testing.assert_close(packed.mean(0), full, rtol=1e-10, atol=1e-12)  # the mean loss's gradient
+
+
+class _PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder over padded token sequences: in eval mode, with a key-padding mask and
+    its fast path on, it packs the batch into nested tensors, which have no vmap rules."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, pad):
+        return self.head(self.encoder(x, src_key_padding_mask=pad).mean(dim=1))
+
+
+def test_torch_transformer_layers_take_the_vmapped_path(caplog, monkeypatch):
+    monkeypatch.setattr(per_sample, "_logged_fallback", set())
+    torch.manual_seed(0)
+    model = twicediff.TorchTwiceDifferentiable(_PaddedEncoder().to(DT).eval(), F.cross_entropy)
+    pad = torch.zeros(6, 5, dtype=torch.bool)
+    pad[::2, -2:] = True
+    x, y = (torch.randn(6, 5, 8, dtype=DT), pad), torch.randint(0, 3, (6,))
+    with caplog.at_level(logging.WARNING):
+        blocks = per_sample_grads(model, x, y)
+    assert "cannot run this model" not in caplog.text
+    packed = torch.cat([b.reshape(6, -1) for b in blocks], 1)
+    torch.testing.assert_close(packed, one_at_a_time(model, x, y, 6), rtol=1e-10, atol=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()  # the user's setting, back after the call

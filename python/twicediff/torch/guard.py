@@ -33,7 +33,12 @@
 - A Dropout in training mode makes every product random: said once per model (a warning).
 - Stock attention: ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention`` and
   ``nn.TransformerEncoderLayer``) picks a fused CPU kernel that has no second derivative; inside
-  the call only the math backend is allowed, which every derivative supports.
+  the call only the math backend is allowed, which every derivative supports. Those modules (and
+  ``nn.TransformerEncoder``) also have an inference "fast path" (fused kernels, nested tensors for
+  padded batches) that they take when no input seems to require grad: under torch.func's
+  transforms and dynamo's tracing they can be wrong about that, and the fast path has no
+  derivatives and no vmap rules. It is switched off inside the call (``torch.backends.mha``'s
+  flag, process-wide; set back when the last call in flight ends). Values are the same.
 - Under ``torch.inference_mode()`` nothing can be differentiated: a RuntimeError naming it. Under
   ``torch.no_grad()`` gradients are enabled inside the call (twicediff's functions are derivatives).
 - Autocast (``torch.autocast``, as around a mixed-precision training step) is off inside the call:
@@ -56,7 +61,7 @@ from torch import nn
 
 from ..errors import ModelChangedError
 
-__all__ = ["math_attention", "model_call", "model_lock"]
+__all__ = ["attention_for_derivatives", "model_call", "model_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
-def math_attention():
+def _math_attention():
     """A context that restricts scaled-dot-product attention to its math backend (a no-op on a
     torch without ``torch.nn.attention``)."""
     try:
@@ -83,6 +88,33 @@ def math_attention():
     except ImportError:  # older torch: no selection API, and no fused CPU kernel either
         return contextlib.nullcontext()
     return sdpa_kernel(SDPBackend.MATH)
+
+
+_fastpath_lock = threading.Lock()
+_fastpath_users = 0
+_fastpath_saved = True
+
+
+@contextlib.contextmanager
+def attention_for_derivatives() -> Iterator[None]:
+    """Attention as derivatives need it (the module docstring, "Stock attention"): scaled-dot-product
+    attention on its math backend, and the MHA / transformer fast path off. Re-entrant and safe
+    across threads: the flag is set back when the last context in flight exits."""
+    global _fastpath_users, _fastpath_saved
+    mha = getattr(torch.backends, "mha", None)  # older torch: no switch
+    with _fastpath_lock:
+        if _fastpath_users == 0 and mha is not None:
+            _fastpath_saved = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+        _fastpath_users += 1
+    try:
+        with _math_attention():
+            yield
+    finally:
+        with _fastpath_lock:
+            _fastpath_users -= 1
+            if _fastpath_users == 0 and mha is not None:
+                mha.set_fastpath_enabled(_fastpath_saved)
 
 
 def _without_autocast() -> contextlib.ExitStack:
@@ -208,7 +240,7 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
         saved += [(w, w.detach().clone()) for w in reading.renormed]
         depth[id(model)] = depth.get(id(model), 0) + 1
         try:
-            with torch.enable_grad(), math_attention(), _without_autocast():
+            with torch.enable_grad(), attention_for_derivatives(), _without_autocast():
                 yield
         finally:
             depth[id(model)] -= 1

@@ -23,7 +23,6 @@ engine from then on, for that model and shape: the products are the same, only s
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -39,7 +38,7 @@ from torch import nn
 
 from ..batch import input_tensors, model_args, squeezed_loss
 from ..forward_mode import reverse_mode_constants
-from ..guard import math_attention
+from ..guard import attention_for_derivatives
 from ..stateless import functional_call, slot_names, split_params
 from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp
@@ -72,37 +71,13 @@ MAX_FUNCTIONS = 32
 _names = itertools.count()
 _lock = threading.Lock()
 
-# Attention, as every derivative needs it. nn.TransformerEncoderLayer and nn.MultiheadAttention in eval
-# mode run a fused inference kernel (the "fast path", e.g. torch._transformer_encoder_layer_fwd) when
-# no input requires grad. Eagerly, torch.func's transforms keep it off; traced by dynamo under them,
-# the inputs look as if they did not require grad, the graph calls the kernel, which has no
-# derivatives, and compilation fails. The compiled products are traced and run with the fast path
-# off (torch.backends.mha's flag is process-wide: it is set back when the last product in flight
-# ends), and with scaled-dot-product attention on its math backend (guard.math_attention; the
-# fused CPU kernel has neither forward-mode nor double-backward rules), also where the engine is
-# called without twicediff's guard. Values are the same, and dynamo's guards on both hold at every
-# call, so a later call does not recompile into either kernel.
-_fastpath_lock = threading.Lock()
-_fastpath_users = 0
-_fastpath_saved = True
-
-
-@contextlib.contextmanager
-def _attention_for_derivatives():
-    global _fastpath_users, _fastpath_saved
-    with _fastpath_lock:
-        if _fastpath_users == 0:
-            _fastpath_saved = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-        _fastpath_users += 1
-    try:
-        with math_attention():
-            yield
-    finally:
-        with _fastpath_lock:
-            _fastpath_users -= 1
-            if _fastpath_users == 0:
-                torch.backends.mha.set_fastpath_enabled(_fastpath_saved)
+# Attention, as every derivative needs it (guard.attention_for_derivatives): traced by dynamo under
+# torch.func's transforms, nn.TransformerEncoderLayer and nn.MultiheadAttention in eval mode take
+# their inference fast path (inputs look as if they did not require grad), whose kernel has no
+# derivatives, and compilation fails; SDPA's fused CPU kernel has no forward-mode rule. The engine
+# enters the context itself, also where it is called without twicediff's guard (the benchmarks),
+# so that checking, tracing and every later call see the same settings and dynamo's guards on them
+# hold: a later call does not recompile into either kernel.
 
 
 @dataclass
@@ -290,7 +265,7 @@ class CompiledEngine(GenericEngine):
         cap = self.max_directions(batch)
         if V.shape[0] > cap:
             return torch.cat([self.apply(batch, V[s:s + cap], mode) for s in range(0, V.shape[0], cap)])
-        with _attention_for_derivatives():  # checking, tracing, running and any eager fallback alike
+        with attention_for_derivatives():  # checking, tracing, running and any eager fallback alike
             return self._apply_chunk(batch, V, mode, cap)
 
     def _apply_chunk(self, batch: PreparedBatch, V: torch.Tensor, mode: str, cap: int) -> torch.Tensor:
