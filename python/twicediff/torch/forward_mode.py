@@ -22,7 +22,9 @@ An in-place op's output is left as it is (it is the tensor it was given).
 
 The func engine also asks it to route ``F.layer_norm`` (``nn.LayerNorm``) to
 :func:`twicediff.torch.layer_norm.layer_norm`, whose forward-mode rules are fused native ops: same
-values, same derivatives, fewer passes over the batched tangents. The compiled engine does not: its
+values, same derivatives, fewer passes over the batched tangents; and nn.MultiheadAttention's
+plain self-attention to :func:`twicediff.torch.attention.self_attention`, the same attention
+without the copies and zero-filled select backwards of torch's packed projection. The compiled engine does not: its
 compiler fuses torch's own rules. Those rules differentiate LayerNorm's backward forward only: a
 product taken reverse over reverse runs under a context without them.
 
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from .attention import applies as _attention_applies, self_attention as _self_attention
 from .layer_norm import applies as _fused_applies, layer_norm as _fused_layer_norm
 
 __all__ = ["FORMULA_FAILURES", "formula_failure", "reverse_mode_constants"]
@@ -84,9 +87,10 @@ def _layer_norm_call(args: Tuple, kwargs: Dict[str, Any]) -> Optional[Tuple]:
 
 
 class _ReverseModeConstants(TorchFunctionMode):
-    def __init__(self, fused_layer_norm: bool):
+    def __init__(self, fused_layer_norm: bool, packed_attention: bool):
         super().__init__()
         self.fused_layer_norm = fused_layer_norm
+        self.packed_attention = packed_attention
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -94,6 +98,11 @@ class _ReverseModeConstants(TorchFunctionMode):
             call = _layer_norm_call(args, kwargs)
             if call is not None:
                 return _fused_layer_norm(*call)
+        if func is F.multi_head_attention_forward and self.packed_attention and torch.is_grad_enabled():
+            bound = _attention_applies(args, kwargs)
+            if bound is not None:
+                return _self_attention(bound["query"], bound["num_heads"], bound["in_proj_weight"],
+                                       bound["in_proj_bias"], bound["out_proj_weight"], bound["out_proj_bias"])
         out = func(*args, **kwargs)
         if not torch.is_grad_enabled():
             if isinstance(out, torch.Tensor) and any(out is a for a in args):
@@ -106,12 +115,13 @@ class _ReverseModeConstants(TorchFunctionMode):
         return out
 
 
-def reverse_mode_constants(fused_layer_norm: bool = False) -> TorchFunctionMode:
+def reverse_mode_constants(fused_layer_norm: bool = False, packed_attention: bool = False) -> TorchFunctionMode:
     """A context under which forward mode holds constant what reverse mode does (see the module
     docstring). Enter it around a forward-mode product; ``fused_layer_norm``: route the model's
-    layer_norm calls to the fused rules (eager products)."""
+    layer_norm calls to the fused rules (eager products); ``packed_attention``: route the
+    self-attention calls of nn.MultiheadAttention that :mod:`twicediff.torch.attention` takes to it."""
     _load_jvp_decompositions()
-    return _ReverseModeConstants(fused_layer_norm)
+    return _ReverseModeConstants(fused_layer_norm, packed_attention)
 
 
 _jvp_decompositions_loaded = False

@@ -106,9 +106,11 @@ def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: 
 
     tangents = _directions_as_params(v, names, params)
     # Forward mode holds constant what reverse mode does; its products take the fused LayerNorm
-    # rules on enough directions. The reverse-over-reverse fallback differentiates LayerNorm's
-    # backward in reverse mode, which those rules do not: it runs under torch's.
-    forward = reverse_mode_constants(fused_layer_norm=v.shape[0] >= FUSED_LAYER_NORM_MIN_DIRECTIONS)
+    # rules on enough directions, and the packed self-attention (torch.attention). The
+    # reverse-over-reverse fallback differentiates LayerNorm's backward in reverse mode, which
+    # those rules do not: it runs under torch's.
+    forward = reverse_mode_constants(fused_layer_norm=v.shape[0] >= FUSED_LAYER_NORM_MIN_DIRECTIONS,
+                                     packed_attention=True)
     if mode == "hessian":
         try:
             with forward:
