@@ -141,9 +141,10 @@ def _untransformable(message: str, where: str, data: str) -> str:
         engines, first = "torch.func cannot trace that, so the engines built on it", "call model.eval() first, or "
     else:
         return ""
-    return (f"{where}: {what} (met running the model and loss on {data}); {engines} (engine='func', and "
-            f"'compiled' where it falls back to eager) cannot take this model: {first}use engine='autograd' or "
-            "'loop', or 'auto', which uses the engines that run. torch says: ")
+    # The compiled engine's eager fallback computes in reverse mode where forward mode lacks a rule.
+    which = "engine='func'" if engines == forward_mode else "engine='func', and 'compiled' where it falls back to eager"
+    return (f"{where}: {what} (met running the model and loss on {data}); {engines} ({which}) cannot take this "
+            f"model: {first}use engine='autograd' or 'loop', or 'auto', which uses the engines that run. torch says: ")
 
 
 @contextlib.contextmanager

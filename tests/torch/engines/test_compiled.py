@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import twicediff
-from generated_models import generate, generate_conv_attention, generate_torch_attention, reference_hessian
+from generated_models import (generate, generate_conv_attention, generate_recurrent, generate_torch_attention,
+                              reference_hessian)
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch.engines import compiled, probe
 from twicediff.torch.engines.amortise import DEFAULT_COMPILE_SECONDS, compile_pays, compile_seconds_estimate
@@ -234,6 +235,21 @@ def test_a_later_call_that_cannot_be_compiled_again_falls_back_to_eager(caplog):
         got = td.hvp(x, y, V, engine="compiled")
     torch.testing.assert_close(got, td.hvp(x, y, V, engine="autograd"), rtol=1e-10, atol=1e-12)
     assert compiled_functions()[0]["status"].startswith("eager fallback")
+    assert [r for r in caplog.records if "could not compile" in r.getMessage()]
+
+
+def test_a_model_neither_compiled_nor_in_forward_mode_is_computed_by_autograd(caplog):
+    """A float32 LSTM on the CPU: dynamo does not compile RNNs, and torch has no forward-mode rule
+    for its oneDNN kernel; the eager fallback takes reverse-over-reverse, the same product."""
+    case = generate_recurrent(0)
+    assert "LSTM" in case.description and case.x.dtype == torch.float32, case.description
+    td = TorchTwiceDifferentiable(case.model, case.loss)
+    V = torch.randn(3, td.num_params, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger=compiled.__name__):
+        for mode in ("hessian", "gauss_newton"):
+            M = reference_hessian(case, gauss_newton=mode == "gauss_newton")
+            _check(case, td, td.hvp(case.x, case.y, V, engine="compiled", mode=mode), V, M, f"compiled {mode}")
+    assert all(f["status"].startswith("eager fallback") for f in compiled_functions())
     assert [r for r in caplog.records if "could not compile" in r.getMessage()]
 
 

@@ -15,8 +15,11 @@ so ``engine="auto"`` uses this engine only when the caller expects enough produc
 (:mod:`twicediff.torch.engines.amortise`); ``engine="compiled"`` asks for it outright. When
 compilation fails (an op dynamo or the backend cannot take, a Python construct it cannot trace,
 no C++ compiler), on the first call or on a later one that dynamo traces again because one of its
-guards failed (an attribute the forward branches on changed), the engine says so in one log line per model and computes with the eager torch.func
-engine from then on, for that model and shape: the products are the same, only slower.
+guards failed (an attribute the forward branches on changed), the engine says so in one log line per
+model and computes eagerly from then on, for that model and shape: with the torch.func engine, or
+the autograd engine where torch has no forward-mode rule for one of the model's ops (dynamo does not
+compile RNN, GRU or LSTM, and torch's float32 LSTM on the CPU has no forward-mode rule). The products
+are the same, only slower.
 
 ``TWICEDIFF_COMPILE_BACKEND`` names the ``torch.compile`` backend (default ``"inductor"``;
 ``"aot_eager"`` traces without generating kernels: quick to compile, slower to run).
@@ -40,6 +43,7 @@ from ..batch import input_tensors, model_args, squeezed_loss
 from ..forward_mode import reverse_mode_constants
 from ..guard import attention_for_derivatives
 from ..stateless import functional_call, slot_names, split_params
+from .autograd import autograd_hvp
 from .base import PreparedBatch, generic_directions_per_chunk
 from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp
 from .gemm_fold import FoldBroadcastBmm
@@ -112,6 +116,19 @@ def forget_compiled() -> None:
     with _lock:
         _functions.clear()
         _failed_models.clear()
+
+
+def _eager_product(model: nn.Module, loss: Callable, x, y: torch.Tensor, V: torch.Tensor, mode: str) -> torch.Tensor:
+    """The product without compiling: torch.func's, the faster eager one, or autograd's where torch
+    has no forward-mode rule for an op of the model (the same product); where neither runs, the
+    func engine's error."""
+    try:
+        return func_hvp(model, loss, x, y, V, mode)
+    except NotImplementedError as missing:
+        try:
+            return autograd_hvp(model, loss, x, y, V, mode)
+        except Exception:  # noqa: BLE001 - the call itself is wrong: say what the first engine met
+            raise missing from None
 
 
 def _bucket(D: int, cap: int) -> int:
@@ -274,7 +291,7 @@ class CompiledEngine(GenericEngine):
         key = self._key(batch, mode, rows, names, params, fixed)
         entry = self._entry(key, names, params, mode, rows, batch)
         if entry.error:
-            return func_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
+            return _eager_product(self.model, self.loss, batch.inputs, batch.target, V, mode)
         padded = V if rows == V.shape[0] else torch.cat([V, V.new_zeros(rows - V.shape[0], V.shape[1])])
         args = (params, fixed, padded, batch.inputs, batch.target)
         if entry.seconds is not None:
@@ -306,7 +323,7 @@ class CompiledEngine(GenericEngine):
         compiler: its error is raised, and an entry that never compiled is forgotten, so that a
         corrected call of this shape is compiled again."""
         try:
-            result = func_hvp(self.model, self.loss, batch.inputs, batch.target, V, mode)
+            result = _eager_product(self.model, self.loss, batch.inputs, batch.target, V, mode)
         except Exception:
             if not compiled_before:
                 with _lock:
@@ -325,4 +342,4 @@ class CompiledEngine(GenericEngine):
             _failed_models.add(id(self.model))
         if first:
             logger.warning("twicediff: torch.compile could not compile the products of %s (%s); computing "
-                           "them with the eager torch.func engine", type(self.model).__name__, reason)
+                           "them eagerly", type(self.model).__name__, reason)
