@@ -90,6 +90,19 @@ def test_structured_models_every_eager_engine_and_gauss_newton(seed, device):
                 _close(got, rows @ M, td.dtype, f"hvp engine={engine} mode={mode} D={rows.shape[0]}", case)
 
 
+def _problem(case, seed: int, device):
+    """(wrapped model, x, y on device, the model's state before any call, the float64 Hessian and
+    Gauss-Newton matrix, three float64 directions) of a generated case; x a tensor or a tuple."""
+    td = TorchTwiceDifferentiable(case.model.to(device), case.loss)
+    x = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in case.x) if isinstance(case.x, tuple) \
+        else case.x.to(device)
+    before = {k: v.clone() for k, v in case.model.state_dict().items()}
+    H = reference_hessian(case).to(device)
+    G = reference_hessian(case, gauss_newton=True).to(device)
+    V = torch.randn(3, td.num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+    return td, x, case.y.to(device), before, H, G, V
+
+
 @pytest.mark.parametrize("seed", RECURRENT)
 def test_recurrent_and_tied_weight_models_every_eager_engine(seed, device):
     """RNN / GRU / LSTM and token models with a tied output layer: the Hessian and Gauss-Newton
@@ -98,12 +111,7 @@ def test_recurrent_and_tied_weight_models_every_eager_engine(seed, device):
     float32 LSTM on the CPU, through oneDNN), the func engine must say so and name the engines that
     take the model, and those must be right."""
     case = generate_recurrent(seed)
-    td = TorchTwiceDifferentiable(case.model.to(device), case.loss)
-    x, y = case.x.to(device), case.y.to(device)
-    before = {k: v.clone() for k, v in case.model.state_dict().items()}
-    H = reference_hessian(case).to(device)
-    G = reference_hessian(case, gauss_newton=True).to(device)
-    V = torch.randn(3, td.num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+    td, x, y, before, H, G, V = _problem(case, seed, device)
     for engine in ("auto", "func", "autograd", "loop"):
         for mode, M in (("hessian", H), ("gauss_newton", G)):
             try:
@@ -128,23 +136,13 @@ def test_the_recurrent_generator_covers_what_it_promises():
     assert len(seen) == 13, seen
 
 
-def _on(device, x):
-    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in x) if isinstance(x, tuple) \
-        else x.to(device)
-
-
 @pytest.mark.parametrize("seed", TORCH_ATTENTION)
 def test_torch_attention_layers_every_eager_engine(seed, device):
     """nn.TransformerEncoderLayer and nn.MultiheadAttention (self and cross, masks, extra key/value
     biases, returned weights): the Hessian and Gauss-Newton products of every eager engine against
     float64 autograd, the model left as it was."""
     case = generate_torch_attention(seed)
-    td = TorchTwiceDifferentiable(case.model.to(device), case.loss)
-    x, y = _on(device, case.x), case.y.to(device)
-    before = {k: v.clone() for k, v in case.model.state_dict().items()}
-    H = reference_hessian(case).to(device)
-    G = reference_hessian(case, gauss_newton=True).to(device)
-    V = torch.randn(3, td.num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+    td, x, y, before, H, G, V = _problem(case, seed, device)
     for engine in ("auto", "func", "autograd", "loop"):
         for mode, M in (("hessian", H), ("gauss_newton", G)):
             for rows in (V[:1], V):
