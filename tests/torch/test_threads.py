@@ -163,3 +163,31 @@ def test_gemm_library_choice_stays_in_its_thread():
         assert all(flags), f"torch.backends.mkldnn.enabled was False in {flags.count(False)} of {len(flags)} looks"
     finally:
         probe.set_choice("cpu_gemm", None)
+
+
+def test_threads_on_attention_models_leave_the_fast_path_setting_as_it_was():
+    """Each call switches torch's MHA fast path off while it runs (guard.attention_for_derivatives);
+    calls overlapping in several threads must not leave it off, nor get other results."""
+    models = []
+    for seed in range(THREADS):
+        torch.manual_seed(seed)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        module = nn.Sequential(layer, nn.Flatten(), nn.Linear(24, 3)).double().eval()
+        td = TorchTwiceDifferentiable(module, F.cross_entropy)
+        x, y = torch.randn(4, 3, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+        v = torch.randn(2, td.num_params, dtype=torch.float64)
+        models.append((td, x, y, v, td.hvp(x, y, v, engine="func")))
+    errors, mismatches = [], []
+
+    def work(i):
+        td, x, y, v, want = models[i]
+        try:
+            for _ in range(10):
+                got = td.hvp(x, y, v, engine="func")
+                if not torch.equal(got, want):
+                    mismatches.append(i)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion
+            errors.append(repr(exc))
+
+    _run_threads(work, errors, mismatches)
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -37,8 +37,10 @@
   ``nn.TransformerEncoder``) also have an inference "fast path" (fused kernels, nested tensors for
   padded batches) that they take when no input seems to require grad: under torch.func's
   transforms and dynamo's tracing they can be wrong about that, and the fast path has no
-  derivatives and no vmap rules. It is switched off inside the call (``torch.backends.mha``'s
-  flag, process-wide; set back when the last call in flight ends). Values are the same.
+  derivatives and no vmap rules. It is switched off inside the call. Both settings are
+  process-wide (``torch.backends.mha``'s flag, SDPA's backend flags): they are set by the first call
+  in flight and put back by the last, so calls in several threads do not undo each other's. Values
+  are the same.
 - Under ``torch.inference_mode()`` nothing can be differentiated: a RuntimeError naming it. Under
   ``torch.no_grad()`` gradients are enabled inside the call (twicediff's functions are derivatives).
 - Autocast (``torch.autocast``, as around a mixed-precision training step) is off inside the call:
@@ -90,31 +92,42 @@ def _math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-_fastpath_lock = threading.Lock()
-_fastpath_users = 0
-_fastpath_saved = True
+# Both settings are process-wide (torch.backends.mha's flag, and the SDPA backend flags that
+# torch.nn.attention.sdpa_kernel sets and restores): the first context in flight sets them, the last
+# one out puts back what it found. Set and restored per call instead, a call ending in one thread
+# restored the fused kernel under a call still running in another, which then failed.
+_attention_lock = threading.Lock()
+_attention_users = 0
+_attention_saved: Tuple = ()
 
 
 @contextlib.contextmanager
 def attention_for_derivatives() -> Iterator[None]:
     """Attention as derivatives need it (the module docstring, "Stock attention"): scaled-dot-product
     attention on its math backend, and the MHA / transformer fast path off. Re-entrant and safe
-    across threads: the flag is set back when the last context in flight exits."""
-    global _fastpath_users, _fastpath_saved
+    across threads: the settings are put back when the last context in flight exits."""
+    global _attention_users, _attention_saved
     mha = getattr(torch.backends, "mha", None)  # older torch: no switch
-    with _fastpath_lock:
-        if _fastpath_users == 0 and mha is not None:
-            _fastpath_saved = mha.get_fastpath_enabled()
-            mha.set_fastpath_enabled(False)
-        _fastpath_users += 1
+    with _attention_lock:
+        if _attention_users == 0:
+            fastpath = mha.get_fastpath_enabled() if mha is not None else None
+            if mha is not None:
+                mha.set_fastpath_enabled(False)
+            math = _math_attention()
+            math.__enter__()
+            _attention_saved = (fastpath, math)
+        _attention_users += 1
     try:
-        with _math_attention():
-            yield
+        yield
     finally:
-        with _fastpath_lock:
-            _fastpath_users -= 1
-            if _fastpath_users == 0 and mha is not None:
-                mha.set_fastpath_enabled(_fastpath_saved)
+        with _attention_lock:
+            _attention_users -= 1
+            if _attention_users == 0:
+                fastpath, math = _attention_saved
+                math.__exit__(None, None, None)
+                if mha is not None:
+                    mha.set_fastpath_enabled(fastpath)
+                _attention_saved = ()
 
 
 def _without_autocast() -> contextlib.ExitStack:
