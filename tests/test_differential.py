@@ -139,8 +139,8 @@ def test_the_recurrent_generator_covers_what_it_promises():
 @pytest.mark.parametrize("seed", TORCH_ATTENTION)
 def test_torch_attention_layers_every_eager_engine(seed, device):
     """nn.TransformerEncoderLayer and nn.MultiheadAttention (self and cross, masks, extra key/value
-    biases, returned weights): the Hessian and Gauss-Newton products of every eager engine against
-    float64 autograd, the model left as it was."""
+    biases, returned weights): the Hessian and Gauss-Newton products of every eager engine and the
+    explicit Hessian against float64 autograd, the model left as it was."""
     case = generate_torch_attention(seed)
     td, x, y, before, H, G, V = _problem(case, seed, device)
     for engine in ("auto", "func", "autograd", "loop"):
@@ -148,6 +148,7 @@ def test_torch_attention_layers_every_eager_engine(seed, device):
             for rows in (V[:1], V):
                 got = td.hvp(x, y, rows.to(td.dtype), engine=engine, mode=mode)
                 _close(got, rows @ M, td.dtype, f"hvp engine={engine} mode={mode} D={rows.shape[0]}", case)
+    _close(td.hessian(x, y), H, td.dtype, "hessian", case)
     after = case.model.state_dict()
     assert all(torch.equal(before[k], after[k].cpu()) for k in before), case.description
 
