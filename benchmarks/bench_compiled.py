@@ -1,4 +1,5 @@
-"""The compiled engine and ``auto``'s measured choice on the CNN and transformer presets.
+"""The compiled engine and ``auto``'s measured choice on the CNN and transformer presets (d_cnn,
+d_transformer, and d_encoder: the same block written with ``nn.TransformerEncoderLayer``).
 
 Part 1 (D = 64 by default): the compiled engine (torch.compile of the batched forward-over-reverse
 product, and of reverse-over-reverse) against the per-direction loop (pyDVL 0.7's mvp, timed on
@@ -18,7 +19,7 @@ layout on and off on three max-pool CNNs of growing width (``compiled.CPU_CHANNE
 ``--skip layout`` leaves these out).
 
     flock /tmp/bench.lock env PYTHONPATH=python python benchmarks/bench_compiled.py \
-        --preset d_cnn --preset d_transformer --out benchmarks/results/compiled_cpu.md
+        --preset d_cnn --preset d_transformer --preset d_encoder --out benchmarks/results/compiled_cpu.md
 """
 import argparse
 import copy
