@@ -24,18 +24,31 @@ def _module(seed: int):
     return mha, x
 
 
-def _torch(mha, x):
+def _torch(mha, x, pad=None):
     return F.multi_head_attention_forward(x, x, x, mha.embed_dim, mha.num_heads, mha.in_proj_weight,
                                           mha.in_proj_bias, None, None, False, 0.0, mha.out_proj.weight,
-                                          mha.out_proj.bias, training=False, need_weights=False)[0]
+                                          mha.out_proj.bias, training=False, need_weights=False,
+                                          key_padding_mask=pad)[0]
 
 
-@pytest.mark.parametrize("seed", range(12))
+def _padding(seed: int, x: torch.Tensor):
+    """None, or a key-padding mask [N, L] (bool, or torch's additive -inf form) that keeps each
+    sequence's first key."""
+    kind = random.Random(seed).choice([None, "bool", "float"])
+    if kind is None:
+        return None
+    pad = torch.rand(x.shape[1], x.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.5
+    pad[:, 0] = False
+    return pad if kind == "bool" else torch.zeros(pad.shape, dtype=x.dtype).masked_fill_(pad, float("-inf"))
+
+
+@pytest.mark.parametrize("seed", range(16))
 def test_values_and_derivatives_are_torchs(seed):
     mha, x = _module(seed)
+    pad = _padding(seed, x)
     ours = self_attention(x, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
-                          mha.out_proj.bias)[0]
-    torch.testing.assert_close(ours, _torch(mha, x), rtol=1e-12, atol=1e-12)
+                          mha.out_proj.bias, pad)[0]
+    torch.testing.assert_close(ours, _torch(mha, x, pad), rtol=1e-12, atol=1e-12)
     params = [p for p in mha.parameters()]
 
     def second(fn):  # d/dθ of (∇θ sum(out²)) · u: second derivatives through every weight
@@ -45,8 +58,8 @@ def test_values_and_derivatives_are_torchs(seed):
             return torch.autograd.grad(sum((a * b).sum() for a, b in zip(g, u)), params)
 
     for a, b in zip(second(lambda: self_attention(x, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias,
-                                                  mha.out_proj.weight, mha.out_proj.bias)[0]),
-                    second(lambda: _torch(mha, x))):
+                                                  mha.out_proj.weight, mha.out_proj.bias, pad)[0]),
+                    second(lambda: _torch(mha, x, pad))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -58,9 +71,12 @@ def test_what_is_left_to_torch():
                 out_proj_bias=mha.out_proj.bias, training=False, need_weights=False)
     assert applies((), base) is not None
     mask = torch.zeros(x.shape[1], x.shape[0], dtype=torch.bool)
+    assert applies((), {**base, "key_padding_mask": mask}) is not None
     other = x.clone()
     for change in ({"key": other, "value": other}, {"need_weights": True}, {"training": True},
-                   {"key_padding_mask": mask}, {"attn_mask": torch.zeros(x.shape[0], x.shape[0])},
+                   {"key_padding_mask": torch.zeros(x.shape[1], x.shape[0] + 1, dtype=torch.bool)},
+                   {"key_padding_mask": mask.float()},
+                   {"attn_mask": torch.zeros(x.shape[0], x.shape[0])},
                    {"is_causal": True}, {"add_zero_attn": True}, {"bias_k": torch.zeros(1, 1, x.shape[2])},
                    {"use_separate_proj_weight": True}, {"query": x[0], "key": x[0], "value": x[0]},
                    {"embed_dim_to_check": x.shape[2] + 1}, {"unknown": 1}):

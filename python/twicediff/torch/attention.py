@@ -12,7 +12,8 @@ this saves: the commit that added this module).
 attention and out-projection, in the same order) from views of the projection, whose backward is
 one stack. It takes the common case only (:func:`applies`): self-attention (query, key and value
 the same tensor, batched), the packed in-projection, no extra key/value biases or zero attention,
-no dropout, no masks, no attention weights returned; anything else goes to torch's function.
+no dropout, no attention weights returned, no mask but a key-padding one; anything else goes to
+torch's function.
 The func engine's forward-mode context routes the calls it takes (twicediff.torch.forward_mode).
 Values agree with torch's to rounding (the GEMMs see other memory layouts).
 """
@@ -55,8 +56,12 @@ def applies(args: Tuple, kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         return None
     if not isinstance(w, torch.Tensor) or tuple(w.shape) != (3 * E, E) or bound["use_separate_proj_weight"]:
         return None
-    unused = ("bias_k", "bias_v", "key_padding_mask", "attn_mask", "static_k", "static_v")
+    unused = ("bias_k", "bias_v", "attn_mask", "static_k", "static_v")
     if any(bound[name] is not None for name in unused) or bound["add_zero_attn"] or bound["is_causal"]:
+        return None
+    pad = bound["key_padding_mask"]  # [N, L]: True (or -inf) where a key is padding
+    if pad is not None and not (isinstance(pad, torch.Tensor) and tuple(pad.shape) == (q.shape[1], q.shape[0])
+                                and pad.device == q.device and pad.dtype in (torch.bool, q.dtype)):
         return None
     if bound["need_weights"] or (bound["training"] and bound["dropout_p"] > 0.0):
         return None
@@ -65,14 +70,22 @@ def applies(args: Tuple, kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 def self_attention(query: torch.Tensor, num_heads: int, in_proj_weight: torch.Tensor,
                    in_proj_bias: Optional[torch.Tensor], out_proj_weight: torch.Tensor,
-                   out_proj_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, None]:
+                   out_proj_bias: Optional[torch.Tensor],
+                   key_padding_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, None]:
     """(attention output [L, N, E], None) of ``query`` [L, N, E] attending to itself, as
-    ``F.multi_head_attention_forward`` computes it in the case :func:`applies` admits."""
+    ``F.multi_head_attention_forward`` computes it in the case :func:`applies` admits;
+    ``key_padding_mask`` [N, L]: True (or -inf, added to the scores) at keys no query attends to."""
     L, N, E = query.shape
     head = E // num_heads
     proj = F.linear(query, in_proj_weight, in_proj_bias)  # [L, N, 3E]: q, k, v side by side
     # [L, N, 3, H, head] -> [3, N, H, L, head]: views, and unbind's backward is one stack
     q, k, v = proj.view(L, N, 3, num_heads, head).permute(2, 1, 3, 0, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v)  # [N, H, L, head]
+    mask = None
+    if key_padding_mask is not None:  # as torch's: an additive float mask, broadcast over heads and queries
+        mask = key_padding_mask
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(mask, float("-inf"))
+        mask = mask.view(N, 1, 1, L)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, H, L, head]
     out = out.permute(2, 0, 1, 3).reshape(L * N, E)
     return F.linear(out, out_proj_weight, out_proj_bias).view(L, N, E), None

@@ -102,7 +102,8 @@ class _ReverseModeConstants(TorchFunctionMode):
             bound = _attention_applies(args, kwargs)
             if bound is not None:
                 return _self_attention(bound["query"], bound["num_heads"], bound["in_proj_weight"],
-                                       bound["in_proj_bias"], bound["out_proj_weight"], bound["out_proj_bias"])
+                                       bound["in_proj_bias"], bound["out_proj_weight"], bound["out_proj_bias"],
+                                       bound["key_padding_mask"])
         out = func(*args, **kwargs)
         if not torch.is_grad_enabled():
             if isinstance(out, torch.Tensor) and any(out is a for a in args):
