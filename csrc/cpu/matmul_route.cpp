@@ -87,16 +87,20 @@ bool refused_by_onednn(Call call) {
   }
 }
 
+// oneDNN's result, or ATen's where oneDNN refuses the call.
+template <class Aten, class Ours>
+at::Tensor onednn_else_aten(Aten aten, Ours ours) {
+  at::Tensor out;
+  if (refused_by_onednn([&] { out = ours(); })) return aten();
+  return out;
+}
+
 // ATen's result, or oneDNN's where this shape class is (or is now found to be) faster there.
 // writes_out: both calls write the caller's out= tensor, so the timing's last write is oneDNN's and
 // the winner runs once more.
 template <class Aten, class Ours>
 at::Tensor route(const Key& key, Aten aten, Ours ours, bool writes_out = false) {
-  if (t_untimed >> (t_depth - 1) & 1) {
-    at::Tensor out;
-    if (refused_by_onednn([&] { out = ours(); })) return aten();
-    return out;
-  }
+  if (t_untimed >> (t_depth - 1) & 1) return onednn_else_aten(aten, ours);
   bool known = false, to_onednn = false, full = false;
   {
     std::lock_guard<std::mutex> lock(mutex);
@@ -105,14 +109,7 @@ at::Tensor route(const Key& key, Aten aten, Ours ours, bool writes_out = false) 
     if (known) to_onednn = it->second;
     full = seconds_deciding >= kDecideBudgetSeconds || static_cast<int64_t>(chosen.size()) >= kMaxClasses;
   }
-  if (known || full) {
-    if (to_onednn) {
-      at::Tensor out;
-      if (refused_by_onednn([&] { out = ours(); })) return aten();
-      return out;
-    }
-    return aten();
-  }
+  if (known || full) return to_onednn ? onednn_else_aten(aten, ours) : aten();
   // New class: one untimed oneDNN call (it creates and caches its kernel for the shape), then the
   // best of up to three alternations of each; a single one when the GEMM is long, where the choice
   // matters less than the time it would take. The winner's result is returned, so that every call
@@ -157,9 +154,18 @@ OneDnnMatmul routed(std::initializer_list<const at::Tensor*> ts) {
   return onednn_matmul();
 }
 
+// The arguments the routed kernels take; anything else goes to ATen, which checks and reports it.
+bool mm_args(const at::Tensor& a, const at::Tensor& b) {
+  return a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0);
+}
+
+bool bmm_args(const at::Tensor& a, const at::Tensor& b) {
+  return a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1);
+}
+
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   const OneDnnMatmul fn = routed({&a, &b});
-  if (fn == nullptr || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0)) return at::cpu::mm(a, b);
+  if (fn == nullptr || !mm_args(a, b)) return at::cpu::mm(a, b);
   return route(
       KeyBuilder(kMm).tensor(a).tensor(b).key(), [&] { return at::cpu::mm(a, b); },
       [&] {
@@ -182,9 +188,7 @@ void onednn_bmm(OneDnnMatmul fn, const at::Tensor& a, const at::Tensor& b, const
 
 at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
   const OneDnnMatmul fn = routed({&a, &b});
-  if (fn == nullptr || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1)) {
-    return at::cpu::bmm(a, b);
-  }
+  if (fn == nullptr || !bmm_args(a, b)) return at::cpu::bmm(a, b);
   return route(
       KeyBuilder(kBmm).tensor(a).tensor(b).key(), [&] { return at::cpu::bmm(a, b); },
       [&] {
@@ -200,24 +204,32 @@ bool broadcasts(const at::Tensor& c, int64_t m, int64_t n) {
   return c.dim() == 2 && (c.size(0) == 1 || c.size(0) == m) && (c.size(1) == 1 || c.size(1) == n);
 }
 
+bool addmm_args(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Scalar& beta,
+                const at::Scalar& alpha) {
+  return mm_args(a, b) && broadcasts(c, a.size(0), b.size(1)) && !beta.isComplex() && !alpha.isComplex();
+}
+
+// out = beta c + alpha a b by oneDNN, out [m, n] not sharing storage with c. beta = 0: c is not
+// read, as in ATen (its NaNs do not reach the result).
+void onednn_addmm(OneDnnMatmul fn, const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double beta,
+                  double alpha, const at::Tensor& out) {
+  if (beta != 0.0) out.copy_(c.expand({a.size(0), b.size(1)}));
+  fn(a, b, out, static_cast<float>(beta), static_cast<float>(alpha));
+}
+
 at::Tensor addmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Scalar& beta,
                  const at::Scalar& alpha) {
   const OneDnnMatmul fn = routed({&c, &a, &b});
-  if (fn == nullptr || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
-      !broadcasts(c, a.size(0), b.size(1)) || beta.isComplex() || alpha.isComplex()) {
-    return at::cpu::addmm(c, a, b, beta, alpha);
-  }
+  if (fn == nullptr || !addmm_args(c, a, b, beta, alpha)) return at::cpu::addmm(c, a, b, beta, alpha);
   const double beta_ = beta.toDouble(), alpha_ = alpha.toDouble();
   return route(
       KeyBuilder(kAddmm).scalar(beta_).scalar(alpha_).tensor(c).tensor(a).tensor(b).key(),
       [&] { return at::cpu::addmm(c, a, b, beta, alpha); },
       [&] {
         // A fresh out, whatever c's layout: expand(...).contiguous() would be c itself when c is
-        // [m, n] and contiguous, and oneDNN would write the result into the caller's tensor. beta = 0:
-        // c is not read, as in ATen (its NaNs do not reach the result).
+        // [m, n] and contiguous, and oneDNN would write the result into the caller's tensor.
         auto out = at::empty({a.size(0), b.size(1)}, a.options());
-        if (beta_ != 0.0) out.copy_(c.expand({a.size(0), b.size(1)}));
-        fn(a, b, out, static_cast<float>(beta_), static_cast<float>(alpha_));
+        onednn_addmm(fn, c, a, b, beta_, alpha_, out);
         return out;
       });
 }
@@ -240,8 +252,7 @@ bool writable_out(const at::Tensor& out, at::IntArrayRef shape, std::initializer
 // The out= forms, which inductor's compiled products call (its extern GEMM kernels).
 at::Tensor& mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const OneDnnMatmul fn = routed({&a, &b, &out});
-  if (fn == nullptr || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
-      !writable_out(out, {a.size(0), b.size(1)}, {&a, &b})) {
+  if (fn == nullptr || !mm_args(a, b) || !writable_out(out, {a.size(0), b.size(1)}, {&a, &b})) {
     return at::cpu::mm_outf(a, b, out);
   }
   route(
@@ -256,8 +267,7 @@ at::Tensor& mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
 
 at::Tensor& bmm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const OneDnnMatmul fn = routed({&a, &b, &out});
-  if (fn == nullptr || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) || a.size(2) != b.size(1) ||
-      !writable_out(out, {a.size(0), a.size(1), b.size(2)}, {&a, &b})) {
+  if (fn == nullptr || !bmm_args(a, b) || !writable_out(out, {a.size(0), a.size(1), b.size(2)}, {&a, &b})) {
     return at::cpu::bmm_outf(a, b, out);
   }
   route(
@@ -273,8 +283,7 @@ at::Tensor& bmm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
 at::Tensor& addmm_out(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, const at::Scalar& beta,
                       const at::Scalar& alpha, at::Tensor& out) {
   const OneDnnMatmul fn = routed({&c, &a, &b, &out});
-  if (fn == nullptr || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) ||
-      !broadcasts(c, a.size(0), b.size(1)) || beta.isComplex() || alpha.isComplex() ||
+  if (fn == nullptr || !addmm_args(c, a, b, beta, alpha) ||
       !writable_out(out, {a.size(0), b.size(1)}, {&a, &b, &c})) {
     return at::cpu::addmm_outf(c, a, b, beta, alpha, out);
   }
@@ -283,8 +292,7 @@ at::Tensor& addmm_out(const at::Tensor& c, const at::Tensor& a, const at::Tensor
       KeyBuilder(kAddmmOut).scalar(beta_).scalar(alpha_).tensor(c).tensor(a).tensor(b).tensor(out).key(),
       [&] { return at::cpu::addmm_outf(c, a, b, beta, alpha, out); },
       [&] {
-        if (beta_ != 0.0) out.copy_(c.expand({a.size(0), b.size(1)}));
-        fn(a, b, out, static_cast<float>(beta_), static_cast<float>(alpha_));
+        onednn_addmm(fn, c, a, b, beta_, alpha_, out);
         return out;
       },
       /*writes_out=*/true);
