@@ -41,7 +41,7 @@ from torch import nn
 
 from ..batch import input_tensors, model_args, squeezed_loss
 from ..forward_mode import reverse_mode_constants
-from ..guard import attention_for_derivatives
+from ..guard import model_call
 from ..stateless import functional_call, slot_names, split_params
 from .autograd import autograd_hvp
 from .base import PreparedBatch, generic_directions_per_chunk
@@ -74,14 +74,6 @@ MAX_FUNCTIONS = 32
 
 _names = itertools.count()
 _lock = threading.Lock()
-
-# Attention, as every derivative needs it (guard.attention_for_derivatives): traced by dynamo under
-# torch.func's transforms, nn.TransformerEncoderLayer and nn.MultiheadAttention in eval mode take
-# their inference fast path (inputs look as if they did not require grad), whose kernel has no
-# derivatives, and compilation fails; SDPA's fused CPU kernel has no forward-mode rule. The engine
-# enters the context itself, also where it is called without twicediff's guard (the benchmarks),
-# so that checking, tracing and every later call see the same settings and dynamo's guards on them
-# hold: a later call does not recompile into either kernel.
 
 
 @dataclass
@@ -282,7 +274,12 @@ class CompiledEngine(GenericEngine):
         cap = self.max_directions(batch)
         if V.shape[0] > cap:
             return torch.cat([self.apply(batch, V[s:s + cap], mode) for s in range(0, V.shape[0], cap)])
-        with attention_for_derivatives():  # checking, tracing, running and any eager fallback alike
+        # Under the model's guard, as every engine's product (also where the engine is called without
+        # one around it, as the benchmarks do): among the rest, attention as derivatives need it. Traced
+        # by dynamo under torch.func's transforms, torch's attention layers would otherwise take their
+        # inference fast path, which has no derivatives; checking, tracing and every later call see the
+        # same settings, so dynamo's guards on them hold and a later call does not recompile.
+        with model_call(self.model, "hvp"):
             return self._apply_chunk(batch, V, mode, cap)
 
     def _apply_chunk(self, batch: PreparedBatch, V: torch.Tensor, mode: str, cap: int) -> torch.Tensor:
