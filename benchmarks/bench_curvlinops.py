@@ -11,8 +11,9 @@ extension (torch==2.14.1, taken from local disk):
 
 Methods (each computes H V for V [P, D], H the Hessian of the mean loss on the batch):
 - ``curvlinops``: ``HessianLinearOperator(model, loss, params, [(x, y)]) @ V`` (vmap over the D
-  columns of jvp(jacrev(loss)), all at once), under torch's math attention (which torch's attention
-  layers need for second derivatives; a no-op on the other presets);
+  columns of jvp(jacrev(loss)), all at once), under the attention settings twicediff's calls use
+  (math SDPA, no fast path: torch's attention layers need them for second derivatives; a no-op on
+  the other presets);
 - ``curvlinops_compiled``: the same with its per-batch product function (``_mp``) under
   ``torch.compile`` (curvlinops has no compiled mode of its own);
 - ``twicediff_auto``: ``TorchTwiceDifferentiable.hvp(x, y, V.T)`` as a user calls it (eager), with the
@@ -28,6 +29,7 @@ from torch import nn
 import harness
 from twicediff import TorchTwiceDifferentiable
 from twicediff.app import bench
+from twicediff.torch.guard import attention_for_derivatives
 
 LOSSES = {"F.cross_entropy": nn.CrossEntropyLoss, "F.mse_loss": nn.MSELoss}
 
@@ -56,7 +58,7 @@ def run(preset: str, D: int, repeats: int, untimed_first: int):
     Hc.__dict__["_mp"] = torch.compile(Hc._mp)  # its cached per-batch product function, compiled
     def under_math_attention(f):  # as curvlinops' users must run it on torch's attention layers
         def call():
-            with bench.second_order_attention():
+            with attention_for_derivatives():
                 return f()
         return call
 

@@ -22,6 +22,7 @@ from torch.func import functional_call, grad, jacrev, jvp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 from twicediff import TorchTwiceDifferentiable  # noqa: E402
 from twicediff.app import bench  # noqa: E402
+from twicediff.torch.guard import attention_for_derivatives  # noqa: E402
 
 
 def reference_products(model, loss, x, y, V):
@@ -85,7 +86,7 @@ def main():
     V = torch.randn(td.num_params, args.directions, dtype=torch.float64)
     ours = td.hvp(x, y, V.T.contiguous(), engine="autograd").T
     loss_module = {"cross_entropy": nn.CrossEntropyLoss, "mse_loss": nn.MSELoss}[loss.__name__]()
-    with bench.second_order_attention():  # what plain torch needs on torch's attention layers (d_encoder)
+    with attention_for_derivatives():  # what plain torch needs on torch's attention layers (d_encoder)
         ref = reference_products(model, loss, x, y, V)
         theirs = HessianLinearOperator(model, loss_module, [p for p in model.parameters() if p.requires_grad],
                                        [(x, y)], check_deterministic=False) @ V

@@ -32,11 +32,12 @@ import torch
 
 from ..memory import memory_budget
 from ..progress import progress_bar
+from ..torch.guard import attention_for_derivatives
 from .presets import PRESETS
 
 __all__ = ["FULL_DIRECTIONS", "PRESETS", "QUICK_DIRECTIONS", "TABLE_HEADER", "UNTIMED_FIRST", "format_row",
            "format_table", "interleaved_medians", "interleaved_medians_by_clock", "plot", "run",
-           "second_order_attention", "timing_words", "to_json"]
+           "timing_words", "to_json"]
 
 ENGINES = ("native", "func", "autograd")
 BASELINES = ("loop", "vmap_jvp_grad")
@@ -115,14 +116,9 @@ def interleaved_medians_by_clock(fns: Dict[str, Callable[[], object]], repeats: 
     return {c: {k: statistics.median(t) for k, t in per.items()} for c, per in times.items()}
 
 
-def second_order_attention():
-    """What plain torch needs for second derivatives of attention: its math backend (the fused
-    CPU kernel of ``F.scaled_dot_product_attention``, under ``nn.TransformerEncoderLayer`` and
-    ``nn.MultiheadAttention``, has no double backward). The baselines run under it; twicediff's
-    calls choose it themselves. Models without attention are unaffected."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
+# The baselines run their products under the attention settings twicediff's calls use
+# (guard.attention_for_derivatives): torch's fused attention kernels have no second derivatives,
+# so plain torch needs them too. Models without attention are unaffected.
 
 
 def _loop_mvp(model, loss, x, y, v):
@@ -130,7 +126,7 @@ def _loop_mvp(model, loss, x, y, v):
     from ..torch.batch import squeezed_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
-    with second_order_attention():
+    with attention_for_derivatives():
         g = torch.autograd.grad(squeezed_loss(loss, model(x), y), params, create_graph=True)
         g = torch.cat([t.reshape(-1) for t in g])
         z = (g * v).sum(dim=1)
@@ -140,11 +136,6 @@ def _loop_mvp(model, loss, x, y, v):
 
 def _vmap_jvp_grad(model, loss, x, y, v):
     """Plain torch.func forward-over-reverse: vmap(jvp(grad(L))) over all directions at once."""
-    with second_order_attention():
-        return _plain_vmap_jvp_grad(model, loss, x, y, v)
-
-
-def _plain_vmap_jvp_grad(model, loss, x, y, v):
     from torch.func import functional_call, grad, jvp, vmap
 
     from ..torch.batch import squeezed_loss
@@ -156,7 +147,8 @@ def _plain_vmap_jvp_grad(model, loss, x, y, v):
         tangents[n] = v[:, col:col + p.numel()].reshape(v.shape[0], *p.shape)
         col += p.numel()
     grad_fn = grad(lambda p: squeezed_loss(loss, functional_call(model, p, (x,)), y))
-    out = vmap(lambda t: jvp(grad_fn, (params,), (t,))[1])(tangents)
+    with attention_for_derivatives():
+        out = vmap(lambda t: jvp(grad_fn, (params,), (t,))[1])(tangents)
     return torch.cat([out[n].reshape(v.shape[0], -1) for n, _ in named], dim=1)
 
 
