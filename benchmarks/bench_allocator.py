@@ -47,6 +47,11 @@ D = 64
 CALLS = 5
 
 
+def _settings_words(settings) -> str:
+    """The settings as the tables list them: "name: VAR=value ...; ..." ("as it is" for none)."""
+    return "; ".join(f"{n}: " + (" ".join(f"{k}={v}" for k, v in e.items()) or "as it is") for n, e in settings.items())
+
+
 def child(threads: int) -> None:
     """One process's medians: {preset: {chunk: ms per call}} as JSON on stdout."""
     import torch
@@ -104,7 +109,7 @@ def baseline(args) -> None:
         f"--rounds {args.rounds}`; ms per call of the loop: in each fresh child process (one per preset and "
         f"setting) the median of {CALLS} calls after one untimed call, then again after one call of "
         f"vmap(jvp(grad)) on D = {D}; the median over {args.rounds} child processes, the settings alternated. "
-        f"Settings: {'; '.join(f'{n}: ' + (' '.join(f'{k}={v}' for k, v in e.items()) or 'as it is') for n, e in settings.items())}.",
+        f"Settings: {_settings_words(settings)}.",
         "", "| preset | setting | loop alone ms | loop after one vmap call ms |", "|---|---|---|---|", *rows]), args.out)
 
 
@@ -141,7 +146,7 @@ def main() -> None:
         f"Command: `PYTHONPATH=python python benchmarks/bench_allocator.py --threads {args.threads} --rounds "
         f"{args.rounds}`; ms per call: in each child process the median of {CALLS} calls, then the median over "
         f"{args.rounds} child processes per setting, the settings alternated round by round. "
-        f"Settings: {'; '.join(f'{n}: ' + (' '.join(f'{k}={v}' for k, v in e.items()) or 'as it is') for n, e in SETTINGS.items())}.",
+        f"Settings: {_settings_words(SETTINGS)}.",
         "",
         "| preset | directions per chunk | " + " | ".join(f"{n} ms" for n in SETTINGS) + " | "
         + " | ".join(f"× default ({n})" for n in others) + " |",
