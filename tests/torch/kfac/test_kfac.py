@@ -348,6 +348,21 @@ def test_layers_left_out_are_reported(caplog):
         off += p.numel()
 
 
+def test_weight_normalised_layers_are_left_out():
+    """A weight-normalised Linear's weight is computed from its parameters (g, v): the factors
+    describe the weight, so the layer is left out (it crashed with a KeyError), and naming it is an
+    error saying why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
+    model = model.double().eval()
+    x, y = torch.randn(12, 4, dtype=DT), torch.randint(0, 3, (12,))
+    f = KFACFactors.fit(model, F.cross_entropy, _loader(x, y, 4))
+    assert [t.name for t in f.layers] == ["2"]
+    assert {"0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"} <= set(f.left_out)
+    with pytest.raises(ValueError, match=r"layers\[0\] = '0' cannot be tracked: its weight or bias is computed"):
+        find_layers(model, ["0"])
+
+
 def test_leaving_most_parameters_out_is_a_warning(caplog):
     model = _mlp()
     x, y = _data("mlp")

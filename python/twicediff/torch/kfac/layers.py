@@ -108,6 +108,10 @@ def _supported(module: nn.Module) -> Optional[str]:
 def _unsupported_reason(module: nn.Module) -> Optional[str]:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
         return f"a grouped convolution (groups = {module.groups})"
+    if not all(isinstance(t, nn.Parameter) for t in (module.weight, module.bias) if t is not None):
+        # The factors describe the curvature in the weight itself, not in the parameters it is made of.
+        return ("its weight or bias is computed from other parameters (a parametrization such as "
+                "nn.utils.parametrizations.weight_norm, or nn.utils.weight_norm's hook)")
     if not module.weight.requires_grad:
         return "its weight does not require grad"
     if module.bias is not None and not module.bias.requires_grad:
