@@ -19,6 +19,7 @@ from twicediff.errors import EngineChoiceError, ModelChangedError
 from twicediff.influence import compute_influences, compute_self_influences
 from twicediff.inversion import solve_hvp
 from twicediff.torch import TorchTensorUtilities, TorchTwiceDifferentiable, hessian_operator
+from twicediff.torch.embedding_bag import embedding_bag
 from twicediff.torch.functional import get_hvp_function
 from twicediff.torch.util import align_structure, reshape_vector_to_tensors
 from twicediff.torch.kfac import KFACFactors
@@ -349,6 +350,19 @@ CASES = [
      ValueError, ["native", "label_smoothing"]),
     ("hvp", "a sparse embedding (sparse=True)", lambda: _embedding_hvp(sparse=True),
      ValueError, ["hvp", "module '0'", "Embedding", "sparse=True", "sparse=False"]),
+    ("hvp", "an embedding that scales its gradient by frequency (scale_grad_by_freq=True)",
+     lambda: _embedding_hvp(scale_grad_by_freq=True),
+     ValueError, ["hvp", "module '0'", "Embedding", "scale_grad_by_freq=True", "not symmetric",
+                  "scale_grad_by_freq=False"]),
+    ("embedding_bag", "per_sample_weights with mode='mean'",
+     lambda: embedding_bag(torch.tensor([[1, 2]]), torch.randn(4, 3), per_sample_weights=torch.ones(1, 2)),
+     ValueError, ["embedding_bag", "per_sample_weights", "mode='sum'", "mode='mean'"]),
+    ("embedding_bag", "a 2D input with offsets",
+     lambda: embedding_bag(torch.tensor([[1, 2]]), torch.randn(4, 3), torch.tensor([0])),
+     ValueError, ["embedding_bag", "2D input", "offsets must be None", "(1,)"]),
+    ("embedding_bag", "a padding index outside the table",
+     lambda: embedding_bag(torch.tensor([[1, 2]]), torch.randn(4, 3), padding_idx=4),
+     ValueError, ["embedding_bag", "padding_idx", "[-4, 4)", "got 4"]),
     ("hvp", "a gradient hook on a parameter", lambda: _hooked("parameter"),
      ValueError, ["hvp", "parameter '0.weight'", "gradient hook", "handle.remove()"]),
     ("hvp", "a backward hook on a module", lambda: _hooked("module"),

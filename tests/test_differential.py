@@ -9,7 +9,8 @@ TWICEDIFF_STRUCTURED_CASES sets how many convolutional / attention models
 (default 24); the compiled engine's checks are in tests/torch/engines/test_compiled.py.
 TWICEDIFF_RECURRENT_CASES: the same for recurrent and tied-weight models (``generate_recurrent``,
 default 24). TWICEDIFF_TORCH_ATTENTION_CASES: the same for transformers of torch's own layers
-(``generate_torch_attention``, default 24).
+(``generate_torch_attention``, default 24). TWICEDIFF_ROUTED_CASES: the same for models with
+EmbeddingBag or weight normalisation (``generate_routed``, default 24).
 """
 import os
 
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from generated_models import (flat_params, generate, generate_conv_attention, generate_recurrent,
                               generate_torch_attention, reference_hessian)
+from routed_models import generate_routed
 from twicediff import TorchTwiceDifferentiable
 from twicediff.inversion import solve_hvp
 
@@ -28,6 +30,7 @@ SEEDS = range(FIRST, FIRST + CASES)
 STRUCTURED = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_STRUCTURED_CASES", "24")))
 RECURRENT = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_RECURRENT_CASES", "24")))
 TORCH_ATTENTION = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_TORCH_ATTENTION_CASES", "24")))
+ROUTED = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_ROUTED_CASES", "24")))
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -160,6 +163,31 @@ def test_the_torch_attention_generator_covers_what_it_promises():
              "float32", "n=1")
     seen = {w for seed in TORCH_ATTENTION for w in words if w in generate_torch_attention(seed).description}
     assert seen == set(words), set(words) - seen
+
+
+@pytest.mark.parametrize("seed", ROUTED)
+def test_embedding_bag_and_weight_norm_every_eager_engine(seed, device):
+    """nn.EmbeddingBag (torch has no second derivative of it) and weight normalisation (torch's is
+    wrong): the Hessian and Gauss-Newton products of every eager engine and the explicit Hessian
+    against float64 references computed with both ops spelled out, the model left as it was."""
+    case = generate_routed(seed)
+    td, x, y, before, H, G, V = _problem(case, seed, device)
+    for engine in ("auto", "func", "autograd", "loop"):
+        for mode, M in (("hessian", H), ("gauss_newton", G)):
+            got = td.hvp(x, y, V.to(td.dtype), engine=engine, mode=mode)
+            _close(got, V @ M, td.dtype, f"hvp engine={engine} mode={mode}", case)
+    _close(td.hessian(x, y), H, td.dtype, "hessian", case)
+    after = case.model.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before), case.description
+
+
+def test_the_routed_generator_covers_what_it_promises():
+    words = ("mode=sum", "mode=mean", "mode=max", "padding_idx=None", "padding_idx=0", "padding_idx=-1",
+             "weighted=True", "flat=True", "flat=False", "conv1d", "linear", "weight_norm=parametrization",
+             "weight_norm=hook", "weight_norm=None", "dim=0", "dim=1", "dim=None", "float32", "n=1")
+    seen = {w for seed in ROUTED for w in words if w in generate_routed(seed).description}
+    assert seen == set(words), set(words) - seen
+    assert any("bag" not in generate_routed(seed).description for seed in ROUTED)
 
 
 @pytest.mark.parametrize("seed", SEEDS[:50])

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import NotNativeError
 from .engines import NativeEngine
+from .derivative_routes import routes_for_derivatives
 from .forward_mode import formula_failure, reverse_mode_constants
 from . import stateless
 from .util import TorchTensorContainerType, align_structure, flatten_tensors_to_vector, to_model_device
@@ -45,19 +46,21 @@ def hvp(func: Callable[[TorchTensorContainerType], torch.Tensor], params: TorchT
 
     ``reverse_only=True``: the pullback of v through ∇f (reverse over reverse); False: the tangent
     of ∇f along v (forward over reverse, holding constant what reverse mode does:
-    :mod:`twicediff.torch.forward_mode`). Both are exact; where torch's forward-mode formula of an
+    :mod:`twicediff.torch.forward_mode`). Both are exact (``F.embedding_bag`` and weight
+    normalisation computed as :mod:`twicediff.torch.derivative_routes` says); where torch's forward-mode formula of an
     op fails (``F.mse_loss``'s, on an implicit zero tangent or an integer target:
     ``forward_mode.FORMULA_FAILURES``), the product is taken reverse over reverse instead.
     """
-    if reverse_only:
-        return vjp(grad(func), params)[1](vec)[0]
-    try:
-        with reverse_mode_constants():  # padding rows and no_grad values stay constants, as in reverse mode
-            return jvp(grad(func), (params,), (vec,))[1]
-    except RuntimeError as exc:
-        if not formula_failure(exc):
-            raise
-        return vjp(grad(func), params)[1](vec)[0]
+    with routes_for_derivatives():  # torch's ops without (correct) second derivatives, rerouted
+        if reverse_only:
+            return vjp(grad(func), params)[1](vec)[0]
+        try:
+            with reverse_mode_constants():  # padding rows and no_grad values stay constants, as in reverse mode
+                return jvp(grad(func), (params,), (vec,))[1]
+        except RuntimeError as exc:
+            if not formula_failure(exc):
+                raise
+            return vjp(grad(func), params)[1](vec)[0]
 
 
 def batch_loss_function(model: torch.nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

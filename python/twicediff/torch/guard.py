@@ -25,7 +25,13 @@
   may assign a new buffer). A parameter found swapped also raises a ModelChangedError naming it:
   what was computed after the swap may have used the other tensor.
 - A sparse embedding (``sparse=True``) is refused before anything runs, with a ValueError naming
-  the module: its gradients are sparse tensors, which no flat parameter vector holds.
+  the module: its gradients are sparse tensors, which no flat parameter vector holds. So is an
+  embedding with ``scale_grad_by_freq=True``: torch's backward then returns the gradient scaled by
+  each index's frequency in the batch, not the loss's, and differentiated again it gave a "Hessian"
+  that is not symmetric.
+- torch has no second derivative of ``nn.EmbeddingBag`` and a wrong one of weight normalisation
+  (``nn.utils.parametrizations.weight_norm``): in a model with either, the call computes them with
+  equivalent ops that have correct ones (:mod:`twicediff.torch.derivative_routes`).
 - So is a gradient hook on a parameter (``p.register_hook``) or a module (a backward hook, or a
   global one): it changes what autograd returns as the gradient, which the reverse-mode engines
   then differentiate again, while forward mode and the native engine never see it; the engines
@@ -62,6 +68,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelChangedError
+from . import derivative_routes
 
 __all__ = ["attention_for_derivatives", "model_call", "model_lock"]
 
@@ -177,11 +184,13 @@ class _Reading:
             ``functional_call`` does): an in-place ``set_`` that keeps their values but moves the
             version counter the swapped-in tensors share with the parameters.
         slots: (module, its ``_parameters`` or ``_buffers``, name, tensor) of every parameter and buffer.
+        routes: (bags, norms) of :func:`twicediff.torch.derivative_routes.needed`, over all modules.
     """
     training: bool
     renormed: List[torch.Tensor]
     versions: List[Tuple[torch.Tensor, int]]
     slots: List[Tuple[nn.Module, dict, str, torch.Tensor]]
+    routes: Tuple[bool, bool] = (False, False)
 
 
 def _read(model: nn.Module, where: str) -> _Reading:
@@ -191,16 +200,24 @@ def _read(model: nn.Module, where: str) -> _Reading:
 
     if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
         raise _refuse_hook(where, "a global module backward hook (register_module_full_backward_hook) is set")
-    training, renormed, versions, rnn, slots = False, [], {}, set(), []
+    training, renormed, versions, rnn, slots, bags, norms = False, [], {}, set(), [], False, False
     for m in model.modules():
         training = training or m.training
         if m._backward_hooks or m._backward_pre_hooks:
             raise _refuse_hook(where, f"module '{_name(model, m)}' ({type(m).__name__}) has a backward hook")
+        bag, norm = derivative_routes.needed(m)
+        bags, norms = bags or bag, norms or norm
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             if m.sparse:
                 raise ValueError(f"{where}: module '{_name(model, m)}' ({type(m).__name__}) has sparse=True, so its "
                                  "gradients are sparse tensors; twicediff works with dense gradients: build it with "
                                  "sparse=False (the same function)")
+            if m.scale_grad_by_freq:
+                raise ValueError(f"{where}: module '{_name(model, m)}' ({type(m).__name__}) has "
+                                 "scale_grad_by_freq=True, which rescales the gradient torch's backward returns by "
+                                 "each index's frequency in the batch: that is not the loss's derivative, and its "
+                                 "Jacobian (the 'Hessian' reverse mode would give) is not symmetric; twicediff "
+                                 "differentiates the loss: set scale_grad_by_freq=False for these calls")
             if m.max_norm is not None:
                 renormed.append(m.weight)
         for p in m._parameters.values():
@@ -212,7 +229,7 @@ def _read(model: nn.Module, where: str) -> _Reading:
                 rnn.add(id(p))
             versions[id(p)] = (p, p._version)
         slots += [(m, table, name, t) for table in (m._parameters, m._buffers) for name, t in table.items()]
-    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots)
+    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots, (bags, norms))
 
 
 def _warn_training_dropout(model: nn.Module, where: str) -> None:
@@ -236,7 +253,7 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
 
     Raises:
         RuntimeError: called under ``torch.inference_mode()``.
-        ValueError: the model has a sparse embedding or a gradient hook.
+        ValueError: the model has a sparse embedding, one with ``scale_grad_by_freq``, or a gradient hook.
         ModelChangedError: the model's forward changed a parameter in place.
     """
     if torch.is_inference_mode_enabled():
@@ -253,7 +270,9 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
         saved += [(w, w.detach().clone()) for w in reading.renormed]
         depth[id(model)] = depth.get(id(model), 0) + 1
         try:
-            with torch.enable_grad(), attention_for_derivatives(), _without_autocast():
+            with torch.enable_grad(), attention_for_derivatives(), _without_autocast(), \
+                    (derivative_routes.routes_for_derivatives(*reading.routes) if any(reading.routes)
+                     else contextlib.nullcontext()):
                 yield
         finally:
             depth[id(model)] -= 1

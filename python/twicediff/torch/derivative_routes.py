@@ -1,0 +1,55 @@
+"""Ops whose derivatives torch lacks or gets wrong, computed by equivalent ones that have them.
+
+Two of torch's ops (2.14) break second-order products: ``F.embedding_bag`` has no derivative of its
+backward and no forward-mode rule (:mod:`twicediff.torch.embedding_bag`), and ``torch._weight_norm``
+has a wrong second derivative and no forward-mode rule (:mod:`twicediff.torch.weight_norm`).
+:func:`routes_for_derivatives` is a context under which calls of them compute with those modules'
+functions instead: the same values, correct derivatives of every order. :func:`needed` says which
+routes a module needs (from the modules that make such calls); :func:`twicediff.torch.guard.model_call`
+enters the context only for models that need it (a function mode sees every op of the forward, a
+cost the other models do not pay), pyDVL's functional ``hvp`` around every product (it is given
+a function, not a model).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .embedding_bag import embedding_bag
+from .weight_norm import uses_weight_norm, weight_norm
+
+__all__ = ["needed", "routes_for_derivatives"]
+
+# embedding_bag's parameters in order: the call's positional arguments bound by hand, which dynamo
+# traces (inspect.signature's binding it does not, in the compiled engine's graphs).
+_BAG = tuple(inspect.signature(embedding_bag).parameters)
+
+
+class _Routes(TorchFunctionMode):
+    def __init__(self, bags: bool, norms: bool):
+        super().__init__()
+        self.bags, self.norms = bags, norms
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding_bag and self.bags:
+            return embedding_bag(**dict(zip(_BAG, args)), **kwargs)
+        if func is torch._weight_norm and self.norms:
+            return weight_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def needed(module: nn.Module) -> tuple:
+    """(bags, norms): whether ``module`` itself is an ``nn.EmbeddingBag``, and whether it normalises
+    its weight (:func:`~twicediff.torch.weight_norm.uses_weight_norm`)."""
+    return isinstance(module, nn.EmbeddingBag), uses_weight_norm(module)
+
+
+def routes_for_derivatives(bags: bool = True, norms: bool = True) -> TorchFunctionMode:
+    """A context routing ``F.embedding_bag`` (``bags``) and ``torch._weight_norm`` (``norms``) to the
+    functions above."""
+    return _Routes(bags, norms)
