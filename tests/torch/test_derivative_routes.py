@@ -140,3 +140,21 @@ def test_compiled_engine(seed, status, monkeypatch):
     assert float((got.double() - want).abs().max()) <= 1e-8 * max(1.0, float(want.abs().max())), case.description
     assert compiled_functions()[-1]["status"].startswith(status), compiled_functions()
     forget_compiled()
+
+
+def test_with_dtype_copies_a_model_with_the_older_weight_norm():
+    """nn.utils.weight_norm keeps its computed weight as a tensor with a graph, which copy.deepcopy
+    refuses: with_dtype (and so a solver's product_dtype) copies such a model all the same."""
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)).eval()
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    wide = td.with_dtype(torch.float64)
+    assert wide.model is not model and next(wide.model.parameters()).dtype == torch.float64
+    assert isinstance(model[0].weight, torch.Tensor)  # the original's computed weight is back
+    V = torch.randn(2, td.num_params, dtype=torch.float64)
+    assert torch.allclose(wide.hvp(x.double(), y, V), td.hvp(x, y, V.float()).double(), atol=1e-5)

@@ -26,6 +26,7 @@ from .engines.base import MODES
 from .engines.bound_hvp import BoundHvp
 from .guard import model_call
 from .mvp import batched_mvp, flat_grads
+from .weight_norm import deep_copy
 
 __all__ = ["TorchTwiceDifferentiable", "check_model"]
 
@@ -110,7 +111,7 @@ class TorchTwiceDifferentiable(TwiceDifferentiable[torch.Tensor]):
             return self
         loss = copy.deepcopy(self.loss).to(dtype) if isinstance(self.loss, nn.Module) else self.loss
         with model_call(self.model, "with_dtype"):
-            model = copy.deepcopy(self.model).to(dtype)
+            model = deep_copy(self.model).to(dtype)
         return TorchTwiceDifferentiable(model, loss)
 
     @property

@@ -8,13 +8,18 @@ by about 10% of its norm) and which has no forward-mode rule. :func:`weight_norm
 values as ``v · g / ‖v‖`` in ops torch differentiates correctly, to any order, in both modes;
 :func:`twicediff.torch.guard.model_call` routes the model's ``torch._weight_norm`` calls to it
 whenever :func:`uses_weight_norm` finds one of those two spellings in the model.
+
+The older spelling also keeps the computed weight as a plain attribute of the module, a tensor
+with a graph, which ``copy.deepcopy`` refuses to copy: :func:`deep_copy` copies such a model.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 
-__all__ = ["uses_weight_norm", "weight_norm"]
+__all__ = ["deep_copy", "uses_weight_norm", "weight_norm"]
 
 
 def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -39,3 +44,18 @@ def uses_weight_norm(module: nn.Module) -> bool:
     tables = getattr(module, "parametrizations", None)
     return isinstance(tables, nn.ModuleDict) and any(
         isinstance(p, parametrizations._WeightNorm) for table in tables.values() for p in table)
+
+
+def deep_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also where ``nn.utils.weight_norm`` left its computed weight in a
+    module (set aside during the copy and put back; the copy's hook computes its own at its first
+    forward, as the original's does at each)."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    aside = [(m, h.name, m.__dict__.pop(h.name)) for m in model.modules() for h in m._forward_pre_hooks.values()
+             if isinstance(h, WeightNorm) and h.name in m.__dict__]
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, name, value in aside:
+            setattr(m, name, value)
