@@ -106,6 +106,20 @@ def _problem(case, seed: int, device):
     return td, x, case.y.to(device), before, H, G, V
 
 
+def _every_eager_engine(case, seed: int, device) -> None:
+    """The Hessian and Gauss-Newton products of every eager engine, on one direction and on three,
+    and the explicit Hessian, against the float64 references; the model left as it was."""
+    td, x, y, before, H, G, V = _problem(case, seed, device)
+    for engine in ("auto", "func", "autograd", "loop"):
+        for mode, M in (("hessian", H), ("gauss_newton", G)):
+            for rows in (V[:1], V):
+                got = td.hvp(x, y, rows.to(td.dtype), engine=engine, mode=mode)
+                _close(got, rows @ M, td.dtype, f"hvp engine={engine} mode={mode} D={rows.shape[0]}", case)
+    _close(td.hessian(x, y), H, td.dtype, "hessian", case)
+    after = case.model.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before), case.description
+
+
 @pytest.mark.parametrize("seed", RECURRENT)
 def test_recurrent_and_tied_weight_models_every_eager_engine(seed, device):
     """RNN / GRU / LSTM and token models with a tied output layer: the Hessian and Gauss-Newton
@@ -144,16 +158,7 @@ def test_torch_attention_layers_every_eager_engine(seed, device):
     """nn.TransformerEncoderLayer and nn.MultiheadAttention (self and cross, masks, extra key/value
     biases, returned weights): the Hessian and Gauss-Newton products of every eager engine and the
     explicit Hessian against float64 autograd, the model left as it was."""
-    case = generate_torch_attention(seed)
-    td, x, y, before, H, G, V = _problem(case, seed, device)
-    for engine in ("auto", "func", "autograd", "loop"):
-        for mode, M in (("hessian", H), ("gauss_newton", G)):
-            for rows in (V[:1], V):
-                got = td.hvp(x, y, rows.to(td.dtype), engine=engine, mode=mode)
-                _close(got, rows @ M, td.dtype, f"hvp engine={engine} mode={mode} D={rows.shape[0]}", case)
-    _close(td.hessian(x, y), H, td.dtype, "hessian", case)
-    after = case.model.state_dict()
-    assert all(torch.equal(before[k], after[k].cpu()) for k in before), case.description
+    _every_eager_engine(generate_torch_attention(seed), seed, device)
 
 
 def test_the_torch_attention_generator_covers_what_it_promises():
@@ -170,15 +175,7 @@ def test_embedding_bag_and_weight_norm_every_eager_engine(seed, device):
     """nn.EmbeddingBag (torch has no second derivative of it) and weight normalisation (torch's is
     wrong): the Hessian and Gauss-Newton products of every eager engine and the explicit Hessian
     against float64 references computed with both ops spelled out, the model left as it was."""
-    case = generate_routed(seed)
-    td, x, y, before, H, G, V = _problem(case, seed, device)
-    for engine in ("auto", "func", "autograd", "loop"):
-        for mode, M in (("hessian", H), ("gauss_newton", G)):
-            got = td.hvp(x, y, V.to(td.dtype), engine=engine, mode=mode)
-            _close(got, V @ M, td.dtype, f"hvp engine={engine} mode={mode}", case)
-    _close(td.hessian(x, y), H, td.dtype, "hessian", case)
-    after = case.model.state_dict()
-    assert all(torch.equal(before[k], after[k].cpu()) for k in before), case.description
+    _every_eager_engine(generate_routed(seed), seed, device)
 
 
 def test_the_routed_generator_covers_what_it_promises():
