@@ -142,6 +142,25 @@ def test_compiled_engine(seed, status, monkeypatch):
     forget_compiled()
 
 
+def test_a_compiler_failure_names_its_cause(monkeypatch, caplog):
+    """The older weight norm's hook on a Conv1d fails inside the backend, whose message starts
+    "backend='aot_eager' raised:" with the cause on the next line: the warning and the report name
+    the cause, not that line alone."""
+    from twicediff.torch.engines.compiled import compiled_functions, forget_compiled
+
+    monkeypatch.setenv("TWICEDIFF_COMPILE_BACKEND", "aot_eager")
+    forget_compiled()
+    case = generate_routed(10)
+    assert "conv1d weight_norm=hook" in case.description
+    td = TorchTwiceDifferentiable(case.model, case.loss)
+    with caplog.at_level("WARNING", logger="twicediff"):
+        td.hvp(case.x, case.y, torch.randn(2, td.num_params, dtype=td.dtype), engine="compiled")
+    status = compiled_functions()[-1]["status"]
+    assert status.startswith("eager fallback: BackendCompilerFailed") and not status.endswith("raised:"), status
+    assert status[len("eager fallback: "):] in caplog.text
+    forget_compiled()
+
+
 def test_with_dtype_copies_a_model_with_the_older_weight_norm():
     """nn.utils.weight_norm keeps its computed weight as a tensor with a graph, which copy.deepcopy
     refuses: with_dtype (and so a solver's product_dtype) copies such a model all the same."""

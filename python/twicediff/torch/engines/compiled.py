@@ -331,8 +331,11 @@ class CompiledEngine(GenericEngine):
 
     def _fall_back(self, entry: _Compiled, exc: BaseException) -> None:
         """Mark ``entry`` as not compilable and say so once per model (a warning)."""
-        text = str(exc).strip()
-        reason = type(exc).__name__ + (": " + text.splitlines()[0][:200] if text else "")
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        head = lines[0] if lines else ""
+        if head.endswith(":") and len(lines) > 1:  # "backend='inductor' raised:", the cause on the next line
+            head += " " + lines[1]
+        reason = type(exc).__name__ + (": " + head[:300] if head else "")
         entry.fn, entry.error = None, reason
         with _lock:
             first = id(self.model) not in _failed_models
