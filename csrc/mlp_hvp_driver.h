@@ -43,6 +43,9 @@ namespace mlp_hvp {
 //                                                       R(g_a)^T h [D*out, in] (the BLAS's faster form)
 //   direction_parts(D)                                 into how many parts to split the D directions,
 //                                                       each part's R-passes run by one thread at once
+//   directions_per_pass(D, row_bytes)                  how many of a part's D directions one R-pass takes,
+//                                                       row_bytes being one direction's widest R-quantity
+//                                                       ([N, width] bytes); the part runs R-passes in turn
 //   caller_settings(), in_worker(settings)             the calling thread's per-thread settings, and an
 //                                                       object that applies them in a worker thread
 //                                                       while it lives
@@ -303,19 +306,31 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
   const Forward f = forward_pass<Kernels>(plan, x, target, weights_in, biases_in, dtype);
 
   // The directions' R-passes are independent: split into parts, each part runs on one thread with
-  // its own scratch slot (util/scratch.h) and writes its own rows of the result.
+  // its own scratch slot (util/scratch.h) and writes its own rows of the result, its directions
+  // taken directions_per_pass at a time, each R-pass's scratch given back before the next.
+  int64_t widest = 0;
+  for (const Layer& lay : plan.layers) widest = std::max({widest, lay.in, lay.out});
+  const int64_t row_bytes = N * widest * static_cast<int64_t>(c10::elementSize(dtype));
+  auto part = [&](int64_t d0, int64_t d1, scratch::Arena& arena) {
+    const int64_t step = std::max<int64_t>(1, Kernels::directions_per_pass(d1 - d0, row_bytes));
+    for (int64_t s0 = d0; s0 < d1; s0 += step) {
+      const int64_t s1 = std::min(d1, s0 + step);
+      const int64_t top = arena.mark();
+      r_passes<Kernels>(plan, f, v.narrow(0, s0, s1 - s0), result.narrow(0, s0, s1 - s0), arena);
+      arena.release_to(top);
+    }
+  };
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Kernels::direction_parts(D), D));
   if (parts == 1) {
     scratch::Arena arena(x_in.device(), Kernels::kCacheScratch);
-    r_passes<Kernels>(plan, f, v, result, arena);
+    part(0, D, arena);
   } else {
     const auto caller = Kernels::caller_settings();
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       [[maybe_unused]] const auto settings = Kernels::in_worker(caller);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t d0 = t * D / parts, d1 = (t + 1) * D / parts;
         scratch::Arena arena(x_in.device(), Kernels::kCacheScratch, t);
-        r_passes<Kernels>(plan, f, v.narrow(0, d0, d1 - d0), result.narrow(0, d0, d1 - d0), arena);
+        part(t * D / parts, (t + 1) * D / parts, arena);
       }
     });
   }

@@ -196,7 +196,9 @@ def test_peak_memory_stays_near_the_budget():
     """In a fresh process (large tensors mmapped so that freed memory leaves the resident set), for
     every engine and mvp:
     32 directions under a 32 MiB budget grow the resident set by at most the budget plus the
-    [32, P] result, while without the budget they take several times more. The budgeted call is
+    [32, P] result, while without the budget the generic engines and mvp take several times more.
+    (The native op takes a part's directions a few per R-pass on the CPU, its scratch given back
+    between passes, so without a budget it grows little more than with one.) The budgeted call is
     made once before it is measured: the first call with new GEMM shapes also leaves oneDNN's
     generated kernels behind (a few MB, kept for the next call; see twicediff.memory)."""
     budget = 32 * 2**20
@@ -211,7 +213,8 @@ def test_peak_memory_stays_near_the_budget():
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     for kind in ("native", "func", "autograd", "mvp"):
         assert res[kind]["budget"] <= budget + res["out_bytes"], (kind, res)
-        assert res[kind]["free"] > 2 * res[kind]["budget"], (kind, res)
+        if kind != "native":
+            assert res[kind]["free"] > 2 * res[kind]["budget"], (kind, res)
 
 
 def _loader(x, y, batch=6):

@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -63,6 +65,20 @@ struct CpuKernels {
     int64_t parts = std::min<int64_t>(at::get_num_threads(), D);
     while (parts > 1 && 4 * ((D + parts - 1) / parts) * parts > 5 * D) --parts;
     return std::max<int64_t>(parts, 1);
+  }
+  // A part's directions in R-passes of a few at a time, so that each pass's [N, d*width]
+  // R-quantities stay near the core's L2 cache: one [N, d*width] block of at most twice the L2
+  // (sysconf's size, 1 MiB where it says none). On model (a) (N = 512, width 128) a part of 32
+  // directions in passes of 4-8 ran about 20% faster than in one pass, at one thread and at two;
+  // at N = 4096 passes of one or two were fastest; at N = 64 one pass of 32 stayed fastest.
+  // NOTE: measured in benchmarks/results/native_hvp_model_a.md (the directions-per-pass section).
+  static int64_t directions_per_pass(int64_t D, int64_t row_bytes) {
+    static const int64_t budget = 2 * l2_bytes();
+    return std::clamp<int64_t>(budget / std::max<int64_t>(row_bytes, 1), 1, std::max<int64_t>(D, 1));
+  }
+  static int64_t l2_bytes() {
+    const long size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return size > 0 ? static_cast<int64_t>(size) : int64_t(1) << 20;
   }
   // The calling thread's GEMM library (cpu/gemm.h: the probe's choice for this call), taken by the
   // threads that run the parts.

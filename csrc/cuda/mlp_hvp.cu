@@ -142,6 +142,8 @@ struct CudaKernels {
   static bool weight_grad_input_major(at::ScalarType) { return false; }
   // One R-pass over all directions: the GPU runs each GEMM across its whole width.
   static int64_t direction_parts(int64_t) { return 1; }
+  // Every direction in one R-pass: wider GEMMs fill more of the GPU.
+  static int64_t directions_per_pass(int64_t D, int64_t) { return D; }
   // Nothing per thread to carry (one part, run by the calling thread).
   static int caller_settings() { return 0; }
   static int in_worker(int) { return 0; }

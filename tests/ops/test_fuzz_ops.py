@@ -154,3 +154,25 @@ def test_mlp_hvp_matches_reference(data, layers, n, d, loss, gauss_newton, strid
     got = _ops.mlp_hvp(x, t, ws, bs, v, chains, loss, reduction, gauss_newton)
     want = _reference.mlp_hvp(x, t, ws, bs, v, chains, loss, reduction, gauss_newton)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("gauss_newton", [False, True])
+def test_mlp_hvp_takes_wide_batches_a_few_directions_per_pass(threads, gauss_newton):
+    """On the CPU a part's directions run in R-passes of a few at a time where one direction's
+    [N, width] R-quantity is large against the L2 cache (CpuKernels::directions_per_pass): with
+    N = 1024 rows of width 640 in float64 (5 MiB, more than twice any L2 of these machines) every
+    direction gets an R-pass of its own, and the result is the reference's, on one thread and on two."""
+    from native_helpers import op_case
+
+    chains = [[("tanh", 0, 0)], [("softplus", 1.5, 3.0)], []]
+    x, t, ws, bs, v = op_case("cpu", torch.float64, 1024, 5, [12, 640, 24, 3], [True, False, True], chains,
+                               "cross_entropy", torch.Generator().manual_seed(7))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _ops.mlp_hvp(x, t, ws, bs, v, chains, "cross_entropy", "mean", gauss_newton)
+    finally:
+        torch.set_num_threads(before)
+    want = _reference.mlp_hvp(x, t, ws, bs, v, chains, "cross_entropy", "mean", gauss_newton)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
