@@ -18,6 +18,8 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
+from torch.nn.utils.weight_norm import WeightNorm
 
 __all__ = ["deep_copy", "uses_weight_norm", "weight_norm"]
 
@@ -35,14 +37,13 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 def uses_weight_norm(module: nn.Module) -> bool:
     """Whether ``module`` itself (not its children) has a weight-norm parametrization or the older
-    weight-norm forward pre-hook."""
-    from torch.nn.utils import parametrizations
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    if any(isinstance(h, WeightNorm) for h in module._forward_pre_hooks.values()):
+    weight-norm forward pre-hook (a check made on every module of every call: no more than two
+    dictionary walks)."""
+    hooks = module._forward_pre_hooks
+    if hooks and any(isinstance(h, WeightNorm) for h in hooks.values()):
         return True
-    tables = getattr(module, "parametrizations", None)
-    return isinstance(tables, nn.ModuleDict) and any(
+    tables = module._modules.get("parametrizations")  # where nn.utils.parametrize registers them
+    return tables is not None and isinstance(tables, nn.ModuleDict) and any(
         isinstance(p, parametrizations._WeightNorm) for table in tables.values() for p in table)
 
 
@@ -50,8 +51,6 @@ def deep_copy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also where ``nn.utils.weight_norm`` left its computed weight in a
     module (set aside during the copy and put back; the copy's hook computes its own at its first
     forward, as the original's does at each)."""
-    from torch.nn.utils.weight_norm import WeightNorm
-
     aside = [(m, h.name, m.__dict__.pop(h.name)) for m in model.modules() for h in m._forward_pre_hooks.values()
              if isinstance(h, WeightNorm) and h.name in m.__dict__]
     try:
