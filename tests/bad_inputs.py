@@ -266,6 +266,21 @@ def _embedding_hvp(**options):
     m.hvp(torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,)), torch.randn(m.num_params))
 
 
+def _dict_taker():
+    """hvp with x a dict of token ids, on a model whose forward takes one dict (batch["ids"])."""
+    class DictTaker(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = nn.Embedding(5, 3), nn.Linear(3, 2)
+
+        def forward(self, batch):
+            return self.out(self.embed(batch["ids"]).mean(1))
+
+    torch.manual_seed(0)
+    m = TorchTwiceDifferentiable(DictTaker().eval(), F.cross_entropy)
+    m.hvp({"ids": torch.randint(0, 5, (4, 3))}, torch.randint(0, 2, (4,)), torch.randn(m.num_params))
+
+
 def _hooked(where):
     """hvp on an MLP with a gradient hook on its first weight or a backward hook on its Tanh."""
     torch.manual_seed(0)
@@ -363,6 +378,8 @@ CASES = [
     ("embedding_bag", "a padding index outside the table",
      lambda: embedding_bag(torch.tensor([[1, 2]]), torch.randn(4, 3), padding_idx=4),
      ValueError, ["embedding_bag", "padding_idx", "[-4, 4)", "got 4"]),
+    ("hvp", "a dict x for a model whose forward takes the dict itself", _dict_taker,
+     TypeError, ["hvp", "x {'ids': (4, 3)", "unexpected keyword argument 'ids'", "model(**x)", "(x,)"]),
     ("hvp", "a gradient hook on a parameter", lambda: _hooked("parameter"),
      ValueError, ["hvp", "parameter '0.weight'", "gradient hook", "handle.remove()"]),
     ("hvp", "a backward hook on a module", lambda: _hooked("module"),

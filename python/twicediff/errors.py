@@ -174,6 +174,9 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
         data = f"{name} ({batch})" if name and batch else name or batch
         prefix = _untransformable(str(original), where, data) or f"{where}: the model or loss failed on {data}: "
         message = prefix + str(original)
+        if isinstance(x, dict) and isinstance(original, TypeError) and "unexpected keyword argument" in str(original):
+            message += ("; a dict x is passed as keyword arguments, model(**x): for a model whose forward takes "
+                        "the dict itself, pass x as a one-element tuple, (x,)")
         try:
             wrapped = type(original)(message)
         except Exception:  # a type that takes other arguments: the builtin one it derives from
