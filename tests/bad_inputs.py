@@ -266,6 +266,21 @@ def _embedding_hvp(**options):
     m.hvp(torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,)), torch.randn(m.num_params))
 
 
+def _functional_bag(engine):
+    """hvp on a model that looks its token ids up with F.embedding_bag and a weight of its own."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table, self.out = nn.Parameter(torch.randn(5, 3)), nn.Linear(3, 2)
+
+        def forward(self, ids):
+            return self.out(torch.tanh(F.embedding_bag(ids, self.table, mode="mean")))
+
+    torch.manual_seed(0)
+    m = TorchTwiceDifferentiable(Bag().eval(), F.cross_entropy)
+    m.hvp(torch.randint(0, 5, (4, 3)), torch.randint(0, 2, (4,)), torch.randn(m.num_params), engine=engine)
+
+
 def _dict_taker():
     """hvp with x a dict of token ids, on a model whose forward takes one dict (batch["ids"])."""
     class DictTaker(nn.Module):
@@ -378,6 +393,11 @@ CASES = [
     ("embedding_bag", "a padding index outside the table",
      lambda: embedding_bag(torch.tensor([[1, 2]]), torch.randn(4, 3), padding_idx=4),
      ValueError, ["embedding_bag", "padding_idx", "[-4, 4)", "got 4"]),
+    ("hvp", "a model that calls F.embedding_bag itself (no nn.EmbeddingBag module)", lambda: _functional_bag("autograd"),
+     NotImplementedError, ["hvp", "no second derivative of F.embedding_bag", "x (4, 3)",
+                           "twicediff.torch.embedding_bag.embedding_bag"]),
+    ("hvp", "the same, engine='func'", lambda: _functional_bag("func"),
+     NotImplementedError, ["hvp", "no second derivative of F.embedding_bag", "twicediff.torch.embedding_bag"]),
     ("hvp", "a dict x for a model whose forward takes the dict itself", _dict_taker,
      TypeError, ["hvp", "x {'ids': (4, 3)", "unexpected keyword argument 'ids'", "model(**x)", "(x,)"]),
     ("hvp", "a gradient hook on a parameter", lambda: _hooked("parameter"),

@@ -174,6 +174,14 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
         data = f"{name} ({batch})" if name and batch else name or batch
         prefix = _untransformable(str(original), where, data) or f"{where}: the model or loss failed on {data}: "
         message = prefix + str(original)
+        if "_embedding_bag" in str(original) and isinstance(original, NotImplementedError):
+            # F.embedding_bag called by the model itself, not routed: no derivative of its backward
+            # (reverse over reverse) or of its forward (forward mode)
+            prefix = (f"{where}: torch has no second derivative of F.embedding_bag (met running the model and loss "
+                      f"on {data}); twicediff computes it for nn.EmbeddingBag modules, and a model that calls "
+                      "F.embedding_bag itself can call twicediff.torch.embedding_bag.embedding_bag instead (the "
+                      "same arguments and values). torch says: ")
+            message = prefix + str(original)
         if isinstance(x, dict) and isinstance(original, TypeError) and "unexpected keyword argument" in str(original):
             message += ("; a dict x is passed as keyword arguments, model(**x): for a model whose forward takes "
                         "the dict itself, pass x as a one-element tuple, (x,)")
