@@ -45,7 +45,8 @@ namespace mlp_hvp {
 //                                                       each part's R-passes run by one thread at once
 //   directions_per_pass(D, row_bytes)                  how many of a part's D directions one R-pass takes,
 //                                                       row_bytes being one direction's widest R-quantity
-//                                                       ([N, width] bytes); the part runs R-passes in turn
+//                                                       ([N, widest layer output] bytes); the part runs
+//                                                       R-passes in turn
 //   caller_settings(), in_worker(settings)             the calling thread's per-thread settings, and an
 //                                                       object that applies them in a worker thread
 //                                                       while it lives
@@ -308,8 +309,8 @@ at::Tensor run(const Plan& plan, const at::Tensor& x_in, const at::Tensor& targe
   // The directions' R-passes are independent: split into parts, each part runs on one thread with
   // its own scratch slot (util/scratch.h) and writes its own rows of the result, its directions
   // taken directions_per_pass at a time, each R-pass's scratch given back before the next.
-  int64_t widest = 0;
-  for (const Layer& lay : plan.layers) widest = std::max({widest, lay.in, lay.out});
+  int64_t widest = 0;  // of the R-quantities: every layer's output (the input x has none)
+  for (const Layer& lay : plan.layers) widest = std::max(widest, lay.out);
   const int64_t row_bytes = N * widest * static_cast<int64_t>(c10::elementSize(dtype));
   auto part = [&](int64_t d0, int64_t d1, scratch::Arena& arena) {
     const int64_t step = std::max<int64_t>(1, Kernels::directions_per_pass(d1 - d0, row_bytes));

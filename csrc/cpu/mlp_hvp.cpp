@@ -68,9 +68,8 @@ struct CpuKernels {
   }
   // A part's directions in R-passes of a few at a time, so that each pass's [N, d*width]
   // R-quantities stay near the core's L2 cache: one [N, d*width] block of at most twice the L2
-  // (sysconf's size, 1 MiB where it says none). On model (a) (N = 512, width 128) a part of 32
-  // directions in passes of 4-8 ran about 20% faster than in one pass, at one thread and at two;
-  // at N = 4096 passes of one or two were fastest; at N = 64 one pass of 32 stayed fastest.
+  // (sysconf's size, 1 MiB where it says none). In one pass a part's blocks ran from memory; the
+  // best pass size, swept over N and widths, tracked that block size, and wide GEMMs did not mind.
   // NOTE: measured in benchmarks/results/native_hvp_model_a.md (the directions-per-pass section).
   static int64_t directions_per_pass(int64_t D, int64_t row_bytes) {
     static const int64_t budget = 2 * l2_bytes();
