@@ -55,6 +55,19 @@ def test_embedding_bag_gives_torchs_values(seed):
     assert torch.equal(ours_weight, torch_weight)
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_without_bags(mode):
+    """No bags (offsets empty, or one offset with include_last_offset): an empty [0, E] result, still
+    a function of the weight. (torch 2.14's own op gives [0, E] for sum and mean on a weight without
+    grad, and crashes the process in max mode, or in any mode on a weight that requires grad: it is
+    not called here.)"""
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    for offsets, last in ((torch.tensor([], dtype=torch.long), False), (torch.tensor([0]), True)):
+        got = embedding_bag(torch.tensor([1, 2]), weight, offsets, mode=mode, include_last_offset=last)
+        assert got.shape == (0, 3) and got.requires_grad
+        assert torch.autograd.grad(got.sum(), weight)[0].abs().sum() == 0
+
+
 def test_embedding_bag_refuses_offsets_torch_refuses():
     weight = torch.randn(4, 2)
     with pytest.raises(RuntimeError, match=r"offsets\[0\] must be 0"):

@@ -94,6 +94,8 @@ def embedding_bag(input: torch.Tensor, weight: torch.Tensor, offsets: Optional[t
         torch._assert_async(offsets[count] <= input.shape[0], "embedding_bag: with include_last_offset=True, "
                                                               "offsets[-1] must be at most the input's length")
     rows = F.embedding(input, weight, max_norm=max_norm, norm_type=norm_type)  # [T, E]
+    if count == 0:  # no bags: torch gives [0, E] (and the reductions below would index bag 0)
+        return rows.new_zeros(0, rows.shape[1]) + 0 * rows.sum()  # still a function of weight
     position = torch.arange(input.shape[0], device=input.device)
     bags = torch.bucketize(position, starts.to(position.dtype), right=True) - 1  # the last start at or before
     return _reduce(rows, input, per_sample_weights, padding_idx, mode, bags=bags, count=count)
@@ -102,11 +104,9 @@ def embedding_bag(input: torch.Tensor, weight: torch.Tensor, offsets: Optional[t
 def _reduce(rows: torch.Tensor, input: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
             padding_idx: Optional[int], mode: str, bags: Optional[torch.Tensor], count: int) -> torch.Tensor:
     """Each bag's reduction of its rows. ``bags`` None: rows [B, L, E], a bag per row; else rows [T, E]
-    and each row's bag (-1: none, before the first start where there are no bags). Entries at the padding index belong to no bag: masked with
-    ``where``, not a product, so that a padding row holding inf or nan changes nothing."""
+    and each row's bag. Entries at the padding index belong to no bag: masked with ``where``, not a
+    product, so that a padding row holding inf or nan changes nothing."""
     member = input != padding_idx if padding_idx is not None else torch.ones_like(input, dtype=torch.bool)
-    if bags is not None:
-        member = member & (bags >= 0)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.unsqueeze(-1)
     zero = rows.new_zeros(())
