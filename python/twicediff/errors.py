@@ -112,8 +112,20 @@ _SAVED_TENSOR_HOOKS = "support saved tensor hooks"
 _NO_SETUP_CONTEXT = "it must override the setup_context staticmethod"
 
 
-def _untransformable(message: str, where: str, data: str) -> str:
-    """The prefix for a torch.func transform error named above, or "" for any other error."""
+# torch's op name in both errors of a model that calls F.embedding_bag itself (not routed): no
+# derivative of its backward (reverse over reverse) and none of its forward (forward mode).
+_EMBEDDING_BAG = "_embedding_bag"
+
+
+def _untransformable(error: BaseException, where: str, data: str) -> str:
+    """The prefix for an error named above (a torch.func transform's, or F.embedding_bag's in any
+    engine), or "" for any other error."""
+    message = str(error)
+    if isinstance(error, NotImplementedError) and _EMBEDDING_BAG in message:
+        return (f"{where}: torch has no second derivative of F.embedding_bag (met running the model and loss on "
+                f"{data}); twicediff computes it for nn.EmbeddingBag modules, and a model that calls F.embedding_bag "
+                "itself can call twicediff.torch.embedding_bag.embedding_bag instead (the same arguments and "
+                "values). torch says: ")
     op, vmap = _NO_FORWARD_AD.search(message), _NO_VMAP.search(message)
     forward_mode, first = "the engines that differentiate in forward mode", ""
     if op:
@@ -172,16 +184,8 @@ def data_errors(where: str, name: str = "", x=None, y=None) -> Iterator[None]:
         original = getattr(exc, "_twicediff_original", exc)
         batch = getattr(exc, "_twicediff_batch", "") or (batch_summary(x, y) if x is not None else "")
         data = f"{name} ({batch})" if name and batch else name or batch
-        prefix = _untransformable(str(original), where, data) or f"{where}: the model or loss failed on {data}: "
+        prefix = _untransformable(original, where, data) or f"{where}: the model or loss failed on {data}: "
         message = prefix + str(original)
-        if "_embedding_bag" in str(original) and isinstance(original, NotImplementedError):
-            # F.embedding_bag called by the model itself, not routed: no derivative of its backward
-            # (reverse over reverse) or of its forward (forward mode)
-            prefix = (f"{where}: torch has no second derivative of F.embedding_bag (met running the model and loss "
-                      f"on {data}); twicediff computes it for nn.EmbeddingBag modules, and a model that calls "
-                      "F.embedding_bag itself can call twicediff.torch.embedding_bag.embedding_bag instead (the "
-                      "same arguments and values). torch says: ")
-            message = prefix + str(original)
         if isinstance(x, dict) and isinstance(original, TypeError) and "unexpected keyword argument" in str(original):
             message += ("; a dict x is passed as keyword arguments, model(**x): for a model whose forward takes "
                         "the dict itself, pass x as a one-element tuple, (x,)")
