@@ -116,13 +116,10 @@ def interleaved_medians_by_clock(fns: Dict[str, Callable[[], object]], repeats: 
     return {c: {k: statistics.median(t) for k, t in per.items()} for c, per in times.items()}
 
 
-# The baselines run their products under the attention settings twicediff's calls use
-# (guard.attention_for_derivatives): torch's fused attention kernels have no second derivatives,
-# so plain torch needs them too. Models without attention are unaffected.
-
-
 def _loop_mvp(model, loss, x, y, v):
-    """pyDVL 0.7's mvp: a gradient with a graph, then one backward pass per direction."""
+    """pyDVL 0.7's mvp: a gradient with a graph, then one backward pass per direction; like
+    vmap(jvp(grad)) below, under the attention settings twicediff's calls use
+    (guard.attention_for_derivatives), which plain torch needs too for second derivatives."""
     from ..torch.batch import squeezed_loss
 
     params = [p for p in model.parameters() if p.requires_grad]

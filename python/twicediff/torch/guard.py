@@ -29,13 +29,13 @@
   embedding with ``scale_grad_by_freq=True``: torch's backward then returns the gradient scaled by
   each index's frequency in the batch, not the loss's, and differentiated again it gave a "Hessian"
   that is not symmetric.
-- torch has no second derivative of ``nn.EmbeddingBag`` and a wrong one of weight normalisation
-  (``nn.utils.parametrizations.weight_norm``): in a model with either, the call computes them with
-  equivalent ops that have correct ones (:mod:`twicediff.torch.derivative_routes`).
 - So is a gradient hook on a parameter (``p.register_hook``) or a module (a backward hook, or a
   global one): it changes what autograd returns as the gradient, which the reverse-mode engines
   then differentiate again, while forward mode and the native engine never see it; the engines
   would compute different matrices, and ``auto`` would pick one of them by speed.
+- torch has no second derivative of ``nn.EmbeddingBag`` and a wrong one of weight normalisation
+  (``nn.utils.parametrizations.weight_norm``): in a model with either, the call computes them with
+  equivalent ops that have correct ones (:mod:`twicediff.torch.derivative_routes`).
 - A Dropout in training mode makes every product random: said once per model (a warning).
 - Stock attention: ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention`` and
   ``nn.TransformerEncoderLayer``) picks a fused CPU kernel that has no second derivative; inside
