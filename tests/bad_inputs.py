@@ -393,6 +393,14 @@ CASES = [
     ("embedding_bag", "a padding index outside the table",
      lambda: embedding_bag(torch.tensor([[1, 2]]), torch.randn(4, 3), padding_idx=4),
      ValueError, ["embedding_bag", "padding_idx", "[-4, 4)", "got 4"]),
+    ("hvp", "nn.MultiMarginLoss with a target outside the classes",
+     lambda: TorchTwiceDifferentiable(_mlp().model, nn.MultiMarginLoss()).hvp(
+         torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), torch.randn(2, 26), engine="func"),
+     RuntimeError, ["hvp", "y (4,) torch.int64", "multi_margin_loss", "class index in [0, 2)"]),
+    ("hvp", "nn.MultiLabelMarginLoss with float targets",
+     lambda: TorchTwiceDifferentiable(_mlp().model, nn.MultiLabelMarginLoss()).hvp(
+         torch.randn(4, 3), torch.ones(4, 2), torch.randn(2, 26)),
+     ValueError, ["hvp", "multilabel_margin_loss", "torch.long", "got torch.float32"]),
     ("hvp", "a model that calls F.embedding_bag itself (no nn.EmbeddingBag module)", lambda: _functional_bag("autograd"),
      NotImplementedError, ["hvp", "no second derivative of F.embedding_bag", "x (4, 3)",
                            "twicediff.torch.embedding_bag.embedding_bag"]),

@@ -61,6 +61,9 @@ class Case:
     # Builds the model the references differentiate (else a copy of ``model``): a family whose ops
     # torch differentiates wrongly or not at all twice (tests/routed_models.py) spells them out there.
     reference_model: Optional[Callable[[], nn.Module]] = None
+    # The loss the references differentiate (else ``loss``): the same function spelled out where torch
+    # cannot differentiate the loss's own op twice (tests/routed_models.py).
+    reference_loss: Optional[Callable] = None
 
 
 def _targets(kind: str, n: int, C: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -173,13 +176,16 @@ def reference_hessian(case: Case, gauss_newton: bool = False) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss_of_output(o):
-        return case.loss(torch.squeeze(o), torch.squeeze(y))
+        return (case.reference_loss or case.loss)(torch.squeeze(o), torch.squeeze(y))
 
     def rows(outputs: torch.Tensor, wrt) -> torch.Tensor:
         """∂outputs[i]/∂wrt for every element i of ``outputs`` (which has a graph)."""
         flat = outputs.reshape(-1)
         out = []
         for i in range(flat.numel()):
+            if not flat[i].requires_grad:  # an entry constant in ``wrt`` (a hinge loss of a linear model)
+                out.append(torch.cat([torch.zeros_like(w).reshape(-1) for w in wrt]))
+                continue
             grads = torch.autograd.grad(flat[i], wrt, retain_graph=True, allow_unused=True)
             out.append(torch.cat([(g if g is not None else torch.zeros_like(w)).reshape(-1)
                                   for g, w in zip(grads, wrt)]))

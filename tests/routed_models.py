@@ -13,6 +13,7 @@ the references depend on neither torch's rules for them nor twicediff's.
 """
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from generated_models import Case, _loss, _targets
 
-__all__ = ["generate_routed"]
+__all__ = ["generate_routed", "generate_routed_loss"]
 
 
 def _norm_except(v: torch.Tensor, dim) -> torch.Tensor:
@@ -129,3 +130,97 @@ def generate_routed(seed: int) -> Case:
     y = _targets(kind, n, outputs, gen, dtype)
     return Case(model, loss, x, y, f"routed seed {seed}: {dtype} n={n} length={length} {model.what} loss={loss_name}",
                 reference_model=lambda: _spelled_out(seed))
+
+
+def _reduced(values, reduction: str) -> torch.Tensor:
+    total = torch.stack(values).sum()
+    return total / len(values) if reduction == "mean" else total
+
+
+def _multi_margin_by_hand(o, t, p, margin, weight, reduction):
+    values = []
+    for scores, y in ([(o, t)] if o.dim() == 1 else zip(o, t)):
+        y = int(y)
+        terms = [torch.relu(margin - scores[y] + scores[i]) ** p * (1.0 if weight is None else weight[y])
+                 for i in range(scores.shape[0]) if i != y]
+        values.append(sum(terms, 0 * scores.sum()) / scores.shape[0])  # no terms: still a function of o
+    return _reduced(values, reduction)
+
+
+def _multilabel_margin_by_hand(o, t, reduction):
+    values = []
+    for scores, target in ([(o, t)] if o.dim() == 1 else zip(o, t)):
+        labels = []
+        for entry in target.tolist():
+            if entry == -1:
+                break
+            labels.append(entry)
+        terms = [torch.relu(1 - scores[j] + scores[i]) for j in labels for i in range(scores.shape[0])
+                 if i not in labels]
+        values.append(sum(terms, 0 * scores.sum()) / scores.shape[0])  # no terms: still a function of o
+    return _reduced(values, reduction)
+
+
+def _elementwise_by_hand(o, t, term, reduction):
+    values = [term(a, b) for a, b in zip(o.reshape(-1), t.expand_as(o).reshape(-1))]
+    return _reduced(values, reduction)
+
+
+def _huber_term(delta):
+    return lambda a, b: 0.5 * (a - b) ** 2 if abs(float((a - b).detach())) < delta else delta * ((a - b).abs() - 0.5 * delta)
+
+
+def generate_routed_loss(seed: int) -> Case:
+    """A small MLP (P up to about fifty) under one of the losses of twicediff.torch.losses, in one of
+    torch's spellings, and its reference written by hand."""
+    r = random.Random(5_000_011 + seed)
+    dtype = torch.float64 if r.random() < 0.6 else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    n, d, hidden, classes = r.choice([1, 3, 4]), r.choice([2, 3]), r.choice([2, 4]), r.choice([2, 3, 4])
+    kind = r.choice(["multi_margin", "multilabel_margin", "huber", "soft_margin"])
+    reduction = r.choice(["mean", "sum"])
+    spelling = r.choice(["function", "module", "partial"])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if r.random() < 0.7:
+            model = nn.Sequential(nn.Linear(d, hidden), r.choice([nn.Tanh, nn.GELU, nn.Sigmoid])(),
+                                  nn.Linear(hidden, classes))
+        else:
+            model = nn.Sequential(nn.Linear(d, classes))
+    model = model.to(dtype).eval()
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    if kind == "multi_margin":
+        p, margin = r.choice([1, 2]), r.choice([1.0, 0.5, 2.0])
+        weight = torch.rand(classes, generator=gen, dtype=dtype) + 0.5 if r.random() < 0.4 else None
+        options = dict(p=p, margin=margin, weight=weight, reduction=reduction)
+        fn, module = F.multi_margin_loss, nn.MultiMarginLoss
+        y = torch.randint(0, classes, (n,), generator=gen)
+        reference = lambda o, t: _multi_margin_by_hand(o, t, p, margin, None if weight is None else weight.double(),
+                                                       reduction)
+    elif kind == "multilabel_margin":
+        options, fn, module = dict(reduction=reduction), F.multilabel_margin_loss, nn.MultiLabelMarginLoss
+        rows = []
+        for _ in range(n):  # its labels (a repeat allowed), then -1 and anything in range after it
+            labels = [r.randrange(classes) for _ in range(r.randint(0, classes))]
+            rest = [r.randrange(-1, classes) for _ in range(classes - len(labels))]
+            rows.append((labels + ([-1] if rest else []) + rest[1:])[:classes])
+        y = torch.tensor(rows, dtype=torch.long)
+        reference = lambda o, t: _multilabel_margin_by_hand(o, t, reduction)
+    elif kind == "huber":
+        delta = r.choice([0.3, 1.0, 2.0])
+        options, fn, module = dict(reduction=reduction, delta=delta), F.huber_loss, nn.HuberLoss
+        y = torch.randn(n, classes, generator=gen, dtype=dtype)
+        reference = lambda o, t: _elementwise_by_hand(o, t, _huber_term(delta), reduction)
+    else:
+        options, fn, module = dict(reduction=reduction), F.soft_margin_loss, nn.SoftMarginLoss
+        y = torch.randn(n, classes, generator=gen, dtype=dtype).sign()
+        reference = lambda o, t: _elementwise_by_hand(o, t, lambda a, b: torch.log1p(torch.exp(-b * a)), reduction)
+    if spelling == "function" and reduction == "mean" and "weight" not in options and "delta" not in options \
+            and "p" not in options:
+        loss, name = fn, f"F.{fn.__name__}"
+    elif spelling == "module":
+        loss, name = module(**options), f"nn.{module.__name__}({options})"
+    else:
+        loss, name = functools.partial(fn, **options), f"partial({fn.__name__}, {options})"
+    return Case(model, loss, x, y, f"routed loss seed {seed}: {dtype} n={n} classes={classes} {name}",
+                reference_loss=reference)

@@ -10,7 +10,8 @@ TWICEDIFF_STRUCTURED_CASES sets how many convolutional / attention models
 TWICEDIFF_RECURRENT_CASES: the same for recurrent and tied-weight models (``generate_recurrent``,
 default 24). TWICEDIFF_TORCH_ATTENTION_CASES: the same for transformers of torch's own layers
 (``generate_torch_attention``, default 24). TWICEDIFF_ROUTED_CASES: the same for models with
-EmbeddingBag or weight normalisation (``generate_routed``, default 24).
+EmbeddingBag or weight normalisation (``generate_routed``, default 24), and as many under the losses
+torch cannot differentiate twice (``generate_routed_loss``).
 """
 import os
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from generated_models import (flat_params, generate, generate_conv_attention, generate_recurrent,
                               generate_torch_attention, reference_hessian)
-from routed_models import generate_routed
+from routed_models import generate_routed, generate_routed_loss
 from twicediff import TorchTwiceDifferentiable
 from twicediff.inversion import solve_hvp
 
@@ -176,6 +177,15 @@ def test_embedding_bag_and_weight_norm_every_eager_engine(seed, device):
     wrong): the Hessian and Gauss-Newton products of every eager engine and the explicit Hessian
     against float64 references computed with both ops spelled out, the model left as it was."""
     _every_eager_engine(generate_routed(seed), seed, device)
+
+
+@pytest.mark.parametrize("seed", ROUTED)
+def test_losses_torch_cannot_differentiate_twice_every_eager_engine(seed, device):
+    """multi_margin_loss and multilabel_margin_loss (torch has no second derivative of either) and
+    huber_loss and soft_margin_loss (no forward-mode rule of their backward), in torch's spellings:
+    the Hessian and Gauss-Newton products of every eager engine and the explicit Hessian against
+    float64 references of the loss written by hand, the model left as it was."""
+    _every_eager_engine(generate_routed_loss(seed), seed, device)
 
 
 def test_the_routed_generator_covers_what_it_promises():

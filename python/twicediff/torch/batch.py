@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import describe_inputs
+from .derivative_routes import loss_routes
 
 __all__ = ["Inputs", "batch_size", "call_model", "check_reread", "check_training_data", "check_vectors",
            "checked_batch", "detached", "floating_inputs", "index_batch", "input_tensors", "map_inputs", "model_args",
@@ -52,7 +53,9 @@ def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor, *, grad
     where torch would fail later with a message about gradients. A model output or a loss value that
     is not a tensor (a tuple, a dict, an output object; a Python float) is a TypeError saying which;
     a loss without a gradient, where one is being taken, a ValueError (``gradient_check=False``: not
-    checked, for a caller inside a bare ``vmap``, where the batched value does not show its graph)."""
+    checked, for a caller inside a bare ``vmap``, where the batched value does not show its graph).
+    The losses torch cannot differentiate twice are computed by equivalent ones that it can
+    (:func:`twicediff.torch.derivative_routes.loss_routes`)."""
     if not isinstance(output, torch.Tensor):
         what = type(output).__name__
         if isinstance(output, dict):
@@ -62,7 +65,8 @@ def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor, *, grad
         raise TypeError(f"the model must return one tensor, which the loss takes as loss(squeeze(model(x)), "
                         f"squeeze(y)); it returned a {what}: wrap it in a module whose forward returns the "
                         "tensor the loss takes (the logits, say)")
-    value = loss(torch.squeeze(output), torch.squeeze(y))
+    with loss_routes():  # torch's losses without a second derivative, computed by ones with it
+        value = loss(torch.squeeze(output), torch.squeeze(y))
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"the loss must return a scalar tensor (the batch's mean or sum), got a {type(value).__name__}"
                         + ("; a Python number has no gradient: return the tensor, not its .item()"
