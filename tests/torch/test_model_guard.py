@@ -1,7 +1,8 @@
 """What every call guarantees about the user's model and the context it is called in: buffers and
 parameters left as found (a training-mode BatchNorm included), a training-mode Dropout reported once
 per model, gradients under torch.no_grad(), a clear error under torch.inference_mode(), and stock
-attention (scaled_dot_product_attention, nn.TransformerEncoderLayer) differentiable twice, and
+attention (scaled_dot_product_attention, nn.TransformerEncoderLayer) differentiable twice, cuDNN
+off for recurrent models, and
 the same Parameter objects in every slot (a module registered twice, a shared weight)."""
 import copy
 import logging
@@ -153,6 +154,41 @@ def test_the_transformer_fast_path_setting_is_left_as_the_user_set_it(setting):
         assert torch.backends.mha.get_fastpath_enabled() is setting
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+class _RecordsCudnn(nn.Module):
+    """An LSTM classifier that notes torch.backends.cudnn.enabled at each forward."""
+
+    def __init__(self, recurrent: bool):
+        super().__init__()
+        self.seen = []
+        self.body = nn.LSTM(3, 4, batch_first=True) if recurrent else nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.seen.append(torch.backends.cudnn.enabled)
+        h = self.body(x)[0][:, -1] if isinstance(self.body, nn.LSTM) else self.body(x).mean(1)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("recurrent", [True, False])
+@pytest.mark.parametrize("setting", [True, False])
+def test_cudnn_is_off_inside_a_call_on_a_recurrent_model_and_left_as_the_user_set_it(recurrent, setting):
+    """cuDNN's RNN kernels have no second derivative and no backward outside training mode: in a
+    model with an RNN module cuDNN is off inside the call (a GPU takes torch's own recurrent
+    kernels), elsewhere it is left alone, and after the call it is what the user set."""
+    torch.manual_seed(0)
+    model = _RecordsCudnn(recurrent).double().eval()
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    torch.backends.cudnn.enabled = setting
+    try:
+        td.hvp(x, y, torch.randn(2, td.num_params, dtype=torch.float64))  # auto: probes nest calls
+        td.grad(x, y)
+        assert model.seen and set(model.seen) == ({False} if recurrent else {setting})
+        assert torch.backends.cudnn.enabled is setting
+    finally:
+        torch.backends.cudnn.enabled = True
 
 
 def test_max_norm_embedding_weights_left_as_found_and_every_engine_agrees(monkeypatch):

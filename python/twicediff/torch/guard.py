@@ -47,6 +47,12 @@
   process-wide (``torch.backends.mha``'s flag, SDPA's backend flags): they are set by the first call
   in flight and put back by the last, so calls in several threads do not undo each other's. Values
   are the same.
+- Recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): on a GPU torch runs them through cuDNN,
+  whose backward has no derivative and no forward-mode rule and refuses to run outside training
+  mode (``model.eval()``, which influence calls for). In a model with one, cuDNN is off inside the
+  call (``torch.backends.cudnn.enabled``, process-wide and shared between calls as above), so torch
+  takes its own recurrent kernels, which reverse mode differentiates twice. It changes nothing on
+  the CPU. Not yet run on a GPU.
 - Under ``torch.inference_mode()`` nothing can be differentiated: a RuntimeError naming it. Under
   ``torch.no_grad()`` gradients are enabled inside the call (twicediff's functions are derivatives).
 - Autocast (``torch.autocast``, as around a mixed-precision training step) is off inside the call:
@@ -99,42 +105,69 @@ def _math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-# Both settings are process-wide (torch.backends.mha's flag, and the SDPA backend flags that
-# torch.nn.attention.sdpa_kernel sets and restores): the first context in flight sets them, the last
-# one out puts back what it found. Set and restored per call instead, a call ending in one thread
-# restored the fused kernel under a call still running in another, which then failed.
-_attention_lock = threading.Lock()
-_attention_users = 0
-_attention_saved: Tuple = ()
+class _SharedSetting:
+    """A process-wide torch setting that the calls in flight share: the first context in sets it, the
+    last one out puts back what the first found. Set and restored per call instead, a call ending in
+    one thread restored the setting under a call still running in another, which then failed."""
+
+    def __init__(self, enter, leave):
+        self._enter, self._leave = enter, leave  # enter() sets it and returns what leave(saved) restores
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = self._enter()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._leave(self._saved)
+                    self._saved = None
 
 
-@contextlib.contextmanager
-def attention_for_derivatives() -> Iterator[None]:
+def _attention_enter():
+    mha = getattr(torch.backends, "mha", None)  # older torch: no switch
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    math = _math_attention()  # the SDPA backend flags, set and restored by torch.nn.attention.sdpa_kernel
+    math.__enter__()
+    return fastpath, math
+
+
+def _attention_leave(saved) -> None:
+    fastpath, math = saved
+    math.__exit__(None, None, None)
+    if fastpath is not None:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _cudnn_enter() -> bool:
+    enabled = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    return enabled
+
+
+def _cudnn_leave(enabled: bool) -> None:
+    torch.backends.cudnn.enabled = enabled
+
+
+_ATTENTION = _SharedSetting(_attention_enter, _attention_leave)
+_CUDNN_OFF = _SharedSetting(_cudnn_enter, _cudnn_leave)
+
+
+def attention_for_derivatives():
     """Attention as derivatives need it (the module docstring, "Stock attention"): scaled-dot-product
     attention on its math backend, and the MHA / transformer fast path off. Re-entrant and safe
     across threads: the settings are put back when the last context in flight exits."""
-    global _attention_users, _attention_saved
-    mha = getattr(torch.backends, "mha", None)  # older torch: no switch
-    with _attention_lock:
-        if _attention_users == 0:
-            fastpath = mha.get_fastpath_enabled() if mha is not None else None
-            if mha is not None:
-                mha.set_fastpath_enabled(False)
-            math = _math_attention()
-            math.__enter__()
-            _attention_saved = (fastpath, math)
-        _attention_users += 1
-    try:
-        yield
-    finally:
-        with _attention_lock:
-            _attention_users -= 1
-            if _attention_users == 0:
-                fastpath, math = _attention_saved
-                math.__exit__(None, None, None)
-                if mha is not None:
-                    mha.set_fastpath_enabled(fastpath)
-                _attention_saved = ()
+    return _ATTENTION.held()
 
 
 def _without_autocast() -> contextlib.ExitStack:
@@ -185,12 +218,14 @@ class _Reading:
             version counter the swapped-in tensors share with the parameters.
         slots: (module, its ``_parameters`` or ``_buffers``, name, tensor) of every parameter and buffer.
         routes: (bags, norms) of :func:`twicediff.torch.derivative_routes.needed`, over all modules.
+        rnn: the model has an ``nn.RNNBase`` module (RNN, LSTM, GRU).
     """
     training: bool
     renormed: List[torch.Tensor]
     versions: List[Tuple[torch.Tensor, int]]
     slots: List[Tuple[nn.Module, dict, str, torch.Tensor]]
     routes: Tuple[bool, bool] = (False, False)
+    rnn: bool = False
 
 
 def _read(model: nn.Module, where: str) -> _Reading:
@@ -200,8 +235,9 @@ def _read(model: nn.Module, where: str) -> _Reading:
 
     if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
         raise _refuse_hook(where, "a global module backward hook (register_module_full_backward_hook) is set")
-    training, renormed, versions, rnn, slots, bags, norms = False, [], {}, set(), [], False, False
+    training, renormed, versions, rnn, slots, bags, norms, recurrent = False, [], {}, set(), [], False, False, False
     for m in model.modules():
+        recurrent = recurrent or isinstance(m, nn.RNNBase)
         training = training or m.training
         if m._backward_hooks or m._backward_pre_hooks:
             raise _refuse_hook(where, f"module '{_name(model, m)}' ({type(m).__name__}) has a backward hook")
@@ -229,7 +265,8 @@ def _read(model: nn.Module, where: str) -> _Reading:
                 rnn.add(id(p))
             versions[id(p)] = (p, p._version)
         slots += [(m, table, name, t) for table in (m._parameters, m._buffers) for name, t in table.items()]
-    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots, (bags, norms))
+    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots, (bags, norms),
+                    recurrent)
 
 
 def _warn_training_dropout(model: nn.Module, where: str) -> None:
@@ -272,7 +309,8 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
         try:
             with torch.enable_grad(), attention_for_derivatives(), _without_autocast(), \
                     (derivative_routes.routes_for_derivatives(*reading.routes) if any(reading.routes)
-                     else contextlib.nullcontext()):
+                     else contextlib.nullcontext()), \
+                    (_CUDNN_OFF.held() if reading.rnn else contextlib.nullcontext()):
                 yield
         finally:
             depth[id(model)] -= 1
