@@ -11,7 +11,10 @@ TWICEDIFF_RECURRENT_CASES: the same for recurrent and tied-weight models (``gene
 default 24). TWICEDIFF_TORCH_ATTENTION_CASES: the same for transformers of torch's own layers
 (``generate_torch_attention``, default 24). TWICEDIFF_ROUTED_CASES: the same for models with
 EmbeddingBag or weight normalisation (``generate_routed``, default 24), and as many under the losses
-torch cannot differentiate twice (``generate_routed_loss``).
+torch cannot differentiate twice (``generate_routed_loss``). TWICEDIFF_ZOO_CASES: the same for the
+layer types the other families leave out (``generate_zoo``: Bilinear, PReLU, GroupNorm, transposed
+convolutions, interpolation, decoder layers, bidirectional RNNs, orthogonal and spectral-norm
+parametrizations, cdist; default 24).
 """
 import os
 
@@ -22,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from generated_models import (flat_params, generate, generate_conv_attention, generate_recurrent,
                               generate_torch_attention, reference_hessian)
 from routed_models import generate_routed, generate_routed_loss
+from zoo_models import generate_zoo
 from twicediff import TorchTwiceDifferentiable
 from twicediff.inversion import solve_hvp
 
@@ -32,6 +36,7 @@ STRUCTURED = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_STRUCTURED_CASES
 RECURRENT = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_RECURRENT_CASES", "24")))
 TORCH_ATTENTION = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_TORCH_ATTENTION_CASES", "24")))
 ROUTED = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_ROUTED_CASES", "24")))
+ZOO = range(FIRST, FIRST + int(os.environ.get("TWICEDIFF_ZOO_CASES", "24")))
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -234,3 +239,25 @@ def test_the_generator_covers_what_it_promises():
     assert all(count > 0 for count in seen.values()), seen
     assert {"nn.MSELoss", "nn.BCEWithLogitsLoss", "nn.CrossEntropyLoss"} <= losses, losses
     assert {"ReLU", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "SiLU", "Softplus"} <= activations
+
+
+@pytest.mark.parametrize("seed", ZOO)
+def test_layer_zoo_every_eager_engine(seed, device):
+    """Layer types the other families leave out (tests/zoo_models.py): the Hessian and Gauss-Newton
+    products of every eager engine and the explicit Hessian against float64 references, the model
+    left as it was. Where torch has no forward-mode rule of an op (cdist; oneDNN's float32 LSTM),
+    the func engine must say so and name the engines that take the model."""
+    case = generate_zoo(seed)
+    td, x, y, before, H, G, V = _problem(case, seed, device)
+    for engine in ("auto", "func", "autograd", "loop"):
+        for mode, M in (("hessian", H), ("gauss_newton", G)):
+            try:
+                got = td.hvp(x, y, V.to(td.dtype), engine=engine, mode=mode)
+            except NotImplementedError as exc:
+                assert engine == "func" and "no forward-mode derivative" in str(exc), f"{exc} for {case.description}"
+                assert "engine='autograd' or 'loop'" in str(exc)
+                continue
+            _close(got, V @ M, td.dtype, f"hvp engine={engine} mode={mode}", case)
+    _close(td.hessian(x, y), H, td.dtype, "hessian", case)
+    after = case.model.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before), case.description

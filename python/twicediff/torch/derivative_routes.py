@@ -11,8 +11,9 @@ enters the context only for models that need it (a function mode sees every op o
 cost the other models do not pay), pyDVL's functional ``hvp`` around every product (it is given
 a function, not a model). :func:`loss_routes` routes the losses alone: the engines enter it
 around each evaluation of the loss (:func:`twicediff.torch.batch.squeezed_loss`), a few ops.
-Two more losses lack only forward-mode rules (:data:`FORWARD_MODE_LOSSES`): the forward-mode
-context routes those (:mod:`twicediff.torch.forward_mode`).
+Two more losses and ``torch.cdist`` go wrong only in batched forward-mode or compiled products
+(:data:`FORWARD_MODE_ROUTES`): the context of those products routes them
+(:mod:`twicediff.torch.forward_mode`).
 """
 from __future__ import annotations
 
@@ -24,16 +25,20 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import losses
+from .cdist import cdist
 from .embedding_bag import embedding_bag
 from .weight_norm import uses_weight_norm, weight_norm
 
-__all__ = ["FORWARD_MODE_LOSSES", "LOSSES", "loss_routes", "needed", "routes_for_derivatives"]
+__all__ = ["FORWARD_MODE_ROUTES", "LOSSES", "loss_routes", "needed", "routes_for_derivatives"]
 
 #: torch's losses without a derivative of their backward (and without forward-mode rules), and the
 #: functions of the same parameters that compute them.
 LOSSES = {F.multi_margin_loss: losses.multi_margin_loss, F.multilabel_margin_loss: losses.multilabel_margin_loss}
-#: torch's losses whose backward has no forward-mode rule (reverse mode differentiates them twice).
-FORWARD_MODE_LOSSES = {F.huber_loss: losses.huber_loss, F.soft_margin_loss: losses.soft_margin_loss}
+#: Ops that reverse mode differentiates twice but batched forward-mode products do not: two losses
+#: whose backward has no forward-mode rule, and ``torch.cdist`` (no forward-mode rule, and a wrong
+#: batching rule of its backward's derivative: :mod:`twicediff.torch.cdist`).
+FORWARD_MODE_ROUTES = {F.huber_loss: losses.huber_loss, F.soft_margin_loss: losses.soft_margin_loss,
+                       torch.cdist: cdist}
 
 # embedding_bag's parameters in order: the call's positional arguments bound by hand, which dynamo
 # traces (inspect.signature's binding it does not, in the compiled engine's graphs).

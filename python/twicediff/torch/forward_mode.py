@@ -28,9 +28,10 @@ without the copies and zero-filled select backwards of torch's packed projection
 compiler fuses torch's own rules. Those rules differentiate LayerNorm's backward forward only: a
 product taken reverse over reverse runs under a context without them.
 
-It routes the losses whose backward has no forward-mode rule (``F.huber_loss``,
-``F.soft_margin_loss``: :data:`twicediff.torch.derivative_routes.FORWARD_MODE_LOSSES`) to
-:mod:`twicediff.torch.losses`, which has them.
+It routes the ops that batched forward-mode and compiled products cannot take from torch
+(:data:`twicediff.torch.derivative_routes.FORWARD_MODE_ROUTES`): the losses whose backward has no
+forward-mode rule (``F.huber_loss``, ``F.soft_margin_loss``) to :mod:`twicediff.torch.losses`, and
+``torch.cdist`` (no forward-mode rule, a wrong batching rule) to :mod:`twicediff.torch.cdist`.
 
 The module also names the forward-mode formulas of torch that fail where reverse mode computes
 (:data:`FORMULA_FAILURES`): there the callers take the product reverse over reverse, which is exact too.
@@ -46,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from .attention import applies as _attention_applies, self_attention as _self_attention
-from .derivative_routes import FORWARD_MODE_LOSSES
+from .derivative_routes import FORWARD_MODE_ROUTES
 from .layer_norm import applies as _fused_applies, layer_norm as _fused_layer_norm
 
 __all__ = ["FORMULA_FAILURES", "formula_failure", "reverse_mode_constants"]
@@ -99,8 +100,8 @@ class _ReverseModeConstants(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in FORWARD_MODE_LOSSES:  # torch has no forward-mode rule of their backward
-            return FORWARD_MODE_LOSSES[func](*args, **kwargs)
+        if func in FORWARD_MODE_ROUTES:  # no forward-mode rule, or a wrong batching rule (cdist)
+            return FORWARD_MODE_ROUTES[func](*args, **kwargs)
         if func is F.layer_norm and self.fused_layer_norm and torch.is_grad_enabled():
             call = _layer_norm_call(args, kwargs)
             if call is not None:

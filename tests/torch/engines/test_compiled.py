@@ -21,6 +21,7 @@ import twicediff
 from generated_models import (generate, generate_conv_attention, generate_recurrent, generate_torch_attention,
                               reference_hessian)
 from routed_models import generate_routed_loss
+from zoo_models import generate_zoo
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch.engines import compiled, probe
 from twicediff.torch.engines.amortise import DEFAULT_COMPILE_SECONDS, compile_pays, compile_seconds_estimate
@@ -66,7 +67,8 @@ def _products(case, variants=("forward", "reverse"), modes=("hessian", "gauss_ne
                                              (generate_torch_attention(1), ("forward", "reverse")),
                                              (generate_routed_loss(1), ("forward", "reverse")),  # multi-margin
                                              (generate_routed_loss(0), ("forward",)),  # multilabel margin
-                                             (generate_routed_loss(11), ("forward",))],  # Huber
+                                             (generate_routed_loss(11), ("forward",)),  # Huber
+                                             (generate_zoo(5), ("forward", "reverse"))],  # torch.cdist
                          ids=lambda c: c.description.split(":")[0] if hasattr(c, "description") else "+".join(c))
 def test_compiled_products_match_float64(case, variants):
     _products(case, variants)

@@ -1,0 +1,83 @@
+"""twicediff.torch.cdist against torch.cdist: the same distances and gradients on generated inputs
+(every p, every compute_mode, either side of torch's 25-row rule, broadcast batch dimensions), a
+derivative of 0 at distance 0 as torch's backward gives, and the batched second derivatives right
+where torch's batching rule is not (``vmap`` over the pullback of ``grad``). The products of models
+that call torch.cdist, through every engine, are in tests/test_differential.py (``generate_zoo``,
+its prototypes family) and tests/torch/engines/test_compiled.py."""
+import math
+import random
+
+import pytest
+import torch
+from torch.func import grad, jvp, vjp, vmap
+
+from twicediff.torch.cdist import MODES, cdist
+
+PS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, math.inf)
+
+
+def _draw(seed: int):
+    r = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rows1, rows2, cols = r.choice([1, 3, 26, 30]), r.choice([1, 2, 27]), r.choice([1, 3])
+    batch1, batch2 = r.choice([((), ()), ((2,), ()), ((), (3,)), ((2, 1), (3,)), ((2, 3), (1,)), ((2,), (2,))])
+    x1 = torch.randn(*batch1, rows1, cols, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(*batch2, rows2, cols, generator=gen, dtype=torch.float64)
+    return x1, x2, r.choice(PS), r.choice(MODES)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_distances_and_gradients_are_torchs(seed):
+    x1, x2, p, mode = _draw(seed)
+    what = f"seed {seed}: {tuple(x1.shape)} {tuple(x2.shape)} p={p} {mode}"
+    a, b = x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+    want = torch.cdist(a, b, p=p, compute_mode=mode)
+    got = cdist(a, b, p=p, compute_mode=mode)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=what)
+    weights = torch.randn_like(want)
+    for ours, theirs in zip(torch.autograd.grad(got, (a, b), weights), torch.autograd.grad(want, (a, b), weights)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10, msg=what)
+
+
+@pytest.mark.parametrize("p", PS[1:])
+@pytest.mark.parametrize("rows", [3, 30])
+def test_batched_second_derivatives_are_the_one_at_a_time_ones(p, rows):
+    """vmap over the pullback of grad (and over its forward-mode tangent) gives what each direction
+    gives alone; torch.cdist's own batched pullback does not (torch 2.14, under 26 rows)."""
+    gen = torch.Generator().manual_seed(rows)
+    params = (torch.randn(rows, 3, generator=gen, dtype=torch.float64),
+              torch.randn(4, 3, generator=gen, dtype=torch.float64))
+
+    def loss(ps):
+        return torch.tanh(cdist(ps[0], ps[1], p=p)).sum()
+
+    directions = tuple(torch.randn(5, *t.shape, generator=gen, dtype=torch.float64) for t in params)
+    _, pullback = vjp(grad(loss), params)
+    one_at_a_time = [pullback(tuple(d[k] for d in directions))[0] for k in range(5)]
+    batched = vmap(lambda t: pullback(t)[0])(directions)
+    forward = vmap(lambda t: jvp(grad(loss), (params,), (t,))[1])(directions)
+    for i in range(2):
+        want = torch.stack([one[i] for one in one_at_a_time])
+        torch.testing.assert_close(batched[i], want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(forward[i], want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+def test_a_distance_of_zero_has_derivative_zero_as_torchs(p):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    a = x.clone().requires_grad_(True)
+    ours, = torch.autograd.grad(cdist(a, x, p=p).sum(), a)
+    theirs, = torch.autograd.grad(torch.cdist(a, x, p=p).sum(), a)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: cdist(torch.randn(3), torch.randn(2, 3)), "at least 2 dimensions"),
+    (lambda: cdist(torch.randn(2, 3), torch.randn(2, 4)), "same number of columns, got 3 and 4"),
+    (lambda: cdist(torch.randn(2, 3), torch.randn(2, 3), p=-1.0), "p must be >= 0, got -1.0"),
+    (lambda: cdist(torch.randn(2, 3), torch.randn(2, 3), compute_mode="fast"), "compute_mode must be one of"),
+])
+def test_bad_arguments_are_named(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()
