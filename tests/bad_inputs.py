@@ -281,6 +281,21 @@ def _functional_bag(engine):
     m.hvp(torch.randint(0, 5, (4, 3)), torch.randint(0, 2, (4,)), torch.randn(m.num_params), engine=engine)
 
 
+def _functional_hardsigmoid(engine):
+    """hvp on a model that gates with F.hardsigmoid itself (no nn.Hardsigmoid module)."""
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.out = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.out(x * F.hardsigmoid(self.inner(x)))
+
+    torch.manual_seed(0)
+    m = TorchTwiceDifferentiable(Gate().eval(), F.cross_entropy)
+    m.hvp(4 * torch.randn(4, 3), torch.randint(0, 2, (4,)), torch.randn(m.num_params), engine=engine)
+
+
 def _dict_taker():
     """hvp with x a dict of token ids, on a model whose forward takes one dict (batch["ids"])."""
     class DictTaker(nn.Module):
@@ -406,6 +421,12 @@ CASES = [
                            "twicediff.torch.embedding_bag.embedding_bag"]),
     ("hvp", "the same, engine='func'", lambda: _functional_bag("func"),
      NotImplementedError, ["hvp", "no second derivative of F.embedding_bag", "twicediff.torch.embedding_bag"]),
+    ("hvp", "a model that calls F.hardsigmoid itself (no nn.Hardsigmoid module)",
+     lambda: _functional_hardsigmoid("autograd"),
+     RuntimeError, ["hvp", "no second derivative of F.hardsigmoid", "x (4, 3)", "nn.Hardsigmoid",
+                    "twicediff.torch.activations.hardsigmoid"]),
+    ("hvp", "the same, engine='func'", lambda: _functional_hardsigmoid("func"),
+     NotImplementedError, ["hvp", "no second derivative of F.hardsigmoid", "twicediff.torch.activations"]),
     ("hvp", "a dict x for a model whose forward takes the dict itself", _dict_taker,
      TypeError, ["hvp", "x {'ids': (4, 3)", "unexpected keyword argument 'ids'", "model(**x)", "(x,)"]),
     ("hvp", "a gradient hook on a parameter", lambda: _hooked("parameter"),

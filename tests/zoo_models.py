@@ -12,10 +12,13 @@
   ``nn.AdaptiveAvgPool2d``, and a Linear head;
 - ``parametrized``: a Linear layer under ``nn.utils.parametrizations.orthogonal`` (matrix_exp,
   cayley or householder) or ``spectral_norm`` (eval mode: its stored singular vectors);
-- ``prototypes``: logits as minus the distances (``torch.cdist``) to learned prototypes.
+- ``prototypes``: logits as minus the distances (``torch.cdist``) to learned prototypes;
+- ``squeeze_excite``: MobileNetV3's block: Conv2d, BatchNorm2d, ``nn.Hardswish``, a
+  squeeze-excitation gate (ReLU or ``nn.RReLU``, then ``nn.Hardsigmoid``), a Linear head.
 
 The references are tests/generated_models.py's: the float64 model differentiated row by row with
-plain autograd, independent of the batching and forward-mode rules the engines rely on. (torch's
+plain autograd, independent of the batching and forward-mode rules the engines rely on (the
+squeeze-excitation family's with its gate spelled out: torch cannot differentiate Hardsigmoid twice). (torch's
 second derivatives of these layers were checked with ``torch.autograd.gradgradcheck`` on such models
 when the family was added; the householder map's diagonal is cast to int, so finite differences
 of it fail at its ±1 entries, a kink, not a wrong rule.)
@@ -32,7 +35,7 @@ from generated_models import Case, _loss, _targets
 
 __all__ = ["generate_zoo"]
 
-FAMILIES = ("bilinear", "decoder", "birnn", "upconv", "parametrized", "prototypes")
+FAMILIES = ("bilinear", "decoder", "birnn", "upconv", "parametrized", "prototypes", "squeeze_excite")
 
 
 class _Bilinear(nn.Module):
@@ -125,6 +128,35 @@ class _Prototypes(nn.Module):
         return -torch.cdist(torch.tanh(self.embed(x)), self.prototypes)
 
 
+class _SqueezeExcite(nn.Module):
+    def __init__(self, r: random.Random, c_in: int, outputs: int):
+        super().__init__()
+        c = r.choice([2, 4])
+        self.conv = nn.Conv2d(c_in, c, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(c)
+        self.squeeze = nn.Conv2d(c, 2, 1)
+        self.inner = r.choice([nn.ReLU(), nn.RReLU(0.1, 0.3)])
+        self.excite = nn.Conv2d(2, c, 1)
+        self.act, self.gate = nn.Hardswish(), nn.Hardsigmoid()
+        self.head = nn.Linear(c, outputs)
+        self.what = f"channels={c} inner={type(self.inner).__name__}"
+
+        self.spelled_out = False  # the references' copy: the gate and RReLU written out (see generate_zoo)
+
+    def forward(self, x):
+        h = self.act(self.norm(self.conv(x)))
+        squeezed = self.squeeze(h.mean((2, 3), keepdim=True))
+        if not self.spelled_out:
+            return self.head((h * self.gate(self.excite(self.inner(squeezed)))).mean((2, 3)))
+        if isinstance(self.inner, nn.RReLU):  # eval mode: the mean of its slopes
+            inner = torch.where(squeezed >= 0, squeezed, squeezed * (self.inner.lower + self.inner.upper) / 2)
+        else:
+            inner = torch.relu(squeezed)
+        z = self.excite(inner)
+        gate = torch.where(z <= -3, torch.zeros_like(z), torch.where(z >= 3, torch.ones_like(z), z / 6 + 0.5))
+        return self.head((h * gate).mean((2, 3)))
+
+
 def generate_zoo(seed: int) -> Case:
     """A small model of one of :data:`FAMILIES` (P up to a few hundred), loss and batch."""
     r = random.Random(6_000_007 + seed)
@@ -139,14 +171,27 @@ def generate_zoo(seed: int) -> Case:
         if family in ("decoder", "birnn"):
             model = (_Decoder if family == "decoder" else _BiRNN)(r, d, outputs)
             x = torch.randn(n, r.choice([2, 3]), d, generator=gen, dtype=dtype)
-        elif family == "upconv":
+        elif family in ("upconv", "squeeze_excite"):
             c_in = r.choice([1, 2])
-            model = _UpConv(r, c_in, outputs)
-            x = torch.randn(n, c_in, 4, 4, generator=gen, dtype=dtype)
+            model = (_UpConv if family == "upconv" else _SqueezeExcite)(r, c_in, outputs)
+            x = 3 * torch.randn(n, c_in, 4, 4, generator=gen, dtype=dtype)  # both sides of the hard kinks
         else:
             model = {"bilinear": _Bilinear, "parametrized": _Parametrized, "prototypes": _Prototypes}[family](
                 r, d, outputs)
             x = torch.randn(n, d, generator=gen, dtype=dtype)
     model = model.to(dtype).eval()
+    for m in model.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
     y = _targets(kind, n, outputs, gen, dtype)
-    return Case(model, loss, x, y, f"zoo seed {seed}: {dtype} n={n} {family} {model.what} loss={loss_name}")
+    return Case(model, loss, x, y, f"zoo seed {seed}: {dtype} n={n} {family} {model.what} loss={loss_name}",
+                reference_model=(lambda: _spelled_out(seed)) if family == "squeeze_excite" else None)
+
+
+def _spelled_out(seed: int) -> nn.Module:
+    """The squeeze-excitation model of ``generate_zoo(seed)`` with its Hardsigmoid gate and RReLU
+    written as ``where`` (torch has no second derivative of the one, no vmap rule of the other)."""
+    model = generate_zoo(seed).model
+    model.spelled_out = True
+    return model

@@ -112,20 +112,24 @@ _SAVED_TENSOR_HOOKS = "support saved tensor hooks"
 _NO_SETUP_CONTEXT = "it must override the setup_context staticmethod"
 
 
-# torch's op name in both errors of a model that calls F.embedding_bag itself (not routed): no
-# derivative of its backward (reverse over reverse) and none of its forward (forward mode).
-_EMBEDDING_BAG = "_embedding_bag"
+# Ops twicediff computes itself for the modules that call them (twicediff.torch.derivative_routes),
+# which a model can call without such a module: the name in torch's errors of either mode, the
+# error type it comes with, the function, the modules that are routed and the function to call.
+_UNROUTED = (("_embedding_bag", (NotImplementedError,), "F.embedding_bag", "nn.EmbeddingBag",
+              "twicediff.torch.embedding_bag.embedding_bag"),
+             ("hardsigmoid_backward", (NotImplementedError, RuntimeError), "F.hardsigmoid", "nn.Hardsigmoid",
+              "twicediff.torch.activations.hardsigmoid"))
 
 
 def _untransformable(error: BaseException, where: str, data: str) -> str:
-    """The prefix for an error named above (a torch.func transform's, or F.embedding_bag's in any
-    engine), or "" for any other error."""
+    """The prefix for an error named above (a torch.func transform's, or that of an op of
+    ``_UNROUTED`` in any engine), or "" for any other error."""
     message = str(error)
-    if isinstance(error, NotImplementedError) and _EMBEDDING_BAG in message:
-        return (f"{where}: torch has no second derivative of F.embedding_bag (met running the model and loss on "
-                f"{data}); twicediff computes it for nn.EmbeddingBag modules, and a model that calls F.embedding_bag "
-                "itself can call twicediff.torch.embedding_bag.embedding_bag instead (the same arguments and "
-                "values). torch says: ")
+    for op, types, function, modules, instead in _UNROUTED:
+        if isinstance(error, types) and op in message:
+            return (f"{where}: torch has no second derivative of {function} (met running the model and loss on "
+                    f"{data}); twicediff computes it for {modules} modules, and a model that calls {function} "
+                    f"itself can call {instead} instead (the same arguments and values). torch says: ")
     op, vmap = _NO_FORWARD_AD.search(message), _NO_VMAP.search(message)
     forward_mode, first = "the engines that differentiate in forward mode", ""
     if op:

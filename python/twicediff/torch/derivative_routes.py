@@ -2,8 +2,10 @@
 
 Some of torch's ops (2.14) break second-order products: ``F.embedding_bag`` has no derivative of its
 backward and no forward-mode rule (:mod:`twicediff.torch.embedding_bag`), ``torch._weight_norm``
-has a wrong second derivative and no forward-mode rule (:mod:`twicediff.torch.weight_norm`), and
-two losses have no derivative of their backward (:data:`LOSSES`, :mod:`twicediff.torch.losses`).
+has a wrong second derivative and no forward-mode rule (:mod:`twicediff.torch.weight_norm`),
+``F.hardsigmoid`` has no derivative of its backward and ``F.rrelu`` no vmap rule
+(:mod:`twicediff.torch.activations`), and two losses have no derivative of their backward
+(:data:`LOSSES`, :mod:`twicediff.torch.losses`).
 :func:`routes_for_derivatives` is a context under which calls of them compute with those modules'
 functions instead: the same values, correct derivatives of every order. :func:`needed` says which
 routes a module needs (from the modules that make such calls); :func:`twicediff.torch.guard.model_call`
@@ -24,12 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import losses
+from . import activations, losses
 from .cdist import cdist
 from .embedding_bag import embedding_bag
 from .weight_norm import uses_weight_norm, weight_norm
 
-__all__ = ["FORWARD_MODE_ROUTES", "LOSSES", "loss_routes", "needed", "routes_for_derivatives"]
+__all__ = ["FORWARD_MODE_ROUTES", "LOSSES", "MODEL_ROUTES", "loss_routes", "needed", "routes_for_derivatives"]
+
+#: The routes of a model's ops, by name: each taken when a module of the model makes such calls
+#: (:func:`needed`).
+MODEL_ROUTES = ("bags", "norms", "hardsigmoid", "rrelu")
 
 #: torch's losses without a derivative of their backward (and without forward-mode rules), and the
 #: functions of the same parameters that compute them.
@@ -46,9 +52,13 @@ _BAG = tuple(inspect.signature(embedding_bag).parameters)
 
 
 class _Routes(TorchFunctionMode):
-    def __init__(self, bags: bool, norms: bool, losses: bool):
+    def __init__(self, routes: frozenset, losses: bool):
         super().__init__()
-        self.bags, self.norms, self.losses = bags, norms, losses
+        self.bags, self.norms = "bags" in routes, "norms" in routes
+        self.activations = {F.hardsigmoid: activations.hardsigmoid} if "hardsigmoid" in routes else {}
+        if "rrelu" in routes:
+            self.activations[F.rrelu] = activations.rrelu
+        self.losses = losses
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -56,23 +66,35 @@ class _Routes(TorchFunctionMode):
             return embedding_bag(**dict(zip(_BAG, args)), **kwargs)
         if func is torch._weight_norm and self.norms:
             return weight_norm(*args, **kwargs)
+        if func in self.activations:
+            return self.activations[func](*args, **kwargs)
         if self.losses and func in LOSSES:
             return LOSSES[func](*args, **kwargs)
         return func(*args, **kwargs)
 
 
-def needed(module: nn.Module) -> tuple:
-    """(bags, norms): whether ``module`` itself is an ``nn.EmbeddingBag``, and whether it normalises
-    its weight (:func:`~twicediff.torch.weight_norm.uses_weight_norm`)."""
-    return isinstance(module, nn.EmbeddingBag), uses_weight_norm(module)
+def needed(module: nn.Module) -> frozenset:
+    """The :data:`MODEL_ROUTES` that ``module`` itself needs: "bags" for an ``nn.EmbeddingBag``,
+    "norms" where it normalises its weight (:func:`~twicediff.torch.weight_norm.uses_weight_norm`),
+    "hardsigmoid" and "rrelu" for ``nn.Hardsigmoid`` and ``nn.RReLU``."""
+    routes = set()
+    if isinstance(module, nn.EmbeddingBag):
+        routes.add("bags")
+    if uses_weight_norm(module):
+        routes.add("norms")
+    if isinstance(module, nn.Hardsigmoid):
+        routes.add("hardsigmoid")
+    if isinstance(module, nn.RReLU):
+        routes.add("rrelu")
+    return frozenset(routes)
 
 
-def routes_for_derivatives(bags: bool = True, norms: bool = True, losses: bool = True) -> TorchFunctionMode:
-    """A context routing ``F.embedding_bag`` (``bags``), ``torch._weight_norm`` (``norms``) and the
-    :data:`LOSSES` (``losses``) to the functions above."""
-    return _Routes(bags, norms, losses)
+def routes_for_derivatives(routes=MODEL_ROUTES, losses: bool = True) -> TorchFunctionMode:
+    """A context routing the model ops named in ``routes`` (of :data:`MODEL_ROUTES`) and, with
+    ``losses``, the :data:`LOSSES` to the functions above."""
+    return _Routes(frozenset(routes), losses)
 
 
 def loss_routes() -> TorchFunctionMode:
     """A context routing the :data:`LOSSES` alone."""
-    return _Routes(False, False, True)
+    return _Routes(frozenset(), True)

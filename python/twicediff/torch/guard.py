@@ -33,9 +33,10 @@
   global one): it changes what autograd returns as the gradient, which the reverse-mode engines
   then differentiate again, while forward mode and the native engine never see it; the engines
   would compute different matrices, and ``auto`` would pick one of them by speed.
-- torch has no second derivative of ``nn.EmbeddingBag`` and a wrong one of weight normalisation
-  (``nn.utils.parametrizations.weight_norm``): in a model with either, the call computes them with
-  equivalent ops that have correct ones (:mod:`twicediff.torch.derivative_routes`).
+- torch has no second derivative of ``nn.EmbeddingBag`` and ``nn.Hardsigmoid``, a wrong one of
+  weight normalisation (``nn.utils.parametrizations.weight_norm``) and no vmap rule of an eval-mode
+  ``nn.RReLU``: in a model with any, the call computes them with equivalent ops that have correct
+  ones (:mod:`twicediff.torch.derivative_routes`).
 - A Dropout in training mode makes every product random: said once per model (a warning).
 - Stock attention: ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention`` and
   ``nn.TransformerEncoderLayer``) picks a fused CPU kernel that has no second derivative; inside
@@ -217,14 +218,14 @@ class _Reading:
             ``functional_call`` does): an in-place ``set_`` that keeps their values but moves the
             version counter the swapped-in tensors share with the parameters.
         slots: (module, its ``_parameters`` or ``_buffers``, name, tensor) of every parameter and buffer.
-        routes: (bags, norms) of :func:`twicediff.torch.derivative_routes.needed`, over all modules.
+        routes: the routes :func:`twicediff.torch.derivative_routes.needed` names, over all modules.
         rnn: the model has an ``nn.RNNBase`` module (RNN, LSTM, GRU).
     """
     training: bool
     renormed: List[torch.Tensor]
     versions: List[Tuple[torch.Tensor, int]]
     slots: List[Tuple[nn.Module, dict, str, torch.Tensor]]
-    routes: Tuple[bool, bool] = (False, False)
+    routes: frozenset = frozenset()
     rnn: bool = False
 
 
@@ -235,14 +236,13 @@ def _read(model: nn.Module, where: str) -> _Reading:
 
     if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
         raise _refuse_hook(where, "a global module backward hook (register_module_full_backward_hook) is set")
-    training, renormed, versions, rnn, slots, bags, norms, recurrent = False, [], {}, set(), [], False, False, False
+    training, renormed, versions, rnn, slots, routes, recurrent = False, [], {}, set(), [], set(), False
     for m in model.modules():
         recurrent = recurrent or isinstance(m, nn.RNNBase)
         training = training or m.training
         if m._backward_hooks or m._backward_pre_hooks:
             raise _refuse_hook(where, f"module '{_name(model, m)}' ({type(m).__name__}) has a backward hook")
-        bag, norm = derivative_routes.needed(m)
-        bags, norms = bags or bag, norms or norm
+        routes |= derivative_routes.needed(m)
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             if m.sparse:
                 raise ValueError(f"{where}: module '{_name(model, m)}' ({type(m).__name__}) has sparse=True, so its "
@@ -265,7 +265,7 @@ def _read(model: nn.Module, where: str) -> _Reading:
                 rnn.add(id(p))
             versions[id(p)] = (p, p._version)
         slots += [(m, table, name, t) for table in (m._parameters, m._buffers) for name, t in table.items()]
-    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots, (bags, norms),
+    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots, frozenset(routes),
                     recurrent)
 
 
@@ -308,7 +308,7 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
         depth[id(model)] = depth.get(id(model), 0) + 1
         try:
             with torch.enable_grad(), attention_for_derivatives(), _without_autocast(), \
-                    (derivative_routes.routes_for_derivatives(*reading.routes) if any(reading.routes)
+                    (derivative_routes.routes_for_derivatives(reading.routes, losses=False) if reading.routes
                      else contextlib.nullcontext()), \
                     (_CUDNN_OFF.held() if reading.rnn else contextlib.nullcontext()):
                 yield
