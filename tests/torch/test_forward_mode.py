@@ -80,8 +80,9 @@ def test_padding_row_is_constant_in_every_engine(spelling, tied, padding_idx, mo
 
 
 class Frozen(nn.Module):
-    """A backbone run with gradients disabled (``how``: "no_grad" or "set_grad_enabled"), or a
-    layer never used ("unused"), before a trainable head; every parameter requires grad."""
+    """A backbone run with gradients disabled (``how``: "no_grad", "set_grad_enabled", or "cdist":
+    distances to its weight's rows under no_grad), or a layer never used ("unused"), before a
+    trainable head; every parameter requires grad."""
 
     def __init__(self, how: str):
         super().__init__()
@@ -95,12 +96,16 @@ class Frozen(nn.Module):
         elif self.how == "set_grad_enabled":
             with torch.set_grad_enabled(False):
                 h = self.backbone(x).tanh()
+        elif self.how == "cdist":  # an op the forward-mode context routes (twicediff.torch.cdist)
+            with torch.no_grad():  # the routed call the block's last op (each op's output is detached)
+                h = torch.cdist(x, self.backbone.weight)
+            h = torch.tanh(-h)
         else:
             h = torch.tanh(self.backbone(x))
         return self.head(h)
 
 
-@pytest.mark.parametrize("how", ["no_grad", "set_grad_enabled", "unused"])
+@pytest.mark.parametrize("how", ["no_grad", "set_grad_enabled", "cdist", "unused"])
 @pytest.mark.parametrize("mode", ["hessian", "gauss_newton"])
 def test_parameters_without_a_gradient_are_constants_in_every_engine(how, mode):
     torch.manual_seed(0)

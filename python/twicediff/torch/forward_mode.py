@@ -100,8 +100,6 @@ class _ReverseModeConstants(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in FORWARD_MODE_ROUTES:  # no forward-mode rule, or a wrong batching rule (cdist)
-            return FORWARD_MODE_ROUTES[func](*args, **kwargs)
         if func is F.layer_norm and self.fused_layer_norm and torch.is_grad_enabled():
             call = _layer_norm_call(args, kwargs)
             if call is not None:
@@ -112,7 +110,8 @@ class _ReverseModeConstants(TorchFunctionMode):
                 return _self_attention(bound["query"], bound["num_heads"], bound["in_proj_weight"],
                                        bound["in_proj_bias"], bound["out_proj_weight"], bound["out_proj_bias"],
                                        bound["key_padding_mask"])
-        out = func(*args, **kwargs)
+        # the routed ops (no forward-mode rule, or a wrong batching rule: cdist) detached like any other
+        out = FORWARD_MODE_ROUTES.get(func, func)(*args, **kwargs)
         if not torch.is_grad_enabled():
             if isinstance(out, torch.Tensor) and any(out is a for a in args):
                 return out  # in place: the caller's own tensor
