@@ -46,6 +46,9 @@ LOSSES = {F.multi_margin_loss: losses.multi_margin_loss, F.multilabel_margin_los
 FORWARD_MODE_ROUTES = {F.huber_loss: losses.huber_loss, F.soft_margin_loss: losses.soft_margin_loss,
                        torch.cdist: cdist}
 
+_ROUTED_MODULES = (nn.EmbeddingBag, nn.Hardsigmoid, nn.RReLU)
+_NONE: frozenset = frozenset()
+
 # embedding_bag's parameters in order: the call's positional arguments bound by hand, which dynamo
 # traces (inspect.signature's binding it does not, in the compiled engine's graphs).
 _BAG = tuple(inspect.signature(embedding_bag).parameters)
@@ -77,6 +80,8 @@ def needed(module: nn.Module) -> frozenset:
     """The :data:`MODEL_ROUTES` that ``module`` itself needs: "bags" for an ``nn.EmbeddingBag``,
     "norms" where it normalises its weight (:func:`~twicediff.torch.weight_norm.uses_weight_norm`),
     "hardsigmoid" and "rrelu" for ``nn.Hardsigmoid`` and ``nn.RReLU``."""
+    if not isinstance(module, _ROUTED_MODULES) and not uses_weight_norm(module):
+        return _NONE  # most modules: no allocation (the guard asks of every module on every call)
     routes = set()
     if isinstance(module, nn.EmbeddingBag):
         routes.add("bags")

@@ -242,7 +242,9 @@ def _read(model: nn.Module, where: str) -> _Reading:
         training = training or m.training
         if m._backward_hooks or m._backward_pre_hooks:
             raise _refuse_hook(where, f"module '{_name(model, m)}' ({type(m).__name__}) has a backward hook")
-        routes |= derivative_routes.needed(m)
+        needs = derivative_routes.needed(m)
+        if needs:
+            routes |= needs
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             if m.sparse:
                 raise ValueError(f"{where}: module '{_name(model, m)}' ({type(m).__name__}) has sparse=True, so its "
