@@ -149,9 +149,9 @@ def _every_engine_or_a_named_forward_mode_gap(case, seed: int, device) -> None:
 def test_recurrent_and_tied_weight_models_every_eager_engine(seed, device):
     """RNN / GRU / LSTM and token models with a tied output layer: the Hessian and Gauss-Newton
     products of every eager engine and the explicit Hessian against float64 autograd, the model
-    left as it was. Where torch has no forward-mode derivative of an op the model calls (its
-    float32 LSTM on the CPU, through oneDNN), the func engine must say so and name the engines that
-    take the model, and those must be right."""
+    left as it was. Where torch has no forward-mode derivative of an op the model calls, the func
+    engine must say so and name the engines that take the model, and those must be right (the
+    recurrent layers themselves take forward mode: twicediff.torch.recurrent)."""
     _every_engine_or_a_named_forward_mode_gap(generate_recurrent(seed), seed, device)
 
 
@@ -251,6 +251,5 @@ def test_the_generator_covers_what_it_promises():
 def test_layer_zoo_every_eager_engine(seed, device):
     """Layer types the other families leave out (tests/zoo_models.py): the Hessian and Gauss-Newton
     products of every eager engine and the explicit Hessian against float64 references, the model
-    left as it was; the func engine may instead name an op without a forward-mode rule (oneDNN's
-    float32 LSTM)."""
+    left as it was; the func engine may instead name an op without a forward-mode rule."""
     _every_engine_or_a_named_forward_mode_gap(generate_zoo(seed), seed, device)

@@ -1,6 +1,7 @@
 """Per-sample gradients of batches whose x is a tuple or a dict (twicediff.torch.per_sample): the
 vmapped path and the one-sample-at-a-time fallback against one ``grad`` per point, chunks of samples
-under a small memory budget, and the number of points of a list of such batches."""
+under a small memory budget, the number of points of a list of such batches, and recurrent models
+vmapped (their layers step by step) rather than one point at a time."""
 import logging
 
 import pytest
@@ -13,7 +14,9 @@ from twicediff.torch import per_sample
 from twicediff.torch.batch import slice_batch
 from twicediff.torch.per_sample import gradient_matrix, num_points_of, per_sample_grads, sample_chunks
 
+from generated_models import generate_recurrent
 from structured_models import DT, PROBLEMS, batches
+from zoo_models import generate_zoo
 
 
 def one_at_a_time(model, x, y, n):
@@ -114,3 +117,21 @@ def test_torch_transformer_layers_take_the_vmapped_path(caplog, monkeypatch):
     packed = torch.cat([b.reshape(6, -1) for b in blocks], 1)
     torch.testing.assert_close(packed, one_at_a_time(model, x, y, 6), rtol=1e-10, atol=1e-12)
     assert torch.backends.mha.get_fastpath_enabled()  # the user's setting, back after the call
+
+
+@pytest.mark.parametrize("case", [generate_recurrent(s) for s in range(8)] + [generate_zoo(2), generate_zoo(16)],
+                         ids=lambda c: c.description.split(":")[0])
+def test_recurrent_models_are_vmapped_not_taken_one_point_at_a_time(case, caplog, monkeypatch):
+    """torch's fused recurrent ops do not batch under vmap; computed step by step inside the
+    per-sample products (twicediff.torch.recurrent) they do: no fallback, the same gradients."""
+    monkeypatch.setattr(per_sample, "_logged_fallback", set())
+    model = twicediff.TorchTwiceDifferentiable(case.model, case.loss)
+    n = case.y.shape[0]
+    with caplog.at_level(logging.WARNING, logger="twicediff"):
+        packed = torch.cat([b.reshape(n, -1) for b in per_sample_grads(model, case.x, case.y)], 1)
+        if isinstance(case.x, torch.Tensor) and case.x.is_floating_point():
+            per_sample.per_sample_mixed_products(model, case.x, case.y, torch.randn(2, model.num_params,
+                                                                                       dtype=model.dtype))
+    assert "one sample at a time" not in caplog.text, caplog.text
+    tol = dict(rtol=1e-9, atol=1e-12) if model.dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(packed, one_at_a_time(model, case.x, case.y, n), **tol)

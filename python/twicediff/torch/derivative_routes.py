@@ -13,9 +13,10 @@ enters the context only for models that need it (a function mode sees every op o
 cost the other models do not pay), pyDVL's functional ``hvp`` around every product (it is given
 a function, not a model). :func:`loss_routes` routes the losses alone: the engines enter it
 around each evaluation of the loss (:func:`twicediff.torch.batch.squeezed_loss`), a few ops.
-Two more losses and ``torch.cdist`` go wrong only in batched forward-mode or compiled products
+Two more losses, ``torch.cdist`` and the recurrent layers go wrong only in batched forward-mode or compiled products
 (:data:`FORWARD_MODE_ROUTES`): the context of those products routes them
-(:mod:`twicediff.torch.forward_mode`).
+(:mod:`twicediff.torch.forward_mode`); :func:`batched_routes` routes the recurrent layers alone,
+for per-sample gradients (:mod:`twicediff.torch.per_sample`).
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import activations, losses
+from . import activations, losses, recurrent
 from .cdist import cdist
 from .embedding_bag import embedding_bag
 from .weight_norm import uses_weight_norm, weight_norm
 
-__all__ = ["FORWARD_MODE_ROUTES", "LOSSES", "MODEL_ROUTES", "loss_routes", "needed", "routes_for_derivatives"]
+__all__ = ["FORWARD_MODE_ROUTES", "LOSSES", "MODEL_ROUTES", "batched_routes", "loss_routes", "needed",
+           "routes_for_derivatives"]
 
 #: The routes of a model's ops, by name: each taken when a module of the model makes such calls
 #: (:func:`needed`).
@@ -41,10 +43,11 @@ MODEL_ROUTES = ("bags", "norms", "hardsigmoid", "rrelu")
 #: functions of the same parameters that compute them.
 LOSSES = {F.multi_margin_loss: losses.multi_margin_loss, F.multilabel_margin_loss: losses.multilabel_margin_loss}
 #: Ops that reverse mode differentiates twice but batched forward-mode products do not: two losses
-#: whose backward has no forward-mode rule, and ``torch.cdist`` (no forward-mode rule, and a wrong
-#: batching rule of its backward's derivative: :mod:`twicediff.torch.cdist`).
+#: whose backward has no forward-mode rule, ``torch.cdist`` (no forward-mode rule, and a wrong
+#: batching rule of its backward's derivative: :mod:`twicediff.torch.cdist`), and the recurrent
+#: layers' fused ops (no forward-mode rule of oneDNN's LSTM: :mod:`twicediff.torch.recurrent`).
 FORWARD_MODE_ROUTES = {F.huber_loss: losses.huber_loss, F.soft_margin_loss: losses.soft_margin_loss,
-                       torch.cdist: cdist}
+                       torch.cdist: cdist, **recurrent.ROUTED}
 
 _ROUTED_MODULES = (nn.EmbeddingBag, nn.Hardsigmoid, nn.RReLU)
 _NONE: frozenset = frozenset()
@@ -55,8 +58,9 @@ _BAG = tuple(inspect.signature(embedding_bag).parameters)
 
 
 class _Routes(TorchFunctionMode):
-    def __init__(self, routes: frozenset, losses: bool):
+    def __init__(self, routes: frozenset, losses: bool, recurrent_layers: bool = False):
         super().__init__()
+        self.recurrent = recurrent.ROUTED if recurrent_layers else {}
         self.bags, self.norms = "bags" in routes, "norms" in routes
         self.activations = {F.hardsigmoid: activations.hardsigmoid} if "hardsigmoid" in routes else {}
         if "rrelu" in routes:
@@ -73,7 +77,7 @@ class _Routes(TorchFunctionMode):
             return self.activations[func](*args, **kwargs)
         if self.losses and func in LOSSES:
             return LOSSES[func](*args, **kwargs)
-        return func(*args, **kwargs)
+        return self.recurrent.get(func, func)(*args, **kwargs)
 
 
 def needed(module: nn.Module) -> frozenset:
@@ -103,3 +107,9 @@ def routes_for_derivatives(routes=MODEL_ROUTES, losses: bool = True) -> TorchFun
 def loss_routes() -> TorchFunctionMode:
     """A context routing the :data:`LOSSES` alone."""
     return _Routes(frozenset(), True)
+
+
+def batched_routes() -> TorchFunctionMode:
+    """A context routing the recurrent layers' fused ops alone (:data:`twicediff.torch.recurrent.ROUTED`):
+    per-sample gradients vmap the model's forward over the points, which those ops do not batch."""
+    return _Routes(frozenset(), False, recurrent_layers=True)

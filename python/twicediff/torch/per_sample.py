@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from ..errors import data_errors
 from ..memory import chunk_size
 from ..progress import progress_bar
+from .derivative_routes import batched_routes
 from .finite import CAUSE, nonfinite_rows
 from .batch import (batch_size, call_model, input_tensors, model_args, num_points, per_point, slice_batch,
                     squeezed_loss, vmap_dims)
@@ -103,8 +104,9 @@ def per_sample_grads(model: TorchTwiceDifferentiable, x: Any, y: torch.Tensor) -
         names, params, fixed = split_params(model.model)
         dims = vmap_dims(x)
         try:
-            grads = torch.func.vmap(torch.func.grad(lambda p, xi, yi: _point_loss(model, p, fixed, xi, yi, dims)),
-                                    in_dims=(None, dims, 0))(params, x, y)
+            with batched_routes():  # recurrent layers step by step: torch's fused ops do not vmap
+                grads = torch.func.vmap(torch.func.grad(lambda p, xi, yi: _point_loss(model, p, fixed, xi, yi, dims)),
+                                        in_dims=(None, dims, 0))(params, x, y)
             return [grads[n].detach() for n in names]
         except _FUNC_ERRORS as exc:
             func_error = exc
@@ -142,8 +144,9 @@ def per_sample_mixed_products(model: TorchTwiceDifferentiable, x: torch.Tensor, 
         names, _, fixed = split_params(model.model)
         params = dict(zip(names, trainable))  # the live parameters: the graph reaches them
         try:
-            losses = torch.func.vmap(
-                lambda xi, yi: _point_loss(model, params, fixed, xi, yi, gradient_check=False))(xg, y)
+            with batched_routes():
+                losses = torch.func.vmap(
+                    lambda xi, yi: _point_loss(model, params, fixed, xi, yi, gradient_check=False))(xg, y)
         except _FUNC_ERRORS as exc:
             losses = torch.stack([squeezed_loss(model.loss, model.model(xg[i:i + 1]), y[i:i + 1])
                                   for i in range(B)])

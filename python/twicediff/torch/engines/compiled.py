@@ -18,8 +18,7 @@ no C++ compiler), on the first call or on a later one that dynamo traces again b
 guards failed (an attribute the forward branches on changed), the engine says so in one log line per
 model and computes eagerly from then on, for that model and shape: with the torch.func engine, or
 the autograd engine where torch has no forward-mode rule for one of the model's ops (dynamo does not
-compile RNN, GRU or LSTM, and torch's float32 LSTM on the CPU has no forward-mode rule). The products
-are the same, only slower.
+compile RNN, GRU or LSTM). The products are the same, only slower.
 
 ``TWICEDIFF_COMPILE_BACKEND`` names the ``torch.compile`` backend (default ``"inductor"``;
 ``"aot_eager"`` traces without generating kernels: quick to compile, slower to run).
