@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ..batch import call_model, detached, input_tensors
 from ..block_cache import reusing_cpu_blocks
@@ -68,9 +69,29 @@ def _shape_key(x) -> tuple:
     return (x,) if isinstance(x, (bool, int, float, str, type(None))) else (type(x).__name__,)
 
 
+#: Elements a recurrent module's products hold per layer, direction, step and hidden unit beyond its
+#: output, in units of ``activation_numel`` (before the ×6 of ``bytes_per_direction``): its gates and
+#: their tangents and cotangents, every step of them. Set from the func engine's peak memory per
+#: direction, the larger of the generic engines'; GRU takes LSTM's factor (a thin margin at 7).
+#: NOTE: measured in benchmarks/results/peak_memory_cpu.md (the recurrent section).
+_RECURRENT_INTERNALS = ((nn.LSTM, 8), (nn.GRU, 8), (nn.RNN, 2))
+
+
+def _recurrent_internals(module: nn.RNNBase, output) -> int:
+    sequence = output[0] if isinstance(output, (tuple, list)) else output
+    data = sequence.data if isinstance(sequence, nn.utils.rnn.PackedSequence) else sequence
+    directions = 2 if module.bidirectional else 1
+    width = directions * (getattr(module, "proj_size", 0) or module.hidden_size)
+    rows = data.numel() // max(width, 1)  # steps × points
+    factor = next((f for kind, f in _RECURRENT_INTERNALS if isinstance(module, kind)), 8)
+    return factor * rows * module.num_layers * directions * module.hidden_size
+
+
 def activation_numel(model: nn.Module, x) -> int:
     """Elements of all leaf-module outputs for a batch shaped like x (a tensor, tuple, list or dict;
-    one no_grad forward pass, cached by model identity and input shapes)."""
+    one no_grad forward pass, cached by model identity and input shapes): every tensor of an output
+    that is a tuple (a recurrent module's), and a recurrent module's steps
+    (``_RECURRENT_INTERNALS``)."""
     key = (id(model), _shape_key(x))
     hit = _activation_cache.get(key)
     if hit is not None:
@@ -78,7 +99,9 @@ def activation_numel(model: nn.Module, x) -> int:
     total = [sum(t.numel() for _, t in input_tensors(x))]
 
     def count(module, inputs, output):
-        total[0] += output.numel() if isinstance(output, torch.Tensor) else 0
+        total[0] += sum(t.numel() for t in tree_leaves(output) if isinstance(t, torch.Tensor))
+        if isinstance(module, nn.RNNBase):
+            total[0] += _recurrent_internals(module, output)
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
