@@ -35,10 +35,6 @@ from .weight_norm import uses_weight_norm, weight_norm
 __all__ = ["FORWARD_MODE_ROUTES", "LOSSES", "MODEL_ROUTES", "batched_routes", "loss_routes", "needed",
            "routes_for_derivatives"]
 
-#: The routes of a model's ops, by name: each taken when a module of the model makes such calls
-#: (:func:`needed`).
-MODEL_ROUTES = ("bags", "norms", "hardsigmoid", "rrelu")
-
 #: torch's losses without a derivative of their backward (and without forward-mode rules), and the
 #: functions of the same parameters that compute them.
 LOSSES = {F.multi_margin_loss: losses.multi_margin_loss, F.multilabel_margin_loss: losses.multilabel_margin_loss}
@@ -49,67 +45,60 @@ LOSSES = {F.multi_margin_loss: losses.multi_margin_loss, F.multilabel_margin_los
 FORWARD_MODE_ROUTES = {F.huber_loss: losses.huber_loss, F.soft_margin_loss: losses.soft_margin_loss,
                        torch.cdist: cdist, **recurrent.ROUTED}
 
-_ROUTED_MODULES = (nn.EmbeddingBag, nn.Hardsigmoid, nn.RReLU)
-_NONE: frozenset = frozenset()
-
 # embedding_bag's parameters in order: the call's positional arguments bound by hand, which dynamo
 # traces (inspect.signature's binding it does not, in the compiled engine's graphs).
 _BAG = tuple(inspect.signature(embedding_bag).parameters)
 
 
+def _bag(*args, **kwargs):
+    return embedding_bag(**dict(zip(_BAG, args)), **kwargs)
+
+
+#: The routes of a model's ops, by name, and the ops each takes: a route is taken when a module of
+#: the model makes such calls (:func:`needed`).
+_MODEL_OPS = {"bags": {F.embedding_bag: _bag}, "norms": {torch._weight_norm: weight_norm},
+              "hardsigmoid": {F.hardsigmoid: activations.hardsigmoid}, "rrelu": {F.rrelu: activations.rrelu}}
+MODEL_ROUTES = tuple(_MODEL_OPS)
+# The module types whose own calls need a route (weight normalisation is found by its hooks).
+_MODULE_ROUTES = ((nn.EmbeddingBag, "bags"), (nn.Hardsigmoid, "hardsigmoid"), (nn.RReLU, "rrelu"))
+_ROUTED_MODULES = tuple(kind for kind, _ in _MODULE_ROUTES)
+_NONE: frozenset = frozenset()
+
+
 class _Routes(TorchFunctionMode):
-    def __init__(self, routes: frozenset, losses: bool, recurrent_layers: bool = False):
+    """Calls of the ops in ``table`` computed by its functions (of the same parameters)."""
+
+    def __init__(self, table: dict):
         super().__init__()
-        self.recurrent = recurrent.ROUTED if recurrent_layers else {}
-        self.bags, self.norms = "bags" in routes, "norms" in routes
-        self.activations = {F.hardsigmoid: activations.hardsigmoid} if "hardsigmoid" in routes else {}
-        if "rrelu" in routes:
-            self.activations[F.rrelu] = activations.rrelu
-        self.losses = losses
+        self.table = table
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.embedding_bag and self.bags:
-            return embedding_bag(**dict(zip(_BAG, args)), **kwargs)
-        if func is torch._weight_norm and self.norms:
-            return weight_norm(*args, **kwargs)
-        if func in self.activations:
-            return self.activations[func](*args, **kwargs)
-        if self.losses and func in LOSSES:
-            return LOSSES[func](*args, **kwargs)
-        return self.recurrent.get(func, func)(*args, **kwargs)
+        return self.table.get(func, func)(*args, **(kwargs or {}))
 
 
 def needed(module: nn.Module) -> frozenset:
     """The :data:`MODEL_ROUTES` that ``module`` itself needs: "bags" for an ``nn.EmbeddingBag``,
     "norms" where it normalises its weight (:func:`~twicediff.torch.weight_norm.uses_weight_norm`),
     "hardsigmoid" and "rrelu" for ``nn.Hardsigmoid`` and ``nn.RReLU``."""
-    if not isinstance(module, _ROUTED_MODULES) and not uses_weight_norm(module):
+    norms = uses_weight_norm(module)
+    if not norms and not isinstance(module, _ROUTED_MODULES):
         return _NONE  # most modules: no allocation (the guard asks of every module on every call)
-    routes = set()
-    if isinstance(module, nn.EmbeddingBag):
-        routes.add("bags")
-    if uses_weight_norm(module):
-        routes.add("norms")
-    if isinstance(module, nn.Hardsigmoid):
-        routes.add("hardsigmoid")
-    if isinstance(module, nn.RReLU):
-        routes.add("rrelu")
-    return frozenset(routes)
+    return frozenset([name for kind, name in _MODULE_ROUTES if isinstance(module, kind)] + (["norms"] if norms else []))
 
 
 def routes_for_derivatives(routes=MODEL_ROUTES, losses: bool = True) -> TorchFunctionMode:
     """A context routing the model ops named in ``routes`` (of :data:`MODEL_ROUTES`) and, with
     ``losses``, the :data:`LOSSES` to the functions above."""
-    return _Routes(frozenset(routes), losses)
+    table = {op: fn for name in routes for op, fn in _MODEL_OPS[name].items()}
+    return _Routes({**table, **LOSSES} if losses else table)
 
 
 def loss_routes() -> TorchFunctionMode:
     """A context routing the :data:`LOSSES` alone."""
-    return _Routes(frozenset(), True)
+    return _Routes(LOSSES)
 
 
 def batched_routes() -> TorchFunctionMode:
     """A context routing the recurrent layers' fused ops alone (:data:`twicediff.torch.recurrent.ROUTED`):
     per-sample gradients vmap the model's forward over the points, which those ops do not batch."""
-    return _Routes(frozenset(), False, recurrent_layers=True)
+    return _Routes(recurrent.ROUTED)

@@ -236,9 +236,8 @@ def _read(model: nn.Module, where: str) -> _Reading:
 
     if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
         raise _refuse_hook(where, "a global module backward hook (register_module_full_backward_hook) is set")
-    training, renormed, versions, rnn, slots, routes, recurrent = False, [], {}, set(), [], set(), False
+    training, renormed, versions, rnn, slots, routes = False, [], {}, set(), [], set()
     for m in model.modules():
-        recurrent = recurrent or isinstance(m, nn.RNNBase)
         training = training or m.training
         if m._backward_hooks or m._backward_pre_hooks:
             raise _refuse_hook(where, f"module '{_name(model, m)}' ({type(m).__name__}) has a backward hook")
@@ -268,7 +267,7 @@ def _read(model: nn.Module, where: str) -> _Reading:
             versions[id(p)] = (p, p._version)
         slots += [(m, table, name, t) for table in (m._parameters, m._buffers) for name, t in table.items()]
     return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots, frozenset(routes),
-                    recurrent)
+                    bool(rnn))  # every RNN module has parameters
 
 
 def _warn_training_dropout(model: nn.Module, where: str) -> None:
