@@ -214,3 +214,61 @@ def test_a_loss_of_one_element_is_taken_as_its_scalar(engine):
     V = torch.randn(3, scalar.num_params, dtype=torch.float64)
     torch.testing.assert_close(one.hvp(x, y, V, engine=engine), scalar.hvp(x, y, V, engine="loop"))
     torch.testing.assert_close(one.grad(x, y), scalar.grad(x, y))
+
+
+# Losses written for batches, as most are: they index the class dimension as dim 1 or take a
+# column, so they fail on the [C] that pyDVL's squeeze leaves of a batch of one point. The last
+# one checks its variance with data-dependent control flow, which vmap does not run.
+BATCH_LOSSES = {
+    "log_softmax(dim=1)": lambda o, t: F.nll_loss(F.log_softmax(o, dim=1), t.long()),
+    "a column": lambda o, t: F.mse_loss(o[:, 0], t.double()) + (o[:, 1:] ** 2).mean(),
+    "gaussian_nll of columns": lambda o, t: F.gaussian_nll_loss(o[:, 0], t.double(), F.softplus(o[:, 1])),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_LOSSES))
+def test_a_loss_written_for_batches_takes_single_points_as_batches_of_one(name):
+    """Gradients and products of a one-point batch, and influences (per-point gradients), of a loss
+    that fails on a squeezed point: each point is then the batch of one the loss was written for,
+    against float64 autograd on ``loss(model(x[i:i+1]), y[i:i+1])``."""
+    from twicediff.influence import compute_influences
+    torch.manual_seed(0)
+    loss = BATCH_LOSSES[name]
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises((IndexError, RuntimeError)):
+        loss(model(x[:1]).squeeze(), y[:1].squeeze())  # pyDVL's convention alone fails on one point
+    td = TorchTwiceDifferentiable(model, loss)
+    params = list(model.parameters())
+
+    def flat(ts):
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    def point_grad(i, create_graph=False):
+        return flat(torch.autograd.grad(loss(model(x[i:i + 1]), y[i:i + 1]), params, create_graph=create_graph))
+
+    V = torch.randn(2, td.num_params, dtype=torch.float64)
+    g0 = point_grad(0, create_graph=True)
+    H0V = torch.stack([flat(torch.autograd.grad(g0 @ v, params, retain_graph=True)) for v in V])
+    close(td.grad(x[:1], y[:1]), g0.detach())
+    for engine in ("auto", "func", "autograd", "loop"):
+        close(td.hvp(x[:1], y[:1], V, engine=engine), H0V)
+    # Influences of the points on one another: g_i · (H + λI)⁻¹ g_j, H the batch's Hessian
+    G = torch.stack([point_grad(i) for i in range(6)])
+    H = td.hessian(x, y) + 0.5 * torch.eye(td.num_params, dtype=torch.float64)
+    loader = DataLoader(list(zip(x, y)), batch_size=6)
+    got = compute_influences(td, loader, inversion_method="direct", hessian_regularization=0.5)
+    close(got, G @ torch.linalg.solve(H, G.T), 1e-9)
+
+
+def test_a_loss_failing_on_a_batch_of_one_too_raises_that_error_caused_by_the_first():
+    """The error is the loss's on the [1, 3] batch of one, the squeezed point's [3] its cause."""
+    model = nn.Sequential(nn.Linear(4, 3)).double().eval()
+    td = TorchTwiceDifferentiable(model, lambda o, t: F.cross_entropy(o[:, :, 0], t))
+    with pytest.raises(IndexError, match=r"grad: the model or loss failed on x \(1, 4\).*tensor of dimension 2") as info:
+        td.grad(torch.randn(1, 4, dtype=torch.float64), torch.tensor([1]))
+    causes, exc = [], info.value
+    while exc is not None:
+        causes.append(str(exc))
+        exc = exc.__cause__
+    assert "tensor of dimension 1" in causes[-1], causes

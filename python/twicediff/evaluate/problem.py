@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..torch.batch import batch_size as _batch_size, index_batch, input_tensors
+from ..torch.batch import apply_loss, batch_size as _batch_size, index_batch, input_tensors
 
 __all__ = ["PointLoss", "Problem", "margin", "points", "resolve_measurement"]
 
@@ -47,7 +47,7 @@ class PointLoss:
         self.loss = loss
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.loss(torch.squeeze(o), torch.squeeze(t))
+        return torch.stack([apply_loss(self.loss, o, t)
                             for o, t in zip(outputs.split(1), targets.split(1))])
 
     def __repr__(self) -> str:

@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import describe_inputs
 from .derivative_routes import loss_routes
 
-__all__ = ["Inputs", "batch_size", "call_model", "check_reread", "check_training_data", "check_vectors",
+__all__ = ["Inputs", "apply_loss", "batch_size", "call_model", "check_reread", "check_training_data", "check_vectors",
            "checked_batch", "detached", "floating_inputs", "index_batch", "input_tensors", "map_inputs", "model_args",
            "move_inputs", "num_points", "per_point", "slice_batch", "split_batch", "squeezed_loss", "vmap_dims"]
 
@@ -43,6 +43,31 @@ Inputs = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]
 
 _FORMS = ("a torch.Tensor (model(x)), a tuple/list of inputs (model(*x)) or a dict of keyword inputs "
           "(model(**x))")
+
+
+def _rows_kept(t: torch.Tensor) -> torch.Tensor:
+    """``t`` of one point ([1, ...]) with its size-1 dimensions squeezed but the first."""
+    return t.reshape((1,) + tuple(s for s in t.shape[1:] if s != 1))
+
+
+def apply_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor) -> Any:
+    """``loss(squeeze(output), squeeze(y))``, pyDVL 0.7's convention, which aligns an [N, 1]
+    output with an [N] target. On a batch of one point the squeeze drops the batch dimension too,
+    and a loss written for batches (``F.log_softmax(o, dim=1)``, ``o[:, 0]``) fails on the [C] it
+    leaves, where pyDVL failed: per-sample gradients and influences give the loss single points. Such a
+    loss then gets the point as a batch of one, its other size-1 dimensions squeezed, which is the
+    loss of that batch as the loss defines it. If that fails as well, its error is raised, caused by
+    the first."""
+    try:
+        return loss(torch.squeeze(output), torch.squeeze(y))
+    except (IndexError, RuntimeError, ValueError) as exc:
+        if not (output.dim() >= 1 and output.shape[0] == 1 and y.dim() >= 1 and y.shape[0] == 1):
+            raise
+        first = exc
+    try:
+        return loss(_rows_kept(output), _rows_kept(y))
+    except Exception as retry:  # the loss's error on a batch of one, which it was written for
+        raise retry from first
 
 
 def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor, *, gradient_check: bool = True
@@ -66,7 +91,7 @@ def squeezed_loss(loss: Callable, output: torch.Tensor, y: torch.Tensor, *, grad
                         f"squeeze(y)); it returned a {what}: wrap it in a module whose forward returns the "
                         "tensor the loss takes (the logits, say)")
     with loss_routes():  # torch's losses without a second derivative, computed by ones with it
-        value = loss(torch.squeeze(output), torch.squeeze(y))
+        value = apply_loss(loss, output, y)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"the loss must return a scalar tensor (the batch's mean or sum), got a {type(value).__name__}"
                         + ("; a Python number has no gradient: return the tensor, not its .item()"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import torch
 
 from ...twice_differentiable import InverseHvpResult
-from ..batch import check_training_data
+from ..batch import apply_loss, check_training_data
 from ..kfac import KFACFactors
 from ..twice_differentiable import TorchTwiceDifferentiable, check_model
 from .common import check_nonnegative, check_rhs
@@ -37,11 +37,11 @@ __all__ = ["solve_ekfac", "solve_kfac", "kfac_factors", "pydvl_loss"]
 
 def pydvl_loss(model: TorchTwiceDifferentiable) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The wrapped model's loss of a batch as :class:`TorchTwiceDifferentiable` takes it:
-    ``loss(squeeze(output), squeeze(y))``."""
+    ``loss(squeeze(output), squeeze(y))`` (:func:`~twicediff.torch.batch.apply_loss`)."""
     loss = model.loss
 
     def batch_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return loss(torch.squeeze(output), torch.squeeze(target))
+        return apply_loss(loss, output, target)
 
     return batch_loss
 
