@@ -393,8 +393,6 @@ CASES = [
     ("hvp", "engine='native' with a loss option it cannot take",
      lambda: _native_on(nn.Sequential(nn.Linear(3, 2)), functools.partial(F.cross_entropy, label_smoothing=0.1)),
      ValueError, ["native", "label_smoothing"]),
-    ("hvp", "a sparse embedding (sparse=True)", lambda: _embedding_hvp(sparse=True),
-     ValueError, ["hvp", "module '0'", "Embedding", "sparse=True", "sparse=False"]),
     ("hvp", "an embedding that scales its gradient by frequency (scale_grad_by_freq=True)",
      lambda: _embedding_hvp(scale_grad_by_freq=True),
      ValueError, ["hvp", "module '0'", "Embedding", "scale_grad_by_freq=True", "not symmetric",

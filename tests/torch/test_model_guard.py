@@ -2,8 +2,8 @@
 parameters left as found (a training-mode BatchNorm included), a training-mode Dropout reported once
 per model, gradients under torch.no_grad(), a clear error under torch.inference_mode(), and stock
 attention (scaled_dot_product_attention, nn.TransformerEncoderLayer) differentiable twice, cuDNN
-off for recurrent models, and
-the same Parameter objects in every slot (a module registered twice, a shared weight)."""
+off for recurrent models, sparse embeddings dense inside a call and sparse after it, and the same
+Parameter objects in every slot (a module registered twice, a shared weight)."""
 import copy
 import logging
 
@@ -216,6 +216,48 @@ def test_max_norm_embedding_weights_left_as_found_and_every_engine_agrees(monkey
     compute_influences(td, DataLoader(TensorDataset(x, y), batch_size=5), hessian_regularization=0.1,
                        inversion_method="direct")
     _assert_same_state(model, before)
+
+
+class _Recommender(nn.Module):
+    """An nn.Embedding and an nn.EmbeddingBag, sparse or dense, into a Linear head."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.users = nn.Embedding(7, 3, sparse=sparse)
+        self.items = nn.EmbeddingBag(9, 3, mode="mean", sparse=sparse)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.cat([self.users(x[:, 0]), self.items(x[:, 1:])], 1)))
+
+
+def test_sparse_embeddings_are_dense_inside_a_call_and_sparse_after_it(monkeypatch):
+    """Embeddings with sparse=True (as recommenders train with SparseAdam) give sparse gradients,
+    which no flat vector holds, and were refused. Inside a call they are now dense: every engine,
+    the Hessian, per-sample gradients and influences equal those of the dense twin, and afterwards
+    the modules are sparse again, so the user's training step still gets sparse gradients."""
+    monkeypatch.setenv("TWICEDIFF_COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = _Recommender(sparse=True).double().eval()
+    dense = _Recommender(sparse=False).double().eval()
+    dense.load_state_dict(model.state_dict())
+    x = torch.cat([torch.randint(0, 7, (6, 1)), torch.randint(0, 9, (6, 3))], 1)
+    y = torch.randint(0, 2, (6,))
+    td, want = TorchTwiceDifferentiable(model, F.cross_entropy), TorchTwiceDifferentiable(dense, F.cross_entropy)
+    v = torch.randn(3, td.num_params, dtype=torch.float64)
+    before = _state(model)
+    for engine in ("auto", "func", "autograd", "loop", "compiled"):
+        torch.testing.assert_close(td.hvp(x, y, v, engine=engine), want.hvp(x, y, v, engine="autograd"))
+    torch.testing.assert_close(td.grad(x, y), want.grad(x, y))
+    torch.testing.assert_close(td.hessian(x, y), want.hessian(x, y))
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    torch.testing.assert_close(
+        compute_influences(td, loader, hessian_regularization=0.1, inversion_method="cg", maxiter=40, rtol=1e-12),
+        compute_influences(want, loader, hessian_regularization=0.1, inversion_method="direct"))
+    _assert_same_state(model, before)
+    assert model.users.sparse and model.items.sparse
+    F.cross_entropy(model(x), y).backward()
+    assert model.users.weight.grad.is_sparse and model.items.weight.grad.is_sparse
 
 
 class _SharedTwice(nn.Module):

@@ -24,11 +24,14 @@
   behind on a module registered under two names, see :mod:`twicediff.torch.stateless`; a forward
   may assign a new buffer). A parameter found swapped also raises a ModelChangedError naming it:
   what was computed after the swap may have used the other tensor.
-- A sparse embedding (``sparse=True``) is refused before anything runs, with a ValueError naming
-  the module: its gradients are sparse tensors, which no flat parameter vector holds. So is an
-  embedding with ``scale_grad_by_freq=True``: torch's backward then returns the gradient scaled by
-  each index's frequency in the batch, not the loss's, and differentiated again it gave a "Hessian"
-  that is not symmetric.
+- A sparse embedding (``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True``, as recommender
+  models train with ``SparseAdam``) gives sparse gradients, which no flat parameter vector holds;
+  the layer's function is the same either way. Inside the call such modules have ``sparse=False``,
+  and after it ``sparse=True`` again: the same values as the dense layer, and the user's training
+  steps are unchanged.
+- An embedding with ``scale_grad_by_freq=True`` is refused before anything runs, with a ValueError
+  naming the module: torch's backward then returns the gradient scaled by each index's frequency in
+  the batch, not the loss's, and differentiated again it gave a "Hessian" that is not symmetric.
 - So is a gradient hook on a parameter (``p.register_hook``) or a module (a backward hook, or a
   global one): it changes what autograd returns as the gradient, which the reverse-mode engines
   then differentiate again, while forward mode and the native engine never see it; the engines
@@ -213,6 +216,7 @@ class _Reading:
     Attributes:
         training: a module is in training mode.
         renormed: the weights the forward renormalizes in place (embeddings with ``max_norm``).
+        sparse: the embedding modules with ``sparse=True``, dense inside the call.
         versions: (parameter, version counter) of every parameter but an RNN's. On CUDA an RNN
             re-seats its weights into one flat cuDNN buffer whenever they are set (as
             ``functional_call`` does): an in-place ``set_`` that keeps their values but moves the
@@ -225,18 +229,20 @@ class _Reading:
     renormed: List[torch.Tensor]
     versions: List[Tuple[torch.Tensor, int]]
     slots: List[Tuple[nn.Module, dict, str, torch.Tensor]]
+    sparse: List[nn.Module]
     routes: frozenset = frozenset()
     rnn: bool = False
 
 
 def _read(model: nn.Module, where: str) -> _Reading:
-    """The model's :class:`_Reading`; a ValueError for a gradient hook or a sparse embedding. Names
+    """The model's :class:`_Reading`; a ValueError for a gradient hook or an embedding that scales its
+    gradient by frequency. Names
     are looked up only for an error: building them costs more than the walk itself."""
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
         raise _refuse_hook(where, "a global module backward hook (register_module_full_backward_hook) is set")
-    training, renormed, versions, rnn, slots, routes = False, [], {}, set(), [], set()
+    training, renormed, versions, rnn, slots, routes, sparse = False, [], {}, set(), [], set(), []
     for m in model.modules():
         training = training or m.training
         if m._backward_hooks or m._backward_pre_hooks:
@@ -246,9 +252,7 @@ def _read(model: nn.Module, where: str) -> _Reading:
             routes |= needs
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             if m.sparse:
-                raise ValueError(f"{where}: module '{_name(model, m)}' ({type(m).__name__}) has sparse=True, so its "
-                                 "gradients are sparse tensors; twicediff works with dense gradients: build it with "
-                                 "sparse=False (the same function)")
+                sparse.append(m)
             if m.scale_grad_by_freq:
                 raise ValueError(f"{where}: module '{_name(model, m)}' ({type(m).__name__}) has "
                                  "scale_grad_by_freq=True, which rescales the gradient torch's backward returns by "
@@ -266,8 +270,8 @@ def _read(model: nn.Module, where: str) -> _Reading:
                 rnn.add(id(p))
             versions[id(p)] = (p, p._version)
         slots += [(m, table, name, t) for table in (m._parameters, m._buffers) for name, t in table.items()]
-    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots, frozenset(routes),
-                    bool(rnn))  # every RNN module has parameters
+    return _Reading(training, renormed, [pv for key, pv in versions.items() if key not in rnn], slots, sparse,
+                    frozenset(routes), bool(rnn))  # every RNN module has parameters
 
 
 def _warn_training_dropout(model: nn.Module, where: str) -> None:
@@ -286,12 +290,12 @@ def _warn_training_dropout(model: nn.Module, where: str) -> None:
 def model_call(model: nn.Module, where: str) -> Iterator[None]:
     """Run a computation on ``model`` (see the module docstring): its lock held, gradients enabled,
     autocast off, attention on the math backend, buffers restored when a module is in training
-    mode, embedding weights renormalized by ``max_norm`` restored, every parameter and buffer slot
-    as found, a warning once per model for a training-mode Dropout.
+    mode, embedding weights renormalized by ``max_norm`` restored, sparse embeddings dense inside,
+    every parameter and buffer slot as found, a warning once per model for a training-mode Dropout.
 
     Raises:
         RuntimeError: called under ``torch.inference_mode()``.
-        ValueError: the model has a sparse embedding, one with ``scale_grad_by_freq``, or a gradient hook.
+        ValueError: the model has an embedding with ``scale_grad_by_freq``, or a gradient hook.
         ModelChangedError: the model's forward changed a parameter in place.
     """
     if torch.is_inference_mode_enabled():
@@ -300,13 +304,15 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
     with model_lock(model):
         depth = _depths()
         outermost = id(model) not in depth  # nested calls (a probe inside hvp) leave the checks to the first
-        reading = _read(model, where) if outermost else _Reading(any(m.training for m in model.modules()), [], [], [])
+        reading = _read(model, where) if outermost else _Reading(any(m.training for m in model.modules()), [], [], [], [])
         saved = []
         if reading.training:
             _warn_training_dropout(model, where)
             saved = [(b, b.detach().clone()) for b in model.buffers()]
         saved += [(w, w.detach().clone()) for w in reading.renormed]
         depth[id(model)] = depth.get(id(model), 0) + 1
+        for m in reading.sparse:  # the lock is held: no other call sees the flag
+            m.sparse = False
         try:
             with torch.enable_grad(), attention_for_derivatives(), _without_autocast(), \
                     (derivative_routes.routes_for_derivatives(reading.routes, losses=False) if reading.routes
@@ -314,6 +320,8 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
                     (_CUDNN_OFF.held() if reading.rnn else contextlib.nullcontext()):
                 yield
         finally:
+            for m in reading.sparse:
+                m.sparse = True
             depth[id(model)] -= 1
             if not depth[id(model)]:
                 del depth[id(model)]
