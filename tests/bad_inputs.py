@@ -406,6 +406,11 @@ CASES = [
     ("embedding_bag", "a padding index outside the table",
      lambda: embedding_bag(torch.tensor([[1, 2]]), torch.randn(4, 3), padding_idx=4),
      ValueError, ["embedding_bag", "padding_idx", "[-4, 4)", "got 4"]),
+    ("hvp", "nn.CTCLoss with a target label equal to blank",
+     lambda: TorchTwiceDifferentiable(nn.Sequential(nn.Linear(3, 8), nn.Unflatten(1, (4, 2)), nn.LogSoftmax(-1)),
+                                      lambda o, t: F.ctc_loss(o.transpose(0, 1), t, [4] * 3, [2] * 3)).hvp(
+         torch.randn(3, 3), torch.tensor([[1, 1], [1, 0], [1, 1]]), torch.randn(2, 32)),
+     RuntimeError, ["hvp", "y (3, 2) torch.int64", "ctc_loss", "target label", "other than blank = 0"]),
     ("hvp", "nn.MultiMarginLoss with a target outside the classes",
      lambda: TorchTwiceDifferentiable(_mlp().model, nn.MultiMarginLoss()).hvp(
          torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), torch.randn(2, 26), engine="func"),

@@ -4,8 +4,8 @@ Some of torch's ops (2.14) break second-order products: ``F.embedding_bag`` has 
 backward and no forward-mode rule (:mod:`twicediff.torch.embedding_bag`), ``torch._weight_norm``
 has a wrong second derivative and no forward-mode rule (:mod:`twicediff.torch.weight_norm`),
 ``F.hardsigmoid`` has no derivative of its backward and ``F.rrelu`` no vmap rule
-(:mod:`twicediff.torch.activations`), and two losses have no derivative of their backward
-(:data:`LOSSES`, :mod:`twicediff.torch.losses`).
+(:mod:`twicediff.torch.activations`), and three losses have no derivative of their backward
+(:data:`LOSSES`, :mod:`twicediff.torch.losses`, :mod:`twicediff.torch.ctc`).
 :func:`routes_for_derivatives` is a context under which calls of them compute with those modules'
 functions instead: the same values, correct derivatives of every order. :func:`needed` says which
 routes a module needs (from the modules that make such calls); :func:`twicediff.torch.guard.model_call`
@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import activations, losses, recurrent
 from .cdist import cdist
+from .ctc import ctc_loss
 from .embedding_bag import embedding_bag
 from .weight_norm import uses_weight_norm, weight_norm
 
@@ -37,7 +38,8 @@ __all__ = ["FORWARD_MODE_ROUTES", "LOSSES", "MODEL_ROUTES", "batched_routes", "l
 
 #: torch's losses without a derivative of their backward (and without forward-mode rules), and the
 #: functions of the same parameters that compute them.
-LOSSES = {F.multi_margin_loss: losses.multi_margin_loss, F.multilabel_margin_loss: losses.multilabel_margin_loss}
+LOSSES = {F.multi_margin_loss: losses.multi_margin_loss, F.multilabel_margin_loss: losses.multilabel_margin_loss,
+          F.ctc_loss: ctc_loss}
 #: Ops that reverse mode differentiates twice but batched forward-mode products do not: two losses
 #: whose backward has no forward-mode rule, ``torch.cdist`` (no forward-mode rule, and a wrong
 #: batching rule of its backward's derivative: :mod:`twicediff.torch.cdist`), and the recurrent
