@@ -3,15 +3,19 @@
 derivative of 0 at distance 0 as torch's backward gives, and the batched second derivatives right
 where torch's batching rule is not (``vmap`` over the pullback of ``grad``). The products of models
 that call torch.cdist, through every engine, are in tests/test_differential.py (``generate_zoo``,
-its prototypes family) and tests/torch/engines/test_compiled.py."""
+its prototypes family) and tests/torch/engines/test_compiled.py. twicediff.torch.cdist.pdist against
+F.pdist (no forward-mode rule in torch): values, gradients and forward mode, and a model calling
+it through every engine."""
 import math
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
-from twicediff.torch.cdist import MODES, cdist
+from twicediff.torch.cdist import MODES, cdist, pdist
 
 PS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, math.inf)
 
@@ -72,7 +76,55 @@ def test_a_distance_of_zero_has_derivative_zero_as_torchs(p):
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("rows", [0, 1, 2, 5])
+def test_pdist_distances_gradients_and_forward_mode_are_torchs(p, rows):
+    """Rows 0 and 2 are equal: a distance of 0, whose derivative torch's backward takes as 0."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 3, generator=gen, dtype=torch.float64)
+    if rows > 2:
+        x[2] = x[0]
+    a = x.clone().requires_grad_(True)
+    want, got = F.pdist(a, p=p), pdist(a, p=p)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(want)
+    if want.numel():
+        theirs, = torch.autograd.grad(want, a, weights)
+        ours, = torch.autograd.grad(got, a, weights)
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
+    tangent = torch.randn_like(x)
+    _, forward = jvp(lambda t: pdist(t, p=p), (x,), (tangent,))
+    _, reverse = vjp(lambda t: pdist(t, p=p), x)
+    # ⟨w, J t⟩ = ⟨Jᵀ w, t⟩: forward mode agrees with the reverse mode checked above
+    torch.testing.assert_close((weights * forward).sum(), (reverse(weights)[0] * tangent).sum())
+
+
+def test_a_model_calling_pdist_through_every_engine():
+    """func could not take it (no forward-mode rule of F.pdist); every engine now agrees with
+    float64 autograd, which differentiates torch's op twice."""
+    from twicediff import TorchTwiceDifferentiable
+
+    class Spread(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(3, 4), nn.Linear(6, 2)
+
+        def forward(self, x):  # x [N, 4 points, 3]: each sample's pairwise distances of its points
+            return self.head(torch.stack([F.pdist(torch.tanh(self.embed(pts)), p=1.5) for pts in x]))
+
+    torch.manual_seed(0)
+    model = Spread().double().eval()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    v = torch.randn(3, td.num_params, dtype=torch.float64)
+    want = td.hvp(x, y, v, engine="autograd")
+    for engine in ("auto", "func", "loop"):
+        torch.testing.assert_close(td.hvp(x, y, v, engine=engine), want, rtol=1e-9, atol=1e-11, msg=engine)
+
+
 @pytest.mark.parametrize("call, words", [
+    (lambda: pdist(torch.randn(2, 3, 4)), "must be a matrix"),
+    (lambda: pdist(torch.randn(2, 3), p=-2.0), "p must be >= 0, got -2.0"),
     (lambda: cdist(torch.randn(3), torch.randn(2, 3)), "at least 2 dimensions"),
     (lambda: cdist(torch.randn(2, 3), torch.randn(2, 4)), "same number of columns, got 3 and 4"),
     (lambda: cdist(torch.randn(2, 3), torch.randn(2, 3), p=-1.0), "p must be >= 0, got -1.0"),

@@ -10,9 +10,11 @@ path (``_euclidean_dist``, p = 2 on more rows) has neither fault.
 
 :func:`cdist` computes the same distances from ops torch differentiates in both modes and batches
 correctly: the matrix-product formula where torch uses it (the same arithmetic), else the
-coordinate differences ``x1_i − x2_j`` (memory: [.., r1, r2, M]).
-:mod:`twicediff.torch.forward_mode` routes the model's ``torch.cdist`` calls to it inside every
-batched forward-mode or compiled product. Where a distance is 0 its derivative is taken as 0, as
+coordinate differences ``x1_i − x2_j`` (memory: [.., r1, r2, M]). ``F.pdist`` (the distances
+between the rows of one matrix) has no forward-mode rule either; :func:`pdist` computes them from
+the same differences.
+:mod:`twicediff.torch.forward_mode` routes the model's ``torch.cdist`` and ``F.pdist`` calls to them
+inside every batched forward-mode or compiled product. Where a distance is 0 its derivative is taken as 0, as
 torch's backward does (the norm has no derivative there).
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 
 import torch
 
-__all__ = ["cdist"]
+__all__ = ["cdist", "pdist"]
 
 MODES = ("use_mm_for_euclid_dist_if_necessary", "use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist")
 #: torch's rule (2.14): under the default mode, p = 2 takes the matrix-product formula when either
@@ -60,9 +62,24 @@ def cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0,
     if p == 2 and (compute_mode == "use_mm_for_euclid_dist" or (
             compute_mode == MODES[0] and (x1.shape[-2] > MM_ROWS or x2.shape[-2] > MM_ROWS))):
         return _euclidean_by_products(x1, x2)
-    size = (x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs()  # [.., r1, r2, M]
+    return _norms((x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs(), p)  # [.., r1, r2, M]
+
+
+def pdist(input: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """``F.pdist``: the p-norm distances between the rows i < j of input [N, M], in row-major order
+    of the pairs, [N (N − 1) / 2]."""
+    if input.dim() != 2:
+        raise ValueError(f"pdist: input must be a matrix [N, M], got shape {tuple(input.shape)}")
+    if not p >= 0:
+        raise ValueError(f"pdist: p must be >= 0, got {p}")
+    i, j = torch.triu_indices(input.shape[0], input.shape[0], 1, device=input.device)
+    return _norms((input.index_select(0, i) - input.index_select(0, j)).abs(), p)
+
+
+def _norms(size: torch.Tensor, p: float) -> torch.Tensor:
+    """The p-norms of the last dimension of ``size`` (coordinate differences' absolute values)."""
     if p == 0:  # the number of coordinates that differ: no derivative
-        return (size != 0).sum(-1).to(x1.dtype) + 0 * size.sum(-1)
+        return (size != 0).sum(-1).to(size.dtype) + 0 * size.sum(-1)
     if math.isinf(p):
         return size.amax(-1)
     if p == 1:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import activations, losses, recurrent
-from .cdist import cdist
+from .cdist import cdist, pdist
 from .ctc import ctc_loss
 from .embedding_bag import embedding_bag
 from .weight_norm import uses_weight_norm, weight_norm
@@ -42,10 +42,11 @@ LOSSES = {F.multi_margin_loss: losses.multi_margin_loss, F.multilabel_margin_los
           F.ctc_loss: ctc_loss}
 #: Ops that reverse mode differentiates twice but batched forward-mode products do not: two losses
 #: whose backward has no forward-mode rule, ``torch.cdist`` (no forward-mode rule, and a wrong
-#: batching rule of its backward's derivative: :mod:`twicediff.torch.cdist`), and the recurrent
+#: batching rule of its backward's derivative: :mod:`twicediff.torch.cdist`), ``F.pdist`` (no
+#: forward-mode rule), and the recurrent
 #: layers' fused ops (no forward-mode rule of oneDNN's LSTM: :mod:`twicediff.torch.recurrent`).
 FORWARD_MODE_ROUTES = {F.huber_loss: losses.huber_loss, F.soft_margin_loss: losses.soft_margin_loss,
-                       torch.cdist: cdist, **recurrent.ROUTED}
+                       torch.cdist: cdist, F.pdist: pdist, **recurrent.ROUTED}
 
 # embedding_bag's parameters in order: the call's positional arguments bound by hand, which dynamo
 # traces (inspect.signature's binding it does not, in the compiled engine's graphs).
