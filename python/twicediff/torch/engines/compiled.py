@@ -48,7 +48,7 @@ from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp
 from .gemm_fold import FoldBroadcastBmm
 from .generic import GenericEngine, _shape_key, product_scope
 
-__all__ = ["COMPILED_CHUNK", "VARIANTS", "CompiledEngine", "channels_last", "compiled_functions",
+__all__ = ["COMPILED_CHUNK", "VARIANTS", "CompiledEngine", "CompiledMismatch", "channels_last", "compiled_functions",
            "forget_compiled"]
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,28 @@ def _eager_product(model: nn.Module, loss: Callable, x, y: torch.Tensor, V: torc
             return autograd_hvp(model, loss, x, y, V, mode)
         except Exception:  # noqa: BLE001 - the call itself is wrong: say what the first engine met
             raise missing from None
+
+
+class CompiledMismatch(RuntimeError):
+    """The compiled product of a first call differs from the same product computed eagerly."""
+
+
+def _check_against_eager(compiled: torch.Tensor, eager: torch.Tensor) -> None:
+    """:class:`CompiledMismatch` where the compiled product of the first direction is not the eager
+    one to within half the dtype's digits (√eps of the row's largest entry; reordered sums differ
+    by far less). torch.compile differentiates some models otherwise than eager autograd, with no
+    error: the backward of a custom ``autograd.Function`` traced as if it had no derivative, and
+    torch's own weight normalisation (whose second derivative is wrong) where eager calls are
+    routed to twicediff's (:mod:`twicediff.torch.derivative_routes`: dynamo does not route it).
+    Every compiled function is checked so on its first call; such a model is then computed eagerly."""
+    tol = torch.finfo(eager.dtype).eps ** 0.5
+    compiled, eager = compiled.detach().double(), eager.detach().double()
+    scale = float(eager.abs().max()) if eager.numel() else 0.0
+    gap = float((compiled - eager).abs().max()) if eager.numel() else 0.0
+    if not gap <= tol * scale:
+        raise CompiledMismatch(f"the compiled product differs from the eager one by {gap:.3g} (of {scale:.3g}): "
+                               "torch.compile differentiated the model otherwise (a custom autograd.Function's "
+                               "backward, or an op twicediff routes, say)")
 
 
 def _bucket(D: int, cap: int) -> int:
@@ -244,7 +266,7 @@ class CompiledEngine(GenericEngine):
         for i, variant in enumerate(variants):
             fn = entry.make(variant)
             try:
-                fn(params, fixed, V[:1], x, y)
+                eager = fn(params, fixed, V[:1], x, y)
             except Exception:  # noqa: BLE001 - whatever fails eagerly is not compiled
                 if i + 1 == len(variants):
                     raise
@@ -256,7 +278,9 @@ class CompiledEngine(GenericEngine):
             entry.fn = torch.compile(_fresh_code(fn, f"twicediff_product_{next(_names)}"), backend=backend,
                                      dynamic=False, fullgraph=True, options=options)
             with product_scope(V):  # as its later calls run
-                return entry.fn(params, fixed, V, x, y)
+                out = entry.fn(params, fixed, V, x, y)
+            _check_against_eager(out[:1], eager)
+            return out
         raise AssertionError("unreachable")
 
     def is_compiled(self, batch: PreparedBatch, mode: str, D: int) -> bool:
