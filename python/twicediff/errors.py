@@ -153,7 +153,8 @@ def _untransformable(error: BaseException, where: str, data: str) -> str:
         # statistics, so eval() comes first in the advice.
         what = ("a module updates a buffer in place (BatchNorm's running statistics in training mode, say), or "
                 "the forward writes to a tensor it is given (x.mul_(...), x += ...)"
-                if _BUFFER_UPDATE in message else "a module draws random numbers (a Dropout in training mode, say)")
+                if _BUFFER_UPDATE in message else "a module draws random numbers (a Dropout in training mode, say, or "
+                                                  "a draw made in eval mode too, such as LayerDrop's)")
         engines, first = "torch.func cannot trace that, so the engines built on it", "call model.eval() first, or "
     else:
         return ""

@@ -312,6 +312,39 @@ def test_a_compiled_product_that_differs_from_the_eager_one_is_not_used(weight_n
     torch.testing.assert_close(td.hvp(x, y, V[:2], engine="compiled"), want[:2], rtol=1e-10, atol=1e-12)
 
 
+class _LayerDrop(nn.Module):
+    """Draws a number for LayerDrop in every forward pass, as transformers' Wav2Vec2 encoder
+    does, and uses it only in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        skip = self.training and bool(torch.rand([]) < 0.1)
+        if not self.training:
+            torch.rand([])  # drawn all the same, as the model above does
+        return self.head(h if skip else h + torch.tanh(self.b(h)))
+
+
+def test_a_random_draw_an_eval_mode_model_does_not_use_leaves_the_forward_mode_engines_running():
+    """torch.func refused any random draw inside vmap, so func (and compiled's forward variant)
+    failed on such models; in eval mode the draw is shared by the directions, one function for all,
+    as reverse mode's one forward pass is. In training mode (where the draw matters) func refuses."""
+    torch.manual_seed(0)
+    model = _LayerDrop().double().eval()
+    td = TorchTwiceDifferentiable(model, F.cross_entropy)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    V = torch.randn(3, td.num_params, dtype=torch.float64)
+    want = td.hvp(x, y, V, engine="autograd")
+    torch.testing.assert_close(td.hvp(x, y, V, engine="func"), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(td.hvp(x, y, V, engine="compiled"), want, rtol=1e-10, atol=1e-12)
+    model.train()
+    with pytest.raises(RuntimeError, match="draws random numbers"):
+        td.hvp(x, y, V, engine="func")
+
+
 def test_bad_data_is_not_taken_for_a_compiler_failure():
     case = generate_conv_attention(2)
     td = TorchTwiceDifferentiable(case.model, case.loss)

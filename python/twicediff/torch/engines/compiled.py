@@ -173,13 +173,15 @@ def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[to
         def output_of(p):
             return functional_call(model, (p, fixed), *model_args(x), slots)
 
+        # random draws of an eval-mode model shared by the directions, as in the func engine
+        randomness = "error" if any(m.training for m in model.modules()) else "same"
         with reverse_mode_constants():  # what reverse mode holds constant (padding rows, no_grad values)
             if mode == "hessian" and variant == "forward":
                 blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
-                                              tangents)
+                                              tangents, randomness)
             elif mode == "hessian":
                 _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
-                blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
+                blocks = vmap(lambda t: pullback_grad(t)[0], randomness=randomness)(tangents)
             else:  # Gauss-Newton: J t forward, H_ℓ as the pullback of ∇_z ℓ (symmetric), then Jᵀ
                 z, pullback = vjp(output_of, params)
                 _, loss_hessian = vjp(grad(lambda o: squeezed_loss(loss, o, y)), z.detach())

@@ -63,9 +63,9 @@ def _directions_as_params(v: torch.Tensor, names: List[str], params: Dict[str, t
 
 
 def forward_over_reverse(loss_of: Callable, params: Dict[str, torch.Tensor], y: torch.Tensor,
-                         tangents: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+                         tangents: Dict[str, torch.Tensor], randomness: str = "error") -> Dict[str, torch.Tensor]:
     """{name: [D, *shape]}: H t_d for the D tangents, H the Hessian of ``loss_of(params, y)`` in
-    params, as ``vmap(jvp(grad(loss_of)))``.
+    params, as ``vmap(jvp(grad(loss_of)))`` (``randomness``: vmap's, for random draws in the forward).
 
     A floating target y gets an explicit zero tangent: with an implicit one, torch's forward-mode
     formula of ``mse_loss``'s backward writes into a ZeroTensor ("ZeroTensors are immutable"
@@ -75,9 +75,9 @@ def forward_over_reverse(loss_of: Callable, params: Dict[str, torch.Tensor], y: 
     if y.is_floating_point():
         grad_fn = grad(loss_of)  # in params; y is an input with a zero tangent
         zero = torch.zeros_like(y)
-        return vmap(lambda t: jvp(grad_fn, (params, y), (t, zero))[1])(tangents)
+        return vmap(lambda t: jvp(grad_fn, (params, y), (t, zero))[1], randomness=randomness)(tangents)
     grad_fn = grad(lambda p: loss_of(p, y))
-    return vmap(lambda t: jvp(grad_fn, (params,), (t,))[1])(tangents)
+    return vmap(lambda t: jvp(grad_fn, (params,), (t,))[1], randomness=randomness)(tangents)
 
 
 def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tensor,
@@ -112,10 +112,16 @@ def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: 
     forward = reverse_mode_constants(fused_layer_norm=v.shape[0] >= FUSED_LAYER_NORM_MIN_DIRECTIONS,
                                      packed_attention=True)
     if mode == "hessian":
+        # A model in eval mode may still draw random numbers, mostly unused (the LayerDrop draw of
+        # transformers' speech encoders). One draw shared by the chunk's directions is one function
+        # for all of them, as the reverse-mode engines' one forward pass is. In training mode
+        # (Dropout masks) torch.func's refusal stands, and in the Gauss-Newton product, whose
+        # output and Jacobian come from two forward passes, two draws.
+        randomness = "error" if any(m.training for m in model.modules()) else "same"
         try:
             with forward:
                 blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
-                                              tangents)
+                                              tangents, randomness)
         except RuntimeError as exc:
             # A forward-mode formula of torch that fails where reverse mode works (an implicit zero
             # tangent, an integer regression target): reverse-over-reverse is exact too.
@@ -123,7 +129,7 @@ def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: 
                 raise
             with reverse_mode_constants():
                 _, pullback_grad = vjp(grad(lambda p: squeezed_loss(loss, output_of(p), y)), params)
-                blocks = vmap(lambda t: pullback_grad(t)[0])(tangents)
+                blocks = vmap(lambda t: pullback_grad(t)[0], randomness=randomness)(tangents)
     else:
         with forward:
             z, pullback = vjp(output_of, params)
