@@ -18,7 +18,9 @@ no C++ compiler), on the first call or on a later one that dynamo traces again b
 guards failed (an attribute the forward branches on changed), the engine says so in one log line per
 model and computes eagerly from then on, for that model and shape: with the torch.func engine, or
 the autograd engine where torch has no forward-mode rule for one of the model's ops (dynamo does not
-compile RNN, GRU or LSTM). The products are the same, only slower.
+compile RNN, GRU or LSTM). The products are the same, only slower. So it does where the first
+compiled product differs from the eager one (:func:`_check_against_eager`: torch.compile
+differentiates some models otherwise, with no error).
 
 ``TWICEDIFF_COMPILE_BACKEND`` names the ``torch.compile`` backend (default ``"inductor"``;
 ``"aot_eager"`` traces without generating kernels: quick to compile, slower to run).
