@@ -1,6 +1,7 @@
 """Architectures twicediff's tests did not write: timm's CNNs, vision transformer and MLP-mixer and
 transformers' text and speech models, built with random weights (no download), through every
-engine, per-sample gradients and the model guard, in float64 against references of plain torch.
+engine, per-sample gradients, the mixed products of perturbation influences and the model guard, in
+float64 against references of plain torch.
 
     bash benchmarks/setup_model_zoo.sh        # timm and transformers, beside the project's venv
     .venv/bin/python benchmarks/real_models_check.py [--only resnet bert ...] [--out FILE]
@@ -11,7 +12,9 @@ scaled_dot_product_attention (torch's fused CPU kernels have no second derivativ
 cannot differentiate the model twice (MobileNetV3's Hardsigmoid) or does it wrongly (the weight
 normalisation of Wav2Vec2's positional convolution), it is central differences of torch's own
 gradient, step 1e-5: right to about 1e-9 of the products' size, so that column's threshold is 1e-6.
-The per-sample reference is torch's gradient of each point's loss as a batch of one. Every weight
+The per-sample reference is torch's gradient of each point's loss as a batch of one; the mixed
+products' (``∇x_i (v · ∇θ ℓ_i)``, perturbation influences) is torch's reverse-over-reverse product or,
+for the two models above, differences of torch's input gradient along v. Every weight
 is moved by noise of size 1e-2 first: timm zero-initialises some (the last BatchNorm of a block),
 which puts ReLU inputs exactly on their kink, where a difference quotient has no limit.
 
@@ -42,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import harness  # noqa: E402
 from twicediff import TorchTwiceDifferentiable  # noqa: E402
-from twicediff.torch.per_sample import per_sample_grads  # noqa: E402
+from twicediff.torch.per_sample import per_sample_grads, per_sample_mixed_products  # noqa: E402
 from twicediff.torch.weight_norm import uses_weight_norm  # noqa: E402
 
 ENGINES = ("auto", "func", "autograd", "loop", "compiled")
@@ -173,6 +176,40 @@ def reference_products(model, x, loss, y, V, differences: bool):
         return torch.stack(rows)
 
 
+def reference_mixed(model, x, loss, y, V, points: int, differences: bool):
+    """[D, points, *x_i]: ∇x_i (v_d · ∇θ ℓ_i), each point's loss as a batch of one: torch's reverse over
+    reverse, or with ``differences`` central differences along v_d of torch's gradient in x_i (the
+    same mixed derivative, taken the other way)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    out = torch.zeros(V.shape[0], points, *x.shape[1:], dtype=x.dtype)
+
+    def input_grad(i):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        return torch.autograd.grad(loss(_call(model, xi), y[i:i + 1]), xi)[0][0]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        for i in range(points):
+            if not differences:
+                xi = x[i:i + 1].clone().requires_grad_(True)
+                g = _flat(torch.autograd.grad(loss(_call(model, xi), y[i:i + 1]), params, create_graph=True,
+                                              allow_unused=True, materialize_grads=True))
+                for d, v in enumerate(V):
+                    out[d, i] = torch.autograd.grad(g @ v, xi, retain_graph=True)[0][0]
+                continue
+            step = 1e-5
+            try:
+                for d, v in enumerate(V):
+                    sides = []
+                    for sign in (1, -1):
+                        torch.nn.utils.vector_to_parameters(theta + sign * step * v, params)
+                        sides.append(input_grad(i))
+                    out[d, i] = (sides[0] - sides[1]) / (2 * step)
+            finally:
+                torch.nn.utils.vector_to_parameters(theta, params)
+    return out
+
+
 def reference_per_sample(model, x, loss, y, points: int):
     params = [p for p in model.parameters() if p.requires_grad]
     one = [tuple(t[i:i + 1] for t in x) if isinstance(x, tuple) else x[i:i + 1] for i in range(points)]
@@ -216,6 +253,14 @@ def check(name, make, x, loss, y, threshold):
         cells.append(_cell(_gap(got, reference_per_sample(model, x, loss, y, points)), threshold))
     except Exception as exc:  # noqa: BLE001
         cells.append(f"**{type(exc).__name__}: {str(exc)[:80]}**")
+    if isinstance(x, tuple) or not x.is_floating_point():
+        cells.append("— (token ids)")
+    else:  # perturbation influences: ∇x∇θ products of each point
+        try:
+            got = per_sample_mixed_products(td, xs, y[:points], V)
+            cells.append(_cell(_gap(got, reference_mixed(model, x, loss, y, V, points, routed)), limit))
+        except Exception as exc:  # noqa: BLE001
+            cells.append(f"**{type(exc).__name__}: {str(exc)[:80]}**")
     after = model.state_dict()
     cells.append("as found" if all(torch.equal(before[k], after[k]) for k in before) else "**changed**")
     reference = "differences of torch's gradient" if routed else "torch, reverse over reverse"
@@ -238,8 +283,8 @@ def main():
              "",
              "Command: `" + " ".join(["python"] + sys.argv) + "`",
              "",
-             "| model | P | reference | " + " | ".join(ENGINES) + " | per-sample | model after | s |",
-             "|---|---|---|" + "---|" * (len(ENGINES) + 3)]
+             "| model | P | reference | " + " | ".join(ENGINES) + " | per-sample | ∇x∇θ | model after | s |",
+             "|---|---|---|" + "---|" * (len(ENGINES) + 4)]
     harness.emit("\n".join(lines))
     for name, (make, x, loss, y, threshold) in cases().items():
         if args.only and not any(o.lower() in name.lower() for o in args.only):
