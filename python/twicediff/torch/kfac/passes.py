@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ...errors import data_errors
 from ...memory import KeptWhileFits
 from .. import batch as _batch
 from . import batches as _b
@@ -48,7 +49,8 @@ def batch_captures(layers: Sequence[TrackedLayer], fisher_type: str, model, loss
         mask = mask.detach().to(device)
     cap = LayerCapture(layers, B, mask)
     with torch.enable_grad(), cap:
-        output = _batch.call_model(model, x)
+        with data_errors(where, "data", x, y):  # the model's or loss's own errors, named with the batch
+            output = _batch.call_model(model, x)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"{where}: the model must return a tensor, got {type(output).__name__}")
         if not output.requires_grad:
@@ -60,7 +62,8 @@ def batch_captures(layers: Sequence[TrackedLayer], fisher_type: str, model, loss
                 yield cap, B, c == 0
             return
         target = sampler(output) if sampler is not None else _batch.move_inputs(y, device)
-        total = _b.summed_loss(loss, output, target, reduction, B)
+        with data_errors(where, "data", x, y):
+            total = _b.summed_loss(loss, output, target, reduction, B)
         if not total.requires_grad:
             raise ValueError(f"{where}: the loss does not depend on any tracked layer's parameters")
         cap.backward(total)

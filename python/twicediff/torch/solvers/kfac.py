@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
+from ...errors import data_errors
 from ...twice_differentiable import InverseHvpResult
 from ..batch import apply_loss, check_training_data
 from ..kfac import KFACFactors
@@ -67,8 +68,9 @@ def kfac_factors(model: TorchTwiceDifferentiable, training_data: Iterable, metho
     # The GGN needs the loss itself to know its Hessian; it takes [B, C] outputs, where pyDVL's
     # squeeze is a no-op for B > 1.
     loss = model.loss if fisher_type == "ggn" else pydvl_loss(model)
-    return KFACFactors.fit(model.model, loss, training_data, layers=layers, fisher_type=fisher_type,
-                           ekfac=method == "ekfac", progress=progress, **options)
+    with data_errors(where, "training_data"):  # a batch the model or loss fails on, named as the caller's argument
+        return KFACFactors.fit(model.model, loss, training_data, layers=layers, fisher_type=fisher_type,
+                               ekfac=method == "ekfac", progress=progress, **options)
 
 
 def _solve(method: str, model: TorchTwiceDifferentiable, training_data: Iterable, b: torch.Tensor,
