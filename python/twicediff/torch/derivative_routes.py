@@ -31,6 +31,7 @@ from . import activations, losses, recurrent
 from .cdist import cdist, pdist
 from .ctc import ctc_loss
 from .embedding_bag import embedding_bag
+from .grid_sample import grid_sample
 from .weight_norm import uses_weight_norm, weight_norm
 
 __all__ = ["FORWARD_MODE_ROUTES", "LOSSES", "MODEL_ROUTES", "batched_routes", "loss_routes", "needed",
@@ -42,11 +43,11 @@ LOSSES = {F.multi_margin_loss: losses.multi_margin_loss, F.multilabel_margin_los
           F.ctc_loss: ctc_loss}
 #: Ops that reverse mode differentiates twice but batched forward-mode products do not: two losses
 #: whose backward has no forward-mode rule, ``torch.cdist`` (no forward-mode rule, and a wrong
-#: batching rule of its backward's derivative: :mod:`twicediff.torch.cdist`), ``F.pdist`` (no
-#: forward-mode rule), and the recurrent
+#: batching rule of its backward's derivative: :mod:`twicediff.torch.cdist`), ``F.pdist`` and
+#: ``F.grid_sample`` (no forward-mode rule: :mod:`twicediff.torch.grid_sample`), and the recurrent
 #: layers' fused ops (no forward-mode rule of oneDNN's LSTM: :mod:`twicediff.torch.recurrent`).
 FORWARD_MODE_ROUTES = {F.huber_loss: losses.huber_loss, F.soft_margin_loss: losses.soft_margin_loss,
-                       torch.cdist: cdist, F.pdist: pdist, **recurrent.ROUTED}
+                       torch.cdist: cdist, F.pdist: pdist, F.grid_sample: grid_sample, **recurrent.ROUTED}
 
 # embedding_bag's parameters in order: the call's positional arguments bound by hand, which dynamo
 # traces (inspect.signature's binding it does not, in the compiled engine's graphs).
