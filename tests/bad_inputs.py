@@ -341,8 +341,9 @@ def _writes_its_weights():
 
 
 def _grid_sample(h):
-    grid = torch.full((h.shape[0], 1, 1, 2), 0.3, dtype=h.dtype)
-    return F.grid_sample(h.reshape(-1, 2, 2, 2), grid, align_corners=False).flatten(1).repeat(1, 4)
+    """Volumetric sampling, which keeps torch's op (2-D sampling is routed: twicediff.torch.grid_sample)."""
+    grid = torch.full((h.shape[0], 1, 1, 1, 3), 0.3, dtype=h.dtype)
+    return F.grid_sample(h.reshape(-1, 1, 2, 2, 2), grid, align_corners=False).flatten(1).repeat(1, 8)
 
 
 # (where, bad input, call, expected exception classes, words the message must contain)
@@ -472,9 +473,9 @@ CASES = [
     ("hvp", "a model whose forward returns a tuple",
      lambda: _returns_tuple().hvp(*_data(), torch.randn(14)), TypeError,
      ["hvp", "x (8, 3)", "the model must return one tensor", "returned a tuple of 2"]),
-    ("hvp", "engine='func' on a model calling an op without a forward-mode derivative (grid_sample)",
+    ("hvp", "engine='func' on a model calling an op without a forward-mode derivative (3-D grid_sample)",
      lambda: _func_engine_through(_grid_sample), NotImplementedError,
-     ["hvp", "no forward-mode derivative of grid_sampler_2d", "engine='autograd'", "'auto'"]),
+     ["hvp", "no forward-mode derivative of grid_sampler_3d", "engine='autograd'", "'auto'"]),
     ("hvp", "engine='func' on a model calling a custom autograd.Function without jvp",
      lambda: _func_engine_through(_square_function(True).apply), NotImplementedError,
      ["hvp", "custom autograd.Function has no jvp", "engine='autograd'"]),

@@ -169,14 +169,14 @@ def test_the_probe_is_bounded_in_calls(monkeypatch):
 
 
 def test_a_candidate_that_fails_is_left_out():
-    class Model(nn.Module):  # grid_sample has no forward-mode derivative: torch.func cannot take it
+    class Model(nn.Module):  # volumetric grid_sample has no forward-mode derivative: torch.func cannot take it
         def __init__(self):
             super().__init__()
-            self.lin = nn.Linear(4, 8)
+            self.lin = nn.Linear(4, 16)
 
         def forward(self, x):
-            grid = torch.full((x.shape[0], 1, 1, 2), 0.3, dtype=x.dtype)
-            return F.grid_sample(self.lin(x).reshape(-1, 2, 2, 2), grid, align_corners=False).flatten(1)
+            grid = torch.full((x.shape[0], 1, 1, 1, 3), 0.3, dtype=x.dtype)
+            return F.grid_sample(self.lin(x).reshape(-1, 2, 2, 2, 2), grid, align_corners=False).flatten(1)
 
     torch.manual_seed(0)
     td = TorchTwiceDifferentiable(Model().double().eval(), F.mse_loss)
