@@ -2,6 +2,8 @@
 probe runs once per shape class and is then reused, overrides win, the decision is reported, the
 deterministic rule stands in where timing is off, the probe's work is bounded in calls — and that
 whatever engine it picks gives products equal to float64 references. Nothing here asserts a time."""
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +190,60 @@ def test_a_candidate_that_fails_is_left_out():
     entry = next(iter(_engine_keys().values()))
     assert entry["seconds"]["func"] == float("inf")
     torch.testing.assert_close(got, td.hvp(x, y, V, engine="autograd"), rtol=1e-10, atol=1e-12)
+
+
+class _WrongJvp(torch.autograd.Function):
+    """tanh with a right backward and a forward-mode rule off by half: what a wrong rule of torch's
+    (such as its batching rule of cdist's derivative was) does to the func engine's product."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)
+
+    @staticmethod
+    def jvp(ctx, t):
+        x, = ctx.saved_tensors
+        return 0.5 * t * (1 - torch.tanh(x) ** 2)
+
+
+def test_a_candidate_whose_product_is_not_the_loops_is_left_out(caplog):
+    """The probe's warm-up products of one direction are compared with the loop's; func's, off
+    through a wrong forward-mode rule, is left out with a warning, and auto gives the loop's
+    products (engine='func' still gives its own)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(_WrongJvp.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    td = TorchTwiceDifferentiable(Model().double().eval(), F.cross_entropy)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    V = torch.randn(4, td.num_params, dtype=torch.float64)
+    want = td.hvp(x, y, V, engine="loop")
+    assert float((td.hvp(x, y, V, engine="func") - want).abs().max()) > 1e-3  # the fault is there
+    product = td.hvp_function(x, y)
+    with caplog.at_level(logging.WARNING, logger="twicediff.torch.engines.agreement"):
+        got = product(V)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert product.engine.chosen != "func"
+    assert next(iter(_engine_keys().values()))["seconds"]["func"] == float("inf")
+    warnings = [r.getMessage() for r in caplog.records if "gave another product" in r.getMessage()]
+    assert len(warnings) == 1 and "'func'" in warnings[0] and "Model" in warnings[0]
 
 
 def test_expected_products_reach_the_engine_and_are_checked():

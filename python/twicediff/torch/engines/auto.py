@@ -29,7 +29,7 @@ timed there; candidates measured within ``RECHECK_MARGIN`` (1.5×) of the fastes
 their gap; then the lowest median stays (``source`` "confirmed" in the report): a per-direction
 cost that grows with the chunk (caches), or a fixed part the small calls overstate, shows up
 there. A candidate that raises (an op without a torch.func rule, a module updating buffers in
-training mode) is out. So a probe costs at most about the budget, plus a warm-up where one product
+training mode) is out, and so is one whose warm-up product is not the loop's (engines/agreement.py). So a probe costs at most about the budget, plus a warm-up where one product
 alone takes longer: there only the engine the rule picks runs, and it is kept.
 
 Where timing is not possible or not wanted — ``TWICEDIFF_PROBE=0``, inside ``torch.compile``
@@ -61,6 +61,7 @@ from ...errors import MemoryBudgetError
 from ...memory import chunk_size
 from ..batch import detached, input_tensors
 from . import probe
+from .agreement import disagreeing
 from .amortise import compile_pays
 from .autograd import AutogradEngine
 from .base import PreparedBatch
@@ -339,10 +340,14 @@ class AutoEngine:
         last: Dict[str, float] = {}  # seconds of each candidate's last call
         timed: Dict[str, Dict[int, float]] = {}  # rows -> best seconds, per candidate
 
+        first: Dict[str, torch.Tensor] = {}  # each candidate's product of the first direction
+
         def call(n: str, rows: int) -> bool:
             t = time.perf_counter()
             try:
-                last[n] = _timed(lambda: self._run(n, batch, V[:rows], mode), V)[1]
+                out, last[n] = _timed(lambda: self._run(n, batch, V[:rows], mode), V)
+                if rows == 1:
+                    first.setdefault(n, out)
             except (RuntimeError, NotImplementedError, ValueError, TypeError, MemoryBudgetError) as exc:
                 failed[n] = exc
                 logger.debug("twicediff: probe: engine %s failed (%s)", n, exc)
@@ -355,6 +360,8 @@ class AutoEngine:
                 break
             if call(n, 1):
                 alive.append(n)
+        wrong = disagreeing(first, self.model)
+        alive = [n for n in alive if n not in wrong]
         if not alive:
             raise _telling_failure(failed, default)
         if len(alive) == 1:
