@@ -146,6 +146,7 @@ def test_every_engine_and_the_hessian_of_a_ctc_model_against_finite_differences(
     (lambda lp: ctc_loss(lp, torch.tensor([[1.0, 2.0]]), [3], [2]), ["targets", "integer", "float32"]),
     (lambda lp: ctc_loss(lp, torch.tensor([[1, 2]]), [3, 3], [2]), ["input_lengths", "1 integer"]),
     (lambda lp: ctc_loss(lp, torch.tensor([[1, 2]]), [3], [2], blank=7), ["blank", "[0, 4)", "7"]),
+    (lambda lp: ctc_loss(lp[:0], torch.tensor([[1, 2]]), [0], [2]), ["T > 0", "(0, 1, 4)"]),  # torch refuses it too
 ])
 def test_bad_arguments_are_named(call, words):
     log_probs = torch.randn(3, 1, 4).log_softmax(-1)

@@ -13,9 +13,9 @@ correctly: the matrix-product formula where torch uses it (the same arithmetic),
 coordinate differences ``x1_i − x2_j`` (memory: [.., r1, r2, M]). ``F.pdist`` (the distances
 between the rows of one matrix) has no forward-mode rule either; :func:`pdist` computes them from
 the same differences.
-:mod:`twicediff.torch.forward_mode` routes the model's ``torch.cdist`` and ``F.pdist`` calls to them
-inside every batched forward-mode or compiled product. Where a distance is 0 its derivative is taken as 0, as
-torch's backward does (the norm has no derivative there).
+:mod:`twicediff.torch.forward_mode` routes the model's ``torch.cdist`` and ``F.pdist`` calls to
+them inside every batched forward-mode or compiled product. Where a distance is 0 its derivative is
+taken as 0, as torch's backward does (the norm has no derivative there).
 """
 from __future__ import annotations
 

@@ -67,8 +67,8 @@ def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Leng
     unbatched = log_probs.dim() == 2
     if unbatched:
         log_probs, targets = log_probs.unsqueeze(1), targets.unsqueeze(0)
-    if log_probs.dim() != 3 or log_probs.shape[-1] == 0:
-        raise ValueError(f"{where}: log_probs must be [T, N, C] (or [T, C]) with C > 0, got shape "
+    if log_probs.dim() != 3 or log_probs.shape[0] == 0 or log_probs.shape[-1] == 0:
+        raise ValueError(f"{where}: log_probs must be [T, N, C] (or [T, C]) with T > 0 and C > 0, got shape "
                          f"{tuple(log_probs.shape)}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"{where}: targets must hold class indices (an integer dtype), got {targets.dtype}")
