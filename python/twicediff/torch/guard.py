@@ -236,8 +236,8 @@ class _Reading:
 
 def _read(model: nn.Module, where: str) -> _Reading:
     """The model's :class:`_Reading`; a ValueError for a gradient hook or an embedding that scales its
-    gradient by frequency. Names
-    are looked up only for an error: building them costs more than the walk itself."""
+    gradient by frequency. Names are looked up only for an error: building them costs more than the
+    walk itself."""
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
