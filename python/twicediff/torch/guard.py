@@ -41,6 +41,11 @@
   ``nn.RReLU``: in a model with any, the call computes them with equivalent ops that have correct
   ones (:mod:`twicediff.torch.derivative_routes`).
 - A Dropout in training mode makes every product random: said once per model (a warning).
+- A module that keeps a tensor computed from the parameters, with its graph, in a public attribute
+  after a call (a cache its forward reuses, as timm's LeViT keeps its attention biases in eval mode)
+  is differentiated at stale values by the engines that swap the parameters: said once per model
+  (a warning naming the module and the attribute). Weight and spectral normalisation's hooks
+  recompute theirs at every forward and are not reported.
 - Stock attention: ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention`` and
   ``nn.TransformerEncoderLayer``) picks a fused CPU kernel that has no second derivative; inside
   the call only the math backend is allowed, which every derivative supports. Those modules (and
@@ -76,6 +81,8 @@ from typing import Iterator, List, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..errors import ModelChangedError
 from . import derivative_routes
@@ -87,6 +94,7 @@ logger = logging.getLogger(__name__)
 _locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 _dropout_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_kept_graph_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _nesting = threading.local()
 
 
@@ -286,6 +294,35 @@ def _warn_training_dropout(model: nn.Module, where: str) -> None:
                        type(model).__name__)
 
 
+def _holds_graph(value) -> bool:
+    """Whether a module attribute is, or holds (one level into a dict, list or tuple), a tensor with a graph."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+    return any(isinstance(t, torch.Tensor) and t.grad_fn is not None for t in items)
+
+
+def _warn_kept_graphs(model: nn.Module, where: str) -> None:
+    """A warning, once per model, where a module keeps a tensor computed from the parameters (with its
+    graph) in a public attribute after a call: a forward that reuses it (a cache, as timm's LeViT
+    keeps its attention biases in eval mode) computes from values the engines that swap the
+    parameters (func, compiled) do not differentiate, and reverse mode may find its graph freed.
+    Attributes that weight or spectral normalisation's hooks recompute at every forward are not."""
+    if model in _kept_graph_warned:
+        return
+    for name, m in model.named_modules():
+        recomputed = {h.name for h in m._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))}
+        kept = [key for key, value in vars(m).items()
+                if not key.startswith("_") and key not in recomputed and _holds_graph(value)]
+        if kept:
+            _kept_graph_warned.add(model)
+            logger.warning("%s: module '%s' (%s) keeps '%s', computed from the parameters with its graph, between "
+                           "forward passes. If the forward reuses it (a cache, as timm's LeViT keeps its attention "
+                           "biases in eval mode), derivatives through it are taken at stale values: the engines that "
+                           "swap the parameters (func, compiled, per-sample) then disagree with reverse mode. Make "
+                           "the forward recompute it for these calls", where, name or type(m).__name__,
+                           type(m).__name__, kept[0])
+            return
+
+
 @contextlib.contextmanager
 def model_call(model: nn.Module, where: str) -> Iterator[None]:
     """Run a computation on ``model`` (see the module docstring): its lock held, gradients enabled,
@@ -333,6 +370,8 @@ def model_call(model: nn.Module, where: str) -> Iterator[None]:
             for m, table, name, t in changed:
                 table[name] = t
             swapped = [(m, name) for m, table, name, t in changed if table is m._parameters]
+        if outermost:
+            _warn_kept_graphs(model, where)
         if swapped:
             m, name = swapped[0]
             raise ModelChangedError(f"{where}: the call left another tensor in place of parameter '{name}' of module "
