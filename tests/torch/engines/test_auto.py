@@ -153,12 +153,13 @@ def test_the_probe_is_bounded_in_calls(monkeypatch):
     counts = _counting(monkeypatch)
     case, td = _structured()
     V = torch.randn(8, td.num_params, dtype=td.dtype)
-    # No time to spend: the rule's engine runs its warm-up only, and is kept.
+    # No time to spend: the rule's engine runs its warm-up only, and is kept; the loop runs one
+    # direction to check its product (engines/agreement.py).
     monkeypatch.setattr(auto, "PROBE_SECONDS", 0.0)
     product = td.hvp_function(case.x, case.y)
     product(V)
     assert product.engine.chosen == "func"
-    assert counts == {"probes": 1, "func": 2}  # the warm-up, then the product itself
+    assert counts == {"probes": 1, "func": 2, "loop": 1}  # the warm-up, the product itself, the check
     # Unlimited time: a warm-up on one direction, rounds on 2, 4, 8 directions, two more on 8.
     probe.clear()
     counts.clear()
@@ -218,10 +219,13 @@ class _WrongJvp(torch.autograd.Function):
         return 0.5 * t * (1 - torch.tanh(x) ** 2)
 
 
-def test_a_candidate_whose_product_is_not_the_loops_is_left_out(caplog):
+@pytest.mark.parametrize("budget", [auto.PROBE_SECONDS, 0.0])
+def test_a_candidate_whose_product_is_not_the_loops_is_left_out(budget, caplog, monkeypatch):
     """The probe's warm-up products of one direction are compared with the loop's; func's, off
     through a wrong forward-mode rule, is left out with a warning, and auto gives the loop's
-    products (engine='func' still gives its own)."""
+    products (engine='func' still gives its own). With no budget (a model whose one product takes
+    longer than it) the loop runs one direction for the check all the same."""
+    monkeypatch.setattr(auto, "PROBE_SECONDS", budget)
     class Model(nn.Module):
         def __init__(self):
             super().__init__()

@@ -7,9 +7,9 @@ torch 2.14's batching rule of ``torch.cdist``'s derivative put func 13-166% off,
 :mod:`twicediff.torch.cdist` routed it. ``auto``'s probe computes every candidate's product of the
 same first direction anyway (its warm-up); :func:`disagreeing` compares them with the loop's, the
 product plain ``torch.autograd.functional.hvp`` gives, and auto leaves out the candidates that
-differ, with a warning naming them. It costs no product of its own, so it checks where the probe's
-budget lets the loop (or the autograd engine) warm up: not where one product alone takes longer than
-the budget, and not where timing is off (the deterministic rule decides there).
+differ, with a warning naming them. Where the probe's budget lets the loop warm up it costs no
+product of its own; where the budget ran out first (a large model), the loop computes one direction
+more for it. Where timing is off the deterministic rule decides, unchecked.
 """
 from __future__ import annotations
 

@@ -29,7 +29,9 @@ timed there; candidates measured within ``RECHECK_MARGIN`` (1.5×) of the fastes
 their gap; then the lowest median stays (``source`` "confirmed" in the report): a per-direction
 cost that grows with the chunk (caches), or a fixed part the small calls overstate, shows up
 there. A candidate that raises (an op without a torch.func rule, a module updating buffers in
-training mode) is out, and so is one whose warm-up product is not the loop's (engines/agreement.py). So a probe costs at most about the budget, plus a warm-up where one product
+training mode) is out, and so is one whose warm-up product is not the loop's (engines/agreement.py;
+where the budget ran out before the loop warmed up, it runs one direction for that check all the
+same, and is chosen only where every other candidate is out). So a probe costs at most about the budget, plus a warm-up where one product
 alone takes longer: there only the engine the rule picks runs, and it is kept.
 
 Where timing is not possible or not wanted — ``TWICEDIFF_PROBE=0``, inside ``torch.compile``
@@ -61,7 +63,7 @@ from ...errors import MemoryBudgetError
 from ...memory import chunk_size
 from ..batch import detached, input_tensors
 from . import probe
-from .agreement import disagreeing
+from .agreement import REFERENCES, disagreeing
 from .amortise import compile_pays
 from .autograd import AutogradEngine
 from .base import PreparedBatch
@@ -360,12 +362,20 @@ class AutoEngine:
                 break
             if call(n, 1):
                 alive.append(n)
+        # Past the budget before a reference ran: one more product of one direction, so that no
+        # candidate goes unchecked (agreement.py). It checks, and is chosen only where nothing else
+        # is left: its time on one direction would favour it over the batched engines.
+        late = next((r for r in REFERENCES if r in names and r not in failed), None) \
+            if alive and not any(r in first for r in REFERENCES) else None
+        if late is not None and call(late, 1):
+            alive.append(late)
         wrong = disagreeing(first, self.model)
         alive = [n for n in alive if n not in wrong]
         if not alive:
             raise _telling_failure(failed, default)
-        if len(alive) == 1:
-            return {n: (last[n] if n in alive else math.inf) for n in names}
+        if len(alive) == 1 or late is not None:
+            kept = [n for n in alive if n != late] or alive
+            return {n: (last[n] if n in kept else math.inf) for n in names}
         D = V.shape[0]
         rows, full_rounds = min(D, 2), 0
         while alive:
