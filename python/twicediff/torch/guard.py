@@ -94,6 +94,9 @@ logger = logging.getLogger(__name__)
 _locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 _dropout_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# per model: its modules' public attributes that are (or may come to hold) a tensor with a graph
+# (dicts, lists, tuples of tensors, tensors, None), and whether it was reported
+_kept_graph_places: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 _kept_graph_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _nesting = threading.local()
 
@@ -300,26 +303,44 @@ def _holds_graph(value) -> bool:
     return any(isinstance(t, torch.Tensor) and t.grad_fn is not None for t in items)
 
 
+def _graph_places(model: nn.Module) -> list:
+    """(weak reference to the module, attribute) of the public attributes of ``model``'s modules that could hold a tensor
+    with a graph: a dict, list, tuple with a tensor, tensor or None (the attributes weight or spectral
+    normalisation's hooks recompute at every forward left out)."""
+    places = []
+    for m in model.modules():
+        recomputed = {h.name for h in m._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))}
+        for key, value in vars(m).items():
+            if key.startswith("_") or key in recomputed:
+                continue
+            if value is None or isinstance(value, (dict, list, torch.Tensor)) or (
+                    isinstance(value, tuple) and any(isinstance(t, torch.Tensor) for t in value)):
+                places.append((weakref.ref(m), key))  # weak: the table must not keep its model alive
+    return places
+
+
 def _warn_kept_graphs(model: nn.Module, where: str) -> None:
     """A warning, once per model, where a module keeps a tensor computed from the parameters (with its
     graph) in a public attribute after a call: a forward that reuses it (a cache, as timm's LeViT
     keeps its attention biases in eval mode) computes from values the engines that swap the
     parameters (func, compiled) do not differentiate, and reverse mode may find its graph freed.
-    Attributes that weight or spectral normalisation's hooks recompute at every forward are not."""
+    Walking every attribute of every module costs about as much as the rest of the guard, so the
+    places that could hold one are found once per model (:func:`_graph_places`) and only they are
+    looked at after each call."""
     if model in _kept_graph_warned:
         return
-    for name, m in model.named_modules():
-        recomputed = {h.name for h in m._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))}
-        kept = [key for key, value in vars(m).items()
-                if not key.startswith("_") and key not in recomputed and _holds_graph(value)]
-        if kept:
+    places = _kept_graph_places.get(model)
+    if places is None:
+        places = _kept_graph_places[model] = _graph_places(model)
+    for ref, key in places:
+        m = ref()
+        if m is not None and _holds_graph(getattr(m, key, None)):
             _kept_graph_warned.add(model)
             logger.warning("%s: module '%s' (%s) keeps '%s', computed from the parameters with its graph, between "
                            "forward passes. If the forward reuses it (a cache, as timm's LeViT keeps its attention "
                            "biases in eval mode), derivatives through it are taken at stale values: the engines that "
                            "swap the parameters (func, compiled, per-sample) then disagree with reverse mode. Make "
-                           "the forward recompute it for these calls", where, name or type(m).__name__,
-                           type(m).__name__, kept[0])
+                           "the forward recompute it for these calls", where, _name(model, m), type(m).__name__, key)
             return
 
 
