@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["AGREEMENT", "REFERENCES", "disagreeing"]
+__all__ = ["AGREEMENT", "REFERENCES", "disagreeing", "gap_and_scale"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,14 @@ REFERENCES = ("loop", "autograd")
 _reported: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models whose disagreement was logged
 
 
+def gap_and_scale(got: torch.Tensor, want: torch.Tensor) -> Tuple[float, float]:
+    """(max |got − want|, max |want|) of two products, in float64; (0, 0) for empty ones."""
+    if want.numel() == 0:
+        return 0.0, 0.0
+    want = want.detach().double()
+    return float((got.detach().double() - want).abs().max()), float(want.abs().max())
+
+
 def disagreeing(first: Dict[str, torch.Tensor], model: nn.Module) -> List[str]:
     """The candidates whose product of one direction (``first``: name → [1, P]) is not the
     reference's, reported in a warning once per model; [] where no reference ran, the dtype is not
@@ -47,11 +55,9 @@ def disagreeing(first: Dict[str, torch.Tensor], model: nn.Module) -> List[str]:
     tolerance = AGREEMENT.get(want.dtype)
     if tolerance is None or want.numel() == 0 or not torch.isfinite(want).all():
         return []
-    want = want.double()
-    scale = float(want.abs().max())
     out = []
     for name, got in first.items():
-        gap = float((got.double() - want).abs().max())
+        gap, scale = gap_and_scale(got, want)
         if name != reference and not gap <= tolerance * scale:
             out.append(name)
             if model not in _reported:

@@ -44,9 +44,10 @@ from ..batch import input_tensors, model_args, squeezed_loss
 from ..forward_mode import reverse_mode_constants
 from ..guard import model_call
 from ..stateless import functional_call, slot_names, split_params
+from .agreement import gap_and_scale
 from .autograd import autograd_hvp
 from .base import PreparedBatch, generic_directions_per_chunk
-from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp
+from .func import _FORWARD_AD_LOCK, forward_over_reverse, func_hvp, vmap_randomness
 from .gemm_fold import FoldBroadcastBmm
 from .generic import GenericEngine, _shape_key, product_scope
 
@@ -136,11 +137,8 @@ def _check_against_eager(compiled: torch.Tensor, eager: torch.Tensor) -> None:
     torch's own weight normalisation (whose second derivative is wrong) where eager calls are
     routed to twicediff's (:mod:`twicediff.torch.derivative_routes`: dynamo does not route it).
     Every compiled function is checked so on its first call; such a model is then computed eagerly."""
-    tol = torch.finfo(eager.dtype).eps ** 0.5
-    compiled, eager = compiled.detach().double(), eager.detach().double()
-    scale = float(eager.abs().max()) if eager.numel() else 0.0
-    gap = float((compiled - eager).abs().max()) if eager.numel() else 0.0
-    if not gap <= tol * scale:
+    gap, scale = gap_and_scale(compiled, eager)
+    if not gap <= torch.finfo(eager.dtype).eps ** 0.5 * scale:
         raise CompiledMismatch(f"the compiled product differs from the eager one by {gap:.3g} (of {scale:.3g}): "
                                "torch.compile differentiated the model otherwise (a custom autograd.Function's "
                                "backward, or an op twicediff routes, say)")
@@ -175,8 +173,7 @@ def _product(model: nn.Module, loss: Callable, names: List[str], shapes: List[to
         def output_of(p):
             return functional_call(model, (p, fixed), *model_args(x), slots)
 
-        # random draws of an eval-mode model shared by the directions, as in the func engine
-        randomness = "error" if any(m.training for m in model.modules()) else "same"
+        randomness = vmap_randomness(model)
         with reverse_mode_constants():  # what reverse mode holds constant (padding rows, no_grad values)
             if mode == "hessian" and variant == "forward":
                 blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,

@@ -18,7 +18,7 @@ from ..forward_mode import formula_failure, reverse_mode_constants
 from ..layer_norm import MIN_DIRECTIONS as FUSED_LAYER_NORM_MIN_DIRECTIONS
 from ..stateless import functional_call, slot_names, split_params
 
-__all__ = ["FuncEngine", "forward_over_reverse", "func_hvp"]
+__all__ = ["FuncEngine", "forward_over_reverse", "func_hvp", "vmap_randomness"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,16 @@ def forward_over_reverse(loss_of: Callable, params: Dict[str, torch.Tensor], y: 
     return vmap(lambda t: jvp(grad_fn, (params,), (t,))[1], randomness=randomness)(tangents)
 
 
+def vmap_randomness(model: nn.Module) -> str:
+    """vmap's ``randomness`` for the Hessian products of ``model``. A model in eval mode may still
+    draw random numbers, mostly unused (the LayerDrop draw of transformers' speech encoders): one
+    draw shared by a chunk's directions is one function for all of them, as the reverse-mode
+    engines' one forward pass is ("same"). In training mode (Dropout masks) torch.func's refusal
+    stands ("error"), as it does in the Gauss-Newton products, whose output and Jacobian come from
+    two forward passes, two draws."""
+    return "error" if any(m.training for m in model.modules()) else "same"
+
+
 def func_hvp(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: torch.Tensor,
              mode: str = "hessian") -> torch.Tensor:
     """H v (or the Gauss-Newton JᵀH_ℓJ v) for v [D, P] by torch.func forward-over-reverse,
@@ -112,12 +122,7 @@ def _func_hvp_unlocked(model: nn.Module, loss: Callable, x, y: torch.Tensor, v: 
     forward = reverse_mode_constants(fused_layer_norm=v.shape[0] >= FUSED_LAYER_NORM_MIN_DIRECTIONS,
                                      packed_attention=True)
     if mode == "hessian":
-        # A model in eval mode may still draw random numbers, mostly unused (the LayerDrop draw of
-        # transformers' speech encoders). One draw shared by the chunk's directions is one function
-        # for all of them, as the reverse-mode engines' one forward pass is. In training mode
-        # (Dropout masks) torch.func's refusal stands, and in the Gauss-Newton product, whose
-        # output and Jacobian come from two forward passes, two draws.
-        randomness = "error" if any(m.training for m in model.modules()) else "same"
+        randomness = vmap_randomness(model)
         try:
             with forward:
                 blocks = forward_over_reverse(lambda p, target: squeezed_loss(loss, output_of(p), target), params, y,
