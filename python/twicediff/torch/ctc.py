@@ -21,7 +21,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .losses import REDUCTIONS, _check_targets
+from .losses import _check_targets, _reduction_of
 
 __all__ = ["ctc_loss"]
 
@@ -62,8 +62,7 @@ def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Leng
     ``reduction="mean"`` divides each sequence's loss by its target length (at least 1), then
     averages over the batch, as torch does."""
     where = "ctc_loss"
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    reduction = _reduction_of(where, None, None, reduction)
     unbatched = log_probs.dim() == 2
     if unbatched:
         log_probs, targets = log_probs.unsqueeze(1), targets.unsqueeze(0)

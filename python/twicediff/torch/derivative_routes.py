@@ -13,8 +13,8 @@ enters the context only for models that need it (a function mode sees every op o
 cost the other models do not pay), pyDVL's functional ``hvp`` around every product (it is given
 a function, not a model). :func:`loss_routes` routes the losses alone: the engines enter it
 around each evaluation of the loss (:func:`twicediff.torch.batch.squeezed_loss`), a few ops.
-Two more losses, ``torch.cdist`` and the recurrent layers go wrong only in batched forward-mode or compiled products
-(:data:`FORWARD_MODE_ROUTES`): the context of those products routes them
+Other ops go wrong only in batched forward-mode or compiled products (:data:`FORWARD_MODE_ROUTES`,
+which says which and why): the context of those products routes them
 (:mod:`twicediff.torch.forward_mode`); :func:`batched_routes` routes the recurrent layers alone,
 for per-sample gradients (:mod:`twicediff.torch.per_sample`).
 """

@@ -28,10 +28,9 @@ without the copies and zero-filled select backwards of torch's packed projection
 compiler fuses torch's own rules. Those rules differentiate LayerNorm's backward forward only: a
 product taken reverse over reverse runs under a context without them.
 
-It routes the ops that batched forward-mode and compiled products cannot take from torch
-(:data:`twicediff.torch.derivative_routes.FORWARD_MODE_ROUTES`): the losses whose backward has no
-forward-mode rule (``F.huber_loss``, ``F.soft_margin_loss``) to :mod:`twicediff.torch.losses`, and
-``torch.cdist`` (no forward-mode rule, a wrong batching rule) to :mod:`twicediff.torch.cdist`.
+It routes the ops that batched forward-mode and compiled products cannot take from torch (no
+forward-mode rule, or a wrong batching rule) to their equivalents: the table is
+:data:`twicediff.torch.derivative_routes.FORWARD_MODE_ROUTES`.
 
 The module also names the forward-mode formulas of torch that fail where reverse mode computes
 (:data:`FORMULA_FAILURES`): there the callers take the product reverse over reverse, which is exact too.
