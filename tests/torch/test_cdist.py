@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
+from same_as_torch import assert_same_values_and_gradients
 from twicediff.torch.cdist import MODES, cdist, pdist
 
 PS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, math.inf)
@@ -37,10 +38,7 @@ def test_distances_and_gradients_are_torchs(seed):
     a, b = x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)
     want = torch.cdist(a, b, p=p, compute_mode=mode)
     got = cdist(a, b, p=p, compute_mode=mode)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=what)
-    weights = torch.randn_like(want)
-    for ours, theirs in zip(torch.autograd.grad(got, (a, b), weights), torch.autograd.grad(want, (a, b), weights)):
-        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10, msg=what)
+    assert_same_values_and_gradients(got, want, (a, b), what, rtol=1e-10, atol=1e-10, grad_rtol=1e-8, grad_atol=1e-10)
 
 
 @pytest.mark.parametrize("p", PS[1:])

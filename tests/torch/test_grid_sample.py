@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp, vjp
 
+from same_as_torch import assert_same_values_and_gradients
 from twicediff import TorchTwiceDifferentiable
 from twicediff.torch.grid_sample import grid_sample
 
@@ -35,12 +36,8 @@ def test_values_and_gradients_are_torchs(seed):
     what, image, grid, options = _draw(seed)
     image, grid = image.requires_grad_(True), grid.requires_grad_(True)
     want, got = F.grid_sample(image, grid, **options), grid_sample(image, grid, **options)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=what)
-    weights = torch.randn_like(want)
-    theirs = torch.autograd.grad(want, (image, grid), weights, allow_unused=True, materialize_grads=True)
-    ours = torch.autograd.grad(got, (image, grid), weights, allow_unused=True, materialize_grads=True)
-    for a, b, name in zip(ours, theirs, ("input", "grid")):
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12, msg=f"{what}: gradient of the {name}")
+    assert_same_values_and_gradients(got, want, (image, grid), what, rtol=1e-12, atol=1e-12, grad_rtol=1e-11,
+                                     grad_atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(0, 120, 10))

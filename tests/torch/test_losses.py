@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vjp
 
+from same_as_torch import assert_same_values_and_gradients
 from twicediff.torch import losses
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -52,12 +53,7 @@ def test_values_and_gradients_are_torchs(seed):
     what, ours, theirs, x, target = _draw(seed)
     x = x.requires_grad_(True)
     want, got = theirs(x, target), ours(x, target)
-    assert got.shape == want.shape, what
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=what)
-    seed_grad = torch.randn_like(want)
-    want_grad, = torch.autograd.grad(want, x, seed_grad)
-    got_grad, = torch.autograd.grad(got, x, seed_grad)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12, msg=what)
+    assert_same_values_and_gradients(got, want, (x,), what, rtol=1e-12, atol=1e-12, grad_rtol=1e-12, grad_atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(40))
